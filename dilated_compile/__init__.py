@@ -1,0 +1,29 @@
+"""dilated_compile: a torch.compile backend that rewrites attention as a policy file says.
+
+    model = torch.compile(model, backend="dilated", options={"policy": "policy.yaml"})
+
+The backend is registered through the `torch_dynamo_backends` entry point, so
+user code need not import this package. The attention it produces is also
+callable directly (`dilated_attention`), with a float64 reference beside it.
+"""
+
+from .lowering.dilated import dilated_attention
+from .lowering.reference import dense_reference, dilated_reference
+from .passes import Report, RewriteError
+from .passes.report import clear_reports, reports
+from .policy import Policy, PolicyError, load_policy
+from .explain import explain
+
+__all__ = [
+    "Policy",
+    "PolicyError",
+    "Report",
+    "RewriteError",
+    "clear_reports",
+    "dense_reference",
+    "dilated_attention",
+    "dilated_reference",
+    "explain",
+    "load_policy",
+    "reports",
+]

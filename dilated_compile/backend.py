@@ -1,0 +1,68 @@
+"""The `dilated` torch.compile backend: glue between the policy, the passes and Inductor."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from .passes import record, run_passes
+from .policy import Policy, load_policy
+
+OWN_OPTIONS = ("policy", "mode")
+
+
+def _inductor_patches(options: dict[str, Any]) -> dict[str, Any]:
+    """Inductor config patches from the options that are not ours; raises on unknown keys."""
+    import torch._inductor.config as inductor_config
+
+    known = set(inductor_config.get_config_copy())
+    patches = {}
+    mode = options.get("mode")
+    if mode is not None:
+        patches.update(torch._inductor.list_mode_options(mode))
+    for key, value in options.items():
+        if key in OWN_OPTIONS:
+            continue
+        if key not in known:
+            close = difflib.get_close_matches(key, [*OWN_OPTIONS, *known], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"backend='dilated': unknown option {key!r}{hint} Options are 'policy', 'mode' "
+                "and any torch._inductor.config setting."
+            )
+        patches[key] = value
+    return patches
+
+
+def policy_from_options(options: dict[str, Any] | None) -> Policy:
+    """The policy named in the backend options; raises if there is none."""
+    if not options or "policy" not in options:
+        raise ValueError(
+            "backend='dilated' needs a policy: "
+            "torch.compile(model, backend='dilated', options={'policy': 'policy.yaml'})"
+        )
+    return load_policy(options["policy"])
+
+
+def dilated_backend(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    options: dict[str, Any] | None = None,
+    mode: str | None = None,
+    **_: Any,
+):
+    """Rewrite the attention the policy selects, then compile with Inductor."""
+    from torch._inductor.compile_fx import compile_fx
+
+    options = dict(options or {})
+    if mode is not None:
+        options.setdefault("mode", mode)
+    policy = policy_from_options(options)
+    patches = _inductor_patches(options)
+    new_gm, report = run_passes(gm, policy)
+    record(report)
+    return compile_fx(new_gm, example_inputs, config_patches=patches or None)

@@ -1,0 +1,314 @@
+"""Dilated attention (shared/SPEC.md section 3), forward and backward.
+
+Each (pattern, offset) picks, inside every segment of w positions, the
+positions o, o+r, o+2r, ...: a strided view of the sequence. Those views are
+gathered into dense blocks (one row of blocks per segment and head), every
+block of the same length goes into one `block_attention` call, and the
+results are spread back to their positions. With ``head_split="longnet"`` a
+head uses every pattern and the patterns' results are merged by log-sum-exp;
+with ``"groups"`` a head uses one pattern and no merge is needed.
+
+Everything here is shape arithmetic on views, `cat`, `pad` and pointwise ops,
+so under Inductor the gathers become one copy kernel per call and the spread
+and merge one fused pointwise kernel; the attention itself runs in the fused
+kernel `block_attention` picks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .kernels import block_attention, block_attention_backward
+
+HEAD_SPLITS = ("groups", "longnet")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One (pattern, offset, head range) over a run of equal segments.
+
+    Covers positions ``[start, start + n_segs * seg_len)`` cut into `n_segs`
+    segments of `seg_len`; in each, the positions ``offset + j * rate``
+    (j < m) are selected, for heads ``range(h_start, h_stop, h_step)``.
+    """
+
+    pattern: int
+    h_start: int
+    h_stop: int
+    h_step: int
+    offset: int
+    rate: int
+    start: int
+    seg_len: int
+    n_segs: int
+
+    @property
+    def n_heads(self) -> int:
+        return len(range(self.h_start, self.h_stop, self.h_step))
+
+    @property
+    def m(self) -> int:
+        """Selected positions per segment."""
+        return len(range(self.offset, self.seg_len, self.rate))
+
+
+@dataclass(frozen=True)
+class Job:
+    """One pattern's work for one set of heads over the whole sequence."""
+
+    pattern: int
+    h_start: int
+    h_stop: int
+    h_step: int
+    parts: tuple[Part, ...]  # full segments first, then the ragged tail (if any)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything about a dilated attention call that depends only on shapes."""
+
+    num_heads: int
+    seq_len: int
+    head_split: str
+    n_patterns: int
+    jobs: tuple[Job, ...]
+    calls: tuple[tuple[Part, ...], ...]  # parts that share one kernel call (same m)
+
+
+def _head_sets(num_heads: int, n_patterns: int, rates: Sequence[int], head_split: str):
+    """(pattern, h_start, h_stop, h_step, offset) for every head set."""
+    if head_split == "groups":
+        base, extra = divmod(num_heads, n_patterns)
+        start = 0
+        for i in range(n_patterns):
+            size = base + (1 if i < extra else 0)
+            if size:
+                yield i, start, start + size, 1, i % rates[i]
+            start += size
+    else:
+        for i, r in enumerate(rates):
+            for o in range(min(r, num_heads)):
+                yield i, o, num_heads, r, o
+
+
+@lru_cache(maxsize=256)
+def make_plan(
+    num_heads: int,
+    seq_len: int,
+    segment_lengths: tuple[int, ...],
+    dilation_rates: tuple[int, ...],
+    head_split: str,
+) -> Plan:
+    """The parts and kernel calls of a dilated attention over these shapes."""
+    jobs = []
+    for i, h0, h1, hs, o in _head_sets(num_heads, len(segment_lengths), dilation_rates, head_split):
+        w, r = min(segment_lengths[i], seq_len), dilation_rates[i]
+        n_full, tail = divmod(seq_len, w)
+        parts = []
+        if n_full:
+            parts.append(Part(i, h0, h1, hs, o, r, 0, w, n_full))
+        if tail:
+            parts.append(Part(i, h0, h1, hs, o, r, n_full * w, tail, 1))
+        jobs.append(Job(i, h0, h1, hs, tuple(parts)))
+    by_m: dict[int, list[Part]] = {}
+    for job in jobs:
+        for part in job.parts:
+            if part.m:
+                by_m.setdefault(part.m, []).append(part)
+    calls = tuple(tuple(by_m[m]) for m in sorted(by_m, reverse=True))
+    return Plan(num_heads, seq_len, head_split, len(segment_lengths), tuple(jobs), calls)
+
+
+# --------------------------------------------------------------------------
+# gather: full (B, H, N, X) -> (B * heads * segments, m, X) for one part;
+# spread: its inverse, filling unselected positions with `fill`.
+
+
+def _gather(x: torch.Tensor, p: Part) -> torch.Tensor:
+    b, x_dim = x.shape[0], x.shape[-1]
+    y = x[:, p.h_start : p.h_stop : p.h_step, p.start : p.start + p.n_segs * p.seg_len]
+    y = y.unflatten(2, (p.n_segs, p.seg_len))[:, :, :, p.offset :: p.rate]
+    return y.reshape(b * p.n_heads * p.n_segs, p.m, x_dim)
+
+
+def _spread(y: torch.Tensor, p: Part, batch: int, fill: float) -> torch.Tensor:
+    """(B * heads * segments, m, X) -> (B, heads, n_segs * seg_len, X)."""
+    x_dim = y.shape[-1]
+    y = y.reshape(batch, p.n_heads, p.n_segs, p.m, 1, x_dim)
+    y = F.pad(y, (0, 0, 0, p.rate - 1), value=fill)  # each row, then rate-1 fillers
+    y = y.reshape(batch, p.n_heads, p.n_segs, p.m * p.rate, x_dim)
+    y = F.pad(y, (0, 0, p.offset, 0), value=fill)[:, :, :, : p.seg_len]
+    if y.shape[3] < p.seg_len:
+        y = F.pad(y, (0, 0, 0, p.seg_len - y.shape[3]), value=fill)
+    return y.reshape(batch, p.n_heads, p.n_segs * p.seg_len, x_dim)
+
+
+def _filler(p: Part, batch: int, x_dim: int, fill: float, like: torch.Tensor) -> torch.Tensor:
+    return like.new_full((batch, p.n_heads, p.n_segs * p.seg_len, x_dim), fill)
+
+
+def gather_calls(plan: Plan, x: torch.Tensor) -> list[torch.Tensor]:
+    """One (rows, 1, m, X) block tensor per kernel call, gathered from full `x`."""
+    return [torch.cat([_gather(x, p) for p in parts]).unsqueeze(1) for parts in plan.calls]
+
+
+def spread_jobs(
+    plan: Plan, results: Sequence[torch.Tensor], batch: int, fill: float, like: torch.Tensor
+) -> dict[Job, torch.Tensor]:
+    """Each job's (B, heads, N, X) tensor from the calls' (rows, 1, m, X) results."""
+    pieces: dict[Part, torch.Tensor] = {}
+    for parts, res in zip(plan.calls, results):
+        sizes = [batch * p.n_heads * p.n_segs for p in parts]
+        for p, chunk in zip(parts, torch.split(res.squeeze(1), sizes)):
+            pieces[p] = _spread(chunk, p, batch, fill)
+    x_dim = results[0].shape[-1] if results else like.shape[-1]
+    out = {}
+    for job in plan.jobs:
+        seq = [
+            pieces[p] if p in pieces else _filler(p, batch, x_dim, fill, like) for p in job.parts
+        ]
+        out[job] = seq[0] if len(seq) == 1 else torch.cat(seq, dim=2)
+    return out
+
+
+def _interleave_heads(per_offset: list[torch.Tensor], num_heads: int, fill: float) -> torch.Tensor:
+    """Heads o, o+r, o+2r.. for each offset o (list index) -> heads 0..H-1 in order."""
+    n_off = len(per_offset)
+    a = max(t.shape[1] for t in per_offset)
+    padded = [F.pad(t, (0, 0, 0, 0, 0, a - t.shape[1]), value=fill) for t in per_offset]
+    stacked = torch.stack(padded, dim=2)  # (B, a, n_off, N, X)
+    return stacked.flatten(1, 2)[:, :num_heads]
+
+
+def assemble(plan: Plan, out_blocks, lse_blocks, batch: int, like: torch.Tensor):
+    """Spread block results back to (B, H, N, D) and merge patterns by log-sum-exp.
+
+    Returns (out in float32/64, lse (B, H, N)); lse is -inf where no pattern
+    selects a position, and the output is 0 there.
+    """
+    outs = spread_jobs(plan, out_blocks, batch, 0.0, like)
+    lses = spread_jobs(plan, [l.unsqueeze(-1) for l in lse_blocks], batch, -math.inf, like)
+    acc = lse_blocks[0].dtype if lse_blocks else torch.float32
+    if plan.head_split == "groups":
+        out = torch.cat([outs[j] for j in plan.jobs], dim=1).to(acc)
+        lse = torch.cat([lses[j] for j in plan.jobs], dim=1).squeeze(-1)
+        return out, lse
+    per_pattern_out, per_pattern_lse = [], []
+    for i in range(plan.n_patterns):
+        jobs = [j for j in plan.jobs if j.pattern == i]
+        per_pattern_out.append(_interleave_heads([outs[j] for j in jobs], plan.num_heads, 0.0))
+        per_pattern_lse.append(
+            _interleave_heads([lses[j] for j in jobs], plan.num_heads, -math.inf)
+        )
+    lse_all = torch.stack(per_pattern_lse).squeeze(-1).to(acc)  # (k, B, H, N)
+    lse = torch.logsumexp(lse_all, dim=0)
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    weights = torch.exp(lse_all - safe).unsqueeze(-1)
+    out = (weights * torch.stack(per_pattern_out).to(acc)).sum(0)
+    return out, lse
+
+
+class _DilatedAttention(torch.autograd.Function):
+    """Block attention over gathered blocks, spread and merged, as one autograd node.
+
+    Inputs are the gathered q/k/v blocks (their gathers are ordinary autograd
+    ops outside); the backward gathers the merged output and log-sum-exp at
+    each block's positions and runs the kernel's backward with them.
+    """
+
+    @staticmethod
+    def forward(ctx, plan: Plan, is_causal: bool, scale: float, like: torch.Tensor, *blocks):
+        n = len(plan.calls)
+        qs, ks, vs = blocks[:n], blocks[n : 2 * n], blocks[2 * n :]
+        batch = like.shape[0]
+        results = [
+            block_attention(q, k, v, is_causal=is_causal, scale=scale)
+            for q, k, v in zip(qs, ks, vs)
+        ]
+        out, lse = assemble(plan, [r.out for r in results], [r.lse for r in results], batch, like)
+        out = out.to(like.dtype)
+        ctx.plan, ctx.is_causal, ctx.scale = plan, is_causal, scale
+        ctx.save_for_backward(out, lse, *blocks)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        out, lse, *blocks = ctx.saved_tensors
+        plan, n = ctx.plan, len(ctx.plan.calls)
+        qs, ks, vs = blocks[:n], blocks[n : 2 * n], blocks[2 * n :]
+        douts = gather_calls(plan, dout.to(out.dtype))
+        outs = gather_calls(plan, out)
+        lses = [t.squeeze(-1) for t in gather_calls(plan, lse.unsqueeze(-1))]
+        grads = [
+            block_attention_backward(
+                d, q, k, v, o, l, is_causal=ctx.is_causal, scale=ctx.scale
+            )
+            for d, q, k, v, o, l in zip(douts, qs, ks, vs, outs, lses)
+        ]
+        dq, dk, dv = zip(*grads) if grads else ((), (), ())
+        return (None, None, None, None, *dq, *dk, *dv)
+
+
+def check_dilated_args(
+    segment_lengths: Sequence[int], dilation_rates: Sequence[int], head_split: str
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Validated (segment_lengths, dilation_rates) as tuples of ints."""
+    seg, rates = tuple(segment_lengths), tuple(dilation_rates)
+    if not seg or len(seg) != len(rates):
+        raise ValueError(
+            f"segment_lengths {list(seg)} and dilation_rates {list(rates)} must be non-empty "
+            "lists of the same length"
+        )
+    for name, values in (("segment_lengths", seg), ("dilation_rates", rates)):
+        if any(isinstance(x, bool) or int(x) != x or x < 1 for x in values):
+            raise ValueError(f"{name} must be positive integers, got {list(values)}")
+    if head_split not in HEAD_SPLITS:
+        raise ValueError(f"head_split={head_split!r}: expected one of {', '.join(HEAD_SPLITS)}")
+    return tuple(int(x) for x in seg), tuple(int(x) for x in rates)
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise if q, k, v are not (batch, heads, seq, dim) self-attention tensors."""
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
+        raise ValueError(
+            "expected q, k, v of shape (batch, heads, seq, head_dim) with equal batch, heads "
+            f"and sequence length; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if v.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"value head_dim {v.shape[-1]} differs from query head_dim {q.shape[-1]}: "
+            "not supported"
+        )
+
+
+def dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    head_split: str = "groups",
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Dilated attention of (batch, heads, seq, head_dim) tensors (SPEC section 3).
+
+    Differentiable; the same function the compiled rewrite runs.
+    """
+    seg, rates = check_dilated_args(segment_lengths, dilation_rates, head_split)
+    check_qkv(q, k, v)
+    b, h, n, d = q.shape
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    if n == 0:
+        return q.new_zeros(q.shape)
+    plan = make_plan(h, n, seg, rates, head_split)
+    blocks = [*gather_calls(plan, q), *gather_calls(plan, k), *gather_calls(plan, v)]
+    return _DilatedAttention.apply(plan, bool(is_causal), float(scale), q, *blocks)

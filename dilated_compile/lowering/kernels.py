@@ -1,0 +1,179 @@
+"""Attention on dense blocks that returns its log-sum-exp, and the matching backward.
+
+Every strategy in this package reduces to calls of `block_attention`: a batch
+of independent dense (optionally causal) attentions over contiguous blocks.
+The forward returns the output and the log-sum-exp of the scaled scores per
+query row, so partial results can be merged; the backward takes an output
+and log-sum-exp that may be the *merged* ones, which is what makes the
+gradient of a log-sum-exp merge exact.
+
+The kernel is one of PyTorch's fused attention ops, picked by device, dtype
+and head size (the op keeps its own backward kernel):
+
+- ``cpu``:       ``aten._scaled_dot_product_flash_attention_for_cpu``
+- ``cudnn``:     ``aten._scaled_dot_product_cudnn_attention`` (CUDA fp16/bf16)
+- ``flash``:     ``aten._scaled_dot_product_flash_attention`` (CUDA fp16/bf16)
+- ``efficient``: ``aten._scaled_dot_product_efficient_attention`` (CUDA fp32)
+- ``math``:      plain matmul/softmax, for anything else.
+
+``DILATED_KERNEL=<name>`` forces one (benchmarks use it to compare).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+
+aten = torch.ops.aten
+
+KERNELS = ("cpu", "cudnn", "flash", "efficient", "math")
+
+
+class BlockResult(NamedTuple):
+    out: torch.Tensor  # (batch, heads, m, head_dim), input dtype
+    lse: torch.Tensor  # (batch, heads, m), float32 (float64 for float64 inputs)
+
+
+def _cudnn_usable(q: torch.Tensor) -> bool:
+    return (
+        torch.backends.cuda.cudnn_sdp_enabled()
+        and torch.backends.cudnn.is_available()
+        and q.shape[-1] % 8 == 0
+        and q.shape[-1] <= 128
+        and torch.cuda.get_device_capability(q.device) >= (9, 0)
+    )
+
+
+def choose_kernel(q: torch.Tensor) -> str:
+    """Name of the kernel `block_attention` uses for blocks like `q`."""
+    forced = os.environ.get("DILATED_KERNEL")
+    if forced:
+        if forced not in KERNELS:
+            raise ValueError(f"DILATED_KERNEL={forced!r}: expected one of {', '.join(KERNELS)}")
+        return forced
+    if q.device.type == "cpu":
+        return "cpu"
+    if q.device.type == "cuda":
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        if half and _cudnn_usable(q):
+            return "cudnn"
+        if half and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256:
+            return "flash"
+        if q.dtype == torch.float32 and q.shape[-1] % 4 == 0:
+            return "efficient"
+    return "math"
+
+
+def _math_forward(q, k, v, is_causal, scale):
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale
+    if is_causal:
+        m = q.shape[-2]
+        keep = torch.ones(m, m, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1))
+    return torch.matmul(p, v.to(acc)).to(q.dtype), lse
+
+
+def _math_backward(dout, q, k, v, out, lse, is_causal, scale):
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qa, ka, va, da = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
+    s = torch.matmul(qa, ka.transpose(-2, -1)) * scale
+    if is_causal:
+        m = q.shape[-2]
+        keep = torch.ones(m, m, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    p = torch.exp(s - lse.to(acc).unsqueeze(-1))
+    dv = torch.matmul(p.transpose(-2, -1), da)
+    dp = torch.matmul(da, va.transpose(-2, -1))
+    delta = (da * out.to(acc)).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
+    dq = torch.matmul(ds, ka) * scale
+    dk = torch.matmul(ds.transpose(-2, -1), qa) * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def block_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool, scale: float
+) -> BlockResult:
+    """Dense attention per (batch, head) block with its log-sum-exp. No autograd."""
+    kernel = choose_kernel(q)
+    m = q.shape[-2]
+    if kernel == "cpu":
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, scale=scale
+        )
+        return BlockResult(out, lse)
+    if kernel == "flash":
+        res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)
+        return BlockResult(res[0], res[1])
+    if kernel == "cudnn":
+        res = aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, is_causal, False, scale=scale
+        )
+        return BlockResult(res[0], res[1].reshape(q.shape[:-1]))
+    if kernel == "efficient":
+        res = aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, is_causal, scale=scale
+        )
+        return BlockResult(res[0], res[1][..., :m])
+    return BlockResult(*_math_forward(q, k, v, is_causal, scale))
+
+
+def block_attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    is_causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `block_attention` for q, k, v given an output and log-sum-exp.
+
+    `out` and `lse` may be the merged result of several blocks that share these
+    queries: the gradient then is that of one softmax over all of their keys.
+    """
+    kernel = choose_kernel(q)
+    m = q.shape[-2]
+    out = out.to(q.dtype)
+    if kernel == "cpu":
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse.to(_lse_dtype(q)), 0.0, is_causal, scale=scale
+        )
+        return dq, dk, dv
+    if kernel == "flash":
+        empty = torch.empty(0, device=q.device)
+        seed = torch.empty(2, dtype=torch.uint64, device=q.device)
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse.float().contiguous(), empty, empty, m, m, 0.0, is_causal,
+            seed, empty, scale=scale,
+        )
+        return dq, dk, dv
+    if kernel == "cudnn":
+        empty = torch.empty(0, device=q.device)
+        dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse.float().unsqueeze(-1).contiguous(), empty, empty, empty,
+            empty, empty, m, m, 0.0, is_causal, scale=scale,
+        )
+        return dq, dk, dv
+    if kernel == "efficient":
+        pad = (-m) % 32
+        lse_padded = torch.nn.functional.pad(lse.float(), (0, pad)).contiguous()
+        empty = torch.empty(0, device=q.device)
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+            dout, q, k, v, empty, out, lse_padded, seed, seed, 0.0,
+            [True, True, True, False], is_causal, scale=scale,
+        )
+        return dq, dk, dv
+    return _math_backward(dout, q, k, v, out, lse, is_causal, scale)
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -1,0 +1,110 @@
+"""Float64 reference implementations, written for clarity, not speed.
+
+Each attention is one softmax per query over a *multiplicity matrix*
+``count[h, i, j]``: how many times query i of head h is given key j. Dense
+attention has count 1 everywhere (below the diagonal when causal); dilated
+attention adds 1 for every pattern that selects both i and j in one segment.
+A query with no key gets output 0. The tests compare every fast path with
+these functions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+
+def attention_with_counts(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, count: torch.Tensor, scale: float | None
+) -> torch.Tensor:
+    """softmax over keys with each key weighted by its count, in float64.
+
+    q, k, v: (B, H, N, D); count: (H, N, N) or (N, N), non-negative integers.
+    """
+    q, k, v = q.double(), k.double(), v.double()
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = (q @ k.transpose(-2, -1)) * scale
+    count = count.double().to(q.device)
+    allowed = count > 0
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    weights = count * torch.exp(scores - row_max)
+    total = weights.sum(dim=-1, keepdim=True)
+    probs = torch.where(total > 0, weights / torch.where(total > 0, total, 1.0), 0.0)
+    return probs @ v
+
+
+def causal_counts(n: int) -> torch.Tensor:
+    """(N, N) counts of causal dense attention."""
+    return torch.ones(n, n, dtype=torch.int64).tril()
+
+
+def dense_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False, scale=None
+) -> torch.Tensor:
+    """Ordinary attention in float64."""
+    n = q.shape[-2]
+    count = causal_counts(n) if is_causal else torch.ones(n, n, dtype=torch.int64)
+    return attention_with_counts(q, k, v, count, scale)
+
+
+def pattern_counts(n: int, w: int, r: int, offset: int, is_causal: bool) -> torch.Tensor:
+    """(N, N) 0/1 matrix: 1 where one pattern (w, r, offset) gives key j to query i."""
+    pos = torch.arange(n)
+    segment = pos // w
+    selected = (pos - segment * w) % r == offset
+    same_segment = segment[:, None] == segment[None, :]
+    count = (same_segment & selected[:, None] & selected[None, :]).to(torch.int64)
+    if is_causal:
+        count = count * causal_counts(n)
+    return count
+
+
+def dilated_counts(
+    num_heads: int,
+    n: int,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    head_split: str,
+    is_causal: bool,
+) -> torch.Tensor:
+    """(H, N, N) multiplicity matrix of dilated attention (SPEC section 3)."""
+    k = len(segment_lengths)
+    count = torch.zeros(num_heads, n, n, dtype=torch.int64)
+    if head_split == "groups":
+        sizes = [num_heads // k + (1 if i < num_heads % k else 0) for i in range(k)]
+        start = 0
+        for i, size in enumerate(sizes):
+            r = dilation_rates[i]
+            pattern = pattern_counts(n, segment_lengths[i], r, i % r, is_causal)
+            count[start : start + size] += pattern
+            start += size
+    elif head_split == "longnet":
+        for h in range(num_heads):
+            for w, r in zip(segment_lengths, dilation_rates):
+                count[h] += pattern_counts(n, w, r, h % r, is_causal)
+    else:
+        raise ValueError(f"head_split={head_split!r}: expected 'groups' or 'longnet'")
+    return count
+
+
+def dilated_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    head_split: str = "groups",
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Dilated attention in float64, straight from the definition."""
+    count = dilated_counts(
+        q.shape[1], q.shape[2], segment_lengths, dilation_rates, head_split, is_causal
+    )
+    return attention_with_counts(q, k, v, count, scale)

@@ -1,0 +1,79 @@
+"""Pure FX work: find attention sites, match rules, rewrite, report.
+
+Data flows one way: graph -> sites -> decisions -> rewritten graph (+ report).
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from ..policy import Policy
+from .decide import Decision, decide
+from .report import GraphReport, Report, SiteReport, graph_code, record, unified_diff
+from .rewrite import rewrite
+from .sites import Site, find_sites
+
+
+class RewriteError(RuntimeError):
+    """A site that a `strict: true` policy targets cannot be rewritten."""
+
+
+def rules_without_sites(policy: Policy, decisions: list[Decision]) -> dict[int, str]:
+    """Warnings for rules that matched no site, by rule index."""
+    used = {d.rule.index for d in decisions if d.rule is not None}
+    return {
+        r.index: f"rules[{r.index}] {r.match!r} matches no attention site"
+        for r in policy.rules
+        if r.index not in used
+    }
+
+
+def run_passes(gm: fx.GraphModule, policy: Policy) -> tuple[fx.GraphModule, GraphReport]:
+    """Rewrite the sites `policy` selects in a copy of `gm`; return it and its report.
+
+    Raises RewriteError when the policy is strict and a targeted site is left.
+    """
+    decisions = [decide(site, policy) for site in find_sites(gm)]
+    if policy.strict:
+        failed = [d for d in decisions if d.targeted and d.status == "left"]
+        if failed:
+            lines = "\n".join(
+                f"  {d.site.module or '<root>'} ({d.site.node.name}): {d.reason}" for d in failed
+            )
+            raise RewriteError(
+                f"policy {policy.source} is strict and these attention sites cannot be "
+                f"rewritten:\n{lines}\nChange the model, or set `strict: false` to leave them "
+                "as they are."
+            )
+    new = rewrite(gm, decisions)
+    before, after = graph_code(gm), graph_code(new)
+    left_targeted = [
+        f"{d.site.module or '<root>'}: targeted by rules[{d.rule.index}] but left: {d.reason}"
+        for d in decisions
+        if d.targeted and d.status == "left"
+    ]
+    report = GraphReport(
+        sites=[SiteReport.from_decision(d) for d in decisions],
+        before=before,
+        after=after,
+        diff=unified_diff(before, after),
+        policy=policy.source,
+        left_targeted=left_targeted,
+        unused_rules=rules_without_sites(policy, decisions),
+    )
+    return new, report
+
+
+__all__ = [
+    "Decision",
+    "GraphReport",
+    "Report",
+    "RewriteError",
+    "Site",
+    "SiteReport",
+    "decide",
+    "find_sites",
+    "record",
+    "rewrite",
+    "run_passes",
+]

@@ -1,0 +1,94 @@
+"""Decide what each attention site becomes under a policy.
+
+A decision says which rule matched, whether the site is rewritten, into what,
+and if it is left as it was, why. Sites that a rule targets but that cannot be
+rewritten exactly are `targeted` and left: with ``strict: true`` the backend
+raises for them instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..policy import Policy, Rule
+from .sites import Site
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class Decision:
+    """What the policy makes of one site."""
+
+    site: Site
+    rule: Rule | None
+    status: str  # "rewritten" | "left"
+    attention: str | None  # what it became, e.g. "dilated", None when left
+    reason: str | None  # why it was left, else None
+    targeted: bool  # a rule asked for a rewrite
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def why_not_exact(site: Site) -> str | None:
+    """Why the site cannot be rewritten into an exact equivalent, or None if it can."""
+    a = site.args
+    if site.q_shape is None or site.k_shape is None or site.v_shape is None:
+        return "shapes of q/k/v unknown (no example values in the graph)"
+    if len(site.q_shape) != 4 or len(site.k_shape) != 4 or len(site.v_shape) != 4:
+        return f"q/k/v are not 4-D (batch, heads, seq, head_dim): {site.q_shape}"
+    if not all(_is_int(x) for x in (*site.q_shape, *site.k_shape, *site.v_shape)):
+        return "dynamic (symbolic) shapes are not rewritten yet"
+    if site.query_len != site.key_len:
+        return f"query length {site.query_len} != key length {site.key_len} (cross-attention or KV cache)"
+    if a["attn_mask"] is not None:
+        return "has an attn_mask (only attn_mask=None is rewritten)"
+    p = a["dropout_p"]
+    if not isinstance(p, (int, float)) or p != 0:
+        return f"dropout is active (dropout_p={p})"
+    if not isinstance(a["is_causal"], bool):
+        return "is_causal is not a constant"
+    if a["scale"] is not None and not isinstance(a["scale"], (int, float)):
+        return "scale is not a constant"
+    if site.q_shape[1] != site.k_shape[1] or site.k_shape[1] != site.v_shape[1]:
+        return (
+            f"query heads {site.q_shape[1]} != key/value heads {site.k_shape[1]} "
+            "(grouped-query attention is not rewritten yet)"
+        )
+    if site.q_shape[0] != site.k_shape[0] or site.k_shape[:3] != site.v_shape[:3]:
+        return f"q/k/v batch or length differ: {site.q_shape}, {site.k_shape}, {site.v_shape}"
+    if site.v_shape[-1] != site.q_shape[-1]:
+        return f"value head_dim {site.v_shape[-1]} != query head_dim {site.q_shape[-1]}"
+    if site.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {site.dtype} is not supported"
+    return None
+
+
+def _left(site, rule, reason, targeted) -> Decision:
+    return Decision(site, rule, "left", None, reason, targeted)
+
+
+def decide(site: Site, policy: Policy) -> Decision:
+    """The decision for one site: first matching rule, length threshold, exactness."""
+    rule = policy.rule_for(site.module)
+    if rule is None:
+        return _left(site, None, f"no rule matches module '{site.module}'", False)
+    n = site.key_len
+    if _is_int(n) and n < rule.min_seq_len:
+        return _left(
+            site, rule, f"key length {n} < min_seq_len {rule.min_seq_len} of rules[{rule.index}]", False
+        )
+    if rule.attention == "dense" and rule.ring is None:
+        return Decision(site, rule, "rewritten", "dense (unchanged)", None, True)
+    problem = why_not_exact(site)
+    if problem is not None:
+        return _left(site, rule, problem, True)
+    if rule.ring is not None:
+        return _left(site, rule, "ring attention is not implemented yet", True)
+    if rule.attention == "block_sparse":
+        return _left(site, rule, "block_sparse attention is not implemented yet", True)
+    return Decision(site, rule, "rewritten", "dilated", None, True)

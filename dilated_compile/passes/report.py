@@ -1,0 +1,167 @@
+"""Reports of what the pass did (SPEC section 8): per-site rows, graph diff, counters."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+from torch._dynamo.utils import counters
+
+from .decide import Decision
+
+log = logging.getLogger("dilated_compile")
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """One attention site and what became of it."""
+
+    module: str  # dotted module path ("" = root)
+    form: str  # how it was written ("sdpa", ...)
+    attention: str | None  # what it became ("dilated", "dense (unchanged)"), None when left
+    status: str  # "rewritten" | "left"
+    reason: str | None  # why it was left, else None
+    rule: str | None  # the rule that matched, described, or None
+    shape: tuple | None  # query shape (batch, heads, seq, head_dim)
+    dtype: str | None
+    node: str  # FX node name of the original site
+
+    @classmethod
+    def from_decision(cls, d: Decision) -> "SiteReport":
+        s = d.site
+        became = d.attention
+        if d.attention == "dilated":
+            spec = d.rule.dilated
+            became = (
+                f"dilated {spec.head_split} w={list(spec.segment_lengths)} "
+                f"r={list(spec.dilation_rates)}"
+            )
+        return cls(
+            module=s.module,
+            form=s.form,
+            attention=became,
+            status=d.status,
+            reason=d.reason,
+            rule=None if d.rule is None else f"rules[{d.rule.index}] {d.rule.match!r}",
+            shape=s.q_shape,
+            dtype=None if s.dtype is None else str(s.dtype).replace("torch.", ""),
+            node=s.node.name,
+        )
+
+
+def graph_code(gm: fx.GraphModule) -> str:
+    """The graph as readable Python."""
+    return gm.print_readable(print_output=False)
+
+
+def unified_diff(before: str, after: str, name: str = "graph") -> str:
+    lines = difflib.unified_diff(
+        before.splitlines(keepends=True),
+        after.splitlines(keepends=True),
+        fromfile=f"{name} (before)",
+        tofile=f"{name} (after dilated_compile)",
+    )
+    return "".join(lines)
+
+
+def format_table(sites: list[SiteReport]) -> str:
+    """Fixed-width table, one row per site."""
+    header = ("module", "form", "shape", "dtype", "rule", "status", "became / reason")
+    rows = [header]
+    for s in sites:
+        rows.append(
+            (
+                s.module or "<root>",
+                s.form,
+                "x".join(map(str, s.shape)) if s.shape else "?",
+                s.dtype or "?",
+                s.rule or "-",
+                s.status,
+                s.attention if s.status == "rewritten" else s.reason or "",
+            )
+        )
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header) - 1)]
+    out = []
+    for i, r in enumerate(rows):
+        cells = [str(c).ljust(w) for c, w in zip(r, widths)] + [str(r[-1])]
+        out.append("  ".join(cells).rstrip())
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths) + "  " + "-" * 15)
+    return "\n".join(out)
+
+
+@dataclass
+class GraphReport:
+    """What the pass did to one compiled graph."""
+
+    sites: list[SiteReport]
+    before: str  # readable code of the graph before the rewrite
+    after: str  # and after
+    diff: str  # unified diff of the two
+    policy: str  # the policy's source (path or '<dict>')
+    left_targeted: list[str] = field(default_factory=list)  # sites a rule wanted but left
+    unused_rules: dict[int, str] = field(default_factory=dict)  # rule index -> warning
+
+    @property
+    def warnings(self) -> list[str]:
+        return [*self.left_targeted, *self.unused_rules.values()]
+
+    def __str__(self) -> str:
+        return format_table(self.sites)
+
+
+@dataclass
+class Report:
+    """Reports of every graph of one model (what `explain` returns)."""
+
+    graphs: list[GraphReport]
+
+    @property
+    def sites(self) -> list[SiteReport]:
+        return [s for g in self.graphs for s in g.sites]
+
+    @property
+    def diff(self) -> str:
+        return "\n".join(g.diff for g in self.graphs if g.diff)
+
+    @property
+    def warnings(self) -> list[str]:
+        """Targeted sites left, and rules that match no site in any graph."""
+        left = [w for g in self.graphs for w in g.left_targeted]
+        if not self.graphs:
+            return left
+        unused = set.intersection(*(set(g.unused_rules) for g in self.graphs))
+        return left + [self.graphs[0].unused_rules[i] for i in sorted(unused)]
+
+    def __str__(self) -> str:
+        text = format_table(self.sites)
+        if self.warnings:
+            text += "\n" + "\n".join(f"warning: {w}" for w in self.warnings)
+        return text
+
+
+_RECENT: deque[GraphReport] = deque(maxlen=64)
+
+
+def record(report: GraphReport) -> None:
+    """Count the sites, log the table and keep the report for `reports()`."""
+    for s in report.sites:
+        counters["dilated"][s.status] += 1
+    _RECENT.append(report)
+    log.info("dilated_compile sites (policy %s):\n%s", report.policy, report)
+    for w in report.left_targeted:
+        log.warning("%s", w)
+    for w in report.unused_rules.values():
+        log.info("%s (in this graph)", w)
+
+
+def reports() -> list[GraphReport]:
+    """Reports of the graphs compiled with backend='dilated' in this process (last 64)."""
+    return list(_RECENT)
+
+
+def clear_reports() -> None:
+    _RECENT.clear()

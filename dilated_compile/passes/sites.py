@@ -1,0 +1,101 @@
+"""Find attention sites in a Dynamo FX graph (SPEC section 2).
+
+A site is a node that computes standard attention, with what the rest of the
+pipeline needs to know about it: the owning module's dotted path, the form
+it was written in, its tensors' shapes, and its arguments (causal, scale,
+mask, dropout). This module only looks; it changes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
+SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+
+@dataclass
+class Site:
+    """One attention computation found in the graph."""
+
+    node: fx.Node
+    module: str  # dotted module path, "" for the root module
+    form: str  # how it was written, e.g. "sdpa"
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    args: dict[str, Any] = field(default_factory=dict)  # attn_mask, dropout_p, is_causal, scale, enable_gqa
+    q_shape: tuple | None = None
+    k_shape: tuple | None = None
+    v_shape: tuple | None = None
+    dtype: torch.dtype | None = None
+    device: str | None = None
+
+    @property
+    def key_len(self):
+        return None if self.k_shape is None else self.k_shape[-2]
+
+    @property
+    def query_len(self):
+        return None if self.q_shape is None else self.q_shape[-2]
+
+
+_FQN_PARTS = (
+    (re.compile(r"^L\['[^']*'\]\.?"), ""),  # L['self'] -> root
+    (re.compile(r"\._modules\['([^']*)'\]"), r".\1"),
+    (re.compile(r"\['([^']*)'\]"), r".\1"),
+    (re.compile(r"\[(\d+)\]"), r".\1"),
+)
+
+
+def module_path(node: fx.Node) -> str:
+    """Dotted path of the module that owns `node` ("" for the root module)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, _ = list(stack.values())[-1]
+    for pattern, repl in _FQN_PARTS:
+        path = pattern.sub(repl, path)
+    return path.strip(".")
+
+
+def _shape(node: Any) -> tuple | None:
+    val = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _sdpa_site(node: fx.Node) -> Site:
+    bound = dict(zip(SDPA_PARAMS, node.args))
+    bound.update(node.kwargs)
+    args = {name: bound.get(name, default) for name, default in SDPA_DEFAULTS.items()}
+    q, k, v = bound["query"], bound["key"], bound["value"]
+    val = q.meta.get("example_value") if isinstance(q, fx.Node) else None
+    return Site(
+        node=node,
+        module=module_path(node),
+        form="sdpa",
+        q=q,
+        k=k,
+        v=v,
+        args=args,
+        q_shape=_shape(q),
+        k_shape=_shape(k),
+        v_shape=_shape(v),
+        dtype=getattr(val, "dtype", None),
+        device=str(val.device) if val is not None else None,
+    )
+
+
+def find_sites(gm: fx.GraphModule) -> list[Site]:
+    """Every attention site in `gm`, in graph order."""
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in SDPA_TARGETS:
+            sites.append(_sdpa_site(node))
+    return sites
