@@ -61,8 +61,8 @@ def dilated_backend(
     options = dict(options or {})
     if mode is not None:
         options.setdefault("mode", mode)
-    policy = policy_from_options(options)
     patches = _inductor_patches(options)
+    policy = policy_from_options(options)
     new_gm, report = run_passes(gm, policy)
     record(report)
     return compile_fx(new_gm, example_inputs, config_patches=patches or None)

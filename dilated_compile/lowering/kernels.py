@@ -148,27 +148,25 @@ def block_attention_backward(
         )
         return dq, dk, dv
     if kernel == "flash":
-        empty = torch.empty(0, device=q.device)
-        seed = torch.empty(2, dtype=torch.uint64, device=q.device)
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)
         dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse.float().contiguous(), empty, empty, m, m, 0.0, is_causal,
-            seed, empty, scale=scale,
+            dout, q, k, v, out, lse.float().contiguous(), None, None, m, m, 0.0, is_causal,
+            seed, seed, scale=scale,
         )
         return dq, dk, dv
     if kernel == "cudnn":
-        empty = torch.empty(0, device=q.device)
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
-            dout, q, k, v, out, lse.float().unsqueeze(-1).contiguous(), empty, empty, empty,
-            empty, empty, m, m, 0.0, is_causal, scale=scale,
+            dout, q, k, v, out, lse.float().unsqueeze(-1).contiguous(), seed, seed, None,
+            None, None, m, m, 0.0, is_causal, scale=scale,
         )
         return dq, dk, dv
     if kernel == "efficient":
         pad = (-m) % 32
         lse_padded = torch.nn.functional.pad(lse.float(), (0, pad)).contiguous()
-        empty = torch.empty(0, device=q.device)
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-            dout, q, k, v, empty, out, lse_padded, seed, seed, 0.0,
+            dout, q, k, v, None, out, lse_padded, seed, seed, 0.0,
             [True, True, True, False], is_causal, scale=scale,
         )
         return dq, dk, dv

@@ -1,0 +1,192 @@
+"""Dilated attention on one GPU: useful TFLOP/s against dense SDPA, and time
+against the seed library's algorithm (eager and under stock torch.compile).
+
+One call runs the whole sweep and writes JSON (and PNG plots) into --out:
+
+    python benchmarks/bench_dilated.py --out $OUT
+
+Useful FLOPs are those of the attention actually computed: 4*D per attended
+(query, key) pair forward, 3.5x that for forward+backward (the usual
+convention: the backward does 2.5x the forward's matmul work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from dilated_compile import dilated_attention  # noqa: E402
+from dilated_compile.lowering.dilated import make_plan  # noqa: E402
+
+GROUPS = dict(segment_lengths=[2048, 4096, 8192, 16384, 32768], dilation_rates=[1, 2, 4, 8, 16])
+LONGNET = dict(segment_lengths=[2048, 4096, 8192, 16384, 32768], dilation_rates=[1, 2, 4, 6, 12])
+FWD_BWD = 3.5
+
+
+def bench(fn, grad_of=None) -> float:
+    """Median milliseconds of fn (and of its backward when grad_of is given)."""
+    from triton.testing import do_bench
+
+    if grad_of is None:
+        return do_bench(fn, warmup=50, rep=300, return_mode="median")
+    out = fn()
+    g = torch.randn_like(out)
+
+    def step():
+        for t in grad_of:
+            t.grad = None
+        fn().backward(g)
+
+    return do_bench(step, warmup=50, rep=300, return_mode="median")
+
+
+def attended_pairs(h, n, seg, rates, head_split, causal) -> int:
+    """(query, key) pairs the dilated attention computes, over all heads."""
+    plan = make_plan(h, n, tuple(seg), tuple(rates), head_split)
+    total = 0
+    for parts in plan.calls:
+        for p in parts:
+            per = p.m * (p.m + 1) // 2 if causal else p.m * p.m
+            total += p.n_heads * p.n_segs * per
+    return total
+
+
+def seed_algorithm(q, k, v, seg, rates):
+    """The replaced library's algorithm (NOTES.md), inputs (b, n, h, d), without its
+    per-group normalisation bug: strided views into SDPA, added into a zero output, / k."""
+    b, n, h, d = q.shape
+    k_groups = len(seg)
+    sizes = [h // k_groups + (1 if i < h % k_groups else 0) for i in range(k_groups)]
+    out = torch.zeros_like(q)
+    start = 0
+    for i, (s, r) in enumerate(zip(seg, rates)):
+        s = min(s, n)
+        hs = slice(start, start + sizes[i])
+        start += sizes[i]
+        off = i % r
+        views = [t.view(b, n // s, s, h, d)[:, :, off::r, hs] for t in (q, k, v)]
+        qs, ks, vs = (x.reshape(b * (n // s), -1, sizes[i], d).transpose(1, 2) for x in views)
+        o = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)
+        o = o.reshape(b, n // s, -1, sizes[i], d)
+        ov = out.view(b, n // s, s, h, d)
+        ov[:, :, off::r, hs] += o
+    return out / k_groups
+
+
+def policy_for(cfg, head_split):
+    return {
+        "version": 1,
+        "rules": [{"match": "re:.*", "attention": "dilated", "head_split": head_split, **cfg}],
+    }
+
+
+def sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def run(args):
+    dev = torch.device("cuda")
+    results = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "dtype": "bfloat16",
+        "batch": 1,
+        "heads": args.heads,
+        "head_dim": args.head_dim,
+        "rows": [],
+    }
+    torch._dynamo.config.cache_size_limit = 256
+    for n in args.lengths:
+        h, d = args.heads, args.head_dim
+        g = torch.Generator(device=dev).manual_seed(n)
+        q, k, v = (
+            torch.randn(1, h, n, d, device=dev, dtype=torch.bfloat16, generator=g).requires_grad_()
+            for _ in range(3)
+        )
+        dense_flops = 4 * h * n * n * d
+        row = {"N": n}
+        with torch.no_grad():
+            row["dense_fwd_ms"] = bench(lambda: sdpa(q, k, v))
+        row["dense_fwdbwd_ms"] = bench(lambda: sdpa(q, k, v), grad_of=(q, k, v))
+        row["dense_fwd_tflops"] = dense_flops / row["dense_fwd_ms"] / 1e9
+        row["dense_fwdbwd_tflops"] = FWD_BWD * dense_flops / row["dense_fwdbwd_ms"] / 1e9
+        for name, cfg in (("groups", GROUPS), ("longnet", LONGNET)):
+            seg, rates = cfg["segment_lengths"], cfg["dilation_rates"]
+            flops = 4 * d * attended_pairs(h, n, seg, rates, name, False)
+            r = {"flops_fwd": flops}
+            eager = lambda: dilated_attention(q, k, v, seg, rates, head_split=name)  # noqa: E731
+            torch._dynamo.reset()
+            compiled = torch.compile(sdpa, backend="dilated", options={"policy": policy_for(cfg, name)})
+            with torch.no_grad():
+                r["eager_fwd_ms"] = bench(eager)
+                t0 = time.perf_counter()
+                compiled(q, k, v)
+                torch.cuda.synchronize()
+                r["compile_fwd_s"] = time.perf_counter() - t0
+                r["compiled_fwd_ms"] = bench(lambda: compiled(q, k, v))
+            t0 = time.perf_counter()
+            compiled(q, k, v).sum().backward()
+            torch.cuda.synchronize()
+            r["compile_fwdbwd_s"] = time.perf_counter() - t0
+            r["eager_fwdbwd_ms"] = bench(eager, grad_of=(q, k, v))
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            r["compiled_fwdbwd_ms"] = bench(lambda: compiled(q, k, v), grad_of=(q, k, v))
+            r["compiled_fwdbwd_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            for mode in ("fwd", "fwdbwd"):
+                mult = 1 if mode == "fwd" else FWD_BWD
+                for path in ("eager", "compiled"):
+                    tf = mult * flops / r[f"{path}_{mode}_ms"] / 1e9
+                    r[f"{path}_{mode}_tflops"] = tf
+                    r[f"{path}_{mode}_ratio_to_dense"] = tf / row[f"dense_{mode}_tflops"]
+            if name == "groups" and not args.skip_seed:
+                qs, ks, vs = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+                seed = lambda: seed_algorithm(qs, ks, vs, seg, rates)  # noqa: E731
+                torch._dynamo.reset()
+                seed_c = torch.compile(seed_algorithm)
+                with torch.no_grad():
+                    r["seed_eager_fwd_ms"] = bench(seed)
+                    t0 = time.perf_counter()
+                    seed_c(qs, ks, vs, seg, rates)
+                    torch.cuda.synchronize()
+                    r["seed_compile_s"] = time.perf_counter() - t0
+                    r["seed_compiled_fwd_ms"] = bench(lambda: seed_c(qs, ks, vs, seg, rates))
+                r["seed_eager_fwdbwd_ms"] = bench(seed, grad_of=(qs, ks, vs))
+                r["seed_compiled_fwdbwd_ms"] = bench(
+                    lambda: seed_c(qs, ks, vs, seg, rates), grad_of=(qs, ks, vs)
+                )
+            row[name] = r
+            print(json.dumps({"N": n, name: {k2: round(v2, 3) for k2, v2 in r.items()}}), flush=True)
+        results["rows"].append(row)
+        del q, k, v
+        torch.cuda.empty_cache()
+    return results
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--skip-seed", action="store_true")
+    p.add_argument("--out", default=os.environ.get("OUT", "out"))
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    results = run(args)
+    path = os.path.join(args.out, "dilated.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""backend='dilated' end to end on CPU: rewrite, Inductor, forward and backward."""
+
+import subprocess
+import sys
+import textwrap
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import dilated_compile
+from dilated_compile import dilated_attention, dilated_reference, load_policy
+
+from .models import TinyModel, dilated_rule, policy, restore, with_attention_replaced
+from .tolerance import budget
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    dilated_compile.clear_reports()
+    yield
+    torch._dynamo.reset()
+
+
+def test_entry_point_is_registered():
+    names = [ep.name for ep in entry_points(group="torch_dynamo_backends")]
+    assert "dilated" in names
+
+
+def test_backend_name_works_without_importing_the_package():
+    code = textwrap.dedent(
+        """
+        import sys, torch, torch.nn.functional as F
+        def f(q):
+            return F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        pol = {"version": 1, "rules": [{"match": "**", "attention": "dilated",
+               "segment_lengths": [4], "dilation_rates": [2]}]}
+        assert "dilated_compile" not in sys.modules
+        out = torch.compile(f, backend="dilated", options={"policy": pol})(torch.randn(1, 2, 8, 4))
+        from torch._dynamo.utils import counters
+        print("rewritten", counters["dilated"]["rewritten"], out.shape)
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "rewritten 1" in res.stdout
+
+
+def _run(model, x, options):
+    compiled = torch.compile(model, backend="dilated", options=options)
+    out = compiled(x)
+    out.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    return out, grads
+
+
+@pytest.mark.parametrize("head_split", ["groups", "longnet"])
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_compiled_forward_backward_match_eager_rewrite(head_split, is_causal):
+    """Compiled = the same model run eagerly with its attention replaced by
+    dilated_attention, forward and parameter gradients; and close to float64."""
+    torch.manual_seed(0)
+    seg, rates = (8, 16), (1, 4)
+    model = TinyModel(heads=(5, 3), is_causal=is_causal, style="keyword")
+    x = torch.randn(2, 37, 16)
+    pol = policy(dilated_rule(seg=seg, rates=rates, head_split=head_split))
+    out, grads = _run(model, x, {"policy": pol})
+
+    def eager_fn(q, k, v, m):
+        return dilated_attention(q, k, v, seg, rates, head_split=head_split, is_causal=is_causal)
+
+    saved = with_attention_replaced(model, eager_fn)
+    try:
+        expected = model(x)
+        expected.sum().backward()
+    finally:
+        restore(saved)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol=5e-5, rtol=1e-4, msg=name)
+    assert counters["dilated"]["rewritten"] == 2
+
+
+def test_compiled_attention_within_tolerance_of_reference():
+    """The rewritten SDPA itself, compiled, against the float64 reference."""
+    seg, rates = (16, 32, 64), (1, 6, 12)
+
+    def f(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+
+    pol = policy(dilated_rule(match="**", seg=seg, rates=rates, head_split="longnet"))
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = (torch.randn(1, 7, 100, 16, generator=g).to(dtype) for _ in range(3))
+        torch._dynamo.reset()
+        out = torch.compile(f, backend="dilated", options={"policy": pol})(q, k, v)
+        ref = dilated_reference(q, k, v, seg, rates, head_split="longnet", is_causal=True, scale=0.3)
+        err = (out.double() - ref).abs().max().item()
+        assert err <= budget(q, k, v, is_causal=True, scale=0.3, ref=ref), (dtype, err)
+
+
+def test_unmatched_sites_are_bit_identical_to_inductor():
+    torch.manual_seed(1)
+    model = TinyModel(heads=(4, 2))
+    x = torch.randn(2, 24, 16)
+    pol = policy(dilated_rule(match="encoder.*"))
+    ours = torch.compile(model, backend="dilated", options={"policy": pol})(x)
+    torch._dynamo.reset()
+    inductor = torch.compile(model, backend="inductor")(x)
+    assert torch.equal(ours, inductor)
+    assert counters["dilated"]["left"] == 2 and counters["dilated"]["rewritten"] == 0
+
+
+def test_counters_and_report():
+    model = TinyModel(heads=(4, 2, 3))
+    x = torch.randn(1, 40, 16)
+    pol = policy(dilated_rule(match="layers.0"), dilated_rule(match="layers.2.attn", head_split="longnet"))
+    torch.compile(model, backend="dilated", options={"policy": pol})(x)
+    assert counters["dilated"]["rewritten"] == 2 and counters["dilated"]["left"] == 1
+    (report,) = dilated_compile.reports()
+    by_module = {s.module: s for s in report.sites}
+    assert set(by_module) == {"layers.0.attn", "layers.1.attn", "layers.2.attn"}
+    assert by_module["layers.0.attn"].status == "rewritten"
+    assert by_module["layers.0.attn"].attention.startswith("dilated groups")
+    assert by_module["layers.2.attn"].attention.startswith("dilated longnet")
+    assert by_module["layers.1.attn"].status == "left"
+    assert "no rule matches" in by_module["layers.1.attn"].reason
+    assert "layers.1.attn" in str(report)
+    removed = [l for l in report.diff.splitlines() if l.startswith("-") and "scaled_dot_product_attention" in l]
+    added = [l for l in report.diff.splitlines() if l.startswith("+")]
+    added = [l for l in added if "dilated_compile_lowering_dilated_dilated_attention(" in l]
+    assert len(removed) == 2 and len(added) == 2
+
+
+@pytest.mark.parametrize("source", ["dict", "path", "object"])
+def test_policy_sources(tmp_path, source):
+    doc = policy(dilated_rule())
+    if source == "path":
+        import yaml
+
+        path = tmp_path / "p.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        pol = str(path)
+    elif source == "object":
+        pol = load_policy(doc)
+    else:
+        pol = doc
+    torch.compile(TinyModel(), backend="dilated", options={"policy": pol})(torch.randn(1, 20, 16))
+    assert counters["dilated"]["rewritten"] == 2
+
+
+def test_missing_policy_is_an_error():
+    with pytest.raises(Exception, match="needs a policy"):
+        torch.compile(TinyModel(), backend="dilated")(torch.randn(1, 8, 16))
+
+
+def test_unknown_option_is_an_error_with_suggestion():
+    with pytest.raises(Exception, match="did you mean 'policy'"):
+        torch.compile(TinyModel(), backend="dilated", options={"polciy": "x.yaml"})(torch.randn(1, 8, 16))
+
+
+def test_bad_policy_file_surfaces_policy_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("version: 1\nrules:\n  - match: a\n    attention: dilatd\n")
+    with pytest.raises(Exception, match=r"bad.yaml:4.*did you mean 'dilated'"):
+        torch.compile(TinyModel(), backend="dilated", options={"policy": str(path)})(torch.randn(1, 8, 16))

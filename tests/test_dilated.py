@@ -1,0 +1,190 @@
+"""Eager dilated attention against the float64 reference (SPEC section 3)."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dilated_compile import dense_reference, dilated_attention, dilated_reference
+from dilated_compile.lowering.reference import attention_with_counts, pattern_counts
+
+from .tolerance import assert_within
+
+# (segment_lengths, dilation_rates): powers of two; rates not dividing w (LongNet
+# pairs 6 and 12 with power-of-two segments); dilation 16; rate larger than segment.
+CONFIGS = {
+    "pow2": ((8, 16, 32), (1, 2, 4)),
+    "longnet_rates": ((16, 32, 64), (1, 6, 12)),
+    "dilation16": ((32, 64), (4, 16)),
+    "rate_gt_segment": ((4, 24), (1, 8)),
+}
+# sequence lengths relative to the segments: multiple of the largest, not a
+# multiple, equal to the largest, smaller than the smallest, and 1.
+LENGTHS = {"multiple": 128, "ragged": 45, "equal_largest": 64, "short": 3, "one": 1}
+HEADS = {"uneven": 5, "fewer_than_patterns": 2, "many": 8}
+
+
+def _qkv(b, h, n, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, n, d, generator=g).to(dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("heads", list(HEADS), ids=str)
+@pytest.mark.parametrize("length", list(LENGTHS), ids=str)
+@pytest.mark.parametrize("config", list(CONFIGS), ids=str)
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_split", ["groups", "longnet"])
+def test_matches_reference(head_split, is_causal, config, length, heads, dtype):
+    seg, rates = CONFIGS[config]
+    q, k, v = _qkv(2, HEADS[heads], LENGTHS[length], 16, dtype)
+    out = dilated_attention(q, k, v, seg, rates, head_split=head_split, is_causal=is_causal)
+    assert out.shape == q.shape and out.dtype == dtype
+    ref = dilated_reference(q, k, v, seg, rates, head_split=head_split, is_causal=is_causal)
+    assert_within(out, ref, q, k, v, is_causal=is_causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_identity_one_pattern_is_ordinary_attention(n, is_causal, dtype):
+    """One pattern with w >= N and r = 1 is exactly dense (or causal) attention."""
+    q, k, v = _qkv(2, 3, n, 16, dtype, seed=1)
+    for head_split in ("groups", "longnet"):
+        out = dilated_attention(q, k, v, [max(n, 64)], [1], head_split=head_split, is_causal=is_causal)
+        sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+        assert_within(out, dense_reference(q, k, v, is_causal=is_causal), q, k, v, is_causal=is_causal)
+        tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+        torch.testing.assert_close(out, sdpa, atol=tol, rtol=tol)
+
+
+def test_custom_scale():
+    q, k, v = _qkv(1, 4, 40, 8, torch.float64)
+    out = dilated_attention(q, k, v, [16, 32], [1, 2], head_split="longnet", scale=0.05)
+    ref = dilated_reference(q, k, v, [16, 32], [1, 2], head_split="longnet", scale=0.05)
+    torch.testing.assert_close(out, ref)
+    default = dilated_attention(q, k, v, [16, 32], [1, 2], head_split="longnet")
+    assert (out - default).abs().max() > 1e-3  # the scale is used
+
+
+# ---- regression tests for the library this project replaces ----------------
+
+
+def _single_pattern(q, k, v, w, r, offset, is_causal=False):
+    """Ordinary softmax attention of each head over one pattern's keys (float64)."""
+    n = q.shape[-2]
+    return attention_with_counts(q, k, v, pattern_counts(n, w, r, offset, is_causal), None)
+
+
+def test_uneven_head_ranges():
+    """H=5 over 3 groups: sizes 2,2,1, head ranges [0,2) [2,4) [4,5)."""
+    seg, rates = (8, 16, 32), (1, 2, 4)
+    q, k, v = _qkv(1, 5, 64, 8, torch.float64)
+    out = dilated_attention(q, k, v, seg, rates, head_split="groups")
+    for heads, i in (((0, 1), 0), ((2, 3), 1), ((4,), 2)):
+        expected = _single_pattern(q, k, v, seg[i], rates[i], i % rates[i])
+        for h in heads:
+            torch.testing.assert_close(out[:, h], expected[:, h])
+
+
+def test_no_per_group_renormalisation():
+    """A selected position's output is its pattern's plain softmax result: not
+    divided by the number of groups and not renormalised; unselected ones are 0."""
+    q, k, v = _qkv(1, 2, 32, 8, torch.float64, seed=3)
+    out = dilated_attention(q, k, v, [8, 16], [1, 2], head_split="groups")
+    expected = _single_pattern(q, k, v, 16, 2, 1)  # head 1: group 1, offset 1 % 2
+    selected = torch.arange(32) % 2 == 1
+    torch.testing.assert_close(out[:, 1, selected], expected[:, 1, selected])
+    assert (out[:, 1, ~selected] == 0).all()
+    torch.testing.assert_close(out[:, 0], _single_pattern(q, k, v, 8, 1, 0)[:, 0])
+
+
+@pytest.mark.parametrize("head_split", ["groups", "longnet"])
+def test_length_equal_to_largest_segment(head_split):
+    seg, rates = (16, 64), (1, 4)
+    q, k, v = _qkv(2, 4, 64, 8, torch.float32)
+    out = dilated_attention(q, k, v, seg, rates, head_split=head_split, is_causal=True)
+    ref = dilated_reference(q, k, v, seg, rates, head_split=head_split, is_causal=True)
+    assert_within(out, ref, q, k, v, is_causal=True)
+
+
+def test_longnet_is_one_softmax_over_union_with_multiplicity():
+    """Two identical patterns give every key twice: the same as one pattern."""
+    q, k, v = _qkv(1, 3, 24, 8, torch.float64)
+    twice = dilated_attention(q, k, v, [8, 8], [2, 2], head_split="longnet")
+    once = dilated_attention(q, k, v, [8], [2], head_split="longnet")
+    torch.testing.assert_close(twice, once)
+
+
+# ---- gradients ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "head_split,is_causal,n,h,seg,rates",
+    [
+        ("groups", False, 11, 3, (4, 8), (1, 2)),
+        ("groups", True, 13, 5, (4, 6, 16), (1, 2, 3)),
+        ("longnet", False, 12, 3, (4, 8), (1, 3)),
+        ("longnet", True, 9, 4, (3, 16), (1, 2)),
+        ("longnet", True, 1, 2, (4,), (2,)),
+    ],
+)
+def test_gradcheck_float64(head_split, is_causal, n, h, seg, rates):
+    q, k, v = (t.requires_grad_() for t in _qkv(1, h, n, 4, torch.float64, seed=n))
+
+    def f(q, k, v):
+        return dilated_attention(q, k, v, seg, rates, head_split=head_split, is_causal=is_causal)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+@pytest.mark.parametrize("head_split", ["groups", "longnet"])
+def test_gradients_match_reference(head_split):
+    seg, rates = (8, 16), (1, 4)
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 5, 37, 8, torch.float32))
+    out = dilated_attention(q, k, v, seg, rates, head_split=head_split, is_causal=True)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = dilated_reference(qd, kd, vd, seg, rates, head_split=head_split, is_causal=True)
+    g = torch.randn_like(ref)
+    out.backward(g.float())
+    ref.backward(g)
+    for a, b in ((q, qd), (k, kd), (v, vd)):
+        torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-5, rtol=1e-4)
+
+
+# ---- argument errors ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "seg,rates,head_split,match",
+    [
+        ((), (), "groups", "non-empty"),
+        ((8, 16), (1,), "groups", "same length"),
+        ((8, 0), (1, 2), "groups", "positive"),
+        ((8,), (-1,), "groups", "positive"),
+        ((8,), (1,), "both", "head_split"),
+    ],
+)
+def test_bad_arguments_raise(seg, rates, head_split, match):
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(ValueError, match=match):
+        dilated_attention(q, q, q, seg, rates, head_split=head_split)
+
+
+def test_bad_shapes_raise():
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="batch, heads, seq"):
+        dilated_attention(q, q[:, :, :4], q, [4], [1])
+    with pytest.raises(ValueError, match="batch, heads, seq"):
+        dilated_attention(q[0], q[0], q[0], [4], [1])
+
+
+def test_fully_unselected_positions_are_zero_and_finite():
+    """Rate 8 on a segment of 4: offsets >= 4 select nothing in that pattern."""
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 8, 12, 4, torch.float64))
+    out = dilated_attention(q, k, v, [4], [8], head_split="longnet")
+    assert torch.isfinite(out).all()
+    assert (out[:, 4:] == 0).all()
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
