@@ -108,8 +108,11 @@ def run(args):
     for n in args.lengths:
         h, d = args.heads, args.head_dim
         g = torch.Generator(device=dev).manual_seed(n)
+        # stored (B, N, H, D) and seen as (B, H, N, D): what a model's projections produce
         q, k, v = (
-            torch.randn(1, h, n, d, device=dev, dtype=torch.bfloat16, generator=g).requires_grad_()
+            torch.randn(1, n, h, d, device=dev, dtype=torch.bfloat16, generator=g)
+            .transpose(1, 2)
+            .requires_grad_()
             for _ in range(3)
         )
         dense_flops = 4 * h * n * n * d
@@ -149,7 +152,7 @@ def run(args):
                     r[f"{path}_{mode}_tflops"] = tf
                     r[f"{path}_{mode}_ratio_to_dense"] = tf / row[f"dense_{mode}_tflops"]
             if name == "groups" and not args.skip_seed:
-                qs, ks, vs = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+                qs, ks, vs = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
                 seed = lambda: seed_algorithm(qs, ks, vs, seg, rates)  # noqa: E731
                 torch._dynamo.reset()
                 seed_c = torch.compile(seed_algorithm)
@@ -167,6 +170,8 @@ def run(args):
             row[name] = r
             print(json.dumps({"N": n, name: {k2: round(v2, 3) for k2, v2 in r.items()}}), flush=True)
         results["rows"].append(row)
+        with open(os.path.join(args.out, "dilated.json"), "w") as f:  # after every length
+            json.dump(results, f, indent=1)
         del q, k, v
         torch.cuda.empty_cache()
     return results

@@ -14,6 +14,19 @@ from .passes.report import clear_reports, reports
 from .policy import Policy, PolicyError, load_policy
 from .explain import explain
 
+
+def _register_backend() -> None:
+    """Make backend="dilated" work also where the entry point is not installed."""
+    import torch._dynamo
+
+    if "dilated" not in torch._dynamo.list_backends(exclude_tags=()):
+        from .backend import dilated_backend
+
+        torch._dynamo.register_backend(dilated_backend, name="dilated")
+
+
+_register_backend()
+
 __all__ = [
     "Policy",
     "PolicyError",

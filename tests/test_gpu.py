@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dilated_compile import dilated_attention, dilated_reference
+from dilated_compile.lowering import dilated as dilated_lowering
 from dilated_compile.lowering import kernels
 
 from .tolerance import assert_within
@@ -29,17 +30,23 @@ def _qkv(n, h, dtype, d=64, requires_grad=False, seed=0):
     ]
 
 
+@pytest.mark.parametrize("small_tiles", [None, 0], ids=["batched", "views"])
 @pytest.mark.parametrize("kernel", ["cudnn", "flash", "efficient", "math"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("head_split", ["groups", "longnet"])
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_kernel_forward_backward(monkeypatch, kernel, dtype, head_split, is_causal, case):
+def test_kernel_forward_backward(monkeypatch, kernel, dtype, head_split, is_causal, case, small_tiles):
+    """small_tiles=0 gives every part its own call on strided views of q/k/v."""
     if kernel in ("cudnn", "flash") and dtype == torch.float32:
         pytest.skip("fp16/bf16 kernel")
     if kernel == "cudnn" and not kernels._cudnn_usable(torch.empty(1, 1, 1, 64, device="cuda")):
         pytest.skip("cuDNN attention unavailable")
     monkeypatch.setenv("DILATED_KERNEL", kernel)
+    if small_tiles is not None:
+        if kernel != "cudnn":
+            pytest.skip("only cuDNN runs large parts on strided views")
+        monkeypatch.setattr(dilated_lowering, "SMALL_PART_TILES", small_tiles)
     n, h, seg, rates = case
     q, k, v = _qkv(n, h, dtype, requires_grad=True)
     out = dilated_attention(q, k, v, seg, rates, head_split=head_split, is_causal=is_causal)

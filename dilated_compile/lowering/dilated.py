@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .kernels import block_attention, block_attention_backward
+from .kernels import block_attention, block_attention_backward, choose_kernel
 
 HEAD_SPLITS = ("groups", "longnet")
 
@@ -78,7 +78,7 @@ class Plan:
     head_split: str
     n_patterns: int
     jobs: tuple[Job, ...]
-    calls: tuple[tuple[Part, ...], ...]  # parts that share one kernel call (same m)
+    calls: tuple[tuple[Part, ...], ...]  # parts that share one kernel call
 
 
 def _head_sets(num_heads: int, n_patterns: int, rates: Sequence[int], head_split: str):
@@ -104,8 +104,13 @@ def make_plan(
     segment_lengths: tuple[int, ...],
     dilation_rates: tuple[int, ...],
     head_split: str,
+    small_part_tiles: int = None,
 ) -> Plan:
-    """The parts and kernel calls of a dilated attention over these shapes."""
+    """The parts and kernel calls of a dilated attention over these shapes.
+
+    Each part with a selected position is one kernel call: its q/k/v blocks
+    are strided views of the inputs (no copy when the strides allow it).
+    """
     jobs = []
     for i, h0, h1, hs, o in _head_sets(num_heads, len(segment_lengths), dilation_rates, head_split):
         w, r = min(segment_lengths[i], seq_len), dilation_rates[i]
@@ -116,56 +121,85 @@ def make_plan(
         if tail:
             parts.append(Part(i, h0, h1, hs, o, r, n_full * w, tail, 1))
         jobs.append(Job(i, h0, h1, hs, tuple(parts)))
-    by_m: dict[int, list[Part]] = {}
-    for job in jobs:
-        for part in job.parts:
-            if part.m:
-                by_m.setdefault(part.m, []).append(part)
-    calls = tuple(tuple(by_m[m]) for m in sorted(by_m, reverse=True))
+    if small_part_tiles is None:
+        small_part_tiles = SMALL_PART_TILES
+    calls = _group_small_parts([p for job in jobs for p in job.parts if p.m], small_part_tiles)
     return Plan(num_heads, seq_len, head_split, len(segment_lengths), tuple(jobs), calls)
 
 
+# A kernel call should fill a large GPU: parts smaller than this many 128-row
+# query tiles share a call with other small parts of the same length.
+SMALL_PART_TILES = 4 * 132
+ALL_PARTS_SMALL = 2**62
+
+
+def _tiles(p: Part) -> int:
+    return p.n_segs * p.n_heads * -(-p.m // 128)
+
+
+def _group_small_parts(parts: list[Part], threshold: int) -> tuple[tuple[Part, ...], ...]:
+    """One call per large part (its blocks are views); small parts batched by m."""
+    calls = [(p,) for p in parts if _tiles(p) >= threshold]
+    small: dict[int, list[Part]] = {}
+    for p in parts:
+        if _tiles(p) < threshold:
+            small.setdefault(p.m, []).append(p)
+    return tuple(calls + [tuple(group) for group in small.values()])
+
+
 # --------------------------------------------------------------------------
-# gather: full (B, H, N, X) -> (B * heads * segments, m, X) for one part;
-# spread: its inverse, filling unselected positions with `fill`.
+# gather: (B, H, N, X) -> (B * segments, heads, m, X) blocks of one part, a
+# strided view where the strides allow; spread: its inverse into (B, N', heads, X)
+# (sequence-major, so the final output is stored as (B, N, H, D) like the
+# projections around attention expect), filling unselected positions.
 
 
 def _gather(x: torch.Tensor, p: Part) -> torch.Tensor:
     b, x_dim = x.shape[0], x.shape[-1]
     y = x[:, p.h_start : p.h_stop : p.h_step, p.start : p.start + p.n_segs * p.seg_len]
-    y = y.unflatten(2, (p.n_segs, p.seg_len))[:, :, :, p.offset :: p.rate]
-    return y.reshape(b * p.n_heads * p.n_segs, p.m, x_dim)
+    y = y.unflatten(2, (p.n_segs, p.seg_len))[:, :, :, p.offset :: p.rate]  # (B, A, S, m, X)
+    return y.permute(0, 2, 1, 3, 4).reshape(b * p.n_segs, p.n_heads, p.m, x_dim)
 
 
 def _spread(y: torch.Tensor, p: Part, batch: int, fill: float) -> torch.Tensor:
-    """(B * heads * segments, m, X) -> (B, heads, n_segs * seg_len, X)."""
+    """(B * segments, heads, m, X) -> (B, n_segs * seg_len, heads, X)."""
     x_dim = y.shape[-1]
-    y = y.reshape(batch, p.n_heads, p.n_segs, p.m, 1, x_dim)
+    y = y.reshape(batch, p.n_segs, p.n_heads, p.m, 1, x_dim)
     y = F.pad(y, (0, 0, 0, p.rate - 1), value=fill)  # each row, then rate-1 fillers
-    y = y.reshape(batch, p.n_heads, p.n_segs, p.m * p.rate, x_dim)
+    y = y.reshape(batch, p.n_segs, p.n_heads, p.m * p.rate, x_dim)
     y = F.pad(y, (0, 0, p.offset, 0), value=fill)[:, :, :, : p.seg_len]
     if y.shape[3] < p.seg_len:
         y = F.pad(y, (0, 0, 0, p.seg_len - y.shape[3]), value=fill)
-    return y.reshape(batch, p.n_heads, p.n_segs * p.seg_len, x_dim)
+    return y.permute(0, 1, 3, 2, 4).reshape(batch, p.n_segs * p.seg_len, p.n_heads, x_dim)
 
 
 def _filler(p: Part, batch: int, x_dim: int, fill: float, like: torch.Tensor) -> torch.Tensor:
-    return like.new_full((batch, p.n_heads, p.n_segs * p.seg_len, x_dim), fill)
+    return like.new_full((batch, p.n_segs * p.seg_len, p.n_heads, x_dim), fill)
 
 
 def gather_calls(plan: Plan, x: torch.Tensor) -> list[torch.Tensor]:
-    """One (rows, 1, m, X) block tensor per kernel call, gathered from full `x`."""
-    return [torch.cat([_gather(x, p) for p in parts]).unsqueeze(1) for parts in plan.calls]
+    """One (rows, heads, m, X) block tensor per kernel call, from full (B, H, N, X) `x`."""
+    out = []
+    for parts in plan.calls:
+        if len(parts) == 1:
+            out.append(_gather(x, parts[0]))
+        else:  # heads folded into rows: (sum of B*segments*heads, 1, m, X)
+            out.append(torch.cat([_gather(x, p).flatten(0, 1).unsqueeze(1) for p in parts]))
+    return out
 
 
 def spread_jobs(
     plan: Plan, results: Sequence[torch.Tensor], batch: int, fill: float, like: torch.Tensor
 ) -> dict[Job, torch.Tensor]:
-    """Each job's (B, heads, N, X) tensor from the calls' (rows, 1, m, X) results."""
+    """Each job's (B, N, heads, X) tensor from the calls' (rows, heads, m, X) results."""
     pieces: dict[Part, torch.Tensor] = {}
     for parts, res in zip(plan.calls, results):
-        sizes = [batch * p.n_heads * p.n_segs for p in parts]
-        for p, chunk in zip(parts, torch.split(res.squeeze(1), sizes)):
+        if len(parts) == 1:
+            pieces[parts[0]] = _spread(res, parts[0], batch, fill)
+            continue
+        sizes = [batch * p.n_segs * p.n_heads for p in parts]
+        for p, chunk in zip(parts, torch.split(res, sizes)):
+            chunk = chunk.reshape(batch * p.n_segs, p.n_heads, p.m, chunk.shape[-1])
             pieces[p] = _spread(chunk, p, batch, fill)
     x_dim = results[0].shape[-1] if results else like.shape[-1]
     out = {}
@@ -173,45 +207,67 @@ def spread_jobs(
         seq = [
             pieces[p] if p in pieces else _filler(p, batch, x_dim, fill, like) for p in job.parts
         ]
-        out[job] = seq[0] if len(seq) == 1 else torch.cat(seq, dim=2)
+        out[job] = seq[0] if len(seq) == 1 else torch.cat(seq, dim=1)
     return out
 
 
 def _interleave_heads(per_offset: list[torch.Tensor], num_heads: int, fill: float) -> torch.Tensor:
-    """Heads o, o+r, o+2r.. for each offset o (list index) -> heads 0..H-1 in order."""
-    n_off = len(per_offset)
-    a = max(t.shape[1] for t in per_offset)
-    padded = [F.pad(t, (0, 0, 0, 0, 0, a - t.shape[1]), value=fill) for t in per_offset]
-    stacked = torch.stack(padded, dim=2)  # (B, a, n_off, N, X)
-    return stacked.flatten(1, 2)[:, :num_heads]
+    """Heads o, o+r, o+2r.. for each offset o (list index) -> heads 0..H-1 in order.
+
+    Tensors are (B, N, heads, X); the result is (B, N, H, X).
+    """
+    a = max(t.shape[2] for t in per_offset)
+    padded = [F.pad(t, (0, 0, 0, a - t.shape[2]), value=fill) for t in per_offset]
+    stacked = torch.stack(padded, dim=3)  # (B, N, a, n_off, X)
+    return stacked.flatten(2, 3)[:, :, :num_heads]
+
+
+def merge_by_lse(outs: list[torch.Tensor], lses: list[torch.Tensor]):
+    """One softmax over the union of the patterns' keys: (out, lse) from partials.
+
+    Pointwise over the list (no stack), so it fuses into one kernel. Where no
+    pattern selects a position (all lse = -inf) the output is 0, lse -inf.
+    """
+    top = lses[0]
+    for l in lses[1:]:
+        top = torch.maximum(top, l)
+    safe_top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    weights = [torch.exp(l - safe_top) for l in lses]
+    total = weights[0]
+    for wgt in weights[1:]:
+        total = total + wgt
+    safe_total = torch.where(total > 0, total, torch.ones_like(total))
+    out = weights[0].unsqueeze(-1) * outs[0]
+    for wgt, o in zip(weights[1:], outs[1:]):
+        out = out + wgt.unsqueeze(-1) * o
+    out = out / safe_total.unsqueeze(-1)
+    lse = torch.where(total > 0, safe_top + torch.log(safe_total), torch.full_like(top, -math.inf))
+    return out, lse
 
 
 def assemble(plan: Plan, out_blocks, lse_blocks, batch: int, like: torch.Tensor):
-    """Spread block results back to (B, H, N, D) and merge patterns by log-sum-exp.
+    """Spread block results back and merge patterns by log-sum-exp.
 
-    Returns (out in float32/64, lse (B, H, N)); lse is -inf where no pattern
-    selects a position, and the output is 0 there.
+    Returns (out, lse): out (B, H, N, D) in float32/64 stored as (B, N, H, D),
+    lse (B, H, N); lse is -inf where no pattern selects a position, and the
+    output is 0 there.
     """
+    acc = lse_blocks[0].dtype if lse_blocks else torch.float32
     outs = spread_jobs(plan, out_blocks, batch, 0.0, like)
     lses = spread_jobs(plan, [l.unsqueeze(-1) for l in lse_blocks], batch, -math.inf, like)
-    acc = lse_blocks[0].dtype if lse_blocks else torch.float32
     if plan.head_split == "groups":
-        out = torch.cat([outs[j] for j in plan.jobs], dim=1).to(acc)
-        lse = torch.cat([lses[j] for j in plan.jobs], dim=1).squeeze(-1)
-        return out, lse
-    per_pattern_out, per_pattern_lse = [], []
+        out = torch.cat([outs[j] for j in plan.jobs], dim=2).to(acc)
+        lse = torch.cat([lses[j] for j in plan.jobs], dim=2).squeeze(-1)
+        return out.transpose(1, 2), lse.transpose(1, 2)
+    per_out, per_lse = [], []
     for i in range(plan.n_patterns):
         jobs = [j for j in plan.jobs if j.pattern == i]
-        per_pattern_out.append(_interleave_heads([outs[j] for j in jobs], plan.num_heads, 0.0))
-        per_pattern_lse.append(
-            _interleave_heads([lses[j] for j in jobs], plan.num_heads, -math.inf)
+        per_out.append(_interleave_heads([outs[j] for j in jobs], plan.num_heads, 0.0).to(acc))
+        per_lse.append(
+            _interleave_heads([lses[j] for j in jobs], plan.num_heads, -math.inf).squeeze(-1).to(acc)
         )
-    lse_all = torch.stack(per_pattern_lse).squeeze(-1).to(acc)  # (k, B, H, N)
-    lse = torch.logsumexp(lse_all, dim=0)
-    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    weights = torch.exp(lse_all - safe).unsqueeze(-1)
-    out = (weights * torch.stack(per_pattern_out).to(acc)).sum(0)
-    return out, lse
+    out, lse = merge_by_lse(per_out, per_lse)
+    return out.transpose(1, 2), lse.transpose(1, 2)
 
 
 class _DilatedAttention(torch.autograd.Function):
@@ -309,6 +365,9 @@ def dilated_attention(
         scale = 1.0 / math.sqrt(d)
     if n == 0:
         return q.new_zeros(q.shape)
-    plan = make_plan(h, n, seg, rates, head_split)
+    # Large parts get their own call on strided views only with cuDNN (the fast
+    # path, checked on GPU); other kernels get dense batched blocks.
+    small_tiles = SMALL_PART_TILES if choose_kernel(q) == "cudnn" else ALL_PARTS_SMALL
+    plan = make_plan(h, n, seg, rates, head_split, small_tiles)
     blocks = [*gather_calls(plan, q), *gather_calls(plan, k), *gather_calls(plan, v)]
     return _DilatedAttention.apply(plan, bool(is_causal), float(scale), q, *blocks)

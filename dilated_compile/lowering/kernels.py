@@ -66,6 +66,25 @@ def choose_kernel(q: torch.Tensor) -> str:
     return "math"
 
 
+def dense_in_order_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """`t` as a dense tensor whose dimensions are laid out in `ref`'s stride order.
+
+    cuDNN attention's backward silently returns wrong gradients when `out` and
+    `grad_out` are not laid out like the query (seen on an H200, torch 2.11).
+    """
+    order = sorted(range(ref.dim()), key=lambda i: ref.stride(i), reverse=True)
+    if t.is_contiguous() and ref.is_contiguous():
+        return t
+    dense = t.permute(order).contiguous()
+    inverse = [order.index(i) for i in range(ref.dim())]
+    return dense.permute(inverse)
+
+
+def _seq_major(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, M, D) stored as (B, M, H, D): the layout flash and efficient kernels use."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _math_forward(q, k, v, is_causal, scale):
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale
@@ -107,7 +126,8 @@ def block_attention(
             q, k, v, 0.0, is_causal, scale=scale
         )
         return BlockResult(out, lse)
-    if kernel == "flash":
+    if kernel == "flash":  # not the fast path on Hopper: dense inputs, fewest surprises
+        q, k, v = _seq_major(q), _seq_major(k), _seq_major(v)
         res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)
         return BlockResult(res[0], res[1])
     if kernel == "cudnn":
@@ -115,7 +135,8 @@ def block_attention(
             q, k, v, None, True, 0.0, is_causal, False, scale=scale
         )
         return BlockResult(res[0], res[1].reshape(q.shape[:-1]))
-    if kernel == "efficient":
+    if kernel == "efficient":  # the fp32 path
+        q, k, v = _seq_major(q), _seq_major(k), _seq_major(v)
         res = aten._scaled_dot_product_efficient_attention(
             q, k, v, None, True, 0.0, is_causal, scale=scale
         )
@@ -148,6 +169,7 @@ def block_attention_backward(
         )
         return dq, dk, dv
     if kernel == "flash":
+        dout, q, k, v, out = (_seq_major(t) for t in (dout, q, k, v, out))
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
         dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
             dout, q, k, v, out, lse.float().contiguous(), None, None, m, m, 0.0, is_causal,
@@ -155,6 +177,7 @@ def block_attention_backward(
         )
         return dq, dk, dv
     if kernel == "cudnn":
+        dout, out = dense_in_order_of(dout, q), dense_in_order_of(out, q)
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse.float().unsqueeze(-1).contiguous(), seed, seed, None,
@@ -162,6 +185,7 @@ def block_attention_backward(
         )
         return dq, dk, dv
     if kernel == "efficient":
+        dout, q, k, v, out = (_seq_major(t) for t in (dout, q, k, v, out))
         pad = (-m) % 32
         lse_padded = torch.nn.functional.pad(lse.float(), (0, pad)).contiguous()
         seed = torch.zeros((), dtype=torch.int64, device=q.device)

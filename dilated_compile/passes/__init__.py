@@ -22,7 +22,7 @@ def rules_without_sites(policy: Policy, decisions: list[Decision]) -> dict[int, 
     """Warnings for rules that matched no site, by rule index."""
     used = {d.rule.index for d in decisions if d.rule is not None}
     return {
-        r.index: f"rules[{r.index}] {r.match!r} matches no attention site"
+        r.index: f"rules[{r.index}] '{r.match}' matches no attention site"
         for r in policy.rules
         if r.index not in used
     }

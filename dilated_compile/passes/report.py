@@ -45,7 +45,7 @@ class SiteReport:
             attention=became,
             status=d.status,
             reason=d.reason,
-            rule=None if d.rule is None else f"rules[{d.rule.index}] {d.rule.match!r}",
+            rule=None if d.rule is None else f"rules[{d.rule.index}] '{d.rule.match}'",
             shape=s.q_shape,
             dtype=None if s.dtype is None else str(s.dtype).replace("torch.", ""),
             node=s.node.name,

@@ -1,0 +1,46 @@
+"""Plot benchmarks/results/dilated_*.json: ratio to dense SDPA and peak memory against N.
+
+    python benchmarks/plot_dilated.py benchmarks/results/dilated_h200_torch2.11.json
+"""
+
+import json
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main(path: str) -> None:
+    res = json.load(open(path))
+    ns = [row["N"] for row in res["rows"]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for split, color in (("groups", "tab:blue"), ("longnet", "tab:orange")):
+        for mode, style in (("fwd", "-o"), ("fwdbwd", "--s")):
+            ys = [row[split][f"compiled_{mode}_ratio_to_dense"] for row in res["rows"]]
+            ax1.plot(ns, ys, style, color=color, label=f"{split} compiled {mode}")
+        ys = [row[split]["eager_fwd_ratio_to_dense"] for row in res["rows"]]
+        ax1.plot(ns, ys, ":", color=color, label=f"{split} eager fwd")
+        ax2.plot(ns, [row[split]["compiled_fwdbwd_peak_mib"] for row in res["rows"]], "-o",
+                 color=color, label=f"{split} compiled fwd+bwd")
+    ax1.axhline(0.85, color="gray", lw=0.8, ls="-.", label="target fwd 0.85")
+    ax1.axhline(0.70, color="gray", lw=0.8, ls=":", label="target fwd+bwd 0.70")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [f"{n // 1024}k" for n in ns])
+        ax.set_xlabel("sequence length N")
+        ax.legend(fontsize=7)
+    ax1.set_ylabel("useful TFLOP/s / dense SDPA TFLOP/s")
+    ax1.set_ylim(0, 1.05)
+    ax2.set_ylabel("peak memory above inputs (MiB)")
+    fig.suptitle(f"dilated attention, {res['device']}, torch {res['torch']}, bf16, "
+                 f"B=1 H={res['heads']} D={res['head_dim']}", fontsize=9)
+    fig.tight_layout()
+    out = path.replace(".json", ".png")
+    fig.savefig(out, dpi=110)
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
