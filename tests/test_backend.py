@@ -168,3 +168,17 @@ def test_bad_policy_file_surfaces_policy_error(tmp_path):
     path.write_text("version: 1\nrules:\n  - match: a\n    attention: dilatd\n")
     with pytest.raises(Exception, match=r"bad.yaml:4.*did you mean 'dilated'"):
         torch.compile(TinyModel(), backend="dilated", options={"policy": str(path)})(torch.randn(1, 8, 16))
+
+
+def test_eager_function_inside_user_compiled_code():
+    """dilated_attention called from user code under torch.compile: one graph, no warning."""
+    import warnings
+
+    def f(q, k, v):
+        return dilated_attention(q, k, v, (4, 8), (1, 2), head_split="longnet", is_causal=True)
+
+    q, k, v = (torch.randn(1, 3, 19, 8) for _ in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        out = torch.compile(f, backend="inductor", fullgraph=True)(q, k, v)
+    torch.testing.assert_close(out, f(q, k, v), atol=1e-5, rtol=1e-5)

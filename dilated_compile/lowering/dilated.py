@@ -368,6 +368,9 @@ def dilated_attention(
     # Large parts get their own call on strided views only with cuDNN (the fast
     # path, checked on GPU); other kernels get dense batched blocks.
     small_tiles = SMALL_PART_TILES if choose_kernel(q) == "cudnn" else ALL_PARTS_SMALL
-    plan = make_plan(h, n, seg, rates, head_split, small_tiles)
+    # Under Dynamo (user code calling this function inside torch.compile) the
+    # plan is built uncached: Dynamo does not trace through lru_cache cleanly.
+    build = make_plan.__wrapped__ if torch.compiler.is_compiling() else make_plan
+    plan = build(h, n, seg, rates, head_split, small_tiles)
     blocks = [*gather_calls(plan, q), *gather_calls(plan, k), *gather_calls(plan, v)]
     return _DilatedAttention.apply(plan, bool(is_causal), float(scale), q, *blocks)
