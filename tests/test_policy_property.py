@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from dilated_compile.policy import Policy, PolicyError, load_policy
@@ -171,8 +171,11 @@ def _outcome(policy: Any, file: str) -> Policy | PolicyError:
 def _check_dict_and_file(doc: Any, workdir: Path) -> None:
     """Loading `doc` as a dict and as YAML text gives the same outcome."""
     from_dict = _outcome(doc, "<dict>")
-    path = _write(workdir, yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+    text = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
+    path = _write(workdir, text)
     from_file = _outcome(str(path), str(path))
+    if yaml.safe_load(text) != doc:
+        return  # YAML itself changed the document (e.g. a key '\x85' reads back as ' ')
     assert type(from_dict) is type(from_file), (from_dict, from_file)
     if isinstance(from_dict, Policy):
         assert from_dict.digest == from_file.digest
@@ -181,6 +184,7 @@ def _check_dict_and_file(doc: Any, workdir: Path) -> None:
             from_file.key, from_file.message, from_file.expected)
 
 
+@example(doc={"\x85": None})
 @SETTINGS
 @given(doc=st.dictionaries(keys, json_values, max_size=6))
 def test_random_mappings(doc: dict, workdir: Path) -> None:
