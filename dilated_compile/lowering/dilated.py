@@ -270,45 +270,68 @@ def assemble(plan: Plan, out_blocks, lse_blocks, batch: int, like: torch.Tensor)
     return out.transpose(1, 2), lse.transpose(1, 2)
 
 
-class _DilatedAttention(torch.autograd.Function):
-    """Block attention over gathered blocks, spread and merged, as one autograd node.
+def spread_sum(plan: Plan, block_grads: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The (B, H, N, D) sum of block tensors spread back to their positions.
 
-    Inputs are the gathered q/k/v blocks (their gathers are ordinary autograd
-    ops outside); the backward gathers the merged output and log-sum-exp at
-    each block's positions and runs the kernel's backward with them.
+    The adjoint of `gather_calls`: a position used by several patterns gets
+    the sum of their contributions, unused positions 0. Pointwise, so it
+    fuses into one kernel per tensor.
+    """
+    batch = like.shape[0]
+    pieces = spread_jobs(plan, block_grads, batch, 0.0, like)
+    if plan.head_split == "groups":
+        return torch.cat([pieces[j] for j in plan.jobs], dim=2).transpose(1, 2)
+    total = None
+    for i in range(plan.n_patterns):
+        jobs = [j for j in plan.jobs if j.pattern == i]
+        part = _interleave_heads([pieces[j] for j in jobs], plan.num_heads, 0.0)
+        total = part if total is None else total + part
+    return total.transpose(1, 2)
+
+
+class _DilatedAttention(torch.autograd.Function):
+    """Gather, block attention, spread and merge, as one autograd node.
+
+    The backward gathers the merged output and log-sum-exp at each block's
+    positions, runs the kernel's backward with them, and spreads the block
+    gradients back in one pass per tensor (`spread_sum`).
     """
 
     @staticmethod
-    def forward(ctx, plan: Plan, is_causal: bool, scale: float, like: torch.Tensor, *blocks):
-        n = len(plan.calls)
-        qs, ks, vs = blocks[:n], blocks[n : 2 * n], blocks[2 * n :]
-        batch = like.shape[0]
+    def forward(ctx, plan: Plan, is_causal: bool, scale: float, q, k, v):
+        qs, ks, vs = (gather_calls(plan, x) for x in (q, k, v))
         results = [
-            block_attention(q, k, v, is_causal=is_causal, scale=scale)
-            for q, k, v in zip(qs, ks, vs)
+            block_attention(a, b, c, is_causal=is_causal, scale=scale)
+            for a, b, c in zip(qs, ks, vs)
         ]
-        out, lse = assemble(plan, [r.out for r in results], [r.lse for r in results], batch, like)
-        out = out.to(like.dtype)
+        out, lse = assemble(plan, [r.out for r in results], [r.lse for r in results], q.shape[0], q)
+        out = out.to(q.dtype)
         ctx.plan, ctx.is_causal, ctx.scale = plan, is_causal, scale
-        ctx.save_for_backward(out, lse, *blocks)
+        ctx.save_for_backward(q, k, v, out, lse)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        out, lse, *blocks = ctx.saved_tensors
-        plan, n = ctx.plan, len(ctx.plan.calls)
-        qs, ks, vs = blocks[:n], blocks[n : 2 * n], blocks[2 * n :]
+        q, k, v, out, lse = ctx.saved_tensors
+        plan = ctx.plan
+        qs, ks, vs = (gather_calls(plan, x) for x in (q, k, v))
         douts = gather_calls(plan, dout.to(out.dtype))
         outs = gather_calls(plan, out)
         lses = [t.squeeze(-1) for t in gather_calls(plan, lse.unsqueeze(-1))]
         grads = [
             block_attention_backward(
-                d, q, k, v, o, l, is_causal=ctx.is_causal, scale=ctx.scale
+                d, a, b, c, o, l, is_causal=ctx.is_causal, scale=ctx.scale
             )
-            for d, q, k, v, o, l in zip(douts, qs, ks, vs, outs, lses)
+            for d, a, b, c, o, l in zip(douts, qs, ks, vs, outs, lses)
         ]
-        dq, dk, dv = zip(*grads) if grads else ((), (), ())
-        return (None, None, None, None, *dq, *dk, *dv)
+        if not grads:
+            return None, None, None, torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dq, dk, dv = (
+            spread_sum(plan, [t.to(acc) for t in g], q).to(x.dtype)
+            for g, x in zip(zip(*grads), (q, k, v))
+        )
+        return None, None, None, dq, dk, dv
 
 
 def check_dilated_args(
@@ -372,5 +395,4 @@ def dilated_attention(
     # plan is built uncached: Dynamo does not trace through lru_cache cleanly.
     build = make_plan.__wrapped__ if torch.compiler.is_compiling() else make_plan
     plan = build(h, n, seg, rates, head_split, small_tiles)
-    blocks = [*gather_calls(plan, q), *gather_calls(plan, k), *gather_calls(plan, v)]
-    return _DilatedAttention.apply(plan, bool(is_causal), float(scale), q, *blocks)
+    return _DilatedAttention.apply(plan, bool(is_causal), float(scale), q, k, v)
