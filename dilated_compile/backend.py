@@ -8,10 +8,11 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
+from .debug import debug_dir_from, trace_report, write_debug_dir
 from .passes import record, run_passes
 from .policy import Policy, load_policy
 
-OWN_OPTIONS = ("policy", "mode")
+OWN_OPTIONS = ("policy", "mode", "debug_dir")
 # Inductor settings the backend uses unless the options say otherwise: the
 # gathers and spreads around the attention kernels are 4-D and D-contiguous,
 # and N-D tiling lets Triton vectorise along D (measured on an H200: the
@@ -35,8 +36,8 @@ def _inductor_patches(options: dict[str, Any]) -> dict[str, Any]:
             close = difflib.get_close_matches(key, [*OWN_OPTIONS, *known], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(
-                f"backend='dilated': unknown option {key!r}{hint} Options are 'policy', 'mode' "
-                "and any torch._inductor.config setting."
+                f"backend='dilated': unknown option {key!r}{hint} Options are 'policy', 'mode', "
+                "'debug_dir' and any torch._inductor.config setting."
             )
         patches[key] = value
     return patches
@@ -70,4 +71,8 @@ def dilated_backend(
     policy = policy_from_options(options)
     new_gm, report = run_passes(gm, policy)
     record(report)
+    trace_report(report)
+    debug_dir = debug_dir_from(options)
+    if debug_dir:
+        write_debug_dir(report, debug_dir)
     return compile_fx(new_gm, example_inputs, config_patches=patches or None)
