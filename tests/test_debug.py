@@ -1,7 +1,9 @@
 """Seeing what the backend did: command line, debug folder, TORCH_LOGS, structured trace."""
 
 import os
+import shutil
 import subprocess
+import xml.etree.ElementTree as ET
 import sys
 import textwrap
 from pathlib import Path
@@ -34,9 +36,18 @@ def test_explain_command_line(tmp_path):
     diff_added = [l for l in res.stdout.splitlines() if l.startswith("+") and "dilated_attention(" in l]
     assert len(diff_removed) == 3 and len(diff_added) == 3
     (graph,) = tmp_path.iterdir()
-    assert sorted(p.name for p in graph.iterdir()) == ["after.py", "before.py", "diff.patch", "report.txt"]
+    assert sorted(p.name for p in graph.iterdir()) == [
+        "after.py", "attention_after.dot", "attention_after.svg", "attention_before.dot",
+        "attention_before.svg", "before.py", "diff.patch", "report.txt"]
     assert "dilated_compile_lowering_dilated_dilated_attention" in (graph / "after.py").read_text()
     assert "blocks.3.attn" in (graph / "report.txt").read_text()
+    for which in ("before", "after"):
+        svg = ET.parse(graph / f"attention_{which}.svg").getroot()
+        assert svg.tag.endswith("svg") and len(svg.findall("{http://www.w3.org/2000/svg}rect")) > 4
+    before = (graph / "attention_before.dot").read_text()
+    after = (graph / "attention_after.dot").read_text()
+    assert before.count("fillcolor") == 4 and "scaled_dot_product_attention" in before
+    assert after.count("fillcolor") == 4 and after.count("\\ndilated_attention\\n") == 3
 
 
 def test_explain_command_line_errors():
@@ -79,3 +90,16 @@ def test_structured_trace_has_report_and_diff(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     text = "".join(p.read_text() for p in tmp_path.glob("*.log"))
     assert '"name": "dilated_compile_report"' in text and '"name": "dilated_compile_diff"' in text
+
+
+@pytest.mark.skipif(shutil.which("tlparse") is None, reason="tlparse not installed (test extra)")
+def test_tlparse_shows_our_entries(tmp_path):
+    trace, out = tmp_path / "trace", tmp_path / "tl"
+    res = _run(["-c", SCRIPT], env={"TORCH_TRACE": str(trace)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    (log,) = trace.glob("*.log")
+    res = subprocess.run(["tlparse", str(log), "-o", str(out), "--no-browser"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    index = (out / "index.html").read_text()
+    assert "dilated_compile_report" in index and "dilated_compile_diff" in index

@@ -9,7 +9,16 @@ import torch.fx as fx
 
 from ..policy import Policy
 from .decide import Decision, decide
-from .report import GraphReport, Report, SiteReport, graph_code, record, unified_diff
+from ..lowering.dilated import dilated_attention
+from .report import (
+    GraphReport,
+    Report,
+    SiteReport,
+    attention_neighbourhood,
+    graph_code,
+    record,
+    unified_diff,
+)
 from .rewrite import rewrite
 from .sites import Site, find_sites
 
@@ -59,6 +68,12 @@ def run_passes(gm: fx.GraphModule, policy: Policy) -> tuple[fx.GraphModule, Grap
         diff=unified_diff(before, after),
         policy=policy.source,
         left_targeted=left_targeted,
+        drawing_before=attention_neighbourhood(gm, [d.site.node for d in decisions]),
+        drawing_after=attention_neighbourhood(
+            new,
+            [n for n in new.graph.nodes if n.op == "call_function" and n.target is dilated_attention]
+            + [n for n in new.graph.nodes if n.name in {d.site.node.name for d in decisions}],
+        ),
         unused_rules=rules_without_sites(policy, decisions),
     )
     return new, report

@@ -7,6 +7,8 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
+import networkx as nx
+import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
@@ -50,6 +52,38 @@ class SiteReport:
             dtype=None if s.dtype is None else str(s.dtype).replace("torch.", ""),
             node=s.node.name,
         )
+
+
+def _label(node: fx.Node) -> str:
+    if node.op == "call_function":
+        what = getattr(node.target, "__name__", str(node.target))
+    elif node.op == "call_method":
+        what = f".{node.target}()"
+    else:
+        what = node.op
+    val = node.meta.get("example_value")
+    shape = "x".join(map(str, val.shape)) if isinstance(val, torch.Tensor) else ""
+    return "\n".join(x for x in (node.name, what, shape) if x)
+
+
+def attention_neighbourhood(gm: fx.GraphModule, centres: list[fx.Node], hops: int = 3) -> nx.DiGraph:
+    """The nodes within `hops` edges of the attention nodes, as a small networkx graph.
+
+    Node attributes: `label` (name, op, shape) and `attention` (True for the centres).
+    """
+    full = nx.DiGraph()
+    for node in gm.graph.nodes:
+        full.add_node(node.name, label=_label(node), attention=False)
+        for user in node.users:
+            full.add_edge(node.name, user.name)
+    keep: set[str] = set()
+    undirected = full.to_undirected(as_view=True)
+    for centre in centres:
+        keep |= set(nx.single_source_shortest_path_length(undirected, centre.name, cutoff=hops))
+    sub = full.subgraph(keep).copy()
+    for centre in centres:
+        sub.nodes[centre.name]["attention"] = True
+    return sub
 
 
 def graph_code(gm: fx.GraphModule) -> str:
@@ -103,6 +137,8 @@ class GraphReport:
     diff: str  # unified diff of the two
     policy: str  # the policy's source (path or '<dict>')
     left_targeted: list[str] = field(default_factory=list)  # sites a rule wanted but left
+    drawing_before: nx.DiGraph | None = None  # attention neighbourhood before the rewrite
+    drawing_after: nx.DiGraph | None = None  # and after
     unused_rules: dict[int, str] = field(default_factory=dict)  # rule index -> warning
 
     @property
