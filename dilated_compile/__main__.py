@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .cost import format_costs
 from .debug import write_graph_files
 from .explain import explain
 
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         inputs = example_inputs(model, args.batch, args.seq_len)
     report = explain(model, *inputs, policy=args.policy)
     print(report)
+    print()
+    print("cost model (forward FLOPs; N = sequence length):")
+    print(format_costs(report.sites))
     print()
     print(report.diff)
     if args.out:

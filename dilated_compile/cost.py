@@ -235,3 +235,43 @@ def predicted_ratio(original: Cost, rewritten: Cost, n: int) -> float:
     if before == 0:
         raise ZeroDivisionError(f"original cost has 0 FLOPs at N={n}")
     return after / before
+
+
+_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+
+
+def site_costs(site) -> tuple[Cost, Cost] | None:
+    """(original, rewritten) costs of a site report whose shape is known, else None.
+
+    The rewritten cost equals the original for sites that were not rewritten
+    into dilated attention.
+    """
+    if site.shape is None or len(site.shape) != 4 or not all(isinstance(x, int) for x in site.shape):
+        return None
+    b, h, _, d = site.shape
+    nbytes = _DTYPE_BYTES.get(site.dtype or "", 2)
+    causal = bool(site.is_causal)
+    original = dense_cost(b, h, d, is_causal=causal, dtype_bytes=nbytes)
+    if site.dilated is None:
+        return original, original
+    seg, rates, head_split = site.dilated
+    rewritten = dilated_cost(b, h, d, seg, rates, head_split=head_split, is_causal=causal, dtype_bytes=nbytes)
+    return original, rewritten
+
+
+def format_costs(sites) -> str:
+    """A table: per site, FLOPs as expressions in N, their values at the site's N, the ratio."""
+    rows = [("module", "N", "original FLOPs", "rewritten FLOPs", "at N: original", "rewritten", "ratio")]
+    for site in sites:
+        costs = site_costs(site)
+        if costs is None:
+            continue
+        n = site.shape[2]
+        original, rewritten = costs
+        (fo, _), (fr, _) = original.at(n), rewritten.at(n)
+        text = str(rewritten.flops)
+        rows.append((site.module or "<root>", str(n), str(original.flops),
+                     text if len(text) <= 60 else text[:57] + "...",
+                     f"{fo:.3e}", f"{fr:.3e}", f"{fr / fo:.4f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

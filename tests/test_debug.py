@@ -28,10 +28,14 @@ def test_explain_command_line(tmp_path):
     res = _run(["-m", "dilated_compile", "explain", f"{EXAMPLE}:make_model", "--policy", str(LONGNET),
                 "--seq-len", "512", "--batch", "2", "--out", str(tmp_path)])
     assert res.returncode == 0, res.stderr[-2000:]
-    rows = {line.split()[0]: line for line in res.stdout.splitlines() if line.startswith("blocks.")}
+    table = res.stdout.split("cost model")[0]
+    rows = {line.split()[0]: line for line in table.splitlines() if line.startswith("blocks.")}
     assert set(rows) == {f"blocks.{i}.attn" for i in range(4)}
     assert "dense (unchanged)" in rows["blocks.0.attn"]
     assert all("rewritten  dilated longnet" in rows[f"blocks.{i}.attn"] for i in (1, 2, 3))
+    cost_rows = {l.split()[0]: l.split() for l in res.stdout.split("cost model")[1].splitlines()[2:6]}
+    assert float(cost_rows["blocks.0.attn"][-1]) == 1.0  # dense, unchanged
+    assert all(0 < float(cost_rows[f"blocks.{i}.attn"][-1]) < 0.5 for i in (1, 2, 3))
     diff_removed = [l for l in res.stdout.splitlines() if l.startswith("-") and "scaled_dot_product_attention(" in l]
     diff_added = [l for l in res.stdout.splitlines() if l.startswith("+") and "dilated_attention(" in l]
     assert len(diff_removed) == 3 and len(diff_added) == 3

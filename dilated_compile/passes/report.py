@@ -30,6 +30,8 @@ class SiteReport:
     shape: tuple | None  # query shape (batch, heads, seq, head_dim)
     dtype: str | None
     node: str  # FX node name of the original site
+    is_causal: bool | None = None  # the site's causal flag, when constant
+    dilated: tuple | None = None  # (segment_lengths, dilation_rates, head_split) when rewritten so
 
     @classmethod
     def from_decision(cls, d: Decision) -> "SiteReport":
@@ -51,6 +53,12 @@ class SiteReport:
             shape=s.q_shape,
             dtype=None if s.dtype is None else str(s.dtype).replace("torch.", ""),
             node=s.node.name,
+            is_causal=s.args.get("is_causal") if isinstance(s.args.get("is_causal"), bool) else None,
+            dilated=(
+                (d.rule.dilated.segment_lengths, d.rule.dilated.dilation_rates, d.rule.dilated.head_split)
+                if d.attention == "dilated"
+                else None
+            ),
         )
 
 
