@@ -4,6 +4,7 @@
 """
 
 import json
+import os
 import sys
 
 import matplotlib
@@ -12,8 +13,33 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+GROUPS = ([2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16])
+LONGNET = ([2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12])
+
+
+def cost_model_vs_measured(res) -> str:
+    """The cost model's predicted FLOPs ratio (dilated / dense) next to the
+    measured forward time ratio (compiled dilated / dense SDPA) of a run."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from dilated_compile.cost import dense_cost, dilated_cost
+
+    lines = ["| N | split | predicted FLOPs ratio | measured fwd time ratio | measured / predicted |",
+             "|---|---|---|---|---|"]
+    h, d = res["heads"], res["head_dim"]
+    for row in res["rows"]:
+        n = row["N"]
+        dense = dense_cost(1, h, d, is_causal=False, dtype_bytes=2).at(n)[0]
+        for split, (seg, rates) in (("groups", GROUPS), ("longnet", LONGNET)):
+            cost = dilated_cost(1, h, d, seg, rates, head_split=split, is_causal=False, dtype_bytes=2)
+            predicted = cost.at(n)[0] / dense
+            measured = row[split]["compiled_fwd_ms"] / row["dense_fwd_ms"]
+            lines.append(f"| {n // 1024}k | {split} | {predicted:.4f} | {measured:.4f} | {measured / predicted:.2f} |")
+    return "\n".join(lines)
+
+
 def main(path: str) -> None:
     res = json.load(open(path))
+    print(cost_model_vs_measured(res))
     ns = [row["N"] for row in res["rows"]]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for split, color in (("groups", "tab:blue"), ("longnet", "tab:orange")):
