@@ -171,19 +171,16 @@ def _io_bytes(batch: int, heads: int, head_dim: int, dtype_bytes: int) -> sympy.
     return dtype_bytes * batch * heads * head_dim * 4 * N
 
 
+def _check_sizes(batch: int, heads: int, head_dim: int, dtype_bytes: int) -> tuple[int, ...]:
+    names = ("batch", "heads", "head_dim", "dtype_bytes")
+    return tuple(_check_positive_int(n, v) for n, v in zip(names, (batch, heads, head_dim, dtype_bytes)))
+
+
 def dense_cost(
     batch: int, heads: int, head_dim: int, *, is_causal: bool, dtype_bytes: int
 ) -> Cost:
     """Ordinary attention: ``4 * D * B * H * N**2`` FLOPs (half plus the diagonal when causal)."""
-    batch, heads, head_dim, dtype_bytes = (
-        _check_positive_int(name, v)
-        for name, v in (
-            ("batch", batch),
-            ("heads", heads),
-            ("head_dim", head_dim),
-            ("dtype_bytes", dtype_bytes),
-        )
-    )
+    batch, heads, head_dim, dtype_bytes = _check_sizes(batch, heads, head_dim, dtype_bytes)
     flops = 4 * head_dim * batch * heads * _dense_pairs(is_causal)
     return Cost(flops=sympy.expand(flops), memory=_io_bytes(batch, heads, head_dim, dtype_bytes))
 
@@ -206,15 +203,7 @@ def dilated_cost(
     by the merge (``8 * batch * head_dim`` bytes per selected position, summed
     over heads and patterns).
     """
-    batch, heads, head_dim, dtype_bytes = (
-        _check_positive_int(name, v)
-        for name, v in (
-            ("batch", batch),
-            ("heads", heads),
-            ("head_dim", head_dim),
-            ("dtype_bytes", dtype_bytes),
-        )
-    )
+    batch, heads, head_dim, dtype_bytes = _check_sizes(batch, heads, head_dim, dtype_bytes)
     ws, rs = _check_patterns(segment_lengths, dilation_rates)
     uses = _uses(heads, ws, rs, head_split)
     pairs = attended_pairs(heads, ws, rs, head_split=head_split, is_causal=is_causal)
