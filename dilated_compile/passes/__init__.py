@@ -37,6 +37,18 @@ def rules_without_sites(policy: Policy, decisions: list[Decision]) -> dict[int, 
     }
 
 
+def _attention_nodes(gm: fx.GraphModule, decisions: list[Decision]) -> list[fx.Node]:
+    """The attention nodes of a rewritten graph: new dilated calls and the sites left as they were."""
+    kept = {(d.site.graph, d.site.node.name) for d in decisions if d.attention != "dilated"}
+    nodes = []
+    for path, module in gm.named_modules():
+        if isinstance(module, fx.GraphModule):
+            for n in module.graph.nodes:
+                if (n.op == "call_function" and n.target is dilated_attention) or (path, n.name) in kept:
+                    nodes.append(n)
+    return nodes
+
+
 def run_passes(gm: fx.GraphModule, policy: Policy) -> tuple[fx.GraphModule, GraphReport]:
     """Rewrite the sites `policy` selects in a copy of `gm`; return it and its report.
 
@@ -69,11 +81,7 @@ def run_passes(gm: fx.GraphModule, policy: Policy) -> tuple[fx.GraphModule, Grap
         policy=policy.source,
         left_targeted=left_targeted,
         drawing_before=attention_neighbourhood(gm, [d.site.node for d in decisions]),
-        drawing_after=attention_neighbourhood(
-            new,
-            [n for n in new.graph.nodes if n.op == "call_function" and n.target is dilated_attention]
-            + [n for n in new.graph.nodes if n.name in {d.site.node.name for d in decisions}],
-        ),
+        drawing_after=attention_neighbourhood(new, _attention_nodes(new, decisions)),
         unused_rules=rules_without_sites(policy, decisions),
     )
     return new, report

@@ -80,17 +80,24 @@ def attention_neighbourhood(gm: fx.GraphModule, centres: list[fx.Node], hops: in
     Node attributes: `label` (name, op, shape) and `attention` (True for the centres).
     """
     full = nx.DiGraph()
-    for node in gm.graph.nodes:
-        full.add_node(node.name, label=_label(node), attention=False)
-        for user in node.users:
-            full.add_edge(node.name, user.name)
+    key: dict[fx.Node, str] = {}
+    for path, module in gm.named_modules():
+        if not isinstance(module, fx.GraphModule):
+            continue
+        for node in module.graph.nodes:  # nested graphs' nodes are named "path/name"
+            key[node] = f"{path}/{node.name}" if path else node.name
+        for node in module.graph.nodes:
+            full.add_node(key[node], label=_label(node), attention=False)
+            for user in node.users:
+                full.add_edge(key[node], key[user])
+    centre_keys = [key[c] for c in centres if c in key]
     keep: set[str] = set()
     undirected = full.to_undirected(as_view=True)
-    for centre in centres:
-        keep |= set(nx.single_source_shortest_path_length(undirected, centre.name, cutoff=hops))
+    for centre in centre_keys:
+        keep |= set(nx.single_source_shortest_path_length(undirected, centre, cutoff=hops))
     sub = full.subgraph(keep).copy()
-    for centre in centres:
-        sub.nodes[centre.name]["attention"] = True
+    for centre in centre_keys:
+        sub.nodes[centre]["attention"] = True
     return sub
 
 

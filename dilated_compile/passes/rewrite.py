@@ -15,12 +15,16 @@ from .decide import Decision
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule with a copied graph, sharing `gm`'s submodules and attributes."""
+    """A new GraphModule with copied graphs (its own and nested ones), sharing
+    `gm`'s other submodules and attributes."""
     graph = fx.Graph()
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
     new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     new.meta.update(getattr(gm, "meta", {}))
+    for name, child in list(new.named_children()):
+        if isinstance(child, fx.GraphModule):
+            setattr(new, name, copy_graph_module(child))
     return new
 
 
@@ -39,17 +43,20 @@ def rewrite(gm: fx.GraphModule, decisions: list[Decision]) -> fx.GraphModule:
     `gm` must be the graph the decisions' sites were found in; it is not changed.
     """
     new = copy_graph_module(gm)
-    by_name = {n.name: n for n in new.graph.nodes}
     for d in decisions:
         if d.status != "rewritten" or d.attention != "dilated":
             continue
+        module = new.get_submodule(d.site.graph) if d.site.graph else new
+        by_name = {n.name: n for n in module.graph.nodes}
         old = by_name[d.site.node.name]
         qkv = tuple(by_name[x.name] for x in (d.site.q, d.site.k, d.site.v))
-        with new.graph.inserting_before(old):
-            node = _dilated_call(new.graph, qkv, d)
+        with module.graph.inserting_before(old):
+            node = _dilated_call(module.graph, qkv, d)
         node.meta = dict(old.meta)
         old.replace_all_uses_with(node)
-        new.graph.erase_node(old)
-    new.graph.lint()
-    new.recompile()
+        module.graph.erase_node(old)
+    for _, module in new.named_modules():
+        if isinstance(module, fx.GraphModule):
+            module.graph.lint()
+            module.recompile()
     return new

@@ -36,6 +36,7 @@ class Site:
     v_shape: tuple | None = None
     dtype: torch.dtype | None = None
     device: str | None = None
+    graph: str = ""  # path of the (sub)graph module holding the node, "" for the top graph
 
     @property
     def key_len(self):
@@ -47,7 +48,7 @@ class Site:
 
 
 _FQN_PARTS = (
-    (re.compile(r"^L\['[^']*'\]\.?"), ""),  # L['self'] -> root
+    (re.compile(r"^[LG]\['[^']*'\]\.?"), ""),  # L['self'] (or a global G['m']) -> root
     (re.compile(r"\._modules\['([^']*)'\]"), r".\1"),
     (re.compile(r"\['([^']*)'\]"), r".\1"),
     (re.compile(r"\[(\d+)\]"), r".\1"),
@@ -92,10 +93,19 @@ def _sdpa_site(node: fx.Node) -> Site:
     )
 
 
+def graph_modules(gm: fx.GraphModule) -> list[tuple[str, fx.GraphModule]]:
+    """`gm` and every GraphModule nested in it (bodies of higher-order ops such
+    as activation checkpointing), with their paths ("" for `gm`)."""
+    return [(name, m) for name, m in gm.named_modules() if isinstance(m, fx.GraphModule)]
+
+
 def find_sites(gm: fx.GraphModule) -> list[Site]:
-    """Every attention site in `gm`, in graph order."""
+    """Every attention site in `gm` and its nested graphs, in graph order."""
     sites = []
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in SDPA_TARGETS:
-            sites.append(_sdpa_site(node))
+    for path, module in graph_modules(gm):
+        for node in module.graph.nodes:
+            if node.op == "call_function" and node.target in SDPA_TARGETS:
+                site = _sdpa_site(node)
+                site.graph = path
+                sites.append(site)
     return sites
