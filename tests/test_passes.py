@@ -101,7 +101,7 @@ class Custom(nn.Module):
         if self.kind == "dropout":
             return F.scaled_dot_product_attention(q, k, v, dropout_p=0.1 if self.training else 0.0)
         if self.kind == "gqa":
-            return F.scaled_dot_product_attention(q, k[:, :2], v[:, :2], enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k[:, :2], v[:, :2], enable_gqa=True, is_causal=True)
         raise ValueError(self.kind)
 
 
@@ -111,7 +111,6 @@ class Custom(nn.Module):
         ("mask", "attn_mask"),
         ("cross", "query length 12 != key length 5"),
         ("dropout", "dropout is active"),
-        ("gqa", "grouped-query"),
     ],
 )
 def test_left_alone_with_reason_and_unchanged_output(kind, reason):
@@ -161,3 +160,22 @@ def test_explain_does_not_count_or_record():
     dilated_compile.clear_reports()
     explain(TinyModel(), torch.randn(1, 20, 16), policy=policy(dilated_rule()))
     assert dilated_compile.reports() == [] and counters["dilated"]["rewritten"] == 0
+
+
+def test_grouped_query_attention_is_rewritten_exactly():
+    """enable_gqa: each key/value head serves H/Hkv query heads; the rewrite
+    repeats them and is then exactly dilated attention of the repeated heads."""
+    from dilated_compile import dilated_attention
+
+    module = Custom("gqa")
+    q, k, v = (torch.randn(1, 4, 12, 8) for _ in range(3))
+    pol = policy(dilated_rule(match="**", seg=(4, 8), rates=(1, 2), head_split="longnet"))
+    report = explain(module, q, k, v, policy=pol)
+    assert report.sites[0].status == "rewritten"
+    added = [l for l in report.diff.splitlines() if l.startswith("+") and ".repeat_interleave(" in l]
+    assert len(added) == 2
+    torch._dynamo.reset()
+    out = torch.compile(module, backend="dilated", options={"policy": pol})(q, k, v)
+    kr, vr = (t[:, :2].repeat_interleave(2, dim=1) for t in (k, v))
+    expected = dilated_attention(q, kr, vr, (4, 8), (1, 2), head_split="longnet", is_causal=True)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -54,10 +54,13 @@ def why_not_exact(site: Site) -> str | None:
         return "is_causal is not a constant"
     if a["scale"] is not None and not isinstance(a["scale"], (int, float)):
         return "scale is not a constant"
-    if site.q_shape[1] != site.k_shape[1] or site.k_shape[1] != site.v_shape[1]:
+    hq, hk, hv = site.q_shape[1], site.k_shape[1], site.v_shape[1]
+    if hk != hv:
+        return f"key heads {hk} != value heads {hv}"
+    if hq != hk and not (a["enable_gqa"] is True and hq % hk == 0):
         return (
-            f"query heads {site.q_shape[1]} != key/value heads {site.k_shape[1]} "
-            "(grouped-query attention is not rewritten yet)"
+            f"query heads {hq} != key/value heads {hk} without enable_gqa=True "
+            "(or not a multiple of them)"
         )
     if site.q_shape[0] != site.k_shape[0] or site.k_shape[:3] != site.v_shape[:3]:
         return f"q/k/v batch or length differ: {site.q_shape}, {site.k_shape}, {site.v_shape}"

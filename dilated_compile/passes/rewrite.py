@@ -37,6 +37,22 @@ def _dilated_call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision)
     )
 
 
+def _expand_kv_heads(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision):
+    """Grouped-query attention (enable_gqa): key/value head j serves query heads
+    j*g .. j*g+g-1, so repeat each k/v head g times along the head dimension."""
+    q, k, v = qkv
+    hq, hk = decision.site.q_shape[1], decision.site.k_shape[1]
+    if hq == hk:
+        return qkv
+    groups = hq // hk
+    expanded = []
+    for x in (k, v):
+        node = graph.call_method("repeat_interleave", (x, groups), {"dim": 1})
+        node.meta = {key: val for key, val in x.meta.items() if key != "example_value"}
+        expanded.append(node)
+    return (q, *expanded)
+
+
 def rewrite(gm: fx.GraphModule, decisions: list[Decision]) -> fx.GraphModule:
     """`gm` with every site decided as dilated replaced by dilated attention.
 
@@ -51,6 +67,7 @@ def rewrite(gm: fx.GraphModule, decisions: list[Decision]) -> fx.GraphModule:
         old = by_name[d.site.node.name]
         qkv = tuple(by_name[x.name] for x in (d.site.q, d.site.k, d.site.v))
         with module.graph.inserting_before(old):
+            qkv = _expand_kv_heads(module.graph, qkv, d)
             node = _dilated_call(module.graph, qkv, d)
         node.meta = dict(old.meta)
         old.replace_all_uses_with(node)
