@@ -25,6 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from dilated_compile import dilated_attention  # noqa: E402
+from dilated_compile.cost import dense_cost, dilated_cost  # noqa: E402
 from dilated_compile.lowering.dilated import make_plan  # noqa: E402
 
 GROUPS = dict(segment_lengths=[2048, 4096, 8192, 16384, 32768], dilation_rates=[1, 2, 4, 8, 16])
@@ -167,6 +168,13 @@ def run(args):
                 r["seed_compiled_fwdbwd_ms"] = bench(
                     lambda: seed_c(qs, ks, vs, seg, rates), grad_of=(qs, ks, vs)
                 )
+            # the cost model's prediction next to the measurement
+            predicted = (
+                dilated_cost(1, h, d, seg, rates, head_split=name, is_causal=False, dtype_bytes=2).at(n)[0]
+                / dense_cost(1, h, d, is_causal=False, dtype_bytes=2).at(n)[0]
+            )
+            r["predicted_flops_ratio"] = predicted
+            r["measured_fwd_time_ratio"] = r["compiled_fwd_ms"] / row["dense_fwd_ms"]
             row[name] = r
             print(json.dumps({"N": n, name: {k2: round(v2, 3) for k2, v2 in r.items()}}), flush=True)
         results["rows"].append(row)

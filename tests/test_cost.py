@@ -151,3 +151,21 @@ def test_bad_arguments():
         attended_pairs(4, (0,), (1,), head_split="groups", is_causal=False)
     with pytest.raises(ValueError):
         dense_cost(1, 1, 8, is_causal=False, dtype_bytes=2).at(0)
+
+
+@pytest.mark.parametrize("head_split,rates", [("groups", (1, 2, 4, 8, 16)), ("longnet", (1, 2, 4, 6, 12))])
+@pytest.mark.parametrize("n", [32768, 65536 + 4097, 131072])
+def test_cost_model_matches_the_benchmarks_count_of_kernel_work(head_split, rates, n):
+    """Two independent counts: the cost model's expression, and the pairs the
+    lowering's plan gives its kernels (what benchmarks/bench_dilated.py reports)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_dilated.py"
+    spec = importlib.util.spec_from_file_location("bench_dilated", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    seg = (2048, 4096, 8192, 16384, 32768)
+    pairs = bench.attended_pairs(16, n, seg, rates, head_split, False)
+    model = attended_pairs(16, seg, rates, head_split=head_split, is_causal=False)
+    assert int(model.subs(N, n)) == pairs
