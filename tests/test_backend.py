@@ -230,3 +230,25 @@ def test_sites_inside_activation_checkpointing_train_like_eager():
         restore(saved)
     assert counters["dilated"]["rewritten"] == 2 and counters["dilated"]["left"] == 0
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
+def test_training_loop_at_fixed_shape_compiles_once(monkeypatch):
+    """20 optimizer steps: one graph, no recompile (Dynamo raises on any), loss goes down."""
+    torch.manual_seed(0)
+    model = TinyModel(heads=(5, 3))
+    x, target = torch.randn(2, 40, 16), torch.randn(2, 40, 16)
+    pol = policy(dilated_rule(seg=(8, 16, 32), rates=(1, 2, 4), head_split="longnet"))
+    compiled = torch.compile(model, backend="dilated", options={"policy": pol})
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(20):
+        loss = (compiled(x) - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+        if step == 0:
+            monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert counters["dilated"]["rewritten"] == 2
+    assert losses[-1] < losses[0]
