@@ -232,7 +232,7 @@ def test_sites_inside_activation_checkpointing_train_like_eager():
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
 
-def test_training_loop_at_fixed_shape_compiles_once(monkeypatch):
+def test_training_loop_at_fixed_shape_compiles_once():
     """20 optimizer steps: one graph, no recompile (Dynamo raises on any), loss goes down."""
     torch.manual_seed(0)
     model = TinyModel(heads=(5, 3))
@@ -240,15 +240,17 @@ def test_training_loop_at_fixed_shape_compiles_once(monkeypatch):
     pol = policy(dilated_rule(seg=(8, 16, 32), rates=(1, 2, 4), head_split="longnet"))
     compiled = torch.compile(model, backend="dilated", options={"policy": pol})
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for step in range(20):
+
+    def step():
         loss = (compiled(x) - target).pow(2).mean()
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(loss.item())
-        if step == 0:
-            monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+        return loss.item()
+
+    losses = [step()]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        losses += [step() for _ in range(19)]
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     assert counters["dilated"]["rewritten"] == 2
     assert losses[-1] < losses[0]
