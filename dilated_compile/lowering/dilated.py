@@ -1,17 +1,17 @@
 """Dilated attention (shared/SPEC.md section 3), forward and backward.
 
 Each (pattern, offset) picks, inside every segment of w positions, the
-positions o, o+r, o+2r, ...: a strided view of the sequence. Those views are
-gathered into dense blocks (one row of blocks per segment and head), every
-block of the same length goes into one `block_attention` call, and the
-results are spread back to their positions. With ``head_split="longnet"`` a
-head uses every pattern and the patterns' results are merged by log-sum-exp;
-with ``"groups"`` a head uses one pattern and no merge is needed.
+positions o, o+r, o+2r, ...: a strided view of the sequence. A part large
+enough to fill a GPU is one `block_attention` call on that view (no copy
+where the strides allow); small parts of the same length are copied into one
+batched call. The results are spread back to their positions. With
+``head_split="longnet"`` a head uses every pattern and the patterns' results
+are merged by log-sum-exp; with ``"groups"`` a head uses one pattern and no
+merge is needed.
 
 Everything here is shape arithmetic on views, `cat`, `pad` and pointwise ops,
-so under Inductor the gathers become one copy kernel per call and the spread
-and merge one fused pointwise kernel; the attention itself runs in the fused
-kernel `block_attention` picks.
+so under Inductor the spread and merge become fused pointwise kernels; the
+attention itself runs in the fused kernel `block_attention` picks.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .kernels import block_attention, block_attention_backward, choose_kernel
+from .kernels import accumulation_dtype, block_attention, block_attention_backward, choose_kernel
 
 HEAD_SPLITS = ("groups", "longnet")
 
@@ -104,7 +104,7 @@ def make_plan(
     segment_lengths: tuple[int, ...],
     dilation_rates: tuple[int, ...],
     head_split: str,
-    small_part_tiles: int = None,
+    small_part_tiles: int | None = None,
 ) -> Plan:
     """The parts and kernel calls of a dilated attention over these shapes.
 
@@ -222,6 +222,20 @@ def _interleave_heads(per_offset: list[torch.Tensor], num_heads: int, fill: floa
     return stacked.flatten(2, 3)[:, :, :num_heads]
 
 
+def heads_in_order(plan: Plan, pieces: dict[Job, torch.Tensor], fill: float) -> list[torch.Tensor]:
+    """Per head set's (B, N, heads, X) tensors -> the (B, N, H, X) tensors to combine.
+
+    ``groups``: one tensor, the head sets side by side. ``longnet``: one tensor
+    per pattern, its offsets' heads interleaved back into order.
+    """
+    if plan.head_split == "groups":
+        return [torch.cat([pieces[j] for j in plan.jobs], dim=2)]
+    return [
+        _interleave_heads([pieces[j] for j in plan.jobs if j.pattern == i], plan.num_heads, fill)
+        for i in range(plan.n_patterns)
+    ]
+
+
 def merge_by_lse(outs: list[torch.Tensor], lses: list[torch.Tensor]):
     """One softmax over the union of the patterns' keys: (out, lse) from partials.
 
@@ -255,18 +269,12 @@ def assemble(plan: Plan, out_blocks, lse_blocks, batch: int, like: torch.Tensor)
     acc = lse_blocks[0].dtype if lse_blocks else torch.float32
     outs = spread_jobs(plan, out_blocks, batch, 0.0, like)
     lses = spread_jobs(plan, [l.unsqueeze(-1) for l in lse_blocks], batch, -math.inf, like)
-    if plan.head_split == "groups":
-        out = torch.cat([outs[j] for j in plan.jobs], dim=2).to(acc)
-        lse = torch.cat([lses[j] for j in plan.jobs], dim=2).squeeze(-1)
-        return out.transpose(1, 2), lse.transpose(1, 2)
-    per_out, per_lse = [], []
-    for i in range(plan.n_patterns):
-        jobs = [j for j in plan.jobs if j.pattern == i]
-        per_out.append(_interleave_heads([outs[j] for j in jobs], plan.num_heads, 0.0).to(acc))
-        per_lse.append(
-            _interleave_heads([lses[j] for j in jobs], plan.num_heads, -math.inf).squeeze(-1).to(acc)
-        )
-    out, lse = merge_by_lse(per_out, per_lse)
+    per_out = [t.to(acc) for t in heads_in_order(plan, outs, 0.0)]
+    per_lse = [t.squeeze(-1).to(acc) for t in heads_in_order(plan, lses, -math.inf)]
+    if plan.head_split == "groups":  # one pattern per head: nothing to merge
+        out, lse = per_out[0], per_lse[0]
+    else:
+        out, lse = merge_by_lse(per_out, per_lse)
     return out.transpose(1, 2), lse.transpose(1, 2)
 
 
@@ -277,15 +285,10 @@ def spread_sum(plan: Plan, block_grads: Sequence[torch.Tensor], like: torch.Tens
     the sum of their contributions, unused positions 0. Pointwise, so it
     fuses into one kernel per tensor.
     """
-    batch = like.shape[0]
-    pieces = spread_jobs(plan, block_grads, batch, 0.0, like)
-    if plan.head_split == "groups":
-        return torch.cat([pieces[j] for j in plan.jobs], dim=2).transpose(1, 2)
-    total = None
-    for i in range(plan.n_patterns):
-        jobs = [j for j in plan.jobs if j.pattern == i]
-        part = _interleave_heads([pieces[j] for j in jobs], plan.num_heads, 0.0)
-        total = part if total is None else total + part
+    per_pattern = heads_in_order(plan, spread_jobs(plan, block_grads, like.shape[0], 0.0, like), 0.0)
+    total = per_pattern[0]
+    for part in per_pattern[1:]:
+        total = total + part
     return total.transpose(1, 2)
 
 
@@ -326,7 +329,7 @@ class _DilatedAttention(torch.autograd.Function):
         ]
         if not grads:
             return None, None, None, torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(q)
         dq, dk, dv = (
             spread_sum(plan, [t.to(acc) for t in g], q).to(x.dtype)
             for g, x in zip(zip(*grads), (q, k, v))

@@ -85,26 +85,33 @@ def _seq_major(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def _math_forward(q, k, v, is_causal, scale):
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+def accumulation_dtype(q: torch.Tensor) -> torch.dtype:
+    """float64 for float64 inputs, else float32: the dtype of log-sum-exps and sums."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _math_scores(q, k, is_causal, scale):
+    """Scaled scores in the accumulation dtype, -inf above the diagonal when causal."""
+    acc = accumulation_dtype(q)
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale
     if is_causal:
         m = q.shape[-2]
         keep = torch.ones(m, m, dtype=torch.bool, device=q.device).tril()
         s = s.masked_fill(~keep, float("-inf"))
+    return s
+
+
+def _math_forward(q, k, v, is_causal, scale):
+    s = _math_scores(q, k, is_causal, scale)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.unsqueeze(-1))
-    return torch.matmul(p, v.to(acc)).to(q.dtype), lse
+    return torch.matmul(p, v.to(s.dtype)).to(q.dtype), lse
 
 
 def _math_backward(dout, q, k, v, out, lse, is_causal, scale):
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q)
     qa, ka, va, da = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
-    s = torch.matmul(qa, ka.transpose(-2, -1)) * scale
-    if is_causal:
-        m = q.shape[-2]
-        keep = torch.ones(m, m, dtype=torch.bool, device=q.device).tril()
-        s = s.masked_fill(~keep, float("-inf"))
+    s = _math_scores(q, k, is_causal, scale)
     p = torch.exp(s - lse.to(acc).unsqueeze(-1))
     dv = torch.matmul(p.transpose(-2, -1), da)
     dp = torch.matmul(da, va.transpose(-2, -1))
@@ -165,7 +172,7 @@ def block_attention_backward(
     out = out.to(q.dtype)
     if kernel == "cpu":
         dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse.to(_lse_dtype(q)), 0.0, is_causal, scale=scale
+            dout, q, k, v, out, lse.to(accumulation_dtype(q)), 0.0, is_causal, scale=scale
         )
         return dq, dk, dv
     if kernel == "flash":
@@ -195,7 +202,3 @@ def block_attention_backward(
         )
         return dq, dk, dv
     return _math_backward(dout, q, k, v, out, lse, is_causal, scale)
-
-
-def _lse_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -20,7 +20,7 @@ from .report import (
     unified_diff,
 )
 from .rewrite import rewrite
-from .sites import Site, find_sites
+from .sites import Site, find_sites, graph_modules
 
 
 class RewriteError(RuntimeError):
@@ -41,11 +41,10 @@ def _attention_nodes(gm: fx.GraphModule, decisions: list[Decision]) -> list[fx.N
     """The attention nodes of a rewritten graph: new dilated calls and the sites left as they were."""
     kept = {(d.site.graph, d.site.node.name) for d in decisions if d.attention != "dilated"}
     nodes = []
-    for path, module in gm.named_modules():
-        if isinstance(module, fx.GraphModule):
-            for n in module.graph.nodes:
-                if (n.op == "call_function" and n.target is dilated_attention) or (path, n.name) in kept:
-                    nodes.append(n)
+    for path, module in graph_modules(gm):
+        for n in module.graph.nodes:
+            if (n.op == "call_function" and n.target is dilated_attention) or (path, n.name) in kept:
+                nodes.append(n)
     return nodes
 
 

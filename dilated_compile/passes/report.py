@@ -13,6 +13,7 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from .decide import Decision
+from .sites import graph_modules
 
 log = logging.getLogger("dilated_compile")
 
@@ -81,9 +82,7 @@ def attention_neighbourhood(gm: fx.GraphModule, centres: list[fx.Node], hops: in
     """
     full = nx.DiGraph()
     key: dict[fx.Node, str] = {}
-    for path, module in gm.named_modules():
-        if not isinstance(module, fx.GraphModule):
-            continue
+    for path, module in graph_modules(gm):
         for node in module.graph.nodes:  # nested graphs' nodes are named "path/name"
             key[node] = f"{path}/{node.name}" if path else node.name
         for node in module.graph.nodes:

@@ -12,6 +12,7 @@ import torch.fx as fx
 
 from ..lowering.dilated import dilated_attention
 from .decide import Decision
+from .sites import graph_modules
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -72,8 +73,7 @@ def rewrite(gm: fx.GraphModule, decisions: list[Decision]) -> fx.GraphModule:
         node.meta = dict(old.meta)
         old.replace_all_uses_with(node)
         module.graph.erase_node(old)
-    for _, module in new.named_modules():
-        if isinstance(module, fx.GraphModule):
-            module.graph.lint()
-            module.recompile()
+    for _, module in graph_modules(new):
+        module.graph.lint()
+        module.recompile()
     return new
