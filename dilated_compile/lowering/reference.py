@@ -108,3 +108,59 @@ def dilated_reference(
         q.shape[1], q.shape[2], segment_lengths, dilation_rates, head_split, is_causal
     )
     return attention_with_counts(q, k, v, count, scale)
+
+
+def block_sparse_counts(
+    batch: int, num_heads: int, n: int, block_size: int, pattern, is_causal: bool
+) -> torch.Tensor:
+    """(B, H, N, N) 0/1 matrix of block-sparse attention (SPEC section 4).
+
+    Key j is allowed for query i when the pattern allows the pair (key block
+    j // b for query block i // b, or the mask_mod at token level) and, if
+    causal, j <= i on global positions.
+    """
+    from .block_patterns import as_pattern, evaluate_mask_mod, load_mask_mod
+
+    pattern = as_pattern(pattern, block_size)
+    pos = torch.arange(n)
+    if pattern.kind == "mask_mod":
+        user = load_mask_mod(pattern.function)
+        allowed = evaluate_mask_mod(user, batch, num_heads, pos, pos)
+    else:
+        nb = -(-n // block_size)
+        blocks = torch.tensor(
+            [[_block_allowed(pattern, qb, kb) for kb in range(nb)] for qb in range(nb)],
+            dtype=torch.bool,
+        ).reshape(nb, nb)
+        allowed = blocks[pos // block_size][:, pos // block_size].expand(batch, num_heads, n, n)
+    if is_causal:
+        allowed = allowed & (pos[None, :] <= pos[:, None])
+    return allowed.to(torch.int64)
+
+
+def _block_allowed(pattern, qb: int, kb: int) -> bool:
+    """SPEC section 4, one (query block, key block) pair at a time."""
+    near = abs(qb - kb) <= pattern.window
+    if pattern.kind == "local_window":
+        return near
+    if pattern.kind == "dilated":
+        return near or (qb - kb) % pattern.stride == 0
+    if pattern.kind == "global_local":
+        return near or qb < pattern.global_blocks or kb < pattern.global_blocks
+    raise ValueError(f"unknown block pattern kind {pattern.kind!r}")
+
+
+def block_sparse_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int,
+    pattern,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Block-sparse attention in float64, straight from the definition."""
+    b, h, n, _ = q.shape
+    count = block_sparse_counts(b, h, n, block_size, pattern, is_causal)
+    return attention_with_counts(q, k, v, count, scale)

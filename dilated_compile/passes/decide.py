@@ -92,6 +92,4 @@ def decide(site: Site, policy: Policy) -> Decision:
         return _left(site, rule, problem, True)
     if rule.ring is not None:
         return _left(site, rule, "ring attention is not implemented yet", True)
-    if rule.attention == "block_sparse":
-        return _left(site, rule, "block_sparse attention is not implemented yet", True)
-    return Decision(site, rule, "rewritten", "dilated", None, True)
+    return Decision(site, rule, "rewritten", rule.attention, None, True)

@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
+from ..lowering.block_patterns import density
 from .decide import Decision
 from .sites import graph_modules
 
@@ -44,6 +45,8 @@ class SiteReport:
                 f"dilated {spec.head_split} w={list(spec.segment_lengths)} "
                 f"r={list(spec.dilation_rates)}"
             )
+        elif d.attention == "block_sparse":
+            became = _block_sparse_text(d.rule.block_sparse, s.key_len)
         return cls(
             module=s.module,
             form=s.form,
@@ -61,6 +64,14 @@ class SiteReport:
                 else None
             ),
         )
+
+
+def _block_sparse_text(spec, n) -> str:
+    """e.g. ``block_sparse b=128 local_window(window=2), 5.9% of blocks``."""
+    text = f"block_sparse {spec.describe()}"
+    if spec.pattern.kind != "mask_mod" and isinstance(n, int) and n > 0:
+        text += f", {100 * density(spec.pattern, spec.block_size, n):.3g}% of blocks"
+    return text
 
 
 def _label(node: fx.Node) -> str:

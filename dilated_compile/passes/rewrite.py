@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from dataclasses import asdict
+
+from ..lowering.block_sparse import block_sparse_attention
 from ..lowering.dilated import dilated_attention
 from .decide import Decision
 from .sites import graph_modules
@@ -38,6 +41,25 @@ def _dilated_call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision)
     )
 
 
+def _block_sparse_call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision) -> fx.Node:
+    spec, args = decision.rule.block_sparse, decision.site.args
+    pattern = {key: val for key, val in asdict(spec.pattern).items() if val is not None}
+    return graph.call_function(
+        block_sparse_attention,
+        args=qkv,
+        kwargs={
+            "block_size": spec.block_size,
+            "pattern": pattern,
+            "is_causal": args["is_causal"],
+            "scale": args["scale"],
+        },
+    )
+
+
+# What a rewritten site becomes, by the decision's `attention`.
+_CALLS = {"dilated": _dilated_call, "block_sparse": _block_sparse_call}
+
+
 def _expand_kv_heads(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision):
     """Grouped-query attention (enable_gqa): key/value head j serves query heads
     j*g .. j*g+g-1, so repeat each k/v head g times along the head dimension."""
@@ -55,13 +77,13 @@ def _expand_kv_heads(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decisi
 
 
 def rewrite(gm: fx.GraphModule, decisions: list[Decision]) -> fx.GraphModule:
-    """`gm` with every site decided as dilated replaced by dilated attention.
+    """`gm` with every rewritten site replaced by the attention its rule asks for.
 
     `gm` must be the graph the decisions' sites were found in; it is not changed.
     """
     new = copy_graph_module(gm)
     for d in decisions:
-        if d.status != "rewritten" or d.attention != "dilated":
+        if d.status != "rewritten" or d.attention not in _CALLS:
             continue
         module = new.get_submodule(d.site.graph) if d.site.graph else new
         by_name = {n.name: n for n in module.graph.nodes}
@@ -69,7 +91,7 @@ def rewrite(gm: fx.GraphModule, decisions: list[Decision]) -> fx.GraphModule:
         qkv = tuple(by_name[x.name] for x in (d.site.q, d.site.k, d.site.v))
         with module.graph.inserting_before(old):
             qkv = _expand_kv_heads(module.graph, qkv, d)
-            node = _dilated_call(module.graph, qkv, d)
+            node = _CALLS[d.attention](module.graph, qkv, d)
         node.meta = dict(old.meta)
         old.replace_all_uses_with(node)
         module.graph.erase_node(old)

@@ -1,0 +1,176 @@
+"""Block-sparse attention on GPU: FlexAttention with a BlockMask.
+
+FlexAttention decides sparsity per TILE x TILE tile (128 tokens): a tile is
+skipped, run without a mask (full) or run with the token-level mask_mod
+(partial). For the built-in patterns the class of every tile follows in
+closed form from the range of block distances it covers, so the BlockMask is
+a few small tensor ops in O((N/128)^2), built inside the compiled graph. A
+user mask_mod is evaluated once per shape (in chunks of query tiles) and its
+tile classes become constants of the graph.
+
+Exactness never depends on the classification being tight: every tile that
+is not certainly full runs the token-level mask_mod.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from ..policy import BlockPattern
+from .block_patterns import evaluate_mask_mod, load_mask_mod, token_mask_mod
+from .constants import graph_constant, outside_tracing
+
+TILE = 128  # FlexAttention's default sparse block size
+
+
+def _floor_div(a: torch.Tensor, b: int) -> torch.Tensor:
+    return torch.div(a, b, rounding_mode="floor")
+
+
+def _has_multiple(lo: torch.Tensor, hi: torch.Tensor, s: int) -> torch.Tensor:
+    """Whether the integer range [lo, hi] contains a multiple of s."""
+    return _floor_div(hi, s) * s >= lo
+
+
+def _only_multiples(lo: torch.Tensor, hi: torch.Tensor, s: int) -> torch.Tensor:
+    """Whether every integer in [lo, hi] (possibly empty) is a multiple of s."""
+    if s == 1:
+        return torch.ones_like(lo, dtype=torch.bool)
+    return (lo > hi) | ((lo == hi) & (torch.remainder(lo, s) == 0))
+
+
+def _local_any_all(qlo, qhi, klo, khi, w):
+    dmin, dmax = qlo - khi, qhi - klo
+    return (dmin <= w) & (dmax >= -w), (dmin >= -w) & (dmax <= w)
+
+
+def tile_classes(
+    pattern: BlockPattern, block_size: int, n: int, is_causal: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(any, full): (nt, nt) bool per TILE x TILE tile of a built-in pattern:
+    whether some token pair in it is allowed, whether all are."""
+    nt = -(-n // TILE)
+    t = torch.arange(nt, device=device)
+    lo = (t * TILE) // block_size
+    hi = (torch.clamp((t + 1) * TILE, max=n) - 1) // block_size
+    qlo, qhi, klo, khi = lo[:, None], hi[:, None], lo[None, :], hi[None, :]
+    w = pattern.window
+    any_, all_ = _local_any_all(qlo, qhi, klo, khi, w)
+    if pattern.kind == "dilated":
+        s = pattern.stride
+        dmin, dmax = qlo - khi, qhi - klo
+        any_ = any_ | _has_multiple(dmin, dmax, s) | _has_multiple(-dmax, -dmin, s)
+        above = _only_multiples(torch.clamp(dmin, min=w + 1), dmax, s)
+        below = _only_multiples(dmin, torch.clamp(dmax, max=-w - 1), s)
+        all_ = above & below
+    elif pattern.kind == "global_local":
+        g = pattern.global_blocks
+        any_ = any_ | (qlo < g) | (klo < g)
+        _, rest_local = _local_any_all(torch.clamp(qlo, min=g), qhi, torch.clamp(klo, min=g), khi, w)
+        all_ = (qhi < g) | (khi < g) | rest_local
+    if is_causal:
+        any_ = any_ & (t[None, :] <= t[:, None])
+        all_ = all_ & (t[None, :] < t[:, None])
+    return any_, all_ & any_
+
+
+def _mask_mod_tile_classes(
+    pattern: BlockPattern, n: int, batch: int, heads: int, is_causal: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(any, full): (batch, heads, nt, nt) bool for a user mask_mod, evaluated
+    on every token pair, 8 * TILE query rows at a time. Pairs past the end of
+    the sequence count as neither allowed nor disallowed."""
+    mask_mod = token_mask_mod(pattern, 1, is_causal)
+    nt = -(-n // TILE)
+    kv = torch.arange(nt * TILE, device=device)
+    any_rows, all_rows = [], []
+    for start in range(0, nt * TILE, 8 * TILE):
+        q = torch.arange(start, min(start + 8 * TILE, nt * TILE), device=device)
+        allowed = evaluate_mask_mod(
+            mask_mod, batch, heads, q.clamp(max=n - 1), kv.clamp(max=n - 1)
+        )
+        inside = (q < n)[:, None] & (kv < n)[None, :]
+        shape = (batch, heads, -1, TILE, nt, TILE)
+        any_rows.append((allowed & inside).reshape(shape).any(dim=5).any(dim=3))
+        all_rows.append((allowed | ~inside).reshape(shape).all(dim=5).all(dim=3))
+    return torch.cat(any_rows, dim=2), torch.cat(all_rows, dim=2)
+
+
+def _ordered(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count, indices) in BlockMask form: the selected columns first, per row."""
+    count = selected.sum(dim=-1, dtype=torch.int32)
+    indices = torch.argsort(selected.to(torch.int8), dim=-1, descending=True, stable=True)
+    return count, indices.to(torch.int32)
+
+
+def _block_mask(any_: torch.Tensor, full: torch.Tensor, mask_mod, n: int) -> BlockMask:
+    while any_.dim() < 4:
+        any_, full = any_[None], full[None]
+    kv_num, kv_idx = _ordered(any_ & ~full)
+    full_num, full_idx = _ordered(full)
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=TILE, mask_mod=mask_mod, seq_lengths=(n, n)
+    )
+
+
+def build_block_mask(
+    pattern: BlockPattern,
+    block_size: int,
+    n: int,
+    batch: int,
+    heads: int,
+    is_causal: bool,
+    device: torch.device,
+) -> BlockMask:
+    """The BlockMask of the pattern for sequence length n (uncached; traceable)."""
+    mask_mod = token_mask_mod(pattern, block_size, is_causal)
+    if pattern.kind == "mask_mod":
+        with outside_tracing():
+            any_, full = _mask_mod_tile_classes(pattern, n, batch, heads, is_causal, device)
+        any_, full = graph_constant(any_), graph_constant(full)
+    else:
+        any_, full = tile_classes(pattern, block_size, n, is_causal, device)
+    return _block_mask(any_, full, mask_mod, n)
+
+
+@lru_cache(maxsize=32)
+def cached_block_mask(
+    pattern: BlockPattern,
+    block_size: int,
+    n: int,
+    batch: int,
+    heads: int,
+    is_causal: bool,
+    device: torch.device,
+) -> BlockMask:
+    """`build_block_mask`, kept for eager calls: keyed by everything that
+    determines the mask, at most 32 entries."""
+    return build_block_mask(pattern, block_size, n, batch, heads, is_causal, device)
+
+
+@lru_cache(maxsize=1)
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_block_sparse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: BlockPattern,
+    block_size: int,
+    is_causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """Block-sparse attention through FlexAttention (CUDA)."""
+    b, h, n, _ = q.shape
+    mask_b = b if pattern.kind == "mask_mod" else 1
+    mask_h = h if pattern.kind == "mask_mod" else 1
+    if torch.compiler.is_compiling():
+        block_mask = build_block_mask(pattern, block_size, n, mask_b, mask_h, is_causal, q.device)
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+    block_mask = cached_block_mask(pattern, block_size, n, mask_b, mask_h, is_causal, q.device)
+    return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)

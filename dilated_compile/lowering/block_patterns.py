@@ -1,0 +1,126 @@
+"""Block-sparse patterns (SPEC section 4) as predicates on block and token indices.
+
+One definition of each pattern, `blocks_active`, written with tensor ops on
+(broadcast) block indices. Everything else is derived from it: the token-level
+`mask_mod` FlexAttention evaluates, the CPU lowering's key-block lists, the
+float64 reference and the pictures in the README.
+"""
+
+from __future__ import annotations
+
+import importlib
+import weakref
+from collections.abc import Callable, Mapping
+from functools import lru_cache
+
+import torch
+
+from ..policy import BlockPattern, PolicyError, load_policy
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+BUILTIN_KINDS = ("local_window", "dilated", "global_local")
+
+
+def as_pattern(pattern: BlockPattern | Mapping | Callable, block_size: int) -> BlockPattern:
+    """A validated `BlockPattern` from a policy object, a mapping written like the
+    policy's ``pattern:`` entry, or a mask_mod callable."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+    if isinstance(pattern, BlockPattern):
+        return pattern
+    if callable(pattern):
+        name = f"{getattr(pattern, '__module__', '?')}:{getattr(pattern, '__qualname__', '?')}#{id(pattern)}"
+        _CALLABLES[name] = pattern
+        return BlockPattern(kind="mask_mod", function=name)
+    if isinstance(pattern, Mapping):
+        rule = {"match": "*", "attention": "block_sparse", "block_size": block_size, "pattern": dict(pattern)}
+        try:
+            policy = load_policy({"version": 1, "rules": [rule]})
+        except PolicyError as exc:
+            raise ValueError(f"pattern {dict(pattern)!r}: {exc}") from None
+        return policy.rules[0].block_sparse.pattern
+    raise TypeError(
+        f"pattern must be a BlockPattern, a mapping like {{'kind': 'local_window', 'window': 2}} "
+        f"or a mask_mod callable, got {type(pattern).__name__}"
+    )
+
+
+# mask_mod callables given directly (not by import path), by the name in their
+# BlockPattern; weak, so a dropped callable is not kept alive.
+_CALLABLES: weakref.WeakValueDictionary[str, Callable] = weakref.WeakValueDictionary()
+
+
+def load_mask_mod(function: str) -> MaskMod:
+    """The callable a ``package.module:name`` string names."""
+    if function in _CALLABLES:
+        return _CALLABLES[function]
+    module_name, _, attr_path = function.partition(":")
+    target = importlib.import_module(module_name)
+    for attr in attr_path.split("."):
+        target = getattr(target, attr)
+    return target
+
+
+def blocks_active(pattern: BlockPattern, qb: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
+    """Whether key block `kb` is active for query block `qb` (built-in kinds; broadcasts)."""
+    d = qb - kb
+    local = d.abs() <= pattern.window
+    if pattern.kind == "local_window":
+        return local
+    if pattern.kind == "dilated":
+        return local | (d.abs() % pattern.stride == 0)
+    if pattern.kind == "global_local":
+        g = pattern.global_blocks
+        return local | (qb < g) | (kb < g)
+    raise ValueError(f"blocks_active: pattern kind {pattern.kind!r} is not a block-level pattern")
+
+
+def token_mask_mod(pattern: BlockPattern, block_size: int, is_causal: bool) -> MaskMod:
+    """The pattern as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` on global
+    token positions, causal applied per token."""
+    if pattern.kind == "mask_mod":
+        user = load_mask_mod(pattern.function)
+
+        def allowed(b, h, q_idx, kv_idx):
+            return user(b, h, q_idx, kv_idx)
+    else:
+
+        def allowed(b, h, q_idx, kv_idx):
+            return blocks_active(pattern, q_idx // block_size, kv_idx // block_size)
+
+    if not is_causal:
+        return allowed
+
+    def causal_allowed(b, h, q_idx, kv_idx):
+        return allowed(b, h, q_idx, kv_idx) & (kv_idx <= q_idx)
+
+    return causal_allowed
+
+
+def evaluate_mask_mod(
+    mask_mod: MaskMod, batch: int, heads: int, q_idx: torch.Tensor, kv_idx: torch.Tensor
+) -> torch.Tensor:
+    """(batch, heads, len(q_idx), len(kv_idx)) bool: `mask_mod` on every pair,
+    vectorised with vmap the way FlexAttention evaluates it."""
+    fn = mask_mod
+    for dims in ((None, None, None, 0), (None, None, 0, None), (None, 0, None, None), (0, None, None, None)):
+        fn = torch.vmap(fn, in_dims=dims, out_dims=0)
+    device = q_idx.device
+    b = torch.arange(batch, device=device)
+    h = torch.arange(heads, device=device)
+    return fn(b, h, q_idx, kv_idx).to(torch.bool)
+
+
+@lru_cache(maxsize=32)
+def block_layout(pattern: BlockPattern, block_size: int, n: int) -> torch.Tensor:
+    """(nb, nb) bool block layout of a built-in pattern for sequence length n (CPU)."""
+    nb = -(-n // block_size)
+    idx = torch.arange(nb)
+    return blocks_active(pattern, idx[:, None], idx[None, :])
+
+
+def density(pattern: BlockPattern, block_size: int, n: int) -> float:
+    """Fraction of (query block, key block) pairs that are active (non-causal)."""
+    layout = block_layout(pattern, block_size, n)
+    return float(layout.float().mean()) if layout.numel() else 0.0
