@@ -21,7 +21,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ..policy import BlockPattern
 from .block_patterns import evaluate_mask_mod, load_mask_mod, token_mask_mod
-from .constants import graph_constant, outside_tracing
+from .constants import aot_tracing, graph_constant, outside_tracing
 
 TILE = 128  # FlexAttention's default sparse block size
 
@@ -169,7 +169,7 @@ def flex_block_sparse(
     b, h, n, _ = q.shape
     mask_b = b if pattern.kind == "mask_mod" else 1
     mask_h = h if pattern.kind == "mask_mod" else 1
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_dynamo_compiling() or aot_tracing():
         block_mask = build_block_mask(pattern, block_size, n, mask_b, mask_h, is_causal, q.device)
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
     block_mask = cached_block_mask(pattern, block_size, n, mask_b, mask_h, is_causal, q.device)

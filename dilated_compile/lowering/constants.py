@@ -17,18 +17,26 @@ import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
 
-def _aot_tracing() -> bool:
-    return torch.compiler.is_compiling() and not torch.compiler.is_dynamo_compiling()
+def aot_tracing() -> bool:
+    """Whether a graph is being traced below Dynamo (AOTAutograd / make_fx):
+    tensors are fake, and anything computed from them lands in the graph.
+
+    ``torch.compiler.is_compiling()`` says so on torch 2.13 but not on 2.11,
+    so an active fake mode counts too.
+    """
+    if torch.compiler.is_dynamo_compiling():
+        return False
+    return torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None
 
 
 def outside_tracing() -> contextlib.AbstractContextManager:
     """Context in which tensors are real, even while a graph is being traced."""
-    return _disable_current_modes() if _aot_tracing() else contextlib.nullcontext()
+    return _disable_current_modes() if aot_tracing() else contextlib.nullcontext()
 
 
 def graph_constant(t: torch.Tensor) -> torch.Tensor:
     """`t` (real, made under `outside_tracing`) as a value usable in the traced graph."""
-    if not _aot_tracing():
+    if not aot_tracing():
         return t
     with _disable_current_modes():
         values = t.cpu().numpy()
