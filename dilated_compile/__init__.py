@@ -8,6 +8,8 @@ callable directly (`dilated_attention`), with a float64 reference beside it.
 """
 
 from .lowering.dilated import dilated_attention
+from .lowering.ring import ring_attention
+from .sharding import register_group, shard, unshard
 from .lowering.reference import dense_reference, dilated_reference
 from .passes import Report, RewriteError
 from .passes.report import clear_reports, reports
@@ -38,5 +40,9 @@ __all__ = [
     "dilated_reference",
     "explain",
     "load_policy",
+    "register_group",
     "reports",
+    "ring_attention",
+    "shard",
+    "unshard",
 ]

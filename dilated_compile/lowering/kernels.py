@@ -168,7 +168,7 @@ def block_attention_backward(
     queries: the gradient then is that of one softmax over all of their keys.
     """
     kernel = choose_kernel(q)
-    m = q.shape[-2]
+    m, mk = q.shape[-2], k.shape[-2]  # differ in a ring's off-diagonal blocks
     out = out.to(q.dtype)
     if kernel == "cpu":
         dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -179,7 +179,7 @@ def block_attention_backward(
         dout, q, k, v, out = (_seq_major(t) for t in (dout, q, k, v, out))
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
         dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse.float().contiguous(), None, None, m, m, 0.0, is_causal,
+            dout, q, k, v, out, lse.float().contiguous(), None, None, m, mk, 0.0, is_causal,
             seed, seed, scale=scale,
         )
         return dq, dk, dv
@@ -188,7 +188,7 @@ def block_attention_backward(
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse.float().unsqueeze(-1).contiguous(), seed, seed, None,
-            None, None, m, m, 0.0, is_causal, scale=scale,
+            None, None, m, mk, 0.0, is_causal, scale=scale,
         )
         return dq, dk, dv
     if kernel == "efficient":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..policy import Policy
+from ..sharding import check_same_on_all_ranks
 from .decide import Decision, decide
 from ..lowering.dilated import dilated_attention
 from .report import (
@@ -48,12 +49,31 @@ def _attention_nodes(gm: fx.GraphModule, decisions: list[Decision]) -> list[fx.N
     return nodes
 
 
+def check_rings_agree(decisions: list[Decision], policy: Policy) -> None:
+    """Raise on every rank unless all ranks of each ring's group compile the same
+    policy and the same ring sites (shapes, dtype, what they became).
+
+    One collective per process group, at compile time, before any graph runs:
+    a mismatch is an error message, not a hang in the first ring step.
+    """
+    by_group: dict[str, list] = {}
+    for d in decisions:
+        if d.ring is not None and d.ring.world_size > 1:
+            entry = (d.site.module, d.site.q_shape, d.site.k_shape, str(d.site.dtype), d.status, d.reason)
+            by_group.setdefault(d.rule.ring.group or "", []).append(entry)
+    for group, sites in sorted(by_group.items()):
+        check_same_on_all_ranks(
+            (policy.digest, tuple(sites)), "policy and ring attention sites", group or None
+        )
+
+
 def run_passes(gm: fx.GraphModule, policy: Policy) -> tuple[fx.GraphModule, GraphReport]:
     """Rewrite the sites `policy` selects in a copy of `gm`; return it and its report.
 
     Raises RewriteError when the policy is strict and a targeted site is left.
     """
     decisions = [decide(site, policy) for site in find_sites(gm)]
+    check_rings_agree(decisions, policy)
     if policy.strict:
         failed = [d for d in decisions if d.targeted and d.status == "left"]
         if failed:

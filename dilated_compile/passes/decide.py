@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..lowering.ring import check_dilated_local, check_local_shape
 from ..policy import Policy, Rule
+from ..sharding import RingInfo, ring_info
 from .sites import Site
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -28,6 +30,7 @@ class Decision:
     attention: str | None  # what it became, e.g. "dilated", None when left
     reason: str | None  # why it was left, else None
     targeted: bool  # a rule asked for a rewrite
+    ring: RingInfo | None = None  # the ring the site runs over (world size 1: runs locally)
 
 
 def _is_int(x) -> bool:
@@ -75,21 +78,47 @@ def _left(site, rule, reason, targeted) -> Decision:
     return Decision(site, rule, "left", None, reason, targeted)
 
 
+def _why_no_ring(site: Site, rule: Rule, ring: RingInfo) -> str | None:
+    """Why the site cannot run as a ring over `ring`, or None if it can."""
+    if ring.world_size == 1:
+        return None
+    if rule.attention == "block_sparse":
+        return "ring attention with inner block_sparse is not implemented yet"
+    try:
+        check_local_shape(site.query_len, rule.ring.layout, ring.world_size)
+        if rule.attention == "dilated":
+            check_dilated_local(
+                rule.dilated.segment_lengths, site.query_len, rule.ring.layout, ring.world_size
+            )
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def decide(site: Site, policy: Policy) -> Decision:
-    """The decision for one site: first matching rule, length threshold, exactness."""
+    """The decision for one site: first matching rule, length threshold, exactness.
+
+    Under a ring rule the site holds one rank's shard: lengths in the policy
+    (min_seq_len) are compared with the global length, shard x world size.
+    """
     rule = policy.rule_for(site.module)
     if rule is None:
         return _left(site, None, f"no rule matches module '{site.module}'", False)
+    ring = ring_info(rule.ring.group) if rule.ring is not None else None
     n = site.key_len
+    if _is_int(n) and ring is not None:
+        n = n * ring.world_size
     if _is_int(n) and n < rule.min_seq_len:
         return _left(
             site, rule, f"key length {n} < min_seq_len {rule.min_seq_len} of rules[{rule.index}]", False
         )
-    if rule.attention == "dense" and rule.ring is None:
-        return Decision(site, rule, "rewritten", "dense (unchanged)", None, True)
+    if rule.attention == "dense" and (ring is None or ring.world_size == 1):
+        return Decision(site, rule, "rewritten", "dense (unchanged)", None, True, ring)
     problem = why_not_exact(site)
+    if problem is None and ring is not None:
+        problem = _why_no_ring(site, rule, ring)
     if problem is not None:
         return _left(site, rule, problem, True)
-    if rule.ring is not None:
-        return _left(site, rule, "ring attention is not implemented yet", True)
-    return Decision(site, rule, "rewritten", rule.attention, None, True)
+    if ring is not None and ring.world_size > 1:
+        return Decision(site, rule, "rewritten", "ring", None, True, ring)
+    return Decision(site, rule, "rewritten", rule.attention, None, True, ring)

@@ -38,15 +38,7 @@ class SiteReport:
     @classmethod
     def from_decision(cls, d: Decision) -> "SiteReport":
         s = d.site
-        became = d.attention
-        if d.attention == "dilated":
-            spec = d.rule.dilated
-            became = (
-                f"dilated {spec.head_split} w={list(spec.segment_lengths)} "
-                f"r={list(spec.dilation_rates)}"
-            )
-        elif d.attention == "block_sparse":
-            became = _block_sparse_text(d.rule.block_sparse, s.key_len)
+        became = _became(d)
         return cls(
             module=s.module,
             form=s.form,
@@ -60,10 +52,33 @@ class SiteReport:
             is_causal=s.args.get("is_causal") if isinstance(s.args.get("is_causal"), bool) else None,
             dilated=(
                 (d.rule.dilated.segment_lengths, d.rule.dilated.dilation_rates, d.rule.dilated.head_split)
-                if d.attention == "dilated"
+                if d.attention == "dilated" or (d.attention == "ring" and d.rule.attention == "dilated")
                 else None
             ),
         )
+
+
+def _became(d: Decision) -> str | None:
+    """What the site became, in words, e.g. ``ring zigzag over 4 ranks, inner dense``."""
+    if d.status != "rewritten":
+        return None
+    kind = d.rule.attention
+    if kind == "dilated":
+        spec = d.rule.dilated
+        text = f"dilated {spec.head_split} w={list(spec.segment_lengths)} r={list(spec.dilation_rates)}"
+    elif kind == "block_sparse":
+        n = d.site.key_len
+        if d.ring is not None and isinstance(n, int):
+            n *= d.ring.world_size
+        text = _block_sparse_text(d.rule.block_sparse, n)
+    else:  # dense: unchanged, or the inner attention of a ring
+        text = "dense" if d.attention == "ring" else d.attention
+    if d.ring is None:
+        return text
+    if d.ring.world_size == 1:
+        return f"{text}; ring: world size 1, runs locally"
+    group = d.rule.ring.group or "world"
+    return f"ring {d.rule.ring.layout} over {d.ring.world_size} ranks ({group}), inner {text}"
 
 
 def _block_sparse_text(spec, n) -> str:

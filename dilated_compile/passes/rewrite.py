@@ -14,6 +14,7 @@ from dataclasses import asdict
 
 from ..lowering.block_sparse import block_sparse_attention
 from ..lowering.dilated import dilated_attention
+from ..lowering.ring import ring_attention_local
 from .decide import Decision
 from .sites import graph_modules
 
@@ -56,8 +57,29 @@ def _block_sparse_call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Deci
     )
 
 
+def _ring_call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision) -> fx.Node:
+    rule, args, ring = decision.rule, decision.site.args, decision.ring
+    kwargs = {
+        "world_size": ring.world_size,
+        "rank": ring.rank,
+        "group_name": ring.group_name,
+        "inner": rule.attention,
+        "layout": rule.ring.layout,
+        "is_causal": args["is_causal"],
+        "scale": args["scale"],
+    }
+    if rule.attention == "dilated":
+        spec = rule.dilated
+        kwargs.update(
+            segment_lengths=spec.segment_lengths,
+            dilation_rates=spec.dilation_rates,
+            head_split=spec.head_split,
+        )
+    return graph.call_function(ring_attention_local, args=qkv, kwargs=kwargs)
+
+
 # What a rewritten site becomes, by the decision's `attention`.
-_CALLS = {"dilated": _dilated_call, "block_sparse": _block_sparse_call}
+_CALLS = {"dilated": _dilated_call, "block_sparse": _block_sparse_call, "ring": _ring_call}
 
 
 def _expand_kv_heads(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision):

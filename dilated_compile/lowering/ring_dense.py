@@ -1,0 +1,282 @@
+"""Dense ring attention, forward and backward (SPEC section 5).
+
+Each rank holds one shard of q, k, v (``(batch, heads, n, head_dim)``). At
+step s = 0..W-1 rank r holds the key/value shard of rank ``(r - s) mod W``:
+shards move one rank along the ring per step (rank r sends to r+1) through
+functional collectives (``_c10d_functional.all_to_all_single`` +
+``wait_tensor``), so a traced graph contains them and Inductor can overlap
+each transfer with the attention of the step it is issued in (the transfer
+for step s+1 is issued before step s computes).
+
+The attention of this rank's queries with one shard is one `block_attention`
+call (a `Call`, fixed by layout, causality and the two ranks; none where
+causality masks everything); partials merge by log-sum-exp. The backward
+runs the ring again; each call's backward uses the *merged* output and
+log-sum-exp. Key/value gradients travel with the shards, as in
+ring-flash-attention: the packet a rank sends at step s holds the
+key/values for step s+1 and the gradient accumulator of the shard it worked
+on at step s-1 (in the accumulation dtype, both as bytes of one buffer);
+after W hops every accumulator is back at its owner.
+
+Why one packet per step, and why every transfer carries real data: each
+rank's graph differs (ranks skip different work), and graph passes treat
+collectives as ordinary ops. A collective whose result a rank does not use
+is removed as dead code by AOTAutograd's partitioner, one that depends only
+on forward inputs may be moved from the backward graph to the forward one,
+identical ones are merged by CSE, and independent ones may be reordered by
+Inductor's memory-planning sort - on some ranks and not others, which
+deadlocks the ring. So every collective here feeds the next one through
+real data (a strict chain, so any topological order keeps their order),
+the backward's first one depends on the output gradient, and the last
+received tensor is tied to the result (`tie`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from .dilated import merge_by_lse
+from .kernels import accumulation_dtype, block_attention, block_attention_backward
+
+c10d_ops = torch.ops._c10d_functional
+
+
+@dataclass(frozen=True)
+class Call:
+    """One block attention: query rows [q0, q1) with key/value rows [k0, k1) of a shard."""
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    causal: bool
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Everything about one rank's dense ring that depends only on shapes and setup."""
+
+    world_size: int
+    rank: int
+    n: int  # local shard length
+    layout: str
+    is_causal: bool
+
+    def source(self, step: int, rank: int | None = None) -> int:
+        """Whose key/value shard `rank` (default: this one) holds at `step`."""
+        r = self.rank if rank is None else rank
+        return (r - step) % self.world_size
+
+    def calls(self, rank: int, source: int) -> tuple[Call, ...]:
+        """The block attentions of `rank`'s queries with `source`'s keys and values."""
+        return pair_calls(self.layout, self.is_causal, self.n, rank, source)
+
+
+def pair_calls(layout: str, is_causal: bool, n: int, rank: int, source: int) -> tuple[Call, ...]:
+    """Calls of rank `rank`'s n queries against rank `source`'s n keys (global-position causal)."""
+    if not is_causal:
+        return (Call(0, n, 0, n, False),)
+    if source == rank:  # each layout keeps a rank's positions increasing
+        return (Call(0, n, 0, n, True),)
+    if layout == "contiguous":
+        return (Call(0, n, 0, n, False),) if source < rank else ()
+    half = n // 2  # zigzag: chunks (rank, 2W-1-rank); see module docstring of ring.py
+    if source < rank:  # every query sees the source's first chunk, none its second
+        return (Call(0, n, 0, half, False),)
+    return (Call(half, n, 0, n, False),)  # only the second query chunk sees the source
+
+
+@lru_cache(maxsize=256)
+def make_schedule(world_size: int, rank: int, n: int, layout: str, is_causal: bool) -> Schedule:
+    """The (cached) schedule of one rank's ring."""
+    return Schedule(world_size, rank, n, layout, is_causal)
+
+
+# --------------------------------------------------------------------------
+# collectives
+
+
+def shift(x: torch.Tensor, world_size: int, rank: int, group_name: str) -> torch.Tensor:
+    """Issue: send `x` to rank+1, receive the same-shaped tensor from rank-1 (not yet waited)."""
+    flat = x.reshape(-1)
+    send = [0] * world_size
+    recv = [0] * world_size
+    send[(rank + 1) % world_size] = flat.numel()
+    recv[(rank - 1) % world_size] = flat.numel()
+    return c10d_ops.all_to_all_single(flat, recv, send, group_name)
+
+
+def wait(t: torch.Tensor) -> torch.Tensor:
+    """The received tensor, once the collective that produces it is done."""
+    return c10d_ops.wait_tensor(t)
+
+
+def tie(x: torch.Tensor, others: list[torch.Tensor]) -> torch.Tensor:
+    """`x` with its value unchanged but a data dependency on each of `others`.
+
+    Adds the sum of an empty slice (0, whatever the data, NaN included).
+    Keeps a received tensor that a rank does not otherwise use from being
+    removed as dead code, and keeps a backward collective in the backward graph.
+    """
+    for t in others:
+        x = x + t.reshape(-1)[:0].sum().to(x.dtype)
+    return x
+
+
+def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Tensors of any dtypes as one flat uint8 buffer (widest dtype first keeps views aligned)."""
+    flat = [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    return flat[0] if len(flat) == 1 else torch.cat(flat)
+
+
+def unpack(buf: torch.Tensor, specs: list[tuple[torch.Size, torch.dtype]]) -> list[torch.Tensor]:
+    """Inverse of `pack`: one tensor per (shape, dtype) in `specs`."""
+    out, offset = [], 0
+    for shape, dtype in specs:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        out.append(buf[offset : offset + nbytes].view(dtype).view(shape))
+        offset += nbytes
+    return out
+
+
+# --------------------------------------------------------------------------
+# forward / backward
+
+
+def _pad_rows(t: torch.Tensor, lo: int, hi: int, n: int, value: float) -> torch.Tensor:
+    """(..., hi-lo, X) or (..., hi-lo) rows placed at [lo, hi) of n rows, the rest `value`."""
+    if lo == 0 and hi == n:
+        return t
+    if t.dim() == 3:  # lse (B, H, rows)
+        return F.pad(t, (lo, n - hi), value=value)
+    return F.pad(t, (0, 0, lo, n - hi), value=value)
+
+
+def ring_forward(sched: Schedule, q, k, v, scale: float, group_name: str):
+    """(out in q's dtype, lse in the accumulation dtype) of this rank's queries."""
+    w, r, n, acc = sched.world_size, sched.rank, sched.n, accumulation_dtype(q)
+    kv = torch.stack([k, v])
+    out = lse = None
+    for step in range(w):
+        pending = shift(kv, w, r, group_name) if step + 1 < w else None
+        for c in sched.calls(r, sched.source(step)):
+            res = block_attention(
+                q[:, :, c.q0 : c.q1], kv[0, :, :, c.k0 : c.k1], kv[1, :, :, c.k0 : c.k1],
+                is_causal=c.causal, scale=scale,
+            )
+            o = _pad_rows(res.out.to(acc), c.q0, c.q1, n, 0.0)
+            l = _pad_rows(res.lse.to(acc), c.q0, c.q1, n, -math.inf)
+            out, lse = (o, l) if out is None else merge_by_lse([out, o], [lse, l])
+        if pending is not None:
+            kv = wait(pending).view(kv.shape)
+    if w > 1:  # the last shard received may be one this rank does not attend to
+        out = tie(out, [kv])
+    return out.to(q.dtype), lse
+
+
+def _step_backward(sched: Schedule, step: int, dout, q, kv, out, lse, scale: float):
+    """(dq over all n rows or None, key/value gradient over all n rows or None) of one step."""
+    n, acc = sched.n, accumulation_dtype(q)
+    dq = dkv = None
+    for c in sched.calls(sched.rank, sched.source(step)):
+        rows = slice(c.q0, c.q1)
+        gq, gk, gv = block_attention_backward(
+            dout[:, :, rows], q[:, :, rows], kv[0, :, :, c.k0 : c.k1], kv[1, :, :, c.k0 : c.k1],
+            out[:, :, rows], lse[:, :, rows], is_causal=c.causal, scale=scale,
+        )
+        gq = _pad_rows(gq.to(acc), c.q0, c.q1, n, 0.0)
+        g = _pad_rows(torch.stack([gk.to(acc), gv.to(acc)]), c.k0, c.k1, n, 0.0)
+        dq = gq if dq is None else dq + gq
+        dkv = g if dkv is None else dkv + g
+    return dq, dkv
+
+
+def _token(t: torch.Tensor) -> torch.Tensor:
+    """One byte of `t`: sent along in a packet so the packet depends on `t` (the chain)."""
+    return t.reshape(-1)[:1].view(torch.uint8)[:1] if t.dtype != torch.uint8 else t[:1]
+
+
+def ring_backward(sched: Schedule, dout, q, k, v, out, lse, scale: float, group_name: str):
+    """(dq, dk, dv) of this rank's shards, given the merged out and lse.
+
+    Every packet ends with one byte of the previous packet received (the
+    first with one byte of `dout`): the chain that orders the collectives
+    and keeps them in the backward graph (see the module docstring).
+    """
+    w, r = sched.world_size, sched.rank
+    kv = torch.stack([k, v])
+    acc_spec = (kv.shape, accumulation_dtype(q))
+    dq = acc = None  # acc: gradient of the shard this rank worked on at the previous step
+    link = _token(dout.contiguous())
+    for step in range(w):
+        sends_acc, sends_kv = acc is not None, step + 1 < w
+        specs = [acc_spec] * sends_acc + [(kv.shape, kv.dtype)] * sends_kv
+        parts = [acc] * sends_acc + [kv] * sends_kv
+        pending = shift(pack(parts + [link]), w, r, group_name) if parts else None
+        gq, contrib = _step_backward(sched, step, dout, q, kv, out, lse, scale)
+        if gq is not None:
+            dq = gq if dq is None else dq + gq
+        incoming = None  # the accumulator of the shard worked on at this step
+        if pending is not None:
+            buf = wait(pending)
+            received, link = unpack(buf, specs), buf[-1:]
+            incoming = received[0] if sends_acc else None
+            kv = received[-1] if sends_kv else kv
+        acc = _accumulate(incoming, contrib, acc_spec, q.device)
+    if w > 1:  # one more hop brings every accumulator home
+        acc = unpack(wait(shift(pack([acc, link]), w, r, group_name)), [acc_spec])[0]
+    if dq is None:
+        dq = torch.zeros(q.shape, dtype=acc_spec[1], device=q.device)
+    return dq.to(q.dtype), acc[0].to(k.dtype), acc[1].to(v.dtype)
+
+
+def _accumulate(incoming, contrib, spec, device) -> torch.Tensor:
+    """incoming + contrib, either of which may be None (all-zero)."""
+    if incoming is None and contrib is None:
+        return torch.zeros(spec[0], dtype=spec[1], device=device)
+    if incoming is None:
+        return contrib
+    return incoming if contrib is None else incoming + contrib
+
+
+class RingDense(torch.autograd.Function):
+    """Dense ring attention over this rank's shards as one autograd node."""
+
+    @staticmethod
+    def forward(ctx, sched: Schedule, scale: float, group_name: str, q, k, v):
+        out, lse = ring_forward(sched, q, k, v, scale, group_name)
+        ctx.sched, ctx.scale, ctx.group_name = sched, scale, group_name
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ring_backward(
+            ctx.sched, dout.to(q.dtype).contiguous(), q, k, v, out, lse, ctx.scale, ctx.group_name
+        )
+        return None, None, None, dq, dk, dv
+
+
+def ring_dense(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    world_size: int,
+    rank: int,
+    group_name: str | None,
+    layout: str,
+    is_causal: bool,
+    scale: float,
+) -> torch.Tensor:
+    """Dense (or causal) ring attention of this rank's shards; no checks (see ring.py)."""
+    # Under Dynamo the schedule is built uncached (Dynamo does not trace lru_cache cleanly).
+    build = make_schedule.__wrapped__ if torch.compiler.is_compiling() else make_schedule
+    sched = build(world_size, rank, q.shape[-2], layout, bool(is_causal))
+    return RingDense.apply(sched, float(scale), group_name or "", q, k, v)

@@ -1,0 +1,428 @@
+"""One rank of a multi-process ring-attention test run (gloo on CPU).
+
+    python -m tests.ring_worker --rank R --world W --store FILE --out DIR [--only NAME ...]
+
+Every rank runs every case of `cases(world)` in the same order (a case may
+use collectives, so all ranks must take part in each), catching failures, and
+writes ``DIR/rank<R>.json``: ``{"results": {case: null | "failure text"},
+"current": case being run}``, rewritten after each case so a hang shows
+where it stopped. `tests/test_ring.py` launches the ranks, bounds their run
+time and turns the results into one pytest test per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import sys
+import traceback
+import zlib
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dilated_compile import dense_reference, dilated_reference, register_group, ring_attention
+from dilated_compile.sharding import check_same_on_all_ranks, ring_info, shard, unshard
+
+from .tolerance import budget, FLOOR_ULPS
+
+BATCH, HEADS, DIM = 2, 3, 8
+N_LOCAL = 8  # positions per rank in the numeric cases (zigzag chunks of 4)
+DILATED = {"groups": ((2, 4), (1, 2)), "longnet": ((4, 2), (2, 1))}  # segments divide a chunk
+
+
+class CaseFailure(AssertionError):
+    """A check of a case failed on this rank."""
+
+
+# ---------------------------------------------------------------------------
+# numerics: ring result on this rank == float64 reference restricted to it
+
+
+def _full_inputs(world: int, n_local: int, dtype: torch.dtype, seed: int):
+    """Full-sequence q, k, v and output gradient, identical on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (BATCH, HEADS, world * n_local, DIM)
+    return [torch.randn(shape, generator=g).to(dtype) for _ in range(4)]
+
+
+def _reference(inner: str, head_split: str, is_causal: bool, q, k, v, dout):
+    """float64 output and (q, k, v) gradients on the full sequence."""
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    if inner == "dense":
+        out = dense_reference(qd, kd, vd, is_causal=is_causal)
+    else:
+        seg, rates = DILATED[head_split]
+        out = dilated_reference(qd, kd, vd, seg, rates, head_split=head_split, is_causal=is_causal)
+    out.backward(dout.double())
+    return out.detach(), qd.grad, kd.grad, vd.grad
+
+
+def _grad_budget(q, k, v, dout, is_causal: bool) -> float:
+    """SPEC 9 applied to gradients: twice eager SDPA's gradient error in this dtype, plus a floor."""
+    qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    F.scaled_dot_product_attention(qs, ks, vs, is_causal=is_causal).backward(dout)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    dense_reference(qd, kd, vd, is_causal=is_causal).backward(dout.double())
+    err = max((a.grad.double() - b.grad).abs().max().item() for a, b in ((qs, qd), (ks, kd), (vs, vd)))
+    mag = max(t.grad.abs().max().item() for t in (qd, kd, vd))
+    return 2 * err + FLOOR_ULPS * torch.finfo(q.dtype).eps * mag
+
+
+def _compare(what: str, got: torch.Tensor, want: torch.Tensor, allowed: float) -> None:
+    if torch.isnan(got).any():
+        raise CaseFailure(f"{what}: NaN")
+    err = (got.double() - want.double()).abs().max().item()
+    if not err <= allowed:
+        raise CaseFailure(f"{what}: error {err:.3g} > allowed {allowed:.3g}")
+
+
+def numeric_case(
+    inner: str, layout: str, is_causal: bool, dtype: torch.dtype, head_split: str = "groups",
+    n_local: int = N_LOCAL, run: Callable | None = None,
+) -> None:
+    """Ring output and q/k/v gradients on this rank against the float64 reference."""
+    world, _, _ = ring_info()
+    q, k, v, dout = _full_inputs(world, n_local, dtype, seed=zlib.crc32(f"{inner}{layout}{is_causal}".encode()) % 1000)
+    local = [shard(t, 2, layout).clone().requires_grad_() for t in (q, k, v)]
+    kwargs = dict(inner=inner, layout=layout, is_causal=is_causal)
+    if inner == "dilated":
+        seg, rates = DILATED[head_split]
+        kwargs.update(segment_lengths=seg, dilation_rates=rates, head_split=head_split)
+    fn = run if run is not None else functools.partial(ring_attention, **kwargs)
+    out = fn(*local)
+    out.backward(shard(dout, 2, layout))
+    ref_out, *ref_grads = _reference(inner, head_split, is_causal, q, k, v, dout)
+    _compare("output", out, shard(ref_out, 2, layout), budget(q, k, v, is_causal=is_causal, ref=ref_out))
+    allowed = _grad_budget(q, k, v, dout, is_causal)
+    for name, t, ref in zip("qkv", local, ref_grads):
+        _compare(f"grad {name}", t.grad, shard(ref, 2, layout), allowed)
+
+
+# ---------------------------------------------------------------------------
+# through the backend: a plain SDPA module and a `ring:` policy
+
+
+class _SDPA(torch.nn.Module):
+    def __init__(self, is_causal: bool):
+        super().__init__()
+        self.is_causal = is_causal
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=self.is_causal)
+
+
+def _ring_policy(inner: str, layout: str, head_split: str = "groups", **extra) -> dict:
+    rule = {"match": "**", "attention": inner, "ring": {"layout": layout}, **extra}
+    if inner == "dilated":
+        seg, rates = DILATED[head_split]
+        rule.update(segment_lengths=list(seg), dilation_rates=list(rates), head_split=head_split)
+    return {"version": 1, "rules": [rule]}
+
+
+def backend_case(inner: str, layout: str, is_causal: bool, head_split: str = "groups") -> None:
+    """The backend rewrites an SDPA site into a ring: numerics as numeric_case, and the report."""
+    import dilated_compile
+
+    torch._dynamo.reset()
+    world, _, _ = ring_info()
+    model = torch.compile(
+        _SDPA(is_causal), backend="dilated", options={"policy": _ring_policy(inner, layout, head_split)}
+    )
+    numeric_case(inner, layout, is_causal, torch.float32, head_split, run=model)
+    site = dilated_compile.reports()[-1].sites[0]
+    want = f"ring {layout} over {world} ranks (world), inner {'dense' if inner == 'dense' else 'dilated'}"
+    if site.status != "rewritten" or not site.attention.startswith(want):
+        raise CaseFailure(f"site report: {site.status} {site.attention!r} {site.reason!r}, want {want!r}")
+    if "ring_attention_local" not in dilated_compile.reports()[-1].after:
+        raise CaseFailure("rewritten graph does not call ring_attention_local")
+
+
+def bad_backend_policy() -> None:
+    """Ranks compiling different policies: an error at compile time on every rank."""
+    torch._dynamo.reset()
+    _, rank, _ = ring_info()
+    policy = _ring_policy("dense", "zigzag", min_seq_len=rank)
+    model = torch.compile(_SDPA(True), backend="dilated", options={"policy": policy})
+    q, k, v = _local_qkv(N_LOCAL)
+    expect_error(Exception, ("differs between ranks", "policy and ring attention sites"), lambda: model(q, k, v))
+
+
+# ---------------------------------------------------------------------------
+# compiled: the collectives are in the forward and backward graphs
+
+
+def _capturing_backend(graphs: list[str]):
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def record(gm, example_inputs):
+        graphs.append(gm.code)
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=record, bw_compiler=record)
+
+
+def compiled_case(layout: str, is_causal: bool, backend: str) -> None:
+    """ring_attention inside torch.compile: equal to eager; graphs hold the collective ops."""
+    torch._dynamo.reset()
+    world, _, _ = ring_info()
+    q, k, v, dout = _full_inputs(world, N_LOCAL, torch.float32, seed=7)
+    graphs: list[str] = []
+    fn = functools.partial(ring_attention, layout=layout, is_causal=is_causal)
+    compiled = torch.compile(fn, backend=_capturing_backend(graphs) if backend == "capture" else backend,
+                             fullgraph=True)
+    results = []
+    for f in (fn, compiled):
+        local = [shard(t, 2, layout).clone().requires_grad_() for t in (q, k, v)]
+        out = f(*local)
+        out.backward(shard(dout, 2, layout))
+        results.append([out.detach()] + [t.grad for t in local])
+    for name, a, b in zip(("output", "grad q", "grad k", "grad v"), *results):
+        if not torch.allclose(a, b, atol=1e-5, rtol=1e-5):
+            raise CaseFailure(f"{backend}: compiled {name} differs from eager by {(a - b).abs().max():.3g}")
+    if backend == "capture":
+        if len(graphs) != 2:
+            raise CaseFailure(f"expected a forward and a backward graph, got {len(graphs)}")
+        for which, code in zip(("forward", "backward"), graphs):
+            for op in ("_c10d_functional.all_to_all_single", "_c10d_functional.wait_tensor"):
+                if op not in code:
+                    raise CaseFailure(f"{which} graph lacks {op}:\n{code}")
+            if "roll" in code:
+                raise CaseFailure(f"{which} graph uses roll:\n{code}")
+
+
+# ---------------------------------------------------------------------------
+# sharding helpers, groups, world-size-1 behaviour
+
+
+def shard_roundtrip_case(layout: str) -> None:
+    """unshard(shard(x)) == x along any dim; shard picks the layout's positions; grads flow."""
+    world, rank, _ = ring_info()
+    x = torch.arange(3 * 4 * world * 2).reshape(3, 4 * world * 2)
+    pieces = shard(x, 1, layout)
+    n = x.shape[1] // (2 * world)
+    expected_cols = (
+        list(range(rank * 2 * n, (rank + 1) * 2 * n)) if layout == "contiguous"
+        else list(range(rank * n, (rank + 1) * n)) + list(range((2 * world - 1 - rank) * n, (2 * world - rank) * n))
+    )
+    if not torch.equal(pieces, x[:, expected_cols]):
+        raise CaseFailure(f"shard picked {pieces[0].tolist()}, expected columns {expected_cols}")
+    if not torch.equal(unshard(pieces, 1, layout), x):
+        raise CaseFailure("unshard(shard(x)) != x")
+    y = torch.randn(2, x.shape[1], 3, generator=torch.Generator().manual_seed(1))
+    local = shard(y, -2, layout).clone().requires_grad_()
+    (unshard(local, -2, layout) * torch.arange(y.numel()).reshape(y.shape)).sum().backward()
+    want = shard(torch.arange(y.numel()).reshape(y.shape).float(), -2, layout)
+    if not torch.allclose(local.grad, want):
+        raise CaseFailure("unshard's gradient is not this rank's shard of the output gradient")
+
+
+def subgroup_case() -> None:
+    """A ring over a registered subgroup (ranks 0 and 1) matches the reference there."""
+    world, rank, _ = ring_info()
+    pair = dist.new_group([0, 1])  # every rank must call new_group
+    register_group("pair", pair)  # on every rank, with what new_group returned there
+    if rank >= 2:
+        try:
+            ring_info("pair")
+        except ValueError as e:
+            if "not a member" not in str(e):
+                raise CaseFailure(f"unexpected message for a non-member: {e}") from e
+            return
+        raise CaseFailure("ring_info('pair') on a non-member did not raise")
+    if ring_info("pair")[:2] != (2, rank):
+        raise CaseFailure(f"ring_info('pair') = {ring_info('pair')}")
+    q, k, v, dout = _full_inputs(2, N_LOCAL, torch.float64, seed=3)
+    local = [shard(t, 2, "zigzag", group="pair").clone().requires_grad_() for t in (q, k, v)]
+    out = ring_attention(*local, layout="zigzag", group="pair", is_causal=True)
+    out.backward(shard(dout, 2, "zigzag", group="pair"))
+    ref_out, *grads = _reference("dense", "groups", True, q, k, v, dout)
+    _compare("output", out, shard(ref_out, 2, "zigzag", group="pair"), 1e-12)
+    for name, t, ref in zip("qkv", local, grads):
+        _compare(f"grad {name}", t.grad, shard(ref, 2, "zigzag", group="pair"), 1e-12)
+
+
+# ---------------------------------------------------------------------------
+# the example model: a few training steps under the ring == one process
+
+
+def gpt_training_case(mode: str, steps: int = 2, seq_len: int = 48) -> None:
+    """examples/ring_gpt.py's sequence-parallel training against single-process training.
+
+    mode "direct": attention calls ring_attention; "backend": the dilated
+    backend rewrites the sites with examples/policies/gpt_ring.yaml.
+    """
+    examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+    if examples not in sys.path:
+        sys.path.insert(0, examples)
+    import copy
+
+    import ring_gpt
+
+    torch._dynamo.reset()
+    kwargs = dict(n_layer=2, n_head=4, n_embd=32, vocab=64, block_size=seq_len)
+    idx, labels = ring_gpt.make_batch(2, seq_len, kwargs["vocab"], "cpu")
+    model = ring_gpt.build(kwargs, "cpu", torch.float32)
+    reference = copy.deepcopy(model)
+    ring_losses, logits = ring_gpt.train_ring(model, idx, labels, steps, mode)
+    if not ring_gpt.check_logits(logits, reference, idx):
+        raise CaseFailure("first-step logits differ from the single-process model's")
+    single = ring_gpt.train_single(reference, idx, labels, steps)
+    for step, (a, b) in enumerate(zip(ring_losses, single)):
+        if abs(a - b) > 1e-5 * abs(b):
+            raise CaseFailure(f"step {step}: ring loss {a} != single-process loss {b}")
+
+
+# ---------------------------------------------------------------------------
+# bad setups: the same error on every rank, no hang
+
+
+def expect_error(exc_type: type, fragments: tuple[str, ...], fn: Callable[[], object]) -> None:
+    """Run fn; it must raise exc_type with every fragment in the message."""
+    try:
+        fn()
+    except exc_type as e:
+        missing = [f for f in fragments if f not in str(e)]
+        if missing:
+            raise CaseFailure(f"message lacks {missing}: {e}") from e
+        return
+    raise CaseFailure(f"no {exc_type.__name__} raised")
+
+
+def _local_qkv(n_local: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(5)
+    return [torch.randn(BATCH, HEADS, n_local, DIM, generator=g).to(dtype) for _ in range(3)]
+
+
+def bad_shard_lengths() -> None:
+    _, rank, _ = ring_info()
+    qkv = _local_qkv(8 if rank == 0 else 10)
+    expect_error(ValueError, ("differs between ranks", "rank 0", "rank 1", "(2, 3, 8, 8)", "(2, 3, 10, 8)"),
+                 lambda: ring_attention(*qkv, is_causal=True))
+
+
+def bad_zigzag_odd() -> None:
+    qkv = _local_qkv(7)
+    expect_error(ValueError, ("zigzag", "7 positions", "odd"), lambda: ring_attention(*qkv, layout="zigzag"))
+
+
+def bad_dilated_long_segment() -> None:
+    qkv = _local_qkv(8)
+    expect_error(ValueError, ("segment length 16", "shard length 8"),
+                 lambda: ring_attention(*qkv, inner="dilated", segment_lengths=(4, 16), dilation_rates=(1, 2)))
+
+
+def bad_policy_digest() -> None:
+    _, rank, _ = ring_info()
+    digest = "abc" if rank != 1 else "abd"
+    expect_error(ValueError, ("policy digest differs between ranks", "rank 1: 'abd'", "[1]"),
+                 lambda: check_same_on_all_ranks(digest, "policy digest"))
+
+
+def bad_block_sparse() -> None:
+    qkv = _local_qkv(8)
+    expect_error(NotImplementedError, ("block_sparse", "not implemented yet"),
+                 lambda: ring_attention(*qkv, inner="block_sparse"))
+
+
+def bad_group_name() -> None:
+    qkv = _local_qkv(8)
+    expect_error(ValueError, ("'nope'", "register_group"), lambda: ring_attention(*qkv, group="nope"))
+
+
+def bad_shard_length() -> None:
+    world, _, _ = ring_info()
+    x = torch.zeros(2, 2 * world + 1)
+    expect_error(ValueError, ("does not shard evenly", f"multiple of {2 * world}"), lambda: shard(x, 1, "zigzag"))
+
+
+# ---------------------------------------------------------------------------
+
+
+def cases(world: int) -> dict[str, Callable[[], None]]:
+    """Every case run for `world` ranks, by name (the same order on every rank)."""
+    out: dict[str, Callable[[], None]] = {}
+    for layout in ("contiguous", "zigzag"):
+        for causal in (False, True):
+            tag = f"{layout}-{'causal' if causal else 'full'}"
+            out[f"dense-{tag}-float32"] = functools.partial(numeric_case, "dense", layout, causal, torch.float32)
+            for split in ("groups", "longnet"):
+                out[f"dilated-{split}-{tag}-float32"] = functools.partial(
+                    numeric_case, "dilated", layout, causal, torch.float32, split)
+        out[f"dense-{layout}-causal-float64"] = functools.partial(
+            numeric_case, "dense", layout, True, torch.float64)
+        out[f"dense-{layout}-causal-bfloat16"] = functools.partial(
+            numeric_case, "dense", layout, True, torch.bfloat16, n_local=32)
+        out[f"shard-roundtrip-{layout}"] = functools.partial(shard_roundtrip_case, layout)
+    out["dense-zigzag-causal-float64-long"] = functools.partial(
+        numeric_case, "dense", "zigzag", True, torch.float64, n_local=34)
+    out["gpt-training-direct"] = functools.partial(gpt_training_case, "direct")
+    out["backend-dense-zigzag-causal"] = functools.partial(backend_case, "dense", "zigzag", True)
+    out["backend-dense-contiguous-full"] = functools.partial(backend_case, "dense", "contiguous", False)
+    out["backend-dilated-zigzag-causal"] = functools.partial(backend_case, "dilated", "zigzag", True)
+    out["backend-dilated-longnet-contiguous-full"] = functools.partial(
+        backend_case, "dilated", "contiguous", False, "longnet")
+    if world == 2:
+        out["gpt-training-backend"] = functools.partial(gpt_training_case, "backend")
+    if world == 2:
+        out["compiled-capture-zigzag-causal"] = functools.partial(compiled_case, "zigzag", True, "capture")
+        out["compiled-capture-contiguous-causal"] = functools.partial(compiled_case, "contiguous", True, "capture")
+        out["compiled-inductor-zigzag-causal"] = functools.partial(compiled_case, "zigzag", True, "inductor")
+        out["compiled-inductor-contiguous-causal"] = functools.partial(
+            compiled_case, "contiguous", True, "inductor")
+    if world == 3:  # send-only ranks at several steps
+        out["compiled-capture-contiguous-causal"] = functools.partial(compiled_case, "contiguous", True, "capture")
+    if world >= 3:
+        out["subgroup"] = subgroup_case
+    for fn in (bad_shard_lengths, bad_zigzag_odd, bad_dilated_long_segment, bad_policy_digest,
+               bad_block_sparse, bad_group_name, bad_shard_length, bad_backend_policy):
+        out[fn.__name__.replace("_", "-")] = fn
+    return out
+
+
+def _write(path: str, state: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world", type=int, required=True)
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--only", nargs="*")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{args.store}", rank=args.rank, world_size=args.world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    path = os.path.join(args.out, f"rank{args.rank}.json")
+    state: dict = {"results": {}, "current": None}
+    for name, fn in cases(args.world).items():
+        if args.only and name not in args.only:
+            continue
+        state["current"] = name
+        _write(path, state)
+        try:
+            fn()
+            state["results"][name] = None
+        except Exception:  # noqa: BLE001 - every failure is reported to the test
+            state["results"][name] = traceback.format_exc()
+    state["current"] = None
+    _write(path, state)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
