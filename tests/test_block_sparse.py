@@ -217,6 +217,25 @@ def test_flex_path_forward_on_cpu(monkeypatch, kind):
         assert_within(out, ref, q, k, v, is_causal=causal)
 
 
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("block_size,n,g,w", [(64, 1000, 1, 0), (48, 1300, 2, 1), (128, 700, 1, 0)], ids=str)
+def test_flex_global_rows_split_over_keys(monkeypatch, block_size, n, g, w, is_causal):
+    """Non-causal global rows run as a key-split dense attention merged by
+    log-sum-exp; eager (unfused) flex stands in for the compiled one on CPU,
+    which has no return_lse."""
+    if not is_causal:
+        assert 4 * block_flex._keys_per_row(BlockPattern("global_local", window=w, global_blocks=g), block_size) < n
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setenv("DILATED_BLOCK_SPARSE", "flex")
+    monkeypatch.setattr(block_flex, "_compiled_flex", lambda: flex_attention)
+    pattern = {"kind": "global_local", "global_blocks": g, "window": w}
+    q, k, v = _qkv(1, 2, n, 16, torch.float32)  # flex has no backward on CPU: forward here, both on GPU
+    out = block_sparse_attention(q, k, v, block_size=block_size, pattern=pattern, is_causal=is_causal)
+    ref = block_sparse_reference(q, k, v, block_size=block_size, pattern=pattern, is_causal=is_causal)
+    assert_within(out, ref, q, k, v, is_causal=is_causal)
+
+
 def test_masks_built_on_the_inputs_device():
     mask = block_flex.build_block_mask(
         as_pattern(PATTERNS["global_local"], 64), 64, 300, 1, 1, True, torch.device("cpu")

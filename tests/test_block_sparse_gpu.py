@@ -75,6 +75,18 @@ def test_compiled_backend(kind, is_causal, dtype):
 
 
 @pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_global_rows_split_over_keys(is_causal, compiled):
+    """Long enough that the global rows of a non-causal pattern take the key-split path."""
+    torch._dynamo.reset()
+    pattern = {"kind": "global_local", "global_blocks": 2, "window": 1}
+    q, k, v = _qkv(2000, 2, torch.bfloat16)
+    fn = lambda q, k, v: block_sparse_attention(q, k, v, block_size=64, pattern=pattern, is_causal=is_causal)  # noqa: E731
+    out = (torch.compile(fn) if compiled else fn)(q, k, v)
+    _check(out, q, k, v, 64, pattern, is_causal)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
 def test_rows_without_keys_are_zero_on_gpu(compiled):
     torch._dynamo.reset()
     pattern = {"kind": "mask_mod", "function": "tests.masks:nothing_before_16"}

@@ -48,15 +48,22 @@ def _local_any_all(qlo, qhi, klo, khi, w):
 
 
 def tile_classes(
-    pattern: BlockPattern, block_size: int, n: int, is_causal: bool, device: torch.device
+    pattern: BlockPattern,
+    block_size: int,
+    n: int,
+    is_causal: bool,
+    device: torch.device,
+    q_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(any, full): (nt, nt) bool per TILE x TILE tile of a built-in pattern:
-    whether some token pair in it is allowed, whether all are."""
-    nt = -(-n // TILE)
-    t = torch.arange(nt, device=device)
-    lo = (t * TILE) // block_size
-    hi = (torch.clamp((t + 1) * TILE, max=n) - 1) // block_size
-    qlo, qhi, klo, khi = lo[:, None], hi[:, None], lo[None, :], hi[None, :]
+    """(any, full): bool per TILE x TILE tile of a built-in pattern: whether some
+    token pair in it is allowed, whether all are. Query tiles cover positions
+    q_offset.. n-1 (queries before q_offset are computed elsewhere), key tiles 0.. n-1."""
+    q_start = q_offset + TILE * torch.arange(-(-(n - q_offset) // TILE), device=device)
+    k_start = TILE * torch.arange(-(-n // TILE), device=device)
+    q_end = torch.clamp(q_start + TILE, max=n) - 1  # last position in the tile
+    k_end = torch.clamp(k_start + TILE, max=n) - 1
+    qlo, qhi = (q_start // block_size)[:, None], (q_end // block_size)[:, None]
+    klo, khi = (k_start // block_size)[None, :], (k_end // block_size)[None, :]
     w = pattern.window
     any_, all_ = _local_any_all(qlo, qhi, klo, khi, w)
     if pattern.kind == "dilated":
@@ -71,9 +78,9 @@ def tile_classes(
         any_ = any_ | (qlo < g) | (klo < g)
         _, rest_local = _local_any_all(torch.clamp(qlo, min=g), qhi, torch.clamp(klo, min=g), khi, w)
         all_ = (qhi < g) | (khi < g) | rest_local
-    if is_causal:
-        any_ = any_ & (t[None, :] <= t[:, None])
-        all_ = all_ & (t[None, :] < t[:, None])
+    if is_causal:  # per token on global positions
+        any_ = any_ & (k_start[None, :] <= q_end[:, None])
+        all_ = all_ & (k_end[None, :] <= q_start[:, None])
     return any_, all_ & any_
 
 
@@ -106,14 +113,25 @@ def _ordered(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return count, indices.to(torch.int32)
 
 
-def _block_mask(any_: torch.Tensor, full: torch.Tensor, mask_mod, n: int) -> BlockMask:
+def _block_mask(any_: torch.Tensor, full: torch.Tensor, mask_mod, n_q: int, n: int) -> BlockMask:
     while any_.dim() < 4:
         any_, full = any_[None], full[None]
     kv_num, kv_idx = _ordered(any_ & ~full)
     full_num, full_idx = _ordered(full)
     return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=TILE, mask_mod=mask_mod, seq_lengths=(n, n)
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=TILE, mask_mod=mask_mod, seq_lengths=(n_q, n)
     )
+
+
+def _shift_queries(mask_mod, q_offset: int):
+    """`mask_mod` for queries numbered from 0 that sit at positions q_offset.. ."""
+    if q_offset == 0:
+        return mask_mod
+
+    def shifted(b, h, q_idx, kv_idx):
+        return mask_mod(b, h, q_idx + q_offset, kv_idx)
+
+    return shifted
 
 
 def build_block_mask(
@@ -124,16 +142,20 @@ def build_block_mask(
     heads: int,
     is_causal: bool,
     device: torch.device,
+    q_offset: int = 0,
 ) -> BlockMask:
-    """The BlockMask of the pattern for sequence length n (uncached; traceable)."""
-    mask_mod = token_mask_mod(pattern, block_size, is_causal)
+    """The BlockMask of the pattern for sequence length n, for the queries at
+    q_offset.. n-1 (uncached; traceable)."""
+    mask_mod = _shift_queries(token_mask_mod(pattern, block_size, is_causal), q_offset)
     if pattern.kind == "mask_mod":
+        if q_offset:
+            raise ValueError("a mask_mod pattern's block mask covers every query (q_offset=0)")
         with outside_tracing():
             any_, full = _mask_mod_tile_classes(pattern, n, batch, heads, is_causal, device)
         any_, full = graph_constant(any_), graph_constant(full)
     else:
-        any_, full = tile_classes(pattern, block_size, n, is_causal, device)
-    return _block_mask(any_, full, mask_mod, n)
+        any_, full = tile_classes(pattern, block_size, n, is_causal, device, q_offset)
+    return _block_mask(any_, full, mask_mod, n - q_offset, n)
 
 
 @lru_cache(maxsize=32)
@@ -145,15 +167,65 @@ def cached_block_mask(
     heads: int,
     is_causal: bool,
     device: torch.device,
+    q_offset: int = 0,
 ) -> BlockMask:
     """`build_block_mask`, kept for eager calls: keyed by everything that
     determines the mask, at most 32 entries."""
-    return build_block_mask(pattern, block_size, n, batch, heads, is_causal, device)
+    return build_block_mask(pattern, block_size, n, batch, heads, is_causal, device, q_offset)
 
 
 @lru_cache(maxsize=1)
 def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(q, k, v, scale, **kwargs):
+    """flex_attention: traced into the graph under compile, compiled once eagerly."""
+    if torch.compiler.is_dynamo_compiling() or aot_tracing():
+        return flex_attention(q, k, v, scale=scale, **kwargs)
+    return _compiled_flex()(q, k, v, scale=scale, **kwargs)
+
+
+def _sparse(q, k, v, pattern, block_size, is_causal, scale, q_offset=0):
+    """Flex with the pattern's BlockMask, for the queries at q_offset.. ."""
+    b, h, n = q.shape[0], q.shape[1], k.shape[2]
+    mask_b = b if pattern.kind == "mask_mod" else 1
+    mask_h = h if pattern.kind == "mask_mod" else 1
+    tracing = torch.compiler.is_dynamo_compiling() or aot_tracing()
+    build = build_block_mask if tracing else cached_block_mask
+    block_mask = build(pattern, block_size, n, mask_b, mask_h, is_causal, q.device, q_offset)
+    return _flex(q, k, v, scale, block_mask=block_mask)
+
+
+def _keys_per_row(pattern: BlockPattern, block_size: int) -> int:
+    """Keys a non-global query of a global_local pattern attends to, at most."""
+    return (2 * pattern.window + 1 + pattern.global_blocks) * block_size
+
+
+def _all_keys_split(q, k, v, scale, chunk: int) -> torch.Tensor:
+    """Attention of q over every key, the keys cut into chunks that run in
+    parallel (as extra batch entries) and merge by log-sum-exp."""
+    b, h, m, d = q.shape
+    n = k.shape[2]
+    pieces = -(-n // chunk)
+    pad = pieces * chunk - n
+
+    def as_batch(x):  # (b, h, n, d) -> (b * pieces, h, chunk, d)
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+        return x.view(b, h, pieces, chunk, d).transpose(1, 2).reshape(b * pieces, h, chunk, d)
+
+    qs = q.unsqueeze(1).expand(b, pieces, h, m, d).reshape(b * pieces, h, m, d)
+
+    def in_sequence(score, bi, hi, q_idx, kv_idx):
+        return torch.where((bi % pieces) * chunk + kv_idx < n, score, -float("inf"))
+
+    out, lse = _flex(qs, as_batch(k), as_batch(v), scale, score_mod=in_sequence, return_lse=True)
+    out = out.view(b, pieces, h, m, d).float()
+    lse = lse.view(b, pieces, h, m).float()
+    top = lse.amax(dim=1, keepdim=True).detach()
+    weights = torch.exp(lse - top)
+    merged = (weights.unsqueeze(-1) * out).sum(dim=1) / weights.sum(dim=1).unsqueeze(-1)
+    return merged.to(q.dtype)
 
 
 def flex_block_sparse(
@@ -165,12 +237,20 @@ def flex_block_sparse(
     is_causal: bool,
     scale: float,
 ) -> torch.Tensor:
-    """Block-sparse attention through FlexAttention (CUDA)."""
-    b, h, n, _ = q.shape
-    mask_b = b if pattern.kind == "mask_mod" else 1
-    mask_h = h if pattern.kind == "mask_mod" else 1
-    if torch.compiler.is_dynamo_compiling() or aot_tracing():
-        block_mask = build_block_mask(pattern, block_size, n, mask_b, mask_h, is_causal, q.device)
-        return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
-    block_mask = cached_block_mask(pattern, block_size, n, mask_b, mask_h, is_causal, q.device)
-    return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
+    """Block-sparse attention through FlexAttention (CUDA).
+
+    The global query rows of a non-causal global_local pattern attend to every
+    key; in one flex call each of their tiles would walk all key tiles in one
+    program while the other rows finish early. They run instead as a
+    split-key dense attention, the rest as a block-sparse call from there on.
+    """
+    n = q.shape[2]
+    if pattern.kind == "global_local" and not is_causal:
+        rows = min(n, pattern.global_blocks * block_size)
+        per_row = _keys_per_row(pattern, block_size)
+        if 4 * per_row < n and rows < n:
+            chunk = TILE * max(4, -(-per_row // TILE))
+            head = _all_keys_split(q[:, :, :rows], k, v, scale, chunk)
+            rest = _sparse(q[:, :, rows:], k, v, pattern, block_size, False, scale, q_offset=rows)
+            return torch.cat([head, rest], dim=2)
+    return _sparse(q, k, v, pattern, block_size, is_causal, scale)
