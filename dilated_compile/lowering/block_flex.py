@@ -22,7 +22,6 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from ..policy import BlockPattern
 from .block_patterns import evaluate_mask_mod, load_mask_mod, token_mask_mod
 from .constants import aot_tracing, graph_constant, outside_tracing
-from .dilated import merge_by_lse
 
 TILE = 128  # FlexAttention's default sparse block size
 
@@ -55,12 +54,10 @@ def tile_classes(
     is_causal: bool,
     device: torch.device,
     q_offset: int = 0,
-    k_from: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(any, full): bool per TILE x TILE tile of a built-in pattern: whether some
     token pair in it is allowed, whether all are. Query tiles cover positions
-    q_offset.. n-1 (queries before q_offset are computed elsewhere), key tiles
-    0.. n-1, of which keys before k_from are excluded (computed elsewhere)."""
+    q_offset.. n-1 (queries before q_offset are computed elsewhere), key tiles 0.. n-1."""
     q_start = q_offset + TILE * torch.arange(-(-(n - q_offset) // TILE), device=device)
     k_start = TILE * torch.arange(-(-n // TILE), device=device)
     q_end = torch.clamp(q_start + TILE, max=n) - 1  # last position in the tile
@@ -84,9 +81,6 @@ def tile_classes(
     if is_causal:  # per token on global positions
         any_ = any_ & (k_start[None, :] <= q_end[:, None])
         all_ = all_ & (k_end[None, :] <= q_start[:, None])
-    if k_from:
-        any_ = any_ & (k_end[None, :] >= k_from)
-        all_ = all_ & (k_start[None, :] >= k_from)
     return any_, all_ & any_
 
 
@@ -129,14 +123,13 @@ def _block_mask(any_: torch.Tensor, full: torch.Tensor, mask_mod, n_q: int, n: i
     )
 
 
-def _shift_queries(mask_mod, q_offset: int, k_from: int):
-    """`mask_mod` for queries numbered from 0 that sit at positions q_offset.. ,
-    without the keys before k_from."""
-    if q_offset == 0 and k_from == 0:
+def _shift_queries(mask_mod, q_offset: int):
+    """`mask_mod` for queries numbered from 0 that sit at positions q_offset.. ."""
+    if q_offset == 0:
         return mask_mod
 
     def shifted(b, h, q_idx, kv_idx):
-        return mask_mod(b, h, q_idx + q_offset, kv_idx) & (kv_idx >= k_from)
+        return mask_mod(b, h, q_idx + q_offset, kv_idx)
 
     return shifted
 
@@ -150,19 +143,18 @@ def build_block_mask(
     is_causal: bool,
     device: torch.device,
     q_offset: int = 0,
-    k_from: int = 0,
 ) -> BlockMask:
     """The BlockMask of the pattern for sequence length n, for the queries at
-    q_offset.. n-1 and the keys at k_from.. n-1 (uncached; traceable)."""
-    mask_mod = _shift_queries(token_mask_mod(pattern, block_size, is_causal), q_offset, k_from)
+    q_offset.. n-1 (uncached; traceable)."""
+    mask_mod = _shift_queries(token_mask_mod(pattern, block_size, is_causal), q_offset)
     if pattern.kind == "mask_mod":
-        if q_offset or k_from:
-            raise ValueError("a mask_mod pattern's block mask covers every query and key")
+        if q_offset:
+            raise ValueError("a mask_mod pattern's block mask covers every query (q_offset=0)")
         with outside_tracing():
             any_, full = _mask_mod_tile_classes(pattern, n, batch, heads, is_causal, device)
         any_, full = graph_constant(any_), graph_constant(full)
     else:
-        any_, full = tile_classes(pattern, block_size, n, is_causal, device, q_offset, k_from)
+        any_, full = tile_classes(pattern, block_size, n, is_causal, device, q_offset)
     return _block_mask(any_, full, mask_mod, n - q_offset, n)
 
 
@@ -176,11 +168,10 @@ def cached_block_mask(
     is_causal: bool,
     device: torch.device,
     q_offset: int = 0,
-    k_from: int = 0,
 ) -> BlockMask:
     """`build_block_mask`, kept for eager calls: keyed by everything that
     determines the mask, at most 32 entries."""
-    return build_block_mask(pattern, block_size, n, batch, heads, is_causal, device, q_offset, k_from)
+    return build_block_mask(pattern, block_size, n, batch, heads, is_causal, device, q_offset)
 
 
 @lru_cache(maxsize=1)
@@ -195,16 +186,15 @@ def _flex(q, k, v, scale, **kwargs):
     return _compiled_flex()(q, k, v, scale=scale, **kwargs)
 
 
-def _sparse(q, k, v, pattern, block_size, is_causal, scale, q_offset=0, k_from=0, **kwargs):
-    """Flex with the pattern's BlockMask, for the queries at q_offset.. and the
-    keys at k_from.. ."""
+def _sparse(q, k, v, pattern, block_size, is_causal, scale, q_offset=0):
+    """Flex with the pattern's BlockMask, for the queries at q_offset.. ."""
     b, h, n = q.shape[0], q.shape[1], k.shape[2]
     mask_b = b if pattern.kind == "mask_mod" else 1
     mask_h = h if pattern.kind == "mask_mod" else 1
     tracing = torch.compiler.is_dynamo_compiling() or aot_tracing()
     build = build_block_mask if tracing else cached_block_mask
-    block_mask = build(pattern, block_size, n, mask_b, mask_h, is_causal, q.device, q_offset, k_from)
-    return _flex(q, k, v, scale, block_mask=block_mask, **kwargs)
+    block_mask = build(pattern, block_size, n, mask_b, mask_h, is_causal, q.device, q_offset)
+    return _flex(q, k, v, scale, block_mask=block_mask)
 
 
 def _keys_per_row(pattern: BlockPattern, block_size: int) -> int:
@@ -238,51 +228,6 @@ def _all_keys_split(q, k, v, scale, chunk: int) -> torch.Tensor:
     return merged.to(q.dtype)
 
 
-def _few_keys_split(q, k, v, scale, q_offset: int, is_causal: bool, chunk: int):
-    """(out, lse) of the queries at q_offset.. over the few keys k, v (positions
-    0..), the queries cut into chunks that run as extra batch entries: the
-    backward's per-key programs then each walk one chunk, not every query."""
-    b, h, m, d = q.shape
-    pieces = -(-m // chunk)
-    pad = pieces * chunk - m
-    qs = torch.nn.functional.pad(q, (0, 0, 0, pad)).view(b, h, pieces, chunk, d)
-    qs = qs.transpose(1, 2).reshape(b * pieces, h, chunk, d)
-    ks, vs = (x.unsqueeze(1).expand(b, pieces, *x.shape[1:]).reshape(b * pieces, *x.shape[1:]) for x in (k, v))
-
-    def causal(score, bi, hi, q_idx, kv_idx):
-        position = q_offset + (bi % pieces) * chunk + q_idx
-        return torch.where(kv_idx <= position, score, -float("inf"))
-
-    out, lse = _flex(qs, ks, vs, scale, score_mod=causal if is_causal else None, return_lse=True)
-    out = out.view(b, pieces, h, chunk, d).transpose(1, 2).reshape(b, h, pieces * chunk, d)[:, :, :m]
-    lse = lse.view(b, pieces, h, chunk).transpose(1, 2).reshape(b, h, pieces * chunk)[:, :, :m]
-    return out, lse
-
-
-def _global_local(q, k, v, pattern: BlockPattern, block_size: int, is_causal: bool, scale: float):
-    """global_local as three balanced parts: the global query rows over every
-    key (non-causal; split over keys), the other rows over the global key
-    blocks (split over queries), and their local windows (block-sparse); the
-    last two merge by log-sum-exp."""
-    n = q.shape[2]
-    g = min(n, pattern.global_blocks * block_size)
-    chunk = TILE * max(4, -(-_keys_per_row(pattern, block_size) // TILE))
-    rows = 0 if is_causal else g  # causal global rows see only keys < g: the columns part
-    parts = []
-    if rows:
-        parts.append(_all_keys_split(q[:, :, :rows], k, v, scale, chunk))
-    if rows < n:
-        local = BlockPattern(kind="local_window", window=pattern.window)
-        qr = q[:, :, rows:]
-        out_l, lse_l = _sparse(
-            qr, k, v, local, block_size, is_causal, scale, q_offset=rows, k_from=g, return_lse=True
-        )
-        out_c, lse_c = _few_keys_split(qr, k[:, :, :g], v[:, :, :g], scale, rows, is_causal, chunk)
-        out, _ = merge_by_lse([out_l.float(), out_c.float()], [lse_l.float(), lse_c.float()])
-        parts.append(out.to(q.dtype))
-    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-
-
 def flex_block_sparse(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -294,14 +239,18 @@ def flex_block_sparse(
 ) -> torch.Tensor:
     """Block-sparse attention through FlexAttention (CUDA).
 
-    FlexAttention runs one program per query tile forward and one per key
-    tile backward, each walking its row or column of active tiles. A
-    global_local pattern's global rows and columns are whole rows and columns
-    of the sequence: one program would walk all of them while the others
-    finish early. When they are long against a local row they run as separate
-    dense parts cut into chunks (`_global_local`).
+    The global query rows of a non-causal global_local pattern attend to every
+    key; in one flex call each of their tiles would walk all key tiles in one
+    program while the other rows finish early. They run instead as a
+    split-key dense attention, the rest as a block-sparse call from there on.
     """
     n = q.shape[2]
-    if pattern.kind == "global_local" and 4 * _keys_per_row(pattern, block_size) < n:
-        return _global_local(q, k, v, pattern, block_size, is_causal, scale)
+    if pattern.kind == "global_local" and not is_causal:
+        rows = min(n, pattern.global_blocks * block_size)
+        per_row = _keys_per_row(pattern, block_size)
+        if 4 * per_row < n and rows < n:
+            chunk = TILE * max(4, -(-per_row // TILE))
+            head = _all_keys_split(q[:, :, :rows], k, v, scale, chunk)
+            rest = _sparse(q[:, :, rows:], k, v, pattern, block_size, False, scale, q_offset=rows)
+            return torch.cat([head, rest], dim=2)
     return _sparse(q, k, v, pattern, block_size, is_causal, scale)
