@@ -78,7 +78,7 @@ def run(args) -> dict:
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16",
         "batch": 1, "heads": h, "head_dim": d, "block_size": BLOCK, "causal": False, "rows": [],
     }
-    path = os.path.join(args.out, "block_sparse.json")
+    path = os.path.join(args.out, args.json_name)
     flex_c = torch.compile(flex_attention, dynamic=False)
     for n in args.lengths:
         g = torch.Generator(device=dev).manual_seed(n)
@@ -93,7 +93,7 @@ def run(args) -> dict:
         print(json.dumps({k2: v2 for k2, v2 in row.items() if k2 != "patterns"}), flush=True)
         nb = -(-n // BLOCK)
         for kind in args.kinds:
-            for target in DENSITIES:
+            for target in args.densities:
                 spec = pattern_for(kind, target, nb)
                 pattern = as_pattern(spec, BLOCK)
                 dens = density(pattern, BLOCK, n)
@@ -135,13 +135,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
     p.add_argument("--kinds", nargs="+", default=["local_window", "global_local"])
+    p.add_argument("--densities", type=float, nargs="+", default=DENSITIES,
+                   help="nominal densities to sweep (default 1/2 .. 1/64)")
+    p.add_argument("--json-name", default="block_sparse.json")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     run(args)
-    print("wrote", os.path.join(args.out, "block_sparse.json"))
+    print("wrote", os.path.join(args.out, args.json_name))
 
 
 if __name__ == "__main__":

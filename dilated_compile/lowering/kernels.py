@@ -66,6 +66,18 @@ def choose_kernel(q: torch.Tensor) -> str:
     return "math"
 
 
+def is_dense(t: torch.Tensor) -> bool:
+    """Whether `t`'s elements fill its storage span without gaps or overlaps."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: p[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def dense_in_order_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """`t` as a dense tensor whose dimensions are laid out in `ref`'s stride order.
 
@@ -74,6 +86,8 @@ def dense_in_order_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """
     order = sorted(range(ref.dim()), key=lambda i: ref.stride(i), reverse=True)
     if t.is_contiguous() and ref.is_contiguous():
+        return t
+    if is_dense(t) and is_dense(ref) and t.shape == ref.shape and t.stride() == ref.stride():
         return t
     dense = t.permute(order).contiguous()
     inverse = [order.index(i) for i in range(ref.dim())]
@@ -184,6 +198,13 @@ def block_attention_backward(
         )
         return dq, dk, dv
     if kernel == "cudnn":
+        # cuDNN's backward graph is cached by q/k/v strides alone, with the
+        # out/grad_out strides of the call that built it baked in: give it a
+        # dense q and out/grad_out with exactly q's strides, so that q's strides
+        # determine theirs. (A strided q view with dense out/grad_out read out
+        # of bounds on an H200, torch 2.11: an illegal memory access.)
+        if not is_dense(q):
+            q = dense_in_order_of(q, q)
         dout, out = dense_in_order_of(dout, q), dense_in_order_of(out, q)
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(

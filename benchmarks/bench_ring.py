@@ -1,0 +1,259 @@
+"""Ring attention on several GPUs of one host: scaling efficiency against one GPU.
+
+Launch with one process per GPU; one call runs the whole sweep and rank 0
+writes ring.json into --out:
+
+    torchrun --nproc-per-node 2 benchmarks/bench_ring.py --out $OUT [--per-rank 8192 16384 ...]
+
+For each number of tokens per rank n (total N = W n), bf16, B=1, H=16, D=128,
+causal, zigzag layout, it measures in the same run, forward and
+forward+backward:
+
+- ``single``: dense causal SDPA on the full N on one GPU (every rank runs it
+  on its own GPU at the same time; the slowest counts) - the baseline;
+- ``ours_eager``: `dilated_compile.ring_attention` (dense inner, zigzag);
+- ``ours_compiled``: a module calling SDPA, compiled with backend="dilated"
+  and a ring policy (the collectives are in the compiled graph);
+- ``cp_allgather`` / ``cp_alltoall``: torch's `context_parallel` with each of
+  its rotate methods (its default load balancing).
+
+Efficiency = (single / W) / ring time (1.0 = perfect scaling). With
+``--dilated`` it also times a dilated ring (segments inside a shard) against
+`dilated_attention` on the full sequence on one GPU, as useful TFLOP/s per rank.
+
+Ranks time with CUDA events over a fixed number of iterations (every rank
+runs the same collectives the same number of times), after a barrier; the
+slowest rank's time counts. Compile time is measured separately (first call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import dilated_compile  # noqa: E402
+from dilated_compile import dilated_attention, ring_attention, shard  # noqa: E402
+
+DILATED = ([2048, 4096, 8192], [1, 2, 4])
+
+
+class CausalSDPA(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def slowest(ms: float) -> float:
+    t = torch.tensor([ms], device="cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def time_ms(fn, iters: int, warmup: int) -> float:
+    """Milliseconds per call of fn on every rank (the slowest rank's)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return slowest(start.elapsed_time(end) / iters)
+
+
+def with_backward(f, inputs, grad):
+    def step():
+        for t in inputs:
+            t.grad = None
+        f(*inputs).backward(grad)
+
+    return step
+
+
+def first_call_s(fn) -> float:
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return slowest(time.perf_counter() - t0)
+
+
+def causal_flops(n_total: int, h: int, d: int) -> float:
+    return 4 * d * h * n_total * (n_total + 1) / 2
+
+
+def measure(name, fn, inputs, grad, iters, row, rank):
+    """fwd and fwd+bwd times of fn into row[name]; errors are recorded, not raised."""
+    try:
+        with torch.no_grad():
+            fwd = time_ms(lambda: fn(*inputs), iters, 3)
+        fwdbwd = time_ms(with_backward(fn, inputs, grad), iters, 2)
+        row[name] = {"fwd_ms": fwd, "fwdbwd_ms": fwdbwd}
+    except Exception as exc:  # noqa: BLE001 - a failing baseline is a result, not a crash
+        row[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        if rank == 0:
+            traceback.print_exc()
+    torch.cuda.synchronize()
+
+
+def measure_context_parallel(mesh, rotate, full, iters, row, rank) -> None:
+    """SDPA under torch's context_parallel, as its users write it: the context
+    shards the full buffers in place (head-tail load balancing, the zigzag
+    layout) and patches SDPA; timing runs inside it."""
+    from torch.distributed.tensor.experimental import context_parallel
+    from torch.distributed.tensor.experimental._attention import set_rotate_method
+
+    name = f"cp_{rotate}"
+    try:
+        set_rotate_method(rotate)
+        bufs = [t.clone() for t in full]
+        with context_parallel(mesh, buffers=bufs, buffer_seq_dims=[2] * len(bufs), no_restore_buffers=set(bufs)):
+            q, k, v = (t.requires_grad_() for t in bufs[:3])
+            sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+            measure(name, sdpa, (q, k, v), bufs[3], iters, row, rank)
+    except Exception as exc:  # noqa: BLE001
+        row[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        if rank == 0:
+            traceback.print_exc()
+
+
+def check_against_single_gpu(h: int, d: int, per_rank: int = 2048) -> dict:
+    """Relative error of the ring's output and input gradients (bf16) against
+    float32 SDPA on the full sequence on one GPU, restricted to this rank."""
+    world = dist.get_world_size()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    full = [torch.randn(1, h, per_rank * world, d, device="cuda", generator=g) for _ in range(4)]
+    ref_in = [t.clone().requires_grad_() for t in full[:3]]
+    F.scaled_dot_product_attention(*ref_in, is_causal=True).backward(full[3])
+    ref_out = F.scaled_dot_product_attention(*[t.detach() for t in ref_in], is_causal=True)
+    want = [shard(t, 2, "zigzag") for t in (ref_out, *[t.grad for t in ref_in])]
+    local = [shard(t, 2, "zigzag").to(torch.bfloat16).contiguous().requires_grad_() for t in full[:3]]
+    out = ring_attention(*local, layout="zigzag", is_causal=True)
+    out.backward(shard(full[3], 2, "zigzag").to(torch.bfloat16))
+    got = [out, *[t.grad for t in local]]
+    errors = {}
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        err = ((a.float() - b).norm() / b.norm()).reshape(1)
+        dist.all_reduce(err, op=dist.ReduceOp.MAX)
+        errors[name] = float(err.item())
+    return errors
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--per-rank", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--dilated", action="store_true")
+    p.add_argument("--skip-cp", action="store_true")
+    p.add_argument("--out", default=os.environ.get("OUT", "out"))
+    args = p.parse_args()
+
+    dist.init_process_group("nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    torch._dynamo.config.cache_size_limit = 256
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cuda", (world,))
+    h, d = args.heads, args.head_dim
+    results = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "world_size": world,
+        "dtype": "bfloat16", "batch": 1, "heads": h, "head_dim": d, "causal": True, "layout": "zigzag",
+        "rows": [],
+    }
+    path = os.path.join(args.out, f"ring_w{world}.json")
+    results["check_rel_error_vs_fp32"] = check_against_single_gpu(h, d)
+    if rank == 0:
+        print("check (relative error of bf16 ring vs fp32 single GPU):", results["check_rel_error_vs_fp32"], flush=True)
+    policy = {"version": 1, "rules": [{"match": "**", "attention": "dense", "ring": {"layout": "zigzag"}}]}
+    for n in args.per_rank:
+        total = n * world
+        g = torch.Generator(device="cuda").manual_seed(total)
+        full = [torch.randn(1, h, total, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4)]
+        row = {"per_rank": n, "N": total, "flops_fwd": causal_flops(total, h, d)}
+        # the baseline: the whole sequence on one GPU
+        single = [t.clone().requires_grad_() for t in full[:3]]
+        measure("single", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                single, full[3], max(3, args.iters // 2), row, rank)
+        del single
+        if not args.skip_cp:
+            for rotate in ("allgather", "alltoall"):
+                measure_context_parallel(mesh, rotate, full, args.iters, row, rank)
+        local = [shard(t, 2, "zigzag").contiguous().requires_grad_() for t in full[:3]]
+        dout = shard(full[3], 2, "zigzag").contiguous()
+        del full
+        torch.cuda.empty_cache()
+        ring = lambda q, k, v: ring_attention(q, k, v, layout="zigzag", is_causal=True, check=False)  # noqa: E731
+        measure("ours_eager", ring, local, dout, args.iters, row, rank)
+        torch._dynamo.reset()
+        compiled = torch.compile(CausalSDPA(), backend="dilated", options={"policy": policy})
+        row["ours_compiled_compile_fwd_s"] = first_call_s(lambda: compiled(*[t.detach() for t in local]))
+        row["ours_compiled_compile_fwdbwd_s"] = first_call_s(lambda: compiled(*local).backward(dout))
+        measure("ours_compiled", compiled, local, dout, args.iters, row, rank)
+        for name in ("ours_eager", "ours_compiled", "cp_allgather", "cp_alltoall"):
+            if name in row and "error" not in row[name] and "error" not in row["single"]:
+                for mode in ("fwd", "fwdbwd"):
+                    row[name][f"{mode}_efficiency"] = row["single"][f"{mode}_ms"] / world / row[name][f"{mode}_ms"]
+        if args.dilated:
+            dilated_row(row, local, dout, world, rank, args)
+        results["rows"].append(row)
+        if rank == 0:
+            print(json.dumps(row), flush=True)
+            os.makedirs(args.out, exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(results, f, indent=1)
+        del local, dout
+        torch.cuda.empty_cache()
+    if rank == 0:
+        print("wrote", path)
+    dist.destroy_process_group()
+
+
+def dilated_row(row, local, dout, world, rank, args) -> None:
+    """A dilated ring (segments inside a shard) against the same attention on one GPU."""
+    seg, rates = DILATED
+    n = row["per_rank"]
+    if (n // 2) % max(seg):
+        row["dilated"] = {"skipped": f"segment {max(seg)} does not divide the zigzag chunk {n // 2}"}
+        return
+    h, d = args.heads, args.head_dim
+    full = [torch.randn(1, h, n * world, d, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3)]
+    grad = torch.randn_like(full[0])
+    one = {}
+    measure("single", lambda q, k, v: dilated_attention(q, k, v, seg, rates, is_causal=True), full, grad,
+            args.iters, one, rank)
+    del full, grad
+    ring = lambda q, k, v: ring_attention(q, k, v, inner="dilated", layout="zigzag", is_causal=True,  # noqa: E731
+                                           segment_lengths=seg, dilation_rates=rates, check=False)
+    measure("ring", ring, local, dout, args.iters, one, rank)
+    from dilated_compile.cost import dilated_cost
+
+    row["dilated"] = {"segments": seg, "rates": rates, **one}
+    try:
+        cost = dilated_cost(1, h, d, seg, rates, head_split="groups", is_causal=True, dtype_bytes=2)
+        flops = float(cost.at(n * world)[0])
+        for name in ("single", "ring"):
+            if "error" not in one[name]:
+                per = flops / (world if name == "ring" else 1)
+                row["dilated"][f"{name}_fwd_tflops_per_gpu"] = per / one[name]["fwd_ms"] / 1e9
+    except Exception as exc:  # noqa: BLE001
+        row["dilated"]["flops_error"] = str(exc)[:200]
+
+
+if __name__ == "__main__":
+    main()
