@@ -7,10 +7,11 @@ user code need not import this package. The attention it produces is also
 callable directly (`dilated_attention`), with a float64 reference beside it.
 """
 
+from .lowering.block_sparse import block_sparse_attention
 from .lowering.dilated import dilated_attention
 from .lowering.ring import ring_attention
 from .sharding import register_group, shard, unshard
-from .lowering.reference import dense_reference, dilated_reference
+from .lowering.reference import block_sparse_reference, dense_reference, dilated_reference
 from .passes import Report, RewriteError
 from .passes.report import clear_reports, reports
 from .policy import Policy, PolicyError, load_policy
@@ -34,6 +35,8 @@ __all__ = [
     "PolicyError",
     "Report",
     "RewriteError",
+    "block_sparse_attention",
+    "block_sparse_reference",
     "clear_reports",
     "dense_reference",
     "dilated_attention",

@@ -358,3 +358,13 @@ def test_reference_counts_follow_the_spec_formulas():
     assert blocks.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1]]
     causal = block_sparse_counts(1, 1, 64, 16, {"kind": "local_window", "window": 3}, True)[0, 0]
     assert torch.equal(causal, torch.ones(64, 64, dtype=torch.long).tril())
+
+
+def test_exported_at_package_level():
+    """SPEC section 6: `dilated_compile.block_sparse_attention` (and its reference) without compiling."""
+    q, k, v = (torch.randn(1, 2, 70, 8, dtype=torch.float64) for _ in range(3))
+    pattern = {"kind": "local_window", "window": 1}
+    out = dilated_compile.block_sparse_attention(q, k, v, block_size=16, pattern=pattern, is_causal=True)
+    ref = dilated_compile.block_sparse_reference(q, k, v, block_size=16, pattern=pattern, is_causal=True)
+    assert torch.allclose(out, ref, atol=1e-12)
+    assert {"block_sparse_attention", "block_sparse_reference"} <= set(dilated_compile.__all__)
