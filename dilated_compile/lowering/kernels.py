@@ -199,13 +199,16 @@ def block_attention_backward(
         return dq, dk, dv
     if kernel == "cudnn":
         # cuDNN's backward graph is cached by q/k/v strides alone, with the
-        # out/grad_out strides of the call that built it baked in: give it a
-        # dense q and out/grad_out with exactly q's strides, so that q's strides
-        # determine theirs. (A strided q view with dense out/grad_out read out
-        # of bounds on an H200, torch 2.11: an illegal memory access.)
-        if not is_dense(q):
-            q = dense_in_order_of(q, q)
-        dout, out = dense_in_order_of(dout, q), dense_in_order_of(out, q)
+        # out/grad_out strides of the call that built it baked in: out and
+        # grad_out always get exactly q's strides, so that q's strides determine
+        # theirs. Views gathered alike (the dilated view path) already have
+        # them; otherwise q is made dense and they follow it. (A strided q view
+        # with dense out/grad_out read out of bounds on an H200, torch 2.11:
+        # an illegal memory access.)
+        if dout.stride() != q.stride() or out.stride() != q.stride():
+            if not is_dense(q):
+                q = dense_in_order_of(q, q)
+            dout, out = dense_in_order_of(dout, q), dense_in_order_of(out, q)
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse.float().unsqueeze(-1).contiguous(), seed, seed, None,
