@@ -505,7 +505,7 @@ def sweep(args: argparse.Namespace, s: Setup, backends: list[str], lengths: list
             "seed": "bench_dilated.seed_algorithm (groups head split, causal), the whole model eager",
             "time_budget_s": args.time_budget_s,
             "quick": args.quick,
-            "inductor_cpp_vectorized": bool(torch._inductor.config.cpp.vec_isa_ok is not False),
+            "inductor_cpp": "scalar, -O0 (quick)" if args.quick and s.device.type == "cpu" else "default",
             "argv": sys.argv[1:],
         },
         "runs": [],
@@ -655,6 +655,8 @@ def main(argv=None) -> int:
     if args.quick and device.type == "cpu":
         # scalar C++ kernels compile about twice as fast; a smoke run measures nothing that matters
         torch._inductor.config.cpp.vec_isa_ok = False
+        torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation on a shared CI machine
+        os.environ.setdefault("TORCHINDUCTOR_DEBUG_COMPILE", "1")  # g++ -O0: the C++ compiles in a fraction
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     s = Setup(
         device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
