@@ -104,6 +104,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.proj = nn.Linear(width, width, bias=False)
         self.seed: tuple[list[int], list[int]] | None = None  # (segments, rates) for the seed backend
+        self.dilated: tuple[list[int], list[int]] | None = None  # eager dilated_attention (reference losses)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -111,6 +112,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.seed is not None:
             y = seed_algorithm(q, k, v, self.seed[0], self.seed[1], is_causal=True)
+        elif self.dilated is not None:
+            y = dilated_compile.dilated_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), *self.dilated,
+                head_split="longnet", is_causal=True,
+            ).transpose(1, 2)
         else:
             y = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
@@ -231,6 +237,7 @@ class Setup:
     out: str
     rank: int = 0
     world: int = 1
+    check_loss: bool = False  # compare the first loss with an eager single-process run
 
 
 def git_commit() -> str | None:
@@ -357,6 +364,28 @@ class StepTimer:
         return False
 
 
+def expected_attention(backend: str, n: int, s: Setup) -> tuple[list[int], list[int]] | None:
+    """The dilated (segments, rates) that `backend` computes at global length n; None for dense."""
+    if backend == "dilated" and n >= s.min_seq_len:
+        return clip_patterns(s.segments, s.rates, n)
+    if backend == "ring_dilated":
+        return clip_patterns(s.segments, s.rates, n // (2 * s.world))
+    return None
+
+
+def reference_first_loss(backend: str, n: int, s: Setup) -> float:
+    """The loss before any step, of the same model run eagerly on the whole sequence in one process,
+    with the attention `backend` should compute (dense SDPA, or eager `dilated_attention`)."""
+    torch.manual_seed(0)
+    model = GPT(s.layers, s.width, s.heads, s.vocab).to(s.device, s.dtype)
+    dilated = expected_attention(backend, n, s)
+    for block in model.blocks:
+        block.attn.dilated = dilated
+    idx, labels = make_batch(n, s.vocab, s.device)
+    with torch.no_grad():
+        return (model(idx, torch.arange(n, device=s.device), labels) / labels.numel()).item()
+
+
 def run_config(backend: str, n: int, s: Setup, cache_dir: str) -> dict:
     """Train `steps` timed steps of a fresh model at length n with `backend`; the measurements."""
     dev = s.device
@@ -421,7 +450,12 @@ def run_config(backend: str, n: int, s: Setup, cache_dir: str) -> dict:
         row["warm_compile_s"] = max(row["warm_first_step_s"] - row["step_ms_median"] / 1e3, 0.0)
     else:
         row["warm_compile_s"] = 0.0
-    row["losses"] = [float(x) for x in losses]
+    stacked = torch.stack(losses)
+    if ring:  # each rank's loss is its shard's part of the global mean
+        torch.distributed.all_reduce(stacked)
+    row["losses"] = stacked.tolist()
+    if s.check_loss and backend != "seed":
+        row["reference_first_loss"] = reference_first_loss(backend, n, s)
     if not all(math.isfinite(x) for x in row["losses"]):
         raise FloatingPointError(f"{backend} at {n}: non-finite loss {row['losses']}")
     row["status"] = "ok"
@@ -608,6 +642,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the dilated policy's min_seq_len: shorter contexts stay dense (default 16384; quick 512)")
     p.add_argument("--time-budget-s", type=float, default=420.0,
                    help="start no configuration that is estimated to end after this many seconds")
+    p.add_argument("--check-loss", action=argparse.BooleanOptionalAction, default=None,
+                   help="record the first loss of an eager single-process run of the same attention "
+                        "(reference_first_loss) next to each configuration's (default: on with --quick)")
     p.add_argument("--ring", action="store_true", help="sequence parallel over torchrun's ranks (ring backends)")
     p.add_argument("--quick", action="store_true", help="CPU, tiny model, lengths 256 and 512, under a minute")
     args = p.parse_args(argv)
@@ -662,7 +699,7 @@ def main(argv=None) -> int:
         device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
         layers=args.layers, width=args.width, heads=args.heads, vocab=args.vocab, steps=args.steps,
         warmup=args.warmup, segments=args.segments, rates=LONGNET_RATES, min_seq_len=args.min_seq_len,
-        out=args.out, rank=rank, world=world,
+        out=args.out, rank=rank, world=world, check_loss=args.check_loss if args.check_loss is not None else args.quick,
     )
     write_policies(s, args.lengths, args.ring)
     results = sweep(args, s, args.backends, args.lengths)
