@@ -76,6 +76,9 @@ LONGNET_RATES = (1, 2, 4, 6, 12)
 ATTENTION_MATCH = r"re:(^|\.)attn$"
 SINGLE_BACKENDS = ("inductor", "dilated", "seed")
 RING_BACKENDS = ("ring_dense", "ring_dilated")
+# The order the configurations run in: the targets' lengths (64k, 8k) first, then the longest
+# (where the maximum context is found), then the rest; a short GPU budget then ends with what matters.
+DEFAULT_LENGTHS = "64k,8k,128k,256k,32k,16k"
 LOSS_CHUNK = 8192  # tokens per chunk of the (recomputed) output projection + cross-entropy
 
 
@@ -157,13 +160,17 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(vocab, width)
         self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
         self.ln_f = nn.LayerNorm(width)
+        self.checkpoint_blocks = False  # recompute each block in backward (activation checkpointing)
         nn.init.normal_(self.tok_emb.weight, std=0.02)
 
     def forward(self, idx: torch.Tensor, pos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cos, sin = rope_tables(pos, self.head_dim, self.tok_emb.weight.dtype)
         x = self.tok_emb(idx)
         for block in self.blocks:
-            x = block(x, cos, sin)
+            if self.checkpoint_blocks:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
         h = self.ln_f(x)
         total = h.new_zeros((), dtype=torch.float32)
         for s in range(0, h.shape[1], LOSS_CHUNK):  # logits of one chunk at a time, recomputed in backward
@@ -238,6 +245,8 @@ class Setup:
     rank: int = 0
     world: int = 1
     check_loss: bool = False  # compare the first loss with an eager single-process run
+    checkpoint_blocks: bool = False  # activation checkpointing of every block
+    warm_compile_lengths: tuple[int, ...] = ()  # lengths at which the warm compile time is measured
 
 
 def git_commit() -> str | None:
@@ -386,6 +395,21 @@ def reference_first_loss(backend: str, n: int, s: Setup) -> float:
         return (model(idx, torch.arange(n, device=s.device), labels) / labels.numel()).item()
 
 
+def warm_up_process(s: Setup, cache_dir: str) -> float:
+    """Pay the process's one-time costs (device context, kernel libraries, Inductor's compile workers,
+    Triton) on a tiny compiled training step, so that no configuration's cold compile includes them."""
+    t0 = time.perf_counter()
+    use_fresh_caches(cache_dir)
+    torch.manual_seed(0)
+    tiny = GPT(1, 64, 2, 256).to(s.device, s.dtype)
+    tiny.blocks[0].compile(backend="inductor", dynamic=False)
+    idx, labels = make_batch(128, 256, s.device)
+    tiny(idx, torch.arange(128, device=s.device), labels).backward()
+    synchronize(s.device)
+    drop_in_memory_caches()
+    return time.perf_counter() - t0
+
+
 def run_config(backend: str, n: int, s: Setup, cache_dir: str) -> dict:
     """Train `steps` timed steps of a fresh model at length n with `backend`; the measurements."""
     dev = s.device
@@ -398,6 +422,7 @@ def run_config(backend: str, n: int, s: Setup, cache_dir: str) -> dict:
 
     torch.manual_seed(0)
     model = GPT(s.layers, s.width, s.heads, s.vocab).to(dev, s.dtype)
+    model.checkpoint_blocks = s.checkpoint_blocks
     use_fresh_caches(cache_dir)
     dilated_compile.clear_reports()
     policy = attach(model, backend, n, s)
@@ -440,7 +465,7 @@ def run_config(backend: str, n: int, s: Setup, cache_dir: str) -> dict:
         for report in dilated_compile.reports()
         for site in report.sites
     ]
-    if compiled:  # warm: same process, Dynamo reset and in-memory caches dropped, same disk caches
+    if compiled and n in s.warm_compile_lengths:  # warm: Dynamo reset, in-memory caches dropped, same disk caches
         drop_in_memory_caches()
         synchronize(dev)
         t0 = time.perf_counter()
@@ -449,7 +474,7 @@ def run_config(backend: str, n: int, s: Setup, cache_dir: str) -> dict:
         row["warm_first_step_s"] = time.perf_counter() - t0
         row["warm_compile_s"] = max(row["warm_first_step_s"] - row["step_ms_median"] / 1e3, 0.0)
     else:
-        row["warm_compile_s"] = 0.0
+        row["warm_compile_s"] = 0.0 if not compiled else None
     stacked = torch.stack(losses)
     if ring:  # each rank's loss is its shard's part of the global mean
         torch.distributed.all_reduce(stacked)
@@ -538,6 +563,8 @@ def sweep(args: argparse.Namespace, s: Setup, backends: list[str], lengths: list
                             "AOTAutograd, autotune and Triton caches hit on disk); first step minus the median step",
             "seed": "bench_dilated.seed_algorithm (groups head split, causal), the whole model eager",
             "time_budget_s": args.time_budget_s,
+            "activation_checkpointing": s.checkpoint_blocks,
+            "warm_compile_lengths": list(s.warm_compile_lengths),
             "quick": args.quick,
             "inductor_cpp": "scalar, -O0 (quick)" if args.quick and s.device.type == "cpu" else "default",
             "argv": sys.argv[1:],
@@ -549,6 +576,8 @@ def sweep(args: argparse.Namespace, s: Setup, backends: list[str], lengths: list
     last_duration: dict[str, tuple[int, float]] = {}
     cache_root = tempfile.mkdtemp(prefix="gpt_train_caches_")
     try:
+        if not args.quick:
+            results["meta"]["process_warm_up_s"] = warm_up_process(s, os.path.join(cache_root, "warm_up"))
         for n in lengths:
             for backend in backends:
                 if s.world > 1 and n % (2 * s.world):
@@ -645,6 +674,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--check-loss", action=argparse.BooleanOptionalAction, default=None,
                    help="record the first loss of an eager single-process run of the same attention "
                         "(reference_first_loss) next to each configuration's (default: on with --quick)")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="activation checkpointing of every block (memory O(N) per model, not per layer)")
+    p.add_argument("--warm-compile", choices=("all", "first", "none"), default=None,
+                   help="at which lengths to measure the warm compile time: all, the first length of "
+                        "--lengths, or none (default first; quick all)")
     p.add_argument("--ring", action="store_true", help="sequence parallel over torchrun's ranks (ring backends)")
     p.add_argument("--quick", action="store_true", help="CPU, tiny model, lengths 256 and 512, under a minute")
     args = p.parse_args(argv)
@@ -658,7 +692,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.heads = args.heads or (4 if q else 16)
     args.vocab = args.vocab or (512 if q else 32000)
     args.min_seq_len = args.min_seq_len if args.min_seq_len is not None else (512 if q else 16384)
-    lengths = args.lengths or ("256,512" if q else "8k,16k,32k,64k,128k,256k")
+    lengths = args.lengths or ("256,512" if q else DEFAULT_LENGTHS)
     args.lengths = [parse_length(x) for x in lengths.split(",") if x.strip()]
     default_backends = RING_BACKENDS if args.ring else SINGLE_BACKENDS
     args.backends = [b.strip() for b in (args.backends or ",".join(default_backends)).split(",") if b.strip()]
@@ -669,6 +703,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     scale = 32 if q else 1
     args.segments = tuple(w // scale for w in LONGNET_SEGMENTS)
     args.target_long, args.target_short = (512, 256) if q else (65536, 8192)
+    args.warm_compile = args.warm_compile or ("all" if q else "first")
     return args
 
 
@@ -699,7 +734,9 @@ def main(argv=None) -> int:
         device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
         layers=args.layers, width=args.width, heads=args.heads, vocab=args.vocab, steps=args.steps,
         warmup=args.warmup, segments=args.segments, rates=LONGNET_RATES, min_seq_len=args.min_seq_len,
-        out=args.out, rank=rank, world=world, check_loss=args.check_loss if args.check_loss is not None else args.quick,
+        out=args.out, rank=rank, world=world, checkpoint_blocks=args.checkpoint,
+        warm_compile_lengths={"all": tuple(args.lengths), "first": tuple(args.lengths[:1]), "none": ()}[args.warm_compile],
+        check_loss=args.check_loss if args.check_loss is not None else args.quick,
     )
     write_policies(s, args.lengths, args.ring)
     results = sweep(args, s, args.backends, args.lengths)
