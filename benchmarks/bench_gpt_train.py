@@ -80,6 +80,7 @@ RING_BACKENDS = ("ring_dense", "ring_dilated")
 # (where the maximum context is found), then the rest; a short GPU budget then ends with what matters.
 DEFAULT_LENGTHS = "64k,8k,128k,256k,32k,16k"
 LOSS_CHUNK = 8192  # tokens per chunk of the (recomputed) output projection + cross-entropy
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 # ----------------------------------------------------------------------------- model
@@ -299,7 +300,9 @@ def use_fresh_caches(directory: str) -> None:
 def drop_in_memory_caches() -> None:
     """Forget compiled frames (Dynamo) and Inductor's in-memory caches; disk caches stay."""
     torch._dynamo.reset()
-    clear = getattr(torch._inductor.utils, "clear_caches", None)  # not on every version
+    import torch._inductor.utils as inductor_utils
+
+    clear = getattr(inductor_utils, "clear_caches", None) or getattr(inductor_utils, "clear_inductor_caches", None)
     if clear is not None:
         clear()
 
@@ -309,7 +312,7 @@ def is_oom(error: BaseException) -> bool:
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower():
+        if isinstance(error, OUT_OF_MEMORY) or "out of memory" in str(error).lower():
             return True
         error = error.__cause__ or error.__context__
     return False
@@ -382,11 +385,18 @@ def expected_attention(backend: str, n: int, s: Setup) -> tuple[list[int], list[
     return None
 
 
+def build_model(s: Setup, device: torch.device) -> GPT:
+    """The model, initialised on `device` from seed 0 (the same weights for every configuration)."""
+    torch.manual_seed(0)
+    with device:
+        model = GPT(s.layers, s.width, s.heads, s.vocab)
+    return model.to(s.dtype)
+
+
 def reference_first_loss(backend: str, n: int, s: Setup) -> float:
     """The loss before any step, of the same model run eagerly on the whole sequence in one process,
     with the attention `backend` should compute (dense SDPA, or eager `dilated_attention`)."""
-    torch.manual_seed(0)
-    model = GPT(s.layers, s.width, s.heads, s.vocab).to(s.device, s.dtype)
+    model = build_model(s, s.device)
     dilated = expected_attention(backend, n, s)
     for block in model.blocks:
         block.attn.dilated = dilated
@@ -401,7 +411,8 @@ def warm_up_process(s: Setup, cache_dir: str) -> float:
     t0 = time.perf_counter()
     use_fresh_caches(cache_dir)
     torch.manual_seed(0)
-    tiny = GPT(1, 64, 2, 256).to(s.device, s.dtype)
+    with s.device:
+        tiny = GPT(1, 64, 2, 256).to(s.dtype)
     tiny.blocks[0].compile(backend="inductor", dynamic=False)
     idx, labels = make_batch(128, 256, s.device)
     tiny(idx, torch.arange(128, device=s.device), labels).backward()
@@ -420,8 +431,7 @@ def run_config(backend: str, n: int, s: Setup, cache_dir: str) -> dict:
     if ring:
         idx, labels, pos = (dilated_compile.shard(t, t.dim() - 1, "zigzag") for t in (idx, labels, pos))
 
-    torch.manual_seed(0)
-    model = GPT(s.layers, s.width, s.heads, s.vocab).to(dev, s.dtype)
+    model = build_model(s, dev)
     model.checkpoint_blocks = s.checkpoint_blocks
     use_fresh_caches(cache_dir)
     dilated_compile.clear_reports()
@@ -544,7 +554,7 @@ def sweep(args: argparse.Namespace, s: Setup, backends: list[str], lengths: list
             "model": {
                 "layers": s.layers, "width": s.width, "heads": s.heads, "head_dim": s.width // s.heads,
                 "vocab": s.vocab, "positions": "rotary", "tied_embeddings": True,
-                "params": count_params(GPT(s.layers, s.width, s.heads, s.vocab)),
+                "params": count_params(build_model(s, torch.device("meta"))),
             },
             "batch": 1,
             "optimizer": "AdamW" + (" (fused)" if s.device.type == "cuda" else ""),
