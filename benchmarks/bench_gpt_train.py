@@ -438,7 +438,7 @@ def run_config(backend: str, n: int, s: Setup, cache_dir: str) -> dict:
     policy = attach(model, backend, n, s)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
     params = list(model.parameters())
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []
 
     def step() -> None:
         loss = model(idx, pos, labels) / n_tokens
