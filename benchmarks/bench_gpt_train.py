@@ -515,13 +515,20 @@ def parse_length(text: str) -> int:
 
 
 def summarize(rows: list[dict], backends: list[str]) -> dict:
-    """Per backend: the longest length that ran, and the first failure."""
+    """Per backend: the longest length that ran, what stopped it from the next longer one, the first failure."""
     out = {}
     for b in backends:
-        ok = [r["length"] for r in rows if r["backend"] == b and r["status"] == "ok"]
-        failed = [r for r in rows if r["backend"] == b and r["status"] in ("oom", "error")]
+        mine = [r for r in rows if r["backend"] == b]
+        ok = [r["length"] for r in mine if r["status"] == "ok"]
+        longest = max(ok) if ok else None
+        above = sorted((r for r in mine if r["status"] != "ok" and (longest is None or r["length"] > longest)),
+                       key=lambda r: r["length"])
+        failed = [r for r in mine if r["status"] not in ("ok", "skipped")]
         out[b] = {
-            "max_length": max(ok) if ok else None,
+            "max_length": longest,
+            # oom / error / skipped (with the reason: the time budget, or a failure at a shorter length)
+            "limited_by": f"{above[0]['status']} at {above[0]['length']}: {above[0].get('reason')}" if above
+            else "nothing longer was tried",
             "first_failure": {"length": failed[0]["length"], "status": failed[0]["status"]} if failed else None,
         }
     return out
@@ -585,7 +592,7 @@ def sweep(args: argparse.Namespace, s: Setup, backends: list[str], lengths: list
         "runs": [],
     }
     start = time.perf_counter()
-    blocked: dict[str, str] = {}  # backend -> why longer lengths are skipped
+    blocked: dict[str, tuple[int, str]] = {}  # backend -> (length, why) longer lengths are skipped
     last_duration: dict[str, tuple[int, float]] = {}
     cache_root = tempfile.mkdtemp(prefix="gpt_train_caches_")
     try:
@@ -626,7 +633,8 @@ def sweep(args: argparse.Namespace, s: Setup, backends: list[str], lengths: list
                     if any(st != "ok" for st in statuses):
                         bad = next(st for st in statuses if st != "ok")
                         row["status"] = row["status"] if row["status"] != "ok" else f"{bad} on another rank"
-                        blocked[backend] = (n, f"{bad} at length {n}")
+                        if "oom" in statuses:  # longer contexts need more memory; other errors may be length-specific
+                            blocked[backend] = (n, f"out of memory at length {n}")
                 if s.world > 1:
                     per_rank = agree_on_all_ranks(
                         {k: row.get(k) for k in ("step_ms_median", "peak_mem_gib", "cold_compile_s",

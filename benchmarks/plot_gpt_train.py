@@ -90,8 +90,10 @@ def target_ratios(results: dict) -> list[dict]:
     summary = results.get("summary", {})
     max_dil = (summary.get(dil) or {}).get("max_length")
     max_dense = (summary.get(dense) or {}).get("max_length")
+    limits = "; ".join(f"{b} limited by {(summary.get(b) or {}).get('limited_by', '?')[:60]}" for b in (dil, dense))
     out.append({"what": f"longest context {dil} / {dense}", "value": _ratio(max_dil, max_dense), "target": ">= 4",
-                "note": f"{length_label(max_dil) if max_dil else '-'} / {length_label(max_dense) if max_dense else '-'}"})
+                "note": f"{length_label(max_dil) if max_dil else '-'} / {length_label(max_dense) if max_dense else '-'}"
+                        f"; {limits}"})
     for t in out:
         bound = float(t["target"].split()[1])
         v = t["value"]
