@@ -61,9 +61,11 @@ def attended_pairs(h, n, seg, rates, head_split, causal) -> int:
     return total
 
 
-def seed_algorithm(q, k, v, seg, rates):
+def seed_algorithm(q, k, v, seg, rates, is_causal=False):
     """The replaced library's algorithm (NOTES.md), inputs (b, n, h, d), without its
-    per-group normalisation bug: strided views into SDPA, added into a zero output, / k."""
+    per-group normalisation bug: strided views into SDPA, added into a zero output, / k.
+    `is_causal` (off by default, as the benchmarks here use it) is the library's causal
+    option: causal attention inside each dilated segment."""
     b, n, h, d = q.shape
     k_groups = len(seg)
     sizes = [h // k_groups + (1 if i < h % k_groups else 0) for i in range(k_groups)]
@@ -76,7 +78,7 @@ def seed_algorithm(q, k, v, seg, rates):
         off = i % r
         views = [t.view(b, n // s, s, h, d)[:, :, off::r, hs] for t in (q, k, v)]
         qs, ks, vs = (x.reshape(b * (n // s), -1, sizes[i], d).transpose(1, 2) for x in views)
-        o = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=is_causal).transpose(1, 2)
         o = o.reshape(b, n // s, -1, sizes[i], d)
         ov = out.view(b, n // s, s, h, d)
         ov[:, :, off::r, hs] += o

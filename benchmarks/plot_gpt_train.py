@@ -1,0 +1,187 @@
+"""Plot and tabulate the results of bench_gpt_train.py.
+
+    python benchmarks/plot_gpt_train.py RESULTS.json [--no-plot]
+
+Draws tokens/s and peak memory against context length (log x), one line per
+backend, into a PNG next to the JSON (same name, .png), and prints a markdown
+table of every configuration followed by the issue's target ratios:
+dilated / dense (inductor) and dilated / seed tokens/s at the long and short
+target lengths (64k and 8k; the JSON names them), the compile-time ratio
+dilated / inductor (cold and warm) and the longest-context ratio.
+For a --ring run the ratios compare ring_dilated with ring_dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+
+def length_label(n: int) -> str:
+    """65536 -> '64k', 300 -> '300'."""
+    return f"{n // 1024}k" if n % 1024 == 0 and n >= 1024 else str(n)
+
+
+def _fmt(x: Any, digits: int = 1) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}"
+    return str(x)
+
+
+def ok_rows(results: dict) -> dict[tuple[str, int], dict]:
+    """(backend, length) -> row, for the configurations that ran."""
+    return {(r["backend"], r["length"]): r for r in results["runs"] if r["status"] == "ok"}
+
+
+def runs_table(results: dict) -> str:
+    """Markdown table: one line per (length, backend)."""
+    lines = [
+        "| context | backend | tokens/s | step (ms) | peak memory (GiB) | compile cold (s) | compile warm (s) | status |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["runs"]:
+        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {(r.get('reason') or '')[:80]}"
+        lines.append(
+            f"| {length_label(r['length'])} | {r['backend']} | {_fmt(r.get('tokens_per_s'), 0)} | "
+            f"{_fmt(r.get('step_ms_median'))} | {_fmt(r.get('peak_mem_gib'), 2)} | "
+            f"{_fmt(r.get('cold_compile_s'))} | {_fmt(r.get('warm_compile_s'))} | {status} |"
+        )
+    return "\n".join(lines)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def target_ratios(results: dict) -> list[dict]:
+    """The issue's targets, each with the measured value (None when not measured) and whether it is met."""
+    rows = ok_rows(results)
+    ring = results["meta"].get("mode") == "ring"
+    dil, dense, seed = ("ring_dilated", "ring_dense", None) if ring else ("dilated", "inductor", "seed")
+    targets = results["meta"].get("target_lengths", {"long": 65536, "short": 8192})
+    long_n, short_n = targets["long"], targets["short"]
+
+    def tps(backend: str | None, n: int) -> float | None:
+        row = rows.get((backend, n))
+        return row["tokens_per_s"] if row else None
+
+    out = [
+        {"what": f"{dil} / {dense} tokens/s at {length_label(long_n)}", "value": _ratio(tps(dil, long_n), tps(dense, long_n)),
+         "target": ">= 5"},
+    ]
+    if seed:
+        out.append({"what": f"{dil} / {seed} tokens/s at {length_label(long_n)}",
+                    "value": _ratio(tps(dil, long_n), tps(seed, long_n)), "target": ">= 1.3"})
+    out.append({"what": f"{dil} / {dense} tokens/s at {length_label(short_n)}",
+                "value": _ratio(tps(dil, short_n), tps(dense, short_n)), "target": ">= 1.0"})
+    for kind in ("cold", "warm"):  # the worst length where both compiled
+        ratios = [
+            _ratio(rows[(dil, n)][f"{kind}_compile_s"], rows[(dense, n)][f"{kind}_compile_s"])
+            for (b, n) in rows if b == dil and (dense, n) in rows
+        ]
+        ratios = [x for x in ratios if x is not None]
+        out.append({"what": f"compile time {dil} / {dense}, {kind} (worst length)",
+                    "value": max(ratios) if ratios else None, "target": "<= 1.5"})
+    summary = results.get("summary", {})
+    max_dil = (summary.get(dil) or {}).get("max_length")
+    max_dense = (summary.get(dense) or {}).get("max_length")
+    limits = "; ".join(f"{b} limited by {(summary.get(b) or {}).get('limited_by', '?')[:60]}" for b in (dil, dense))
+    out.append({"what": f"longest context {dil} / {dense}", "value": _ratio(max_dil, max_dense), "target": ">= 4",
+                "note": f"{length_label(max_dil) if max_dil else '-'} / {length_label(max_dense) if max_dense else '-'}"
+                        f"; {limits}"})
+    for t in out:
+        bound = float(t["target"].split()[1])
+        v = t["value"]
+        t["met"] = None if v is None else (v >= bound if t["target"].startswith(">=") else v <= bound)
+    return out
+
+
+def targets_table(results: dict) -> str:
+    """Markdown table of the target ratios."""
+    lines = ["| target | measured | goal | met |", "|---|---|---|---|"]
+    for t in target_ratios(results):
+        value = "not measured" if t["value"] is None else f"{t['value']:.2f}"
+        if t.get("note"):
+            value += f" ({t['note']})"
+        met = "-" if t["met"] is None else ("yes" if t["met"] else "no")
+        lines.append(f"| {t['what']} | {value} | {t['target']} | {met} |")
+    return "\n".join(lines)
+
+
+def describe(results: dict) -> str:
+    """One line: device, torch, triton, commit, model."""
+    m = results["meta"]
+    model = m["model"]
+    return (
+        f"{m['device']}, torch {m['torch']}, triton {m.get('triton')}, commit {m.get('git_commit')}, "
+        f"{m['mode']} x{m['world_size']}; model {model['layers']} layers, width {model['width']}, "
+        f"{model['heads']} heads, {model['params'] / 1e6:.3g}M parameters, {m['dtype']}, batch {m['batch']}"
+    )
+
+
+def plot(results: dict, path: str) -> None:
+    """tokens/s and peak memory against context length, one line per backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for backend in results["meta"]["backends"]:
+        rows = sorted((r for r in results["runs"] if r["backend"] == backend and r["status"] == "ok"),
+                      key=lambda r: r["length"])
+        if not rows:
+            continue
+        xs = [r["length"] for r in rows]
+        ax_t.plot(xs, [r["tokens_per_s"] for r in rows], marker="o", label=backend)
+        if all(r.get("peak_mem_gib") is not None for r in rows):
+            ax_m.plot(xs, [r["peak_mem_gib"] for r in rows], marker="o", label=backend)
+        failed = [r for r in results["runs"] if r["backend"] == backend and r["status"] == "oom"]
+        if failed:  # where it ran out of memory
+            ax_t.axvline(failed[0]["length"], linestyle=":", color=ax_t.lines[-1].get_color(), alpha=0.6)
+    lengths = sorted({r["length"] for r in results["runs"]})
+    for ax, title, ylabel in ((ax_t, "training throughput", "tokens / s"), (ax_m, "peak memory", "GiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlim(lengths[0] / 1.25, lengths[-1] * 1.25)
+        ax.set_xticks(lengths, [length_label(n) for n in lengths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    ax_t.set_yscale("log")
+    if not ax_m.lines:
+        ax_m.text(0.5, 0.5, "peak memory not measured (CPU)", ha="center", va="center", transform=ax_m.transAxes)
+    fig.suptitle(describe(results), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("results", help="JSON written by bench_gpt_train.py")
+    p.add_argument("--no-plot", action="store_true", help="print the tables only (no matplotlib needed)")
+    args = p.parse_args(argv)
+    with open(args.results) as f:
+        results = json.load(f)
+    print(describe(results))
+    print()
+    print(runs_table(results))
+    print()
+    print(targets_table(results))
+    if not args.no_plot:
+        png = os.path.splitext(args.results)[0] + ".png"
+        plot(results, png)
+        print(f"\nwrote {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
