@@ -5,7 +5,7 @@
 Every rank runs every case of `cases(world)` in the same order (a case may
 use collectives, so all ranks must take part in each), catching failures, and
 writes ``DIR/rank<R>.json``: ``{"results": {case: null | "failure text"},
-"current": case being run}``, rewritten after each case so a hang shows
+"current": case being run, "seconds": {case: run time}}``, rewritten after each case so a hang shows
 where it stopped. `tests/test_ring.py` launches the ranks, bounds their run
 time and turns the results into one pytest test per case.
 """
@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import sys
+import time
 import traceback
 import zlib
 from typing import Callable
@@ -153,16 +154,24 @@ def _ring_policy(inner: str, layout: str, setup: str = "groups", **extra) -> dic
     return {"version": 1, "rules": [rule]}
 
 
-def backend_case(inner: str, layout: str, is_causal: bool, setup: str = "groups") -> None:
-    """The backend rewrites an SDPA site into a ring: numerics as numeric_case, and the report."""
+def backend_case(inner: str, layout: str, is_causal: bool, setup: str = "groups", sends: bool = True) -> None:
+    """The backend rewrites an SDPA site into a ring: numerics as numeric_case, the report, and
+    Inductor's forward and backward code issue all-to-alls exactly when the ring sends data."""
     import dilated_compile
+    from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
     world, _, _ = ring_info()
     model = torch.compile(
         _SDPA(is_causal), backend="dilated", options={"policy": _ring_policy(inner, layout, setup)}
     )
-    numeric_case(inner, layout, is_causal, torch.float32, setup, run=model)
+    _, codes = run_and_get_code(numeric_case, inner, layout, is_causal, torch.float32, setup, run=model)
+    if len(codes) != 2:
+        raise CaseFailure(f"expected Inductor code for a forward and a backward graph, got {len(codes)}")
+    for which, code in zip(("forward", "backward"), codes):
+        for op in ("_c10d_functional.all_to_all_single", "_c10d_functional.wait_tensor"):
+            if (op in code) != sends:
+                raise CaseFailure(f"{which} code {'lacks' if sends else 'has'} {op}:\n{code[-3000:]}")
     site = dilated_compile.reports()[-1].sites[0]
     want = f"ring {layout} over {world} ranks (world), inner {inner}"
     if site.status != "rewritten" or not site.attention.startswith(want):
@@ -196,13 +205,14 @@ def _capturing_backend(graphs: list[str]):
     return aot_autograd(fw_compiler=record, bw_compiler=record)
 
 
-def compiled_case(layout: str, is_causal: bool, backend: str) -> None:
+def compiled_case(layout: str, is_causal: bool, backend: str, inner: str = "dense", setup: str = "") -> None:
     """ring_attention inside torch.compile: equal to eager; graphs hold the collective ops."""
     torch._dynamo.reset()
     world, _, _ = ring_info()
     q, k, v, dout = _full_inputs(world, N_LOCAL, torch.float32, seed=7)
     graphs: list[str] = []
-    fn = functools.partial(ring_attention, layout=layout, is_causal=is_causal)
+    fn = functools.partial(ring_attention, inner=inner, layout=layout, is_causal=is_causal,
+                           **_inner_kwargs(inner, setup))
     compiled = torch.compile(fn, backend=_capturing_backend(graphs) if backend == "capture" else backend,
                              fullgraph=True)
     results = []
@@ -400,11 +410,23 @@ def cases(world: int) -> dict[str, Callable[[], None]]:
     out["dense-zigzag-causal-float64-long"] = functools.partial(
         numeric_case, "dense", "zigzag", True, torch.float64, n_local=34)
     out["gpt-training-direct"] = functools.partial(gpt_training_case, "direct")
+    # Inductor compiles are the slow part of a run: two backend cases at every world size, the
+    # others spread over the world sizes
     out["backend-dense-zigzag-causal"] = functools.partial(backend_case, "dense", "zigzag", True)
-    out["backend-dense-contiguous-full"] = functools.partial(backend_case, "dense", "contiguous", False)
-    out["backend-dilated-zigzag-causal"] = functools.partial(backend_case, "dilated", "zigzag", True)
-    out["backend-dilated-longnet-contiguous-full"] = functools.partial(
-        backend_case, "dilated", "contiguous", False, "longnet")
+    out["backend-dilated-zigzag-causal"] = functools.partial(
+        backend_case, "dilated", "zigzag", True, sends=False)  # segments inside a chunk
+    if world == 2:
+        out["backend-dilated-groups-long-zigzag-causal"] = functools.partial(
+            backend_case, "dilated", "zigzag", True, "groups-long")
+        out["backend-block-sparse-local-contiguous-causal"] = functools.partial(
+            backend_case, "block_sparse", "contiguous", True, "local")
+    if world == 3:
+        out["backend-dense-contiguous-full"] = functools.partial(backend_case, "dense", "contiguous", False)
+        out["backend-block-sparse-mask-mod-zigzag-full"] = functools.partial(
+            backend_case, "block_sparse", "zigzag", False, "mask-mod")
+    if world == 4:
+        out["backend-dilated-longnet-contiguous-full"] = functools.partial(
+            backend_case, "dilated", "contiguous", False, "longnet", sends=False)
     if world == 2:
         out["gpt-training-backend"] = functools.partial(gpt_training_case, "backend")
     if world == 2:
@@ -415,6 +437,10 @@ def cases(world: int) -> dict[str, Callable[[], None]]:
             compiled_case, "contiguous", True, "inductor")
     if world == 3:  # send-only ranks at several steps
         out["compiled-capture-contiguous-causal"] = functools.partial(compiled_case, "contiguous", True, "capture")
+    out["compiled-capture-dilated-long-zigzag-causal"] = functools.partial(
+        compiled_case, "zigzag", True, "capture", "dilated", "groups-long")
+    out["compiled-capture-block-sparse-contiguous-causal"] = functools.partial(
+        compiled_case, "contiguous", True, "capture", "block_sparse", "strided")
     if world >= 3:
         out["subgroup"] = subgroup_case
     for fn in (bad_shard_lengths, bad_zigzag_odd, bad_policy_digest, bad_block_sparse_pattern,
@@ -444,17 +470,19 @@ def main(argv=None) -> int:
         timeout=datetime.timedelta(seconds=60),
     )
     path = os.path.join(args.out, f"rank{args.rank}.json")
-    state: dict = {"results": {}, "current": None}
+    state: dict = {"results": {}, "current": None, "seconds": {}}
     for name, fn in cases(args.world).items():
         if args.only and name not in args.only:
             continue
         state["current"] = name
         _write(path, state)
+        start = time.monotonic()
         try:
             fn()
             state["results"][name] = None
         except Exception:  # noqa: BLE001 - every failure is reported to the test
             state["results"][name] = traceback.format_exc()
+        state["seconds"][name] = round(time.monotonic() - start, 2)
     state["current"] = None
     _write(path, state)
     dist.destroy_process_group()

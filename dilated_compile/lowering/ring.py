@@ -49,6 +49,7 @@ from ..sharding import (
     ring_info,
 )
 from .dilated import check_dilated_args, check_qkv, dilated_attention
+from ..policy import BlockPattern
 from .block_patterns import as_pattern
 from .block_sparse import block_sparse_attention
 from .ring_block_sparse import ring_block_sparse
@@ -56,6 +57,20 @@ from .ring_dense import ring_dense
 from .ring_dilated import ring_dilated
 
 INNERS = ("dense", "dilated", "block_sparse")
+
+
+@torch._dynamo.assume_constant_result
+def _block_pattern_fields(pattern: Any, block_size: int) -> tuple:
+    """`as_pattern`'s fields (a constant to Dynamo, which then does not trace the policy loader)."""
+    p = as_pattern(pattern, block_size)
+    return (p.kind, p.window, p.stride, p.global_blocks, p.function)
+
+
+def _block_pattern(pattern: Any, block_size: int) -> BlockPattern:
+    """A validated BlockPattern from any form `block_sparse_attention` accepts."""
+    if isinstance(pattern, BlockPattern):
+        return pattern
+    return BlockPattern(*_block_pattern_fields(pattern, block_size))
 
 
 def _dilated_params(dilated: Any, segment_lengths, dilation_rates, head_split):
@@ -138,7 +153,7 @@ def ring_attention_local(
                 'ring_attention(inner="block_sparse") needs block_size and pattern '
                 "(or block_sparse=BlockSparseSpec(...))"
             )
-        pattern = as_pattern(pattern, block_size)
+        pattern = _block_pattern(pattern, block_size)
         if world_size == 1:
             return block_sparse_attention(
                 q, k, v, block_size=block_size, pattern=pattern, is_causal=is_causal, scale=scale
@@ -208,7 +223,7 @@ def ring_attention(
     if inner == "block_sparse" and block_sparse is not None:
         block_size, pattern = block_sparse.block_size, block_sparse.pattern
     if inner == "block_sparse" and block_size is not None and pattern is not None:
-        pattern = as_pattern(pattern, block_size)
+        pattern = _block_pattern(pattern, block_size)
     world_size, rank, group_name = ring_info(group)
     if check and world_size > 1 and not torch.compiler.is_compiling():
         setup = ring_setup_digest(

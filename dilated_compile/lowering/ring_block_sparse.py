@@ -95,19 +95,29 @@ def _pair_active(
 
 
 @torch._dynamo.assume_constant_result
-def make_block_sparse_schedule(
+def _active_sources(
     world_size: int, rank: int, n: int, layout: str, is_causal: bool,
-    pattern: BlockPattern, block_size: int,
-) -> BlockSparseSchedule:
-    """The schedule of one rank's block-sparse ring; a constant to Dynamo."""
+    pattern_fields: tuple, block_size: int,
+) -> tuple[bool, ...]:
+    """By source rank, whether this rank's queries may attend its keys (a constant to Dynamo)."""
+    pattern = BlockPattern(*pattern_fields)
     total = n * world_size
     with outside_tracing():
         mine = position_list(total, layout, rank, world_size)
-        active = tuple(
+        return tuple(
             _pair_active(pattern, block_size, is_causal, mine,
                          position_list(total, layout, s, world_size))
             for s in range(world_size)
         )
+
+
+def make_block_sparse_schedule(
+    world_size: int, rank: int, n: int, layout: str, is_causal: bool,
+    pattern: BlockPattern, block_size: int,
+) -> BlockSparseSchedule:
+    """The schedule of one rank's block-sparse ring."""
+    pattern_fields = (pattern.kind, pattern.window, pattern.stride, pattern.global_blocks, pattern.function)
+    active = _active_sources(world_size, rank, n, layout, is_causal, pattern_fields, block_size)
     return BlockSparseSchedule(world_size, rank, n, layout, is_causal, pattern, block_size, active)
 
 

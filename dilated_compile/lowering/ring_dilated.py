@@ -30,7 +30,7 @@ collective as dead code.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 
 import torch
@@ -139,15 +139,31 @@ def _build_plan(
 
 
 @torch._dynamo.assume_constant_result
+def _plan_fields(
+    world_size: int, rank: int, n: int, layout: str, is_causal: bool, num_heads: int,
+    segment_lengths: tuple[int, ...], dilation_rates: tuple[int, ...], head_split: str,
+) -> tuple:
+    """The plan as plain tuples: a constant to Dynamo (which then does not trace the planning)."""
+    plan = _build_plan(
+        world_size, rank, n, layout, is_causal, num_heads, tuple(segment_lengths),
+        tuple(dilation_rates), head_split,
+    )
+    jobs = tuple(tuple(getattr(job, f.name) for f in fields(DilatedJob)) for job in plan.jobs)
+    return tuple(jobs if f.name == "jobs" else getattr(plan, f.name) for f in fields(DilatedRingPlan))
+
+
 def make_dilated_plan(
     world_size: int, rank: int, n: int, layout: str, is_causal: bool, num_heads: int,
     segment_lengths: tuple[int, ...], dilation_rates: tuple[int, ...], head_split: str,
 ) -> DilatedRingPlan:
-    """The (cached) plan of one rank's dilated ring; a constant to Dynamo."""
-    return _build_plan(
-        world_size, rank, n, layout, is_causal, num_heads, tuple(segment_lengths),
-        tuple(dilation_rates), head_split,
+    """The (cached) plan of one rank's dilated ring."""
+    values = _plan_fields(
+        world_size, rank, n, layout, is_causal, num_heads, segment_lengths, dilation_rates,
+        head_split,
     )
+    ws, rk, n_local, heads, causal, qpos, jobs, layers, send, exchanges = values
+    jobs = tuple(DilatedJob(*job) for job in jobs)
+    return DilatedRingPlan(ws, rk, n_local, heads, causal, qpos, jobs, layers, send, exchanges)
 
 
 # --------------------------------------------------------------------------
