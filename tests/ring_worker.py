@@ -406,6 +406,10 @@ def cases(world: int) -> dict[str, Callable[[], None]]:
             numeric_case, "dense", layout, True, torch.float64)
         out[f"dense-{layout}-causal-bfloat16"] = functools.partial(
             numeric_case, "dense", layout, True, torch.bfloat16, n_local=32)
+        out[f"dilated-groups-long-{layout}-causal-bfloat16"] = functools.partial(
+            numeric_case, "dilated", layout, True, torch.bfloat16, "groups-long", n_local=32)
+        out[f"block-sparse-local-{layout}-causal-bfloat16"] = functools.partial(
+            numeric_case, "block_sparse", layout, True, torch.bfloat16, "local", n_local=32)
         out[f"shard-roundtrip-{layout}"] = functools.partial(shard_roundtrip_case, layout)
     out["dense-zigzag-causal-float64-long"] = functools.partial(
         numeric_case, "dense", "zigzag", True, torch.float64, n_local=34)

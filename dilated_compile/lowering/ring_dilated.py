@@ -10,9 +10,9 @@ same on every rank) lists exactly these keys for every pair of ranks; one
 the receiver uses; nothing at all when every segment lies inside a shard,
 in which case `ring.py` runs `dilated_attention` locally instead).
 
-Each rank then attends its queries to the gathered keys of each head set
-under the mask "same segment, query selected (and key at or before query,
-causal)" on global positions (`ring_masked`), and merges the patterns of a
+Each rank then attends its selected queries to the gathered keys of each
+head set under the mask "same segment (and key at or before query, causal)"
+on global positions (`ring_masked`), and merges the patterns of a
 head by log-sum-exp (``longnet``) exactly as `dilated.py` does. The
 backward runs the same masked attention's backward with the merged output
 and log-sum-exp, and one ``all_to_all_single`` sends each key/value
@@ -54,6 +54,7 @@ class DilatedJob:
     seg_len: int  # segment length, clipped to the global length
     rate: int
     offset: int
+    rows: tuple[int, ...]  # local indices of this rank's queries the pattern selects
     kpos: tuple[int, ...]  # global positions of the gathered keys, grouped by source rank
     counts: tuple[int, ...]  # how many of them come from each rank (rank order)
     own: tuple[int, ...]  # local indices of this rank's own keys among them
@@ -125,7 +126,8 @@ def _build_plan(
             send[dest].append(tuple(sent))
         kpos = tuple(p for part in by_source for p in part)
         own = tuple(owner[p][1] for p in by_source[rank])
-        jobs.append(DilatedJob(h0, h1, hs, w, r, o, kpos, tuple(map(len, by_source)), own))
+        rows = tuple(i for i, p in enumerate(positions[rank]) if (p % w) % r == o)
+        jobs.append(DilatedJob(h0, h1, hs, w, r, o, rows, kpos, tuple(map(len, by_source)), own))
     if head_split == "groups":
         layers = (tuple(range(len(jobs))),)
     else:
@@ -175,12 +177,12 @@ def _index(values: tuple[int, ...], device) -> torch.Tensor:
 
 
 def _mask(plan: DilatedRingPlan, job: DilatedJob, device) -> torch.Tensor:
-    """(n, M) bool: query i may attend gathered key j (same segment, selected, causal)."""
-    qpos, kpos = _index(plan.qpos, device), _index(job.kpos, device)
+    """(rows, M) bool: selected query i may attend gathered key j (same segment, causal)."""
+    qpos = _index(tuple(plan.qpos[i] for i in job.rows), device)
+    kpos = _index(job.kpos, device)
     qseg = torch.div(qpos, job.seg_len, rounding_mode="floor")
     kseg = torch.div(kpos, job.seg_len, rounding_mode="floor")
-    selected = (qpos - qseg * job.seg_len) % job.rate == job.offset
-    allowed = (qseg[:, None] == kseg[None, :]) & selected[:, None]
+    allowed = qseg[:, None] == kseg[None, :]
     if plan.is_causal:
         allowed = allowed & (kpos[None, :] <= qpos[:, None])
     return allowed
@@ -203,6 +205,17 @@ def _in_head_order(plan: DilatedRingPlan, per_job: list[torch.Tensor]) -> list[t
 
 def _of_job(plan: DilatedRingPlan, j: int, x: torch.Tensor) -> torch.Tensor:
     return x[:, plan.heads(j)]
+
+
+def _rows_of_job(plan: DilatedRingPlan, j: int, x: torch.Tensor) -> torch.Tensor:
+    """The job's heads and selected query rows of a (B, H, n, ...) tensor."""
+    return _of_job(plan, j, x).index_select(2, _index(plan.jobs[j].rows, x.device))
+
+
+def _spread_rows(plan: DilatedRingPlan, j: int, x: torch.Tensor, fill: float) -> torch.Tensor:
+    """(B, heads_j, rows, ...) -> (B, heads_j, n, ...), `fill` at the rows the job does not select."""
+    full = x.new_full((*x.shape[:2], plan.n, *x.shape[3:]), fill)
+    return full.index_copy(2, _index(plan.jobs[j].rows, x.device), x)
 
 
 def _sizes(plan: DilatedRingPlan, counts_of, per_key: int) -> list[int]:
@@ -286,9 +299,9 @@ def dilated_ring_forward(plan: DilatedRingPlan, q, k, v, scale: float, group_nam
     gathered, received = _gather_keys(plan, k, v, group_name)
     outs, lses = [], []
     for j, (kj, vj) in enumerate(gathered):
-        o, l = masked_attention(_of_job(plan, j, q), kj, vj, _mask(plan, plan.jobs[j], q.device), scale)
-        outs.append(o)
-        lses.append(l)
+        o, l = masked_attention(_rows_of_job(plan, j, q), kj, vj, _mask(plan, plan.jobs[j], q.device), scale)
+        outs.append(_spread_rows(plan, j, o, 0.0))
+        lses.append(_spread_rows(plan, j, l, -math.inf))
     per_out, per_lse = _in_head_order(plan, outs), _in_head_order(plan, lses)
     if len(per_out) == 1:
         out, lse = per_out[0], per_lse[0]
@@ -306,10 +319,10 @@ def dilated_ring_backward(plan: DilatedRingPlan, dout, q, k, v, out, lse, gather
     for j, (kj, vj) in enumerate(gathered):
         mask = _mask(plan, plan.jobs[j], q.device)
         gq, gk, gv = masked_attention_backward(
-            _of_job(plan, j, dout), _of_job(plan, j, q), kj, vj, mask,
-            _of_job(plan, j, out), _of_job(plan, j, lse), scale,
+            _rows_of_job(plan, j, dout), _rows_of_job(plan, j, q), kj, vj, mask,
+            _rows_of_job(plan, j, out), _rows_of_job(plan, j, lse), scale,
         )
-        dqs.append(gq)
+        dqs.append(_spread_rows(plan, j, gq, 0.0))
         dks.append(gk)
         dvs.append(gv)
     dq = _sum(_in_head_order(plan, dqs))
