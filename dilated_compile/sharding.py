@@ -189,6 +189,14 @@ def shard_positions(seq_len: int, layout: str, rank: int, world_size: int) -> to
     return torch.cat([pieces[c] for c in chunks_of_rank(layout, rank, world_size)])
 
 
+def position_list(seq_len: int, layout: str, rank: int, world_size: int) -> list[int]:
+    """Global positions rank `rank` holds of a sequence of `seq_len`, as plain ints (no torch)."""
+    check_divisible(seq_len, layout, world_size)
+    n_chunks = world_size if layout == "contiguous" else 2 * world_size
+    size = seq_len // n_chunks
+    return [p for c in chunks_of_rank(layout, rank, world_size) for p in range(c * size, (c + 1) * size)]
+
+
 def shard(x: torch.Tensor, dim: int, layout: str = "contiguous", group: GroupLike = None) -> torch.Tensor:
     """This rank's piece of the full tensor `x` along `dim` (ids, positions, labels...).
 

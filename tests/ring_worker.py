@@ -5,7 +5,7 @@
 Every rank runs every case of `cases(world)` in the same order (a case may
 use collectives, so all ranks must take part in each), catching failures, and
 writes ``DIR/rank<R>.json``: ``{"results": {case: null | "failure text"},
-"current": case being run}``, rewritten after each case so a hang shows
+"current": case being run, "seconds": {case: run time}}``, rewritten after each case so a hang shows
 where it stopped. `tests/test_ring.py` launches the ranks, bounds their run
 time and turns the results into one pytest test per case.
 """
@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import sys
+import time
 import traceback
 import zlib
 from typing import Callable
@@ -27,13 +28,30 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dilated_compile import dense_reference, dilated_reference, register_group, ring_attention
+from dilated_compile.lowering.reference import block_sparse_reference
 from dilated_compile.sharding import check_same_on_all_ranks, ring_info, shard, unshard
 
 from .tolerance import budget, FLOOR_ULPS
 
 BATCH, HEADS, DIM = 2, 3, 8
 N_LOCAL = 8  # positions per rank in the numeric cases (zigzag chunks of 4)
-DILATED = {"groups": ((2, 4), (1, 2)), "longnet": ((4, 2), (2, 1))}  # segments divide a chunk
+# dilated setups by name: (segment_lengths, dilation_rates, head_split). The first two have
+# segments inside a zigzag chunk (no communication); the "long" ones have segments that span
+# ranks, do not divide the sequence (ragged last segment) or exceed it.
+DILATED = {
+    "groups": ((2, 4), (1, 2), "groups"),
+    "longnet": ((4, 2), (2, 1), "longnet"),
+    "groups-long": ((6, 16), (2, 3), "groups"),
+    "longnet-long": ((5, 12, 64), (1, 2, 4), "longnet"),
+}
+# block-sparse setups by name: (block_size, pattern); blocks cross shard and chunk edges
+BLOCK_SPARSE = {
+    "local": (3, {"kind": "local_window", "window": 1}),
+    "global": (4, {"kind": "global_local", "global_blocks": 1, "window": 0}),
+    "strided": (2, {"kind": "dilated", "stride": 3, "window": 0}),
+    "mask-mod": (4, {"kind": "mask_mod", "function": "tests.masks:stripes"}),
+    "empty-rows": (4, {"kind": "mask_mod", "function": "tests.masks:nothing_before_16"}),
+}
 
 
 class CaseFailure(AssertionError):
@@ -51,14 +69,17 @@ def _full_inputs(world: int, n_local: int, dtype: torch.dtype, seed: int):
     return [torch.randn(shape, generator=g).to(dtype) for _ in range(4)]
 
 
-def _reference(inner: str, head_split: str, is_causal: bool, q, k, v, dout):
+def _reference(inner: str, setup: str, is_causal: bool, q, k, v, dout):
     """float64 output and (q, k, v) gradients on the full sequence."""
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
     if inner == "dense":
         out = dense_reference(qd, kd, vd, is_causal=is_causal)
+    elif inner == "dilated":
+        seg, rates, split = DILATED[setup]
+        out = dilated_reference(qd, kd, vd, seg, rates, head_split=split, is_causal=is_causal)
     else:
-        seg, rates = DILATED[head_split]
-        out = dilated_reference(qd, kd, vd, seg, rates, head_split=head_split, is_causal=is_causal)
+        block_size, pattern = BLOCK_SPARSE[setup]
+        out = block_sparse_reference(qd, kd, vd, block_size=block_size, pattern=pattern, is_causal=is_causal)
     out.backward(dout.double())
     return out.detach(), qd.grad, kd.grad, vd.grad
 
@@ -82,22 +103,31 @@ def _compare(what: str, got: torch.Tensor, want: torch.Tensor, allowed: float) -
         raise CaseFailure(f"{what}: error {err:.3g} > allowed {allowed:.3g}")
 
 
+def _inner_kwargs(inner: str, setup: str) -> dict:
+    """ring_attention's arguments for the inner attention of `setup`."""
+    if inner == "dilated":
+        seg, rates, split = DILATED[setup]
+        return dict(segment_lengths=seg, dilation_rates=rates, head_split=split)
+    if inner == "block_sparse":
+        block_size, pattern = BLOCK_SPARSE[setup]
+        return dict(block_size=block_size, pattern=pattern)
+    return {}
+
+
 def numeric_case(
-    inner: str, layout: str, is_causal: bool, dtype: torch.dtype, head_split: str = "groups",
+    inner: str, layout: str, is_causal: bool, dtype: torch.dtype, setup: str = "groups",
     n_local: int = N_LOCAL, run: Callable | None = None,
 ) -> None:
     """Ring output and q/k/v gradients on this rank against the float64 reference."""
     world, _, _ = ring_info()
-    q, k, v, dout = _full_inputs(world, n_local, dtype, seed=zlib.crc32(f"{inner}{layout}{is_causal}".encode()) % 1000)
+    seed = zlib.crc32(f"{inner}{setup}{layout}{is_causal}".encode()) % 1000
+    q, k, v, dout = _full_inputs(world, n_local, dtype, seed=seed)
     local = [shard(t, 2, layout).clone().requires_grad_() for t in (q, k, v)]
-    kwargs = dict(inner=inner, layout=layout, is_causal=is_causal)
-    if inner == "dilated":
-        seg, rates = DILATED[head_split]
-        kwargs.update(segment_lengths=seg, dilation_rates=rates, head_split=head_split)
+    kwargs = dict(inner=inner, layout=layout, is_causal=is_causal, **_inner_kwargs(inner, setup))
     fn = run if run is not None else functools.partial(ring_attention, **kwargs)
     out = fn(*local)
     out.backward(shard(dout, 2, layout))
-    ref_out, *ref_grads = _reference(inner, head_split, is_causal, q, k, v, dout)
+    ref_out, *ref_grads = _reference(inner, setup, is_causal, q, k, v, dout)
     _compare("output", out, shard(ref_out, 2, layout), budget(q, k, v, is_causal=is_causal, ref=ref_out))
     allowed = _grad_budget(q, k, v, dout, is_causal)
     for name, t, ref in zip("qkv", local, ref_grads):
@@ -117,26 +147,33 @@ class _SDPA(torch.nn.Module):
         return F.scaled_dot_product_attention(q, k, v, is_causal=self.is_causal)
 
 
-def _ring_policy(inner: str, layout: str, head_split: str = "groups", **extra) -> dict:
+def _ring_policy(inner: str, layout: str, setup: str = "groups", **extra) -> dict:
     rule = {"match": "**", "attention": inner, "ring": {"layout": layout}, **extra}
-    if inner == "dilated":
-        seg, rates = DILATED[head_split]
-        rule.update(segment_lengths=list(seg), dilation_rates=list(rates), head_split=head_split)
+    for key, value in _inner_kwargs(inner, setup).items():
+        rule[key] = list(value) if isinstance(value, tuple) else value
     return {"version": 1, "rules": [rule]}
 
 
-def backend_case(inner: str, layout: str, is_causal: bool, head_split: str = "groups") -> None:
-    """The backend rewrites an SDPA site into a ring: numerics as numeric_case, and the report."""
+def backend_case(inner: str, layout: str, is_causal: bool, setup: str = "groups", sends: bool = True) -> None:
+    """The backend rewrites an SDPA site into a ring: numerics as numeric_case, the report, and
+    Inductor's forward and backward code issue all-to-alls exactly when the ring sends data."""
     import dilated_compile
+    from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
     world, _, _ = ring_info()
     model = torch.compile(
-        _SDPA(is_causal), backend="dilated", options={"policy": _ring_policy(inner, layout, head_split)}
+        _SDPA(is_causal), backend="dilated", options={"policy": _ring_policy(inner, layout, setup)}
     )
-    numeric_case(inner, layout, is_causal, torch.float32, head_split, run=model)
+    _, codes = run_and_get_code(numeric_case, inner, layout, is_causal, torch.float32, setup, run=model)
+    if len(codes) != 2:
+        raise CaseFailure(f"expected Inductor code for a forward and a backward graph, got {len(codes)}")
+    for which, code in zip(("forward", "backward"), codes):
+        for op in ("_c10d_functional.all_to_all_single", "_c10d_functional.wait_tensor"):
+            if (op in code) != sends:
+                raise CaseFailure(f"{which} code {'lacks' if sends else 'has'} {op}:\n{code[-3000:]}")
     site = dilated_compile.reports()[-1].sites[0]
-    want = f"ring {layout} over {world} ranks (world), inner {'dense' if inner == 'dense' else 'dilated'}"
+    want = f"ring {layout} over {world} ranks (world), inner {inner}"
     if site.status != "rewritten" or not site.attention.startswith(want):
         raise CaseFailure(f"site report: {site.status} {site.attention!r} {site.reason!r}, want {want!r}")
     if "ring_attention_local" not in dilated_compile.reports()[-1].after:
@@ -168,13 +205,14 @@ def _capturing_backend(graphs: list[str]):
     return aot_autograd(fw_compiler=record, bw_compiler=record)
 
 
-def compiled_case(layout: str, is_causal: bool, backend: str) -> None:
+def compiled_case(layout: str, is_causal: bool, backend: str, inner: str = "dense", setup: str = "") -> None:
     """ring_attention inside torch.compile: equal to eager; graphs hold the collective ops."""
     torch._dynamo.reset()
     world, _, _ = ring_info()
     q, k, v, dout = _full_inputs(world, N_LOCAL, torch.float32, seed=7)
     graphs: list[str] = []
-    fn = functools.partial(ring_attention, layout=layout, is_causal=is_causal)
+    fn = functools.partial(ring_attention, inner=inner, layout=layout, is_causal=is_causal,
+                           **_inner_kwargs(inner, setup))
     compiled = torch.compile(fn, backend=_capturing_backend(graphs) if backend == "capture" else backend,
                              fullgraph=True)
     results = []
@@ -312,12 +350,6 @@ def bad_zigzag_odd() -> None:
     expect_error(ValueError, ("zigzag", "7 positions", "odd"), lambda: ring_attention(*qkv, layout="zigzag"))
 
 
-def bad_dilated_long_segment() -> None:
-    qkv = _local_qkv(8)
-    expect_error(ValueError, ("segment length 16", "shard length 8"),
-                 lambda: ring_attention(*qkv, inner="dilated", segment_lengths=(4, 16), dilation_rates=(1, 2)))
-
-
 def bad_policy_digest() -> None:
     _, rank, _ = ring_info()
     digest = "abc" if rank != 1 else "abd"
@@ -325,10 +357,22 @@ def bad_policy_digest() -> None:
                  lambda: check_same_on_all_ranks(digest, "policy digest"))
 
 
-def bad_block_sparse() -> None:
+def bad_block_sparse_pattern() -> None:
+    """Ranks passing different block-sparse patterns: the same error on every rank."""
+    _, rank, _ = ring_info()
     qkv = _local_qkv(8)
-    expect_error(NotImplementedError, ("block_sparse", "not implemented yet"),
-                 lambda: ring_attention(*qkv, inner="block_sparse"))
+    pattern = {"kind": "local_window", "window": 1 if rank == 0 else 2}
+    expect_error(ValueError, ("differs between ranks", "local_window(window=1)", "local_window(window=2)"),
+                 lambda: ring_attention(*qkv, inner="block_sparse", block_size=4, pattern=pattern))
+
+
+def bad_dilated_rates() -> None:
+    """Ranks passing different dilation rates: the same error on every rank, no hang."""
+    _, rank, _ = ring_info()
+    qkv = _local_qkv(8)
+    rates = (1, 2) if rank == 0 else (1, 4)
+    expect_error(ValueError, ("differs between ranks", "(1, 2)", "(1, 4)"),
+                 lambda: ring_attention(*qkv, inner="dilated", segment_lengths=(4, 16), dilation_rates=rates))
 
 
 def bad_group_name() -> None:
@@ -352,22 +396,41 @@ def cases(world: int) -> dict[str, Callable[[], None]]:
         for causal in (False, True):
             tag = f"{layout}-{'causal' if causal else 'full'}"
             out[f"dense-{tag}-float32"] = functools.partial(numeric_case, "dense", layout, causal, torch.float32)
-            for split in ("groups", "longnet"):
-                out[f"dilated-{split}-{tag}-float32"] = functools.partial(
-                    numeric_case, "dilated", layout, causal, torch.float32, split)
+            for setup in DILATED:
+                out[f"dilated-{setup}-{tag}-float32"] = functools.partial(
+                    numeric_case, "dilated", layout, causal, torch.float32, setup)
+            for setup in BLOCK_SPARSE:
+                out[f"block-sparse-{setup}-{tag}-float32"] = functools.partial(
+                    numeric_case, "block_sparse", layout, causal, torch.float32, setup)
         out[f"dense-{layout}-causal-float64"] = functools.partial(
             numeric_case, "dense", layout, True, torch.float64)
         out[f"dense-{layout}-causal-bfloat16"] = functools.partial(
             numeric_case, "dense", layout, True, torch.bfloat16, n_local=32)
+        out[f"dilated-groups-long-{layout}-causal-bfloat16"] = functools.partial(
+            numeric_case, "dilated", layout, True, torch.bfloat16, "groups-long", n_local=32)
+        out[f"block-sparse-local-{layout}-causal-bfloat16"] = functools.partial(
+            numeric_case, "block_sparse", layout, True, torch.bfloat16, "local", n_local=32)
         out[f"shard-roundtrip-{layout}"] = functools.partial(shard_roundtrip_case, layout)
     out["dense-zigzag-causal-float64-long"] = functools.partial(
         numeric_case, "dense", "zigzag", True, torch.float64, n_local=34)
     out["gpt-training-direct"] = functools.partial(gpt_training_case, "direct")
+    # Inductor compiles are the slow part of a run: two backend cases at every world size, the
+    # others spread over the world sizes
     out["backend-dense-zigzag-causal"] = functools.partial(backend_case, "dense", "zigzag", True)
-    out["backend-dense-contiguous-full"] = functools.partial(backend_case, "dense", "contiguous", False)
-    out["backend-dilated-zigzag-causal"] = functools.partial(backend_case, "dilated", "zigzag", True)
-    out["backend-dilated-longnet-contiguous-full"] = functools.partial(
-        backend_case, "dilated", "contiguous", False, "longnet")
+    out["backend-dilated-zigzag-causal"] = functools.partial(
+        backend_case, "dilated", "zigzag", True, sends=False)  # segments inside a chunk
+    if world == 2:
+        out["backend-dilated-groups-long-zigzag-causal"] = functools.partial(
+            backend_case, "dilated", "zigzag", True, "groups-long")
+        out["backend-block-sparse-local-contiguous-causal"] = functools.partial(
+            backend_case, "block_sparse", "contiguous", True, "local")
+    if world == 3:
+        out["backend-dense-contiguous-full"] = functools.partial(backend_case, "dense", "contiguous", False)
+        out["backend-block-sparse-mask-mod-zigzag-full"] = functools.partial(
+            backend_case, "block_sparse", "zigzag", False, "mask-mod")
+    if world == 4:
+        out["backend-dilated-longnet-contiguous-full"] = functools.partial(
+            backend_case, "dilated", "contiguous", False, "longnet", sends=False)
     if world == 2:
         out["gpt-training-backend"] = functools.partial(gpt_training_case, "backend")
     if world == 2:
@@ -378,10 +441,14 @@ def cases(world: int) -> dict[str, Callable[[], None]]:
             compiled_case, "contiguous", True, "inductor")
     if world == 3:  # send-only ranks at several steps
         out["compiled-capture-contiguous-causal"] = functools.partial(compiled_case, "contiguous", True, "capture")
+    out["compiled-capture-dilated-long-zigzag-causal"] = functools.partial(
+        compiled_case, "zigzag", True, "capture", "dilated", "groups-long")
+    out["compiled-capture-block-sparse-contiguous-causal"] = functools.partial(
+        compiled_case, "contiguous", True, "capture", "block_sparse", "strided")
     if world >= 3:
         out["subgroup"] = subgroup_case
-    for fn in (bad_shard_lengths, bad_zigzag_odd, bad_dilated_long_segment, bad_policy_digest,
-               bad_block_sparse, bad_group_name, bad_shard_length, bad_backend_policy):
+    for fn in (bad_shard_lengths, bad_zigzag_odd, bad_policy_digest, bad_block_sparse_pattern,
+               bad_dilated_rates, bad_group_name, bad_shard_length, bad_backend_policy):
         out[fn.__name__.replace("_", "-")] = fn
     return out
 
@@ -407,17 +474,19 @@ def main(argv=None) -> int:
         timeout=datetime.timedelta(seconds=60),
     )
     path = os.path.join(args.out, f"rank{args.rank}.json")
-    state: dict = {"results": {}, "current": None}
+    state: dict = {"results": {}, "current": None, "seconds": {}}
     for name, fn in cases(args.world).items():
         if args.only and name not in args.only:
             continue
         state["current"] = name
         _write(path, state)
+        start = time.monotonic()
         try:
             fn()
             state["results"][name] = None
         except Exception:  # noqa: BLE001 - every failure is reported to the test
             state["results"][name] = traceback.format_exc()
+        state["seconds"][name] = round(time.monotonic() - start, 2)
     state["current"] = None
     _write(path, state)
     dist.destroy_process_group()

@@ -11,11 +11,14 @@ Inner attentions:
 
 - ``"dense"``: key/value shards rotate around the ring through functional
   collectives (`ring_dense`); partials merge by log-sum-exp.
-- ``"dilated"``: supported when every segment lies inside one shard
-  (contiguous: ``n_local % w == 0``; zigzag: ``(n_local / 2) % w == 0``); each
-  rank then runs `dilated_attention` on its own shard and nothing is sent.
-  Longer segments raise ValueError naming the segment and the shard length.
-- ``"block_sparse"``: not implemented yet (NotImplementedError).
+- ``"dilated"``: when every segment lies inside one run of a shard
+  (contiguous: ``n_local % w == 0``; zigzag: ``(n_local / 2) % w == 0``) each
+  rank runs `dilated_attention` on its own shard and nothing is sent;
+  otherwise one all-to-all exchanges exactly the selected keys/values each
+  rank's queries use (`ring_dilated`), and one more sends their gradients back.
+- ``"block_sparse"``: the dense ring's rotation with block-sparse masked
+  steps on global positions, steps with no allowed pair skipped
+  (`ring_block_sparse`).
 
 World size 1 or no initialised process group: the inner attention runs
 locally, without collectives.
@@ -46,9 +49,28 @@ from ..sharding import (
     ring_info,
 )
 from .dilated import check_dilated_args, check_qkv, dilated_attention
+from ..policy import BlockPattern
+from .block_patterns import as_pattern
+from .block_sparse import block_sparse_attention
+from .ring_block_sparse import ring_block_sparse
 from .ring_dense import ring_dense
+from .ring_dilated import ring_dilated
 
 INNERS = ("dense", "dilated", "block_sparse")
+
+
+@torch._dynamo.assume_constant_result
+def _block_pattern_fields(pattern: Any, block_size: int) -> tuple:
+    """`as_pattern`'s fields (a constant to Dynamo, which then does not trace the policy loader)."""
+    p = as_pattern(pattern, block_size)
+    return (p.kind, p.window, p.stride, p.global_blocks, p.function)
+
+
+def _block_pattern(pattern: Any, block_size: int) -> BlockPattern:
+    """A validated BlockPattern from any form `block_sparse_attention` accepts."""
+    if isinstance(pattern, BlockPattern):
+        return pattern
+    return BlockPattern(*_block_pattern_fields(pattern, block_size))
 
 
 def _dilated_params(dilated: Any, segment_lengths, dilation_rates, head_split):
@@ -81,23 +103,14 @@ def local_segment_unit(n_local: int, layout: str, world_size: int) -> int:
     return n_local // 2 if layout == "zigzag" and world_size > 1 else n_local
 
 
-def check_dilated_local(
+def dilated_segments_local(
     segment_lengths: Sequence[int], n_local: int, layout: str, world_size: int
-) -> None:
-    """Raise ValueError unless every dilated segment lies inside one run of a shard."""
+) -> bool:
+    """Whether every dilated segment lies inside one run of a shard (no communication needed)."""
     if world_size == 1:
-        return
+        return True
     unit = local_segment_unit(n_local, layout, world_size)
-    what = "shard" if layout == "contiguous" else "zigzag chunk"
-    for w in segment_lengths:
-        if unit % w:
-            raise ValueError(
-                f"ring attention with inner 'dilated': segment length {w} does not divide the "
-                f"{what} length {unit} (global length {n_local * world_size} over {world_size} "
-                f"ranks, layout {layout!r}), so its segments would span ranks; segments longer "
-                "than a shard are not supported yet. Use segment lengths that divide "
-                f"{unit}, or fewer ranks"
-            )
+    return all(unit % w == 0 for w in segment_lengths)
 
 
 def ring_attention_local(
@@ -115,6 +128,8 @@ def ring_attention_local(
     segment_lengths: Sequence[int] | None = None,
     dilation_rates: Sequence[int] | None = None,
     head_split: str = "groups",
+    block_size: int | None = None,
+    pattern: Any = None,
 ) -> torch.Tensor:
     """Ring attention with the ring given as constants (what a compiled graph calls).
 
@@ -133,15 +148,30 @@ def ring_attention_local(
     if world_size > 1 and not group_name:
         raise ValueError("ring attention over more than one rank needs a process group name")
     if inner == "block_sparse":
-        raise NotImplementedError(
-            "ring attention with inner 'block_sparse' is not implemented yet; use inner "
-            "'dense' or 'dilated' in the ring rule, or drop `ring:` for this rule"
+        if block_size is None or pattern is None:
+            raise ValueError(
+                'ring_attention(inner="block_sparse") needs block_size and pattern '
+                "(or block_sparse=BlockSparseSpec(...))"
+            )
+        pattern = _block_pattern(pattern, block_size)
+        if world_size == 1:
+            return block_sparse_attention(
+                q, k, v, block_size=block_size, pattern=pattern, is_causal=is_causal, scale=scale
+            )
+        return ring_block_sparse(
+            q, k, v, world_size=world_size, rank=rank, group_name=group_name, layout=layout,
+            is_causal=is_causal, scale=scale, pattern=pattern, block_size=block_size,
         )
     if inner == "dilated":
         seg, rates = check_dilated_args(segment_lengths or (), dilation_rates or (), head_split)
-        check_dilated_local(seg, n, layout, world_size)
-        return dilated_attention(
-            q, k, v, seg, rates, head_split=head_split, is_causal=is_causal, scale=scale
+        if dilated_segments_local(seg, n, layout, world_size):  # nothing to send
+            return dilated_attention(
+                q, k, v, seg, rates, head_split=head_split, is_causal=is_causal, scale=scale
+            )
+        return ring_dilated(
+            q, k, v, world_size=world_size, rank=rank, group_name=group_name, layout=layout,
+            is_causal=is_causal, scale=scale, segment_lengths=seg, dilation_rates=rates,
+            head_split=head_split,
         )
     return ring_dense(
         q, k, v, world_size=world_size, rank=rank, group_name=group_name,
@@ -163,6 +193,9 @@ def ring_attention(
     dilation_rates: Sequence[int] | None = None,
     head_split: str = "groups",
     dilated: Any = None,
+    block_size: int | None = None,
+    pattern: Any = None,
+    block_sparse: Any = None,
     check: bool = True,
 ) -> torch.Tensor:
     """Attention over a sequence sharded across the ranks of `group` (SPEC section 5).
@@ -170,10 +203,12 @@ def ring_attention(
     q, k, v: this rank's shard, (batch, heads, n_local, head_dim), sharded by
     `layout` ("contiguous" or "zigzag", see `dilated_compile.shard`).
     `group`: None (world group), a ProcessGroup, or a name given to
-    `register_group`. `inner`: "dense" (`is_causal`, `scale`) or "dilated"
+    `register_group`. `inner`: "dense" (`is_causal`, `scale`), "dilated"
     (`segment_lengths`, `dilation_rates`, `head_split` as in
-    `dilated_attention`, or `dilated=` a policy DilatedSpec; lengths are
-    global). Returns this rank's shard of the output; differentiable.
+    `dilated_attention`, or `dilated=` a policy DilatedSpec) or
+    "block_sparse" (`block_size`, `pattern` as in `block_sparse_attention`, or
+    `block_sparse=` a policy BlockSparseSpec); lengths are global. Returns
+    this rank's shard of the output; differentiable.
 
     In eager mode with `check=True`, every call first verifies (one small
     all_gather_object) that all ranks pass the same shapes and arguments, and
@@ -185,27 +220,37 @@ def ring_attention(
         segment_lengths, dilation_rates, head_split = _dilated_params(
             dilated, segment_lengths, dilation_rates, head_split
         )
+    if inner == "block_sparse" and block_sparse is not None:
+        block_size, pattern = block_sparse.block_size, block_sparse.pattern
+    if inner == "block_sparse" and block_size is not None and pattern is not None:
+        pattern = _block_pattern(pattern, block_size)
     world_size, rank, group_name = ring_info(group)
     if check and world_size > 1 and not torch.compiler.is_compiling():
         setup = ring_setup_digest(
             q, k, v, inner=inner, layout=layout, is_causal=is_causal, scale=scale,
             segment_lengths=segment_lengths, dilation_rates=dilation_rates, head_split=head_split,
+            block_size=block_size, pattern=pattern,
         )
         check_same_on_all_ranks(setup, "ring attention setup (shard shapes, dtype, arguments)", group)
     return ring_attention_local(
         q, k, v, world_size=world_size, rank=rank, group_name=group_name, inner=inner,
         layout=layout, is_causal=is_causal, scale=scale, segment_lengths=segment_lengths,
-        dilation_rates=dilation_rates, head_split=head_split,
+        dilation_rates=dilation_rates, head_split=head_split, block_size=block_size,
+        pattern=pattern,
     )
 
 
 def ring_setup_digest(q, k, v, **arguments: Any) -> tuple:
     """A small picklable summary of one rank's ring call, for `check_same_on_all_ranks`."""
     shapes = tuple(tuple(int(s) for s in t.shape) for t in (q, k, v))
-    args = tuple(
-        (name, tuple(value) if isinstance(value, (list, tuple)) else value)
-        for name, value in sorted(arguments.items())
-    )
+    def plain(value):
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        if hasattr(value, "describe"):  # a BlockPattern; a callable's name ends in a process-local id
+            return value.describe().split("#")[0]
+        return value
+
+    args = tuple((name, plain(value)) for name, value in sorted(arguments.items()))
     return (("q, k, v shapes", shapes), ("dtype", str(q.dtype))) + args
 
 
@@ -215,6 +260,6 @@ __all__ = [
     "ring_attention",
     "ring_attention_local",
     "ring_setup_digest",
-    "check_dilated_local",
+    "dilated_segments_local",
     "check_local_shape",
 ]

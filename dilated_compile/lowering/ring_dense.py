@@ -76,6 +76,14 @@ class Schedule:
         """The block attentions of `rank`'s queries with `source`'s keys and values."""
         return pair_calls(self.layout, self.is_causal, self.n, rank, source)
 
+    def attend(self, source: int, c: Call, q, k, v, scale: float):
+        """(out, lse) of one call on its query rows and key/value rows."""
+        return block_attention(q, k, v, is_causal=c.causal, scale=scale)
+
+    def attend_backward(self, source: int, c: Call, dout, q, k, v, out, lse, scale: float):
+        """(dq, dk, dv) of one call, given the merged out and lse of its rows."""
+        return block_attention_backward(dout, q, k, v, out, lse, is_causal=c.causal, scale=scale)
+
 
 def pair_calls(layout: str, is_causal: bool, n: int, rank: int, source: int) -> tuple[Call, ...]:
     """Calls of rank `rank`'s n queries against rank `source`'s n keys (global-position causal)."""
@@ -164,13 +172,14 @@ def ring_forward(sched: Schedule, q, k, v, scale: float, group_name: str):
     out = lse = None
     for step in range(w):
         pending = shift(kv, w, r, group_name) if step + 1 < w else None
-        for c in sched.calls(r, sched.source(step)):
-            res = block_attention(
-                q[:, :, c.q0 : c.q1], kv[0, :, :, c.k0 : c.k1], kv[1, :, :, c.k0 : c.k1],
-                is_causal=c.causal, scale=scale,
+        source = sched.source(step)
+        for c in sched.calls(r, source):
+            res_out, res_lse = sched.attend(
+                source, c, q[:, :, c.q0 : c.q1], kv[0, :, :, c.k0 : c.k1], kv[1, :, :, c.k0 : c.k1],
+                scale,
             )
-            o = _pad_rows(res.out.to(acc), c.q0, c.q1, n, 0.0)
-            l = _pad_rows(res.lse.to(acc), c.q0, c.q1, n, -math.inf)
+            o = _pad_rows(res_out.to(acc), c.q0, c.q1, n, 0.0)
+            l = _pad_rows(res_lse.to(acc), c.q0, c.q1, n, -math.inf)
             out, lse = (o, l) if out is None else merge_by_lse([out, o], [lse, l])
         if pending is not None:
             kv = wait(pending).view(kv.shape)
@@ -183,11 +192,12 @@ def _step_backward(sched: Schedule, step: int, dout, q, kv, out, lse, scale: flo
     """(dq over all n rows or None, key/value gradient over all n rows or None) of one step."""
     n, acc = sched.n, accumulation_dtype(q)
     dq = dkv = None
-    for c in sched.calls(sched.rank, sched.source(step)):
+    source = sched.source(step)
+    for c in sched.calls(sched.rank, source):
         rows = slice(c.q0, c.q1)
-        gq, gk, gv = block_attention_backward(
-            dout[:, :, rows], q[:, :, rows], kv[0, :, :, c.k0 : c.k1], kv[1, :, :, c.k0 : c.k1],
-            out[:, :, rows], lse[:, :, rows], is_causal=c.causal, scale=scale,
+        gq, gk, gv = sched.attend_backward(
+            source, c, dout[:, :, rows], q[:, :, rows], kv[0, :, :, c.k0 : c.k1],
+            kv[1, :, :, c.k0 : c.k1], out[:, :, rows], lse[:, :, rows], scale,
         )
         gq = _pad_rows(gq.to(acc), c.q0, c.q1, n, 0.0)
         g = _pad_rows(torch.stack([gk.to(acc), gv.to(acc)]), c.k0, c.k1, n, 0.0)
@@ -245,7 +255,11 @@ def _accumulate(incoming, contrib, spec, device) -> torch.Tensor:
 
 
 class RingDense(torch.autograd.Function):
-    """Dense ring attention over this rank's shards as one autograd node."""
+    """Ring attention over this rank's shards as one autograd node.
+
+    The schedule decides what each step computes: `Schedule` (dense or
+    causal blocks), or `ring_block_sparse.BlockSparseSchedule`.
+    """
 
     @staticmethod
     def forward(ctx, sched: Schedule, scale: float, group_name: str, q, k, v):

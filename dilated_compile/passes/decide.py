@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..lowering.ring import check_dilated_local, check_local_shape
+from ..lowering.ring import check_local_shape
 from ..policy import Policy, Rule
 from ..sharding import RingInfo, ring_info
 from .sites import Site
@@ -82,14 +82,8 @@ def _why_no_ring(site: Site, rule: Rule, ring: RingInfo) -> str | None:
     """Why the site cannot run as a ring over `ring`, or None if it can."""
     if ring.world_size == 1:
         return None
-    if rule.attention == "block_sparse":
-        return "ring attention with inner block_sparse is not implemented yet"
     try:
         check_local_shape(site.query_len, rule.ring.layout, ring.world_size)
-        if rule.attention == "dilated":
-            check_dilated_local(
-                rule.dilated.segment_lengths, site.query_len, rule.ring.layout, ring.world_size
-            )
     except ValueError as exc:
         return str(exc)
     return None

@@ -75,6 +75,10 @@ def _ring_call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision) ->
             dilation_rates=spec.dilation_rates,
             head_split=spec.head_split,
         )
+    if rule.attention == "block_sparse":
+        spec = rule.block_sparse
+        pattern = {key: val for key, val in asdict(spec.pattern).items() if val is not None}
+        kwargs.update(block_size=spec.block_size, pattern=pattern)
     return graph.call_function(ring_attention_local, args=qkv, kwargs=kwargs)
 
 

@@ -1,0 +1,142 @@
+"""Block-sparse ring attention, forward and backward (SPEC sections 4 and 5).
+
+The ring of `ring_dense` (key/value shards move one rank per step through
+functional collectives; key/value gradients travel back with them in the
+backward), with a different step: this rank's queries attend the source
+shard's keys under the block-sparse pattern evaluated on *global* query and
+key positions, causal per token on global positions. A step whose (rank,
+source) pair has no allowed pair is skipped, but the shard is still passed
+along (every rank issues the same collectives). Partials merge by
+log-sum-exp; each step's backward uses the merged output and log-sum-exp; a
+query with no allowed key anywhere gets 0 and gradient 0.
+
+Each step is one masked attention (`ring_masked`) of the shard pair on every
+device: exact and differentiable everywhere (the CPU path the tests run).
+On GPU this is the same plain matmul/softmax path, not FlexAttention: a flex
+lowering with query offsets would be faster and is left for later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..policy import BlockPattern
+from ..sharding import position_list
+from .block_patterns import blocks_active, evaluate_mask_mod, token_mask_mod
+from .constants import outside_tracing
+from .ring_dense import Call, RingDense, Schedule
+from .ring_masked import masked_attention, masked_attention_backward
+
+
+@dataclass(frozen=True)
+class BlockSparseSchedule(Schedule):
+    """A dense ring's schedule whose steps are block-sparse masked attentions."""
+
+    pattern: BlockPattern = None  # type: ignore[assignment]
+    block_size: int = 0
+    active: tuple[bool, ...] = ()  # by source rank: whether this rank's queries use its keys
+
+    def calls(self, rank: int, source: int) -> tuple[Call, ...]:
+        return (Call(0, self.n, 0, self.n, False),) if self.active[source] else ()
+
+    def positions(self, rank: int, device) -> torch.Tensor:
+        """Global positions of `rank`'s shard, built in the graph from ranges."""
+        chunks = (rank,) if self.layout == "contiguous" or self.world_size == 1 else (
+            rank, 2 * self.world_size - 1 - rank)
+        size = self.n // len(chunks)
+        return torch.cat([torch.arange(c * size, (c + 1) * size, device=device) for c in chunks])
+
+    def mask(self, source: int, c: Call, q: torch.Tensor) -> torch.Tensor:
+        """(m, M) or (B, H, m, M) bool: allowed pairs of this call's queries and keys."""
+        qpos = self.positions(self.rank, q.device)[c.q0 : c.q1]
+        kpos = self.positions(source, q.device)[c.k0 : c.k1]
+        if self.pattern.kind == "mask_mod":
+            user = token_mask_mod(self.pattern, self.block_size, self.is_causal)
+            return evaluate_mask_mod(user, q.shape[0], q.shape[1], qpos, kpos)
+        b = self.block_size
+        allowed = blocks_active(
+            self.pattern,
+            torch.div(qpos, b, rounding_mode="floor")[:, None],
+            torch.div(kpos, b, rounding_mode="floor")[None, :],
+        )
+        if self.is_causal:
+            allowed = allowed & (kpos[None, :] <= qpos[:, None])
+        return allowed
+
+    def attend(self, source: int, c: Call, q, k, v, scale: float):
+        return masked_attention(q, k, v, self.mask(source, c, q), scale)
+
+    def attend_backward(self, source: int, c: Call, dout, q, k, v, out, lse, scale: float):
+        return masked_attention_backward(dout, q, k, v, self.mask(source, c, q), out, lse, scale)
+
+
+def _pair_active(
+    pattern: BlockPattern, block_size: int, is_causal: bool, qpos: list[int], kpos: list[int]
+) -> bool:
+    """Whether any query at `qpos` may attend any key at `kpos` (global positions)."""
+    if not qpos or not kpos:
+        return False
+    if pattern.kind == "mask_mod":  # token level, may depend on batch and head: only causal skips
+        return not is_causal or min(kpos) <= max(qpos)
+    qmax: dict[int, int] = {}
+    for p in qpos:
+        qmax[p // block_size] = max(qmax.get(p // block_size, -1), p)
+    kmin: dict[int, int] = {}
+    for p in kpos:
+        kmin[p // block_size] = min(kmin.get(p // block_size, p), p)
+    qb, kb = torch.tensor(list(qmax)), torch.tensor(list(kmin))
+    active = blocks_active(pattern, qb[:, None], kb[None, :])
+    if is_causal:  # some key of the key block at or before some query of the query block
+        first_key, last_query = torch.tensor(list(kmin.values())), torch.tensor(list(qmax.values()))
+        active = active & (first_key[None, :] <= last_query[:, None])
+    return bool(active.any())
+
+
+@torch._dynamo.assume_constant_result
+def _active_sources(
+    world_size: int, rank: int, n: int, layout: str, is_causal: bool,
+    pattern_fields: tuple, block_size: int,
+) -> tuple[bool, ...]:
+    """By source rank, whether this rank's queries may attend its keys (a constant to Dynamo)."""
+    pattern = BlockPattern(*pattern_fields)
+    total = n * world_size
+    with outside_tracing():
+        mine = position_list(total, layout, rank, world_size)
+        return tuple(
+            _pair_active(pattern, block_size, is_causal, mine,
+                         position_list(total, layout, s, world_size))
+            for s in range(world_size)
+        )
+
+
+def make_block_sparse_schedule(
+    world_size: int, rank: int, n: int, layout: str, is_causal: bool,
+    pattern: BlockPattern, block_size: int,
+) -> BlockSparseSchedule:
+    """The schedule of one rank's block-sparse ring."""
+    pattern_fields = (pattern.kind, pattern.window, pattern.stride, pattern.global_blocks, pattern.function)
+    active = _active_sources(world_size, rank, n, layout, is_causal, pattern_fields, block_size)
+    return BlockSparseSchedule(world_size, rank, n, layout, is_causal, pattern, block_size, active)
+
+
+def ring_block_sparse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    world_size: int,
+    rank: int,
+    group_name: str | None,
+    layout: str,
+    is_causal: bool,
+    scale: float,
+    pattern: BlockPattern,
+    block_size: int,
+) -> torch.Tensor:
+    """Block-sparse ring attention of this rank's shards; no checks (see ring.py)."""
+    sched = make_block_sparse_schedule(
+        world_size, rank, q.shape[-2], layout, bool(is_causal), pattern, int(block_size)
+    )
+    return RingDense.apply(sched, float(scale), group_name or "", q, k, v)

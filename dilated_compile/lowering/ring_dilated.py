@@ -1,0 +1,421 @@
+"""Dilated ring attention with segments that span ranks, forward and backward (SPEC section 5).
+
+Each (pattern, offset, head set) of the dilated attention (SPEC section 3)
+needs, for the queries one rank holds, only the *selected* keys (positions
+p with ``(p - s) % r == offset``) of the segments those queries lie in, and
+with causal masking only those at or before the last selected query of the
+segment on that rank. The plan (`make_dilated_plan`, from shapes alone, the
+same on every rank) lists exactly these keys for every pair of ranks; one
+``all_to_all_single`` per call moves them (every pair exchanges only what
+the receiver uses; nothing at all when every segment lies inside a shard,
+in which case `ring.py` runs `dilated_attention` locally instead).
+
+Each rank then attends its selected queries to the gathered keys of each
+head set under the mask "same segment (and key at or before query, causal)"
+on global positions (`ring_masked`), and merges the patterns of a
+head by log-sum-exp (``longnet``) exactly as `dilated.py` does. The
+backward runs the same masked attention's backward with the merged output
+and log-sum-exp, and one ``all_to_all_single`` sends each key/value
+gradient back to the rank that owns the key.
+
+Collectives and deadlocks (see `ring_dense`): every rank issues the same two
+collectives (one in the forward, one in the backward) in the same order.
+Each always carries at least one element (a one-element link from rank r to
+r+1: from k in the forward, from the output gradient in the backward), so
+the backward one depends on the output gradient and stays in the backward
+graph, and the received buffer is tied to the output, so no rank drops its
+collective as dead code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from functools import lru_cache
+
+import torch
+
+from ..sharding import position_list
+from .dilated import _head_sets, merge_by_lse
+from .kernels import accumulation_dtype
+from .ring_dense import tie, wait
+from .ring_masked import masked_attention, masked_attention_backward
+
+c10d_ops = torch.ops._c10d_functional
+
+
+@dataclass(frozen=True)
+class DilatedJob:
+    """One (pattern, offset, head set) on this rank: the keys it gathers."""
+
+    h_start: int
+    h_stop: int
+    h_step: int
+    seg_len: int  # segment length, clipped to the global length
+    rate: int
+    offset: int
+    rows: tuple[int, ...]  # local indices of this rank's queries the pattern selects
+    kpos: tuple[int, ...]  # global positions of the gathered keys, grouped by source rank
+    counts: tuple[int, ...]  # how many of them come from each rank (rank order)
+    own: tuple[int, ...]  # local indices of this rank's own keys among them
+
+
+@dataclass(frozen=True)
+class DilatedRingPlan:
+    """Everything about one rank's dilated ring that depends only on shapes and setup."""
+
+    world_size: int
+    rank: int
+    n: int  # local shard length
+    num_heads: int
+    is_causal: bool
+    qpos: tuple[int, ...]  # global positions of this rank's queries
+    jobs: tuple[DilatedJob, ...]
+    layers: tuple[tuple[int, ...], ...]  # job indices per head-covering layer, merged by lse
+    send: tuple[tuple[tuple[int, ...], ...], ...]  # [destination][job]: local indices sent there
+    exchanges: bool  # whether any rank sends keys to another
+
+    def heads(self, j: int) -> slice:
+        job = self.jobs[j]
+        return slice(job.h_start, job.h_stop, job.h_step)
+
+    def sent_keys(self) -> int:
+        """Number of key positions (over all jobs) this rank sends to other ranks."""
+        return sum(len(idx) for dest in self.send for idx in dest)
+
+
+def _needed(positions, w: int, r: int, o: int, n_total: int, is_causal: bool) -> list[int]:
+    """Global positions of the keys the queries at `positions` use in pattern (w, r, o)."""
+    last: dict[int, int] = {}  # segment start -> last selected query there
+    for p in positions:
+        s = p - p % w
+        if (p - s) % r == o:
+            last[s] = max(last.get(s, -1), p)
+    keys: list[int] = []
+    for s in sorted(last):
+        end = last[s] + 1 if is_causal else min(s + w, n_total)
+        keys.extend(range(s + o, end, r))
+    return keys
+
+
+@lru_cache(maxsize=64)
+def _build_plan(
+    world_size: int, rank: int, n: int, layout: str, is_causal: bool, num_heads: int,
+    segment_lengths: tuple[int, ...], dilation_rates: tuple[int, ...], head_split: str,
+) -> DilatedRingPlan:
+    total = n * world_size
+    positions = [position_list(total, layout, r, world_size) for r in range(world_size)]
+    owner: dict[int, tuple[int, int]] = {}
+    for r, pos in enumerate(positions):
+        for i, p in enumerate(pos):
+            owner[p] = (r, i)
+    jobs, send, exchanges = [], [[] for _ in range(world_size)], False
+    sets = list(_head_sets(num_heads, len(segment_lengths), dilation_rates, head_split))
+    for pattern, h0, h1, hs, o in sets:
+        w, r = min(segment_lengths[pattern], total), dilation_rates[pattern]
+        by_source: list[list[int]] = [[] for _ in range(world_size)]
+        for dest in range(world_size):
+            sent = []
+            for p in _needed(positions[dest], w, r, o, total, is_causal):
+                src, local = owner[p]
+                exchanges |= src != dest
+                if dest == rank:
+                    by_source[src].append(p)
+                if src == rank and dest != rank:
+                    sent.append(local)
+            send[dest].append(tuple(sent))
+        kpos = tuple(p for part in by_source for p in part)
+        own = tuple(owner[p][1] for p in by_source[rank])
+        rows = tuple(i for i, p in enumerate(positions[rank]) if (p % w) % r == o)
+        jobs.append(DilatedJob(h0, h1, hs, w, r, o, rows, kpos, tuple(map(len, by_source)), own))
+    if head_split == "groups":
+        layers = (tuple(range(len(jobs))),)
+    else:
+        layers = tuple(
+            tuple(j for j, s in enumerate(sets) if s[0] == i) for i in range(len(segment_lengths))
+        )
+    return DilatedRingPlan(
+        world_size, rank, n, num_heads, is_causal, tuple(positions[rank]), tuple(jobs),
+        layers, tuple(tuple(s) for s in send), exchanges,
+    )
+
+
+@torch._dynamo.assume_constant_result
+def _plan_fields(
+    world_size: int, rank: int, n: int, layout: str, is_causal: bool, num_heads: int,
+    segment_lengths: tuple[int, ...], dilation_rates: tuple[int, ...], head_split: str,
+) -> tuple:
+    """The plan as plain tuples: a constant to Dynamo (which then does not trace the planning)."""
+    plan = _build_plan(
+        world_size, rank, n, layout, is_causal, num_heads, tuple(segment_lengths),
+        tuple(dilation_rates), head_split,
+    )
+    jobs = tuple(tuple(getattr(job, f.name) for f in fields(DilatedJob)) for job in plan.jobs)
+    return tuple(jobs if f.name == "jobs" else getattr(plan, f.name) for f in fields(DilatedRingPlan))
+
+
+def make_dilated_plan(
+    world_size: int, rank: int, n: int, layout: str, is_causal: bool, num_heads: int,
+    segment_lengths: tuple[int, ...], dilation_rates: tuple[int, ...], head_split: str,
+) -> DilatedRingPlan:
+    """The (cached) plan of one rank's dilated ring."""
+    values = _plan_fields(
+        world_size, rank, n, layout, is_causal, num_heads, segment_lengths, dilation_rates,
+        head_split,
+    )
+    ws, rk, n_local, heads, causal, qpos, jobs, layers, send, exchanges = values
+    jobs = tuple(DilatedJob(*job) for job in jobs)
+    return DilatedRingPlan(ws, rk, n_local, heads, causal, qpos, jobs, layers, send, exchanges)
+
+
+# --------------------------------------------------------------------------
+# helpers
+
+
+def _index(values: tuple[int, ...], device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def _mask(plan: DilatedRingPlan, job: DilatedJob, device) -> torch.Tensor:
+    """(rows, M) bool: selected query i may attend gathered key j (same segment, causal)."""
+    qpos = _index(tuple(plan.qpos[i] for i in job.rows), device)
+    kpos = _index(job.kpos, device)
+    qseg = torch.div(qpos, job.seg_len, rounding_mode="floor")
+    kseg = torch.div(kpos, job.seg_len, rounding_mode="floor")
+    allowed = qseg[:, None] == kseg[None, :]
+    if plan.is_causal:
+        allowed = allowed & (kpos[None, :] <= qpos[:, None])
+    return allowed
+
+
+def _in_head_order(plan: DilatedRingPlan, per_job: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per layer, the jobs' (B, heads_j, ...) tensors as one (B, H, ...) tensor in head order."""
+    out = []
+    for layer in plan.layers:
+        heads = [h for j in layer for h in range(plan.num_heads)[plan.heads(j)]]
+        joined = torch.cat([per_job[j] for j in layer], dim=1)
+        if heads != sorted(heads):
+            inverse = [0] * len(heads)
+            for i, h in enumerate(heads):
+                inverse[h] = i
+            joined = joined.index_select(1, _index(tuple(inverse), joined.device))
+        out.append(joined)
+    return out
+
+
+def _of_job(plan: DilatedRingPlan, j: int, x: torch.Tensor) -> torch.Tensor:
+    return x[:, plan.heads(j)]
+
+
+def _rows_of_job(plan: DilatedRingPlan, j: int, x: torch.Tensor) -> torch.Tensor:
+    """The job's heads and selected query rows of a (B, H, n, ...) tensor."""
+    return _of_job(plan, j, x).index_select(2, _index(plan.jobs[j].rows, x.device))
+
+
+def _spread_rows(plan: DilatedRingPlan, j: int, x: torch.Tensor, fill: float) -> torch.Tensor:
+    """(B, heads_j, rows, ...) -> (B, heads_j, n, ...), `fill` at the rows the job does not select."""
+    full = x.new_full((*x.shape[:2], plan.n, *x.shape[3:]), fill)
+    return full.index_copy(2, _index(plan.jobs[j].rows, x.device), x)
+
+
+def _sizes(plan: DilatedRingPlan, counts_of, per_key: int) -> list[int]:
+    """Element counts per rank of a buffer holding k and v rows for each job."""
+    return [
+        sum(2 * counts_of(r, j) * per_key * len(range(plan.num_heads)[plan.heads(j)])
+            for j in range(len(plan.jobs)))
+        for r in range(plan.world_size)
+    ]
+
+
+def _exchange(
+    plan: DilatedRingPlan, parts: list[torch.Tensor], out_sizes: list[int], in_sizes: list[int],
+    link: torch.Tensor, group_name: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All-to-all of flat `parts` (grouped by destination, sizes `in_sizes`) plus a one-element
+    link to rank+1; returns (received data without the link, the received link)."""
+    w, r = plan.world_size, plan.rank
+    nxt, prv = (r + 1) % w, (r - 1) % w
+    send_sizes, recv_sizes = list(in_sizes), list(out_sizes)
+    send_sizes[nxt] += 1
+    recv_sizes[prv] += 1
+    # the link goes at the end of the block for rank+1
+    cut = sum(in_sizes[: nxt + 1])
+    flat = torch.cat(parts) if parts else link[:0]
+    buf = torch.cat([flat[:cut], link.reshape(1).to(flat.dtype), flat[cut:]])
+    got = wait(c10d_ops.all_to_all_single(buf, recv_sizes, send_sizes, group_name))
+    at = sum(recv_sizes[: prv + 1]) - 1
+    return torch.cat([got[:at], got[at + 1 :]]), got[at : at + 1]
+
+
+# --------------------------------------------------------------------------
+# forward / backward
+
+
+def _gather_keys(plan: DilatedRingPlan, k, v, group_name: str):
+    """Per job, the gathered (B, heads_j, M_j, D) keys and values, and the received buffer."""
+    b, d = k.shape[0], k.shape[-1]
+    received = None
+    if plan.exchanges:
+        parts = []
+        for dest in range(plan.world_size):
+            for j, idx in enumerate(plan.send[dest]):
+                if idx:
+                    sel = _index(idx, k.device)
+                    parts += [_of_job(plan, j, x).index_select(2, sel).reshape(-1) for x in (k, v)]
+        in_sizes = _sizes(plan, lambda r, j: len(plan.send[r][j]), b * d)
+        out_sizes = _sizes(
+            plan, lambda r, j: 0 if r == plan.rank else plan.jobs[j].counts[r], b * d
+        )
+        received, _ = _exchange(plan, parts, out_sizes, in_sizes, k.reshape(-1)[:1], group_name)
+    pieces: list[list[list[torch.Tensor]]] = [[[], []] for _ in plan.jobs]
+    offset = 0
+    for src in range(plan.world_size):
+        for j, job in enumerate(plan.jobs):
+            c = job.counts[src]
+            if not c:
+                continue
+            if src == plan.rank:
+                sel = _index(job.own, k.device)
+                for t, x in zip(pieces[j], (k, v)):
+                    t.append(_of_job(plan, j, x).index_select(2, sel))
+                continue
+            heads = len(range(plan.num_heads)[plan.heads(j)])
+            size = b * heads * c * d
+            for t in pieces[j]:
+                t.append(received[offset : offset + size].view(b, heads, c, d))
+                offset += size
+    gathered = []
+    for j, (ks, vs) in enumerate(pieces):
+        if ks:
+            gathered.append((torch.cat(ks, dim=2), torch.cat(vs, dim=2)))
+        else:
+            empty = _of_job(plan, j, k)[:, :, :0]
+            gathered.append((empty, _of_job(plan, j, v)[:, :, :0]))
+    return gathered, received
+
+
+def dilated_ring_forward(plan: DilatedRingPlan, q, k, v, scale: float, group_name: str):
+    """(out in the accumulation dtype, lse, gathered keys/values per job, received buffer)."""
+    gathered, received = _gather_keys(plan, k, v, group_name)
+    outs, lses = [], []
+    for j, (kj, vj) in enumerate(gathered):
+        o, l = masked_attention(_rows_of_job(plan, j, q), kj, vj, _mask(plan, plan.jobs[j], q.device), scale)
+        outs.append(_spread_rows(plan, j, o, 0.0))
+        lses.append(_spread_rows(plan, j, l, -math.inf))
+    per_out, per_lse = _in_head_order(plan, outs), _in_head_order(plan, lses)
+    if len(per_out) == 1:
+        out, lse = per_out[0], per_lse[0]
+    else:
+        out, lse = merge_by_lse(per_out, per_lse)
+    if received is not None:
+        out = tie(out, [received])
+    return out, lse, gathered
+
+
+def dilated_ring_backward(plan: DilatedRingPlan, dout, q, k, v, out, lse, gathered, scale, group_name):
+    """(dq, dk, dv) of this rank's shards, from the merged out and lse."""
+    acc = accumulation_dtype(q)
+    dqs, dks, dvs = [], [], []
+    for j, (kj, vj) in enumerate(gathered):
+        mask = _mask(plan, plan.jobs[j], q.device)
+        gq, gk, gv = masked_attention_backward(
+            _rows_of_job(plan, j, dout), _rows_of_job(plan, j, q), kj, vj, mask,
+            _rows_of_job(plan, j, out), _rows_of_job(plan, j, lse), scale,
+        )
+        dqs.append(_spread_rows(plan, j, gq, 0.0))
+        dks.append(gk)
+        dvs.append(gv)
+    dq = _sum(_in_head_order(plan, dqs))
+    b, n, d = k.shape[0], plan.n, k.shape[-1]
+    dk_parts, dv_parts, back = [], [], []  # (job, local indices, gradient); what goes back
+    for src in range(plan.world_size):  # in the order the forward received the keys
+        for j, job in enumerate(plan.jobs):
+            c, start = job.counts[src], sum(job.counts[:src])
+            if not c:
+                continue
+            gk, gv = dks[j][:, :, start : start + c], dvs[j][:, :, start : start + c]
+            if src == plan.rank:
+                dk_parts.append((j, job.own, gk))
+                dv_parts.append((j, job.own, gv))
+            else:
+                back += [gk.reshape(-1), gv.reshape(-1)]
+    if plan.exchanges:
+        out_sizes = _sizes(plan, lambda r, j: len(plan.send[r][j]), b * d)
+        in_sizes = _sizes(plan, lambda r, j: 0 if r == plan.rank else plan.jobs[j].counts[r], b * d)
+        link = dout.reshape(-1)[:1].to(acc)
+        got, _ = _exchange(plan, back, out_sizes, in_sizes, link, group_name)
+        offset = 0
+        for dest in range(plan.world_size):
+            for j, idx in enumerate(plan.send[dest]):
+                if not idx:
+                    continue
+                heads = len(range(plan.num_heads)[plan.heads(j)])
+                size = b * heads * len(idx) * d
+                for parts in (dk_parts, dv_parts):
+                    parts.append((j, idx, got[offset : offset + size].view(b, heads, len(idx), d)))
+                    offset += size
+    dk = _scatter_grads(plan, dk_parts, (b, plan.num_heads, n, d), acc, k.device)
+    dv = _scatter_grads(plan, dv_parts, (b, plan.num_heads, n, v.shape[-1]), acc, k.device)
+    if plan.exchanges:
+        dq = tie(dq, [got])
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    total = tensors[0]
+    for t in tensors[1:]:
+        total = total + t
+    return total
+
+
+def _scatter_grads(plan: DilatedRingPlan, parts, shape, acc, device) -> torch.Tensor:
+    """Sum of (job, local indices, (B, heads_j, c, D) gradient) parts into a (B, H, n, D) tensor."""
+    per_job = [torch.zeros(shape[0], len(range(plan.num_heads)[plan.heads(j)]), *shape[2:],
+                           dtype=acc, device=device) for j in range(len(plan.jobs))]
+    for j, idx, g in parts:
+        per_job[j] = per_job[j].index_add(2, _index(tuple(idx), device), g.to(acc))
+    return _sum(_in_head_order(plan, per_job))
+
+
+class RingDilated(torch.autograd.Function):
+    """Dilated ring attention over this rank's shards as one autograd node."""
+
+    @staticmethod
+    def forward(ctx, plan: DilatedRingPlan, scale: float, group_name: str, q, k, v):
+        out, lse, gathered = dilated_ring_forward(plan, q, k, v, scale, group_name)
+        ctx.plan, ctx.scale, ctx.group_name, ctx.n_jobs = plan, scale, group_name, len(gathered)
+        flat = [t for pair in gathered for t in pair]
+        ctx.save_for_backward(q, k, v, out, lse, *flat)
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, *flat = ctx.saved_tensors
+        gathered = [(flat[2 * j], flat[2 * j + 1]) for j in range(ctx.n_jobs)]
+        dq, dk, dv = dilated_ring_backward(
+            ctx.plan, dout.contiguous(), q, k, v, out, lse, gathered, ctx.scale, ctx.group_name
+        )
+        return None, None, None, dq, dk, dv
+
+
+def ring_dilated(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    world_size: int,
+    rank: int,
+    group_name: str | None,
+    layout: str,
+    is_causal: bool,
+    scale: float,
+    segment_lengths: tuple[int, ...],
+    dilation_rates: tuple[int, ...],
+    head_split: str,
+) -> torch.Tensor:
+    """Dilated ring attention of this rank's shards (segments may span ranks); no checks."""
+    plan = make_dilated_plan(
+        world_size, rank, q.shape[-2], layout, bool(is_causal), q.shape[1],
+        tuple(segment_lengths), tuple(dilation_rates), head_split,
+    )
+    return RingDilated.apply(plan, float(scale), group_name or "", q, k, v)
