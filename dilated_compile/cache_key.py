@@ -69,9 +69,10 @@ def lowered_functions() -> tuple[Callable, ...]:
     """The Python functions a rewritten graph may call."""
     from .lowering.block_sparse import block_sparse_attention
     from .lowering.dilated import dilated_attention
+    from .lowering.dynamic import dynamic_dilated_attention
     from .lowering.ring import ring_attention_local
 
-    return (dilated_attention, block_sparse_attention, ring_attention_local)
+    return (dilated_attention, block_sparse_attention, ring_attention_local, dynamic_dilated_attention)
 
 
 def cacheable_functions_patch(policy: Policy) -> dict[str, str]:

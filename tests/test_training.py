@@ -1,0 +1,156 @@
+"""The compiled model in real training loops (issue 8): dynamic lengths without
+recompiles, compiled-graph caches across processes, activation checkpointing,
+max-autotune, concurrent calls and bounded caches, the long-context example."""
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import dilated_compile
+from dilated_compile import dilated_reference
+from dilated_compile.lowering import dilated as dilated_lowering
+from dilated_compile.lowering.dynamic import dynamic_dilated_attention
+
+from .models import TinyModel, dilated_rule, policy, restore, with_attention_replaced
+from .tolerance import assert_within
+
+ROOT = Path(__file__).resolve().parents[1]
+SEG, RATES = (8, 16), (1, 2)
+LENGTHS = (20, 32, 37, 64, 97)  # multiples and non-multiples of the segments, and N < w
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    dilated_compile.clear_reports()
+    yield
+    torch._dynamo.reset()
+
+
+def _reference_model(model, head_split, min_seq_len=0):
+    """`model` copied, its attention replaced by the float64 reference (dense below min_seq_len)."""
+    ref = copy.deepcopy(model)
+
+    def attention(q, k, v, module):
+        if q.shape[2] < min_seq_len:
+            seg, rates, split = (q.shape[2],), (1,), "groups"
+        else:
+            seg, rates, split = SEG, RATES, head_split
+        return dilated_reference(q, k, v, seg, rates, head_split=split, is_causal=True).to(q.dtype)
+
+    return ref, with_attention_replaced(ref, attention)
+
+
+def _backend_calls() -> int:
+    return len(dilated_compile.reports())
+
+
+# ---------------------------------------------------------------- dynamic lengths
+
+
+@pytest.mark.parametrize("head_split", ["groups", "longnet"])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("n", [1, 5, 37, 64])
+def test_dynamic_op_equals_reference(n, is_causal, head_split):
+    """The custom op that symbolic-length sites call, forward and backward, vs float64."""
+    torch.manual_seed(n)
+    q, k, v = (torch.randn(2, 5, n, 8, requires_grad=True) for _ in range(3))
+    out = dynamic_dilated_attention(q, k, v, SEG, RATES, head_split=head_split, is_causal=is_causal)
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = dilated_reference(qd, kd, vd, SEG, RATES, head_split=head_split, is_causal=is_causal)
+    assert_within(out, ref, q, k, v, is_causal=is_causal)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (qd, kd, vd), grad.double())
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-4, msg=f"d{name}")
+
+
+def test_dynamic_op_is_dense_below_min_seq_len():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 3, 30, 8, dtype=torch.float64) for _ in range(3))
+    out = dynamic_dilated_attention(q, k, v, SEG, RATES, is_causal=True, min_seq_len=31)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, dense)
+    sparse = dynamic_dilated_attention(q, k, v, SEG, RATES, is_causal=True, min_seq_len=30)
+    torch.testing.assert_close(sparse, dilated_reference(q, k, v, SEG, RATES, is_causal=True))
+
+
+def test_dynamic_op_passes_opcheck():
+    q, k, v = (torch.randn(2, 3, 19, 8, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(
+        torch.ops.dilated_compile.dilated_attention.default,
+        (q, k, v, list(SEG), list(RATES), "longnet", True, 0.3, 0),
+    )
+
+
+@pytest.mark.parametrize(
+    "dynamic, head_split", [(True, "longnet"), (None, "groups")], ids=["dynamic_true", "automatic_dynamic"]
+)
+def test_lengths_train_like_reference_without_recompiles(dynamic, head_split):
+    """fullgraph=True, one optimizer step per length: the compiled model's loss and
+    gradients equal the same model with float64 reference attention, step by step.
+
+    dynamic=True: one graph for every length. Automatic dynamic: the first length
+    compiles a static graph, the second marks the length dynamic and compiles the
+    custom-op graph, and no later length recompiles (error_on_recompile).
+    """
+    torch.manual_seed(0)
+    model = TinyModel(heads=(5, 3))
+    reference, saved = _reference_model(model, head_split)
+    pol = policy(dilated_rule(seg=SEG, rates=RATES, head_split=head_split))
+    compiled = torch.compile(model, backend="dilated", options={"policy": pol}, fullgraph=True, dynamic=dynamic)
+    opt_c = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt_r = torch.optim.SGD(reference.parameters(), lr=0.05)
+    graphs_after = []
+    try:
+        for step, n in enumerate(LENGTHS):
+            x, target = torch.randn(2, n, 16), torch.randn(2, n, 16)
+            with torch._dynamo.config.patch(error_on_recompile=step >= 2):
+                loss_c = (compiled(x) - target).pow(2).mean()
+            loss_r = (reference(x) - target).pow(2).mean()
+            loss_c.backward()
+            loss_r.backward()
+            torch.testing.assert_close(loss_c, loss_r, atol=1e-5, rtol=1e-5, msg=f"loss at N={n}")
+            for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+                torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=f"{name} at N={n}")
+            for opt in (opt_c, opt_r):
+                opt.step()
+                opt.zero_grad()
+            graphs_after.append(counters["stats"]["unique_graphs"])
+    finally:
+        restore(saved)
+    assert not counters["graph_break"]
+    if dynamic:
+        assert graphs_after == [1] * len(LENGTHS)
+    else:
+        assert graphs_after == [1, 2, 2, 2, 2]
+    reports = dilated_compile.reports()
+    assert all(s.status == "rewritten" for s in reports[-1].sites)
+    assert "dynamic length" in reports[-1].sites[0].attention
+
+
+def test_dynamic_min_seq_len_is_decided_per_call():
+    """A symbolic-length site cannot compare N with min_seq_len when compiled: the op
+    runs dense attention below it and dilated attention from it, with one graph."""
+    torch.manual_seed(0)
+    model = TinyModel(heads=(4,))
+    reference, saved = _reference_model(model, "groups", min_seq_len=40)
+    pol = policy(dilated_rule(seg=SEG, rates=RATES), min_seq_len=40)
+    compiled = torch.compile(model, backend="dilated", options={"policy": pol}, dynamic=True)
+    try:
+        for n in (24, 39, 40, 61):
+            x = torch.randn(1, n, 16)
+            torch.testing.assert_close(compiled(x), reference(x), atol=1e-5, rtol=1e-5, msg=f"N={n}")
+    finally:
+        restore(saved)
+    assert counters["stats"]["unique_graphs"] == 1
