@@ -154,3 +154,62 @@ def test_dynamic_min_seq_len_is_decided_per_call():
     finally:
         restore(saved)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+# ---------------------------------------------------------------- caches across processes
+
+_CACHE_PROBE = textwrap.dedent(
+    """
+    import json, sys, torch
+    from torch._dynamo.utils import counters
+    from tests.models import TinyModel, dilated_rule, policy
+    torch.manual_seed(0)
+    model = TinyModel(heads=(4,))
+    pol = policy(dilated_rule(seg=(int(sys.argv[1]), 16), rates=(1, 2)))
+    compiled = torch.compile(model, backend="dilated", options={"policy": pol})
+    compiled(torch.randn(1, 40, 16)).sum().backward()
+    print(json.dumps({"aot": dict(counters["aot_autograd"]), "inductor": dict(counters["inductor"]),
+                      "rewritten": counters["dilated"]["rewritten"]}))
+    """
+)
+
+
+def _probe_caches(cache_dir: Path, segment: int) -> dict:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir)}
+    env.pop("TORCHINDUCTOR_FORCE_DISABLE_CACHES", None)
+    res = subprocess.run(
+        [sys.executable, "-c", _CACHE_PROBE, str(segment)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    import json
+
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_second_process_hits_caches_and_changed_policy_misses(tmp_path):
+    """Process 1 compiles (misses, saves); process 2, same policy, hits the FX graph and
+    AOTAutograd caches; process 3, a changed policy, misses both."""
+    first = _probe_caches(tmp_path, 8)
+    assert first["rewritten"] == 1
+    assert first["aot"].get("autograd_cache_miss") == 1 and first["aot"].get("autograd_cache_saved") == 1
+    assert first["inductor"].get("fxgraph_cache_miss", 0) >= 2 and not first["inductor"].get("fxgraph_cache_hit")
+
+    second = _probe_caches(tmp_path, 8)
+    assert second["rewritten"] == 1
+    assert second["aot"].get("autograd_cache_hit") == 1, second
+    assert not second["aot"].get("autograd_cache_miss") and not second["aot"].get("autograd_cache_bypass")
+
+    changed = _probe_caches(tmp_path, 4)
+    assert changed["aot"].get("autograd_cache_miss") == 1 and not changed["aot"].get("autograd_cache_hit")
+    assert changed["inductor"].get("fxgraph_cache_miss", 0) >= 2 and not changed["inductor"].get("fxgraph_cache_hit")
+
+
+def test_cache_key_changes_with_policy_content_not_its_source():
+    from dilated_compile.cache_key import cacheable_functions_patch
+
+    a = cacheable_functions_patch(dilated_compile.load_policy(policy(dilated_rule(seg=(8, 16)))))
+    b = cacheable_functions_patch(dilated_compile.load_policy(policy(dilated_rule(seg=(8, 16)))))
+    c = cacheable_functions_patch(dilated_compile.load_policy(policy(dilated_rule(seg=(8, 32)))))
+    assert a == b and set(a) == set(c) and a != c
+    assert "dilated_compile.lowering.dilated.dilated_attention" in a
