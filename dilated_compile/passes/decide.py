@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 
 from ..lowering.ring import check_dilated_local, check_local_shape
 from ..policy import Policy, Rule
@@ -68,6 +69,19 @@ def why_not_dynamic(site: Site) -> str | None:
     return None
 
 
+def _dropout_value(p):
+    """dropout_p as a number where it is one. Under dynamic shapes Dynamo passes a float
+    module attribute as a symbolic float (``tensor.item()``); it is read here with a
+    guard on its value, so a graph whose dropout is 0 is rewritten, and a change of the
+    attribute recompiles. Other values (no example value) are returned unchanged."""
+    value = p.meta.get("example_value") if isinstance(p, fx.Node) else None
+    if isinstance(value, torch.SymFloat):
+        from torch.fx.experimental.symbolic_shapes import guard_float
+
+        return guard_float(value)
+    return p
+
+
 def why_not_exact(site: Site) -> str | None:
     """Why the site cannot be rewritten into an exact equivalent, or None if it can."""
     a = site.args
@@ -83,7 +97,7 @@ def why_not_exact(site: Site) -> str | None:
         return f"query length {site.query_len} != key length {site.key_len} (cross-attention or KV cache)"
     if a["attn_mask"] is not None:
         return "has an attn_mask (only attn_mask=None is rewritten)"
-    p = a["dropout_p"]
+    p = _dropout_value(a["dropout_p"])
     if not isinstance(p, (int, float)) or p != 0:
         return f"dropout is active (dropout_p={p})"
     if not isinstance(a["is_causal"], bool):
