@@ -392,3 +392,39 @@ def test_max_autotune_on_cpu_compiles_and_matches_reference():
     finally:
         restore(saved)
     assert counters["dilated"]["rewritten"] == 1
+
+
+# ---------------------------------------------------------------- the long-context example
+
+EXAMPLE = ROOT / "examples" / "long_context_train.py"
+TINY = ["--device", "cpu", "--n-embd", "32", "--n-layer", "2", "--segments", "64,128,256", "--rates", "1,2,4"]
+
+
+def test_long_context_example_runs_on_cpu():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--seq-len", "512", *TINY],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr[-4000:]
+    assert "N=     512" in res.stdout and "grads finite: True" in res.stdout
+    assert "attention sites rewritten: 2 of 2" in res.stdout
+
+
+def test_long_context_example_sweep_writes_json_and_png(tmp_path):
+    """The sweep at tiny lengths with --dynamic (one compile for all lengths)."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("long_context_train", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(["--sweep", "--lengths", "200,300,400", "--dynamic", "--out", str(tmp_path), *TINY]) == 0
+    doc = json.loads((tmp_path / "peak_memory.json").read_text())
+    assert [r["seq_len"] for r in doc["results"]] == [200, 300, 400]
+    assert all(r["grads_finite"] and r["peak_bytes"] > 0 for r in doc["results"])
+    assert set(doc["fit"]) == {"bytes_per_token", "intercept_bytes", "max_relative_residual"}
+    assert (tmp_path / "peak_memory.png").stat().st_size > 1000
+    assert counters["stats"]["unique_graphs"] == 1
+    fit = example.fit_line([1, 2, 3], [12, 22, 32])
+    assert fit["bytes_per_token"] == pytest.approx(10) and fit["intercept_bytes"] == pytest.approx(2)
