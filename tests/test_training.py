@@ -428,3 +428,17 @@ def test_long_context_example_sweep_writes_json_and_png(tmp_path):
     assert counters["stats"]["unique_graphs"] == 1
     fit = example.fit_line([1, 2, 3], [12, 22, 32])
     assert fit["bytes_per_token"] == pytest.approx(10) and fit["intercept_bytes"] == pytest.approx(2)
+
+
+def test_block_sparse_site_with_dynamic_length_is_left_and_reported():
+    """Not implemented for symbolic lengths yet: the site stays dense, and says so."""
+    model = TinyModel(heads=(2,))
+    rule = {"match": "layers.*.attn", "attention": "block_sparse", "block_size": 8,
+            "pattern": {"kind": "local_window", "window": 1}}
+    compiled = torch.compile(model, backend="dilated", options={"policy": policy(rule)}, dynamic=True)
+    x = torch.randn(1, 24, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    (site,) = dilated_compile.reports()[-1].sites
+    assert site.status == "left"
+    assert site.reason == "dynamic (symbolic) sequence length: block_sparse is not rewritten yet"
