@@ -73,7 +73,10 @@ def dilated_backend(
     # AOTAutograd's cache accepts the rewritten graph's calls of this package's
     # functions only when they are marked; the mark's value keys the caches on
     # this package's code and the policy (see cache_key.py).
-    patches.setdefault("unsafe_marked_cacheable_functions", cacheable_functions_patch(policy))
+    import torch._inductor.config as inductor_config
+
+    if hasattr(inductor_config, "unsafe_marked_cacheable_functions"):
+        patches.setdefault("unsafe_marked_cacheable_functions", cacheable_functions_patch(policy))
     new_gm, report = run_passes(gm, policy)
     record(report)
     trace_report(report)
