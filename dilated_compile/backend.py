@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
+from .cache_key import cacheable_functions_patch
 from .debug import debug_dir_from, trace_report, write_debug_dir
 from .passes import record, run_passes
 from .policy import Policy, load_policy
@@ -69,10 +70,17 @@ def dilated_backend(
         options.setdefault("mode", mode)
     patches = _inductor_patches(options)
     policy = policy_from_options(options)
+    # AOTAutograd's cache accepts the rewritten graph's calls of this package's
+    # functions only when they are marked; the mark's value keys the caches on
+    # this package's code and the policy (see cache_key.py).
+    import torch._inductor.config as inductor_config
+
+    if hasattr(inductor_config, "unsafe_marked_cacheable_functions"):
+        patches.setdefault("unsafe_marked_cacheable_functions", cacheable_functions_patch(policy))
     new_gm, report = run_passes(gm, policy)
     record(report)
     trace_report(report)
     debug_dir = debug_dir_from(options)
     if debug_dir:
         write_debug_dir(report, debug_dir)
-    return compile_fx(new_gm, example_inputs, config_patches=patches or None)
+    return compile_fx(new_gm, example_inputs, config_patches=patches)

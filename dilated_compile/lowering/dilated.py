@@ -292,23 +292,47 @@ def spread_sum(plan: Plan, block_grads: Sequence[torch.Tensor], like: torch.Tens
     return total.transpose(1, 2)
 
 
-class _DilatedAttention(torch.autograd.Function):
-    """Gather, block attention, spread and merge, as one autograd node.
+def dilated_forward(plan: Plan, is_causal: bool, scale: float, q, k, v):
+    """(out, lse) of the dilated attention `plan` describes: out (B, H, N, D) in q's
+    dtype, lse (B, H, N) in the accumulation dtype (-inf where no pattern selects)."""
+    qs, ks, vs = (gather_calls(plan, x) for x in (q, k, v))
+    results = [
+        block_attention(a, b, c, is_causal=is_causal, scale=scale) for a, b, c in zip(qs, ks, vs)
+    ]
+    out, lse = assemble(plan, [r.out for r in results], [r.lse for r in results], q.shape[0], q)
+    return out.to(q.dtype), lse
 
-    The backward gathers the merged output and log-sum-exp at each block's
-    positions, runs the kernel's backward with them, and spreads the block
-    gradients back in one pass per tensor (`spread_sum`).
+
+def dilated_backward(plan: Plan, is_causal: bool, scale: float, q, k, v, out, lse, dout):
+    """(dq, dk, dv) of the dilated attention `plan` describes, from its merged out and lse.
+
+    Gathers out and lse at each block's positions, runs the kernel's backward
+    with them, and spreads the block gradients back in one pass per tensor
+    (`spread_sum`).
     """
+    qs, ks, vs = (gather_calls(plan, x) for x in (q, k, v))
+    douts = gather_calls(plan, dout.to(out.dtype))
+    outs = gather_calls(plan, out)
+    lses = [t.squeeze(-1) for t in gather_calls(plan, lse.unsqueeze(-1))]
+    grads = [
+        block_attention_backward(d, a, b, c, o, l, is_causal=is_causal, scale=scale)
+        for d, a, b, c, o, l in zip(douts, qs, ks, vs, outs, lses)
+    ]
+    if not grads:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    acc = accumulation_dtype(q)
+    return tuple(
+        spread_sum(plan, [t.to(acc) for t in g], q).to(x.dtype)
+        for g, x in zip(zip(*grads), (q, k, v))
+    )
+
+
+class _DilatedAttention(torch.autograd.Function):
+    """Gather, block attention, spread and merge, as one autograd node."""
 
     @staticmethod
     def forward(ctx, plan: Plan, is_causal: bool, scale: float, q, k, v):
-        qs, ks, vs = (gather_calls(plan, x) for x in (q, k, v))
-        results = [
-            block_attention(a, b, c, is_causal=is_causal, scale=scale)
-            for a, b, c in zip(qs, ks, vs)
-        ]
-        out, lse = assemble(plan, [r.out for r in results], [r.lse for r in results], q.shape[0], q)
-        out = out.to(q.dtype)
+        out, lse = dilated_forward(plan, is_causal, scale, q, k, v)
         ctx.plan, ctx.is_causal, ctx.scale = plan, is_causal, scale
         ctx.save_for_backward(q, k, v, out, lse)
         return out
@@ -316,24 +340,7 @@ class _DilatedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        plan = ctx.plan
-        qs, ks, vs = (gather_calls(plan, x) for x in (q, k, v))
-        douts = gather_calls(plan, dout.to(out.dtype))
-        outs = gather_calls(plan, out)
-        lses = [t.squeeze(-1) for t in gather_calls(plan, lse.unsqueeze(-1))]
-        grads = [
-            block_attention_backward(
-                d, a, b, c, o, l, is_causal=ctx.is_causal, scale=ctx.scale
-            )
-            for d, a, b, c, o, l in zip(douts, qs, ks, vs, outs, lses)
-        ]
-        if not grads:
-            return None, None, None, torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        acc = accumulation_dtype(q)
-        dq, dk, dv = (
-            spread_sum(plan, [t.to(acc) for t in g], q).to(x.dtype)
-            for g, x in zip(zip(*grads), (q, k, v))
-        )
+        dq, dk, dv = dilated_backward(ctx.plan, ctx.is_causal, ctx.scale, q, k, v, out, lse, dout)
         return None, None, None, dq, dk, dv
 
 
@@ -391,11 +398,18 @@ def dilated_attention(
         scale = 1.0 / math.sqrt(d)
     if n == 0:
         return q.new_zeros(q.shape)
+    plan = plan_for(q, seg, rates, head_split)
+    return _DilatedAttention.apply(plan, bool(is_causal), float(scale), q, k, v)
+
+
+def plan_for(
+    q: torch.Tensor, segment_lengths: tuple[int, ...], dilation_rates: tuple[int, ...], head_split: str
+) -> Plan:
+    """The plan of a dilated attention of (B, H, N, D) `q` (validated arguments)."""
     # Large parts get their own call on strided views only with cuDNN (the fast
     # path, checked on GPU); other kernels get dense batched blocks.
     small_tiles = SMALL_PART_TILES if choose_kernel(q) == "cudnn" else ALL_PARTS_SMALL
     # Under Dynamo (user code calling this function inside torch.compile) the
     # plan is built uncached: Dynamo does not trace through lru_cache cleanly.
     build = make_plan.__wrapped__ if torch.compiler.is_compiling() else make_plan
-    plan = build(h, n, seg, rates, head_split, small_tiles)
-    return _DilatedAttention.apply(plan, bool(is_causal), float(scale), q, k, v)
+    return build(q.shape[1], q.shape[2], segment_lengths, dilation_rates, head_split, small_tiles)

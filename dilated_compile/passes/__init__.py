@@ -11,6 +11,7 @@ from ..policy import Policy
 from ..sharding import check_same_on_all_ranks
 from .decide import Decision, decide
 from ..lowering.dilated import dilated_attention
+from ..lowering.dynamic import dynamic_dilated_attention
 from .report import (
     GraphReport,
     Report,
@@ -44,7 +45,7 @@ def _attention_nodes(gm: fx.GraphModule, decisions: list[Decision]) -> list[fx.N
     nodes = []
     for path, module in graph_modules(gm):
         for n in module.graph.nodes:
-            if (n.op == "call_function" and n.target is dilated_attention) or (path, n.name) in kept:
+            if (n.op == "call_function" and n.target in (dilated_attention, dynamic_dilated_attention)) or (path, n.name) in kept:
                 nodes.append(n)
     return nodes
 

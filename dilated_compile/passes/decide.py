@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 
 from ..lowering.ring import check_local_shape
 from ..policy import Policy, Rule
@@ -31,10 +32,54 @@ class Decision:
     reason: str | None  # why it was left, else None
     targeted: bool  # a rule asked for a rewrite
     ring: RingInfo | None = None  # the ring the site runs over (world size 1: runs locally)
+    dynamic: bool = False  # symbolic sequence length: runs through lowering/dynamic.py's custom op
 
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+# Attention kinds a site with a symbolic sequence length can become.
+DYNAMIC_ATTENTION = ("dilated",)
+
+
+def is_dynamic(site: Site) -> bool:
+    """Whether any size of q/k/v is symbolic (dynamic shapes)."""
+    return not all(_is_int(x) for x in (*site.q_shape, *site.k_shape, *site.v_shape))
+
+
+def _provably_equal(a, b) -> bool:
+    """a == b for every value of the symbols in them (adds no guard)."""
+    if _is_int(a) and _is_int(b):
+        return a == b
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return bool(statically_known_true(a == b))
+
+
+def why_not_dynamic(site: Site) -> str | None:
+    """Why a site with symbolic sizes cannot be rewritten, or None if it can: only the
+    batch and sequence sizes may be symbolic, and q/k/v's must be provably equal."""
+    q, k, v = site.q_shape, site.k_shape, site.v_shape
+    if not all(_is_int(x) for x in (q[1], k[1], v[1], q[3], k[3], v[3])):
+        return f"symbolic head count or head_dim {q}: only batch and sequence length may be dynamic"
+    for i, what in ((0, "batch"), (2, "sequence length")):
+        if not (_provably_equal(q[i], k[i]) and _provably_equal(k[i], v[i])):
+            return f"q/k/v {what} are symbolic and not provably equal: {q}, {k}, {v}"
+    return None
+
+
+def _dropout_value(p):
+    """dropout_p as a number where it is one. Under dynamic shapes Dynamo passes a float
+    module attribute as a symbolic float (``tensor.item()``); it is read here with a
+    guard on its value, so a graph whose dropout is 0 is rewritten, and a change of the
+    attribute recompiles. Other values (no example value) are returned unchanged."""
+    value = p.meta.get("example_value") if isinstance(p, fx.Node) else None
+    if isinstance(value, torch.SymFloat):
+        from torch.fx.experimental.symbolic_shapes import guard_float
+
+        return guard_float(value)
+    return p
 
 
 def why_not_exact(site: Site) -> str | None:
@@ -44,13 +89,15 @@ def why_not_exact(site: Site) -> str | None:
         return "shapes of q/k/v unknown (no example values in the graph)"
     if len(site.q_shape) != 4 or len(site.k_shape) != 4 or len(site.v_shape) != 4:
         return f"q/k/v are not 4-D (batch, heads, seq, head_dim): {site.q_shape}"
-    if not all(_is_int(x) for x in (*site.q_shape, *site.k_shape, *site.v_shape)):
-        return "dynamic (symbolic) shapes are not rewritten yet"
+    if is_dynamic(site):
+        problem = why_not_dynamic(site)
+        if problem is not None:
+            return problem
     if site.query_len != site.key_len:
         return f"query length {site.query_len} != key length {site.key_len} (cross-attention or KV cache)"
     if a["attn_mask"] is not None:
         return "has an attn_mask (only attn_mask=None is rewritten)"
-    p = a["dropout_p"]
+    p = _dropout_value(a["dropout_p"])
     if not isinstance(p, (int, float)) or p != 0:
         return f"dropout is active (dropout_p={p})"
     if not isinstance(a["is_causal"], bool):
@@ -113,6 +160,14 @@ def decide(site: Site, policy: Policy) -> Decision:
         problem = _why_no_ring(site, rule, ring)
     if problem is not None:
         return _left(site, rule, problem, True)
+    if is_dynamic(site):
+        if ring is not None:
+            return _left(site, rule, "dynamic (symbolic) sequence length with ring: is not rewritten yet", True)
+        if rule.attention not in DYNAMIC_ATTENTION:
+            return _left(
+                site, rule, f"dynamic (symbolic) sequence length: {rule.attention} is not rewritten yet", True
+            )
+        return Decision(site, rule, "rewritten", rule.attention, None, True, ring, dynamic=True)
     if ring is not None and ring.world_size > 1:
         return Decision(site, rule, "rewritten", "ring", None, True, ring)
     return Decision(site, rule, "rewritten", rule.attention, None, True, ring)

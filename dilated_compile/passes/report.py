@@ -66,6 +66,8 @@ def _became(d: Decision) -> str | None:
     if kind == "dilated":
         spec = d.rule.dilated
         text = f"dilated {spec.head_split} w={list(spec.segment_lengths)} r={list(spec.dilation_rates)}"
+        if d.dynamic:
+            text += f"; dynamic length (custom op), dense below min_seq_len {d.rule.min_seq_len}"
     elif kind == "block_sparse":
         n = d.site.key_len
         if d.ring is not None and isinstance(n, int):

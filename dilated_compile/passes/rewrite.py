@@ -14,6 +14,7 @@ from dataclasses import asdict
 
 from ..lowering.block_sparse import block_sparse_attention
 from ..lowering.dilated import dilated_attention
+from ..lowering.dynamic import dynamic_dilated_attention
 from ..lowering.ring import ring_attention_local
 from .decide import Decision
 from .sites import graph_modules
@@ -86,6 +87,26 @@ def _ring_call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision) ->
 _CALLS = {"dilated": _dilated_call, "block_sparse": _block_sparse_call, "ring": _ring_call}
 
 
+def _dynamic_dilated_call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision) -> fx.Node:
+    """A site with a symbolic length: the custom op, which adds no guard on the length
+    and decides min_seq_len per call."""
+    spec, args = decision.rule.dilated, decision.site.args
+    return graph.call_function(
+        dynamic_dilated_attention,
+        args=(*qkv, spec.segment_lengths, spec.dilation_rates),
+        kwargs={
+            "head_split": spec.head_split,
+            "is_causal": args["is_causal"],
+            "scale": args["scale"],
+            "min_seq_len": decision.rule.min_seq_len,
+        },
+    )
+
+
+# The same for sites with a symbolic sequence length (decision.dynamic).
+_DYNAMIC_CALLS = {"dilated": _dynamic_dilated_call}
+
+
 def _expand_kv_heads(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision):
     """Grouped-query attention (enable_gqa): key/value head j serves query heads
     j*g .. j*g+g-1, so repeat each k/v head g times along the head dimension."""
@@ -117,7 +138,8 @@ def rewrite(gm: fx.GraphModule, decisions: list[Decision]) -> fx.GraphModule:
         qkv = tuple(by_name[x.name] for x in (d.site.q, d.site.k, d.site.v))
         with module.graph.inserting_before(old):
             qkv = _expand_kv_heads(module.graph, qkv, d)
-            node = _CALLS[d.attention](module.graph, qkv, d)
+            call = _DYNAMIC_CALLS[d.attention] if d.dynamic else _CALLS[d.attention]
+            node = call(module.graph, qkv, d)
         node.meta = dict(old.meta)
         old.replace_all_uses_with(node)
         module.graph.erase_node(old)

@@ -1,0 +1,165 @@
+"""Attention for sites whose sequence length is symbolic (dynamic shapes).
+
+A rewritten site with a symbolic length calls an opaque custom op
+(``torch.ops.dilated_compile.dilated_attention``). Its fake implementation only
+gives the output's shape and layout, so tracing adds no guard on the length
+and one compiled graph serves every length; its real implementation runs the
+eager lowering with the concrete length at run time (the plan for each length
+is cached by `dilated.make_plan`, a bounded cache). The backward is a second
+custom op that runs the lowering's backward from the saved output and
+log-sum-exp.
+
+The policy's ``min_seq_len`` cannot be decided when the graph is compiled, so
+it is decided per call: below it the op computes ordinary attention, as the
+one pattern ``w = N, r = 1`` (SPEC section 3's identity).
+
+Outputs are stored sequence-major, (B, N, H, D) seen as (B, H, N, D): the
+layout the fake implementation promises and the real one returns.
+"""
+
+import math
+from typing import Sequence
+
+import torch
+
+from .dilated import check_dilated_args, check_qkv, dilated_backward, dilated_forward, plan_for
+from .kernels import accumulation_dtype
+
+OP_NAMESPACE = "dilated_compile"
+
+
+def _seq_major_strides(shape: Sequence) -> tuple:
+    """Strides of a (B, H, N[, X]) tensor stored as (B, N, H[, X]) (works on symbolic sizes)."""
+    if len(shape) == 3:
+        b, h, n = shape
+        return (n * h, 1, h)
+    b, h, n, x = shape
+    return (n * h * x, x, h * x, 1)
+
+
+def _seq_major_empty(like: torch.Tensor, shape: Sequence, dtype: torch.dtype) -> torch.Tensor:
+    return like.new_empty_strided(tuple(shape), _seq_major_strides(shape), dtype=dtype)
+
+
+def _in_seq_major(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when it is stored (B, N, H, X), else a sequence-major copy."""
+    if t.stride() == _seq_major_strides(t.shape):
+        return t
+    out = _seq_major_empty(t, t.shape, t.dtype)
+    out.copy_(t)
+    return out
+
+
+def _lse_fake(q: torch.Tensor) -> torch.Tensor:
+    return _seq_major_empty(q, q.shape[:3], accumulation_dtype(q))
+
+
+def effective_pattern(
+    seq_len: int, segment_lengths: Sequence[int], dilation_rates: Sequence[int], min_seq_len: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The (segments, rates) to run at `seq_len`: the rule's, or dense below `min_seq_len`."""
+    if seq_len < min_seq_len:
+        return (max(seq_len, 1),), (1,)
+    return tuple(segment_lengths), tuple(dilation_rates)
+
+
+def _plan(q, segment_lengths, dilation_rates, head_split, min_seq_len):
+    seg, rates = effective_pattern(q.shape[2], segment_lengths, dilation_rates, min_seq_len)
+    return plan_for(q, seg, rates, head_split)
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::dilated_attention", mutates_args=())
+def dilated_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: list[int],
+    dilation_rates: list[int],
+    head_split: str,
+    is_causal: bool,
+    scale: float,
+    min_seq_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of dilated attention at the run-time length (dense below min_seq_len)."""
+    if q.shape[2] == 0:
+        return _seq_major_empty(q, q.shape, q.dtype).zero_(), _lse_fake(q).fill_(-math.inf)
+    plan = _plan(q, segment_lengths, dilation_rates, head_split, min_seq_len)
+    out, lse = dilated_forward(plan, is_causal, scale, q, k, v)
+    return _in_seq_major(out), _in_seq_major(lse)
+
+
+@dilated_attention_op.register_fake
+def _(q, k, v, segment_lengths, dilation_rates, head_split, is_causal, scale, min_seq_len):
+    return _seq_major_empty(q, q.shape, q.dtype), _lse_fake(q)
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::dilated_attention_backward", mutates_args=())
+def dilated_attention_backward_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    segment_lengths: list[int],
+    dilation_rates: list[int],
+    head_split: str,
+    is_causal: bool,
+    scale: float,
+    min_seq_len: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of `dilated_attention_op` from its saved out and lse."""
+    if q.shape[2] == 0:
+        return tuple(_seq_major_empty(x, x.shape, x.dtype).zero_() for x in (q, k, v))
+    plan = _plan(q, segment_lengths, dilation_rates, head_split, min_seq_len)
+    grads = dilated_backward(plan, is_causal, scale, q, k, v, out, lse, dout)
+    return tuple(_in_seq_major(g) for g in grads)
+
+
+@dilated_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, segment_lengths, dilation_rates, head_split, is_causal, scale, min_seq_len):
+    return tuple(_seq_major_empty(x, x.shape, x.dtype) for x in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *params = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.params = params
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = dilated_attention_backward_op(dout, q, k, v, out, lse, *ctx.params)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+dilated_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dynamic_dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    head_split: str = "groups",
+    is_causal: bool = False,
+    scale: float | None = None,
+    min_seq_len: int = 0,
+) -> torch.Tensor:
+    """Dilated attention of (B, H, N, D) tensors through the custom op: any N, no guard on N.
+
+    The same function as `dilated_attention` at lengths >= `min_seq_len`, and
+    ordinary attention below it. Differentiable.
+    """
+    seg, rates = check_dilated_args(segment_lengths, dilation_rates, head_split)
+    check_qkv(q, k, v)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    out, _ = dilated_attention_op(
+        q, k, v, list(seg), list(rates), head_split, bool(is_causal), float(scale), int(min_seq_len)
+    )
+    return out

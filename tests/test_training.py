@@ -1,0 +1,444 @@
+"""The compiled model in real training loops (issue 8): dynamic lengths without
+recompiles, compiled-graph caches across processes, activation checkpointing,
+max-autotune, concurrent calls and bounded caches, the long-context example."""
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import dilated_compile
+from dilated_compile import dilated_reference
+from dilated_compile.lowering import dilated as dilated_lowering
+from dilated_compile.lowering.dynamic import dynamic_dilated_attention
+
+from .models import TinyModel, dilated_rule, policy, restore, with_attention_replaced
+from .tolerance import assert_within
+
+ROOT = Path(__file__).resolve().parents[1]
+SEG, RATES = (8, 16), (1, 2)
+LENGTHS = (20, 32, 37, 64, 97)  # multiples and non-multiples of the segments, and N < w
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    dilated_compile.clear_reports()
+    yield
+    torch._dynamo.reset()
+
+
+def _reference_model(model, head_split, min_seq_len=0):
+    """`model` copied, its attention replaced by the float64 reference (dense below min_seq_len)."""
+    ref = copy.deepcopy(model)
+
+    def attention(q, k, v, module):
+        if q.shape[2] < min_seq_len:
+            seg, rates, split = (q.shape[2],), (1,), "groups"
+        else:
+            seg, rates, split = SEG, RATES, head_split
+        return dilated_reference(q, k, v, seg, rates, head_split=split, is_causal=True).to(q.dtype)
+
+    return ref, with_attention_replaced(ref, attention)
+
+
+def _backend_calls() -> int:
+    return len(dilated_compile.reports())
+
+
+# ---------------------------------------------------------------- dynamic lengths
+
+
+@pytest.mark.parametrize("head_split", ["groups", "longnet"])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("n", [1, 5, 37, 64])
+def test_dynamic_op_equals_reference(n, is_causal, head_split):
+    """The custom op that symbolic-length sites call, forward and backward, vs float64."""
+    torch.manual_seed(n)
+    q, k, v = (torch.randn(2, 5, n, 8, requires_grad=True) for _ in range(3))
+    out = dynamic_dilated_attention(q, k, v, SEG, RATES, head_split=head_split, is_causal=is_causal)
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = dilated_reference(qd, kd, vd, SEG, RATES, head_split=head_split, is_causal=is_causal)
+    assert_within(out, ref, q, k, v, is_causal=is_causal)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (qd, kd, vd), grad.double())
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-4, msg=f"d{name}")
+
+
+def test_dynamic_op_is_dense_below_min_seq_len():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 3, 30, 8, dtype=torch.float64) for _ in range(3))
+    out = dynamic_dilated_attention(q, k, v, SEG, RATES, is_causal=True, min_seq_len=31)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, dense)
+    sparse = dynamic_dilated_attention(q, k, v, SEG, RATES, is_causal=True, min_seq_len=30)
+    torch.testing.assert_close(sparse, dilated_reference(q, k, v, SEG, RATES, is_causal=True))
+
+
+def test_dynamic_op_passes_opcheck():
+    q, k, v = (torch.randn(2, 3, 19, 8, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(
+        torch.ops.dilated_compile.dilated_attention.default,
+        (q, k, v, list(SEG), list(RATES), "longnet", True, 0.3, 0),
+    )
+
+
+@pytest.mark.parametrize(
+    "dynamic, head_split", [(True, "longnet"), (None, "groups")], ids=["dynamic_true", "automatic_dynamic"]
+)
+def test_lengths_train_like_reference_without_recompiles(dynamic, head_split):
+    """fullgraph=True, one optimizer step per length: the compiled model's loss and
+    gradients equal the same model with float64 reference attention, step by step.
+
+    dynamic=True: one graph for every length. Automatic dynamic: the first length
+    compiles a static graph, the second marks the length dynamic and compiles the
+    custom-op graph, and no later length recompiles (error_on_recompile).
+    """
+    torch.manual_seed(0)
+    model = TinyModel(heads=(5, 3))
+    reference, saved = _reference_model(model, head_split)
+    pol = policy(dilated_rule(seg=SEG, rates=RATES, head_split=head_split))
+    compiled = torch.compile(model, backend="dilated", options={"policy": pol}, fullgraph=True, dynamic=dynamic)
+    opt_c = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt_r = torch.optim.SGD(reference.parameters(), lr=0.05)
+    graphs_after = []
+    try:
+        for step, n in enumerate(LENGTHS):
+            x, target = torch.randn(2, n, 16), torch.randn(2, n, 16)
+            with torch._dynamo.config.patch(error_on_recompile=step >= 2):
+                loss_c = (compiled(x) - target).pow(2).mean()
+            loss_r = (reference(x) - target).pow(2).mean()
+            loss_c.backward()
+            loss_r.backward()
+            torch.testing.assert_close(loss_c, loss_r, atol=1e-5, rtol=1e-5, msg=f"loss at N={n}")
+            for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+                torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=f"{name} at N={n}")
+            for opt in (opt_c, opt_r):
+                opt.step()
+                opt.zero_grad()
+            graphs_after.append(counters["stats"]["unique_graphs"])
+    finally:
+        restore(saved)
+    assert not counters["graph_break"]
+    if dynamic:
+        assert graphs_after == [1] * len(LENGTHS)
+    else:
+        assert graphs_after == [1, 2, 2, 2, 2]
+    reports = dilated_compile.reports()
+    assert all(s.status == "rewritten" for s in reports[-1].sites)
+    assert "dynamic length" in reports[-1].sites[0].attention
+
+
+def test_dynamic_min_seq_len_is_decided_per_call():
+    """A symbolic-length site cannot compare N with min_seq_len when compiled: the op
+    runs dense attention below it and dilated attention from it, with one graph."""
+    torch.manual_seed(0)
+    model = TinyModel(heads=(4,))
+    reference, saved = _reference_model(model, "groups", min_seq_len=40)
+    pol = policy(dilated_rule(seg=SEG, rates=RATES), min_seq_len=40)
+    compiled = torch.compile(model, backend="dilated", options={"policy": pol}, dynamic=True)
+    try:
+        for n in (24, 39, 40, 61):
+            x = torch.randn(1, n, 16)
+            torch.testing.assert_close(compiled(x), reference(x), atol=1e-5, rtol=1e-5, msg=f"N={n}")
+    finally:
+        restore(saved)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+# ---------------------------------------------------------------- caches across processes
+
+_CACHE_PROBE = textwrap.dedent(
+    """
+    import json, sys, torch
+    from torch._dynamo.utils import counters
+    from tests.models import TinyModel, dilated_rule, policy
+    torch.manual_seed(0)
+    model = TinyModel(heads=(4,))
+    pol = policy(dilated_rule(seg=(int(sys.argv[1]), 16), rates=(1, 2)))
+    compiled = torch.compile(model, backend="dilated", options={"policy": pol})
+    compiled(torch.randn(1, 40, 16)).sum().backward()
+    print(json.dumps({"aot": dict(counters["aot_autograd"]), "inductor": dict(counters["inductor"]),
+                      "rewritten": counters["dilated"]["rewritten"]}))
+    """
+)
+
+
+def _probe_caches(cache_dir: Path, segment: int) -> dict:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir)}
+    env.pop("TORCHINDUCTOR_FORCE_DISABLE_CACHES", None)
+    res = subprocess.run(
+        [sys.executable, "-c", _CACHE_PROBE, str(segment)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    import json
+
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_second_process_hits_caches_and_changed_policy_misses(tmp_path):
+    """Process 1 compiles (misses, saves); process 2, same policy, hits the FX graph and
+    AOTAutograd caches; process 3, a changed policy, misses both."""
+    first = _probe_caches(tmp_path, 8)
+    assert first["rewritten"] == 1
+    assert first["aot"].get("autograd_cache_miss") == 1 and first["aot"].get("autograd_cache_saved") == 1
+    assert first["inductor"].get("fxgraph_cache_miss", 0) >= 2 and not first["inductor"].get("fxgraph_cache_hit")
+
+    second = _probe_caches(tmp_path, 8)
+    assert second["rewritten"] == 1
+    assert second["aot"].get("autograd_cache_hit") == 1, second
+    assert not second["aot"].get("autograd_cache_miss") and not second["aot"].get("autograd_cache_bypass")
+
+    changed = _probe_caches(tmp_path, 4)
+    assert changed["aot"].get("autograd_cache_miss") == 1 and not changed["aot"].get("autograd_cache_hit")
+    assert changed["inductor"].get("fxgraph_cache_miss", 0) >= 2 and not changed["inductor"].get("fxgraph_cache_hit")
+
+
+def test_cache_key_changes_with_policy_content_not_its_source():
+    from dilated_compile.cache_key import cacheable_functions_patch
+
+    a = cacheable_functions_patch(dilated_compile.load_policy(policy(dilated_rule(seg=(8, 16)))))
+    b = cacheable_functions_patch(dilated_compile.load_policy(policy(dilated_rule(seg=(8, 16)))))
+    c = cacheable_functions_patch(dilated_compile.load_policy(policy(dilated_rule(seg=(8, 32)))))
+    assert a == b and set(a) == set(c) and a != c
+    assert "dilated_compile.lowering.dilated.dilated_attention" in a
+
+
+# ---------------------------------------------------------------- activation checkpointing
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   hidden_size=64, intermediate_size=128, vocab_size=128,
+                                   max_position_embeddings=256)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.set_attn_implementation("sdpa")
+    return transformers, cfg, model
+
+
+def test_hf_gradient_checkpointing_rewrites_sites_and_keeps_gradients():
+    """HF gradient_checkpointing_enable() on a tiny Llama: the checkpointed layers'
+    attention is rewritten, and two optimizer steps give the losses and gradients of
+    the same compiled model without checkpointing.
+
+    An empty cache object is passed so that HF keeps `is_causal` instead of building
+    an explicit causal mask (which it does with use_cache=False, and which the site
+    finder does not accept yet: such sites are left, with that reason in the report).
+    """
+    transformers, cfg, checkpointed = _tiny_llama()
+    torch.manual_seed(0)
+    plain = copy.deepcopy(checkpointed)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert checkpointed.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    pol = {"version": 1, "rules": [{"match": "**", "attention": "dilated", "segment_lengths": [16, 32],
+                                    "dilation_rates": [1, 2], "head_split": "longnet"}]}
+    models = (checkpointed, plain)
+    compiled = [torch.compile(m.train(), backend="dilated", options={"policy": pol}) for m in models]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    ids = torch.randint(0, 128, (2, 70))
+    for _ in range(2):
+        losses = []
+        for c, opt in zip(compiled, opts):
+            cache = transformers.DynamicCache(config=cfg)
+            loss = c(ids, labels=ids, use_cache=False, past_key_values=cache).loss
+            loss.backward()
+            losses.append(loss)
+        torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
+        for (name, a), b in zip(checkpointed.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    # HF's "caching is incompatible with checkpointing" warning breaks the graph in each
+    # checkpointed layer, and one compiled graph then serves both layers: >= 3 site reports
+    sites = [s for r in dilated_compile.reports() for s in r.sites]
+    assert len(sites) >= 3 and all(s.status == "rewritten" for s in sites), [str(r) for r in dilated_compile.reports()]
+    assert counters["dilated"]["left"] == 0
+
+
+class _CheckpointedBlocks(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = TinyModel(heads=(4, 3))
+
+    def forward(self, x):
+        for layer in self.inner.layers:
+            x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+        return x
+
+
+def test_checkpointing_with_dynamic_lengths_trains_like_reference():
+    """torch.utils.checkpoint around blocks whose sites have a symbolic length:
+    the custom op is recomputed in the backward, gradients equal the reference."""
+    torch.manual_seed(0)
+    model = _CheckpointedBlocks()
+    reference, saved = _reference_model(model, "longnet")
+    pol = policy(dilated_rule(match="**.attn", seg=SEG, rates=RATES, head_split="longnet"))
+    compiled = torch.compile(model, backend="dilated", options={"policy": pol}, dynamic=True)
+    try:
+        for n in (29, 48):
+            x = torch.randn(2, n, 16)
+            loss_c, loss_r = compiled(x).pow(2).mean(), reference(x).pow(2).mean()
+            loss_c.backward()
+            loss_r.backward()
+            torch.testing.assert_close(loss_c, loss_r, atol=1e-5, rtol=1e-5)
+            for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+                torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+                a.grad = b.grad = None
+    finally:
+        restore(saved)
+    assert counters["dilated"]["rewritten"] == 2 and counters["dilated"]["left"] == 0
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+# ---------------------------------------------------------------- concurrency and bounded caches
+
+
+def _module_level_caches():
+    """Every functools cache defined at module level in the package, by dotted name."""
+    import importlib
+    import pkgutil
+
+    found = {}
+    for info in pkgutil.walk_packages(dilated_compile.__path__, "dilated_compile."):
+        if info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if callable(getattr(obj, "cache_info", None)) and getattr(obj, "__module__", None) == info.name:
+                found[f"{info.name}.{name}"] = obj
+    return found
+
+
+def test_every_module_level_cache_is_bounded():
+    caches = _module_level_caches()
+    assert "dilated_compile.lowering.dilated.make_plan" in caches
+    unbounded = [name for name, fn in caches.items() if fn.cache_parameters()["maxsize"] is None]
+    assert not unbounded, f"unbounded caches: {unbounded}"
+    from dilated_compile.passes import report
+
+    assert report._RECENT.maxlen == 64
+
+
+def test_threads_share_one_dynamic_model_and_caches_stay_bounded():
+    """8 threads call one compiled model (symbolic length) at their own lengths: every
+    result equals the single-threaded one, nothing recompiles, and the plan cache,
+    filled concurrently at run time by the custom op, stays within its bound."""
+    torch.manual_seed(0)
+    model = TinyModel(heads=(5, 3))
+    pol = policy(dilated_rule(seg=SEG, rates=RATES, head_split="longnet"))
+    compiled = torch.compile(model, backend="dilated", options={"policy": pol}, dynamic=True)
+    inputs = [torch.randn(1, 20 + 7 * i, 16, requires_grad=True) for i in range(8)]
+    expected = []
+    for x in inputs:
+        y = compiled(x)
+        (g,) = torch.autograd.grad(y.sum(), x)
+        expected.append((y.detach(), g))
+    dilated_lowering.make_plan.cache_clear()
+    results: list = [None] * 8
+    errors: list = []
+
+    def call(i):
+        try:
+            for _ in range(3):
+                y = compiled(inputs[i])
+                (g,) = torch.autograd.grad(y.sum(), inputs[i])
+                results[i] = (y.detach(), g)
+        except Exception as exc:  # noqa: BLE001 - surfaced by the assert below
+            errors.append(exc)
+
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    assert not errors and not any(t.is_alive() for t in threads), errors
+    for (y, g), (want_y, want_g) in zip(results, expected):
+        assert torch.equal(y, want_y) and torch.equal(g, want_g)
+    info = dilated_lowering.make_plan.cache_info()
+    assert 0 < info.currsize <= info.maxsize == 256
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+# ---------------------------------------------------------------- max-autotune
+
+
+def test_max_autotune_on_cpu_compiles_and_matches_reference():
+    torch.manual_seed(0)
+    model = TinyModel(heads=(4,))
+    reference, saved = _reference_model(model, "groups")
+    pol = policy(dilated_rule(seg=SEG, rates=RATES))
+    compiled = torch.compile(model, backend="dilated", options={"policy": pol, "mode": "max-autotune"})
+    x = torch.randn(2, 37, 16, requires_grad=True)
+    try:
+        out, want = compiled(x), reference(x)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+        (g,) = torch.autograd.grad(out.sum(), x)
+        (g_ref,) = torch.autograd.grad(want.sum(), x)
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4)
+    finally:
+        restore(saved)
+    assert counters["dilated"]["rewritten"] == 1
+
+
+# ---------------------------------------------------------------- the long-context example
+
+EXAMPLE = ROOT / "examples" / "long_context_train.py"
+TINY = ["--device", "cpu", "--n-embd", "32", "--n-layer", "2", "--segments", "64,128,256", "--rates", "1,2,4"]
+
+
+def test_long_context_example_runs_on_cpu():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--seq-len", "512", *TINY],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr[-4000:]
+    assert "N=     512" in res.stdout and "grads finite: True" in res.stdout
+    assert "attention sites rewritten: 2 of 2" in res.stdout
+
+
+def test_long_context_example_sweep_writes_json_and_png(tmp_path):
+    """The sweep at tiny lengths with --dynamic (one compile for all lengths)."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("long_context_train", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(["--sweep", "--lengths", "200,300,400", "--dynamic", "--out", str(tmp_path), *TINY]) == 0
+    doc = json.loads((tmp_path / "peak_memory.json").read_text())
+    assert [r["seq_len"] for r in doc["results"]] == [200, 300, 400]
+    assert all(r["grads_finite"] and r["peak_bytes"] > 0 for r in doc["results"])
+    assert set(doc["fit"]) == {"bytes_per_token", "intercept_bytes", "max_relative_residual"}
+    assert (tmp_path / "peak_memory.png").stat().st_size > 1000
+    assert counters["stats"]["unique_graphs"] == 1
+    fit = example.fit_line([1, 2, 3], [12, 22, 32])
+    assert fit["bytes_per_token"] == pytest.approx(10) and fit["intercept_bytes"] == pytest.approx(2)
+
+
+def test_block_sparse_site_with_dynamic_length_is_left_and_reported():
+    """Not implemented for symbolic lengths yet: the site stays dense, and says so."""
+    model = TinyModel(heads=(2,))
+    rule = {"match": "layers.*.attn", "attention": "block_sparse", "block_size": 8,
+            "pattern": {"kind": "local_window", "window": 1}}
+    compiled = torch.compile(model, backend="dilated", options={"policy": policy(rule)}, dynamic=True)
+    x = torch.randn(1, 24, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    (site,) = dilated_compile.reports()[-1].sites
+    assert site.status == "left"
+    assert site.reason == "dynamic (symbolic) sequence length: block_sparse is not rewritten yet"
