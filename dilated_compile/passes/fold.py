@@ -1,0 +1,135 @@
+"""Evaluate the constant part of a Dynamo graph at compile time.
+
+A mask or a scale factor that a model builds from constants (`torch.ones(...).tril()`,
+`arange` comparisons, `torch.full([], c)`) or slices from a registered buffer
+(GPT-2's `bias`) has one value for every call at fixed shapes. `constant_value`
+computes it so that the passes can prove what it is (e.g. the causal mask). A
+node that depends on a graph input other than a buffer, on randomness, or on
+anything mutated in place is not constant: `NotConstant` says why.
+
+Buffers are read as they are at compile time: a model that rewrites its mask
+buffer between calls is outside what the passes can prove (noted in README).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+# Masks larger than this many elements are not evaluated at compile time (memory).
+MAX_ELEMENTS = 1 << 26
+
+_RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "bernoulli",
+           "dropout", "multinomial", "normal", "uniform_", "bernoulli_", "normal_", "randperm"}
+
+
+class NotConstant(Exception):
+    """The node's value is not known at compile time; the message says why."""
+
+
+def _op_name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+
+
+def is_mutation(node: fx.Node) -> bool:
+    """An in-place op (`x.tril_()`, `x[...] = v`)."""
+    if node.op == "call_function" and node.target is operator.setitem:
+        return True
+    name = _op_name(node)
+    return node.op in ("call_function", "call_method") and name.endswith("_") and not name.endswith("__")
+
+
+def _buffer_value(node: fx.Node) -> torch.Tensor:
+    """The real value of a placeholder that Dynamo lifted from a registered buffer."""
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    name = source.name() if source is not None and hasattr(source, "name") else str(source)
+    if "_buffers" not in str(source) and "_buffers" not in name:
+        raise NotConstant(f"depends on the graph input '{node.target}'")
+    try:
+        value = grapharg.example
+    except Exception as exc:  # the example was already released
+        raise NotConstant(f"the value of buffer '{node.target}' is not available ({exc})") from exc
+    if not isinstance(value, torch.Tensor):
+        raise NotConstant(f"the value of buffer '{node.target}' is not available")
+    return value.detach().clone()
+
+
+def _is_python_constant(val: Any) -> bool:
+    if isinstance(val, (tuple, list)):
+        return len(val) > 0 and all(_is_python_constant(v) for v in val)
+    return isinstance(val, (bool, int, float))
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    return seen
+
+
+def _check_foldable(node: fx.Node) -> None:
+    val = node.meta.get("example_value")
+    if isinstance(val, torch.Tensor) and val.numel() > MAX_ELEMENTS:
+        raise NotConstant(
+            f"'{node.name}' has {val.numel()} elements, more than the {MAX_ELEMENTS} evaluated "
+            "at compile time"
+        )
+    if _op_name(node) in _RANDOM and not (
+        _op_name(node) == "dropout" and (node.kwargs.get("training") is False or node.kwargs.get("p") == 0)
+    ):
+        raise NotConstant(f"'{node.name}' is random")
+    for user in node.users:
+        if is_mutation(user):
+            raise NotConstant(f"'{node.name}' is modified in place by '{user.name}'")
+
+
+def constant_value(node: Any, gm: fx.GraphModule | None = None) -> Any:
+    """The value of `node` (or of a plain Python argument) computed from constants and buffers.
+
+    Raises NotConstant when the value depends on inputs, randomness or in-place changes.
+    """
+    if not isinstance(node, fx.Node):
+        return fx.node.map_aggregate(node, lambda a: constant_value(a, gm) if isinstance(a, fx.Node) else a)
+    needed = _ancestors(node)
+    values: dict[fx.Node, Any] = {}
+    for n in node.graph.nodes:  # graph order: what runs first is evaluated first
+        if n not in needed:
+            continue
+        val = n.meta.get("example_value")
+        if _is_python_constant(val):
+            values[n] = val  # a Python number or shape Dynamo already knows
+            continue
+        _check_foldable(n)
+        if n.op == "placeholder":
+            values[n] = _buffer_value(n)
+            continue
+        if n.op == "get_attr":
+            if gm is None:
+                raise NotConstant(f"'{n.name}' reads an attribute of an unknown module")
+            obj: Any = gm
+            for part in str(n.target).split("."):
+                obj = getattr(obj, part)
+            values[n] = obj.detach().clone() if isinstance(obj, torch.Tensor) else obj
+            continue
+        if n.op not in ("call_function", "call_method"):
+            raise NotConstant(f"'{n.name}' ({n.op}) cannot be evaluated at compile time")
+        args = fx.node.map_arg(n.args, values.__getitem__)
+        kwargs = fx.node.map_arg(n.kwargs, values.__getitem__)
+        try:
+            with torch.no_grad():
+                if n.op == "call_function":
+                    values[n] = n.target(*args, **kwargs)
+                else:
+                    values[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+        except Exception as exc:
+            raise NotConstant(f"evaluating '{n.name}' failed: {exc}") from exc
+    return values[node]

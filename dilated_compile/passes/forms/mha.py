@@ -1,0 +1,167 @@
+"""`nn.MultiheadAttention` (and the self-attention of `nn.TransformerEncoderLayer`,
+`nn.TransformerDecoderLayer`, `nn.Transformer`).
+
+On torch 2.11-2.13 Dynamo keeps each call as one
+`F.multi_head_attention_forward` node whose inputs are (seq, batch, embed)
+(the module transposes batch_first inputs before it). A rewritable site is
+self-attention (query, key and value the same tensor) without weights
+requested, padding mask, bias_k/bias_v, zero attention or active dropout. The
+rewrite puts the in-projection, the head split, the attention call, the head
+merge and the out-projection in the node's place.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..masks import NotProvable, classify, keep_from_mask
+from ..fold import NotConstant, constant_value
+from ..sites import SDPA_DEFAULTS, Site, module_path, shape_of
+
+TARGET = F.multi_head_attention_forward
+_SIGNATURE = inspect.signature(TARGET)
+
+
+def _bind(node: fx.Node) -> dict:
+    bound = _SIGNATURE.bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _problem(a: dict, node: fx.Node) -> str | None:
+    """Why this call cannot be rewritten exactly, or None."""
+    if not (a["query"] is a["key"] is a["value"]):
+        return "cross-attention (query, key and value are different tensors)"
+    if a["need_weights"] is not False:
+        return "the attention weights are returned (need_weights=True; pass need_weights=False)"
+    if a["key_padding_mask"] is not None:
+        return "has a key_padding_mask (a padding mask)"
+    if a["bias_k"] is not None or a["bias_v"] is not None or a["add_zero_attn"] is not False:
+        return "uses bias_k / bias_v / add_zero_attn (extra keys)"
+    if a["static_k"] is not None or a["static_v"] is not None:
+        return "uses static_k / static_v"
+    if a["training"] is not False and a["dropout_p"] != 0:
+        return f"dropout is active (dropout={a['dropout_p']}, training)"
+    if shape_of(a["query"]) is None or len(shape_of(a["query"])) != 3:
+        return "unbatched input (2-D query)"
+    if any(isinstance(a[name], fx.Node) for name in ("num_heads", "dropout_p", "is_causal")):
+        return "num_heads, dropout or is_causal is not a constant"
+    if any(len(u.users) and not (u.target is operator.getitem and u.args[1] == 0) for u in node.users):
+        return "the attention weights are used"
+    return None
+
+
+def _causal(a: dict, gm: fx.GraphModule, n: int) -> bool:
+    """The causal flag the call stands for (MHA trusts an is_causal hint); NotProvable otherwise."""
+    if a["is_causal"] is True:
+        return True
+    if a["attn_mask"] is None:
+        return False
+    try:
+        mask = constant_value(a["attn_mask"], gm)
+    except NotConstant as exc:
+        raise NotProvable(f"the mask is not a compile-time constant: {exc}") from exc
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+        mask = ~mask  # MHA's boolean masks mark the positions NOT allowed
+    return classify(keep_from_mask(mask), n, n)
+
+
+def _build_qkv(a: dict, heads: int):
+    """build_qkv hook: in-projection and head split, (L, N, E) -> 3 x (N, H, L, E/H)."""
+    names = {key: a[key].name for key in ("query", "in_proj_weight", "in_proj_bias",
+                                          "q_proj_weight", "k_proj_weight", "v_proj_weight")
+             if isinstance(a[key], fx.Node)}
+    separate = bool(a["use_separate_proj_weight"])
+    seq, batch, embed = shape_of(a["query"])
+
+    def build(graph: fx.Graph, nodes: dict[str, fx.Node]):
+        x = nodes[names["query"]]
+        bias = nodes.get(names.get("in_proj_bias", ""))
+        if separate:
+            weights = [nodes[names[f"{c}_proj_weight"]] for c in "qkv"]
+        else:
+            w = graph.call_method("chunk", (nodes[names["in_proj_weight"]], 3))
+            weights = [graph.call_function(operator.getitem, (w, i)) for i in range(3)]
+        if bias is not None:
+            b = graph.call_method("chunk", (bias, 3))
+            biases = [graph.call_function(operator.getitem, (b, i)) for i in range(3)]
+        else:
+            biases = [None] * 3
+        out = []
+        for w_i, b_i in zip(weights, biases):
+            proj = graph.call_function(F.linear, (x, w_i, b_i))
+            split = graph.call_method("reshape", (proj, seq, batch, heads, embed // heads))
+            out.append(graph.call_method("permute", (split, 1, 2, 0, 3)))
+        return tuple(out)
+
+    return build
+
+
+def _replace(a: dict):
+    """replace hook: head merge and out-projection in place of the call's output 0."""
+    w_name, b_name = a["out_proj_weight"].name, getattr(a["out_proj_bias"], "name", None)
+    seq, batch, embed = shape_of(a["query"])
+
+    def replace(graph: fx.Graph, old: fx.Node, attention: fx.Node) -> None:
+        nodes = {n.name: n for n in graph.nodes}
+        with graph.inserting_after(attention):
+            merged = graph.call_method("permute", (attention, 2, 0, 1, 3))
+        with graph.inserting_after(merged):
+            flat = graph.call_method("reshape", (merged, seq, batch, embed))
+        with graph.inserting_after(flat):
+            out = graph.call_function(F.linear, (flat, nodes[w_name], nodes.get(b_name)))
+        for user in list(old.users):
+            out.meta = dict(user.meta)
+            user.replace_all_uses_with(out)
+            graph.erase_node(user)
+        graph.erase_node(old)
+
+    return replace
+
+
+def site_of(node: fx.Node, gm: fx.GraphModule) -> Site:
+    a = _bind(node)
+    query = a["query"]
+    q_val = query.meta.get("example_value") if isinstance(query, fx.Node) else None
+    problem = _problem(a, node)
+    shape = shape_of(query)
+    heads = a["num_heads"]
+    qkv_shape = None
+    is_causal = False
+    if shape is not None and len(shape) == 3 and isinstance(heads, int):
+        seq, batch, embed = shape
+        qkv_shape = (batch, heads, seq, embed // heads)
+    if problem is None:
+        try:
+            is_causal = _causal(a, gm, seq)
+        except NotProvable as exc:
+            problem = f"has an attn_mask that is not provably the causal mask: {exc}"
+    site = Site(
+        node=node,
+        module=module_path(node),
+        form="mha" + ("+causal-mask" if is_causal and a["attn_mask"] is not None and a["is_causal"] is not True else ""),
+        q=query,
+        k=a["key"],
+        v=a["value"],
+        args=dict(SDPA_DEFAULTS, is_causal=is_causal),
+        q_shape=qkv_shape,
+        k_shape=qkv_shape,
+        v_shape=qkv_shape,
+        dtype=getattr(q_val, "dtype", None),
+        device=str(q_val.device) if q_val is not None else None,
+        problem=problem,
+    )
+    if problem is None:
+        site.build_qkv = _build_qkv(a, heads)
+        site.replace = _replace(a)
+    return site
+
+
+def find(gm: fx.GraphModule) -> list[Site]:
+    """Every `F.multi_head_attention_forward` call in `gm` (not its nested graphs)."""
+    return [site_of(n, gm) for n in gm.graph.nodes if n.op == "call_function" and n.target is TARGET]
