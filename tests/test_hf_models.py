@@ -1,5 +1,6 @@
 """Real HF transformers models built from their configs (no weights downloaded),
-attn_implementation="sdpa": every attention layer is found and rewritten, and the
+attn_implementation "sdpa" (SDPA calls) and "eager" (hand-written matmul-softmax
+attention with a causal mask built in the graph or sliced from a buffer): every attention layer is found and rewritten, and the
 compiled model equals the same model run eagerly with its attention replaced by
 dilated_attention (registered through transformers' AttentionInterface)."""
 
@@ -61,13 +62,14 @@ def _main_output(out) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("build", [_gpt2, _llama, _qwen2, _bert], ids=["gpt2", "llama-gqa", "qwen2-mqa", "bert"])
-def test_hf_model_rewritten_exactly(build):
+def test_hf_model_rewritten_exactly(build, implementation):
     torch.manual_seed(0)
     torch._dynamo.reset()
     counters.clear()
     model, modules = build()
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(implementation)
     model.eval()
     ids = torch.randint(0, 128, (2, 70))
 

@@ -46,8 +46,9 @@ def _buffer_value(node: fx.Node) -> torch.Tensor:
     """The real value of a placeholder that Dynamo lifted from a registered buffer."""
     grapharg = node.meta.get("grapharg")
     source = getattr(grapharg, "source", None)
-    name = source.name() if source is not None and hasattr(source, "name") else str(source)
-    if "_buffers" not in str(source) and "_buffers" not in name:
+    name = getattr(source, "name", "")
+    name = name() if callable(name) else name  # a method on older torch, a property on newer
+    if "_buffers" not in str(source) and "_buffers" not in str(name):
         raise NotConstant(f"depends on the graph input '{node.target}'")
     try:
         value = grapharg.example

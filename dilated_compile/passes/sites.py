@@ -54,6 +54,8 @@ class Site:
 
 
 _FQN_PARTS = (
+    # a wrapper's *args holding the root module: L['args'][0] -> root
+    (re.compile(r"^L\['args'\]\[0\]\.?"), ""),
     (re.compile(r"^[LG]\['[^']*'\]\.?"), ""),  # L['self'] (or a global G['m']) -> root
     (re.compile(r"\._modules\['([^']*)'\]"), r".\1"),
     (re.compile(r"\['([^']*)'\]"), r".\1"),

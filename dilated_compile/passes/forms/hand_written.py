@@ -86,6 +86,15 @@ def _untransposed_key(node) -> fx.Node | None:
     return None
 
 
+def _canonical(equation: str) -> str:
+    """The equation with its letters renamed in order of first appearance ("bhqd,..." -> "abcd,...")."""
+    rename: dict[str, str] = {}
+    for c in equation:
+        if c.isalpha() and c not in rename:
+            rename[c] = chr(ord("a") + len(rename))
+    return "".join(rename.get(c, c) for c in equation)
+
+
 def _einsum_operands(node, wanted: str):
     """The two operands of an einsum whose equation is `wanted` up to renaming letters."""
     if not _is(node, EINSUMS) or not isinstance(node.args[0], str):
@@ -95,12 +104,7 @@ def _einsum_operands(node, wanted: str):
         operands = tuple(operands[0])
     if len(operands) != 2 or "." in equation:
         return None
-    rename = {}
-    for c in equation:
-        if c.isalpha() and c not in rename:
-            rename[c] = "bhqkd"[len(rename)] if len(rename) < 5 else "?"
-    canonical = "".join(rename.get(c, c) for c in equation)
-    return operands if canonical == wanted else None
+    return operands if _canonical(equation) == _canonical(wanted) else None
 
 
 def _walk_scores(node, gm, out: _Scores | None = None) -> _Scores | None:
