@@ -9,6 +9,6 @@ from __future__ import annotations
 
 from . import hand_written, mha, sdpa
 
-FINDERS = (sdpa.find, hand_written.find, mha.find)
+FINDERS = (sdpa.find, hand_written.find, mha.find, mha.find_fast_paths)
 
 __all__ = ["FINDERS"]

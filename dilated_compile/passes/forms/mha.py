@@ -165,3 +165,48 @@ def site_of(node: fx.Node, gm: fx.GraphModule) -> Site:
 def find(gm: fx.GraphModule) -> list[Site]:
     """Every `F.multi_head_attention_forward` call in `gm` (not its nested graphs)."""
     return [site_of(n, gm) for n in gm.graph.nodes if n.op == "call_function" and n.target is TARGET]
+
+
+# Inference fast paths (eval mode, no grad): one fused op per layer, not decomposed.
+FAST_PATHS = {
+    torch._transformer_encoder_layer_fwd: "nn.TransformerEncoderLayer",
+    torch._native_multi_head_attention: "nn.MultiheadAttention",
+}
+FAST_PATH_REASON = (
+    "{what}'s inference fast path (eval mode under no_grad) is one fused op "
+    "({op}) that is not rewritten; run the model under torch.enable_grad() or call "
+    "torch.backends.mha.set_fastpath_enabled(False) to have its attention found and rewritten"
+)
+
+
+def fast_path_site(node: fx.Node) -> Site:
+    """A fused fast-path op: reported, and left with the reason."""
+    src = node.args[0]
+    val = src.meta.get("example_value") if isinstance(src, fx.Node) else None
+    shape, heads = shape_of(src), node.args[2] if len(node.args) > 2 else None
+    if node.target is torch._native_multi_head_attention and len(node.args) > 4:
+        heads = node.args[4]
+    qkv_shape = None
+    if shape is not None and len(shape) == 3 and isinstance(heads, int):
+        batch, seq, embed = shape  # the fast paths run batch-first only
+        qkv_shape = (batch, heads, seq, embed // heads)
+    return Site(
+        node=node,
+        module=module_path(node),
+        form="mha-fastpath",
+        q=src,
+        k=src,
+        v=src,
+        args=dict(SDPA_DEFAULTS),
+        q_shape=qkv_shape,
+        k_shape=qkv_shape,
+        v_shape=qkv_shape,
+        dtype=getattr(val, "dtype", None),
+        device=str(val.device) if val is not None else None,
+        problem=FAST_PATH_REASON.format(what=FAST_PATHS[node.target], op=node.target.__name__),
+    )
+
+
+def find_fast_paths(gm: fx.GraphModule) -> list[Site]:
+    """Every fused fast-path op in `gm` (not its nested graphs)."""
+    return [fast_path_site(n) for n in gm.graph.nodes if n.op == "call_function" and n.target in FAST_PATHS]
