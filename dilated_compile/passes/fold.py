@@ -34,10 +34,14 @@ def _op_name(node: fx.Node) -> str:
     return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
 
 
+_OPERATOR_INPLACE = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                     operator.iand, operator.ior, operator.ixor, operator.ifloordiv, operator.imod}
+
+
 def is_mutation(node: fx.Node) -> bool:
-    """An in-place op (`x.tril_()`, `x[...] = v`)."""
-    if node.op == "call_function" and node.target is operator.setitem:
-        return True
+    """An in-place op (`x.tril_()`, `x[...] = v`, `x &= y`)."""
+    if node.op == "call_function" and getattr(node.target, "__module__", None) in ("_operator", "operator"):
+        return node.target in _OPERATOR_INPLACE
     name = _op_name(node)
     return node.op in ("call_function", "call_method") and name.endswith("_") and not name.endswith("__")
 
@@ -89,7 +93,9 @@ def _check_foldable(node: fx.Node) -> None:
     ):
         raise NotConstant(f"'{node.name}' is random")
     for user in node.users:
-        if is_mutation(user):
+        # `fresh().masked_fill_(...)` used only through the in-place op's result is fine
+        mutated = is_mutation(user) and bool(user.args) and user.args[0] is node
+        if mutated and len(node.users) > 1:
             raise NotConstant(f"'{node.name}' is modified in place by '{user.name}'")
 
 
