@@ -109,6 +109,10 @@ class Form(nn.Module):
         if kind == "einsum-scaled-q":
             w = torch.einsum("bhqd,bhkd->bhqk", q * 0.3, k)
             return torch.einsum("bhqk,bhkd->bhqd", w.float().softmax(-1).to(q.dtype), v)
+        if kind == "matmul-broadcast-mqa":  # one k/v head broadcast over the query heads
+            w = q @ k[:, :1].transpose(-2, -1) * 0.5
+            w = w.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+            return w.softmax(-1) @ v[:, :1]
         if kind == "matmul-permute-noncausal":
             return (q.matmul(k.permute(0, 1, 3, 2)) * d ** -0.5).softmax(dim=-1).matmul(v)
         raise ValueError(kind)
@@ -128,8 +132,10 @@ FORMS = {
     "matmul-mul-additive-fp32-softmax": ("matmul-softmax+causal-mask", True, 0.25, 1.0),
     "where-buffer-full-scale": ("matmul-softmax+causal-mask", True, None, 1.0),
     "einsum-scaled-q": ("einsum-softmax", False, 1.0, 0.3),
+    "matmul-broadcast-mqa": ("matmul-softmax+causal-mask", True, 0.5, 1.0),
     "matmul-permute-noncausal": ("matmul-softmax", False, None, 1.0),
 }
+ONE_KV_HEAD = ("sdpa-repeat-interleave", "sdpa-expand-reshape", "matmul-broadcast-mqa")
 
 
 def _qkv(heads=3, dtype=torch.float32, n=N, d=8):
@@ -147,7 +153,7 @@ def test_form_found_and_rewritten_exactly(kind):
     assert (site.form, site.status, site.is_causal) == (form, "rewritten", causal), str(report)
 
     out = rewritten_eager(model)(q, k, v)
-    if kind in ("sdpa-repeat-interleave", "sdpa-expand-reshape"):
+    if kind in ONE_KV_HEAD:
         kk, vv = k[:, :1], v[:, :1]
     else:
         kk, vv = k, v
@@ -349,6 +355,8 @@ class Negative(nn.Module):
         elif kind == "hand-cross-attention":
             w = q @ k[:, :, :6].transpose(-2, -1)
             return w.softmax(-1) @ v[:, :, :6]
+        elif kind == "hand-inplace-masked_fill":
+            w.masked_fill_(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
         elif kind == "hand-mask-value-not-minus-inf":
             w = w.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -100.0)
         elif kind == "mha-need-weights":
@@ -369,6 +377,7 @@ NEGATIVE = {
     "hand-dropout-training": "dropout is active",
     "hand-cross-attention": "query length 10 != key length 6",
     "hand-mask-value-not-minus-inf": "not -inf",
+    "hand-inplace-masked_fill": "modified in place",
     "mha-need-weights": "need_weights=True",
     "mha-padding-mask": "key_padding_mask",
 }

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from ..fold import NotConstant, constant_value
+from ..fold import NotConstant, constant_value, is_mutation
 from ..masks import NotProvable, classify, is_masking_value, keep_from_additive
 from ..sites import SDPA_DEFAULTS, Site, module_path, shape_of
 
@@ -242,13 +242,18 @@ def site_of(softmax: fx.Node, gm: fx.GraphModule) -> Site | None:
         except (NotProvable, RuntimeError) as exc:
             problem = f"has a mask that is not provably the causal mask: {exc}"
     chain = [*scores.chain, *weights_chain]
+    if problem is None and any(is_mutation(u) for n in chain for u in n.users):
+        problem = "the attention scores are modified in place (e.g. masked_fill_); not rewritten"
     if problem is None and any(len(n.users) != 1 for n in chain):
         problem = "intermediate attention scores are used outside the attention"
     out_val, q_val = final.meta.get("example_value"), scores.q.meta.get("example_value")
     if problem is None and getattr(out_val, "dtype", None) != getattr(q_val, "dtype", None):
         problem = f"the output dtype {getattr(out_val, 'dtype', None)} differs from the query's"
     form = "einsum-softmax" if _is(final, EINSUMS) else "matmul-softmax"
-    args = dict(SDPA_DEFAULTS, is_causal=is_causal, scale=scores.scale)
+    # one k/v head broadcast over every query head (multi-query attention written with broadcasting)
+    k_shape = shape_of(scores.k)
+    broadcast_kv = k_shape is not None and len(k_shape) == 4 and k_shape[1] == 1
+    args = dict(SDPA_DEFAULTS, is_causal=is_causal, scale=scores.scale, enable_gqa=broadcast_kv)
     return Site(
         node=final,
         module=module_path(final),
