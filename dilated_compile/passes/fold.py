@@ -19,8 +19,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-# Masks larger than this many elements are not evaluated at compile time (memory).
-MAX_ELEMENTS = 1 << 26
+# Tensors whose memory holds more than this many elements (a 16k x 16k mask) are not
+# evaluated at compile time. Expanded views count the memory under them, not their size.
+MAX_ELEMENTS = 1 << 28
 
 _RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "bernoulli",
            "dropout", "multinomial", "normal", "uniform_", "bernoulli_", "normal_", "randperm"}
@@ -77,17 +78,30 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
         if n in seen:
             continue
         seen.add(n)
-        todo.extend(n.all_input_nodes)
+        if not _is_python_constant(n.meta.get("example_value")):  # a known size needs no inputs
+            todo.extend(n.all_input_nodes)
     return seen
+
+
+def _memory_elements(val: torch.Tensor) -> int:
+    """Elements of memory under a tensor: 1 + the largest offset its strides reach."""
+    if val.numel() == 0:
+        return 0
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(val.shape, val.stride()))
 
 
 def _check_foldable(node: fx.Node) -> None:
     val = node.meta.get("example_value")
-    if isinstance(val, torch.Tensor) and val.numel() > MAX_ELEMENTS:
-        raise NotConstant(
-            f"'{node.name}' has {val.numel()} elements, more than the {MAX_ELEMENTS} evaluated "
-            "at compile time"
-        )
+    if isinstance(val, torch.Tensor):
+        try:
+            elements = _memory_elements(val)
+        except Exception:  # symbolic sizes or strides
+            raise NotConstant(f"'{node.name}' has a dynamic shape") from None
+        if elements > MAX_ELEMENTS:
+            raise NotConstant(
+                f"'{node.name}' holds {elements} elements, more than the {MAX_ELEMENTS} evaluated "
+                "at compile time"
+            )
     if _op_name(node) in _RANDOM and not (
         _op_name(node) == "dropout" and (node.kwargs.get("training") is False or node.kwargs.get("p") == 0)
     ):
@@ -108,9 +122,14 @@ def constant_value(node: Any, gm: fx.GraphModule | None = None) -> Any:
         return fx.node.map_aggregate(node, lambda a: constant_value(a, gm) if isinstance(a, fx.Node) else a)
     needed = _ancestors(node)
     values: dict[fx.Node, Any] = {}
+    # how many evaluations still read each node's value: freed at 0 (masks are large)
+    readers = {n: sum(1 for u in n.users if u in needed) for n in needed}
     for n in node.graph.nodes:  # graph order: what runs first is evaluated first
         if n not in needed:
             continue
+        for inp in n.all_input_nodes:
+            if inp in readers:
+                readers[inp] -= 1
         val = n.meta.get("example_value")
         if _is_python_constant(val):
             values[n] = val  # a Python number or shape Dynamo already knows
@@ -139,4 +158,7 @@ def constant_value(node: Any, gm: fx.GraphModule | None = None) -> Any:
                     values[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
         except Exception as exc:
             raise NotConstant(f"evaluating '{n.name}' failed: {exc}") from exc
+        for inp in n.all_input_nodes:
+            if readers.get(inp) == 0 and inp is not node:
+                values.pop(inp, None)
     return values[node]
