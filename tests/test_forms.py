@@ -339,6 +339,10 @@ class Negative(nn.Module):
             i = torch.arange(n)
             window = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < 3)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=window)
+        if kind == "sdpa-mask-changed-through-view":
+            mask = torch.ones(n, n, dtype=torch.bool)
+            mask.view(n * n)[: n * n // 2].fill_(False)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         if kind == "sdpa-alibi-bias":
             i = torch.arange(n)
             bias = -(i[:, None] - i[None, :]).abs().float()
@@ -369,9 +373,10 @@ class Negative(nn.Module):
 
 
 NEGATIVE = {
-    "sdpa-padding-mask": "not a compile-time constant",
+    "sdpa-padding-mask": "not a compile-time constant: depends on the graph input",
     "sdpa-window-mask": "neither the causal mask nor empty",
     "sdpa-alibi-bias": "values other than 0 and -inf",
+    "sdpa-mask-changed-through-view": "modified in place through the view",
     "hand-padding-mask": "not a compile-time constant",
     "hand-causal-weights-returned": "used outside the attention",
     "hand-dropout-training": "dropout is active",

@@ -70,6 +70,22 @@ def _is_python_constant(val: Any) -> bool:
     return isinstance(val, (bool, int, float))
 
 
+_VIEWS = {"view", "reshape", "getitem", "transpose", "permute", "expand", "unsqueeze", "squeeze",
+          "select", "narrow", "t", "flatten", "unflatten", "as_strided", "diagonal", "view_as",
+          "expand_as", "unbind", "split", "chunk", "movedim", "swapaxes", "mT", "T", "contiguous"}
+
+
+def _views_of(node: fx.Node) -> list[fx.Node]:
+    """Nodes that may share `node`'s memory (views of it, of any depth), not `node` itself."""
+    found, todo = [], [node]
+    while todo:
+        for user in todo.pop().users:
+            if _op_name(user) in _VIEWS and user not in found:
+                found.append(user)
+                todo.append(user)
+    return found
+
+
 def _ancestors(node: fx.Node) -> set[fx.Node]:
     seen: set[fx.Node] = set()
     todo = [node]
@@ -111,6 +127,10 @@ def _check_foldable(node: fx.Node) -> None:
         mutated = is_mutation(user) and bool(user.args) and user.args[0] is node
         if mutated and len(node.users) > 1:
             raise NotConstant(f"'{node.name}' is modified in place by '{user.name}'")
+    for view in _views_of(node):
+        for user in view.users:
+            if is_mutation(user) and user.args and user.args[0] is view:
+                raise NotConstant(f"'{node.name}' is modified in place through the view '{view.name}'")
 
 
 def constant_value(node: Any, gm: fx.GraphModule | None = None) -> Any:

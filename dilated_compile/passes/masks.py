@@ -23,6 +23,11 @@ class NotProvable(Exception):
     """The mask is not provably causal or empty; the message says what it is instead."""
 
 
+def padding_hint(exc: Exception) -> str:
+    """' (a padding mask?)' when a mask is not constant because it depends on an input."""
+    return " (a padding mask?)" if "graph input" in str(exc) else ""
+
+
 def is_masking_value(value: Any, dtype: torch.dtype | None = None) -> bool:
     """True for -inf, or a number at most half the minimum of a floating dtype."""
     if isinstance(value, torch.Tensor):
@@ -83,5 +88,5 @@ def prove(node: Any, gm: fx.GraphModule | None, query_len: int, key_len: int) ->
     try:
         value = constant_value(node, gm)
     except NotConstant as exc:
-        raise NotProvable(f"the mask is not a compile-time constant: {exc} (a padding mask?)") from exc
+        raise NotProvable(f"the mask is not a compile-time constant: {exc}{padding_hint(exc)}") from exc
     return classify(keep_from_mask(value), query_len, key_len)

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from ..fold import NotConstant, constant_value, is_mutation
-from ..masks import NotProvable, classify, is_masking_value, keep_from_additive
+from ..masks import NotProvable, classify, is_masking_value, keep_from_additive, padding_hint
 from ..sites import SDPA_DEFAULTS, Site, module_path, shape_of
 
 MATMULS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", "__matmul__"}
@@ -163,7 +163,7 @@ def _add_mask(found: _Scores, mask, gm, to_keep) -> None:
             raise NotProvable(f"the mask is a {type(value).__name__}")
         found.keeps.append(to_keep(value))
     except NotConstant as exc:
-        found.problem = found.problem or f"has a mask that is not a compile-time constant: {exc} (a padding mask?)"
+        found.problem = found.problem or f"has a mask that is not a compile-time constant: {exc}{padding_hint(exc)}"
     except NotProvable as exc:
         found.problem = found.problem or f"has a mask that is not provably the causal mask: {exc}"
 
