@@ -452,3 +452,21 @@ def test_same_graphs_and_breaks_as_inductor():
     dilated_counts = _graph_counts(model, "dilated", *inputs, policy=POLICY)
     assert counters["dilated"]["rewritten"] == 2 and dilated_counts == (2, 1)
     assert dilated_counts == _graph_counts(model, "inductor", *inputs)
+
+
+@pytest.mark.parametrize("kind", ["matmul-mul-additive-fp32-softmax", "sdpa-gpt2-buffer"])
+def test_block_sparse_rule_on_other_forms(kind):
+    """The form finders feed every kind of rule: block-sparse on a hand-written site and on
+    an SDPA site with a causal mask equals block_sparse_attention on the same q/k/v."""
+    from dilated_compile.lowering.block_sparse import block_sparse_attention
+
+    _, causal, scale, _ = FORMS[kind]
+    pattern = {"kind": "local_window", "window": 1}
+    pol = {"version": 1, "rules": [{"match": "**", "attention": "block_sparse", "block_size": 4,
+                                    "pattern": pattern}]}
+    q, k, v = _qkv(n=13)
+    report = explain(Form(kind), q, k, v, policy=pol)
+    assert report.sites[0].status == "rewritten" and report.sites[0].attention.startswith("block_sparse")
+    out = rewritten_eager(Form(kind), pol)(q, k, v)
+    expected = block_sparse_attention(q, k, v, block_size=4, pattern=pattern, is_causal=causal, scale=scale)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
