@@ -310,13 +310,52 @@ def test_transformer_encoder_and_decoder_layers_through_the_backend():
     assert counters["dilated"]["rewritten"] == 2 and counters["dilated"]["left"] == 1
 
 
-def test_encoder_layer_inference_fast_path_is_reported():
-    layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True).eval()
+class CausalEncoder(nn.Module):
+    """nn.TransformerEncoder with its causal mask built inside (constant at fixed shapes)."""
+
+    def __init__(self, norm_first, activation, causal):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, norm_first=norm_first,
+                                           activation=activation)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.causal = causal
+
+    def forward(self, x):
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1]) if self.causal else None
+        return self.encoder(x, mask=mask, is_causal=self.causal)
+
+
+@pytest.mark.parametrize("norm_first,activation,causal", [(False, "relu", True), (True, "gelu", False)])
+def test_encoder_layer_inference_fast_path_is_written_out_and_rewritten(norm_first, activation, causal):
+    """Eval mode under no_grad: each layer is one fused op; the rewrite writes it out as its
+    ops with the attention in the middle, reported under the layer's self_attn."""
+    torch.manual_seed(0)
+    model = CausalEncoder(norm_first, activation, causal).eval()
+    x = torch.randn(2, N, 16)
     with torch.no_grad():
-        report = explain(layer, torch.randn(2, N, 16), policy=POLICY)
-    (site,) = report.sites
-    assert site.form == "mha-fastpath" and site.status == "left"
-    assert "set_fastpath_enabled(False)" in site.reason
+        report = explain(model, x, policy=POLICY)
+        assert [(s.module, s.form, s.status, s.is_causal) for s in report.sites] == [
+            (f"encoder.layers.{i}.self_attn", "encoder-layer-fastpath", "rewritten", causal) for i in range(2)
+        ], str(report)
+        torch._dynamo.reset()
+        out = rewritten_eager(model)(x)
+    reference = copy.deepcopy(model)
+    for layer in reference.encoder.layers:
+        layer.self_attn.forward = dilated_mha(layer.self_attn, causal)
+    torch.testing.assert_close(out, reference(x), atol=1e-5, rtol=1e-4)
+
+
+def test_encoder_layer_fast_path_with_padding_mask_is_left():
+    layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True).eval()
+    x, pad = torch.randn(2, N, 16), torch.zeros(2, N, dtype=torch.bool)
+    pad[0, -2:] = True
+    with torch.no_grad():
+        report = explain(layer, x, src_key_padding_mask=pad, policy=POLICY)
+        (site,) = report.sites
+        assert site.status == "left" and "key padding mask" in site.reason
+        assert "set_fastpath_enabled(False)" in site.reason
+        torch._dynamo.reset()
+        assert torch.equal(rewritten_eager(layer)(x, src_key_padding_mask=pad), layer(x, src_key_padding_mask=pad))
 
 
 # ---------------------------------------------------------------- left alone, with a reason

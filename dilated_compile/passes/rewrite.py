@@ -118,11 +118,14 @@ def rewrite(gm: fx.GraphModule, decisions: list[Decision]) -> fx.GraphModule:
     `gm` must be the graph the decisions' sites were found in; it is not changed.
     """
     new = copy_graph_module(gm)
+    replaced: dict[str, dict[str, fx.Node]] = {}  # graph path -> old node name -> node now in its place
     for d in decisions:
         if d.status != "rewritten" or d.attention not in _CALLS:
             continue
         module = new.get_submodule(d.site.graph) if d.site.graph else new
-        by_name = {n.name: n for n in module.graph.nodes}
+        # names are those of the graph the sites were found in: a site's output that an
+        # earlier rewrite replaced (the previous fused layer) is looked up under its old name
+        by_name = {n.name: n for n in module.graph.nodes} | replaced.get(d.site.graph, {})
         old = by_name[d.site.node.name]
         with module.graph.inserting_before(old):
             if d.site.build_qkv is not None:
@@ -131,10 +134,12 @@ def rewrite(gm: fx.GraphModule, decisions: list[Decision]) -> fx.GraphModule:
                 qkv = tuple(by_name[x.name] for x in (d.site.q, d.site.k, d.site.v))
             qkv = _expand_kv_heads(module.graph, qkv, d)
             node = _CALLS[d.attention](module.graph, qkv, d)
+        old_name = old.name
         if d.site.replace is not None:
             node.meta = {key: val for key, val in old.meta.items() if key != "example_value"}
-            d.site.replace(module.graph, old, node)
+            replaced.setdefault(d.site.graph, {}).update(d.site.replace(module.graph, old, node))
         else:
+            replaced.setdefault(d.site.graph, {})[old_name] = node
             node.meta = dict(old.meta)
             old.replace_all_uses_with(node)
             module.graph.erase_node(old)

@@ -41,7 +41,8 @@ class Site:
     # Forms whose q/k/v are not nodes of the graph (nn.MultiheadAttention): build them before the
     # site, as build_qkv(graph, nodes_by_name) -> (q, k, v) in (batch, heads, seq, head_dim) ...
     build_qkv: Callable | None = None
-    # ... and put the attention's output in place of the site: replace(graph, site_node, attention_node).
+    # ... and put the attention's output in place of the site: replace(graph, site_node, attention_node)
+    # returns {name of a node it erased: the node now in its place}.
     replace: Callable | None = None
 
     @property

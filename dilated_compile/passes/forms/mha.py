@@ -107,8 +107,9 @@ def _replace(a: dict):
     w_name, b_name = a["out_proj_weight"].name, getattr(a["out_proj_bias"], "name", None)
     seq, batch, embed = shape_of(a["query"])
 
-    def replace(graph: fx.Graph, old: fx.Node, attention: fx.Node) -> None:
+    def replace(graph: fx.Graph, old: fx.Node, attention: fx.Node) -> dict[str, fx.Node]:
         nodes = {n.name: n for n in graph.nodes}
+        erased = {}
         with graph.inserting_after(attention):
             merged = graph.call_method("permute", (attention, 2, 0, 1, 3))
         with graph.inserting_after(merged):
@@ -118,8 +119,10 @@ def _replace(a: dict):
         for user in list(old.users):
             out.meta = dict(user.meta)
             user.replace_all_uses_with(out)
+            erased[user.name] = out
             graph.erase_node(user)
         graph.erase_node(old)
+        return erased
 
     return replace
 
@@ -167,20 +170,96 @@ def find(gm: fx.GraphModule) -> list[Site]:
     return [site_of(n, gm) for n in gm.graph.nodes if n.op == "call_function" and n.target is TARGET]
 
 
-# Inference fast paths (eval mode, no grad): one fused op per layer, not decomposed.
+# Inference fast paths (eval mode, no grad): one fused op per layer.
 FAST_PATHS = {
     torch._transformer_encoder_layer_fwd: "nn.TransformerEncoderLayer",
     torch._native_multi_head_attention: "nn.MultiheadAttention",
 }
 FAST_PATH_REASON = (
-    "{what}'s inference fast path (eval mode under no_grad) is one fused op "
-    "({op}) that is not rewritten; run the model under torch.enable_grad() or call "
-    "torch.backends.mha.set_fastpath_enabled(False) to have its attention found and rewritten"
+    "{what}'s inference fast path (eval mode under no_grad) is one fused op ({op}) and {why}; "
+    "run the model under torch.enable_grad() or call torch.backends.mha.set_fastpath_enabled(False) "
+    "to have its attention found and rewritten"
+)
+ENCODER_LAYER_PARAMS = (
+    "src", "embed_dim", "num_heads", "in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias",
+    "use_gelu", "norm_first", "eps", "norm1_weight", "norm1_bias", "norm2_weight", "norm2_bias",
+    "linear1_weight", "linear1_bias", "linear2_weight", "linear2_bias", "mask", "mask_type",
 )
 
 
-def fast_path_site(node: fx.Node) -> Site:
-    """A fused fast-path op: reported, and left with the reason."""
+def _encoder_layer_args(node: fx.Node) -> dict:
+    a = dict(zip(ENCODER_LAYER_PARAMS, node.args))
+    a.update(node.kwargs)
+    a.setdefault("mask", None)
+    a.setdefault("mask_type", None)
+    return a
+
+
+def _encoder_layer_problem(a: dict, gm: fx.GraphModule, seq: int) -> tuple[str | None, bool]:
+    """(why the fused encoder layer cannot be rewritten, or None; its causal flag)."""
+    if any(isinstance(a[key], fx.Node) for key in ("embed_dim", "num_heads", "use_gelu", "norm_first", "eps")):
+        return "its configuration is not constant", False
+    if a["mask"] is None:
+        return None, False
+    if a["mask_type"] == 1:  # 1: key padding mask only; 0 / 2: attention mask (2: merged, 4-D)
+        return "it has a key padding mask", False
+    try:
+        mask = constant_value(a["mask"], gm)
+        if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+            mask = ~mask  # True marks positions NOT allowed, as in nn.MultiheadAttention
+        return None, classify(keep_from_mask(mask), seq, seq)
+    except (NotConstant, NotProvable) as exc:
+        return f"its mask is not provably the causal mask ({exc})", False
+
+
+def _encoder_layer_hooks(a: dict):
+    """build_qkv / replace hooks that write the fused layer out as its ops, attention in the middle."""
+    names = {key: val.name for key, val in a.items() if isinstance(val, fx.Node)}
+    batch, seq, embed = shape_of(a["src"])
+    heads, eps, norm_first = a["num_heads"], a["eps"], a["norm_first"]
+
+    def ln(graph, x, args, which):
+        """LayerNorm with the layer's norm1/norm2 parameters, taken from `args` (layer args by name)."""
+        return graph.call_function(
+            F.layer_norm, (x, (embed,), args.get(f"norm{which}_weight"), args.get(f"norm{which}_bias"), eps))
+
+    def build(graph: fx.Graph, nodes: dict[str, fx.Node]):
+        src = nodes[names["src"]]
+        x = ln(graph, src, {key: nodes[name] for key, name in names.items()}, 1) if norm_first else src
+        proj = graph.call_function(F.linear, (x, nodes[names["in_proj_weight"]], nodes.get(names.get("in_proj_bias"))))
+        split = graph.call_method("reshape", (proj, batch, seq, 3, heads, embed // heads))
+        qkv = graph.call_method("permute", (split, 2, 0, 3, 1, 4))
+        return tuple(graph.call_function(operator.getitem, (qkv, i)) for i in range(3))
+
+    def replace(graph: fx.Graph, old: fx.Node, attention: fx.Node) -> dict[str, fx.Node]:
+        current = _encoder_layer_args(old)  # the nodes as they are now in the graph being rewritten
+        src = current["src"]
+        get = current.get
+        with graph.inserting_before(old):
+            merged = graph.call_method("reshape", (graph.call_method("transpose", (attention, 1, 2)), batch, seq, embed))
+            sa = graph.call_function(F.linear, (merged, get("out_proj_weight"), get("out_proj_bias")))
+            x = graph.call_function(operator.add, (src, sa))
+            if not norm_first:
+                x = ln(graph, x, current, 1)
+            h = ln(graph, x, current, 2) if norm_first else x
+            h = graph.call_function(F.linear, (h, get("linear1_weight"), get("linear1_bias")))
+            h = graph.call_function(F.gelu if a["use_gelu"] else F.relu, (h,))
+            h = graph.call_function(F.linear, (h, get("linear2_weight"), get("linear2_bias")))
+            out = graph.call_function(operator.add, (x, h))
+            if not norm_first:
+                out = ln(graph, out, current, 2)
+        out.meta = dict(old.meta)
+        old.replace_all_uses_with(out)
+        name = old.name
+        graph.erase_node(old)
+        return {name: out}
+
+    return build, replace
+
+
+def fast_path_site(node: fx.Node, gm: fx.GraphModule) -> Site:
+    """A fused fast-path op: the encoder layer is written out as its ops when it can be;
+    otherwise (and for nn.MultiheadAttention's) reported and left with the reason."""
     src = node.args[0]
     val = src.meta.get("example_value") if isinstance(src, fx.Node) else None
     shape, heads = shape_of(src), node.args[2] if len(node.args) > 2 else None
@@ -190,23 +269,35 @@ def fast_path_site(node: fx.Node) -> Site:
     if shape is not None and len(shape) == 3 and isinstance(heads, int):
         batch, seq, embed = shape  # the fast paths run batch-first only
         qkv_shape = (batch, heads, seq, embed // heads)
-    return Site(
+    what, op = FAST_PATHS[node.target], node.target.__name__
+    problem, causal = f"{FAST_PATH_REASON.format(what=what, op=op, why='is not rewritten')}", False
+    if node.target is torch._transformer_encoder_layer_fwd and qkv_shape is not None:
+        a = _encoder_layer_args(node)
+        why, causal = _encoder_layer_problem(a, gm, qkv_shape[2])
+        problem = None if why is None else FAST_PATH_REASON.format(what=what, op=op, why=why)
+    path = module_path(node)
+    if node.target is torch._transformer_encoder_layer_fwd:  # the attention is the layer's self_attn
+        path = f"{path}.self_attn" if path else "self_attn"
+    site = Site(
         node=node,
-        module=module_path(node),
-        form="mha-fastpath",
+        module=path,
+        form="encoder-layer-fastpath" if node.target is torch._transformer_encoder_layer_fwd else "mha-fastpath",
         q=src,
         k=src,
         v=src,
-        args=dict(SDPA_DEFAULTS),
+        args=dict(SDPA_DEFAULTS, is_causal=causal),
         q_shape=qkv_shape,
         k_shape=qkv_shape,
         v_shape=qkv_shape,
         dtype=getattr(val, "dtype", None),
         device=str(val.device) if val is not None else None,
-        problem=FAST_PATH_REASON.format(what=FAST_PATHS[node.target], op=node.target.__name__),
+        problem=problem,
     )
+    if problem is None:
+        site.build_qkv, site.replace = _encoder_layer_hooks(a)
+    return site
 
 
 def find_fast_paths(gm: fx.GraphModule) -> list[Site]:
     """Every fused fast-path op in `gm` (not its nested graphs)."""
-    return [fast_path_site(n) for n in gm.graph.nodes if n.op == "call_function" and n.target in FAST_PATHS]
+    return [fast_path_site(n, gm) for n in gm.graph.nodes if n.op == "call_function" and n.target in FAST_PATHS]
