@@ -1,5 +1,6 @@
 """Real HF transformers models built from their configs (no weights downloaded),
-attn_implementation="sdpa": every attention layer is found and rewritten, and the
+attn_implementation "sdpa" (SDPA calls) and "eager" (hand-written matmul-softmax
+attention with a causal mask built in the graph or sliced from a buffer): every attention layer is found and rewritten, and the
 compiled model equals the same model run eagerly with its attention replaced by
 dilated_attention (registered through transformers' AttentionInterface)."""
 
@@ -61,13 +62,14 @@ def _main_output(out) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("build", [_gpt2, _llama, _qwen2, _bert], ids=["gpt2", "llama-gqa", "qwen2-mqa", "bert"])
-def test_hf_model_rewritten_exactly(build):
+def test_hf_model_rewritten_exactly(build, implementation):
     torch.manual_seed(0)
     torch._dynamo.reset()
     counters.clear()
     model, modules = build()
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(implementation)
     model.eval()
     ids = torch.randint(0, 128, (2, 70))
 
@@ -80,8 +82,10 @@ def test_hf_model_rewritten_exactly(build):
     reference.set_attn_implementation("dilated_eager_test")
 
     torch._dynamo.reset()
+    counters.clear()
     compiled = torch.compile(model, backend="dilated", options={"policy": POLICY})
     logits = _main_output(compiled(ids))
+    graphs = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     expected = _main_output(reference(ids))
     torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-4)
     logits.float().pow(2).mean().backward()
@@ -92,3 +96,36 @@ def test_hf_model_rewritten_exactly(build):
         gb = b.grad if b.grad is not None else torch.zeros_like(b)
         torch.testing.assert_close(ga, gb, atol=5e-5, rtol=1e-3, msg=name)
     assert counters["dilated"]["rewritten"] == len(modules)
+    # the rewrite adds no graph and no graph break: the same counts as under stock Inductor
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        torch.compile(model, backend="inductor")(ids)
+    assert graphs == (counters["stats"]["unique_graphs"], sum(counters["graph_break"].values()))
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_hf_padding_mask_is_left_with_reason(implementation):
+    """A padded batch: the mask depends on the input, so every layer is left as it was,
+    with the reason, and the model computes what it computes uncompiled."""
+    from dilated_compile import load_policy
+    from dilated_compile.passes import run_passes
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model, modules = _llama()
+    model.set_attn_implementation(implementation)
+    model.eval()
+    ids = torch.randint(0, 128, (2, 40))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[0, :7] = 0  # left padding
+    report = explain(model, ids, attention_mask=mask, policy=POLICY)
+    assert [s.module for s in report.sites] == modules
+    for s in report.sites:
+        assert s.status == "left" and "not a compile-time constant" in s.reason, str(report)
+    assert report.diff == ""
+    loaded = load_policy(POLICY)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=lambda gm, inputs, **_: run_passes(gm, loaded)[0].forward)
+    with torch.no_grad():
+        assert torch.equal(compiled(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)

@@ -85,6 +85,8 @@ def _dropout_value(p):
 def why_not_exact(site: Site) -> str | None:
     """Why the site cannot be rewritten into an exact equivalent, or None if it can."""
     a = site.args
+    if site.problem is not None:
+        return site.problem
     if site.q_shape is None or site.k_shape is None or site.v_shape is None:
         return "shapes of q/k/v unknown (no example values in the graph)"
     if len(site.q_shape) != 4 or len(site.k_shape) != 4 or len(site.v_shape) != 4:

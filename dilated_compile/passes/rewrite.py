@@ -123,26 +123,53 @@ def _expand_kv_heads(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decisi
     return (q, *expanded)
 
 
+def _erase_unused(graph: fx.Graph, chain: list[fx.Node]) -> None:
+    """Erase the site's own intermediate nodes, and what only they used, once nothing uses them."""
+    candidates: set[fx.Node] = set()
+    todo = list(chain)
+    while todo:
+        n = todo.pop()
+        if n not in candidates and n.op in ("call_function", "call_method"):
+            candidates.add(n)
+            todo.extend(n.all_input_nodes)
+    for n in reversed(list(graph.nodes)):
+        if n in candidates and not n.users and not n.is_impure():
+            graph.erase_node(n)
+
+
 def rewrite(gm: fx.GraphModule, decisions: list[Decision]) -> fx.GraphModule:
     """`gm` with every rewritten site replaced by the attention its rule asks for.
 
     `gm` must be the graph the decisions' sites were found in; it is not changed.
     """
     new = copy_graph_module(gm)
+    replaced: dict[str, dict[str, fx.Node]] = {}  # graph path -> old node name -> node now in its place
     for d in decisions:
         if d.status != "rewritten" or d.attention not in _CALLS:
             continue
         module = new.get_submodule(d.site.graph) if d.site.graph else new
-        by_name = {n.name: n for n in module.graph.nodes}
+        # names are those of the graph the sites were found in: a site's output that an
+        # earlier rewrite replaced (the previous fused layer) is looked up under its old name
+        by_name = {n.name: n for n in module.graph.nodes} | replaced.get(d.site.graph, {})
         old = by_name[d.site.node.name]
-        qkv = tuple(by_name[x.name] for x in (d.site.q, d.site.k, d.site.v))
         with module.graph.inserting_before(old):
+            if d.site.build_qkv is not None:
+                qkv = d.site.build_qkv(module.graph, by_name)
+            else:
+                qkv = tuple(by_name[x.name] for x in (d.site.q, d.site.k, d.site.v))
             qkv = _expand_kv_heads(module.graph, qkv, d)
             call = _DYNAMIC_CALLS[d.attention] if d.dynamic else _CALLS[d.attention]
             node = call(module.graph, qkv, d)
-        node.meta = dict(old.meta)
-        old.replace_all_uses_with(node)
-        module.graph.erase_node(old)
+        old_name = old.name
+        if d.site.replace is not None:
+            node.meta = {key: val for key, val in old.meta.items() if key != "example_value"}
+            replaced.setdefault(d.site.graph, {}).update(d.site.replace(module.graph, old, node))
+        else:
+            replaced.setdefault(d.site.graph, {})[old_name] = node
+            node.meta = dict(old.meta)
+            old.replace_all_uses_with(node)
+            module.graph.erase_node(old)
+        _erase_unused(module.graph, [by_name[name] for name in d.site.chain])
     for _, module in graph_modules(new):
         module.graph.lint()
         module.recompile()

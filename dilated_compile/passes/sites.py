@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
-SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
-SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
 
@@ -26,7 +24,7 @@ class Site:
 
     node: fx.Node
     module: str  # dotted module path, "" for the root module
-    form: str  # how it was written, e.g. "sdpa"
+    form: str  # how it was written: "sdpa", "sdpa+causal-mask", "matmul-softmax", "mha", ...
     q: fx.Node
     k: fx.Node
     v: fx.Node
@@ -37,6 +35,15 @@ class Site:
     dtype: torch.dtype | None = None
     device: str | None = None
     graph: str = ""  # path of the (sub)graph module holding the node, "" for the top graph
+    problem: str | None = None  # why the form found cannot be rewritten exactly, else None
+    # Nodes of a hand-written site that only the site uses: erased after the rewrite when unused.
+    chain: tuple[str, ...] = ()
+    # Forms whose q/k/v are not nodes of the graph (nn.MultiheadAttention): build them before the
+    # site, as build_qkv(graph, nodes_by_name) -> (q, k, v) in (batch, heads, seq, head_dim) ...
+    build_qkv: Callable | None = None
+    # ... and put the attention's output in place of the site: replace(graph, site_node, attention_node)
+    # returns {name of a node it erased: the node now in its place}.
+    replace: Callable | None = None
 
     @property
     def key_len(self):
@@ -48,6 +55,8 @@ class Site:
 
 
 _FQN_PARTS = (
+    # a wrapper's *args holding the root module: L['args'][0] -> root
+    (re.compile(r"^L\['args'\]\[0\]\.?"), ""),
     (re.compile(r"^[LG]\['[^']*'\]\.?"), ""),  # L['self'] (or a global G['m']) -> root
     (re.compile(r"\._modules\['([^']*)'\]"), r".\1"),
     (re.compile(r"\['([^']*)'\]"), r".\1"),
@@ -66,31 +75,10 @@ def module_path(node: fx.Node) -> str:
     return path.strip(".")
 
 
-def _shape(node: Any) -> tuple | None:
+def shape_of(node: Any) -> tuple | None:
+    """Shape of a node's example value, None when it has none."""
     val = node.meta.get("example_value") if isinstance(node, fx.Node) else None
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
-
-
-def _sdpa_site(node: fx.Node) -> Site:
-    bound = dict(zip(SDPA_PARAMS, node.args))
-    bound.update(node.kwargs)
-    args = {name: bound.get(name, default) for name, default in SDPA_DEFAULTS.items()}
-    q, k, v = bound["query"], bound["key"], bound["value"]
-    val = q.meta.get("example_value") if isinstance(q, fx.Node) else None
-    return Site(
-        node=node,
-        module=module_path(node),
-        form="sdpa",
-        q=q,
-        k=k,
-        v=v,
-        args=args,
-        q_shape=_shape(q),
-        k_shape=_shape(k),
-        v_shape=_shape(v),
-        dtype=getattr(val, "dtype", None),
-        device=str(val.device) if val is not None else None,
-    )
 
 
 def graph_modules(gm: fx.GraphModule) -> list[tuple[str, fx.GraphModule]]:
@@ -101,11 +89,13 @@ def graph_modules(gm: fx.GraphModule) -> list[tuple[str, fx.GraphModule]]:
 
 def find_sites(gm: fx.GraphModule) -> list[Site]:
     """Every attention site in `gm` and its nested graphs, in graph order."""
+    from .forms import FINDERS
+
     sites = []
     for path, module in graph_modules(gm):
-        for node in module.graph.nodes:
-            if node.op == "call_function" and node.target in SDPA_TARGETS:
-                site = _sdpa_site(node)
-                site.graph = path
-                sites.append(site)
+        found = [site for finder in FINDERS for site in finder(module)]
+        order = {node: i for i, node in enumerate(module.graph.nodes)}
+        for site in sorted(found, key=lambda site: order[site.node]):
+            site.graph = path
+            sites.append(site)
     return sites

@@ -1,0 +1,511 @@
+"""Attention wherever real models put it (SPEC section 2): every form is found,
+rewritten into exactly the policy's attention, or left with a reason.
+
+Ground truth for "rewritten exactly": `dilated_attention` called eagerly on the
+same q/k/v (heads repeated for GQA, the scale the model uses). Most cases run
+the rewritten graph eagerly (no Inductor, fast); a few go through the backend.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+from dilated_compile import dilated_attention, explain, load_policy
+from dilated_compile.passes import run_passes
+
+SEG, RATES, SPLIT = (4, 8), (1, 2), "longnet"
+POLICY = {"version": 1, "rules": [{"match": "**", "attention": "dilated", "segment_lengths": list(SEG),
+                                   "dilation_rates": list(RATES), "head_split": SPLIT}]}
+STRICT = {**POLICY, "strict": True}
+N = 10  # not a multiple of either segment
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def rewritten_eager(model, policy=POLICY):
+    """`model` compiled with the rewrite, its graphs run eagerly (no Inductor)."""
+    loaded = load_policy(policy)
+
+    def backend(gm, inputs, **_):
+        return run_passes(gm, loaded)[0].forward
+
+    return torch.compile(model, backend=backend)
+
+
+def dilated(q, k, v, *, is_causal, scale=None):
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+    return dilated_attention(q, k, v, SEG, RATES, head_split=SPLIT, is_causal=is_causal, scale=scale)
+
+
+def _causal_buffer(module, size=32):
+    module.register_buffer("bias", torch.tril(torch.ones(size, size, dtype=torch.bool)).view(1, 1, size, size),
+                           persistent=False)
+
+
+class Form(nn.Module):
+    """One way of writing attention of (batch, heads, seq, dim) q, k, v, picked by `kind`."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        _causal_buffer(self)
+
+    def forward(self, q, k, v):
+        n, d = q.shape[-2], q.shape[-1]
+        kind = self.kind
+        # SDPA with explicit masks
+        if kind == "sdpa-bool-tril":
+            return F.scaled_dot_product_attention(q, k, v, torch.ones(n, n, dtype=torch.bool).tril())
+        if kind == "sdpa-additive-triu":
+            mask = torch.full((n, n), float("-inf")).triu(1)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if kind == "sdpa-hf-min-mask":
+            keep = torch.arange(n)[None, :] <= torch.arange(n)[:, None]
+            mask = torch.where(keep, torch.zeros(()), torch.finfo(q.dtype).min)[None, None]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.expand(q.shape[0], 1, n, n))
+        if kind == "sdpa-gpt2-buffer":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias[:, :, :n, :n])
+        if kind == "sdpa-empty-mask":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(n, n, dtype=torch.bool))
+        if kind == "sdpa-keyword-scale":
+            return F.scaled_dot_product_attention(query=q, key=k, value=v, is_causal=True, scale=0.3)
+        # grouped / multi-query attention with k/v heads repeated by hand
+        if kind == "sdpa-repeat-interleave":
+            kr, vr = (t[:, :1].repeat_interleave(q.shape[1], dim=1) for t in (k, v))
+            return F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+        if kind == "sdpa-expand-reshape":
+            b, h = q.shape[:2]
+            kr, vr = (t[:, :1, None].expand(b, 1, h, n, d).reshape(b, h, n, d) for t in (k, v))
+            return F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+        # hand-written
+        if kind == "matmul-div-masked_fill":
+            w = (q @ k.transpose(-2, -1)) / math.sqrt(d)
+            w = w.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+            return torch.softmax(w, dim=-1) @ v
+        if kind == "matmul-mul-additive-fp32-softmax":  # HF Llama "eager"
+            mask = torch.where(torch.ones(n, n, dtype=torch.bool).tril(), 0.0, torch.finfo(q.dtype).min)
+            w = torch.matmul(q, k.transpose(2, 3)) * 0.25 + mask
+            w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+            w = F.dropout(w, p=0.1, training=False)
+            return torch.matmul(w, v)
+        if kind == "where-buffer-full-scale":  # HF GPT-2 "eager"
+            w = torch.matmul(q, k.transpose(-1, -2))
+            w = w / torch.full([], d ** 0.5, dtype=w.dtype)
+            w = torch.where(self.bias[:, :, :n, :n], w, torch.finfo(w.dtype).min)
+            return torch.matmul(nn.functional.softmax(w, dim=-1).type(v.dtype), v)
+        if kind == "einsum-scaled-q":
+            w = torch.einsum("bhqd,bhkd->bhqk", q * 0.3, k)
+            return torch.einsum("bhqk,bhkd->bhqd", w.float().softmax(-1).to(q.dtype), v)
+        if kind == "matmul-broadcast-mqa":  # one k/v head broadcast over the query heads
+            w = q @ k[:, :1].transpose(-2, -1) * 0.5
+            w = w.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+            return w.softmax(-1) @ v[:, :1]
+        if kind == "matmul-permute-noncausal":
+            return (q.matmul(k.permute(0, 1, 3, 2)) * d ** -0.5).softmax(dim=-1).matmul(v)
+        raise ValueError(kind)
+
+
+# kind -> (form in the report, causal, scale the ground truth uses, q pre-scaled by)
+FORMS = {
+    "sdpa-bool-tril": ("sdpa+causal-mask", True, None, 1.0),
+    "sdpa-additive-triu": ("sdpa+causal-mask", True, None, 1.0),
+    "sdpa-hf-min-mask": ("sdpa+causal-mask", True, None, 1.0),
+    "sdpa-gpt2-buffer": ("sdpa+causal-mask", True, None, 1.0),
+    "sdpa-empty-mask": ("sdpa+empty-mask", False, None, 1.0),
+    "sdpa-keyword-scale": ("sdpa", True, 0.3, 1.0),
+    "sdpa-repeat-interleave": ("sdpa+repeat-kv", True, None, 1.0),
+    "sdpa-expand-reshape": ("sdpa+repeat-kv", True, None, 1.0),
+    "matmul-div-masked_fill": ("matmul-softmax+causal-mask", True, None, 1.0),
+    "matmul-mul-additive-fp32-softmax": ("matmul-softmax+causal-mask", True, 0.25, 1.0),
+    "where-buffer-full-scale": ("matmul-softmax+causal-mask", True, None, 1.0),
+    "einsum-scaled-q": ("einsum-softmax", False, 1.0, 0.3),
+    "matmul-broadcast-mqa": ("matmul-softmax+causal-mask", True, 0.5, 1.0),
+    "matmul-permute-noncausal": ("matmul-softmax", False, None, 1.0),
+}
+ONE_KV_HEAD = ("sdpa-repeat-interleave", "sdpa-expand-reshape", "matmul-broadcast-mqa")
+
+
+def _qkv(heads=3, dtype=torch.float32, n=N, d=8):
+    torch.manual_seed(0)
+    return [torch.randn(2, heads, n, d, dtype=dtype, requires_grad=True) for _ in range(3)]
+
+
+@pytest.mark.parametrize("kind", list(FORMS))
+def test_form_found_and_rewritten_exactly(kind):
+    form, causal, scale, q_scale = FORMS[kind]
+    model = Form(kind)
+    q, k, v = _qkv()
+    report = explain(model, q, k, v, policy=POLICY)
+    (site,) = report.sites
+    assert (site.form, site.status, site.is_causal) == (form, "rewritten", causal), str(report)
+
+    out = rewritten_eager(model)(q, k, v)
+    if kind in ONE_KV_HEAD:
+        kk, vv = k[:, :1], v[:, :1]
+    else:
+        kk, vv = k, v
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, kk, vv))
+    expected = dilated(q2 * q_scale, k2, v2, is_causal=causal, scale=scale)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(q.grad, q2.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(k.grad if kk is k else k.grad[:, :1], k2.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(v.grad if vv is v else v.grad[:, :1], v2.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind,dtype", [("matmul-mul-additive-fp32-softmax", torch.bfloat16),
+                                        ("where-buffer-full-scale", torch.float32)])
+def test_hand_written_through_the_backend(kind, dtype):
+    """Through Inductor, with softmax dtype casts: forward and backward equal the
+    eager dilated function within the tolerance of the dtype."""
+    _, causal, scale, _ = FORMS[kind]
+    model = Form(kind)
+    q, k, v = _qkv(heads=4, dtype=dtype, n=13)
+    out = torch.compile(model, backend="dilated", options={"policy": POLICY})(q, k, v)
+    assert counters["dilated"]["rewritten"] == 1
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    expected = dilated(q2, k2, v2, is_causal=causal, scale=scale)
+    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(out, expected, **tol)
+    out.float().pow(2).sum().backward()
+    expected.float().pow(2).sum().backward()
+    for a, b in ((q, q2), (k, k2), (v, v2)):
+        torch.testing.assert_close(a.grad, b.grad, **tol)
+
+
+class TransposedIn(nn.Module):
+    """(batch, seq, heads, dim) tensors transposed in and out, as many models do."""
+
+    def forward(self, q, k, v):
+        t = [x.transpose(1, 2) for x in (q, k, v)]
+        return F.scaled_dot_product_attention(*t, is_causal=True).transpose(1, 2)
+
+
+def test_transposed_in_layout():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, N, 3, 8) for _ in range(3))
+    report = explain(TransposedIn(), q, k, v, policy=POLICY)
+    assert report.sites[0].shape == (2, 3, N, 8) and report.sites[0].status == "rewritten"
+    out = rewritten_eager(TransposedIn())(q, k, v)
+    expected = dilated(*(x.transpose(1, 2) for x in (q, k, v)), is_causal=True).transpose(1, 2)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_bmm_three_dimensional_is_found_and_left():
+    """bmm on (batch*heads, seq, dim) carries no head count: found, left with the reason."""
+
+    def f(q, k, v):
+        return torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(-1), v)
+
+    q = torch.randn(6, N, 8)
+    report = explain(f, q, q, q, policy=POLICY)
+    assert report.sites[0].status == "left" and "not 4-D" in report.sites[0].reason
+
+
+# ---------------------------------------------------------------- nn.MultiheadAttention and Transformer layers
+
+
+def dilated_mha(mha: nn.MultiheadAttention, is_causal: bool):
+    """A forward for `mha` that computes its self-attention with dilated_attention (the ground truth)."""
+
+    def forward(query, key, value, **kwargs):
+        x = query if mha.batch_first else query.transpose(0, 1)
+        b, n, e = x.shape
+        h = mha.num_heads
+        q, k, v = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).view(b, n, 3, h, e // h).permute(2, 0, 3, 1, 4)
+        y = mha.out_proj(dilated(q, k, v, is_causal=is_causal).permute(0, 2, 1, 3).reshape(b, n, e))
+        return (y if mha.batch_first else y.transpose(0, 1)), None
+
+    return forward
+
+
+class MHA(nn.Module):
+    def __init__(self, batch_first, mask):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+        self.mask = mask
+
+    def forward(self, x):
+        n = x.shape[1] if self.attn.batch_first else x.shape[0]
+        if self.mask == "hint":
+            mask, causal = nn.Transformer.generate_square_subsequent_mask(n), True
+        elif self.mask == "bool":
+            mask, causal = torch.ones(n, n, dtype=torch.bool).triu(1), False  # True = not allowed
+        else:
+            mask, causal = None, False
+        return self.attn(x, x, x, need_weights=False, attn_mask=mask, is_causal=causal)[0]
+
+
+def _compare_module(model, reference, x, compiled):
+    out = compiled(x)
+    expected = reference(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    out.pow(2).sum().backward()
+    expected.pow(2).sum().backward()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("mask,causal", [("hint", True), ("bool", True), ("none", False)])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention(batch_first, mask, causal):
+    torch.manual_seed(0)
+    model = MHA(batch_first, mask)
+    x = torch.randn(2, N, 16)
+    report = explain(model, x, policy=POLICY)
+    (site,) = report.sites
+    assert (site.module, site.status, site.is_causal) == ("attn", "rewritten", causal), str(report)
+    assert site.form.startswith("mha")
+    reference = copy.deepcopy(model)
+    reference.attn.forward = dilated_mha(reference.attn, causal)
+    _compare_module(model, reference, x, rewritten_eager(model))
+
+
+def test_transformer_encoder_and_decoder_layers_through_the_backend():
+    """Encoder self-attention (non-causal), decoder self-attention (causal), cross-attention left.
+
+    tgt_is_causal=True: without it nn.Transformer compares the mask with a causal one
+    (`_detect_is_causal_mask`), a graph break inside torch.nn after which Dynamo compiles
+    nothing of the model (the same under backend="inductor")."""
+    torch.manual_seed(0)
+    model = nn.Transformer(16, 2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32,
+                           dropout=0.0, batch_first=True)
+    src, tgt = torch.randn(2, N, 16), torch.randn(2, N, 16)
+    causal = nn.Transformer.generate_square_subsequent_mask(N)
+    report = explain(model, src, tgt, tgt_mask=causal, tgt_is_causal=True, policy=POLICY)
+    sites = {s.module: s for s in report.sites}
+    assert set(sites) == {"encoder.layers.0.self_attn", "decoder.layers.0.self_attn",
+                          "decoder.layers.0.multihead_attn"}
+    assert sites["encoder.layers.0.self_attn"].is_causal is False
+    assert sites["decoder.layers.0.self_attn"].is_causal is True
+    cross = sites["decoder.layers.0.multihead_attn"]
+    assert cross.status == "left" and "cross-attention" in cross.reason
+
+    reference = copy.deepcopy(model)
+    reference.encoder.layers[0].self_attn.forward = dilated_mha(reference.encoder.layers[0].self_attn, False)
+    reference.decoder.layers[0].self_attn.forward = dilated_mha(reference.decoder.layers[0].self_attn, True)
+    compiled = torch.compile(model, backend="dilated", options={"policy": POLICY})
+    out = compiled(src, tgt, tgt_mask=causal, tgt_is_causal=True)
+    expected = reference(src, tgt, tgt_mask=causal, tgt_is_causal=True)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    out.pow(2).sum().backward()
+    expected.pow(2).sum().backward()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert counters["dilated"]["rewritten"] == 2 and counters["dilated"]["left"] == 1
+
+
+class CausalEncoder(nn.Module):
+    """nn.TransformerEncoder with its causal mask built inside (constant at fixed shapes)."""
+
+    def __init__(self, norm_first, activation, causal):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, norm_first=norm_first,
+                                           activation=activation)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.causal = causal
+
+    def forward(self, x):
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1]) if self.causal else None
+        return self.encoder(x, mask=mask, is_causal=self.causal)
+
+
+@pytest.mark.parametrize("norm_first,activation,causal", [(False, "relu", True), (True, "gelu", False)])
+def test_encoder_layer_inference_fast_path_is_written_out_and_rewritten(norm_first, activation, causal):
+    """Eval mode under no_grad: each layer is one fused op; the rewrite writes it out as its
+    ops with the attention in the middle, reported under the layer's self_attn."""
+    torch.manual_seed(0)
+    model = CausalEncoder(norm_first, activation, causal).eval()
+    x = torch.randn(2, N, 16)
+    with torch.no_grad():
+        report = explain(model, x, policy=POLICY)
+        assert [(s.module, s.form, s.status, s.is_causal) for s in report.sites] == [
+            (f"encoder.layers.{i}.self_attn", "encoder-layer-fastpath", "rewritten", causal) for i in range(2)
+        ], str(report)
+        torch._dynamo.reset()
+        out = rewritten_eager(model)(x)
+    reference = copy.deepcopy(model)
+    for layer in reference.encoder.layers:
+        layer.self_attn.forward = dilated_mha(layer.self_attn, causal)
+    torch.testing.assert_close(out, reference(x), atol=1e-5, rtol=1e-4)
+
+
+def test_encoder_layer_fast_path_with_padding_mask_is_left():
+    layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True).eval()
+    x, pad = torch.randn(2, N, 16), torch.zeros(2, N, dtype=torch.bool)
+    pad[0, -2:] = True
+    with torch.no_grad():
+        report = explain(layer, x, src_key_padding_mask=pad, policy=POLICY)
+        (site,) = report.sites
+        assert site.status == "left" and "key padding mask" in site.reason
+        assert "set_fastpath_enabled(False)" in site.reason
+        torch._dynamo.reset()
+        assert torch.equal(rewritten_eager(layer)(x, src_key_padding_mask=pad), layer(x, src_key_padding_mask=pad))
+
+
+# ---------------------------------------------------------------- left alone, with a reason
+
+
+class Negative(nn.Module):
+    """Attention that must be left as it is, picked by `kind`."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, q, k, v, pad):
+        n = q.shape[-2]
+        kind = self.kind
+        if kind == "sdpa-padding-mask":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=pad[:, None, None, :])
+        if kind == "sdpa-window-mask":
+            i = torch.arange(n)
+            window = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < 3)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=window)
+        if kind == "sdpa-mask-changed-through-view":
+            mask = torch.ones(n, n, dtype=torch.bool)
+            mask.view(n * n)[: n * n // 2].fill_(False)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if kind == "sdpa-alibi-bias":
+            i = torch.arange(n)
+            bias = -(i[:, None] - i[None, :]).abs().float()
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        w = q @ k.transpose(-2, -1) * 0.3
+        if kind == "hand-padding-mask":
+            w = w + torch.where(pad, 0.0, float("-inf"))[:, None, None, :]
+        elif kind == "hand-causal-weights-returned":
+            w = w.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+            p = w.softmax(-1)
+            return p @ v, p
+        elif kind == "hand-dropout-training":
+            return F.dropout(w.softmax(-1), p=0.5, training=True) @ v
+        elif kind == "hand-cross-attention":
+            w = q @ k[:, :, :6].transpose(-2, -1)
+            return w.softmax(-1) @ v[:, :, :6]
+        elif kind == "hand-inplace-masked_fill":
+            w.masked_fill_(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        elif kind == "hand-mask-value-not-minus-inf":
+            w = w.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -100.0)
+        elif kind == "mha-need-weights":
+            x = q.transpose(1, 2).flatten(2)
+            return self.attn(x, x, x, need_weights=True)
+        elif kind == "mha-padding-mask":
+            x = q.transpose(1, 2).flatten(2)
+            return self.attn(x, x, x, need_weights=False, key_padding_mask=~pad)[0]
+        return w.softmax(-1) @ v
+
+
+NEGATIVE = {
+    "sdpa-padding-mask": "not a compile-time constant: depends on the graph input",
+    "sdpa-window-mask": "neither the causal mask nor empty",
+    "sdpa-alibi-bias": "values other than 0 and -inf",
+    "sdpa-mask-changed-through-view": "modified in place through the view",
+    "hand-padding-mask": "not a compile-time constant",
+    "hand-causal-weights-returned": "used outside the attention",
+    "hand-dropout-training": "dropout is active",
+    "hand-cross-attention": "query length 10 != key length 6",
+    "hand-mask-value-not-minus-inf": "not -inf",
+    "hand-inplace-masked_fill": "modified in place",
+    "mha-need-weights": "need_weights=True",
+    "mha-padding-mask": "key_padding_mask",
+}
+
+
+@pytest.mark.parametrize("kind", list(NEGATIVE))
+def test_left_alone_with_reason_strict_error_and_untouched_output(kind):
+    torch.manual_seed(0)
+    model = Negative(kind)
+    q, k, v = (torch.randn(2, 2, N, 4) for _ in range(3))
+    pad = torch.ones(2, N, dtype=torch.bool)
+    pad[0, -3:] = False
+    report = explain(model, q, k, v, pad, policy=POLICY)
+    (site,) = report.sites
+    assert site.status == "left" and NEGATIVE[kind] in site.reason, str(report)
+    assert report.diff == ""  # the graph is not touched
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="strict"):
+        explain(model, q, k, v, pad, policy=STRICT)
+    if kind == "hand-dropout-training":
+        return  # random
+    torch._dynamo.reset()
+    out, eager = rewritten_eager(model)(q, k, v, pad), model(q, k, v, pad)
+    for a, b in zip(*(x if isinstance(x, tuple) else (x,) for x in (out, eager))):
+        assert torch.equal(a, b)
+    if kind in ("sdpa-padding-mask", "hand-padding-mask"):  # and through Inductor: as stock
+        torch._dynamo.reset()
+        out = torch.compile(model, backend="dilated", options={"policy": POLICY})(q, k, v, pad)
+        assert counters["dilated"]["left"] == 1
+        torch._dynamo.reset()
+        assert torch.equal(out, torch.compile(model, backend="inductor")(q, k, v, pad))
+
+
+def test_min_seq_len_and_counters_for_hand_written_and_mha():
+    pol = {**POLICY, "defaults": {"min_seq_len": 64}}
+    q = torch.randn(1, 2, N, 8)
+    report = explain(Form("matmul-div-masked_fill"), q, q, q, policy=pol)
+    assert "min_seq_len 64" in report.sites[0].reason
+    torch._dynamo.reset()
+    report = explain(MHA(True, "hint"), torch.randn(1, N, 16), policy=pol)
+    assert "min_seq_len 64" in report.sites[0].reason
+
+
+# ---------------------------------------------------------------- no new graphs or graph breaks
+
+
+def _graph_counts(model, backend, *inputs, **options):
+    torch._dynamo.reset()
+    counters.clear()
+    kw = {"options": options} if options else {}
+    torch.compile(model, backend=backend, **kw)(*inputs)
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
+class WithBreak(nn.Module):
+    """A hand-written attention, then a graph break, then an SDPA attention."""
+
+    def forward(self, q, k, v):
+        x = Form("matmul-div-masked_fill")(q, k, v)
+        torch._dynamo.graph_break()
+        return F.scaled_dot_product_attention(x, k, v, is_causal=True)
+
+
+def test_same_graphs_and_breaks_as_inductor():
+    model = WithBreak()
+    inputs = [torch.randn(1, 2, N, 8)] * 3
+    dilated_counts = _graph_counts(model, "dilated", *inputs, policy=POLICY)
+    assert counters["dilated"]["rewritten"] == 2 and dilated_counts == (2, 1)
+    assert dilated_counts == _graph_counts(model, "inductor", *inputs)
+
+
+@pytest.mark.parametrize("kind", ["matmul-mul-additive-fp32-softmax", "sdpa-gpt2-buffer"])
+def test_block_sparse_rule_on_other_forms(kind):
+    """The form finders feed every kind of rule: block-sparse on a hand-written site and on
+    an SDPA site with a causal mask equals block_sparse_attention on the same q/k/v."""
+    from dilated_compile.lowering.block_sparse import block_sparse_attention
+
+    _, causal, scale, _ = FORMS[kind]
+    pattern = {"kind": "local_window", "window": 1}
+    pol = {"version": 1, "rules": [{"match": "**", "attention": "block_sparse", "block_size": 4,
+                                    "pattern": pattern}]}
+    q, k, v = _qkv(n=13)
+    report = explain(Form(kind), q, k, v, policy=pol)
+    assert report.sites[0].status == "rewritten" and report.sites[0].attention.startswith("block_sparse")
+    out = rewritten_eager(Form(kind), pol)(q, k, v)
+    expected = block_sparse_attention(q, k, v, block_size=4, pattern=pattern, is_causal=causal, scale=scale)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
