@@ -23,9 +23,11 @@ The default lengths run in the order 64k, 8k, 128k, 256k, 32k, 16k: the
 targets' lengths first, so that a short GPU budget (--time-budget-s, 420 s)
 ends with what matters. The warm compile time is measured at the first
 length only unless --warm-compile all. --checkpoint recomputes every block
-in backward, for contexts whose activations do not fit otherwise (with
+in backward, for contexts whose activations do not fit otherwise. With
 flash attention, dense attention's memory is linear in the length too, so
-without it every backend runs out of memory at about the same length).
+without --checkpoint the longest context is expected to be set mostly by the
+activations saved for the linear layers, alike for every backend (not
+measured yet).
 
 Backends (single GPU):
 
