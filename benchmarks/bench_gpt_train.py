@@ -14,6 +14,21 @@ CPU smoke run at tiny sizes (also with --ring under torchrun, gloo):
 
     python benchmarks/bench_gpt_train.py --quick --out DIR
 
+Results to commit: run into $OUT, copy ``gpt_train.json`` to
+``benchmarks/results/gpt_train_<device>_torch<version>.json`` and run
+``benchmarks/plot_gpt_train.py`` on the copy (the PNG lands next to it; the
+printed tables go into the README).
+
+The default lengths run in the order 64k, 8k, 128k, 256k, 32k, 16k: the
+targets' lengths first, so that a short GPU budget (--time-budget-s, 420 s)
+ends with what matters. The warm compile time is measured at the first
+length only unless --warm-compile all. --checkpoint recomputes every block
+in backward, for contexts whose activations do not fit otherwise. With
+flash attention, dense attention's memory is linear in the length too, so
+without --checkpoint the longest context is expected to be set mostly by the
+activations saved for the linear layers, alike for every backend (not
+measured yet).
+
 Backends (single GPU):
 
 - ``inductor``: ``torch.compile(block, backend="inductor")``; attention is
