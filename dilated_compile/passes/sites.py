@@ -3,7 +3,8 @@
 A site is a node that computes standard attention, with what the rest of the
 pipeline needs to know about it: the owning module's dotted path, the form
 it was written in, its tensors' shapes, and its arguments (causal, scale,
-mask, dropout). This module only looks; it changes nothing.
+mask, dropout). The finders, one per form, are in `passes/forms/`; this module
+holds what they share and runs them. It only looks; it changes nothing.
 """
 
 from __future__ import annotations
