@@ -87,9 +87,12 @@ def use_ring_attention(model: nn.Module) -> None:
 
 
 def train_ring(
-    model: PositionedGPT, idx, labels, steps: int, mode: str, lr: float = 1e-3
+    model: PositionedGPT, idx, labels, steps: int, mode: str, lr: float = 1e-3, policy=POLICY
 ) -> tuple[list[float], torch.Tensor]:
-    """Sequence-parallel training steps: (global mean loss of each step, first step's local logits)."""
+    """Sequence-parallel training steps: (global mean loss of each step, first step's local logits).
+
+    `policy` (mode backend): the ring policy, a path or a dict.
+    """
     world = dist.get_world_size() if dist.is_initialized() else 1
     local_idx, local_labels = shard(idx, 1, LAYOUT), shard(labels, 1, LAYOUT)
     pos = shard(torch.arange(idx.shape[1], device=idx.device), 0, LAYOUT)
@@ -98,7 +101,7 @@ def train_ring(
         use_ring_attention(model)
     run = model
     if mode == "backend":
-        run = torch.compile(model, backend="dilated", options={"policy": POLICY})
+        run = torch.compile(model, backend="dilated", options={"policy": policy})
     elif mode == "direct-compiled":
         run = torch.compile(model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -131,14 +134,18 @@ def check_logits(local_logits: torch.Tensor, reference: PositionedGPT, idx) -> b
     return err <= tol
 
 
-def train_single(model: PositionedGPT, idx, labels, steps: int, lr: float = 1e-3) -> list[float]:
-    """The same training on the full sequence in one process, ordinary attention."""
+def train_single(
+    model: PositionedGPT, idx, labels, steps: int, lr: float = 1e-3, policy=None
+) -> list[float]:
+    """The same training on the full sequence in one process: ordinary attention, or what
+    `policy` (without `ring:`) makes of it under the dilated backend."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     pos = torch.arange(idx.shape[1], device=idx.device)
+    run = model if policy is None else torch.compile(model, backend="dilated", options={"policy": policy})
     losses = []
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(idx, pos).float().flatten(0, 1), labels.flatten())
+        loss = F.cross_entropy(run(idx, pos).float().flatten(0, 1), labels.flatten())
         loss.backward()
         opt.step()
         losses.append(loss.item())

@@ -317,6 +317,43 @@ def gpt_training_case(mode: str, steps: int = 2, seq_len: int = 48) -> None:
             raise CaseFailure(f"step {step}: ring loss {a} != single-process loss {b}")
 
 
+def gpt_training_inner_case(inner: str, setup: str, steps: int = 2, seq_len: int = 48) -> None:
+    """Training the example model through the backend with a ring rule whose inner attention
+    sends data at every site (two layers: the collectives of several sites in one forward and
+    one backward graph) == single-process training with the same attention, eager."""
+    examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+    if examples not in sys.path:
+        sys.path.insert(0, examples)
+    import copy
+
+    import ring_gpt
+
+    from dilated_compile import dilated_attention
+    from dilated_compile.lowering.block_sparse import block_sparse_attention
+
+    torch._dynamo.reset()
+    kwargs = dict(n_layer=2, n_head=4, n_embd=32, vocab=64, block_size=seq_len)
+    idx, labels = ring_gpt.make_batch(2, seq_len, kwargs["vocab"], "cpu")
+    model = ring_gpt.build(kwargs, "cpu", torch.float32)
+    reference = copy.deepcopy(model)
+    policy = _ring_policy(inner, ring_gpt.LAYOUT, setup)
+    policy["rules"][0]["match"] = "**.blocks.*.attn"
+    ring_losses, _ = ring_gpt.train_ring(model, idx, labels, steps, "backend", policy=policy)
+    inner_kwargs = _inner_kwargs(inner, setup)
+    attend = functools.partial(
+        dilated_attention if inner == "dilated" else block_sparse_attention, is_causal=True,
+        **{key: (list(val) if key != "pattern" and isinstance(val, tuple) else val)
+           for key, val in inner_kwargs.items()},
+    )
+    for module in reference.modules():  # eager, on the full sequence
+        if hasattr(module, "reference"):
+            module.reference = attend
+    single = ring_gpt.train_single(reference, idx, labels, steps)
+    for step, (a, b) in enumerate(zip(ring_losses, single)):
+        if abs(a - b) > 1e-5 * abs(b):
+            raise CaseFailure(f"step {step}: ring loss {a} != single-process loss {b}")
+
+
 # ---------------------------------------------------------------------------
 # bad setups: the same error on every rank, no hang
 
@@ -433,6 +470,11 @@ def cases(world: int) -> dict[str, Callable[[], None]]:
             backend_case, "dilated", "contiguous", False, "longnet", sends=False)
     if world == 2:
         out["gpt-training-backend"] = functools.partial(gpt_training_case, "backend")
+        out["gpt-training-backend-dilated-long"] = functools.partial(
+            gpt_training_inner_case, "dilated", "groups-long")
+    if world == 3:
+        out["gpt-training-backend-block-sparse"] = functools.partial(
+            gpt_training_inner_case, "block_sparse", "global")
     if world == 2:
         out["compiled-capture-zigzag-causal"] = functools.partial(compiled_case, "zigzag", True, "capture")
         out["compiled-capture-contiguous-causal"] = functools.partial(compiled_case, "contiguous", True, "capture")

@@ -41,6 +41,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..policy import BlockPattern
 from ..sharding import (
     GroupLike,
     LAYOUTS,
@@ -48,10 +49,9 @@ from ..sharding import (
     check_same_on_all_ranks,
     ring_info,
 )
-from .dilated import check_dilated_args, check_qkv, dilated_attention
-from ..policy import BlockPattern
 from .block_patterns import as_pattern
 from .block_sparse import block_sparse_attention
+from .dilated import check_dilated_args, check_qkv, dilated_attention
 from .ring_block_sparse import ring_block_sparse
 from .ring_dense import ring_dense
 from .ring_dilated import ring_dilated

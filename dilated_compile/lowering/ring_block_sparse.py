@@ -4,9 +4,10 @@ The ring of `ring_dense` (key/value shards move one rank per step through
 functional collectives; key/value gradients travel back with them in the
 backward), with a different step: this rank's queries attend the source
 shard's keys under the block-sparse pattern evaluated on *global* query and
-key positions, causal per token on global positions. A step whose (rank,
-source) pair has no allowed pair is skipped, but the shard is still passed
-along (every rank issues the same collectives). Partials merge by
+key positions, causal per token on global positions, restricted to the
+rows and keys of the pair's active blocks (their bounding box). A step whose
+(rank, source) pair has no active block is skipped, but the shard is still
+passed along (every rank issues the same collectives). Partials merge by
 log-sum-exp; each step's backward uses the merged output and log-sum-exp; a
 query with no allowed key anywhere gets 0 and gradient 0.
 
@@ -36,10 +37,11 @@ class BlockSparseSchedule(Schedule):
 
     pattern: BlockPattern = None  # type: ignore[assignment]
     block_size: int = 0
-    active: tuple[bool, ...] = ()  # by source rank: whether this rank's queries use its keys
+    boxes: tuple[Box | None, ...] = ()  # by source rank: the rows and keys with allowed pairs
 
     def calls(self, rank: int, source: int) -> tuple[Call, ...]:
-        return (Call(0, self.n, 0, self.n, False),) if self.active[source] else ()
+        box = self.boxes[source]
+        return () if box is None else (Call(*box, False),)
 
     def positions(self, rank: int, device) -> torch.Tensor:
         """Global positions of `rank`'s shard, built in the graph from ranges."""
@@ -72,14 +74,18 @@ class BlockSparseSchedule(Schedule):
         return masked_attention_backward(dout, q, k, v, self.mask(source, c, q), out, lse, scale)
 
 
-def _pair_active(
+Box = tuple[int, int, int, int]  # query rows [q0, q1), key rows [k0, k1) of a shard pair
+
+
+def _pair_box(
     pattern: BlockPattern, block_size: int, is_causal: bool, qpos: list[int], kpos: list[int]
-) -> bool:
-    """Whether any query at `qpos` may attend any key at `kpos` (global positions)."""
+) -> Box | None:
+    """The local rows and columns of the shard pair (queries at `qpos`, keys at `kpos`, global
+    positions) that hold every allowed pair; None when no pair is allowed."""
     if not qpos or not kpos:
-        return False
+        return None
     if pattern.kind == "mask_mod":  # token level, may depend on batch and head: only causal skips
-        return not is_causal or min(kpos) <= max(qpos)
+        return (0, len(qpos), 0, len(kpos)) if not is_causal or min(kpos) <= max(qpos) else None
     qmax: dict[int, int] = {}
     for p in qpos:
         qmax[p // block_size] = max(qmax.get(p // block_size, -1), p)
@@ -91,21 +97,28 @@ def _pair_active(
     if is_causal:  # some key of the key block at or before some query of the query block
         first_key, last_query = torch.tensor(list(kmin.values())), torch.tensor(list(qmax.values()))
         active = active & (first_key[None, :] <= last_query[:, None])
-    return bool(active.any())
+    if not bool(active.any()):
+        return None
+    q_on = set(qb[active.any(dim=1)].tolist())
+    k_on = set(kb[active.any(dim=0)].tolist())
+    rows = [i for i, p in enumerate(qpos) if p // block_size in q_on]
+    cols = [i for i, p in enumerate(kpos) if p // block_size in k_on]
+    return (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1)
 
 
 @torch._dynamo.assume_constant_result
-def _active_sources(
+def _boxes(
     world_size: int, rank: int, n: int, layout: str, is_causal: bool,
     pattern_fields: tuple, block_size: int,
-) -> tuple[bool, ...]:
-    """By source rank, whether this rank's queries may attend its keys (a constant to Dynamo)."""
+) -> tuple[Box | None, ...]:
+    """By source rank, the box of this rank's queries and its keys with allowed pairs, or None
+    (a constant to Dynamo)."""
     pattern = BlockPattern(*pattern_fields)
     total = n * world_size
     with outside_tracing():
         mine = position_list(total, layout, rank, world_size)
         return tuple(
-            _pair_active(pattern, block_size, is_causal, mine,
+            _pair_box(pattern, block_size, is_causal, mine,
                          position_list(total, layout, s, world_size))
             for s in range(world_size)
         )
@@ -117,8 +130,8 @@ def make_block_sparse_schedule(
 ) -> BlockSparseSchedule:
     """The schedule of one rank's block-sparse ring."""
     pattern_fields = (pattern.kind, pattern.window, pattern.stride, pattern.global_blocks, pattern.function)
-    active = _active_sources(world_size, rank, n, layout, is_causal, pattern_fields, block_size)
-    return BlockSparseSchedule(world_size, rank, n, layout, is_causal, pattern, block_size, active)
+    boxes = _boxes(world_size, rank, n, layout, is_causal, pattern_fields, block_size)
+    return BlockSparseSchedule(world_size, rank, n, layout, is_causal, pattern, block_size, boxes)
 
 
 def ring_block_sparse(
