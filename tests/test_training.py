@@ -299,8 +299,11 @@ def test_checkpointing_with_dynamic_lengths_trains_like_reference():
                 a.grad = b.grad = None
     finally:
         restore(saved)
-    assert counters["dilated"]["rewritten"] == 2 and counters["dilated"]["left"] == 0
-    assert counters["stats"]["unique_graphs"] == 1
+    # the backend may run twice for the first call (Dynamo retraces once a symbolic
+    # float attribute such as the dropout probability is guarded): count the last graph
+    last = dilated_compile.reports()[-1].sites
+    assert len(last) == 2 and all(s.status == "rewritten" and "dynamic length" in s.attention for s in last)
+    assert counters["dilated"]["left"] == 0 and counters["stats"]["unique_graphs"] == 1
 
 
 # ---------------------------------------------------------------- concurrency and bounded caches
