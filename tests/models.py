@@ -1,6 +1,7 @@
 """Small models with SDPA attention written in the calling styles real code uses."""
 
 import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -90,3 +91,16 @@ def with_attention_replaced(model, fn):
 def restore(originals):
     for m, f in originals.items():
         m.forward = f
+
+
+class CheckpointedBlocks(torch.nn.Module):
+    """TinyModel with every block under torch.utils.checkpoint (non-reentrant)."""
+
+    def __init__(self, heads: tuple[int, ...]):
+        super().__init__()
+        self.inner = TinyModel(heads=heads)
+
+    def forward(self, x):
+        for layer in self.inner.layers:
+            x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+        return x

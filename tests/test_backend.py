@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 import dilated_compile
 from dilated_compile import dilated_attention, dilated_reference, load_policy
 
-from .models import TinyModel, dilated_rule, policy, restore, with_attention_replaced
+from .models import CheckpointedBlocks, TinyModel, dilated_rule, policy, restore, with_attention_replaced
 from .tolerance import budget
 
 
@@ -184,19 +184,6 @@ def test_eager_function_inside_user_compiled_code():
     torch.testing.assert_close(out, f(q, k, v), atol=1e-5, rtol=1e-5)
 
 
-class _Checkpointed(torch.nn.Module):
-    """TinyModel with every block under torch.utils.checkpoint (non-reentrant)."""
-
-    def __init__(self):
-        super().__init__()
-        self.inner = TinyModel(heads=(5, 3))
-
-    def forward(self, x):
-        for layer in self.inner.layers:
-            x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
-        return x
-
-
 def test_sites_inside_activation_checkpointing_train_like_eager():
     """Checkpointed blocks become nested graphs in Dynamo; their attention is
     found, rewritten, and training matches the eager rewrite step by step."""
@@ -204,7 +191,7 @@ def test_sites_inside_activation_checkpointing_train_like_eager():
 
     torch.manual_seed(0)
     seg, rates = (8, 16), (1, 4)
-    model = _Checkpointed()
+    model = CheckpointedBlocks(heads=(5, 3))
     reference = copy.deepcopy(model)
     x = torch.randn(2, 37, 16)
     pol = policy(dilated_rule(match="**.attn", seg=seg, rates=rates, head_split="longnet"))

@@ -19,7 +19,7 @@ from dilated_compile import dilated_reference
 from dilated_compile.lowering import dilated as dilated_lowering
 from dilated_compile.lowering.dynamic import dynamic_dilated_attention
 
-from .models import TinyModel, dilated_rule, policy, restore, with_attention_replaced
+from .models import CheckpointedBlocks, TinyModel, dilated_rule, policy, restore, with_attention_replaced
 from .tolerance import assert_within
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -268,22 +268,11 @@ def test_hf_gradient_checkpointing_rewrites_sites_and_keeps_gradients():
     assert counters["dilated"]["left"] == 0
 
 
-class _CheckpointedBlocks(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.inner = TinyModel(heads=(4, 3))
-
-    def forward(self, x):
-        for layer in self.inner.layers:
-            x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
-        return x
-
-
 def test_checkpointing_with_dynamic_lengths_trains_like_reference():
     """torch.utils.checkpoint around blocks whose sites have a symbolic length:
     the custom op is recomputed in the backward, gradients equal the reference."""
     torch.manual_seed(0)
-    model = _CheckpointedBlocks()
+    model = CheckpointedBlocks(heads=(4, 3))
     reference, saved = _reference_model(model, "longnet")
     pol = policy(dilated_rule(match="**.attn", seg=SEG, rates=RATES, head_split="longnet"))
     compiled = torch.compile(model, backend="dilated", options={"policy": pol}, dynamic=True)
