@@ -34,7 +34,11 @@ Backends (single GPU):
 - ``inductor``: ``torch.compile(block, backend="inductor")``; attention is
   causal ``F.scaled_dot_product_attention`` (flash / cuDNN on CUDA).
 - ``dilated``: ``torch.compile(block, backend="dilated")`` with the
-  LongNet-style policy written to ``DIR/policy_dilated_<N>.json``.
+  LongNet-style policy written to ``DIR/policy_dilated_<N>.json`` (LongNet's
+  head split: every head attends with every pattern).
+- ``dilated_groups``: the same with ``head_split: groups`` (the heads split
+  among the patterns): the attention the seed algorithm computes, so the
+  like-for-like comparison with ``seed``.
 - ``seed``: the whole model eager, its attention the seed library's
   algorithm (``seed_algorithm`` of ``benchmarks/bench_dilated.py``, causal,
   ``groups`` head split) on the same segments and rates.
@@ -88,8 +92,11 @@ from bench_dilated import seed_algorithm  # noqa: E402
 LONGNET_SEGMENTS = (2048, 4096, 8192, 16384, 32768)
 LONGNET_RATES = (1, 2, 4, 6, 12)
 ATTENTION_MATCH = r"re:(^|\.)attn$"
-SINGLE_BACKENDS = ("inductor", "dilated", "seed")
+SINGLE_BACKENDS = ("inductor", "dilated", "dilated_groups", "seed")
 RING_BACKENDS = ("ring_dense", "ring_dilated")
+# The head split of each dilated backend: "longnet" (every head uses every pattern, the LongNet
+# paper's) and "groups" (heads split among the patterns: the same attention as the seed algorithm).
+HEAD_SPLIT = {"dilated": "longnet", "dilated_groups": "groups"}
 # The order the configurations run in: the targets' lengths (64k, 8k) first, then the longest
 # (where the maximum context is found), then the rest; a short GPU budget then ends with what matters.
 DEFAULT_LENGTHS = "64k,8k,128k,256k,32k,16k"
@@ -122,7 +129,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.proj = nn.Linear(width, width, bias=False)
         self.seed: tuple[list[int], list[int]] | None = None  # (segments, rates) for the seed backend
-        self.dilated: tuple[list[int], list[int]] | None = None  # eager dilated_attention (reference losses)
+        # (segments, rates, head_split) of eager dilated_attention (reference losses)
+        self.dilated: tuple[list[int], list[int], str] | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -132,8 +140,8 @@ class Attention(nn.Module):
             y = seed_algorithm(q, k, v, self.seed[0], self.seed[1], is_causal=True)
         elif self.dilated is not None:
             y = dilated_compile.dilated_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), *self.dilated,
-                head_split="longnet", is_causal=True,
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), *self.dilated[:2],
+                head_split=self.dilated[2], is_causal=True,
             ).transpose(1, 2)
         else:
             y = F.scaled_dot_product_attention(
@@ -218,14 +226,15 @@ def clip_patterns(segments, rates, limit: int) -> tuple[list[int], list[int]]:
     return seg_out, rate_out
 
 
-def longnet_policy(segments, rates, min_seq_len: int, ring: bool = False) -> dict:
-    """A policy (dict) making every block's attention dilated with the LongNet head split."""
+def longnet_policy(segments, rates, min_seq_len: int, ring: bool = False, head_split: str = "longnet") -> dict:
+    """A policy (dict) making every block's attention dilated (LongNet's segments and rates and,
+    by default, its head split: every head uses every pattern)."""
     rule: dict[str, Any] = {
         "match": ATTENTION_MATCH,
         "attention": "dilated",
         "segment_lengths": list(segments),
         "dilation_rates": list(rates),
-        "head_split": "longnet",
+        "head_split": head_split,
     }
     if ring:
         rule["ring"] = {"layout": "zigzag"}
@@ -354,8 +363,8 @@ def attach(model: GPT, backend: str, n: int, s: Setup) -> dict | None:
         for block in model.blocks:
             block.attn.seed = (seg, rates)
         return None
-    if backend == "dilated":
-        policy = longnet_policy(seg, rates, s.min_seq_len)
+    if backend in ("dilated", "dilated_groups"):
+        policy = longnet_policy(seg, rates, s.min_seq_len, head_split=HEAD_SPLIT[backend])
     elif backend == "ring_dense":
         policy = dense_ring_policy()
     elif backend == "ring_dilated":
@@ -394,12 +403,12 @@ class StepTimer:
         return False
 
 
-def expected_attention(backend: str, n: int, s: Setup) -> tuple[list[int], list[int]] | None:
-    """The dilated (segments, rates) that `backend` computes at global length n; None for dense."""
-    if backend == "dilated" and n >= s.min_seq_len:
-        return clip_patterns(s.segments, s.rates, n)
+def expected_attention(backend: str, n: int, s: Setup) -> tuple[list[int], list[int], str] | None:
+    """The dilated (segments, rates, head split) `backend` computes at global length n; None for dense."""
+    if backend in HEAD_SPLIT and n >= s.min_seq_len:
+        return (*clip_patterns(s.segments, s.rates, n), HEAD_SPLIT[backend])
     if backend == "ring_dilated":
-        return clip_patterns(s.segments, s.rates, n // (2 * s.world))
+        return (*clip_patterns(s.segments, s.rates, n // (2 * s.world)), "longnet")
     return None
 
 
@@ -685,7 +694,10 @@ def write_policies(s: Setup, lengths: list[int], ring: bool) -> None:
             policies = {"ring_dense": dense_ring_policy(),
                         "ring_dilated": longnet_policy(*clip_patterns(s.segments, s.rates, chunk), 0, ring=True)}
         else:
-            policies = {"dilated": longnet_policy(*clip_patterns(s.segments, s.rates, n), s.min_seq_len)}
+            policies = {
+                name: longnet_policy(*clip_patterns(s.segments, s.rates, n), s.min_seq_len, head_split=split)
+                for name, split in HEAD_SPLIT.items()
+            }
         for name, policy in policies.items():
             with open(os.path.join(s.out, f"policy_{name}_{n}.json"), "w") as f:
                 json.dump(policy, f, indent=1)

@@ -59,10 +59,23 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def target_ratios(results: dict) -> list[dict]:
-    """The issue's targets, each with the measured value (None when not measured) and whether it is met."""
-    rows = ok_rows(results)
+    """The issue's targets, each with the measured value (None when not measured) and whether it is met.
+
+    Single GPU: for each dilated backend of the run (``dilated``, LongNet's head split, and
+    ``dilated_groups``, the seed algorithm's attention).
+    """
     ring = results["meta"].get("mode") == "ring"
-    dil, dense, seed = ("ring_dilated", "ring_dense", None) if ring else ("dilated", "inductor", "seed")
+    if ring:
+        return _target_ratios(results, "ring_dilated", "ring_dense", None)
+    out = []
+    for dil in ("dilated", "dilated_groups"):
+        if dil in results["meta"]["backends"]:
+            out += _target_ratios(results, dil, "inductor", "seed")
+    return out
+
+
+def _target_ratios(results: dict, dil: str, dense: str, seed: str | None) -> list[dict]:
+    rows = ok_rows(results)
     targets = results["meta"].get("target_lengths", {"long": 65536, "short": 8192})
     long_n, short_n = targets["long"], targets["short"]
 
