@@ -216,3 +216,25 @@ def test_every_part_its_own_call_on_views(monkeypatch, head_split, is_causal, la
     ref.backward(grad)
     for a, b in ((q, qd), (k, kd), (v, vd)):
         torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "strided_view"])
+def test_block_attention_ops_pass_opcheck(is_causal, layout):
+    """The fused-kernel custom ops: schema, fake (meta) outputs with the real
+    layouts, and tracing; inputs dense or strided views like the dilated gathers."""
+    from dilated_compile.lowering.kernels import choose_kernel
+
+    g = torch.Generator().manual_seed(0)
+    if layout == "contiguous":
+        q, k, v = (torch.randn(2, 3, 37, 16, generator=g) for _ in range(3))
+    else:  # every 2nd position of (B, N, H, D) storage, as (B, H, m, D)
+        q, k, v = (torch.randn(2, 74, 3, 16, generator=g).transpose(1, 2)[:, :, ::2] for _ in range(3))
+    kernel = choose_kernel(q)
+    ops = torch.ops.dilated_compile
+    torch.library.opcheck(ops.block_attention.default, (q, k, v, is_causal, 0.25, kernel))
+    out, lse = ops.block_attention(q, k, v, is_causal, 0.25, kernel)
+    dout = torch.randn(out.shape, generator=g)
+    torch.library.opcheck(
+        ops.block_attention_backward.default, (dout, q, k, v, out, lse, is_causal, 0.25, kernel)
+    )

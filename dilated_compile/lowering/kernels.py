@@ -136,52 +136,34 @@ def _math_backward(dout, q, k, v, out, lse, is_causal, scale):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def block_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool, scale: float
-) -> BlockResult:
-    """Dense attention per (batch, head) block with its log-sum-exp. No autograd."""
-    kernel = choose_kernel(q)
+def _forward_impl(kernel: str, q, k, v, is_causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the fused kernel `kernel` (runs on real and on fake tensors alike)."""
     m = q.shape[-2]
     if kernel == "cpu":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, is_causal, scale=scale
         )
-        return BlockResult(out, lse)
+        return out, lse
     if kernel == "flash":  # not the fast path on Hopper: dense inputs, fewest surprises
         q, k, v = _seq_major(q), _seq_major(k), _seq_major(v)
         res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)
-        return BlockResult(res[0], res[1])
+        return res[0], res[1]
     if kernel == "cudnn":
         res = aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, is_causal, False, scale=scale
         )
-        return BlockResult(res[0], res[1].reshape(q.shape[:-1]))
+        return res[0], res[1].reshape(q.shape[:-1])
     if kernel == "efficient":  # the fp32 path
         q, k, v = _seq_major(q), _seq_major(k), _seq_major(v)
         res = aten._scaled_dot_product_efficient_attention(
             q, k, v, None, True, 0.0, is_causal, scale=scale
         )
-        return BlockResult(res[0], res[1][..., :m])
-    return BlockResult(*_math_forward(q, k, v, is_causal, scale))
+        return res[0], res[1][..., :m].contiguous()
+    raise ValueError(f"no fused kernel {kernel!r}")
 
 
-def block_attention_backward(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    *,
-    is_causal: bool,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of `block_attention` for q, k, v given an output and log-sum-exp.
-
-    `out` and `lse` may be the merged result of several blocks that share these
-    queries: the gradient then is that of one softmax over all of their keys.
-    """
-    kernel = choose_kernel(q)
+def _backward_impl(kernel: str, dout, q, k, v, out, lse, is_causal: bool, scale: float):
+    """(dq, dk, dv) of the fused kernel `kernel` (runs on real and on fake tensors alike)."""
     m, mk = q.shape[-2], k.shape[-2]  # differ in a ring's off-diagonal blocks
     out = out.to(q.dtype)
     if kernel == "cpu":
@@ -211,7 +193,7 @@ def block_attention_backward(
             dout, out = dense_in_order_of(dout, q), dense_in_order_of(out, q)
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
-            dout, q, k, v, out, lse.float().unsqueeze(-1).contiguous(), seed, seed, None,
+            dout, q, k, v, out, lse.float().contiguous().unsqueeze(-1), seed, seed, None,
             None, None, m, mk, 0.0, is_causal, scale=scale,
         )
         return dq, dk, dv
@@ -225,4 +207,87 @@ def block_attention_backward(
             [True, True, True, False], is_causal, scale=scale,
         )
         return dq, dk, dv
-    return _math_backward(dout, q, k, v, out, lse, is_causal, scale)
+    raise ValueError(f"no fused kernel {kernel!r}")
+
+
+# --------------------------------------------------------------------------
+# The fused kernels as custom ops. Under torch.compile, Inductor chooses the
+# layout of every buffer it passes to an op; the layouts these kernels need
+# (cuDNN: a log-sum-exp with unit last stride, out/grad_out in exactly q's
+# strides) must hold at run time, so they are made inside the op, on the
+# real tensors, and not decided on the traced ones. The fake implementation
+# is the same code on fake tensors (the aten ops' meta kernels), so traced
+# output layouts are the real ones; `needs_exact_strides` makes Inductor
+# pass inputs with exactly the traced strides.
+
+_EXACT_STRIDES = tuple(t for t in (getattr(torch.Tag, "needs_exact_strides", None),) if t is not None)
+
+
+@torch.library.custom_op("dilated_compile::block_attention", mutates_args=(), tags=_EXACT_STRIDES)
+def block_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float, kernel: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the fused kernel `kernel` on dense blocks."""
+    return _forward_impl(kernel, q, k, v, is_causal, scale)
+
+
+@block_attention_op.register_fake
+def _(q, k, v, is_causal, scale, kernel):
+    return _forward_impl(kernel, q, k, v, is_causal, scale)
+
+
+@torch.library.custom_op(
+    "dilated_compile::block_attention_backward", mutates_args=(), tags=_EXACT_STRIDES
+)
+def block_attention_backward_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    is_causal: bool,
+    scale: float,
+    kernel: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of the fused kernel `kernel` from an output and log-sum-exp."""
+    return _backward_impl(kernel, dout, q, k, v, out, lse, is_causal, scale)
+
+
+@block_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, is_causal, scale, kernel):
+    return _backward_impl(kernel, dout, q, k, v, out, lse, is_causal, scale)
+
+
+def block_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool, scale: float
+) -> BlockResult:
+    """Dense attention per (batch, head) block with its log-sum-exp. No autograd."""
+    kernel = choose_kernel(q)
+    if kernel == "math":
+        return BlockResult(*_math_forward(q, k, v, is_causal, scale))
+    return BlockResult(*block_attention_op(q, k, v, bool(is_causal), float(scale), kernel))
+
+
+def block_attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    is_causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `block_attention` for q, k, v given an output and log-sum-exp.
+
+    `out` and `lse` may be the merged result of several blocks that share these
+    queries: the gradient then is that of one softmax over all of their keys.
+    """
+    kernel = choose_kernel(q)
+    if kernel == "math":
+        return _math_backward(dout, q, k, v, out, lse, is_causal, scale)
+    return block_attention_backward_op(
+        dout, q, k, v, out, lse, bool(is_causal), float(scale), kernel
+    )
