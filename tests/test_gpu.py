@@ -136,3 +136,51 @@ def test_reduce_overhead_trains_like_eager_in_cuda_graphs(dynamic):
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
     reports = dilated_compile.reports()
     assert reports and all(s.status == "rewritten" for s in reports[-1].sites)
+
+
+@pytest.mark.parametrize("ours_first", [True, False], ids=["ours_first", "torch_first"])
+def test_cudnn_backward_graphs_are_shared_safely_with_torch_sdpa(monkeypatch, ours_first):
+    """torch caches cuDNN backward graphs by q/k/v layout alone, with the out/grad_out
+    strides of the first call baked in. Our block backward on strided views (the dilated
+    view path: out and grad_out gathered like q) and torch's own SDPA backward on views
+    with the same layout (the seed algorithm) run in one process, in either order: both
+    give the float64 reference's gradients. (Before: an illegal memory access.)"""
+    if not kernels._cudnn_usable(torch.empty(1, 1, 1, 64, device="cuda")):
+        pytest.skip("cuDNN attention unavailable")
+    monkeypatch.setenv("DILATED_KERNEL", "cudnn")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def views():  # every 2nd position of (B, N, H, D) storage, seen as (B, H, N/2, D)
+        return [
+            torch.randn(1, 2048, 4, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+            .transpose(1, 2)[:, :, ::2]
+            for _ in range(5)
+        ]
+
+    def reference(q, k, v, dout):
+        qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+        torch.nn.functional.scaled_dot_product_attention(qd, kd, vd).backward(dout.double())
+        return [t.grad for t in (qd, kd, vd)]
+
+    def ours():
+        q, k, v, out_view, dout = views()
+        out, lse = kernels.block_attention(q, k, v, is_causal=False, scale=0.125)
+        out_view.copy_(out)  # the output gathered like q: exactly q's strides
+        grads = kernels.block_attention_backward(dout, q, k, v, out_view, lse, is_causal=False, scale=0.125)
+        return grads, reference(q, k, v, dout)
+
+    def torch_sdpa():
+        q, k, v, _, dout = (t.requires_grad_() for t in views())
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            torch.nn.functional.scaled_dot_product_attention(q, k, v).backward(dout)
+        return [t.grad for t in (q, k, v)], reference(q, k, v, dout)
+
+    runs = [ours, torch_sdpa] if ours_first else [torch_sdpa, ours]
+    for run in runs:
+        grads, ref = run()
+        torch.cuda.synchronize()
+        for name, got, want in zip(("dq", "dk", "dv"), grads, ref):
+            err = (got.double() - want).abs().max().item()
+            assert err <= 6e-2 * max(want.abs().max().item(), 1.0), f"{run.__name__} {name}: {err}"

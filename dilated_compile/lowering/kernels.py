@@ -66,32 +66,13 @@ def choose_kernel(q: torch.Tensor) -> str:
     return "math"
 
 
-def is_dense(t: torch.Tensor) -> bool:
-    """Whether `t`'s elements fill its storage span without gaps or overlaps."""
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: p[1]):
-        if size == 1:
-            continue
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def dense_in_order_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """`t` as a dense tensor whose dimensions are laid out in `ref`'s stride order.
-
-    cuDNN attention's backward silently returns wrong gradients when `out` and
-    `grad_out` are not laid out like the query (seen on an H200, torch 2.11).
-    """
-    order = sorted(range(ref.dim()), key=lambda i: ref.stride(i), reverse=True)
-    if t.is_contiguous() and ref.is_contiguous():
+def _laid_out_like_cudnn_out(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """`t` (shaped like q) with the strides of the `out` cuDNN attention allocates for `q`
+    (``empty_like(q)``): `t` itself when it has them, else a copy."""
+    like = torch.empty_like(q, dtype=t.dtype)
+    if t.stride() == like.stride():
         return t
-    if is_dense(t) and is_dense(ref) and t.shape == ref.shape and t.stride() == ref.stride():
-        return t
-    dense = t.permute(order).contiguous()
-    inverse = [order.index(i) for i in range(ref.dim())]
-    return dense.permute(inverse)
+    return like.copy_(t)
 
 
 def _seq_major(t: torch.Tensor) -> torch.Tensor:
@@ -180,17 +161,14 @@ def _backward_impl(kernel: str, dout, q, k, v, out, lse, is_causal: bool, scale:
         )
         return dq, dk, dv
     if kernel == "cudnn":
-        # cuDNN's backward graph is cached by q/k/v strides alone, with the
-        # out/grad_out strides of the call that built it baked in: out and
-        # grad_out always get exactly q's strides, so that q's strides determine
-        # theirs. Views gathered alike (the dilated view path) already have
-        # them; otherwise q is made dense and they follow it. (A strided q view
-        # with dense out/grad_out read out of bounds on an H200, torch 2.11:
-        # an illegal memory access.)
-        if dout.stride() != q.stride() or out.stride() != q.stride():
-            if not is_dense(q):
-                q = dense_in_order_of(q, q)
-            dout, out = dense_in_order_of(dout, q), dense_in_order_of(out, q)
+        # torch caches cuDNN's backward graph by q/k/v sizes and strides alone,
+        # per process, with the out/grad_out strides of the call that built it
+        # baked in. torch's own SDPA backward passes out/grad_out laid out like
+        # `empty_like(q)` (its forward allocates out so); every call here does
+        # the same, so that a graph built by either serves both. Otherwise a
+        # later call with the same q/k/v layout reads out/grad_out with the
+        # wrong strides: an illegal memory access, or wrong gradients.
+        dout, out = _laid_out_like_cudnn_out(dout, q), _laid_out_like_cudnn_out(out, q)
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse.float().contiguous().unsqueeze(-1), seed, seed, None,
