@@ -549,7 +549,8 @@ def test_block_sparse_dynamic_min_seq_len_is_decided_per_call():
     def attention(q, k, v, module):
         if q.shape[2] < 40:
             return dense_reference(q, k, v, is_causal=True).to(q.dtype)
-        return block_sparse_reference(q, k, v, block_size=BLOCK, pattern=BS_PATTERNS["dilated"], is_causal=True).to(q.dtype)
+        pattern = BS_PATTERNS["dilated"]
+        return block_sparse_reference(q, k, v, block_size=BLOCK, pattern=pattern, is_causal=True).to(q.dtype)
 
     saved = with_attention_replaced(ref, attention)
     pol = policy(_block_sparse_rule("dilated"), min_seq_len=40)
