@@ -70,9 +70,16 @@ def lowered_functions() -> tuple[Callable, ...]:
     from .lowering.block_sparse import block_sparse_attention
     from .lowering.dilated import dilated_attention
     from .lowering.dynamic import dynamic_dilated_attention
+    from .lowering.dynamic_block_sparse import dynamic_block_sparse_attention
     from .lowering.ring import ring_attention_local
 
-    return (dilated_attention, block_sparse_attention, ring_attention_local, dynamic_dilated_attention)
+    return (
+        dilated_attention,
+        block_sparse_attention,
+        ring_attention_local,
+        dynamic_dilated_attention,
+        dynamic_block_sparse_attention,
+    )
 
 
 def cacheable_functions_patch(policy: Policy) -> dict[str, str]:

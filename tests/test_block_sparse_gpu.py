@@ -104,3 +104,20 @@ def test_float64_on_cuda_uses_the_gather_lowering():
     assert choose_path(q) == "gather"
     out = block_sparse_attention(q, k, v, block_size=32, pattern=PATTERNS["global_local"], is_causal=True)
     _check(out, q, k, v, 32, PATTERNS["global_local"], True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("kind", ["local_window", "dilated", "global_local"])
+def test_dynamic_length_op_cuda(kind, is_causal, dtype):
+    """The custom op symbolic-length sites call (lowering/dynamic_block_sparse.py):
+    FlexAttention (bf16: lse from flex, backward by flex's recompute) or gather
+    (float32: backward from out/lse), at lengths that are and are not multiples
+    of the block size, including global rows split over keys (n=1000)."""
+    from dilated_compile.lowering.dynamic_block_sparse import dynamic_block_sparse_attention
+
+    for n in (300, 256, 1000):
+        q, k, v = _qkv(n, 3, dtype, seed=n)
+        kw = {"block_size": 64, "pattern": PATTERNS[kind], "is_causal": is_causal}
+        out = dynamic_block_sparse_attention(q, k, v, **kw)
+        _check(out, q, k, v, 64, PATTERNS[kind], is_causal)

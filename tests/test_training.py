@@ -15,9 +15,10 @@ import torch
 from torch._dynamo.utils import counters
 
 import dilated_compile
-from dilated_compile import dilated_reference
+from dilated_compile import block_sparse_reference, dense_reference, dilated_reference
 from dilated_compile.lowering import dilated as dilated_lowering
 from dilated_compile.lowering.dynamic import dynamic_dilated_attention
+from dilated_compile.lowering.dynamic_block_sparse import dynamic_block_sparse_attention
 
 from .models import CheckpointedBlocks, TinyModel, dilated_rule, policy, restore, with_attention_replaced
 from .tolerance import assert_within
@@ -422,18 +423,162 @@ def test_long_context_example_sweep_writes_json_and_png(tmp_path):
     assert fit["bytes_per_token"] == pytest.approx(10) and fit["intercept_bytes"] == pytest.approx(2)
 
 
-def test_block_sparse_site_with_dynamic_length_is_left_and_reported():
-    """Not implemented for symbolic lengths yet: the site stays dense, and says so."""
+# ---------------------------------------------------------------- block-sparse, dynamic lengths
+
+BLOCK = 8
+BS_PATTERNS = {
+    "local_window": {"kind": "local_window", "window": 1},
+    "global_local": {"kind": "global_local", "window": 1, "global_blocks": 1},
+    "dilated": {"kind": "dilated", "window": 0, "stride": 2},
+}
+BS_LENGTHS = (20, 32, 37, 64, 97)  # multiples of BLOCK and not, N < BLOCK * (pattern's reach)
+
+
+def _block_sparse_rule(kind, **extra):
+    return {"match": "layers.*.attn", "attention": "block_sparse", "block_size": BLOCK,
+            "pattern": BS_PATTERNS[kind] if isinstance(kind, str) else kind, **extra}
+
+
+@pytest.mark.parametrize("kind", list(BS_PATTERNS))
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("n", [1, 5, 37, 64])
+def test_dynamic_block_sparse_op_equals_reference(n, is_causal, kind):
+    """The block-sparse custom op, forward and backward (from out and lse), vs float64."""
+    torch.manual_seed(n)
+    q, k, v = (torch.randn(2, 3, n, 8, requires_grad=True) for _ in range(3))
+    kw = {"block_size": BLOCK, "pattern": BS_PATTERNS[kind], "is_causal": is_causal}
+    out = dynamic_block_sparse_attention(q, k, v, **kw)
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = block_sparse_reference(qd, kd, vd, **kw)
+    assert_within(out, ref, q, k, v, is_causal=is_causal)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (qd, kd, vd), grad.double())
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-4, msg=f"d{name}")
+
+
+def test_dynamic_block_sparse_op_is_dense_below_min_seq_len():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 3, 30, 8, dtype=torch.float64) for _ in range(3))
+    kw = {"block_size": BLOCK, "pattern": BS_PATTERNS["local_window"], "is_causal": True}
+    out = dynamic_block_sparse_attention(q, k, v, min_seq_len=31, **kw)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+    sparse = dynamic_block_sparse_attention(q, k, v, min_seq_len=30, **kw)
+    torch.testing.assert_close(sparse, block_sparse_reference(q, k, v, **kw))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [(BLOCK, "global_local", 1, -1, 1, True, 0.3, 0), (BLOCK, "dilated", 0, 2, -1, False, 0.3, 0),
+     (BLOCK, "local_window", 1, -1, -1, True, 0.3, 20)],
+    ids=["global_local_causal", "dilated", "dense_below_min_seq_len"],
+)
+def test_dynamic_block_sparse_ops_pass_opcheck(args):
+    q, k, v = (torch.randn(2, 3, 19, 8, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(torch.ops.dilated_compile.block_sparse_attention.default, (q, k, v, *args))
+    out, lse = torch.ops.dilated_compile.block_sparse_attention(q, k, v, *args)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(
+        torch.ops.dilated_compile.block_sparse_attention_backward.default,
+        (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, *args),
+    )
+
+
+def _block_sparse_reference_model(model, kind):
+    ref = copy.deepcopy(model)
+
+    def attention(q, k, v, module):
+        return block_sparse_reference(
+            q, k, v, block_size=BLOCK, pattern=BS_PATTERNS[kind], is_causal=module.is_causal
+        ).to(q.dtype)
+
+    return ref, with_attention_replaced(ref, attention)
+
+
+@pytest.mark.parametrize("kind", ["local_window", "global_local"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dynamic", [True, None], ids=["dynamic_true", "automatic_dynamic"])
+def test_block_sparse_lengths_train_like_reference_without_recompiles(dynamic, is_causal, kind):
+    """As test_lengths_train_like_reference_without_recompiles, for block_sparse sites:
+    SGD steps at lengths that are and are not multiples of the block size, loss and
+    gradients equal the float64 reference step by step, no recompile after the
+    length turned dynamic (dynamic=True: one graph for all)."""
+    torch.manual_seed(0)
+    model = TinyModel(heads=(5, 3), is_causal=is_causal)
+    reference, saved = _block_sparse_reference_model(model, kind)
+    pol = policy(_block_sparse_rule(kind))
+    compiled = torch.compile(model, backend="dilated", options={"policy": pol}, fullgraph=True, dynamic=dynamic)
+    opt_c = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt_r = torch.optim.SGD(reference.parameters(), lr=0.05)
+    graphs_after = []
+    try:
+        for step, n in enumerate(BS_LENGTHS):
+            x, target = torch.randn(2, n, 16), torch.randn(2, n, 16)
+            with torch._dynamo.config.patch(error_on_recompile=step >= 2):
+                loss_c = (compiled(x) - target).pow(2).mean()
+            loss_r = (reference(x) - target).pow(2).mean()
+            loss_c.backward()
+            loss_r.backward()
+            torch.testing.assert_close(loss_c, loss_r, atol=1e-5, rtol=1e-5, msg=f"loss at N={n}")
+            for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+                torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=f"{name} at N={n}")
+            for opt in (opt_c, opt_r):
+                opt.step()
+                opt.zero_grad()
+            graphs_after.append(counters["stats"]["unique_graphs"])
+    finally:
+        restore(saved)
+    assert not counters["graph_break"]
+    assert graphs_after == ([1] * len(BS_LENGTHS) if dynamic else [1, 2, 2, 2, 2])
+    sites = dilated_compile.reports()[-1].sites
+    assert len(sites) == 2 and all(s.status == "rewritten" for s in sites)
+    assert all(
+        s.attention.startswith(f"block_sparse b={BLOCK} {kind}(")
+        and s.attention.endswith("; dynamic length (custom op), dense below min_seq_len 0")
+        for s in sites
+    ), sites[0].attention
+
+
+def test_block_sparse_dynamic_min_seq_len_is_decided_per_call():
+    """Dense below min_seq_len, block-sparse from it, one graph."""
+    torch.manual_seed(0)
+    model = TinyModel(heads=(4,))
+    ref = copy.deepcopy(model)
+
+    def attention(q, k, v, module):
+        if q.shape[2] < 40:
+            return dense_reference(q, k, v, is_causal=True).to(q.dtype)
+        pattern = BS_PATTERNS["dilated"]
+        return block_sparse_reference(q, k, v, block_size=BLOCK, pattern=pattern, is_causal=True).to(q.dtype)
+
+    saved = with_attention_replaced(ref, attention)
+    pol = policy(_block_sparse_rule("dilated"), min_seq_len=40)
+    compiled = torch.compile(model, backend="dilated", options={"policy": pol}, dynamic=True)
+    try:
+        with torch.no_grad():
+            for n in (24, 39, 40, 61):
+                x = torch.randn(1, n, 16)
+                torch.testing.assert_close(compiled(x), ref(x), atol=1e-5, rtol=1e-5, msg=f"N={n}")
+    finally:
+        restore(saved)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_block_sparse_mask_mod_site_with_dynamic_length_is_left_and_reported():
+    """A mask_mod pattern (a user function) cannot be a custom-op argument: left, with the reason."""
     model = TinyModel(heads=(2,))
-    rule = {"match": "layers.*.attn", "attention": "block_sparse", "block_size": 8,
-            "pattern": {"kind": "local_window", "window": 1}}
+    rule = _block_sparse_rule({"kind": "mask_mod", "function": "tests.masks:stripes"})
     compiled = torch.compile(model, backend="dilated", options={"policy": policy(rule)}, dynamic=True)
     x = torch.randn(1, 24, 16)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
     (site,) = dilated_compile.reports()[-1].sites
     assert site.status == "left"
-    assert site.reason == "dynamic (symbolic) sequence length: block_sparse is not rewritten yet"
+    assert site.reason == (
+        "dynamic (symbolic) sequence length: a block_sparse mask_mod pattern (a user function) "
+        "cannot be an argument of the custom op; is not rewritten"
+    )
 
 
 class _ReentrantCheckpointedBlocks(torch.nn.Module):

@@ -186,14 +186,16 @@ def _flex(q, k, v, scale, **kwargs):
     return _compiled_flex()(q, k, v, scale=scale, **kwargs)
 
 
-def _sparse(q, k, v, pattern, block_size, is_causal, scale, q_offset=0):
-    """Flex with the pattern's BlockMask, for the queries at q_offset.. ."""
+def _sparse(q, k, v, pattern, block_size, is_causal, scale, q_offset=0, return_lse=False):
+    """Flex with the pattern's BlockMask, for the queries at q_offset.. (and the lse)."""
     b, h, n = q.shape[0], q.shape[1], k.shape[2]
     mask_b = b if pattern.kind == "mask_mod" else 1
     mask_h = h if pattern.kind == "mask_mod" else 1
     tracing = torch.compiler.is_dynamo_compiling() or aot_tracing()
     build = build_block_mask if tracing else cached_block_mask
     block_mask = build(pattern, block_size, n, mask_b, mask_h, is_causal, q.device, q_offset)
+    if return_lse:
+        return _flex(q, k, v, scale, block_mask=block_mask, return_lse=True)
     return _flex(q, k, v, scale, block_mask=block_mask)
 
 
@@ -202,9 +204,9 @@ def _keys_per_row(pattern: BlockPattern, block_size: int) -> int:
     return (2 * pattern.window + 1 + pattern.global_blocks) * block_size
 
 
-def _all_keys_split(q, k, v, scale, chunk: int) -> torch.Tensor:
+def _all_keys_split(q, k, v, scale, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over every key, the keys cut into chunks that run in
-    parallel (as extra batch entries) and merge by log-sum-exp."""
+    parallel (as extra batch entries) and merge by log-sum-exp; and its lse."""
     b, h, m, d = q.shape
     n = k.shape[2]
     pieces = -(-n // chunk)
@@ -224,8 +226,9 @@ def _all_keys_split(q, k, v, scale, chunk: int) -> torch.Tensor:
     lse = lse.view(b, pieces, h, m).float()
     top = lse.amax(dim=1, keepdim=True).detach()
     weights = torch.exp(lse - top)
-    merged = (weights.unsqueeze(-1) * out).sum(dim=1) / weights.sum(dim=1).unsqueeze(-1)
-    return merged.to(q.dtype)
+    total = weights.sum(dim=1)
+    merged = (weights.unsqueeze(-1) * out).sum(dim=1) / total.unsqueeze(-1)
+    return merged.to(q.dtype), top.squeeze(1) + torch.log(total)
 
 
 def flex_block_sparse(
@@ -236,8 +239,10 @@ def flex_block_sparse(
     block_size: int,
     is_causal: bool,
     scale: float,
-) -> torch.Tensor:
-    """Block-sparse attention through FlexAttention (CUDA).
+    return_lse: bool = False,
+):
+    """Block-sparse attention through FlexAttention (CUDA); with `return_lse`,
+    (out, lse) with the (B, H, N) float32 log-sum-exp of each query.
 
     The global query rows of a non-causal global_local pattern attend to every
     key; in one flex call each of their tiles would walk all key tiles in one
@@ -250,7 +255,9 @@ def flex_block_sparse(
         per_row = _keys_per_row(pattern, block_size)
         if 4 * per_row < n and rows < n:
             chunk = TILE * max(4, -(-per_row // TILE))
-            head = _all_keys_split(q[:, :, :rows], k, v, scale, chunk)
-            rest = _sparse(q[:, :, rows:], k, v, pattern, block_size, False, scale, q_offset=rows)
-            return torch.cat([head, rest], dim=2)
-    return _sparse(q, k, v, pattern, block_size, is_causal, scale)
+            head, head_lse = _all_keys_split(q[:, :, :rows], k, v, scale, chunk)
+            rest = _sparse(q[:, :, rows:], k, v, pattern, block_size, False, scale, rows, return_lse)
+            if not return_lse:
+                return torch.cat([head, rest], dim=2)
+            return torch.cat([head, rest[0]], dim=2), torch.cat([head_lse, rest[1].float()], dim=2)
+    return _sparse(q, k, v, pattern, block_size, is_causal, scale, return_lse=return_lse)

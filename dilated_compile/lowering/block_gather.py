@@ -76,16 +76,10 @@ def _blocks(x: torch.Tensor, index: torch.Tensor, block_size: int) -> torch.Tens
     return picked.view(bsz, heads, *index.shape, block_size, dim)
 
 
-def _bucket_attention(q, k, v, bucket: Bucket, pattern, block_size, n, is_causal, scale):
-    """(B, H, m*b, D) output of one bucket's query blocks, in the accumulation dtype."""
-    bsz, heads, _, dim = q.shape
-    nb = q.shape[2] // block_size
+def _allowed(bucket: Bucket, pattern, block_size, n, is_causal, bsz, heads, device) -> torch.Tensor:
+    """(m | B, H, m, b, K*b) bool: which gathered keys each query of the bucket may use."""
     m, width = bucket.kv_blocks.shape
-    acc = accumulation_dtype(q)
-    qg = _blocks(q, bucket.q_blocks, block_size).to(acc)
-    kg = _blocks(k, bucket.kv_blocks, block_size).reshape(bsz, heads, m, width * block_size, dim)
-    vg = _blocks(v, bucket.kv_blocks, block_size).reshape(bsz, heads, m, width * block_size, dim)
-    offsets = torch.arange(block_size, device=q.device)
+    offsets = torch.arange(block_size, device=device)
     q_pos = bucket.q_blocks[:, None] * block_size + offsets  # (m, b)
     k_pos = (bucket.kv_blocks[:, :, None] * block_size + offsets).reshape(m, -1)  # (m, K*b)
     allowed = (bucket.used[:, :, None].expand(m, width, block_size).reshape(m, 1, -1)) & (k_pos < n)[:, None, :]
@@ -95,14 +89,73 @@ def _bucket_attention(q, k, v, bucket: Bucket, pattern, block_size, n, is_causal
         user = token_mask_mod(pattern, block_size, False)
         per_row = torch.vmap(lambda qi, ki: evaluate_mask_mod(user, bsz, heads, qi, ki), out_dims=2)
         allowed = allowed & per_row(q_pos.clamp(max=n - 1), k_pos.clamp(max=n - 1))
-    scores = torch.matmul(qg, kg.to(acc).transpose(-2, -1)) * scale
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    return allowed
+
+
+def _bucket_scores(q, k, bucket: Bucket, pattern, block_size, n, is_causal, scale):
+    """(qg, kg, masked scaled scores) of one bucket, in the accumulation dtype."""
+    bsz, heads, _, dim = q.shape
+    m, width = bucket.kv_blocks.shape
+    acc = accumulation_dtype(q)
+    qg = _blocks(q, bucket.q_blocks, block_size).to(acc)
+    kg = _blocks(k, bucket.kv_blocks, block_size).reshape(bsz, heads, m, width * block_size, dim).to(acc)
+    allowed = _allowed(bucket, pattern, block_size, n, is_causal, bsz, heads, q.device)
+    scores = torch.matmul(qg, kg.transpose(-2, -1)) * scale
+    return qg, kg, scores.masked_fill(~allowed, float("-inf"))
+
+
+def _bucket_attention(q, k, v, bucket: Bucket, pattern, block_size, n, is_causal, scale):
+    """(B, H, m*b, D) output of one bucket's query blocks in the accumulation dtype,
+    and their (B, H, m*b) log-sum-exp (-inf for a query with no key)."""
+    bsz, heads, _, dim = q.shape
+    m, width = bucket.kv_blocks.shape
+    acc = accumulation_dtype(q)
+    vg = _blocks(v, bucket.kv_blocks, block_size).reshape(bsz, heads, m, width * block_size, dim)
+    _, _, scores = _bucket_scores(q, k, bucket, pattern, block_size, n, is_causal, scale)
     top = scores.amax(dim=-1, keepdim=True).detach()
     top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
     weights = torch.exp(scores - top)
     total = weights.sum(dim=-1, keepdim=True)
     out = torch.matmul(weights, vg.to(acc)) / torch.where(total > 0, total, torch.ones_like(total))
-    return out.reshape(bsz, heads, m * block_size, dim)
+    lse = (top + torch.log(total)).reshape(bsz, heads, m * block_size)
+    return out.reshape(bsz, heads, m * block_size, dim), lse
+
+
+def _layout(q, pattern, block_size, n, is_causal) -> list[Bucket]:
+    with outside_tracing():
+        layout = buckets(pattern, block_size, n, is_causal)
+    return [Bucket(*(graph_constant(t).to(q.device) for t in b)) for b in layout]
+
+
+def _inverse(layout: list[Bucket]) -> torch.Tensor:
+    """Where each query block's rows are in the buckets' concatenated output."""
+    order = torch.cat([b.q_blocks for b in layout])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=order.device)
+    return inverse
+
+
+def gather_block_sparse_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: BlockPattern,
+    block_size: int,
+    is_causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention of (B, H, N, D) tensors by gathered key blocks, and its
+    (B, H, N) log-sum-exp in the accumulation dtype (-inf for a query with no key)."""
+    n = q.shape[2]
+    layout = _layout(q, pattern, block_size, n, is_causal)
+    pad = (-n) % block_size
+    q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    parts = [_bucket_attention(q, k, v, b, pattern, block_size, n, is_causal, scale) for b in layout]
+    inverse = _inverse(layout)
+    nb = len(inverse)
+    out = torch.cat([o for o, _ in parts], dim=2).view(*q.shape[:2], nb, block_size, q.shape[-1])[:, :, inverse]
+    lse = torch.cat([s for _, s in parts], dim=2).view(*q.shape[:2], nb, block_size)[:, :, inverse]
+    return out.reshape(q.shape)[:, :, :n].to(q.dtype), lse.reshape(q.shape[:3])[:, :, :n]
 
 
 def gather_block_sparse(
@@ -115,16 +168,50 @@ def gather_block_sparse(
     scale: float,
 ) -> torch.Tensor:
     """Block-sparse attention of (B, H, N, D) tensors by gathered key blocks."""
+    return gather_block_sparse_with_lse(q, k, v, pattern, block_size, is_causal, scale)[0]
+
+
+def gather_block_sparse_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    pattern: BlockPattern,
+    block_size: int,
+    is_causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of `gather_block_sparse_with_lse` from its out and lse: per bucket,
+    the probabilities exp(scores - lse) and the usual softmax backward, key-block
+    gradients added back at the blocks they were gathered from."""
     n = q.shape[2]
-    with outside_tracing():
-        layout = buckets(pattern, block_size, n, is_causal)
-    layout = [Bucket(*(graph_constant(t).to(q.device) for t in b)) for b in layout]
+    bsz, heads, _, dim = q.shape
+    acc = accumulation_dtype(q)
+    layout = _layout(q, pattern, block_size, n, is_causal)
     pad = (-n) % block_size
-    q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-    outs = [_bucket_attention(q, k, v, b, pattern, block_size, n, is_causal, scale) for b in layout]
-    order = torch.cat([b.q_blocks for b in layout])
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(len(order), device=order.device)
-    nb = len(order)
-    out = torch.cat(outs, dim=2).view(*q.shape[:2], nb, block_size, q.shape[-1])[:, :, inverse]
-    return out.reshape(q.shape)[:, :, :n].to(q.dtype)
+    nb = (n + pad) // block_size
+    q, k, v, out, dout = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v, out, dout))
+    lse = torch.nn.functional.pad(torch.where(torch.isinf(lse), 0.0, lse).to(acc), (0, pad))
+    delta = (dout.to(acc) * out.to(acc)).sum(dim=-1)  # (B, H, N): rowsum(dO * O)
+    dq = q.new_zeros(bsz, heads, nb, block_size, dim, dtype=acc)
+    dk = torch.zeros_like(dq)
+    dv = torch.zeros_like(dq)
+    lse_blocks, delta_blocks = (x.view(bsz, heads, nb, block_size) for x in (lse, delta))
+    for bucket in layout:
+        m, width = bucket.kv_blocks.shape
+        qg, kg, scores = _bucket_scores(q, k, bucket, pattern, block_size, n, is_causal, scale)
+        vg = _blocks(v, bucket.kv_blocks, block_size).reshape(bsz, heads, m, width * block_size, dim).to(acc)
+        dog = _blocks(dout, bucket.q_blocks, block_size).to(acc)
+        rows_lse = torch.index_select(lse_blocks, 2, bucket.q_blocks)[..., None]
+        rows_delta = torch.index_select(delta_blocks, 2, bucket.q_blocks)[..., None]
+        p = torch.exp(scores - rows_lse)  # 0 where masked
+        ds = p * (torch.matmul(dog, vg.transpose(-2, -1)) - rows_delta) * scale
+        dq.index_copy_(2, bucket.q_blocks, torch.matmul(ds, kg))
+        key_blocks = bucket.kv_blocks.flatten()
+        dk.index_add_(2, key_blocks, torch.matmul(ds.transpose(-2, -1), qg).view(bsz, heads, -1, block_size, dim))
+        dv.index_add_(2, key_blocks, torch.matmul(p.transpose(-2, -1), dog).view(bsz, heads, -1, block_size, dim))
+    return tuple(
+        g.view(bsz, heads, nb * block_size, dim)[:, :, :n].to(x.dtype) for g, x in zip((dq, dk, dv), (q, k, v))
+    )

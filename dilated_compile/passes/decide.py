@@ -32,7 +32,7 @@ class Decision:
     reason: str | None  # why it was left, else None
     targeted: bool  # a rule asked for a rewrite
     ring: RingInfo | None = None  # the ring the site runs over (world size 1: runs locally)
-    dynamic: bool = False  # symbolic sequence length: runs through lowering/dynamic.py's custom op
+    dynamic: bool = False  # symbolic sequence length: runs through a custom op (lowering/dynamic*.py)
 
 
 def _is_int(x) -> bool:
@@ -40,7 +40,7 @@ def _is_int(x) -> bool:
 
 
 # Attention kinds a site with a symbolic sequence length can become.
-DYNAMIC_ATTENTION = ("dilated",)
+DYNAMIC_ATTENTION = ("dilated", "block_sparse")
 
 
 def is_dynamic(site: Site) -> bool:
@@ -168,6 +168,14 @@ def decide(site: Site, policy: Policy) -> Decision:
         if rule.attention not in DYNAMIC_ATTENTION:
             return _left(
                 site, rule, f"dynamic (symbolic) sequence length: {rule.attention} is not rewritten yet", True
+            )
+        if rule.attention == "block_sparse" and rule.block_sparse.pattern.kind == "mask_mod":
+            return _left(
+                site,
+                rule,
+                "dynamic (symbolic) sequence length: a block_sparse mask_mod pattern (a user function) "
+                "cannot be an argument of the custom op; is not rewritten",
+                True,
             )
         return Decision(site, rule, "rewritten", rule.attention, None, True, ring, dynamic=True)
     if ring is not None and ring.world_size > 1:

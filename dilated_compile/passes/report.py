@@ -73,6 +73,8 @@ def _became(d: Decision) -> str | None:
         if d.ring is not None and isinstance(n, int):
             n *= d.ring.world_size
         text = _block_sparse_text(d.rule.block_sparse, n)
+        if d.dynamic:
+            text += f"; dynamic length (custom op), dense below min_seq_len {d.rule.min_seq_len}"
     else:  # dense: unchanged, or the inner attention of a ring
         text = "dense" if d.attention == "ring" else d.attention
     if d.ring is None:

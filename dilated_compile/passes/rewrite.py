@@ -15,6 +15,7 @@ from dataclasses import asdict
 from ..lowering.block_sparse import block_sparse_attention
 from ..lowering.dilated import dilated_attention
 from ..lowering.dynamic import dynamic_dilated_attention
+from ..lowering.dynamic_block_sparse import dynamic_block_sparse_attention
 from ..lowering.ring import ring_attention_local
 from .decide import Decision
 from .sites import graph_modules
@@ -103,8 +104,25 @@ def _dynamic_dilated_call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: D
     )
 
 
+def _dynamic_block_sparse_call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision) -> fx.Node:
+    """The block-sparse custom op for a symbolic length (built-in pattern kinds only)."""
+    spec, args = decision.rule.block_sparse, decision.site.args
+    pattern = {key: val for key, val in asdict(spec.pattern).items() if val is not None}
+    return graph.call_function(
+        dynamic_block_sparse_attention,
+        args=qkv,
+        kwargs={
+            "block_size": spec.block_size,
+            "pattern": pattern,
+            "is_causal": args["is_causal"],
+            "scale": args["scale"],
+            "min_seq_len": decision.rule.min_seq_len,
+        },
+    )
+
+
 # The same for sites with a symbolic sequence length (decision.dynamic).
-_DYNAMIC_CALLS = {"dilated": _dynamic_dilated_call}
+_DYNAMIC_CALLS = {"dilated": _dynamic_dilated_call, "block_sparse": _dynamic_block_sparse_call}
 
 
 def _expand_kv_heads(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision):
