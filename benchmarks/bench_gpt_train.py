@@ -669,7 +669,8 @@ def sweep(args: argparse.Namespace, s: Setup, backends: list[str], lengths: list
                         row["tokens_per_s"] = n / (row["step_ms_median"] / 1e3)
                         row["peak_mem_gib"] = max((r["peak_mem_gib"] or 0.0) for r in per_rank) or None
                         row["cold_compile_s"] = max(r["cold_compile_s"] for r in per_rank)
-                        row["warm_compile_s"] = max(r["warm_compile_s"] for r in per_rank)
+                        warm = [r["warm_compile_s"] for r in per_rank if r["warm_compile_s"] is not None]
+                        row["warm_compile_s"] = max(warm) if warm else None
                 results["runs"].append(row)
                 results["summary"] = summarize(results["runs"], backends)
                 if s.rank == 0:

@@ -6,9 +6,9 @@ Its fake implementation only gives the output's shape and layout (no guard on
 the length, one graph for every length); its real implementation runs the eager
 lowering of `block_sparse.py` at the concrete length (`block_gather` on CPU and
 in float32/float64, FlexAttention on CUDA in fp16/bf16) and returns (out, lse).
-The backward is a second custom op: on the gather path it works from the saved
-out and lse; on the FlexAttention path it runs flex's own backward, which
-recomputes the forward (flex has no entry point from a given lse).
+The backward is a second custom op: the gathered backward from the saved out
+and lse, on both paths (FlexAttention has no backward that starts from a given
+lse, and autograd is off inside a custom op's implementation).
 
 The pattern travels as op arguments (kind, window, stride, global_blocks; -1
 for a field the kind has no use for). A ``mask_mod`` pattern (a user function)
@@ -28,7 +28,6 @@ from collections.abc import Callable, Mapping
 import torch
 
 from ..policy import BlockPattern
-from .block_flex import flex_block_sparse
 from .block_gather import gather_block_sparse_backward, gather_block_sparse_with_lse
 from .block_patterns import as_pattern
 from .block_sparse import choose_path
@@ -110,13 +109,9 @@ def block_sparse_attention_backward_op(
     if q.shape[2] == 0:
         return tuple(_zeros_like_seq_major(x) for x in (q, k, v))
     pattern = effective_pattern(q.shape[2], block_size, kind, window, stride, global_blocks, min_seq_len)
-    if choose_path(q) == "flex":
-        with torch.enable_grad():
-            leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-            again = flex_block_sparse(*leaves, pattern, block_size, is_causal, scale)
-            grads = torch.autograd.grad(again, leaves, dout)
-    else:
-        grads = gather_block_sparse_backward(q, k, v, out, lse, dout, pattern, block_size, is_causal, scale)
+    # Both paths: the gathered backward from out and lse (FlexAttention has no backward that
+    # starts from a given lse, and autograd is off inside a custom op's implementation).
+    grads = gather_block_sparse_backward(q, k, v, out, lse, dout, pattern, block_size, is_causal, scale)
     return tuple(_in_seq_major(g) for g in grads)
 
 

@@ -208,7 +208,9 @@ def _step_backward(sched: Schedule, step: int, dout, q, kv, out, lse, scale: flo
 
 def _token(t: torch.Tensor) -> torch.Tensor:
     """One byte of `t`: sent along in a packet so the packet depends on `t` (the chain)."""
-    return t.reshape(-1)[:1].view(torch.uint8)[:1] if t.dtype != torch.uint8 else t[:1]
+    # A converted copy, not a dtype view: a one-element slice may get any stride under Inductor,
+    # and a dtype view needs unit stride.
+    return (t.reshape(-1)[:1] != 0).to(torch.uint8)
 
 
 def ring_backward(sched: Schedule, dout, q, k, v, out, lse, scale: float, group_name: str):
