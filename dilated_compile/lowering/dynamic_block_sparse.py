@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from ..policy import BlockPattern
+from .block_flex import flex_block_sparse
 from .block_gather import gather_block_sparse_backward, gather_block_sparse_with_lse
 from .block_patterns import as_pattern
 from .block_sparse import choose_path
