@@ -83,10 +83,12 @@ def test_quick_has_every_configuration(quick):
     _, results = quick
     rows = _rows(results)
     assert results["meta"]["lengths"] == [256, 512]
-    assert set(rows) == {(b, n) for b in ("inductor", "dilated", "seed") for n in (256, 512)}
+    backends = ("inductor", "dilated", "dilated_groups", "seed")
+    assert set(rows) == {(b, n) for b in backends for n in (256, 512)}
     for (backend, _n), row in rows.items():
         _check_measurements(row, compiled=backend != "seed")
     assert results["summary"]["dilated"]["max_length"] == 512
+    assert results["summary"]["dilated_groups"]["max_length"] == 512
     for key in ("device", "torch", "triton", "git_commit"):
         assert key in results["meta"]
 
@@ -110,6 +112,10 @@ def test_quick_policy_rewrites_only_long_contexts(quick):
     # LongNet's segments scaled to the quick lengths, clipped at the context: the last one is 512
     assert rule["segment_lengths"] == [64, 128, 256, 512] and rule["dilation_rates"] == [1, 2, 4, 6]
     assert rule["head_split"] == "longnet"
+    groups_sites = rows[("dilated_groups", 512)]["sites"]
+    assert groups_sites and all("dilated groups" in s["attention"] for s in groups_sites)
+    with open(os.path.join(out, "policy_dilated_groups_512.json")) as f:
+        assert json.load(f)["rules"][0]["head_split"] == "groups"
 
 
 def test_plot_script_draws_and_tabulates(quick):
