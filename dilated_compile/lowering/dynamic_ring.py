@@ -16,7 +16,7 @@ inside a custom op's implementation):
 - ``"dilated"``: `dilated.dilated_forward` / `dilated_backward` on the shard
   when every segment lies inside one run of it (nothing is sent), else
   `ring_dilated.dilated_ring_forward` / `dilated_ring_backward` (plans
-  cached by `make_dilated_plan`). The static path saves the gathered remote
+  cached here). The static path saves the gathered remote
   keys/values for the backward; the op cannot save a variable number of
   tensors, so its backward *redoes the key exchange* (one more all-to-all of
   the selected keys/values, the size of the forward's) before the gradient
@@ -60,6 +60,7 @@ import torch
 from ..policy import BlockPattern
 from .block_patterns import as_pattern
 from .dilated import check_dilated_args, check_qkv, dilated_backward, dilated_forward, plan_for
+from .kernels import accumulation_dtype
 from .dynamic import OP_NAMESPACE, _in_seq_major, _lse_fake, _seq_major_empty
 from .dynamic_block_sparse import effective_pattern as _block_pattern_at, pattern_args
 from .ring import INNERS, check_local_shape, dilated_segments_local
@@ -74,6 +75,17 @@ def _block_sparse_schedule(
 ) -> BlockSparseSchedule:
     """`make_block_sparse_schedule`, cached (its boxes are computed in Python per position)."""
     return make_block_sparse_schedule(world_size, rank, n, layout, is_causal, pattern, block_size)
+
+
+@lru_cache(maxsize=64)
+def _dilated_ring_plan(
+    world_size: int, rank: int, n: int, layout: str, is_causal: bool, num_heads: int,
+    segment_lengths: tuple[int, ...], dilation_rates: tuple[int, ...], head_split: str,
+) -> DilatedRingPlan:
+    """`make_dilated_plan`, cached as a whole (it rebuilds its tuples from the cached plan)."""
+    return make_dilated_plan(
+        world_size, rank, n, layout, is_causal, num_heads, segment_lengths, dilation_rates, head_split
+    )
 
 
 def _check(q: torch.Tensor, world_size: int, layout: str, inner: str) -> None:
@@ -113,7 +125,7 @@ def _dilated_route(q, world_size, rank, layout, is_causal, segment_lengths, dila
     n = q.shape[2]
     if dilated_segments_local(seg, n, layout, world_size):
         return "local", plan_for(q, seg, rates, head_split)
-    plan = make_dilated_plan(world_size, rank, n, layout, bool(is_causal), q.shape[1], seg, rates, head_split)
+    plan = _dilated_ring_plan(world_size, rank, n, layout, bool(is_causal), q.shape[1], seg, rates, head_split)
     return "ring", plan
 
 
@@ -167,7 +179,7 @@ def ring_attention_op(
             kind if inner == "block_sparse" else "", window, stride, global_blocks,
         )
         out, lse = ring_forward(sched, q, k, v, scale, group_name)
-    return _in_seq_major(out.to(q.dtype)), _in_seq_major(lse.to(_lse_fake(q).dtype))
+    return _in_seq_major(out.to(q.dtype)), _in_seq_major(lse.to(accumulation_dtype(q)))
 
 
 @ring_attention_op.register_fake
