@@ -16,7 +16,9 @@ reference on the full sequence restricted to the rank; under torch.compile
 equal to eager with the collective ops in the forward and backward graphs;
 through the backend, with all-to-alls in Inductor's forward and backward
 code exactly when the ring sends; shard/unshard; a registered subgroup; the
-example model's training; and bad setups raising the expected error on
+example model's training; sites with a dynamic (symbolic) length under
+torch.compile(dynamic=True), through the ring custom op (one graph for every
+length, the reference at each); and bad setups raising the expected error on
 every rank.
 """
 
