@@ -71,6 +71,7 @@ def lowered_functions() -> tuple[Callable, ...]:
     from .lowering.dilated import dilated_attention
     from .lowering.dynamic import dynamic_dilated_attention
     from .lowering.dynamic_block_sparse import dynamic_block_sparse_attention
+    from .lowering.dynamic_ring import dynamic_ring_attention
     from .lowering.ring import ring_attention_local
 
     return (
@@ -79,6 +80,7 @@ def lowered_functions() -> tuple[Callable, ...]:
         ring_attention_local,
         dynamic_dilated_attention,
         dynamic_block_sparse_attention,
+        dynamic_ring_attention,
     )
 
 

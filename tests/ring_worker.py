@@ -180,6 +180,99 @@ def backend_case(inner: str, layout: str, is_causal: bool, setup: str = "groups"
         raise CaseFailure("rewritten graph does not call ring_attention_local")
 
 
+def dynamic_backend_case(
+    inner: str, layout: str, is_causal: bool, setup: str, n_locals: tuple[int, ...], min_seq_len: int = 0,
+) -> None:
+    """torch.compile(dynamic=True) of an SDPA site under a ring rule: the site is rewritten
+    into the ring custom op, one graph serves every length (no recompile), and at each
+    length output and q/k/v gradients equal the float64 reference restricted to the rank.
+    Below `min_seq_len` (global) the op computes what the static path's left site does:
+    ordinary attention of this rank's shard."""
+    import dilated_compile
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    world, _, _ = ring_info()
+    policy = _ring_policy(inner, layout, setup, min_seq_len=min_seq_len)
+    compiled = torch.compile(_SDPA(is_causal), backend="dilated", options={"policy": policy}, dynamic=True)
+
+    def model(*qkv):  # q, k, v are the graph's inputs: only their length may be symbolic
+        for t in qkv:
+            for dim in (0, 1, 3):
+                torch._dynamo.mark_static(t, dim)
+        return compiled(*qkv)
+
+    for i, n_local in enumerate(n_locals):
+        with torch._dynamo.config.patch(error_on_recompile=i >= 1):
+            try:
+                if n_local * world >= min_seq_len:
+                    numeric_case(inner, layout, is_causal, torch.float32, setup, n_local=n_local, run=model)
+                else:
+                    _local_sdpa_check(model, layout, is_causal, n_local)
+            except CaseFailure as e:
+                sites = [(s.status, s.attention, s.reason) for r in dilated_compile.reports() for s in r.sites]
+                raise CaseFailure(f"global length {n_local * world}: {e}; sites: {sites}") from e
+    graphs = counters["stats"]["unique_graphs"]
+    if graphs != 1:
+        raise CaseFailure(f"expected one graph for lengths {n_locals}, got {graphs}")
+    report = dilated_compile.reports()[-1]
+    site = report.sites[0]
+    want = f"ring {layout} over {world} ranks (world), inner {inner}"
+    if site.status != "rewritten" or not site.attention.startswith(want) or "dynamic length" not in site.attention:
+        raise CaseFailure(f"site report: {site.status} {site.attention!r} {site.reason!r}, want {want!r}")
+    if "dynamic_ring_attention" not in report.after:
+        raise CaseFailure("rewritten graph does not call dynamic_ring_attention")
+
+
+def _local_sdpa_check(model, layout: str, is_causal: bool, n_local: int) -> None:
+    """Below min_seq_len: the model's output and gradients are SDPA's on the local shard."""
+    world, _, _ = ring_info()
+    q, k, v, dout = _full_inputs(world, n_local, torch.float32, seed=11)
+    results = []
+    for fn in (model, functools.partial(F.scaled_dot_product_attention, is_causal=is_causal)):
+        local = [shard(t, 2, layout).clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*local)
+        out.backward(shard(dout, 2, layout))
+        results.append([out.detach()] + [t.grad for t in local])
+    for name, a, b in zip(("output", "grad q", "grad k", "grad v"), *results):
+        if not torch.allclose(a, b, atol=1e-5, rtol=1e-5):
+            raise CaseFailure(f"below min_seq_len: {name} differs from local SDPA by {(a - b).abs().max():.3g}")
+
+
+def bad_dynamic_zigzag_odd() -> None:
+    """A symbolic length is checked per call: an odd zigzag shard raises on every rank, no hang."""
+    torch._dynamo.reset()
+    compiled = torch.compile(_SDPA(True), backend="dilated", options={"policy": _ring_policy("dense", "zigzag")},
+                             dynamic=True)
+
+    def model(*qkv):
+        for t in qkv:
+            for dim in (0, 1, 3):
+                torch._dynamo.mark_static(t, dim)
+        return compiled(*qkv)
+
+    model(*_local_qkv(6))
+    expect_error(ValueError, ("zigzag", "7 positions", "odd"), lambda: model(*_local_qkv(7)))
+
+
+def dynamic_mask_mod_left() -> None:
+    """A block-sparse mask_mod pattern cannot be a custom-op argument: the site is left."""
+    import dilated_compile
+
+    torch._dynamo.reset()
+    policy = _ring_policy("block_sparse", "contiguous", "mask-mod")
+    compiled = torch.compile(_SDPA(False), backend="dilated", options={"policy": policy}, dynamic=True)
+    qkv = _local_qkv(8)
+    for t in qkv:
+        for dim in (0, 1, 3):
+            torch._dynamo.mark_static(t, dim)
+    compiled(*qkv)
+    site = dilated_compile.reports()[-1].sites[0]
+    if site.status != "left" or "mask_mod" not in (site.reason or ""):
+        raise CaseFailure(f"site report: {site.status} {site.attention!r} {site.reason!r}")
+
+
 def bad_backend_policy() -> None:
     """Ranks compiling different policies: an error at compile time on every rank."""
     torch._dynamo.reset()
@@ -485,6 +578,26 @@ def cases(world: int) -> dict[str, Callable[[], None]]:
         compiled_case, "contiguous", True, "capture", "block_sparse", "strided")
     if world >= 3:
         out["subgroup"] = subgroup_case
+    # dynamic (symbolic) lengths: the ring custom op, one graph for all lengths
+    if world == 2:
+        out["dynamic-dense-zigzag-causal"] = functools.partial(
+            dynamic_backend_case, "dense", "zigzag", True, "", (6, 10, 14), min_seq_len=16)
+        out["dynamic-dilated-groups-zigzag-causal"] = functools.partial(  # segments inside a chunk
+            dynamic_backend_case, "dilated", "zigzag", True, "groups", (8, 16))
+        out["dynamic-dilated-groups-long-contiguous-causal"] = functools.partial(  # spanning, ragged
+            dynamic_backend_case, "dilated", "contiguous", True, "groups-long", (8, 10, 13))
+        out["dynamic-block-sparse-local-contiguous-causal"] = functools.partial(
+            dynamic_backend_case, "block_sparse", "contiguous", True, "local", (5, 8))
+    if world == 3:
+        out["dynamic-dilated-longnet-long-zigzag-full"] = functools.partial(
+            dynamic_backend_case, "dilated", "zigzag", False, "longnet-long", (6, 10))
+        out["dynamic-dense-contiguous-full"] = functools.partial(
+            dynamic_backend_case, "dense", "contiguous", False, "", (5, 7))
+        out["dynamic-block-sparse-global-zigzag-causal"] = functools.partial(
+            dynamic_backend_case, "block_sparse", "zigzag", True, "global", (4, 8))
+    if world in (2, 3):
+        out["dynamic-mask-mod-left"] = dynamic_mask_mod_left
+        out["bad-dynamic-zigzag-odd"] = bad_dynamic_zigzag_odd
     for fn in (bad_shard_lengths, bad_zigzag_odd, bad_policy_digest, bad_block_sparse_pattern,
                bad_dilated_rates, bad_group_name, bad_shard_length, bad_backend_policy):
         out[fn.__name__.replace("_", "-")] = fn

@@ -16,7 +16,9 @@ reference on the full sequence restricted to the rank; under torch.compile
 equal to eager with the collective ops in the forward and backward graphs;
 through the backend, with all-to-alls in Inductor's forward and backward
 code exactly when the ring sends; shard/unshard; a registered subgroup; the
-example model's training; and bad setups raising the expected error on
+example model's training; sites with a dynamic (symbolic) length under
+torch.compile(dynamic=True), through the ring custom op (one graph for every
+length, the reference at each); and bad setups raising the expected error on
 every rank.
 """
 
@@ -277,3 +279,125 @@ def test_block_sparse_ring_skips_steps_without_active_blocks():
     # across ranks only block 0 (0, 1 with 2) is shared, so the boxes are its rows and keys
     got = boxes(2, 4, "zigzag", False, local, 3)
     assert got == [((0, 4, 0, 4), (0, 2, 0, 1)), ((0, 1, 0, 2), (0, 4, 0, 4))], got
+
+
+# ---------------------------------------------------------------------------
+# the ring custom op for symbolic lengths (lowering/dynamic_ring.py), without a process group;
+# the multi-rank cases are the worker's "dynamic-*" cases
+
+
+_DYNAMIC_INNERS = {
+    "dense": ({}, lambda q, k, v, c: dense_reference(q, k, v, is_causal=c)),
+    "dilated": (
+        dict(segment_lengths=[4, 8], dilation_rates=[1, 2], head_split="longnet"),
+        lambda q, k, v, c: dilated_reference(q, k, v, [4, 8], [1, 2], head_split="longnet", is_causal=c),
+    ),
+    "block_sparse": (
+        dict(block_size=3, pattern={"kind": "global_local", "global_blocks": 1, "window": 1}),
+        lambda q, k, v, c: block_sparse_reference(
+            q, k, v, block_size=3, pattern={"kind": "global_local", "global_blocks": 1, "window": 1}, is_causal=c
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("inner", list(_DYNAMIC_INNERS))
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_dynamic_ring_op_world_size_1_matches_reference(inner, is_causal):
+    """World size 1: the op runs the ring lowering locally (any layout, odd lengths too)."""
+    from dilated_compile.lowering.dynamic_ring import dynamic_ring_attention
+
+    kwargs, reference = _DYNAMIC_INNERS[inner]
+    q, k, v = _qkv(13)
+    out = dynamic_ring_attention(q, k, v, world_size=1, rank=0, group_name=None, inner=inner,
+                                 layout="zigzag", is_causal=is_causal, **kwargs)
+    ref = reference(q, k, v, is_causal)
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_dynamic_ring_op_below_min_seq_len_is_local_attention():
+    """Below min_seq_len (global: shard x world size) the op computes what the static path's
+    left site computes: ordinary attention of this rank's shard."""
+    from dilated_compile.lowering.dynamic_ring import dynamic_ring_attention
+
+    q, k, v = _qkv(13)
+    kwargs = dict(world_size=1, rank=0, group_name=None, inner="dilated", is_causal=True,
+                  segment_lengths=[4], dilation_rates=[2])
+    out = dynamic_ring_attention(q, k, v, min_seq_len=14, **kwargs)
+    torch.testing.assert_close(out, dense_reference(q, k, v, is_causal=True))
+    out = dynamic_ring_attention(q, k, v, min_seq_len=13, **kwargs)
+    torch.testing.assert_close(out, dilated_reference(q, k, v, [4], [2], is_causal=True))
+
+
+def _op_args(inner, min_seq_len=0, world_size=1, rank=0, group_name=""):
+    from dilated_compile.lowering.dynamic_ring import ring_op_args
+
+    kwargs, _ = _DYNAMIC_INNERS[inner]
+    return [world_size, rank, group_name, inner, "contiguous", True, 0.3,
+            *ring_op_args(inner, **kwargs), min_seq_len]
+
+
+@pytest.mark.parametrize(
+    "inner, min_seq_len",
+    [("dense", 0), ("dilated", 0), ("block_sparse", 0), ("block_sparse", 20)],
+    ids=["dense", "dilated", "block_sparse", "below_min_seq_len"],
+)
+def test_dynamic_ring_ops_pass_opcheck(inner, min_seq_len):
+    q, k, v = (torch.randn(2, 3, 19, 8, requires_grad=True) for _ in range(3))
+    args = _op_args(inner, min_seq_len)
+    torch.library.opcheck(torch.ops.dilated_compile.ring_attention.default, (q, k, v, *args))
+    out, lse = torch.ops.dilated_compile.ring_attention(q, k, v, *args)
+    assert out.stride() == (19 * 3 * 8, 8, 3 * 8, 1)  # sequence-major, as the fake promises
+    torch.library.opcheck(
+        torch.ops.dilated_compile.ring_attention_backward.default,
+        (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, *args),
+    )
+
+
+def test_dynamic_ring_op_fake_needs_no_process_group():
+    """The fake implementation gives shapes and layouts only: a ring over 4 ranks of a group
+    that does not exist traces with symbolic sizes, and adds no guard."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    args = _op_args("dilated", world_size=4, rank=3, group_name="no-such-group")
+    gm = make_fx(lambda q: torch.ops.dilated_compile.ring_attention(q, q, q, *args), tracing_mode="symbolic")(
+        torch.randn(2, 3, 10, 8)
+    )
+    (node,) = [n for n in gm.graph.nodes if n.target is torch.ops.dilated_compile.ring_attention.default]
+    out, lse = node.meta["val"]
+    assert isinstance(out.shape[2], torch.SymInt) and lse.shape == out.shape[:3]
+    assert out.stride()[1:] == (out.shape[3], out.shape[1] * out.shape[3], 1)  # sequence-major
+    assert lse.dtype == torch.float32
+    shape_env = out.shape[2].node.shape_env
+    assert not shape_env.guards
+
+
+def test_dynamic_ring_rule_world_size_1_compiles_once():
+    """A ring rule without a process group and a symbolic length: the inner attention's own
+    custom op runs locally, one graph for every length."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    policy = {"version": 1, "rules": [{"match": "**", "attention": "dilated", "segment_lengths": [4, 8],
+                                       "dilation_rates": [1, 2], "ring": {"layout": "zigzag"}}]}
+
+    def sdpa(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    compiled = torch.compile(sdpa, backend="dilated", options={"policy": policy}, dynamic=True)
+    for n in (11, 16, 21):
+        q, k, v = _qkv(n, torch.float32)
+        for t in (q, k, v):
+            for dim in (0, 1, 3):
+                torch._dynamo.mark_static(t, dim)
+        ref = dilated_reference(q, k, v, [4, 8], [1, 2], is_causal=True).float()
+        torch.testing.assert_close(compiled(q, k, v), ref, atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+    site = dilated_compile.reports()[-1].sites[0]
+    assert site.status == "rewritten" and "dynamic length (custom op)" in site.attention, site
+    assert "world size 1, runs locally" in site.attention

@@ -60,7 +60,10 @@ def check_rings_agree(decisions: list[Decision], policy: Policy) -> None:
     by_group: dict[str, list] = {}
     for d in decisions:
         if d.ring is not None and d.ring.world_size > 1:
-            entry = (d.site.module, d.site.q_shape, d.site.k_shape, str(d.site.dtype), d.status, d.reason)
+            # symbolic sizes as text (a SymInt is not picklable; the same program names them alike)
+            shapes = tuple(None if x is None else tuple(s if type(s) is int else str(s) for s in x)
+                           for x in (d.site.q_shape, d.site.k_shape))
+            entry = (d.site.module, *shapes, str(d.site.dtype), d.status, d.reason)
             by_group.setdefault(d.rule.ring.group or "", []).append(entry)
     for group, sites in sorted(by_group.items()):
         check_same_on_all_ranks(

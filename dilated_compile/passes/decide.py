@@ -128,8 +128,12 @@ def _left(site, rule, reason, targeted) -> Decision:
 
 
 def _why_no_ring(site: Site, rule: Rule, ring: RingInfo) -> str | None:
-    """Why the site cannot run as a ring over `ring`, or None if it can."""
-    if ring.world_size == 1:
+    """Why the site cannot run as a ring over `ring`, or None if it can.
+
+    A symbolic local length is checked per call by the custom op (a check here
+    would add a guard on the length, e.g. its parity under zigzag).
+    """
+    if ring.world_size == 1 or not _is_int(site.query_len):
         return None
     try:
         check_local_shape(site.query_len, rule.ring.layout, ring.world_size)
@@ -163,9 +167,8 @@ def decide(site: Site, policy: Policy) -> Decision:
     if problem is not None:
         return _left(site, rule, problem, True)
     if is_dynamic(site):
-        if ring is not None:
-            return _left(site, rule, "dynamic (symbolic) sequence length with ring: is not rewritten yet", True)
-        if rule.attention not in DYNAMIC_ATTENTION:
+        ring_over_ranks = ring is not None and ring.world_size > 1
+        if not ring_over_ranks and rule.attention not in DYNAMIC_ATTENTION:
             return _left(
                 site, rule, f"dynamic (symbolic) sequence length: {rule.attention} is not rewritten yet", True
             )
@@ -177,6 +180,9 @@ def decide(site: Site, policy: Policy) -> Decision:
                 "cannot be an argument of the custom op; is not rewritten",
                 True,
             )
+        if ring_over_ranks:  # the ring custom op (lowering/dynamic_ring.py), any inner attention
+            return Decision(site, rule, "rewritten", "ring", None, True, ring, dynamic=True)
+        # world size 1: the inner attention's own custom op, run locally
         return Decision(site, rule, "rewritten", rule.attention, None, True, ring, dynamic=True)
     if ring is not None and ring.world_size > 1:
         return Decision(site, rule, "rewritten", "ring", None, True, ring)

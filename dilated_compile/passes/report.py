@@ -63,17 +63,19 @@ def _became(d: Decision) -> str | None:
     if d.status != "rewritten":
         return None
     kind = d.rule.attention
+    ring_op = d.dynamic and d.attention == "ring"  # the ring custom op (world size > 1)
+    local_op = d.dynamic and not ring_op  # the inner attention's custom op
     if kind == "dilated":
         spec = d.rule.dilated
         text = f"dilated {spec.head_split} w={list(spec.segment_lengths)} r={list(spec.dilation_rates)}"
-        if d.dynamic:
+        if local_op:
             text += f"; dynamic length (custom op), dense below min_seq_len {d.rule.min_seq_len}"
     elif kind == "block_sparse":
         n = d.site.key_len
         if d.ring is not None and isinstance(n, int):
             n *= d.ring.world_size
         text = _block_sparse_text(d.rule.block_sparse, n)
-        if d.dynamic:
+        if local_op:
             text += f"; dynamic length (custom op), dense below min_seq_len {d.rule.min_seq_len}"
     else:  # dense: unchanged, or the inner attention of a ring
         text = "dense" if d.attention == "ring" else d.attention
@@ -82,7 +84,13 @@ def _became(d: Decision) -> str | None:
     if d.ring.world_size == 1:
         return f"{text}; ring: world size 1, runs locally"
     group = d.rule.ring.group or "world"
-    return f"ring {d.rule.ring.layout} over {d.ring.world_size} ranks ({group}), inner {text}"
+    text = f"ring {d.rule.ring.layout} over {d.ring.world_size} ranks ({group}), inner {text}"
+    if ring_op:  # below min_seq_len the op does what the static path's left site does
+        text += (
+            f"; dynamic length (custom op), unchanged (this rank's shard only) below global "
+            f"min_seq_len {d.rule.min_seq_len}"
+        )
+    return text
 
 
 def _block_sparse_text(spec, n) -> str:

@@ -16,6 +16,7 @@ from ..lowering.block_sparse import block_sparse_attention
 from ..lowering.dilated import dilated_attention
 from ..lowering.dynamic import dynamic_dilated_attention
 from ..lowering.dynamic_block_sparse import dynamic_block_sparse_attention
+from ..lowering.dynamic_ring import dynamic_ring_attention
 from ..lowering.ring import ring_attention_local
 from .decide import Decision
 from .sites import graph_modules
@@ -59,7 +60,8 @@ def _block_sparse_call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Deci
     )
 
 
-def _ring_call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision) -> fx.Node:
+def _ring_kwargs(decision: Decision) -> dict:
+    """ring_attention_local's (and dynamic_ring_attention's) keyword arguments for a ring site."""
     rule, args, ring = decision.rule, decision.site.args, decision.ring
     kwargs = {
         "world_size": ring.world_size,
@@ -81,7 +83,11 @@ def _ring_call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision) ->
         spec = rule.block_sparse
         pattern = {key: val for key, val in asdict(spec.pattern).items() if val is not None}
         kwargs.update(block_size=spec.block_size, pattern=pattern)
-    return graph.call_function(ring_attention_local, args=qkv, kwargs=kwargs)
+    return kwargs
+
+
+def _ring_call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision) -> fx.Node:
+    return graph.call_function(ring_attention_local, args=qkv, kwargs=_ring_kwargs(decision))
 
 
 # What a rewritten site becomes, by the decision's `attention`.
@@ -121,8 +127,19 @@ def _dynamic_block_sparse_call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decisi
     )
 
 
+def _dynamic_ring_call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision) -> fx.Node:
+    """The ring custom op for a symbolic length (any inner attention; block-sparse built-in
+    pattern kinds only); min_seq_len (global) decided per call."""
+    kwargs = _ring_kwargs(decision) | {"min_seq_len": decision.rule.min_seq_len}
+    return graph.call_function(dynamic_ring_attention, args=qkv, kwargs=kwargs)
+
+
 # The same for sites with a symbolic sequence length (decision.dynamic).
-_DYNAMIC_CALLS = {"dilated": _dynamic_dilated_call, "block_sparse": _dynamic_block_sparse_call}
+_DYNAMIC_CALLS = {
+    "dilated": _dynamic_dilated_call,
+    "block_sparse": _dynamic_block_sparse_call,
+    "ring": _dynamic_ring_call,
+}
 
 
 def _expand_kv_heads(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision):
