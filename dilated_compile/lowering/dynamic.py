@@ -41,6 +41,11 @@ def _seq_major_empty(like: torch.Tensor, shape: Sequence, dtype: torch.dtype) ->
     return like.new_empty_strided(tuple(shape), _seq_major_strides(shape), dtype=dtype)
 
 
+def _zeros_like_seq_major(x: torch.Tensor) -> torch.Tensor:
+    """Zeros shaped like `x`, stored sequence-major."""
+    return _seq_major_empty(x, x.shape, x.dtype).zero_()
+
+
 def _in_seq_major(t: torch.Tensor) -> torch.Tensor:
     """`t` itself when it is stored (B, N, H, X), else a sequence-major copy."""
     if t.stride() == _seq_major_strides(t.shape):
@@ -82,7 +87,7 @@ def dilated_attention_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of dilated attention at the run-time length (dense below min_seq_len)."""
     if q.shape[2] == 0:
-        return _seq_major_empty(q, q.shape, q.dtype).zero_(), _lse_fake(q).fill_(-math.inf)
+        return _zeros_like_seq_major(q), _lse_fake(q).fill_(-math.inf)
     plan = _plan(q, segment_lengths, dilation_rates, head_split, min_seq_len)
     out, lse = dilated_forward(plan, is_causal, scale, q, k, v)
     return _in_seq_major(out), _in_seq_major(lse)
@@ -110,7 +115,7 @@ def dilated_attention_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of `dilated_attention_op` from its saved out and lse."""
     if q.shape[2] == 0:
-        return tuple(_seq_major_empty(x, x.shape, x.dtype).zero_() for x in (q, k, v))
+        return tuple(_zeros_like_seq_major(x) for x in (q, k, v))
     plan = _plan(q, segment_lengths, dilation_rates, head_split, min_seq_len)
     grads = dilated_backward(plan, is_causal, scale, q, k, v, out, lse, dout)
     return tuple(_in_seq_major(g) for g in grads)
@@ -121,21 +126,27 @@ def _(dout, q, k, v, out, lse, segment_lengths, dilation_rates, head_split, is_c
     return tuple(_seq_major_empty(x, x.shape, x.dtype) for x in (q, k, v))
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, *params = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.params = params
+def register_backward_from_lse(forward_op, backward_op) -> None:
+    """Autograd for `forward_op(q, k, v, *params) -> (out, lse)` through
+    `backward_op(dout, q, k, v, out, lse, *params) -> (dq, dk, dv)`: q, k, v, out
+    and lse are saved; lse is not differentiable; params get no gradient."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, *params = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.params = params
+
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = backward_op(dout, q, k, v, out, lse, *ctx.params)
+        return dq, dk, dv, *([None] * len(ctx.params))
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
 
 
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = dilated_attention_backward_op(dout, q, k, v, out, lse, *ctx.params)
-    return dq, dk, dv, None, None, None, None, None, None
-
-
-dilated_attention_op.register_autograd(_backward, setup_context=_setup_context)
+register_backward_from_lse(dilated_attention_op, dilated_attention_backward_op)
 
 
 def dynamic_dilated_attention(

@@ -33,7 +33,14 @@ from .block_gather import gather_block_sparse_backward, gather_block_sparse_with
 from .block_patterns import as_pattern
 from .block_sparse import choose_path
 from .dilated import check_qkv
-from .dynamic import OP_NAMESPACE, _in_seq_major, _lse_fake, _seq_major_empty
+from .dynamic import (
+    OP_NAMESPACE,
+    _in_seq_major,
+    _lse_fake,
+    _seq_major_empty,
+    _zeros_like_seq_major,
+    register_backward_from_lse,
+)
 
 _FIELDS = ("window", "stride", "global_blocks")
 
@@ -53,10 +60,6 @@ def effective_pattern(
         return BlockPattern(kind="local_window", window=max(1, -(-seq_len // block_size)))
     values = {f: (None if x < 0 else x) for f, x in zip(_FIELDS, (window, stride, global_blocks))}
     return BlockPattern(kind=kind, **values)
-
-
-def _zeros_like_seq_major(x: torch.Tensor) -> torch.Tensor:
-    return _seq_major_empty(x, x.shape, x.dtype).zero_()
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::block_sparse_attention", mutates_args=())
@@ -121,21 +124,7 @@ def _(dout, q, k, v, out, lse, block_size, kind, window, stride, global_blocks, 
     return tuple(_seq_major_empty(x, x.shape, x.dtype) for x in (q, k, v))
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, *params = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.params = params
-
-
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = block_sparse_attention_backward_op(dout, q, k, v, out, lse, *ctx.params)
-    return dq, dk, dv, *([None] * len(ctx.params))
-
-
-block_sparse_attention_op.register_autograd(_backward, setup_context=_setup_context)
+register_backward_from_lse(block_sparse_attention_op, block_sparse_attention_backward_op)
 
 
 def dynamic_block_sparse_attention(

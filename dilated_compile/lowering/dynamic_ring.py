@@ -61,7 +61,13 @@ from ..policy import BlockPattern
 from .block_patterns import as_pattern
 from .dilated import check_dilated_args, check_qkv, dilated_backward, dilated_forward, plan_for
 from .kernels import accumulation_dtype
-from .dynamic import OP_NAMESPACE, _in_seq_major, _lse_fake, _seq_major_empty
+from .dynamic import (
+    OP_NAMESPACE,
+    _in_seq_major,
+    _lse_fake,
+    _seq_major_empty,
+    register_backward_from_lse,
+)
 from .dynamic_block_sparse import effective_pattern as _block_pattern_at, pattern_args
 from .ring import INNERS, check_local_shape, dilated_segments_local
 from .ring_block_sparse import BlockSparseSchedule, make_block_sparse_schedule
@@ -127,10 +133,6 @@ def _dilated_route(q, world_size, rank, layout, is_causal, segment_lengths, dila
         return "local", plan_for(q, seg, rates, head_split)
     plan = _dilated_ring_plan(world_size, rank, n, layout, bool(is_causal), q.shape[1], seg, rates, head_split)
     return "ring", plan
-
-
-def _zeros_like_seq_major(x: torch.Tensor) -> torch.Tensor:
-    return _seq_major_empty(x, x.shape, x.dtype).zero_()
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::ring_attention", mutates_args=())
@@ -254,21 +256,7 @@ def _(dout, q, k, v, out, lse, world_size, rank, group_name, inner, layout, is_c
     return tuple(_seq_major_empty(x, x.shape, x.dtype) for x in (q, k, v))
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, *params = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.params = params
-
-
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = ring_attention_backward_op(dout, q, k, v, out, lse, *ctx.params)
-    return dq, dk, dv, *([None] * len(ctx.params))
-
-
-ring_attention_op.register_autograd(_backward, setup_context=_setup_context)
+register_backward_from_lse(ring_attention_op, ring_attention_backward_op)
 
 
 def ring_op_args(

@@ -10,8 +10,6 @@ import torch.fx as fx
 from ..policy import Policy
 from ..sharding import check_same_on_all_ranks
 from .decide import Decision, decide
-from ..lowering.dilated import dilated_attention
-from ..lowering.dynamic import dynamic_dilated_attention
 from .report import (
     GraphReport,
     Report,
@@ -21,7 +19,7 @@ from .report import (
     record,
     unified_diff,
 )
-from .rewrite import rewrite
+from .rewrite import LOWERED_TARGETS, rewrite
 from .sites import Site, find_sites, graph_modules
 
 
@@ -40,12 +38,13 @@ def rules_without_sites(policy: Policy, decisions: list[Decision]) -> dict[int, 
 
 
 def _attention_nodes(gm: fx.GraphModule, decisions: list[Decision]) -> list[fx.Node]:
-    """The attention nodes of a rewritten graph: new dilated calls and the sites left as they were."""
-    kept = {(d.site.graph, d.site.node.name) for d in decisions if d.attention != "dilated"}
+    """The attention nodes of a rewritten graph: the calls rewritten sites became, and the
+    sites left as they were."""
+    kept = {(d.site.graph, d.site.node.name) for d in decisions}
     nodes = []
     for path, module in graph_modules(gm):
         for n in module.graph.nodes:
-            if (n.op == "call_function" and n.target in (dilated_attention, dynamic_dilated_attention)) or (path, n.name) in kept:
+            if (n.op == "call_function" and n.target in LOWERED_TARGETS) or (path, n.name) in kept:
                 nodes.append(n)
     return nodes
 

@@ -36,41 +36,48 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
-def _dilated_call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision) -> fx.Node:
-    spec, args = decision.rule.dilated, decision.site.args
-    return graph.call_function(
-        dilated_attention,
-        args=(*qkv, spec.segment_lengths, spec.dilation_rates),
-        kwargs={"head_split": spec.head_split, "is_causal": args["is_causal"], "scale": args["scale"]},
-    )
+def _attention_kwargs(decision: Decision) -> dict:
+    """is_causal and scale of the site."""
+    args = decision.site.args
+    return {"is_causal": args["is_causal"], "scale": args["scale"]}
 
 
-def _block_sparse_call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision) -> fx.Node:
-    spec, args = decision.rule.block_sparse, decision.site.args
+def _block_sparse_kwargs(decision: Decision) -> dict:
+    """block_size and pattern (a plain dict of the set fields) of a block-sparse rule."""
+    spec = decision.rule.block_sparse
     pattern = {key: val for key, val in asdict(spec.pattern).items() if val is not None}
+    return {"block_size": spec.block_size, "pattern": pattern}
+
+
+def _dilated_call(
+    graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision, target=dilated_attention, **extra
+) -> fx.Node:
+    spec = decision.rule.dilated
     return graph.call_function(
-        block_sparse_attention,
-        args=qkv,
-        kwargs={
-            "block_size": spec.block_size,
-            "pattern": pattern,
-            "is_causal": args["is_causal"],
-            "scale": args["scale"],
-        },
+        target,
+        args=(*qkv, spec.segment_lengths, spec.dilation_rates),
+        kwargs={"head_split": spec.head_split, **_attention_kwargs(decision), **extra},
     )
 
 
-def _ring_kwargs(decision: Decision) -> dict:
-    """ring_attention_local's (and dynamic_ring_attention's) keyword arguments for a ring site."""
-    rule, args, ring = decision.rule, decision.site.args, decision.ring
+def _block_sparse_call(
+    graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision, target=block_sparse_attention, **extra
+) -> fx.Node:
+    kwargs = {**_block_sparse_kwargs(decision), **_attention_kwargs(decision), **extra}
+    return graph.call_function(target, args=qkv, kwargs=kwargs)
+
+
+def _ring_call(
+    graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision, target=ring_attention_local, **extra
+) -> fx.Node:
+    rule, ring = decision.rule, decision.ring
     kwargs = {
         "world_size": ring.world_size,
         "rank": ring.rank,
         "group_name": ring.group_name,
         "inner": rule.attention,
         "layout": rule.ring.layout,
-        "is_causal": args["is_causal"],
-        "scale": args["scale"],
+        **_attention_kwargs(decision),
     }
     if rule.attention == "dilated":
         spec = rule.dilated
@@ -80,66 +87,38 @@ def _ring_kwargs(decision: Decision) -> dict:
             head_split=spec.head_split,
         )
     if rule.attention == "block_sparse":
-        spec = rule.block_sparse
-        pattern = {key: val for key, val in asdict(spec.pattern).items() if val is not None}
-        kwargs.update(block_size=spec.block_size, pattern=pattern)
-    return kwargs
-
-
-def _ring_call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision) -> fx.Node:
-    return graph.call_function(ring_attention_local, args=qkv, kwargs=_ring_kwargs(decision))
+        kwargs.update(_block_sparse_kwargs(decision))
+    return graph.call_function(target, args=qkv, kwargs={**kwargs, **extra})
 
 
 # What a rewritten site becomes, by the decision's `attention`.
 _CALLS = {"dilated": _dilated_call, "block_sparse": _block_sparse_call, "ring": _ring_call}
 
-
-def _dynamic_dilated_call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision) -> fx.Node:
-    """A site with a symbolic length: the custom op, which adds no guard on the length
-    and decides min_seq_len per call."""
-    spec, args = decision.rule.dilated, decision.site.args
-    return graph.call_function(
-        dynamic_dilated_attention,
-        args=(*qkv, spec.segment_lengths, spec.dilation_rates),
-        kwargs={
-            "head_split": spec.head_split,
-            "is_causal": args["is_causal"],
-            "scale": args["scale"],
-            "min_seq_len": decision.rule.min_seq_len,
-        },
-    )
-
-
-def _dynamic_block_sparse_call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision) -> fx.Node:
-    """The block-sparse custom op for a symbolic length (built-in pattern kinds only)."""
-    spec, args = decision.rule.block_sparse, decision.site.args
-    pattern = {key: val for key, val in asdict(spec.pattern).items() if val is not None}
-    return graph.call_function(
-        dynamic_block_sparse_attention,
-        args=qkv,
-        kwargs={
-            "block_size": spec.block_size,
-            "pattern": pattern,
-            "is_causal": args["is_causal"],
-            "scale": args["scale"],
-            "min_seq_len": decision.rule.min_seq_len,
-        },
-    )
-
-
-def _dynamic_ring_call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision) -> fx.Node:
-    """The ring custom op for a symbolic length (any inner attention; block-sparse built-in
-    pattern kinds only); min_seq_len (global) decided per call."""
-    kwargs = _ring_kwargs(decision) | {"min_seq_len": decision.rule.min_seq_len}
-    return graph.call_function(dynamic_ring_attention, args=qkv, kwargs=kwargs)
-
-
-# The same for sites with a symbolic sequence length (decision.dynamic).
-_DYNAMIC_CALLS = {
-    "dilated": _dynamic_dilated_call,
-    "block_sparse": _dynamic_block_sparse_call,
-    "ring": _dynamic_ring_call,
+# The same for sites with a symbolic sequence length (decision.dynamic): the
+# custom ops, which add no guard on the length and decide min_seq_len per call
+# (block-sparse: built-in pattern kinds only; ring: any inner attention).
+_DYNAMIC_TARGETS = {
+    "dilated": dynamic_dilated_attention,
+    "block_sparse": dynamic_block_sparse_attention,
+    "ring": dynamic_ring_attention,
 }
+
+
+def _dynamic_call(kind: str):
+    def call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision) -> fx.Node:
+        return _CALLS[kind](
+            graph, qkv, decision, target=_DYNAMIC_TARGETS[kind], min_seq_len=decision.rule.min_seq_len
+        )
+
+    return call
+
+
+_DYNAMIC_CALLS = {kind: _dynamic_call(kind) for kind in _DYNAMIC_TARGETS}
+
+# Every function a rewritten site calls.
+LOWERED_TARGETS = frozenset(
+    [dilated_attention, block_sparse_attention, ring_attention_local, *_DYNAMIC_TARGETS.values()]
+)
 
 
 def _expand_kv_heads(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision):
