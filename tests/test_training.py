@@ -94,27 +94,16 @@ def test_dynamic_op_passes_opcheck():
     )
 
 
-@pytest.mark.parametrize(
-    "dynamic, head_split", [(True, "longnet"), (None, "groups")], ids=["dynamic_true", "automatic_dynamic"]
-)
-def test_lengths_train_like_reference_without_recompiles(dynamic, head_split):
-    """fullgraph=True, one optimizer step per length: the compiled model's loss and
-    gradients equal the same model with float64 reference attention, step by step.
-
-    dynamic=True: one graph for every length. Automatic dynamic: the first length
-    compiles a static graph, the second marks the length dynamic and compiles the
-    custom-op graph, and no later length recompiles (error_on_recompile).
-    """
-    torch.manual_seed(0)
-    model = TinyModel(heads=(5, 3))
-    reference, saved = _reference_model(model, head_split)
-    pol = policy(dilated_rule(seg=SEG, rates=RATES, head_split=head_split))
+def _train_over_lengths(model, reference, saved, pol, dynamic, lengths) -> list[int]:
+    """One SGD step per length of `model` compiled with `pol` (fullgraph) and of `reference`:
+    loss and gradients equal at every step, no recompile from the third length on.
+    Returns Dynamo's unique graph count after each step; restores `saved` at the end."""
     compiled = torch.compile(model, backend="dilated", options={"policy": pol}, fullgraph=True, dynamic=dynamic)
     opt_c = torch.optim.SGD(model.parameters(), lr=0.05)
     opt_r = torch.optim.SGD(reference.parameters(), lr=0.05)
     graphs_after = []
     try:
-        for step, n in enumerate(LENGTHS):
+        for step, n in enumerate(lengths):
             x, target = torch.randn(2, n, 16), torch.randn(2, n, 16)
             with torch._dynamo.config.patch(error_on_recompile=step >= 2):
                 loss_c = (compiled(x) - target).pow(2).mean()
@@ -130,6 +119,25 @@ def test_lengths_train_like_reference_without_recompiles(dynamic, head_split):
             graphs_after.append(counters["stats"]["unique_graphs"])
     finally:
         restore(saved)
+    return graphs_after
+
+
+@pytest.mark.parametrize(
+    "dynamic, head_split", [(True, "longnet"), (None, "groups")], ids=["dynamic_true", "automatic_dynamic"]
+)
+def test_lengths_train_like_reference_without_recompiles(dynamic, head_split):
+    """fullgraph=True, one optimizer step per length: the compiled model's loss and
+    gradients equal the same model with float64 reference attention, step by step.
+
+    dynamic=True: one graph for every length. Automatic dynamic: the first length
+    compiles a static graph, the second marks the length dynamic and compiles the
+    custom-op graph, and no later length recompiles (error_on_recompile).
+    """
+    torch.manual_seed(0)
+    model = TinyModel(heads=(5, 3))
+    reference, saved = _reference_model(model, head_split)
+    pol = policy(dilated_rule(seg=SEG, rates=RATES, head_split=head_split))
+    graphs_after = _train_over_lengths(model, reference, saved, pol, dynamic, LENGTHS)
     assert not counters["graph_break"]
     if dynamic:
         assert graphs_after == [1] * len(LENGTHS)
@@ -508,27 +516,7 @@ def test_block_sparse_lengths_train_like_reference_without_recompiles(dynamic, i
     model = TinyModel(heads=(5, 3), is_causal=is_causal)
     reference, saved = _block_sparse_reference_model(model, kind)
     pol = policy(_block_sparse_rule(kind))
-    compiled = torch.compile(model, backend="dilated", options={"policy": pol}, fullgraph=True, dynamic=dynamic)
-    opt_c = torch.optim.SGD(model.parameters(), lr=0.05)
-    opt_r = torch.optim.SGD(reference.parameters(), lr=0.05)
-    graphs_after = []
-    try:
-        for step, n in enumerate(BS_LENGTHS):
-            x, target = torch.randn(2, n, 16), torch.randn(2, n, 16)
-            with torch._dynamo.config.patch(error_on_recompile=step >= 2):
-                loss_c = (compiled(x) - target).pow(2).mean()
-            loss_r = (reference(x) - target).pow(2).mean()
-            loss_c.backward()
-            loss_r.backward()
-            torch.testing.assert_close(loss_c, loss_r, atol=1e-5, rtol=1e-5, msg=f"loss at N={n}")
-            for (name, a), b in zip(model.named_parameters(), reference.parameters()):
-                torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=f"{name} at N={n}")
-            for opt in (opt_c, opt_r):
-                opt.step()
-                opt.zero_grad()
-            graphs_after.append(counters["stats"]["unique_graphs"])
-    finally:
-        restore(saved)
+    graphs_after = _train_over_lengths(model, reference, saved, pol, dynamic, BS_LENGTHS)
     assert not counters["graph_break"]
     assert graphs_after == ([1] * len(BS_LENGTHS) if dynamic else [1, 2, 2, 2, 2])
     sites = dilated_compile.reports()[-1].sites
