@@ -17,6 +17,11 @@ and head size (the op keeps its own backward kernel):
 - ``math``:      plain matmul/softmax, for anything else.
 
 ``DILATED_KERNEL=<name>`` forces one (benchmarks use it to compare).
+
+The fused kernels run inside two custom ops,
+``torch.ops.dilated_compile.block_attention`` and ``block_attention_backward``,
+so that the layouts they need are made at run time (see the comment above
+them); the ``math`` kernel is plain ops that Inductor fuses.
 """
 
 from __future__ import annotations
