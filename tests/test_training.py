@@ -66,14 +66,10 @@ def test_dynamic_op_equals_reference(n, is_causal, head_split):
     torch.manual_seed(n)
     q, k, v = (torch.randn(2, 5, n, 8, requires_grad=True) for _ in range(3))
     out = dynamic_dilated_attention(q, k, v, SEG, RATES, head_split=head_split, is_causal=is_causal)
-    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
-    ref = dilated_reference(qd, kd, vd, SEG, RATES, head_split=head_split, is_causal=is_causal)
-    assert_within(out, ref, q, k, v, is_causal=is_causal)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), grad)
-    want = torch.autograd.grad(ref, (qd, kd, vd), grad.double())
-    for name, g, w in zip("qkv", got, want):
-        torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-4, msg=f"d{name}")
+    _assert_matches_reference(
+        out, (q, k, v), lambda *x: dilated_reference(*x, SEG, RATES, head_split=head_split, is_causal=is_causal),
+        is_causal,
+    )
 
 
 def test_dynamic_op_is_dense_below_min_seq_len():
@@ -92,6 +88,19 @@ def test_dynamic_op_passes_opcheck():
         torch.ops.dilated_compile.dilated_attention.default,
         (q, k, v, list(SEG), list(RATES), "longnet", True, 0.3, 0),
     )
+
+
+def _assert_matches_reference(out, qkv, reference, is_causal) -> None:
+    """`out` and the gradients of q, k, v equal `reference(q, k, v)` in float64."""
+    q, k, v = qkv
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in qkv)
+    ref = reference(qd, kd, vd)
+    assert_within(out, ref, q, k, v, is_causal=is_causal)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, qkv, grad)
+    want = torch.autograd.grad(ref, (qd, kd, vd), grad.double())
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-4, msg=f"d{name}")
 
 
 def _train_over_lengths(model, reference, saved, pol, dynamic, lengths) -> list[int]:
@@ -456,14 +465,7 @@ def test_dynamic_block_sparse_op_equals_reference(n, is_causal, kind):
     q, k, v = (torch.randn(2, 3, n, 8, requires_grad=True) for _ in range(3))
     kw = {"block_size": BLOCK, "pattern": BS_PATTERNS[kind], "is_causal": is_causal}
     out = dynamic_block_sparse_attention(q, k, v, **kw)
-    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
-    ref = block_sparse_reference(qd, kd, vd, **kw)
-    assert_within(out, ref, q, k, v, is_causal=is_causal)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), grad)
-    want = torch.autograd.grad(ref, (qd, kd, vd), grad.double())
-    for name, g, w in zip("qkv", got, want):
-        torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-4, msg=f"d{name}")
+    _assert_matches_reference(out, (q, k, v), lambda *x: block_sparse_reference(*x, **kw), is_causal)
 
 
 def test_dynamic_block_sparse_op_is_dense_below_min_seq_len():
