@@ -11,7 +11,11 @@ merge is needed.
 
 Everything here is shape arithmetic on views, `cat`, `pad` and pointwise ops,
 so under Inductor the spread and merge become fused pointwise kernels; the
-attention itself runs in the fused kernel `block_attention` picks.
+attention itself runs in the fused kernel `block_attention` picks. On CUDA in
+half precision the attention is instead one opaque custom op
+(``dilated_compile::dilated_attention``, `dynamic.py`) that runs this module's
+forward and backward on real tensors, with the spread and merge done by one
+Triton kernel per output (`combine.py`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from . import combine
 from .kernels import accumulation_dtype, block_attention, block_attention_backward, choose_kernel
 
 HEAD_SPLITS = ("groups", "longnet")
@@ -299,6 +304,8 @@ def dilated_forward(plan: Plan, is_causal: bool, scale: float, q, k, v):
     results = [
         block_attention(a, b, c, is_causal=is_causal, scale=scale) for a, b, c in zip(qs, ks, vs)
     ]
+    if combine.runs_on(q):
+        return combine.merge(plan, [r.out for r in results], [r.lse for r in results], q)
     out, lse = assemble(plan, [r.out for r in results], [r.lse for r in results], q.shape[0], q)
     return out.to(q.dtype), lse
 
@@ -320,6 +327,8 @@ def dilated_backward(plan: Plan, is_causal: bool, scale: float, q, k, v, out, ls
     ]
     if not grads:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if combine.runs_on(q):
+        return tuple(combine.spread_sum(plan, g, x) for g, x in zip(zip(*grads), (q, k, v)))
     acc = accumulation_dtype(q)
     return tuple(
         spread_sum(plan, [t.to(acc) for t in g], q).to(x.dtype)
@@ -398,6 +407,16 @@ def dilated_attention(
         scale = 1.0 / math.sqrt(d)
     if n == 0:
         return q.new_zeros(q.shape)
+    if combine.usable(q):
+        # CUDA, half precision: the whole attention is one opaque op whose
+        # spread and merge are the Triton combine (Inductor compiles nothing
+        # of it: fewer kernels, and a compile time like dense attention's).
+        from .dynamic import dilated_attention_op
+
+        out, _ = dilated_attention_op(
+            q, k, v, list(seg), list(rates), head_split, bool(is_causal), float(scale), 0
+        )
+        return out
     plan = plan_for(q, seg, rates, head_split)
     return _DilatedAttention.apply(plan, bool(is_causal), float(scale), q, k, v)
 

@@ -1,4 +1,6 @@
-"""Attention for sites whose sequence length is symbolic (dynamic shapes).
+"""Dilated attention as one opaque custom op: for sites whose sequence length
+is symbolic (dynamic shapes), and for every dilated attention on CUDA in half
+precision (`dilated.dilated_attention` routes there; see `combine.py`).
 
 A rewritten site with a symbolic length calls an opaque custom op
 (``torch.ops.dilated_compile.dilated_attention``). Its fake implementation only

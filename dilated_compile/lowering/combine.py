@@ -1,0 +1,226 @@
+"""Block results back into sequence order, in one Triton kernel per output (CUDA).
+
+`dilated.assemble` and `dilated.spread_sum` say what this computes, with
+views, pads and pointwise ops that Inductor fuses: about a hundred small
+graph pieces for a LongNet site, each a kernel that Inductor compiles and
+that reads or writes the whole output. Here each output tile is written
+once: a program owns BLOCK_N positions of one (batch, head), visits every
+part of the plan whose head set holds that head and whose range meets the
+tile, and loads the part's rows straight from the kernel call's result
+(whatever its strides). Forward: rows are merged by log-sum-exp
+(``merge=True``), giving the output and its log-sum-exp. Backward: rows are
+summed (the adjoint of the gather), giving dq, dk or dv.
+
+The plan's geometry and the results' strides are compile-time constants of
+the kernel, so Triton specialises it per plan (cached on disk like any
+Triton kernel). Used on real CUDA tensors only, inside the
+``dilated_compile::dilated_attention`` custom op (`dynamic.py`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import lru_cache
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from .dilated import Plan
+
+# One part's fields, as the kernel reads them (all in elements).
+#   call, h_start, h_stop, h_step, offset, rate, start, seg_len, n_segs,
+#   out base/per-batch/per-segment/per-head/per-row strides,
+#   lse base/per-batch/per-segment/per-head/per-row strides
+FIELDS = 19
+
+
+def usable(q: torch.Tensor) -> bool:
+    """Whether the Triton combine serves a dilated attention of tensors like `q`
+    (CUDA, half precision, triton importable; real or fake).
+
+    ``DILATED_COMBINE=inductor`` turns it off (benchmarks compare the two).
+    """
+    choice = os.environ.get("DILATED_COMBINE", "triton")
+    if choice not in ("triton", "inductor"):
+        raise ValueError(f"DILATED_COMBINE={choice!r}: expected triton or inductor")
+    if choice == "inductor" or q.device.type != "cuda":
+        return False
+    return q.dtype in (torch.float16, torch.bfloat16) and triton_available()
+
+
+def runs_on(q: torch.Tensor) -> bool:
+    """Whether to use the Triton combine now: `usable`, on real tensors, not traced."""
+    return (
+        usable(q)
+        and not isinstance(q, torch._subclasses.FakeTensor)
+        and not torch.compiler.is_compiling()
+    )
+
+
+@lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _part_strides(res: torch.Tensor, index: int, parts, batch: int) -> tuple[int, ...]:
+    """(base, per-batch, per-segment, per-head, per-row) element strides of part
+    `index` of a call in its result `res`: (B*segs, heads, m[, D]) for a call of
+    one part, (rows, 1, m[, D]) with parts stacked along rows for a batched call."""
+    s0, s1, s2 = res.stride()[:3]
+    p = parts[index]
+    if len(parts) == 1:
+        return (0, p.n_segs * s0, s0, s1, s2)
+    row0 = sum(batch * q.n_segs * q.n_heads for q in parts[:index])
+    return (row0 * s0, p.n_segs * p.n_heads * s0, p.n_heads * s0, s0, s2)
+
+
+def _descriptor(plan: Plan, outs: Sequence[torch.Tensor], lses, batch: int) -> tuple[int, ...]:
+    fields: list[int] = []
+    for c, parts in enumerate(plan.calls):
+        for i, p in enumerate(parts):
+            fields += [c, p.h_start, p.h_stop, p.h_step, p.offset, p.rate, p.start, p.seg_len, p.n_segs]
+            fields += _part_strides(outs[c], i, parts, batch)
+            fields += _part_strides(lses[c], i, parts, batch) if lses is not None else [0] * 5
+    return tuple(fields)
+
+
+@lru_cache(maxsize=1)
+def _kernel():
+    """The Triton kernel, defined on first use (triton is imported only on CUDA)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def combine_kernel(
+        outs, lses, dst, dst_lse, seq_len,
+        dst_sb, dst_sn, dst_sh, lse_sb, lse_sn, lse_sh,
+        PARTS: tl.constexpr, N_PARTS: tl.constexpr, MERGE: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        tile, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        top = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+        total = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k in tl.static_range(N_PARTS):
+            CALL: tl.constexpr = PARTS[k * 19 + 0]
+            H0: tl.constexpr = PARTS[k * 19 + 1]
+            H1: tl.constexpr = PARTS[k * 19 + 2]
+            HSTEP: tl.constexpr = PARTS[k * 19 + 3]
+            OFFSET: tl.constexpr = PARTS[k * 19 + 4]
+            RATE: tl.constexpr = PARTS[k * 19 + 5]
+            START: tl.constexpr = PARTS[k * 19 + 6]
+            SEG: tl.constexpr = PARTS[k * 19 + 7]
+            NSEGS: tl.constexpr = PARTS[k * 19 + 8]
+            O0: tl.constexpr = PARTS[k * 19 + 9]
+            OB: tl.constexpr = PARTS[k * 19 + 10]
+            OS: tl.constexpr = PARTS[k * 19 + 11]
+            OA: tl.constexpr = PARTS[k * 19 + 12]
+            OM: tl.constexpr = PARTS[k * 19 + 13]
+            L0: tl.constexpr = PARTS[k * 19 + 14]
+            LB: tl.constexpr = PARTS[k * 19 + 15]
+            LS: tl.constexpr = PARTS[k * 19 + 16]
+            LA: tl.constexpr = PARTS[k * 19 + 17]
+            LM: tl.constexpr = PARTS[k * 19 + 18]
+            member = (h >= H0) & (h < H1) & ((h - H0) % HSTEP == 0)
+            meets = (tile * BLOCK_N < START + NSEGS * SEG) & (tile * BLOCK_N + BLOCK_N > START)
+            if member & meets:
+                a = (h - H0) // HSTEP
+                rel = n - START
+                seg = rel // SEG
+                pos = rel - seg * SEG
+                sel = (rel >= 0) & (seg < NSEGS) & (pos % RATE == OFFSET)
+                row = pos // RATE
+                o_off = O0 + b * OB + seg * OS + a * OA + row * OM
+                x = tl.load(
+                    outs[CALL] + o_off[:, None] + d[None, :],
+                    mask=sel[:, None] & d_ok[None, :], other=0.0,
+                ).to(tl.float32)
+                if MERGE:
+                    l_off = L0 + b * LB + seg * LS + a * LA + row * LM
+                    lp = tl.load(lses[CALL] + l_off, mask=sel, other=float("-inf")).to(tl.float32)
+                    new_top = tl.maximum(top, lp)
+                    safe = tl.where(new_top == float("-inf"), 0.0, new_top)
+                    alpha = tl.exp(top - safe)
+                    beta = tl.exp(lp - safe)
+                    acc = acc * alpha[:, None] + x * beta[:, None]
+                    total = total * alpha + beta
+                    top = new_top
+                else:
+                    acc += x
+        n_ok = n < seq_len
+        dst_off = b * dst_sb + n * dst_sn + h * dst_sh
+        if MERGE:
+            has = total > 0
+            res = acc / tl.where(has, total, 1.0)[:, None]
+            lse = tl.where(has, top + tl.log(tl.where(has, total, 1.0)), float("-inf"))
+            tl.store(dst_lse + b * lse_sb + n * lse_sn + h * lse_sh, lse, mask=n_ok)
+        else:
+            res = acc
+        tl.store(
+            dst + dst_off[:, None] + d[None, :],
+            res.to(dst.dtype.element_ty),
+            mask=n_ok[:, None] & d_ok[None, :],
+        )
+
+    return combine_kernel
+
+
+BLOCK_N = 32
+
+
+def _launch(plan: Plan, results, lses, batch: int, dst: torch.Tensor, dst_lse) -> None:
+    results = tuple(r if r.stride(-1) == 1 else r.contiguous() for r in results)
+    parts = _descriptor(plan, results, lses, batch)
+    n_parts = len(parts) // FIELDS
+    b, n, h, d = dst.shape  # sequence-major (B, N, H, D)
+    merge = dst_lse is not None
+    grid = (triton_cdiv(n, BLOCK_N), h, b)
+    lse_dst = dst_lse if merge else dst
+    lse_strides = dst_lse.stride() if merge else (0, 0, 0)
+    _kernel()[grid](
+        results, tuple(lses) if merge else results, dst, lse_dst, n,
+        dst.stride(0), dst.stride(1), dst.stride(2), *lse_strides,
+        PARTS=parts, N_PARTS=n_parts, MERGE=merge,
+        HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), BLOCK_N=BLOCK_N,
+    )
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _seq_major_empty(shape, dtype, device) -> torch.Tensor:
+    """(B, H, N[, X]) tensor stored as (B, N, H[, X])."""
+    b, h, n = shape[:3]
+    return torch.empty((b, n, h, *shape[3:]), dtype=dtype, device=device).transpose(1, 2)
+
+
+def merge(plan: Plan, outs, lses, like: torch.Tensor):
+    """(out, lse) from the calls' results, as `dilated.assemble` defines them:
+    out (B, H, N, D) in `like`'s dtype, lse (B, H, N) float32, both stored
+    sequence-major; lse is -inf and out 0 where no pattern selects a position."""
+    b, h, n, d = like.shape
+    out = _seq_major_empty((b, h, n, outs[0].shape[-1] if outs else d), like.dtype, like.device)
+    lse = _seq_major_empty((b, h, n), torch.float32, like.device)
+    if not outs:
+        return out.zero_(), lse.fill_(-math.inf)
+    _launch(plan, outs, lses, b, out.transpose(1, 2), lse.transpose(1, 2))
+    return out, lse
+
+
+def spread_sum(plan: Plan, grads: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """`dilated.spread_sum` in `like`'s dtype, stored sequence-major."""
+    out = _seq_major_empty(like.shape, like.dtype, like.device)
+    if not grads:
+        return out.zero_()
+    _launch(plan, grads, None, like.shape[0], out.transpose(1, 2), None)
+    return out

@@ -1,0 +1,54 @@
+"""The Triton combine (spread + log-sum-exp merge, and the gradients' spread-sum)
+against the pointwise version in `dilated.py`. On CUDA the compiled kernel runs;
+without CUDA, Triton's interpreter runs it on CPU tensors (when triton is installed)."""
+
+import os
+
+import pytest
+import torch
+
+from dilated_compile.lowering import combine, dilated
+from dilated_compile.lowering.kernels import block_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    # Triton reads it when it is first imported (torch imports triton early).
+    pytest.skip("no CUDA: run with TRITON_INTERPRET=1 to test the kernel on CPU", allow_module_level=True)
+triton = pytest.importorskip("triton")
+
+
+CASES = [
+    # heads, N, segments, rates, head_split
+    (5, 40, (8, 16), (1, 2), "groups"),
+    (4, 37, (8, 16, 32), (1, 2, 4), "longnet"),
+    (3, 50, (16, 64), (3, 6), "longnet"),  # rate not dividing segment, heads < rate
+    (6, 9, (4, 8, 16), (1, 2, 4), "groups"),  # N smaller than the largest segment
+    (7, 33, (8, 16), (2, 5), "groups"),  # uneven head groups
+]
+
+
+@pytest.mark.parametrize("small_tiles", [0, dilated.ALL_PARTS_SMALL], ids=["views", "batched"])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[4]}-H{c[0]}-N{c[1]}" for c in CASES])
+def test_combine_matches_pointwise_assembly(case, small_tiles):
+    h, n, seg, rates, split = case
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, h, n, 16, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+    plan = dilated.make_plan(h, n, seg, rates, split, small_tiles)
+    blocks = [dilated.gather_calls(plan, x) for x in (q, k, v)]
+    res = [block_attention(a, b, c, is_causal=True, scale=0.25) for a, b, c in zip(*blocks)]
+    outs, lses = [r.out for r in res], [r.lse for r in res]
+
+    want_out, want_lse = dilated.assemble(plan, outs, lses, 2, q)
+    got_out, got_lse = combine.merge(plan, outs, lses, q)
+    assert got_out.dtype == q.dtype and got_lse.dtype == torch.float32
+    assert got_out.transpose(1, 2).is_contiguous()  # stored (B, N, H, D)
+    torch.testing.assert_close(got_out.float(), want_out.float(), atol=1e-2, rtol=1e-2)
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(finite, torch.isfinite(got_lse))
+    torch.testing.assert_close(got_lse[finite], want_lse[finite].float(), atol=1e-5, rtol=1e-5)
+
+    grads = [torch.randn_like(o) for o in outs]
+    want = dilated.spread_sum(plan, [g.float() for g in grads], q)
+    got = combine.spread_sum(plan, grads, q)
+    assert got.dtype == q.dtype
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
