@@ -92,84 +92,8 @@ def _descriptor(plan: Plan, outs: Sequence[torch.Tensor], lses, batch: int) -> t
 
 @lru_cache(maxsize=1)
 def _kernel():
-    """The Triton kernel, defined on first use (triton is imported only on CUDA)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def combine_kernel(
-        outs, lses, dst, dst_lse, seq_len,
-        dst_sb, dst_sn, dst_sh, lse_sb, lse_sn, lse_sh,
-        PARTS: tl.constexpr, N_PARTS: tl.constexpr, MERGE: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):
-        tile, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < HEAD_DIM
-        acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        top = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-        total = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k in tl.static_range(N_PARTS):
-            CALL: tl.constexpr = PARTS[k * 19 + 0]
-            H0: tl.constexpr = PARTS[k * 19 + 1]
-            H1: tl.constexpr = PARTS[k * 19 + 2]
-            HSTEP: tl.constexpr = PARTS[k * 19 + 3]
-            OFFSET: tl.constexpr = PARTS[k * 19 + 4]
-            RATE: tl.constexpr = PARTS[k * 19 + 5]
-            START: tl.constexpr = PARTS[k * 19 + 6]
-            SEG: tl.constexpr = PARTS[k * 19 + 7]
-            NSEGS: tl.constexpr = PARTS[k * 19 + 8]
-            O0: tl.constexpr = PARTS[k * 19 + 9]
-            OB: tl.constexpr = PARTS[k * 19 + 10]
-            OS: tl.constexpr = PARTS[k * 19 + 11]
-            OA: tl.constexpr = PARTS[k * 19 + 12]
-            OM: tl.constexpr = PARTS[k * 19 + 13]
-            L0: tl.constexpr = PARTS[k * 19 + 14]
-            LB: tl.constexpr = PARTS[k * 19 + 15]
-            LS: tl.constexpr = PARTS[k * 19 + 16]
-            LA: tl.constexpr = PARTS[k * 19 + 17]
-            LM: tl.constexpr = PARTS[k * 19 + 18]
-            member = (h >= H0) & (h < H1) & ((h - H0) % HSTEP == 0)
-            meets = (tile * BLOCK_N < START + NSEGS * SEG) & (tile * BLOCK_N + BLOCK_N > START)
-            if member & meets:
-                a = (h - H0) // HSTEP
-                rel = n - START
-                seg = rel // SEG
-                pos = rel - seg * SEG
-                sel = (rel >= 0) & (seg < NSEGS) & (pos % RATE == OFFSET)
-                row = pos // RATE
-                o_off = O0 + b * OB + seg * OS + a * OA + row * OM
-                x = tl.load(
-                    outs[CALL] + o_off[:, None] + d[None, :],
-                    mask=sel[:, None] & d_ok[None, :], other=0.0,
-                ).to(tl.float32)
-                if MERGE:
-                    l_off = L0 + b * LB + seg * LS + a * LA + row * LM
-                    lp = tl.load(lses[CALL] + l_off, mask=sel, other=float("-inf")).to(tl.float32)
-                    new_top = tl.maximum(top, lp)
-                    safe = tl.where(new_top == float("-inf"), 0.0, new_top)
-                    alpha = tl.exp(top - safe)
-                    beta = tl.exp(lp - safe)
-                    acc = acc * alpha[:, None] + x * beta[:, None]
-                    total = total * alpha + beta
-                    top = new_top
-                else:
-                    acc += x
-        n_ok = n < seq_len
-        dst_off = b * dst_sb + n * dst_sn + h * dst_sh
-        if MERGE:
-            has = total > 0
-            res = acc / tl.where(has, total, 1.0)[:, None]
-            lse = tl.where(has, top + tl.log(tl.where(has, total, 1.0)), float("-inf"))
-            tl.store(dst_lse + b * lse_sb + n * lse_sn + h * lse_sh, lse, mask=n_ok)
-        else:
-            res = acc
-        tl.store(
-            dst + dst_off[:, None] + d[None, :],
-            res.to(dst.dtype.element_ty),
-            mask=n_ok[:, None] & d_ok[None, :],
-        )
+    """The Triton kernel, imported on first use (triton is needed only on CUDA)."""
+    from .combine_kernel import combine_kernel
 
     return combine_kernel
 

@@ -1,0 +1,87 @@
+"""The Triton kernel behind `combine.py` (imported only where triton is).
+
+`combine_kernel` writes BLOCK_N positions of one (batch, head) of the
+sequence-major output; `add_part` folds one part of the plan into the
+tile's accumulators. `PARTS` is `combine._descriptor`'s flat tuple of 19
+compile-time ints per part.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def add_part(
+    acc, top, total, out_ptr, lse_ptr, n, d, d_ok, h, b, tile,
+    H0: tl.constexpr, H1: tl.constexpr, HSTEP: tl.constexpr, OFFSET: tl.constexpr,
+    RATE: tl.constexpr, START: tl.constexpr, SEG: tl.constexpr, NSEGS: tl.constexpr,
+    O0: tl.constexpr, OB: tl.constexpr, OS: tl.constexpr, OA: tl.constexpr, OM: tl.constexpr,
+    L0: tl.constexpr, LB: tl.constexpr, LS: tl.constexpr, LA: tl.constexpr, LM: tl.constexpr,
+    MERGE: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Fold one part's rows for head h and this tile into (acc, top, total)."""
+    member = (h >= H0) & (h < H1) & ((h - H0) % HSTEP == 0)
+    meets = (tile * BLOCK_N < START + NSEGS * SEG) & (tile * BLOCK_N + BLOCK_N > START)
+    if member & meets:
+        a = (h - H0) // HSTEP
+        rel = n - START
+        seg = rel // SEG
+        pos = rel - seg * SEG
+        sel = (rel >= 0) & (seg < NSEGS) & (pos % RATE == OFFSET)
+        row = pos // RATE
+        o_off = O0 + b * OB + seg * OS + a * OA + row * OM
+        x = tl.load(
+            out_ptr + o_off[:, None] + d[None, :], mask=sel[:, None] & d_ok[None, :], other=0.0
+        ).to(tl.float32)
+        if MERGE:
+            l_off = L0 + b * LB + seg * LS + a * LA + row * LM
+            lp = tl.load(lse_ptr + l_off, mask=sel, other=float("-inf")).to(tl.float32)
+            new_top = tl.maximum(top, lp)
+            safe = tl.where(new_top == float("-inf"), 0.0, new_top)
+            alpha = tl.exp(top - safe)
+            beta = tl.exp(lp - safe)
+            acc = acc * alpha[:, None] + x * beta[:, None]
+            total = total * alpha + beta
+            top = new_top
+        else:
+            acc += x
+    return acc, top, total
+
+@triton.jit
+def combine_kernel(
+    outs, lses, dst, dst_lse, seq_len,
+    dst_sb, dst_sn, dst_sh, lse_sb, lse_sn, lse_sh,
+    PARTS: tl.constexpr, N_PARTS: tl.constexpr, MERGE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    tile, h = tl.program_id(0), tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)  # offsets pass 2**31 elements at 1M tokens
+    n = tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    top = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k in tl.static_range(N_PARTS):
+        acc, top, total = add_part(
+            acc, top, total, outs[PARTS[k * 19]], lses[PARTS[k * 19]], n, d, d_ok, h, b, tile,
+            PARTS[k * 19 + 1], PARTS[k * 19 + 2], PARTS[k * 19 + 3], PARTS[k * 19 + 4],
+            PARTS[k * 19 + 5], PARTS[k * 19 + 6], PARTS[k * 19 + 7], PARTS[k * 19 + 8],
+            PARTS[k * 19 + 9], PARTS[k * 19 + 10], PARTS[k * 19 + 11], PARTS[k * 19 + 12],
+            PARTS[k * 19 + 13], PARTS[k * 19 + 14], PARTS[k * 19 + 15], PARTS[k * 19 + 16],
+            PARTS[k * 19 + 17], PARTS[k * 19 + 18], MERGE, BLOCK_N,
+        )
+    n_ok = n < seq_len
+    dst_off = b * dst_sb + n * dst_sn + h * dst_sh
+    if MERGE:
+        has = total > 0
+        res = acc / tl.where(has, total, 1.0)[:, None]
+        lse = tl.where(has, top + tl.log(tl.where(has, total, 1.0)), float("-inf"))
+        tl.store(dst_lse + b * lse_sb + n * lse_sn + h * lse_sh, lse, mask=n_ok)
+    else:
+        res = acc
+    tl.store(
+        dst + dst_off[:, None] + d[None, :],
+        res.to(dst.dtype.element_ty),
+        mask=n_ok[:, None] & d_ok[None, :],
+    )
