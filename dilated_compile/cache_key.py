@@ -7,7 +7,8 @@ dotted name is in ``torch._inductor.config.unsafe_marked_cacheable_functions``;
 the value there is mixed into the cache key (of AOTAutograd's cache and, as
 part of Inductor's config, of the FX graph cache). The value given here is a
 hash of this package's source, the torch version, the policy's content and
-the source of any user ``mask_mod`` the policy names: change any of them and
+the source of any user ``mask_mod`` the policy names, and the
+environment settings that change the lowering (`LOWERING_ENV`): change any of them and
 the caches miss; keep them and a second process hits.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -25,6 +27,7 @@ import torch
 from .policy import Policy
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+LOWERING_ENV = ("DILATED_KERNEL", "DILATED_COMBINE")
 
 
 @lru_cache(maxsize=1)
@@ -53,6 +56,8 @@ def policy_code_hash(policy: Policy) -> str:
     """sha256 of the package source, the policy content and its mask_mod functions' source."""
     h = hashlib.sha256(package_source_hash().encode())
     h.update(policy.digest.encode())
+    for knob in LOWERING_ENV:  # they change what the lowering traces
+        h.update(f"{knob}={os.environ.get(knob, '')}".encode())
     for rule in policy.rules:
         spec = getattr(rule, "block_sparse", None)
         pattern = getattr(spec, "pattern", None)

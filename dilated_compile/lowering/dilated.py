@@ -182,8 +182,39 @@ def _filler(p: Part, batch: int, x_dim: int, fill: float, like: torch.Tensor) ->
     return like.new_full((batch, p.n_segs * p.seg_len, p.n_heads, x_dim), fill)
 
 
-def gather_calls(plan: Plan, x: torch.Tensor) -> list[torch.Tensor]:
-    """One (rows, heads, m, X) block tensor per kernel call, from full (B, H, N, X) `x`."""
+def _part_view(x: torch.Tensor, p: Part) -> torch.Tensor:
+    """Part `p` of (B, H, N, X) `x` as one (B, segments, heads, m, X) strided view."""
+    sb, sh, sn, sx = x.stride()
+    return x.as_strided(
+        (x.shape[0], p.n_segs, p.n_heads, p.m, x.shape[3]),
+        (sb, p.seg_len * sn, p.h_step * sh, p.rate * sn, sx),
+        x.storage_offset() + p.h_start * sh + (p.start + p.offset) * sn,
+    )
+
+
+def _gather_eager(plan: Plan, x: torch.Tensor) -> list[torch.Tensor]:
+    """`gather_calls` in the fewest eager ops (host time matters outside a graph):
+    one view per large part, one copy per small part into its call's buffer."""
+    out = []
+    for parts in plan.calls:
+        if len(parts) == 1:
+            out.append(_part_view(x, parts[0]).flatten(0, 1))
+            continue
+        rows = [x.shape[0] * p.n_segs * p.n_heads for p in parts]
+        buf = x.new_empty((sum(rows), 1, parts[0].m, x.shape[3]))
+        for p, chunk in zip(parts, torch.split(buf, rows)):
+            chunk.view(x.shape[0], p.n_segs, p.n_heads, p.m, x.shape[3]).copy_(_part_view(x, p))
+        out.append(buf)
+    return out
+
+
+def gather_calls(plan: Plan, x: torch.Tensor, eager: bool = False) -> list[torch.Tensor]:
+    """One (rows, heads, m, X) block tensor per kernel call, from full (B, H, N, X) `x`.
+
+    ``eager=True`` (real tensors outside tracing) builds the same tensors with
+    fewer ops."""
+    if eager:
+        return _gather_eager(plan, x)
     out = []
     for parts in plan.calls:
         if len(parts) == 1:
@@ -300,11 +331,13 @@ def spread_sum(plan: Plan, block_grads: Sequence[torch.Tensor], like: torch.Tens
 def dilated_forward(plan: Plan, is_causal: bool, scale: float, q, k, v):
     """(out, lse) of the dilated attention `plan` describes: out (B, H, N, D) in q's
     dtype, lse (B, H, N) in the accumulation dtype (-inf where no pattern selects)."""
-    qs, ks, vs = (gather_calls(plan, x) for x in (q, k, v))
+    fused = combine.runs_on(q)
+    qs, ks, vs = (gather_calls(plan, x, eager=fused) for x in (q, k, v))
     results = [
-        block_attention(a, b, c, is_causal=is_causal, scale=scale) for a, b, c in zip(qs, ks, vs)
+        block_attention(a, b, c, is_causal=is_causal, scale=scale, direct=fused)
+        for a, b, c in zip(qs, ks, vs)
     ]
-    if combine.runs_on(q):
+    if fused:
         return combine.merge(plan, [r.out for r in results], [r.lse for r in results], q)
     out, lse = assemble(plan, [r.out for r in results], [r.lse for r in results], q.shape[0], q)
     return out.to(q.dtype), lse
@@ -317,17 +350,18 @@ def dilated_backward(plan: Plan, is_causal: bool, scale: float, q, k, v, out, ls
     with them, and spreads the block gradients back in one pass per tensor
     (`spread_sum`).
     """
-    qs, ks, vs = (gather_calls(plan, x) for x in (q, k, v))
-    douts = gather_calls(plan, dout.to(out.dtype))
-    outs = gather_calls(plan, out)
-    lses = [t.squeeze(-1) for t in gather_calls(plan, lse.unsqueeze(-1))]
+    fused = combine.runs_on(q)
+    qs, ks, vs = (gather_calls(plan, x, eager=fused) for x in (q, k, v))
+    douts = gather_calls(plan, dout.to(out.dtype), eager=fused)
+    outs = gather_calls(plan, out, eager=fused)
+    lses = [t.squeeze(-1) for t in gather_calls(plan, lse.unsqueeze(-1), eager=fused)]
     grads = [
-        block_attention_backward(d, a, b, c, o, l, is_causal=is_causal, scale=scale)
+        block_attention_backward(d, a, b, c, o, l, is_causal=is_causal, scale=scale, direct=fused)
         for d, a, b, c, o, l in zip(douts, qs, ks, vs, outs, lses)
     ]
     if not grads:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    if combine.runs_on(q):
+    if fused:
         return tuple(combine.spread_sum(plan, g, x) for g, x in zip(zip(*grads), (q, k, v)))
     acc = accumulation_dtype(q)
     return tuple(

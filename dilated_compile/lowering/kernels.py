@@ -243,12 +243,25 @@ def _(dout, q, k, v, out, lse, is_causal, scale, kernel):
 
 
 def block_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    is_causal: bool,
+    scale: float,
+    direct: bool = False,
 ) -> BlockResult:
-    """Dense attention per (batch, head) block with its log-sum-exp. No autograd."""
+    """Dense attention per (batch, head) block with its log-sum-exp. No autograd.
+
+    ``direct=True`` calls the kernel without the custom op around it: for
+    real tensors outside tracing (inside another op), where the op's dispatch
+    would only add host time.
+    """
     kernel = choose_kernel(q)
     if kernel == "math":
         return BlockResult(*_math_forward(q, k, v, is_causal, scale))
+    if direct:
+        return BlockResult(*_forward_impl(kernel, q, k, v, bool(is_causal), float(scale)))
     return BlockResult(*block_attention_op(q, k, v, bool(is_causal), float(scale), kernel))
 
 
@@ -262,15 +275,19 @@ def block_attention_backward(
     *,
     is_causal: bool,
     scale: float,
+    direct: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `block_attention` for q, k, v given an output and log-sum-exp.
 
     `out` and `lse` may be the merged result of several blocks that share these
     queries: the gradient then is that of one softmax over all of their keys.
+    ``direct`` as in `block_attention`.
     """
     kernel = choose_kernel(q)
     if kernel == "math":
         return _math_backward(dout, q, k, v, out, lse, is_causal, scale)
+    if direct:
+        return _backward_impl(kernel, dout, q, k, v, out, lse, bool(is_causal), float(scale))
     return block_attention_backward_op(
         dout, q, k, v, out, lse, bool(is_causal), float(scale), kernel
     )
