@@ -52,3 +52,26 @@ def test_combine_matches_pointwise_assembly(case, small_tiles):
     got = combine.spread_sum(plan, grads, q)
     assert got.dtype == q.dtype
     torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("small_tiles", [0, dilated.ALL_PARTS_SMALL], ids=["views", "batched"])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[4]}-H{c[0]}-N{c[1]}" for c in CASES])
+def test_scatter_matches_gathers(case, small_tiles):
+    """The backward's one-kernel gather of grad_out, out and lse into every call's
+    blocks equals the per-call gathers, in the layout cuDNN wants (empty_like(q))."""
+    h, n, seg, rates, split = case
+    torch.manual_seed(1)
+    b, d = 2, 16
+    dout, out = (torch.randn(b, n, h, d, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+    lse = torch.randn(b, n, h, device=DEVICE).transpose(1, 2)
+    q = torch.randn(b, h, n, d, device=DEVICE, dtype=torch.bfloat16)
+    plan = dilated.make_plan(h, n, seg, rates, split, small_tiles)
+    qs = dilated.gather_calls(plan, q, eager=True)
+    douts, outs, lses = combine.scatter(plan, dout, out, lse, qs)
+    for got, want in ((douts, dilated.gather_calls(plan, dout)), (outs, dilated.gather_calls(plan, out))):
+        for g, w, qc in zip(got, want, qs):
+            assert g.stride() == torch.empty_like(qc).stride()
+            assert torch.equal(g, w)
+    want_lse = [t.squeeze(-1) for t in dilated.gather_calls(plan, lse.unsqueeze(-1))]
+    for g, w in zip(lses, want_lse):
+        assert g.is_contiguous() and torch.equal(g, w)

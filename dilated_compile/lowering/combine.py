@@ -90,12 +90,12 @@ def _descriptor(plan: Plan, outs: Sequence[torch.Tensor], lses, batch: int) -> t
     return tuple(fields)
 
 
-@lru_cache(maxsize=1)
-def _kernel():
-    """The Triton kernel, imported on first use (triton is needed only on CUDA)."""
-    from .combine_kernel import combine_kernel
+def _kernel(name: str = "combine_kernel"):
+    """A Triton kernel of `combine_kernel.py`, imported on first use (triton is
+    needed only on CUDA)."""
+    from . import combine_kernel
 
-    return combine_kernel
+    return getattr(combine_kernel, name)
 
 
 BLOCK_N = 32
@@ -110,16 +110,20 @@ def _launch(plan: Plan, results, lses, batch: int, dst: torch.Tensor, dst_lse) -
     grid = (triton_cdiv(n, BLOCK_N), h, b)
     lse_dst = dst_lse if merge else dst
     lse_strides = dst_lse.stride() if merge else (0, 0, 0)
-    _kernel()[grid](
+    _kernel("combine_kernel")[grid](
         results, tuple(lses) if merge else results, dst, lse_dst, n,
         dst.stride(0), dst.stride(1), dst.stride(2), *lse_strides,
         PARTS=parts, N_PARTS=n_parts, MERGE=merge,
-        HEAD_DIM=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), BLOCK_N=BLOCK_N,
+        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_N=BLOCK_N,
     )
 
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _block_d(d: int) -> int:
+    return max(16, 1 << (d - 1).bit_length())
 
 
 def _seq_major_empty(shape, dtype, device) -> torch.Tensor:
@@ -148,3 +152,26 @@ def spread_sum(plan: Plan, grads: Sequence[torch.Tensor], like: torch.Tensor) ->
         return out.zero_()
     _launch(plan, grads, None, like.shape[0], out.transpose(1, 2), None)
     return out
+
+
+def scatter(plan: Plan, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, qs):
+    """Each call's (grad_out, out, lse) blocks, gathered from the merged (B, H, N, D)
+    `dout`, `out` and (B, H, N) `lse` in one kernel: grad_out and out laid out like
+    ``empty_like`` of the call's query block (what cuDNN's backward wants), lse
+    dense. `qs` are the calls' query blocks."""
+    douts = [torch.empty_like(q, dtype=out.dtype) for q in qs]
+    outs = [torch.empty_like(q, dtype=out.dtype) for q in qs]
+    lses = [torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device) for q in qs]
+    if not qs:
+        return douts, outs, lses
+    b, h, n, d = out.shape
+    parts = _descriptor(plan, douts, lses, b)
+    dout, out = (t if t.stride(-1) == 1 else t.contiguous() for t in (dout, out))
+    srcs = [t.transpose(1, 2) for t in (dout, out, lse)]  # strides as (B, N, H[, D])
+    _kernel("scatter_kernel")[(triton_cdiv(n, BLOCK_N), h, b)](
+        tuple(douts), tuple(outs), tuple(lses), *srcs, n,
+        *srcs[0].stride()[:3], *srcs[1].stride()[:3], *srcs[2].stride(),
+        PARTS=parts, N_PARTS=len(parts) // FIELDS,
+        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_N=BLOCK_N,
+    )
+    return douts, outs, lses

@@ -85,3 +85,62 @@ def combine_kernel(
         res.to(dst.dtype.element_ty),
         mask=n_ok[:, None] & d_ok[None, :],
     )
+
+
+@triton.jit
+def store_part(
+    buf_a, buf_b, buf_l, xa, xb, xl, n, d, d_ok, h, b, tile,
+    H0: tl.constexpr, H1: tl.constexpr, HSTEP: tl.constexpr, OFFSET: tl.constexpr,
+    RATE: tl.constexpr, START: tl.constexpr, SEG: tl.constexpr, NSEGS: tl.constexpr,
+    O0: tl.constexpr, OB: tl.constexpr, OS: tl.constexpr, OA: tl.constexpr, OM: tl.constexpr,
+    L0: tl.constexpr, LB: tl.constexpr, LS: tl.constexpr, LA: tl.constexpr, LM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Store the tile's rows that one part selects for head h into its blocks."""
+    member = (h >= H0) & (h < H1) & ((h - H0) % HSTEP == 0)
+    meets = (tile * BLOCK_N < START + NSEGS * SEG) & (tile * BLOCK_N + BLOCK_N > START)
+    if member & meets:
+        a = (h - H0) // HSTEP
+        rel = n - START
+        seg = rel // SEG
+        pos = rel - seg * SEG
+        sel = (rel >= 0) & (seg < NSEGS) & (pos % RATE == OFFSET)
+        row = pos // RATE
+        o_off = O0 + b * OB + seg * OS + a * OA + row * OM
+        mask = sel[:, None] & d_ok[None, :]
+        tl.store(buf_a + o_off[:, None] + d[None, :], xa.to(buf_a.dtype.element_ty), mask=mask)
+        tl.store(buf_b + o_off[:, None] + d[None, :], xb.to(buf_b.dtype.element_ty), mask=mask)
+        l_off = L0 + b * LB + seg * LS + a * LA + row * LM
+        tl.store(buf_l + l_off, xl, mask=sel)
+
+
+@triton.jit
+def scatter_kernel(
+    bufs_a, bufs_b, bufs_l, src_a, src_b, src_l, seq_len,
+    a_sb, a_sn, a_sh, b_sb, b_sn, b_sh, l_sb, l_sn, l_sh,
+    PARTS: tl.constexpr, N_PARTS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The gather of two (B, N, H, D) tensors and a (B, N, H) one into every
+    call's blocks (the backward's grad_out, out and log-sum-exp): each source
+    row is read once and stored into every part that selects it."""
+    tile, h = tl.program_id(0), tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    n = tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    n_ok = n < seq_len
+    mask = n_ok[:, None] & d_ok[None, :]
+    xa = tl.load(src_a + (b * a_sb + n * a_sn + h * a_sh)[:, None] + d[None, :], mask=mask)
+    xb = tl.load(src_b + (b * b_sb + n * b_sn + h * b_sh)[:, None] + d[None, :], mask=mask)
+    xl = tl.load(src_l + b * l_sb + n * l_sn + h * l_sh, mask=n_ok)
+    for k in tl.static_range(N_PARTS):
+        store_part(
+            bufs_a[PARTS[k * 19]], bufs_b[PARTS[k * 19]], bufs_l[PARTS[k * 19]],
+            xa, xb, xl, n, d, d_ok, h, b, tile,
+            PARTS[k * 19 + 1], PARTS[k * 19 + 2], PARTS[k * 19 + 3], PARTS[k * 19 + 4],
+            PARTS[k * 19 + 5], PARTS[k * 19 + 6], PARTS[k * 19 + 7], PARTS[k * 19 + 8],
+            PARTS[k * 19 + 9], PARTS[k * 19 + 10], PARTS[k * 19 + 11], PARTS[k * 19 + 12],
+            PARTS[k * 19 + 13], PARTS[k * 19 + 14], PARTS[k * 19 + 15], PARTS[k * 19 + 16],
+            PARTS[k * 19 + 17], PARTS[k * 19 + 18], BLOCK_N,
+        )

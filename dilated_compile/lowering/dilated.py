@@ -352,9 +352,12 @@ def dilated_backward(plan: Plan, is_causal: bool, scale: float, q, k, v, out, ls
     """
     fused = combine.runs_on(q)
     qs, ks, vs = (gather_calls(plan, x, eager=fused) for x in (q, k, v))
-    douts = gather_calls(plan, dout.to(out.dtype), eager=fused)
-    outs = gather_calls(plan, out, eager=fused)
-    lses = [t.squeeze(-1) for t in gather_calls(plan, lse.unsqueeze(-1), eager=fused)]
+    if fused:
+        douts, outs, lses = combine.scatter(plan, dout, out, lse, qs)
+    else:
+        douts = gather_calls(plan, dout.to(out.dtype))
+        outs = gather_calls(plan, out)
+        lses = [t.squeeze(-1) for t in gather_calls(plan, lse.unsqueeze(-1))]
     grads = [
         block_attention_backward(d, a, b, c, o, l, is_causal=is_causal, scale=scale, direct=fused)
         for d, a, b, c, o, l in zip(douts, qs, ks, vs, outs, lses)
