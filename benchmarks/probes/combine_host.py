@@ -6,7 +6,9 @@ For each length and head split: median GPU time of forward and forward+backward
 (do_bench), the host time to issue one call (mean over 20 unsynchronised
 calls), and the top entries of a profile of one forward+backward.
 """
+import cProfile
 import os
+import pstats
 import sys
 import time
 
@@ -55,8 +57,16 @@ for n in [int(a) for a in sys.argv[1:]] or [32768, 65536]:
         fb = do_bench(step, return_mode="median")
         fb_host = host_ms(step)
         print(f"N={n} {split}: fwd {fwd:.3f} ms (host {fwd_host:.3f}), fwd+bwd {fb:.3f} ms (host {fb_host:.3f})")
+        if n != int((sys.argv[1:] or [32768])[0]):
+            continue  # profiles at the first length only
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
+        host = cProfile.Profile()
+        host.enable()
+        for _ in range(10):
+            step()
+        host.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(host).sort_stats("tottime").print_stats(25)
