@@ -233,6 +233,18 @@ def test_cache_key_changes_with_policy_content_not_its_source():
     assert "dilated_compile.lowering.dilated.dilated_attention" in a
 
 
+@pytest.mark.parametrize("knob,value", [("DILATED_COMBINE", "inductor"), ("DILATED_KERNEL", "math")])
+def test_cache_key_changes_with_the_lowering_env_knobs(monkeypatch, knob, value):
+    """The knobs change what a site traces to, so a cached graph must not be reused across them."""
+    from dilated_compile.cache_key import cacheable_functions_patch
+
+    pol = dilated_compile.load_policy(policy(dilated_rule(seg=(8, 16))))
+    monkeypatch.delenv(knob, raising=False)
+    before = cacheable_functions_patch(pol)
+    monkeypatch.setenv(knob, value)
+    assert cacheable_functions_patch(pol) != before
+
+
 # ---------------------------------------------------------------- activation checkpointing
 
 

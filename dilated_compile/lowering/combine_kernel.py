@@ -11,6 +11,22 @@ import triton.language as tl
 
 
 @triton.jit
+def part_meets(h, tile, H0, H1, HSTEP, START, SEG, NSEGS, BLOCK_N: tl.constexpr):
+    """Whether a part's head set holds head h and its range meets this tile."""
+    member = (h >= H0) & (h < H1) & ((h - H0) % HSTEP == 0)
+    return member & (tile * BLOCK_N < START + NSEGS * SEG) & (tile * BLOCK_N + BLOCK_N > START)
+
+
+@triton.jit
+def part_rows(n, h, H0, HSTEP, OFFSET, RATE, START, SEG):
+    """(head index in the part, segment, row in the segment's block, selected) of positions n."""
+    rel = n - START
+    seg = rel // SEG
+    pos = rel - seg * SEG
+    return (h - H0) // HSTEP, seg, pos // RATE, (rel >= 0) & (pos % RATE == OFFSET)
+
+
+@triton.jit
 def add_part(
     acc, top, total, out_ptr, lse_ptr, n, d, d_ok, h, b, tile,
     H0: tl.constexpr, H1: tl.constexpr, HSTEP: tl.constexpr, OFFSET: tl.constexpr,
@@ -20,15 +36,9 @@ def add_part(
     MERGE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Fold one part's rows for head h and this tile into (acc, top, total)."""
-    member = (h >= H0) & (h < H1) & ((h - H0) % HSTEP == 0)
-    meets = (tile * BLOCK_N < START + NSEGS * SEG) & (tile * BLOCK_N + BLOCK_N > START)
-    if member & meets:
-        a = (h - H0) // HSTEP
-        rel = n - START
-        seg = rel // SEG
-        pos = rel - seg * SEG
-        sel = (rel >= 0) & (seg < NSEGS) & (pos % RATE == OFFSET)
-        row = pos // RATE
+    if part_meets(h, tile, H0, H1, HSTEP, START, SEG, NSEGS, BLOCK_N):
+        a, seg, row, sel = part_rows(n, h, H0, HSTEP, OFFSET, RATE, START, SEG)
+        sel = sel & (seg < NSEGS)
         o_off = O0 + b * OB + seg * OS + a * OA + row * OM
         x = tl.load(
             out_ptr + o_off[:, None] + d[None, :], mask=sel[:, None] & d_ok[None, :], other=0.0
@@ -97,15 +107,9 @@ def store_part(
     BLOCK_N: tl.constexpr,
 ):
     """Store the tile's rows that one part selects for head h into its blocks."""
-    member = (h >= H0) & (h < H1) & ((h - H0) % HSTEP == 0)
-    meets = (tile * BLOCK_N < START + NSEGS * SEG) & (tile * BLOCK_N + BLOCK_N > START)
-    if member & meets:
-        a = (h - H0) // HSTEP
-        rel = n - START
-        seg = rel // SEG
-        pos = rel - seg * SEG
-        sel = (rel >= 0) & (seg < NSEGS) & (pos % RATE == OFFSET)
-        row = pos // RATE
+    if part_meets(h, tile, H0, H1, HSTEP, START, SEG, NSEGS, BLOCK_N):
+        a, seg, row, sel = part_rows(n, h, H0, HSTEP, OFFSET, RATE, START, SEG)
+        sel = sel & (seg < NSEGS)
         o_off = O0 + b * OB + seg * OS + a * OA + row * OM
         mask = sel[:, None] & d_ok[None, :]
         tl.store(buf_a + o_off[:, None] + d[None, :], xa.to(buf_a.dtype.element_ty), mask=mask)
