@@ -239,20 +239,3 @@ def test_block_attention_ops_pass_opcheck(is_causal, layout):
         ops.block_attention_backward.default, (dout, q, k, v, out, lse, is_causal, 0.25, kernel)
     )
 
-
-@pytest.mark.parametrize("small_tiles", [0, 2**62], ids=["views", "batched"])
-@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
-@pytest.mark.parametrize("head_split", ["groups", "longnet"])
-def test_eager_gather_builds_the_same_blocks(head_split, layout, small_tiles):
-    """The CUDA op path gathers with `as_strided` views and per-part copies; the
-    blocks must equal the traced path's, for both input layouts and batch > 1."""
-    from dilated_compile.lowering import dilated as lowering
-
-    b, h, n, d = 2, 7, 45, 4
-    x = torch.randn(b, h, n, d) if layout == "bhnd" else torch.randn(b, n, h, d).transpose(1, 2)
-    plan = lowering.make_plan(h, n, (8, 16, 32), (1, 3, 4), head_split, small_tiles)
-    traced, eager = lowering.gather_calls(plan, x), lowering.gather_calls(plan, x, eager=True)
-    assert len(traced) == len(eager) == len(plan.calls)
-    for t, e in zip(traced, eager):
-        assert t.shape == e.shape
-        assert torch.equal(t, e)

@@ -80,9 +80,11 @@ def _part_strides(res: torch.Tensor, index: int, parts, batch: int) -> tuple[int
     return (row0 * s0, p.n_segs * p.n_heads * s0, p.n_heads * s0, s0, s2)
 
 
-def _descriptor(plan: Plan, outs: Sequence[torch.Tensor], lses, batch: int) -> tuple[int, ...]:
+def _descriptor(calls, outs: Sequence[torch.Tensor], lses, batch: int) -> tuple[int, ...]:
+    """The kernels' `PARTS` for `calls` (a sequence of part tuples; call c's
+    results are ``outs[c]`` and ``lses[c]``)."""
     fields: list[int] = []
-    for c, parts in enumerate(plan.calls):
+    for c, parts in enumerate(calls):
         for i, p in enumerate(parts):
             fields += [c, p.h_start, p.h_stop, p.h_step, p.offset, p.rate, p.start, p.seg_len, p.n_segs]
             fields += _part_strides(outs[c], i, parts, batch)
@@ -103,7 +105,7 @@ BLOCK_N = 32
 
 def _launch(plan: Plan, results, lses, batch: int, dst: torch.Tensor, dst_lse) -> None:
     results = tuple(r if r.stride(-1) == 1 else r.contiguous() for r in results)
-    parts = _descriptor(plan, results, lses, batch)
+    parts = _descriptor(plan.calls, results, lses, batch)
     n_parts = len(parts) // FIELDS
     b, n, h, d = dst.shape  # sequence-major (B, N, H, D)
     merge = dst_lse is not None
@@ -154,6 +156,32 @@ def spread_sum(plan: Plan, grads: Sequence[torch.Tensor], like: torch.Tensor) ->
     return out
 
 
+def gather_into(calls, srcs: Sequence[torch.Tensor], bufs, lse=None, lse_bufs=None) -> None:
+    """Fill ``bufs[s][c]``, source s's block of call c, from the (B, H, N, D)
+    sources `srcs` (one kernel for all), and with `lse` the (B, H, N) `lse_bufs[c]`.
+
+    The blocks of one call share their layout (any strides), as the kernel
+    reads one descriptor; `calls` is a sequence of part tuples."""
+    if not calls:
+        return
+    b, h, n, d = srcs[0].shape
+    parts = _descriptor(calls, bufs[0], lse_bufs, b)
+    for per_src in bufs[1:]:
+        if any(x.stride() != y.stride() for x, y in zip(per_src, bufs[0])):
+            raise ValueError("gather_into: the blocks of one call must share their layout")
+    srcs = [t if t.stride(-1) == 1 else t.contiguous() for t in srcs]
+    has_lse = lse is not None
+    lse_src = lse.transpose(1, 2) if has_lse else srcs[0]
+    _kernel("gather_kernel")[(triton_cdiv(n, BLOCK_N), h, b)](
+        tuple(tuple(x) for x in bufs), tuple(srcs),
+        tuple((t.stride(0), t.stride(2), t.stride(1)) for t in srcs),  # per batch, position, head
+        tuple(lse_bufs) if has_lse else tuple(bufs[0]), lse_src, n,
+        *(lse_src.stride()[:3] if has_lse else (0, 0, 0)),
+        PARTS=parts, N_PARTS=len(parts) // FIELDS, N_SRC=len(srcs), HAS_LSE=has_lse,
+        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_N=BLOCK_N,
+    )
+
+
 def scatter(plan: Plan, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, qs):
     """Each call's (grad_out, out, lse) blocks, gathered from the merged (B, H, N, D)
     `dout`, `out` and (B, H, N) `lse` in one kernel: grad_out and out laid out like
@@ -162,16 +190,5 @@ def scatter(plan: Plan, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
     douts = [torch.empty_like(q, dtype=out.dtype) for q in qs]
     outs = [torch.empty_like(q, dtype=out.dtype) for q in qs]
     lses = [torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device) for q in qs]
-    if not qs:
-        return douts, outs, lses
-    b, h, n, d = out.shape
-    parts = _descriptor(plan, douts, lses, b)
-    dout, out = (t if t.stride(-1) == 1 else t.contiguous() for t in (dout, out))
-    srcs = [t.transpose(1, 2) for t in (dout, out, lse)]  # strides as (B, N, H[, D])
-    _kernel("scatter_kernel")[(triton_cdiv(n, BLOCK_N), h, b)](
-        tuple(douts), tuple(outs), tuple(lses), *srcs, n,
-        *srcs[0].stride()[:3], *srcs[1].stride()[:3], *srcs[2].stride(),
-        PARTS=parts, N_PARTS=len(parts) // FIELDS,
-        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_N=BLOCK_N,
-    )
+    gather_into(plan.calls, (dout, out), (douts, outs), lse, lses)
     return douts, outs, lses

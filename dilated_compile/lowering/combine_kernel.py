@@ -98,53 +98,55 @@ def combine_kernel(
 
 
 @triton.jit
-def store_part(
-    buf_a, buf_b, buf_l, xa, xb, xl, n, d, d_ok, h, b, tile,
-    H0: tl.constexpr, H1: tl.constexpr, HSTEP: tl.constexpr, OFFSET: tl.constexpr,
-    RATE: tl.constexpr, START: tl.constexpr, SEG: tl.constexpr, NSEGS: tl.constexpr,
-    O0: tl.constexpr, OB: tl.constexpr, OS: tl.constexpr, OA: tl.constexpr, OM: tl.constexpr,
-    L0: tl.constexpr, LB: tl.constexpr, LS: tl.constexpr, LA: tl.constexpr, LM: tl.constexpr,
+def gather_part(
+    bufs, srcs, src_strides, bufs_l, src_l, l_sb, l_sn, l_sh, n, n_ok, d, d_ok, h, b, tile,
+    CALL: tl.constexpr, H0: tl.constexpr, H1: tl.constexpr, HSTEP: tl.constexpr,
+    OFFSET: tl.constexpr, RATE: tl.constexpr, START: tl.constexpr, SEG: tl.constexpr,
+    NSEGS: tl.constexpr, O0: tl.constexpr, OB: tl.constexpr, OS: tl.constexpr,
+    OA: tl.constexpr, OM: tl.constexpr, L0: tl.constexpr, LB: tl.constexpr, LS: tl.constexpr,
+    LA: tl.constexpr, LM: tl.constexpr, N_SRC: tl.constexpr, HAS_LSE: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Store the tile's rows that one part selects for head h into its blocks."""
+    """Copy the tile's rows that one part selects for head h from each source into
+    that source's block of the part's call."""
     if part_meets(h, tile, H0, H1, HSTEP, START, SEG, NSEGS, BLOCK_N):
         a, seg, row, sel = part_rows(n, h, H0, HSTEP, OFFSET, RATE, START, SEG)
-        sel = sel & (seg < NSEGS)
+        sel = sel & (seg < NSEGS) & n_ok
         o_off = O0 + b * OB + seg * OS + a * OA + row * OM
         mask = sel[:, None] & d_ok[None, :]
-        tl.store(buf_a + o_off[:, None] + d[None, :], xa.to(buf_a.dtype.element_ty), mask=mask)
-        tl.store(buf_b + o_off[:, None] + d[None, :], xb.to(buf_b.dtype.element_ty), mask=mask)
-        l_off = L0 + b * LB + seg * LS + a * LA + row * LM
-        tl.store(buf_l + l_off, xl, mask=sel)
+        for s in tl.static_range(N_SRC):
+            stride = src_strides[s]
+            src_off = b * stride[0] + n * stride[1] + h * stride[2]
+            x = tl.load(srcs[s] + src_off[:, None] + d[None, :], mask=mask)
+            buf = bufs[s][CALL]
+            tl.store(buf + o_off[:, None] + d[None, :], x.to(buf.dtype.element_ty), mask=mask)
+        if HAS_LSE:
+            xl = tl.load(src_l + b * l_sb + n * l_sn + h * l_sh, mask=sel)
+            tl.store(bufs_l[CALL] + L0 + b * LB + seg * LS + a * LA + row * LM, xl, mask=sel)
 
 
 @triton.jit
-def scatter_kernel(
-    bufs_a, bufs_b, bufs_l, src_a, src_b, src_l, seq_len,
-    a_sb, a_sn, a_sh, b_sb, b_sn, b_sh, l_sb, l_sn, l_sh,
-    PARTS: tl.constexpr, N_PARTS: tl.constexpr,
+def gather_kernel(
+    bufs, srcs, src_strides, bufs_l, src_l, seq_len, l_sb, l_sn, l_sh,
+    PARTS: tl.constexpr, N_PARTS: tl.constexpr, N_SRC: tl.constexpr, HAS_LSE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """The gather of two (B, N, H, D) tensors and a (B, N, H) one into every
-    call's blocks (the backward's grad_out, out and log-sum-exp): each source
-    row is read once and stored into every part that selects it."""
+    """The gather of (B, N, H, D) sources (and, with HAS_LSE, one (B, N, H)
+    source) into the blocks of every call in PARTS: `bufs[s][c]` is source s's
+    block of call c. One program reads each of its rows once per part that
+    selects it."""
     tile, h = tl.program_id(0), tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     n = tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     n_ok = n < seq_len
-    mask = n_ok[:, None] & d_ok[None, :]
-    xa = tl.load(src_a + (b * a_sb + n * a_sn + h * a_sh)[:, None] + d[None, :], mask=mask)
-    xb = tl.load(src_b + (b * b_sb + n * b_sn + h * b_sh)[:, None] + d[None, :], mask=mask)
-    xl = tl.load(src_l + b * l_sb + n * l_sn + h * l_sh, mask=n_ok)
     for k in tl.static_range(N_PARTS):
-        store_part(
-            bufs_a[PARTS[k * 19]], bufs_b[PARTS[k * 19]], bufs_l[PARTS[k * 19]],
-            xa, xb, xl, n, d, d_ok, h, b, tile,
-            PARTS[k * 19 + 1], PARTS[k * 19 + 2], PARTS[k * 19 + 3], PARTS[k * 19 + 4],
-            PARTS[k * 19 + 5], PARTS[k * 19 + 6], PARTS[k * 19 + 7], PARTS[k * 19 + 8],
-            PARTS[k * 19 + 9], PARTS[k * 19 + 10], PARTS[k * 19 + 11], PARTS[k * 19 + 12],
-            PARTS[k * 19 + 13], PARTS[k * 19 + 14], PARTS[k * 19 + 15], PARTS[k * 19 + 16],
-            PARTS[k * 19 + 17], PARTS[k * 19 + 18], BLOCK_N,
+        gather_part(
+            bufs, srcs, src_strides, bufs_l, src_l, l_sb, l_sn, l_sh, n, n_ok, d, d_ok, h, b, tile,
+            PARTS[k * 19], PARTS[k * 19 + 1], PARTS[k * 19 + 2], PARTS[k * 19 + 3],
+            PARTS[k * 19 + 4], PARTS[k * 19 + 5], PARTS[k * 19 + 6], PARTS[k * 19 + 7],
+            PARTS[k * 19 + 8], PARTS[k * 19 + 9], PARTS[k * 19 + 10], PARTS[k * 19 + 11],
+            PARTS[k * 19 + 12], PARTS[k * 19 + 13], PARTS[k * 19 + 14], PARTS[k * 19 + 15],
+            PARTS[k * 19 + 16], PARTS[k * 19 + 17], PARTS[k * 19 + 18], N_SRC, HAS_LSE, BLOCK_N,
         )

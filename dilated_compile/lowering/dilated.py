@@ -192,29 +192,8 @@ def _part_view(x: torch.Tensor, p: Part) -> torch.Tensor:
     )
 
 
-def _gather_eager(plan: Plan, x: torch.Tensor) -> list[torch.Tensor]:
-    """`gather_calls` in the fewest eager ops (host time matters outside a graph):
-    one view per large part, one copy per small part into its call's buffer."""
-    out = []
-    for parts in plan.calls:
-        if len(parts) == 1:
-            out.append(_part_view(x, parts[0]).flatten(0, 1))
-            continue
-        rows = [x.shape[0] * p.n_segs * p.n_heads for p in parts]
-        buf = x.new_empty((sum(rows), 1, parts[0].m, x.shape[3]))
-        for p, chunk in zip(parts, torch.split(buf, rows)):
-            chunk.view(x.shape[0], p.n_segs, p.n_heads, p.m, x.shape[3]).copy_(_part_view(x, p))
-        out.append(buf)
-    return out
-
-
-def gather_calls(plan: Plan, x: torch.Tensor, eager: bool = False) -> list[torch.Tensor]:
-    """One (rows, heads, m, X) block tensor per kernel call, from full (B, H, N, X) `x`.
-
-    ``eager=True`` (real tensors outside tracing) builds the same tensors with
-    fewer ops."""
-    if eager:
-        return _gather_eager(plan, x)
+def gather_calls(plan: Plan, x: torch.Tensor) -> list[torch.Tensor]:
+    """One (rows, heads, m, X) block tensor per kernel call, from full (B, H, N, X) `x`."""
     out = []
     for parts in plan.calls:
         if len(parts) == 1:
@@ -222,6 +201,31 @@ def gather_calls(plan: Plan, x: torch.Tensor, eager: bool = False) -> list[torch
         else:  # heads folded into rows: (sum of B*segments*heads, 1, m, X)
             out.append(torch.cat([_gather(x, p).flatten(0, 1).unsqueeze(1) for p in parts]))
     return out
+
+
+def gather_blocks(plan: Plan, xs: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """`gather_calls` of each (B, H, N, D) tensor of `xs` in the fewest operations,
+    for real CUDA tensors (the Triton path): one strided view per call of one
+    part, and one Triton kernel that fills every batched call's block of every
+    tensor."""
+    blocks: list[list] = [[None] * len(plan.calls) for _ in xs]
+    batched = [c for c, parts in enumerate(plan.calls) if len(parts) > 1]
+    for c, parts in enumerate(plan.calls):
+        if len(parts) == 1:
+            for per_x, x in zip(blocks, xs):
+                per_x[c] = _part_view(x, parts[0]).flatten(0, 1)
+    if batched:
+        batch = xs[0].shape[0]
+        shapes = [
+            (sum(batch * p.n_segs * p.n_heads for p in plan.calls[c]), 1, plan.calls[c][0].m)
+            for c in batched
+        ]
+        bufs = [[x.new_empty((*shape, x.shape[3])) for shape in shapes] for x in xs]
+        combine.gather_into([plan.calls[c] for c in batched], xs, bufs)
+        for per_x, per_buf in zip(blocks, bufs):
+            for c, buf in zip(batched, per_buf):
+                per_x[c] = buf
+    return blocks
 
 
 def spread_jobs(
@@ -332,7 +336,10 @@ def dilated_forward(plan: Plan, is_causal: bool, scale: float, q, k, v):
     """(out, lse) of the dilated attention `plan` describes: out (B, H, N, D) in q's
     dtype, lse (B, H, N) in the accumulation dtype (-inf where no pattern selects)."""
     fused = combine.runs_on(q)
-    qs, ks, vs = (gather_calls(plan, x, eager=fused) for x in (q, k, v))
+    if fused:
+        qs, ks, vs = gather_blocks(plan, (q, k, v))
+    else:
+        qs, ks, vs = (gather_calls(plan, x) for x in (q, k, v))
     results = [
         block_attention(a, b, c, is_causal=is_causal, scale=scale, direct=fused)
         for a, b, c in zip(qs, ks, vs)
@@ -351,10 +358,11 @@ def dilated_backward(plan: Plan, is_causal: bool, scale: float, q, k, v, out, ls
     (`spread_sum`).
     """
     fused = combine.runs_on(q)
-    qs, ks, vs = (gather_calls(plan, x, eager=fused) for x in (q, k, v))
     if fused:
+        qs, ks, vs = gather_blocks(plan, (q, k, v))
         douts, outs, lses = combine.scatter(plan, dout, out, lse, qs)
     else:
+        qs, ks, vs = (gather_calls(plan, x) for x in (q, k, v))
         douts = gather_calls(plan, dout.to(out.dtype))
         outs = gather_calls(plan, out)
         lses = [t.squeeze(-1) for t in gather_calls(plan, lse.unsqueeze(-1))]
