@@ -337,7 +337,12 @@ def _module_level_caches():
     for info in pkgutil.walk_packages(dilated_compile.__path__, "dilated_compile."):
         if info.name.endswith("__main__"):
             continue
-        module = importlib.import_module(info.name)
+        try:
+            module = importlib.import_module(info.name)
+        except ModuleNotFoundError as e:
+            if e.name == "triton":  # the Triton kernels' module, where triton is not installed
+                continue
+            raise
         for name, obj in vars(module).items():
             if callable(getattr(obj, "cache_info", None)) and getattr(obj, "__module__", None) == info.name:
                 found[f"{info.name}.{name}"] = obj
