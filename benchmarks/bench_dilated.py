@@ -116,6 +116,34 @@ def inductor_combine(args, q, k, v, cfg, name) -> dict:
         torch._dynamo.reset()
 
 
+def reduce_overhead(q, k, v, cfg, name, row) -> dict:
+    """The compiled site under CUDA graphs (mode="reduce-overhead"): no host time."""
+    torch._dynamo.reset()
+    options = {"policy": policy_for(cfg, name), "mode": "reduce-overhead"}
+    graphed = torch.compile(sdpa, backend="dilated", options=options)
+
+    def call():
+        torch.compiler.cudagraph_mark_step_begin()
+        return graphed(q, k, v)
+
+    r = {}
+    with torch.no_grad():
+        for _ in range(3):  # warm-up runs, then the capture
+            call()
+        r["reduce_overhead_fwd_ms"] = bench(call)
+    for _ in range(3):
+        call().sum().backward()
+    r["reduce_overhead_fwdbwd_ms"] = bench(call, grad_of=(q, k, v))
+    flops = 4 * q.shape[-1] * attended_pairs(
+        q.shape[1], q.shape[2], cfg["segment_lengths"], cfg["dilation_rates"], name, False
+    )
+    for mode, mult in (("fwd", 1), ("fwdbwd", FWD_BWD)):
+        tf = mult * flops / r[f"reduce_overhead_{mode}_ms"] / 1e9
+        r[f"reduce_overhead_{mode}_ratio_to_dense"] = tf / row[f"dense_{mode}_tflops"]
+    torch._dynamo.reset()
+    return r
+
+
 def run(args):
     dev = torch.device("cuda")
     results = {
@@ -170,6 +198,8 @@ def run(args):
             r["compiled_fwdbwd_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
             if args.compare_inductor_combine:
                 r.update(inductor_combine(args, q, k, v, cfg, name))
+            if args.reduce_overhead:
+                r.update(reduce_overhead(q, k, v, cfg, name, row))
             for mode in ("fwd", "fwdbwd"):
                 mult = 1 if mode == "fwd" else FWD_BWD
                 for path in ("eager", "compiled"):
@@ -218,6 +248,10 @@ def main():
     p.add_argument(
         "--compare-inductor-combine", action="store_true",
         help="also time the site with its spread/merge compiled by Inductor (the pre-Triton path)",
+    )
+    p.add_argument(
+        "--reduce-overhead", action="store_true",
+        help='also time the compiled site under CUDA graphs (mode="reduce-overhead"): no host time',
     )
     p.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = p.parse_args()
