@@ -19,9 +19,9 @@ Triton kernel). Used on real CUDA tensors only, inside the
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
-from functools import lru_cache
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -47,7 +47,7 @@ def usable(q: torch.Tensor) -> bool:
         raise ValueError(f"DILATED_COMBINE={choice!r}: expected triton or inductor")
     if choice == "inductor" or q.device.type != "cuda":
         return False
-    return q.dtype in (torch.float16, torch.bfloat16) and triton_available()
+    return q.dtype in (torch.float16, torch.bfloat16) and TRITON_INSTALLED
 
 
 def runs_on(q: torch.Tensor) -> bool:
@@ -59,13 +59,9 @@ def runs_on(q: torch.Tensor) -> bool:
     )
 
 
-@lru_cache(maxsize=1)
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+# Whether triton is installed (looked up once, without importing it; a plain
+# constant, so that Dynamo tracing a user's call of `dilated_attention` reads it).
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def _part_strides(res: torch.Tensor, index: int, parts, batch: int) -> tuple[int, ...]:
