@@ -56,7 +56,7 @@ def test_combine_matches_pointwise_assembly(case, small_tiles):
 
 @pytest.mark.parametrize("small_tiles", [0, dilated.ALL_PARTS_SMALL], ids=["views", "batched"])
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[4]}-H{c[0]}-N{c[1]}" for c in CASES])
-def test_scatter_matches_gathers(case, small_tiles):
+def test_backward_blocks_match_gathers(case, small_tiles):
     """The backward's one-kernel gather of grad_out, out and lse into every call's
     blocks equals the per-call gathers, in the layout cuDNN wants (empty_like(q))."""
     h, n, seg, rates, split = case
@@ -67,7 +67,7 @@ def test_scatter_matches_gathers(case, small_tiles):
     q = torch.randn(b, h, n, d, device=DEVICE, dtype=torch.bfloat16)
     plan = dilated.make_plan(h, n, seg, rates, split, small_tiles)
     (qs,) = dilated.gather_blocks(plan, [q])
-    douts, outs, lses = combine.scatter(plan, dout, out, lse, qs)
+    douts, outs, lses = combine.backward_blocks(plan, dout, out, lse, qs)
     for got, want in ((douts, dilated.gather_calls(plan, dout)), (outs, dilated.gather_calls(plan, out))):
         for g, w, qc in zip(got, want, qs):
             assert g.stride() == torch.empty_like(qc).stride()
@@ -100,7 +100,7 @@ def test_gather_blocks_equal_the_traced_gathers(head_split, layout, small_tiles)
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[4]}-H{c[0]}-N{c[1]}" for c in CASES])
 def test_triton_path_matches_float64_reference(monkeypatch, case, is_causal):
-    """The whole Triton path (gather_blocks, kernels, merge; scatter, kernels'
+    """The whole Triton path (gather_blocks, kernels, merge; backward_blocks, kernels'
     backward, spread-sum) against the float64 reference, output and gradients.
     On CPU it runs in the interpreter around the CPU flash kernel."""
     from dilated_compile import dilated_reference

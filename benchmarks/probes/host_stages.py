@@ -43,7 +43,7 @@ for split, rates in RATES.items():
     res = [block_attention(a, b, c, is_causal=False, scale=scale, direct=True) for a, b, c in zip(qs, ks, vs)]
     out, lse = combine.merge(plan, [r.out for r in res], [r.lse for r in res], q)
     dout = torch.randn_like(out)
-    douts, outs, lses = combine.scatter(plan, dout, out, lse, qs)
+    douts, outs, lses = combine.backward_blocks(plan, dout, out, lse, qs)
     grads = [
         block_attention_backward(g, a, b, c, o, l, is_causal=False, scale=scale, direct=True)
         for g, a, b, c, o, l in zip(douts, qs, ks, vs, outs, lses)
@@ -58,7 +58,7 @@ for split, rates in RATES.items():
         "combine.merge": lambda: combine.merge(plan, [r.out for r in res], [r.lse for r in res], q),
         "dilated_forward": lambda: dilated.dilated_forward(plan, False, scale, q, k, v),
         "op forward (no grad)": lambda: dilated_attention_op(q, k, v, *args),
-        "combine.scatter": lambda: combine.scatter(plan, dout, out, lse, qs),
+        "combine.backward_blocks": lambda: combine.backward_blocks(plan, dout, out, lse, qs),
         f"block_attention_backward x{len(qs)}": lambda: [
             block_attention_backward(g, a, b, c, o, l, is_causal=False, scale=scale, direct=True)
             for g, a, b, c, o, l in zip(douts, qs, ks, vs, outs, lses)

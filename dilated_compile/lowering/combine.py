@@ -105,7 +105,7 @@ def _launch(plan: Plan, results, lses, batch: int, dst: torch.Tensor, dst_lse) -
     n_parts = len(parts) // FIELDS
     b, n, h, d = dst.shape  # sequence-major (B, N, H, D)
     merge = dst_lse is not None
-    grid = (triton_cdiv(n, BLOCK_N), h, b)
+    grid = (_cdiv(n, BLOCK_N), h, b)
     lse_dst = dst_lse if merge else dst
     lse_strides = dst_lse.stride() if merge else (0, 0, 0)
     _kernel("combine_kernel")[grid](
@@ -116,7 +116,7 @@ def _launch(plan: Plan, results, lses, batch: int, dst: torch.Tensor, dst_lse) -
     )
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -168,7 +168,7 @@ def gather_into(calls, srcs: Sequence[torch.Tensor], bufs, lse=None, lse_bufs=No
     srcs = [t if t.stride(-1) == 1 else t.contiguous() for t in srcs]
     has_lse = lse is not None
     lse_src = lse.transpose(1, 2) if has_lse else srcs[0]
-    _kernel("gather_kernel")[(triton_cdiv(n, BLOCK_N), h, b)](
+    _kernel("gather_kernel")[(_cdiv(n, BLOCK_N), h, b)](
         tuple(tuple(x) for x in bufs), tuple(srcs),
         tuple((t.stride(0), t.stride(2), t.stride(1)) for t in srcs),  # per batch, position, head
         tuple(lse_bufs) if has_lse else tuple(bufs[0]), lse_src, n,
@@ -178,7 +178,7 @@ def gather_into(calls, srcs: Sequence[torch.Tensor], bufs, lse=None, lse_bufs=No
     )
 
 
-def scatter(plan: Plan, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, qs):
+def backward_blocks(plan: Plan, dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, qs):
     """Each call's (grad_out, out, lse) blocks, gathered from the merged (B, H, N, D)
     `dout`, `out` and (B, H, N) `lse` in one kernel: grad_out and out laid out like
     ``empty_like`` of the call's query block (what cuDNN's backward wants), lse

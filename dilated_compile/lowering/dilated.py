@@ -360,7 +360,7 @@ def dilated_backward(plan: Plan, is_causal: bool, scale: float, q, k, v, out, ls
     fused = combine.runs_on(q)
     if fused:
         qs, ks, vs = gather_blocks(plan, (q, k, v))
-        douts, outs, lses = combine.scatter(plan, dout, out, lse, qs)
+        douts, outs, lses = combine.backward_blocks(plan, dout, out, lse, qs)
     else:
         qs, ks, vs = (gather_calls(plan, x) for x in (q, k, v))
         douts = gather_calls(plan, dout.to(out.dtype))
