@@ -239,3 +239,10 @@ def test_block_attention_ops_pass_opcheck(is_causal, layout):
         ops.block_attention_backward.default, (dout, q, k, v, out, lse, is_causal, 0.25, kernel)
     )
 
+
+
+def test_unknown_dilated_combine_setting_raises(monkeypatch):
+    monkeypatch.setenv("DILATED_COMBINE", "tritn")
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="DILATED_COMBINE='tritn': expected triton or inductor"):
+        dilated_attention(q, q, q, [4], [1])
