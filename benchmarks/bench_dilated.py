@@ -96,7 +96,7 @@ def sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v)
 
 
-def inductor_combine(args, q, k, v, cfg, name) -> dict:
+def inductor_combine(q, k, v, cfg, name) -> dict:
     """The compiled site with the spread/merge left to Inductor (DILATED_COMBINE=inductor)."""
     os.environ["DILATED_COMBINE"] = "inductor"
     try:
@@ -116,7 +116,7 @@ def inductor_combine(args, q, k, v, cfg, name) -> dict:
         torch._dynamo.reset()
 
 
-def reduce_overhead(q, k, v, cfg, name, row) -> dict:
+def reduce_overhead(q, k, v, cfg, name) -> dict:
     """The compiled site under CUDA graphs (mode="reduce-overhead"): no host time."""
     torch._dynamo.reset()
     options = {"policy": policy_for(cfg, name), "mode": "reduce-overhead"}
@@ -134,12 +134,6 @@ def reduce_overhead(q, k, v, cfg, name, row) -> dict:
     for _ in range(3):
         call().sum().backward()
     r["reduce_overhead_fwdbwd_ms"] = bench(call, grad_of=(q, k, v))
-    flops = 4 * q.shape[-1] * attended_pairs(
-        q.shape[1], q.shape[2], cfg["segment_lengths"], cfg["dilation_rates"], name, False
-    )
-    for mode, mult in (("fwd", 1), ("fwdbwd", FWD_BWD)):
-        tf = mult * flops / r[f"reduce_overhead_{mode}_ms"] / 1e9
-        r[f"reduce_overhead_{mode}_ratio_to_dense"] = tf / row[f"dense_{mode}_tflops"]
     torch._dynamo.reset()
     return r
 
@@ -197,12 +191,14 @@ def run(args):
             r["compiled_fwdbwd_ms"] = bench(lambda: compiled(q, k, v), grad_of=(q, k, v))
             r["compiled_fwdbwd_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
             if args.compare_inductor_combine:
-                r.update(inductor_combine(args, q, k, v, cfg, name))
+                r.update(inductor_combine(q, k, v, cfg, name))
             if args.reduce_overhead:
-                r.update(reduce_overhead(q, k, v, cfg, name, row))
+                r.update(reduce_overhead(q, k, v, cfg, name))
             for mode in ("fwd", "fwdbwd"):
                 mult = 1 if mode == "fwd" else FWD_BWD
-                for path in ("eager", "compiled"):
+                for path in ("eager", "compiled", "inductor_combine", "reduce_overhead"):
+                    if f"{path}_{mode}_ms" not in r:
+                        continue
                     tf = mult * flops / r[f"{path}_{mode}_ms"] / 1e9
                     r[f"{path}_{mode}_tflops"] = tf
                     r[f"{path}_{mode}_ratio_to_dense"] = tf / row[f"dense_{mode}_tflops"]
