@@ -9,7 +9,6 @@ GPU time of the whole forward and forward+backward is printed next to it.
 """
 import os
 import sys
-import time
 
 import torch
 from triton.testing import do_bench
@@ -19,19 +18,15 @@ from dilated_compile.lowering import combine, dilated  # noqa: E402
 from dilated_compile.lowering.dynamic import dilated_attention_op  # noqa: E402
 from dilated_compile.lowering.kernels import block_attention, block_attention_backward  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
+from combine_host import host_ms  # noqa: E402
+
 SEG = (2048, 4096, 8192, 16384, 32768)
 RATES = {"groups": (1, 2, 4, 8, 16), "longnet": (1, 2, 4, 6, 12)}
 
 
-def host_us(fn, reps=20):
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) * 1e6 / reps
+def host_us(fn):
+    return host_ms(fn) * 1e3
 
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
