@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from .kernels import seq_major_empty
+
 if TYPE_CHECKING:
     from .dilated import Plan
 
@@ -124,19 +126,13 @@ def _block_d(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())
 
 
-def _seq_major_empty(shape, dtype, device) -> torch.Tensor:
-    """(B, H, N[, X]) tensor stored as (B, N, H[, X])."""
-    b, h, n = shape[:3]
-    return torch.empty((b, n, h, *shape[3:]), dtype=dtype, device=device).transpose(1, 2)
-
-
 def merge(plan: Plan, outs, lses, like: torch.Tensor):
     """(out, lse) from the calls' results, as `dilated.assemble` defines them:
     out (B, H, N, D) in `like`'s dtype, lse (B, H, N) float32, both stored
     sequence-major; lse is -inf and out 0 where no pattern selects a position."""
     b, h, n, d = like.shape
-    out = _seq_major_empty((b, h, n, outs[0].shape[-1] if outs else d), like.dtype, like.device)
-    lse = _seq_major_empty((b, h, n), torch.float32, like.device)
+    out = seq_major_empty(like, (b, h, n, outs[0].shape[-1] if outs else d), like.dtype)
+    lse = seq_major_empty(like, (b, h, n), torch.float32)
     if not outs:
         return out.zero_(), lse.fill_(-math.inf)
     _launch(plan, outs, lses, b, out.transpose(1, 2), lse.transpose(1, 2))
@@ -145,7 +141,7 @@ def merge(plan: Plan, outs, lses, like: torch.Tensor):
 
 def spread_sum(plan: Plan, grads: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """`dilated.spread_sum` in `like`'s dtype, stored sequence-major."""
-    out = _seq_major_empty(like.shape, like.dtype, like.device)
+    out = seq_major_empty(like, like.shape, like.dtype)
     if not grads:
         return out.zero_()
     _launch(plan, grads, None, like.shape[0], out.transpose(1, 2), None)

@@ -26,21 +26,10 @@ import torch
 
 from .dilated import check_dilated_args, check_qkv, dilated_backward, dilated_forward, plan_for
 from .kernels import accumulation_dtype
+from .kernels import seq_major_empty as _seq_major_empty
+from .kernels import seq_major_strides as _seq_major_strides
 
 OP_NAMESPACE = "dilated_compile"
-
-
-def _seq_major_strides(shape: Sequence) -> tuple:
-    """Strides of a (B, H, N[, X]) tensor stored as (B, N, H[, X]) (works on symbolic sizes)."""
-    if len(shape) == 3:
-        b, h, n = shape
-        return (n * h, 1, h)
-    b, h, n, x = shape
-    return (n * h * x, x, h * x, 1)
-
-
-def _seq_major_empty(like: torch.Tensor, shape: Sequence, dtype: torch.dtype) -> torch.Tensor:
-    return like.new_empty_strided(tuple(shape), _seq_major_strides(shape), dtype=dtype)
 
 
 def _zeros_like_seq_major(x: torch.Tensor) -> torch.Tensor:
