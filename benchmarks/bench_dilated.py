@@ -98,6 +98,7 @@ def sdpa(q, k, v):
 
 def inductor_combine(q, k, v, cfg, name) -> dict:
     """The compiled site with the spread/merge left to Inductor (DILATED_COMBINE=inductor)."""
+    before = os.environ.get("DILATED_COMBINE")
     os.environ["DILATED_COMBINE"] = "inductor"
     try:
         torch._dynamo.reset()
@@ -112,7 +113,10 @@ def inductor_combine(q, k, v, cfg, name) -> dict:
         r["inductor_combine_fwdbwd_ms"] = bench(lambda: compiled(q, k, v), grad_of=(q, k, v))
         return r
     finally:
-        del os.environ["DILATED_COMBINE"]
+        if before is None:
+            del os.environ["DILATED_COMBINE"]
+        else:
+            os.environ["DILATED_COMBINE"] = before
         torch._dynamo.reset()
 
 
