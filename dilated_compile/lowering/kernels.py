@@ -51,8 +51,16 @@ def _cudnn_usable(q: torch.Tensor) -> bool:
     )
 
 
-def choose_kernel(q: torch.Tensor) -> str:
-    """Name of the kernel `block_attention` uses for blocks like `q`."""
+def _one_query_one_key(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Blocks of a single query and a single key: cuDNN rejects them
+    ("s_q = s_kv = 1 is not supported"). They occur where the last, short
+    segment of a sequence holds one selected position."""
+    m, mk = q.shape[-2], k.shape[-2]
+    return type(m) is int and type(mk) is int and m == mk == 1
+
+
+def choose_kernel(q: torch.Tensor, k: torch.Tensor | None = None) -> str:
+    """Name of the kernel `block_attention` uses for blocks like `q` (and `k`)."""
     forced = os.environ.get("DILATED_KERNEL")
     if forced:
         if forced not in KERNELS:
@@ -62,7 +70,7 @@ def choose_kernel(q: torch.Tensor) -> str:
         return "cpu"
     if q.device.type == "cuda":
         half = q.dtype in (torch.float16, torch.bfloat16)
-        if half and _cudnn_usable(q):
+        if half and _cudnn_usable(q) and not _one_query_one_key(q, q if k is None else k):
             return "cudnn"
         if half and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256:
             return "flash"
@@ -271,7 +279,7 @@ def block_attention(
     real tensors outside tracing (inside another op), where the op's dispatch
     would only add host time.
     """
-    kernel = choose_kernel(q)
+    kernel = choose_kernel(q, k)
     if kernel == "math":
         return BlockResult(*_math_forward(q, k, v, is_causal, scale))
     if direct:
@@ -297,7 +305,7 @@ def block_attention_backward(
     queries: the gradient then is that of one softmax over all of their keys.
     ``direct`` as in `block_attention`.
     """
-    kernel = choose_kernel(q)
+    kernel = choose_kernel(q, k)
     if kernel == "math":
         return _math_backward(dout, q, k, v, out, lse, is_causal, scale)
     if direct:
