@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from functools import lru_cache
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -66,11 +67,11 @@ def runs_on(q: torch.Tensor) -> bool:
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
-def _part_strides(res: torch.Tensor, index: int, parts, batch: int) -> tuple[int, ...]:
+def _part_strides(strides: tuple[int, ...], index: int, parts, batch: int) -> tuple[int, ...]:
     """(base, per-batch, per-segment, per-head, per-row) element strides of part
-    `index` of a call in its result `res`: (B*segs, heads, m[, D]) for a call of
-    one part, (rows, 1, m[, D]) with parts stacked along rows for a batched call."""
-    s0, s1, s2 = res.stride()[:3]
+    `index` of a call in its result of `strides`: (B*segs, heads, m[, D]) for a call
+    of one part, (rows, 1, m[, D]) with parts stacked along rows for a batched call."""
+    s0, s1, s2 = strides[:3]
     p = parts[index]
     if len(parts) == 1:
         return (0, p.n_segs * s0, s0, s1, s2)
@@ -78,16 +79,24 @@ def _part_strides(res: torch.Tensor, index: int, parts, batch: int) -> tuple[int
     return (row0 * s0, p.n_segs * p.n_heads * s0, p.n_heads * s0, s0, s2)
 
 
-def _descriptor(calls, outs: Sequence[torch.Tensor], lses, batch: int) -> tuple[int, ...]:
-    """The kernels' `PARTS` for `calls` (a sequence of part tuples; call c's
-    results are ``outs[c]`` and ``lses[c]``)."""
+@lru_cache(maxsize=512)
+def _descriptor_of(calls, out_strides, lse_strides, batch: int) -> tuple[int, ...]:
     fields: list[int] = []
     for c, parts in enumerate(calls):
         for i, p in enumerate(parts):
             fields += [c, p.h_start, p.h_stop, p.h_step, p.offset, p.rate, p.start, p.seg_len, p.n_segs]
-            fields += _part_strides(outs[c], i, parts, batch)
-            fields += _part_strides(lses[c], i, parts, batch) if lses is not None else [0] * 5
+            fields += _part_strides(out_strides[c], i, parts, batch)
+            fields += _part_strides(lse_strides[c], i, parts, batch) if lse_strides is not None else [0] * 5
     return tuple(fields)
+
+
+def _descriptor(calls, outs: Sequence[torch.Tensor], lses, batch: int) -> tuple[int, ...]:
+    """The kernels' `PARTS` for `calls` (a sequence of part tuples; call c's
+    results are ``outs[c]`` and ``lses[c]``). Cached by the plan's calls and the
+    results' strides: the same for every call of one plan on one layout."""
+    out_strides = tuple(o.stride() for o in outs)
+    lse_strides = tuple(l.stride() for l in lses) if lses is not None else None
+    return _descriptor_of(tuple(calls), out_strides, lse_strides, batch)
 
 
 def _kernel(name: str = "combine_kernel"):

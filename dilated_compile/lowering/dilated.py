@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Sequence
 
 import torch
@@ -84,6 +84,18 @@ class Plan:
     n_patterns: int
     jobs: tuple[Job, ...]
     calls: tuple[tuple[Part, ...], ...]  # parts that share one kernel call
+
+    # Derived once per plan (plans are cached by `make_plan`): the host work
+    # of every call on the Triton path.
+    @cached_property
+    def batched(self) -> tuple[int, ...]:
+        """Indices of the calls that batch several parts (their blocks are copies)."""
+        return tuple(c for c, parts in enumerate(self.calls) if len(parts) > 1)
+
+    @cached_property
+    def rows_per_batch(self) -> tuple[int, ...]:
+        """Rows of each call's blocks per batch element (segments x heads of its parts)."""
+        return tuple(sum(p.n_segs * p.n_heads for p in parts) for parts in self.calls)
 
 
 def _head_sets(num_heads: int, n_patterns: int, rates: Sequence[int], head_split: str):
@@ -209,21 +221,17 @@ def gather_blocks(plan: Plan, xs: Sequence[torch.Tensor]) -> list[list[torch.Ten
     part, and one Triton kernel that fills every batched call's block of every
     tensor."""
     blocks: list[list] = [[None] * len(plan.calls) for _ in xs]
-    batched = [c for c, parts in enumerate(plan.calls) if len(parts) > 1]
     for c, parts in enumerate(plan.calls):
         if len(parts) == 1:
             for per_x, x in zip(blocks, xs):
                 per_x[c] = _part_view(x, parts[0]).flatten(0, 1)
-    if batched:
+    if plan.batched:
         batch = xs[0].shape[0]
-        shapes = [
-            (sum(batch * p.n_segs * p.n_heads for p in plan.calls[c]), 1, plan.calls[c][0].m)
-            for c in batched
-        ]
+        shapes = [(batch * plan.rows_per_batch[c], 1, plan.calls[c][0].m) for c in plan.batched]
         bufs = [[x.new_empty((*shape, x.shape[3])) for shape in shapes] for x in xs]
-        combine.gather_into([plan.calls[c] for c in batched], xs, bufs)
+        combine.gather_into([plan.calls[c] for c in plan.batched], xs, bufs)
         for per_x, per_buf in zip(blocks, bufs):
-            for c, buf in zip(batched, per_buf):
+            for c, buf in zip(plan.batched, per_buf):
                 per_x[c] = buf
     return blocks
 

@@ -26,6 +26,7 @@ them); the ``math`` kernel is plain ops that Inductor fuses.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -47,8 +48,13 @@ def _cudnn_usable(q: torch.Tensor) -> bool:
         and torch.backends.cudnn.is_available()
         and q.shape[-1] % 8 == 0
         and q.shape[-1] <= 128
-        and torch.cuda.get_device_capability(q.device) >= (9, 0)
+        and _capability(q.device) >= (9, 0)
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def _one_query_one_key(q: torch.Tensor, k: torch.Tensor) -> bool:
