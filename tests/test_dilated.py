@@ -246,3 +246,26 @@ def test_unknown_dilated_combine_setting_raises(monkeypatch):
     q = torch.randn(1, 2, 8, 4)
     with pytest.raises(ValueError, match="DILATED_COMBINE='tritn': expected triton or inductor"):
         dilated_attention(q, q, q, [4], [1])
+
+
+def test_parts_that_fill_whole_waves_get_their_own_call():
+    """The call grouping on a GPU of 132 multiprocessors (H100/H200), LongNet's
+    segments at 32k: a part of more than one wave of 128-row query tiles whose last
+    wave is at least 90% full runs on views (no copy), parts of one wave or a
+    ragged last wave are batched by block length, and every part is in one call."""
+    from dilated_compile.lowering import dilated as lowering
+
+    seg, rates = (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12)
+    plan = lowering.make_plan(16, 32768, seg, rates, "longnet", lowering.SMALL_PART_TILES, 132)
+    tiles = [sum(lowering._tiles(p) for p in parts) for parts in plan.calls]
+    alone = [t for t, parts in zip(tiles, plan.calls) if len(parts) == 1]
+    # patterns 0, 1 (>= 528 tiles) and the four offsets of pattern 2 (256 = 1.94 waves)
+    assert sorted(alone) == [256, 256, 256, 256, 1024, 1024, 4096]
+    batched = [parts for parts in plan.calls if len(parts) > 1]
+    assert all(len({p.m for p in parts}) == 1 for parts in batched)
+    assert all(lowering._tiles(p) <= 132 for parts in batched for p in parts)
+    every = [p for job in plan.jobs for p in job.parts]
+    assert sorted(map(repr, every)) == sorted(repr(p) for parts in plan.calls for p in parts)
+    # without the wave rule the four 256-tile parts share one batched call
+    old = lowering.make_plan(16, 32768, seg, rates, "longnet", lowering.SMALL_PART_TILES, 0)
+    assert len(old.calls) == len(plan.calls) - 3

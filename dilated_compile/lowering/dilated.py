@@ -29,7 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from . import combine
-from .kernels import accumulation_dtype, block_attention, block_attention_backward, choose_kernel
+from .kernels import (
+    accumulation_dtype,
+    block_attention,
+    block_attention_backward,
+    choose_kernel,
+    multiprocessors,
+)
 
 HEAD_SPLITS = ("groups", "longnet")
 
@@ -122,6 +128,7 @@ def make_plan(
     dilation_rates: tuple[int, ...],
     head_split: str,
     small_part_tiles: int | None = None,
+    wave: int = 0,
 ) -> Plan:
     """The parts and kernel calls of a dilated attention over these shapes.
 
@@ -140,26 +147,40 @@ def make_plan(
         jobs.append(Job(i, h0, h1, hs, tuple(parts)))
     if small_part_tiles is None:
         small_part_tiles = SMALL_PART_TILES
-    calls = _group_small_parts([p for job in jobs for p in job.parts if p.m], small_part_tiles)
+    calls = _group_small_parts([p for job in jobs for p in job.parts if p.m], small_part_tiles, wave)
     return Plan(num_heads, seq_len, head_split, len(segment_lengths), tuple(jobs), calls)
 
 
 # A kernel call should fill a large GPU: parts smaller than this many 128-row
-# query tiles share a call with other small parts of the same length.
+# query tiles share a call with other small parts of the same length, unless
+# they fill whole waves of the GPU's multiprocessors (`wave`) nearly exactly.
 SMALL_PART_TILES = 4 * 132
 ALL_PARTS_SMALL = 2**62
+WAVE_FILL = 0.9
 
 
 def _tiles(p: Part) -> int:
     return p.n_segs * p.n_heads * -(-p.m // 128)
 
 
-def _group_small_parts(parts: list[Part], threshold: int) -> tuple[tuple[Part, ...], ...]:
+def _own_call(p: Part, threshold: int, wave: int) -> bool:
+    """Whether part `p` runs as its own kernel call on views of q/k/v (no copy):
+    it has `threshold` query tiles, or more than one wave of `wave` tiles with the
+    last wave at least WAVE_FILL full (then copying its blocks into a batched
+    call costs more than the multiprocessors it leaves idle)."""
+    tiles = _tiles(p)
+    if tiles >= threshold:
+        return True
+    return wave > 0 and tiles > wave and tiles >= WAVE_FILL * wave * -(-tiles // wave)
+
+
+def _group_small_parts(parts: list[Part], threshold: int, wave: int = 0) -> tuple[tuple[Part, ...], ...]:
     """One call per large part (its blocks are views); small parts batched by m."""
-    calls = [(p,) for p in parts if _tiles(p) >= threshold]
+    own = [_own_call(p, threshold, wave) for p in parts]
+    calls = [(p,) for p, alone in zip(parts, own) if alone]
     small: dict[int, list[Part]] = {}
-    for p in parts:
-        if _tiles(p) < threshold:
+    for p, alone in zip(parts, own):
+        if not alone:
             small.setdefault(p.m, []).append(p)
     return tuple(calls + [tuple(group) for group in small.values()])
 
@@ -480,8 +501,10 @@ def plan_for(
     """The plan of a dilated attention of (B, H, N, D) `q` (validated arguments)."""
     # Large parts get their own call on strided views only with cuDNN (the fast
     # path, checked on GPU); other kernels get dense batched blocks.
-    small_tiles = SMALL_PART_TILES if choose_kernel(q) == "cudnn" else ALL_PARTS_SMALL
+    views = choose_kernel(q) == "cudnn"
+    small_tiles = SMALL_PART_TILES if views else ALL_PARTS_SMALL
+    wave = multiprocessors(q.device) if views else 0
     # Under Dynamo (user code calling this function inside torch.compile) the
     # plan is built uncached: Dynamo does not trace through lru_cache cleanly.
     build = make_plan.__wrapped__ if torch.compiler.is_compiling() else make_plan
-    return build(q.shape[1], q.shape[2], segment_lengths, dilation_rates, head_split, small_tiles)
+    return build(q.shape[1], q.shape[2], segment_lengths, dilation_rates, head_split, small_tiles, wave)

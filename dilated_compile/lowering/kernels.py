@@ -57,6 +57,14 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+@functools.lru_cache(maxsize=None)
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (132 elsewhere: an H100/H200's)."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _one_query_one_key(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Blocks of a single query and a single key: cuDNN rejects them
     ("s_q = s_kv = 1 is not supported"). They occur where the last, short
