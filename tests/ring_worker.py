@@ -1,6 +1,7 @@
-"""One rank of a multi-process ring-attention test run (gloo on CPU).
+"""One rank of a multi-process ring-attention test run (gloo on CPU, or NCCL on GPUs).
 
     python -m tests.ring_worker --rank R --world W --store FILE --out DIR [--only NAME ...]
+                                [--backend gloo|nccl]
 
 Every rank runs every case of `cases(world)` in the same order (a case may
 use collectives, so all ranks must take part in each), catching failures, and
@@ -8,6 +9,13 @@ writes ``DIR/rank<R>.json``: ``{"results": {case: null | "failure text"},
 "current": case being run, "seconds": {case: run time}}``, rewritten after each case so a hang shows
 where it stopped. `tests/test_ring.py` launches the ranks, bounds their run
 time and turns the results into one pytest test per case.
+
+``--backend nccl`` (`tests/test_ring_nccl.py`): rank R uses ``cuda:R`` and
+every case makes its tensors there (`DEVICE`, set by `configure`); inputs
+are still drawn on the CPU (the same values as on gloo) and the float64
+references run on the CPU. NCCL runs more cases than gloo (`cases`): bf16
+for every inner attention, layout and causality (the cuDNN/flash kernels),
+a few fp16 ones and bf16 cases through the backend.
 """
 
 from __future__ import annotations
@@ -33,7 +41,10 @@ from dilated_compile.sharding import check_same_on_all_ranks, ring_info, shard, 
 
 from .tolerance import budget, FLOOR_ULPS
 
+# where every case makes its tensors; `configure` sets cuda:<rank> for NCCL
+DEVICE = torch.device("cpu")
 BATCH, HEADS, DIM = 2, 3, 8
+CUDA_DIM = 64  # head_dim on CUDA (`configure`): what cuDNN and flash attention run best
 N_LOCAL = 8  # positions per rank in the numeric cases (zigzag chunks of 4)
 # dilated setups by name: (segment_lengths, dilation_rates, head_split). The first two have
 # segments inside a zigzag chunk (no communication); the "long" ones have segments that span
@@ -64,14 +75,14 @@ class CaseFailure(AssertionError):
 
 def _full_inputs(world: int, n_local: int, dtype: torch.dtype, seed: int):
     """Full-sequence q, k, v and output gradient, identical on every rank."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # on the CPU: the same values on every device
     shape = (BATCH, HEADS, world * n_local, DIM)
-    return [torch.randn(shape, generator=g).to(dtype) for _ in range(4)]
+    return [torch.randn(shape, generator=g).to(DEVICE, dtype) for _ in range(4)]
 
 
 def _reference(inner: str, setup: str, is_causal: bool, q, k, v, dout):
-    """float64 output and (q, k, v) gradients on the full sequence."""
-    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    """float64 output and (q, k, v) gradients on the full sequence, on the CPU."""
+    qd, kd, vd = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
     if inner == "dense":
         out = dense_reference(qd, kd, vd, is_causal=is_causal)
     elif inner == "dilated":
@@ -80,7 +91,7 @@ def _reference(inner: str, setup: str, is_causal: bool, q, k, v, dout):
     else:
         block_size, pattern = BLOCK_SPARSE[setup]
         out = block_sparse_reference(qd, kd, vd, block_size=block_size, pattern=pattern, is_causal=is_causal)
-    out.backward(dout.double())
+    out.backward(dout.cpu().double())
     return out.detach(), qd.grad, kd.grad, vd.grad
 
 
@@ -88,9 +99,9 @@ def _grad_budget(q, k, v, dout, is_causal: bool) -> float:
     """SPEC 9 applied to gradients: twice eager SDPA's gradient error in this dtype, plus a floor."""
     qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
     F.scaled_dot_product_attention(qs, ks, vs, is_causal=is_causal).backward(dout)
-    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-    dense_reference(qd, kd, vd, is_causal=is_causal).backward(dout.double())
-    err = max((a.grad.double() - b.grad).abs().max().item() for a, b in ((qs, qd), (ks, kd), (vs, vd)))
+    qd, kd, vd = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    dense_reference(qd, kd, vd, is_causal=is_causal).backward(dout.cpu().double())
+    err = max((a.grad.double().cpu() - b.grad).abs().max().item() for a, b in ((qs, qd), (ks, kd), (vs, vd)))
     mag = max(t.grad.abs().max().item() for t in (qd, kd, vd))
     return 2 * err + FLOOR_ULPS * torch.finfo(q.dtype).eps * mag
 
@@ -98,7 +109,7 @@ def _grad_budget(q, k, v, dout, is_causal: bool) -> float:
 def _compare(what: str, got: torch.Tensor, want: torch.Tensor, allowed: float) -> None:
     if torch.isnan(got).any():
         raise CaseFailure(f"{what}: NaN")
-    err = (got.double() - want.double()).abs().max().item()
+    err = (got.detach().double().cpu() - want.detach().double().cpu()).abs().max().item()
     if not err <= allowed:
         raise CaseFailure(f"{what}: error {err:.3g} > allowed {allowed:.3g}")
 
@@ -154,7 +165,10 @@ def _ring_policy(inner: str, layout: str, setup: str = "groups", **extra) -> dic
     return {"version": 1, "rules": [rule]}
 
 
-def backend_case(inner: str, layout: str, is_causal: bool, setup: str = "groups", sends: bool = True) -> None:
+def backend_case(
+    inner: str, layout: str, is_causal: bool, setup: str = "groups", sends: bool = True,
+    dtype: torch.dtype = torch.float32, n_local: int = N_LOCAL,
+) -> None:
     """The backend rewrites an SDPA site into a ring: numerics as numeric_case, the report, and
     Inductor's forward and backward code issue all-to-alls exactly when the ring sends data."""
     import dilated_compile
@@ -165,7 +179,7 @@ def backend_case(inner: str, layout: str, is_causal: bool, setup: str = "groups"
     model = torch.compile(
         _SDPA(is_causal), backend="dilated", options={"policy": _ring_policy(inner, layout, setup)}
     )
-    _, codes = run_and_get_code(numeric_case, inner, layout, is_causal, torch.float32, setup, run=model)
+    _, codes = run_and_get_code(numeric_case, inner, layout, is_causal, dtype, setup, n_local, run=model)
     if len(codes) != 2:
         raise CaseFailure(f"expected Inductor code for a forward and a backward graph, got {len(codes)}")
     for which, code in zip(("forward", "backward"), codes):
@@ -328,6 +342,18 @@ def compiled_case(layout: str, is_causal: bool, backend: str, inner: str = "dens
                 raise CaseFailure(f"{which} graph uses roll:\n{code}")
 
 
+def cuda_kernels_case() -> None:
+    """On CUDA the cases' dense blocks run the fused kernels (not the math fallback): cuDNN or
+    flash for bfloat16 and float16, efficient for float32 (DIM is CUDA_DIM there)."""
+    from dilated_compile.lowering.kernels import choose_kernel
+
+    want = {torch.bfloat16: ("cudnn", "flash"), torch.float16: ("cudnn", "flash"), torch.float32: ("efficient",)}
+    for dtype, kernels in want.items():
+        q = _local_qkv(N_LOCAL, dtype)[0]
+        if choose_kernel(q) not in kernels:
+            raise CaseFailure(f"{dtype} blocks of shape {tuple(q.shape)} run {choose_kernel(q)!r}, want {kernels}")
+
+
 # ---------------------------------------------------------------------------
 # sharding helpers, groups, world-size-1 behaviour
 
@@ -335,7 +361,7 @@ def compiled_case(layout: str, is_causal: bool, backend: str, inner: str = "dens
 def shard_roundtrip_case(layout: str) -> None:
     """unshard(shard(x)) == x along any dim; shard picks the layout's positions; grads flow."""
     world, rank, _ = ring_info()
-    x = torch.arange(3 * 4 * world * 2).reshape(3, 4 * world * 2)
+    x = torch.arange(3 * 4 * world * 2, device=DEVICE).reshape(3, 4 * world * 2)
     pieces = shard(x, 1, layout)
     n = x.shape[1] // (2 * world)
     expected_cols = (
@@ -346,10 +372,11 @@ def shard_roundtrip_case(layout: str) -> None:
         raise CaseFailure(f"shard picked {pieces[0].tolist()}, expected columns {expected_cols}")
     if not torch.equal(unshard(pieces, 1, layout), x):
         raise CaseFailure("unshard(shard(x)) != x")
-    y = torch.randn(2, x.shape[1], 3, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(2, x.shape[1], 3, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     local = shard(y, -2, layout).clone().requires_grad_()
-    (unshard(local, -2, layout) * torch.arange(y.numel()).reshape(y.shape)).sum().backward()
-    want = shard(torch.arange(y.numel()).reshape(y.shape).float(), -2, layout)
+    weights = torch.arange(y.numel(), device=DEVICE).reshape(y.shape)
+    (unshard(local, -2, layout) * weights).sum().backward()
+    want = shard(weights.float(), -2, layout)
     if not torch.allclose(local.grad, want):
         raise CaseFailure("unshard's gradient is not this rank's shard of the output gradient")
 
@@ -394,8 +421,8 @@ def _example_gpt(seq_len: int):
 
     torch._dynamo.reset()
     kwargs = dict(n_layer=2, n_head=4, n_embd=32, vocab=64, block_size=seq_len)
-    idx, labels = ring_gpt.make_batch(2, seq_len, kwargs["vocab"], "cpu")
-    model = ring_gpt.build(kwargs, "cpu", torch.float32)
+    idx, labels = ring_gpt.make_batch(2, seq_len, kwargs["vocab"], DEVICE)
+    model = ring_gpt.build(kwargs, DEVICE, torch.float32)
     return ring_gpt, idx, labels, model, copy.deepcopy(model)
 
 
@@ -461,13 +488,14 @@ def expect_error(exc_type: type, fragments: tuple[str, ...], fn: Callable[[], ob
 
 def _local_qkv(n_local: int, dtype=torch.float32):
     g = torch.Generator().manual_seed(5)
-    return [torch.randn(BATCH, HEADS, n_local, DIM, generator=g).to(dtype) for _ in range(3)]
+    return [torch.randn(BATCH, HEADS, n_local, DIM, generator=g).to(DEVICE, dtype) for _ in range(3)]
 
 
 def bad_shard_lengths() -> None:
     _, rank, _ = ring_info()
     qkv = _local_qkv(8 if rank == 0 else 10)
-    expect_error(ValueError, ("differs between ranks", "rank 0", "rank 1", "(2, 3, 8, 8)", "(2, 3, 10, 8)"),
+    shapes = tuple(f"({BATCH}, {HEADS}, {n}, {DIM})" for n in (8, 10))
+    expect_error(ValueError, ("differs between ranks", "rank 0", "rank 1", *shapes),
                  lambda: ring_attention(*qkv, is_causal=True))
 
 
@@ -508,34 +536,62 @@ def bad_group_name() -> None:
 
 def bad_shard_length() -> None:
     world, _, _ = ring_info()
-    x = torch.zeros(2, 2 * world + 1)
+    x = torch.zeros(2, 2 * world + 1, device=DEVICE)
     expect_error(ValueError, ("does not shard evenly", f"multiple of {2 * world}"), lambda: shard(x, 1, "zigzag"))
 
 
 # ---------------------------------------------------------------------------
 
 
-def cases(world: int) -> dict[str, Callable[[], None]]:
-    """Every case run for `world` ranks, by name (the same order on every rank)."""
+# names of the cases that run torch.compile (Dynamo, and Inductor for most): the slow part of a run
+COMPILING_PREFIXES = ("backend-", "compiled-", "dynamic-", "bad-dynamic-", "bad-backend-", "gpt-training-backend")
+
+
+def compiles(name: str) -> bool:
+    """Whether case `name` compiles (tests/test_ring_nccl.py marks and launches these apart)."""
+    return name.startswith(COMPILING_PREFIXES)
+
+
+def cases(world: int, backend: str = "gloo") -> dict[str, Callable[[], None]]:
+    """Every case run for `world` ranks over `backend`, by name (the same order on every rank).
+
+    NCCL (CUDA tensors) runs every gloo case and more: bfloat16 for every inner attention,
+    setup, layout and causality (the cuDNN/flash kernels compute the dense blocks), a few
+    float16 ones, and (world size 2) bfloat16 through the backend.
+    """
+    gpu = backend == "nccl"
     out: dict[str, Callable[[], None]] = {}
+    if gpu:
+        out["cuda-kernels"] = cuda_kernels_case
     for layout in ("contiguous", "zigzag"):
         for causal in (False, True):
             tag = f"{layout}-{'causal' if causal else 'full'}"
-            out[f"dense-{tag}-float32"] = functools.partial(numeric_case, "dense", layout, causal, torch.float32)
-            for setup in DILATED:
-                out[f"dilated-{setup}-{tag}-float32"] = functools.partial(
-                    numeric_case, "dilated", layout, causal, torch.float32, setup)
-            for setup in BLOCK_SPARSE:
-                out[f"block-sparse-{setup}-{tag}-float32"] = functools.partial(
-                    numeric_case, "block_sparse", layout, causal, torch.float32, setup)
+            for dtype in (torch.float32, torch.bfloat16) if gpu else (torch.float32,):
+                kw = {} if dtype == torch.float32 else {"n_local": 32}
+                name = str(dtype).removeprefix("torch.")
+                out[f"dense-{tag}-{name}"] = functools.partial(numeric_case, "dense", layout, causal, dtype, **kw)
+                for setup in DILATED:
+                    out[f"dilated-{setup}-{tag}-{name}"] = functools.partial(
+                        numeric_case, "dilated", layout, causal, dtype, setup, **kw)
+                for setup in BLOCK_SPARSE:
+                    out[f"block-sparse-{setup}-{tag}-{name}"] = functools.partial(
+                        numeric_case, "block_sparse", layout, causal, dtype, setup, **kw)
         out[f"dense-{layout}-causal-float64"] = functools.partial(
             numeric_case, "dense", layout, True, torch.float64)
-        out[f"dense-{layout}-causal-bfloat16"] = functools.partial(
-            numeric_case, "dense", layout, True, torch.bfloat16, n_local=32)
-        out[f"dilated-groups-long-{layout}-causal-bfloat16"] = functools.partial(
-            numeric_case, "dilated", layout, True, torch.bfloat16, "groups-long", n_local=32)
-        out[f"block-sparse-local-{layout}-causal-bfloat16"] = functools.partial(
-            numeric_case, "block_sparse", layout, True, torch.bfloat16, "local", n_local=32)
+        if not gpu:  # on NCCL every setup runs in bfloat16 above
+            out[f"dense-{layout}-causal-bfloat16"] = functools.partial(
+                numeric_case, "dense", layout, True, torch.bfloat16, n_local=32)
+            out[f"dilated-groups-long-{layout}-causal-bfloat16"] = functools.partial(
+                numeric_case, "dilated", layout, True, torch.bfloat16, "groups-long", n_local=32)
+            out[f"block-sparse-local-{layout}-causal-bfloat16"] = functools.partial(
+                numeric_case, "block_sparse", layout, True, torch.bfloat16, "local", n_local=32)
+        else:
+            out[f"dense-{layout}-causal-float16"] = functools.partial(
+                numeric_case, "dense", layout, True, torch.float16, n_local=32)
+            out[f"dilated-longnet-long-{layout}-causal-float16"] = functools.partial(
+                numeric_case, "dilated", layout, True, torch.float16, "longnet-long", n_local=32)
+            out[f"block-sparse-global-{layout}-causal-float16"] = functools.partial(
+                numeric_case, "block_sparse", layout, True, torch.float16, "global", n_local=32)
         out[f"shard-roundtrip-{layout}"] = functools.partial(shard_roundtrip_case, layout)
     out["dense-zigzag-causal-float64-long"] = functools.partial(
         numeric_case, "dense", "zigzag", True, torch.float64, n_local=34)
@@ -557,6 +613,15 @@ def cases(world: int) -> dict[str, Callable[[], None]]:
     if world == 4:
         out["backend-dilated-longnet-contiguous-full"] = functools.partial(
             backend_case, "dilated", "contiguous", False, "longnet", sends=False)
+    if gpu and world == 2:  # cuDNN/flash inside the compiled ring; with the float32 cases above,
+        # every inner attention through the backend in both layouts, causal and not
+        bf16 = dict(dtype=torch.bfloat16, n_local=32)
+        out["backend-dense-zigzag-causal-bfloat16"] = functools.partial(
+            backend_case, "dense", "zigzag", True, **bf16)
+        out["backend-dilated-groups-long-contiguous-full-bfloat16"] = functools.partial(  # longnet-long:
+            backend_case, "dilated", "contiguous", False, "groups-long", **bf16)  # twice the compile time
+        out["backend-block-sparse-global-zigzag-full-bfloat16"] = functools.partial(
+            backend_case, "block_sparse", "zigzag", False, "global", **bf16)
     if world == 2:
         out["gpt-training-backend"] = functools.partial(gpt_training_case, "backend")
         out["gpt-training-backend-dilated-long"] = functools.partial(
@@ -604,6 +669,16 @@ def cases(world: int) -> dict[str, Callable[[], None]]:
     return out
 
 
+def configure(backend: str, rank: int) -> None:
+    """Where this rank's cases run: the CPU for gloo; for NCCL cuda:<rank> (made the current
+    device, as NCCL's object collectives need) with head_dim CUDA_DIM."""
+    global DEVICE, DIM
+    if backend == "nccl":
+        DEVICE = torch.device("cuda", rank)
+        torch.cuda.set_device(DEVICE)
+        DIM = CUDA_DIM
+
+
 def _write(path: str, state: dict) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -618,15 +693,17 @@ def main(argv=None) -> int:
     parser.add_argument("--store", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--only", nargs="*")
+    parser.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    configure(args.backend, args.rank)
     dist.init_process_group(
-        "gloo", init_method=f"file://{args.store}", rank=args.rank, world_size=args.world,
-        timeout=datetime.timedelta(seconds=60),
+        args.backend, init_method=f"file://{args.store}", rank=args.rank, world_size=args.world,
+        timeout=datetime.timedelta(seconds=60),  # NCCL: its watchdog aborts the rank past this
     )
     path = os.path.join(args.out, f"rank{args.rank}.json")
     state: dict = {"results": {}, "current": None, "seconds": {}}
-    for name, fn in cases(args.world).items():
+    for name, fn in cases(args.world, args.backend).items():
         if args.only and name not in args.only:
             continue
         state["current"] = name
