@@ -57,11 +57,13 @@ def _tail(path: str, chars: int = 3000) -> str:
 
 def launch(
     world: int, tmp_dir: str, only: list[str] | None = None, timeout: float = 300,
-    ranks: list[int] | None = None,
+    ranks: list[int] | None = None, backend: str = "gloo",
 ) -> dict:
     """Run the worker on `world` ranks; {"results": {rank: {case: error|None}}, "failure": str|None}.
 
-    `ranks`: start only these (tests of the launcher's own timeout).
+    `ranks`: start only these (tests of the launcher's own timeout). `backend`: the worker's
+    process-group backend; with "nccl" every rank sees all GPUs and uses cuda:<rank>
+    (tests/test_ring_nccl.py).
     """
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     store = os.path.join(tmp_dir, "store")
@@ -69,7 +71,7 @@ def launch(
     ranks = list(range(world)) if ranks is None else ranks
     for rank in ranks:
         cmd = [sys.executable, "-m", "tests.ring_worker", "--rank", str(rank), "--world", str(world),
-               "--store", store, "--out", tmp_dir]
+               "--store", store, "--out", tmp_dir, "--backend", backend]
         if only:
             cmd += ["--only", *only]
         log = open(os.path.join(tmp_dir, f"rank{rank}.log"), "w")
