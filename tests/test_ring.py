@@ -117,6 +117,12 @@ def _case_ids():
 @pytest.mark.parametrize("world,case", _case_ids(), ids=[f"w{w}-{c}" for w, c in _case_ids()])
 def test_ring_case(world, case, tmp_path_factory):
     run = _run(world, tmp_path_factory)
+    failures = case_failures(run, world, case)
+    assert not failures, f"{case} on {world} ranks failed:\n" + "\n".join(failures)
+
+
+def case_failures(run: dict, world: int, case: str) -> list[str]:
+    """What went wrong with `case` on each rank of a `launch` result (empty: passed everywhere)."""
     failures = []
     for rank in range(world):
         results = run["results"][rank]
@@ -124,7 +130,7 @@ def test_ring_case(world, case, tmp_path_factory):
             failures.append(f"rank {rank}: did not run ({run['failure']})")
         elif results[case] is not None:
             failures.append(f"rank {rank}:\n{results[case]}")
-    assert not failures, f"{case} on {world} ranks failed:\n" + "\n".join(failures)
+    return failures
 
 
 def test_launcher_kills_and_reports_a_hang(tmp_path):

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from . import ring_worker
-from .test_ring import launch
+from .test_ring import case_failures, launch
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 READY = GPUS >= 2 and dist.is_available() and dist.is_nccl_available()
@@ -67,13 +67,7 @@ def _params():
 @pytest.mark.parametrize("world,case", _params())
 def test_ring_nccl_case(world, case, tmp_path_factory):
     run = _run(world, ring_worker.compiles(case), tmp_path_factory)
-    failures = []
-    for rank in range(world):
-        results = run["results"][rank]
-        if case not in results:
-            failures.append(f"rank {rank}: did not run ({run['failure']})")
-        elif results[case] is not None:
-            failures.append(f"rank {rank}:\n{results[case]}")
+    failures = case_failures(run, world, case)
     assert not failures, f"{case} on {world} ranks (NCCL) failed:\n" + "\n".join(failures)
 
 
