@@ -269,3 +269,28 @@ def test_parts_that_fill_whole_waves_get_their_own_call():
     # without the wave rule the four 256-tile parts share one batched call
     old = lowering.make_plan(16, 32768, seg, rates, "longnet", lowering.SMALL_PART_TILES, 0)
     assert len(old.calls) == len(plan.calls) - 3
+
+
+def test_combine_descriptors_are_remembered_by_calls_tuple_and_layout():
+    """The Triton kernels' descriptors are computed once per (plan's calls tuple,
+    result strides, batch): the same object on the next call; an equal but new
+    tuple (an id that could be reused) and other strides are computed afresh."""
+    from dilated_compile.lowering import combine
+    from dilated_compile.lowering import dilated as lowering
+
+    plan = lowering.make_plan(5, 40, (8, 16), (1, 2), "longnet", 0)
+    x = torch.randn(2, 5, 40, 16)
+    outs = lowering.gather_calls(plan, x)
+    lses = [o[..., 0] for o in outs]
+    first = combine._descriptor(plan.calls, outs, lses, 2)
+    assert combine._descriptor(plan.calls, outs, lses, 2) is first
+    assert len(first) == combine.FIELDS * sum(len(parts) for parts in plan.calls)
+    twin = tuple(tuple(parts) for parts in plan.calls)
+    again = combine._descriptor(twin, outs, lses, 2)
+    assert again == first and again is not first
+    relaid = [o.transpose(1, 2).contiguous().transpose(1, 2) for o in outs]  # same values, other strides
+    other = combine._descriptor(plan.calls, relaid, lses, 2)
+    assert other != first
+    assert other == combine._descriptor_of(
+        plan.calls, tuple(o.stride() for o in relaid), tuple(l.stride() for l in lses), 2
+    )

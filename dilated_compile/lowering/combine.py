@@ -22,7 +22,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from functools import lru_cache
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -79,7 +78,6 @@ def _part_strides(strides: tuple[int, ...], index: int, parts, batch: int) -> tu
     return (row0 * s0, p.n_segs * p.n_heads * s0, p.n_heads * s0, s0, s2)
 
 
-@lru_cache(maxsize=512)
 def _descriptor_of(calls, out_strides, lse_strides, batch: int) -> tuple[int, ...]:
     fields: list[int] = []
     for c, parts in enumerate(calls):
@@ -90,13 +88,29 @@ def _descriptor_of(calls, out_strides, lse_strides, batch: int) -> tuple[int, ..
     return tuple(fields)
 
 
-def _descriptor(calls, outs: Sequence[torch.Tensor], lses, batch: int) -> tuple[int, ...]:
-    """The kernels' `PARTS` for `calls` (a sequence of part tuples; call c's
-    results are ``outs[c]`` and ``lses[c]``). Cached by the plan's calls and the
-    results' strides: the same for every call of one plan on one layout."""
+# Descriptors by (id of the calls tuple, result strides, batch): plans are cached
+# (`dilated.make_plan`), so their call tuples are the same objects on every call
+# and need no hashing (hashing the parts cost more than the lookup saves).
+# Each entry keeps its calls tuple, so an id reused by a new tuple cannot match.
+_DESCRIPTORS: dict[tuple, tuple[tuple, tuple[int, ...]]] = {}
+_DESCRIPTORS_MAX = 1024
+
+
+def _descriptor(calls: tuple, outs: Sequence[torch.Tensor], lses, batch: int) -> tuple[int, ...]:
+    """The kernels' `PARTS` for `calls` (a tuple of part tuples; call c's
+    results are ``outs[c]`` and ``lses[c]``), remembered for the same calls
+    tuple and result strides: the same for every call of one plan on one layout."""
     out_strides = tuple(o.stride() for o in outs)
     lse_strides = tuple(l.stride() for l in lses) if lses is not None else None
-    return _descriptor_of(tuple(calls), out_strides, lse_strides, batch)
+    key = (id(calls), out_strides, lse_strides, batch)
+    hit = _DESCRIPTORS.get(key)
+    if hit is not None and hit[0] is calls:
+        return hit[1]
+    if len(_DESCRIPTORS) >= _DESCRIPTORS_MAX:
+        _DESCRIPTORS.clear()
+    fields = _descriptor_of(calls, out_strides, lse_strides, batch)
+    _DESCRIPTORS[key] = (calls, fields)
+    return fields
 
 
 def _kernel(name: str = "combine_kernel"):
@@ -157,12 +171,13 @@ def spread_sum(plan: Plan, grads: Sequence[torch.Tensor], like: torch.Tensor) ->
     return out
 
 
-def gather_into(calls, srcs: Sequence[torch.Tensor], bufs, lse=None, lse_bufs=None) -> None:
+def gather_into(calls: tuple, srcs: Sequence[torch.Tensor], bufs, lse=None, lse_bufs=None) -> None:
     """Fill ``bufs[s][c]``, source s's block of call c, from the (B, H, N, D)
     sources `srcs` (one kernel for all), and with `lse` the (B, H, N) `lse_bufs[c]`.
 
     The blocks of one call share their layout (any strides), as the kernel
-    reads one descriptor; `calls` is a sequence of part tuples."""
+    reads one descriptor; `calls` is a tuple of part tuples (a plan's, kept
+    by the plan: its descriptor is remembered by identity)."""
     if not calls:
         return
     b, h, n, d = srcs[0].shape

@@ -99,6 +99,11 @@ class Plan:
         return tuple(c for c, parts in enumerate(self.calls) if len(parts) > 1)
 
     @cached_property
+    def batched_calls(self) -> tuple[tuple[Part, ...], ...]:
+        """The calls of `batched`, in order."""
+        return tuple(self.calls[c] for c in self.batched)
+
+    @cached_property
     def rows_per_batch(self) -> tuple[int, ...]:
         """Rows of each call's blocks per batch element (segments x heads of its parts)."""
         return tuple(sum(p.n_segs * p.n_heads for p in parts) for parts in self.calls)
@@ -250,7 +255,7 @@ def gather_blocks(plan: Plan, xs: Sequence[torch.Tensor]) -> list[list[torch.Ten
         batch = xs[0].shape[0]
         shapes = [(batch * plan.rows_per_batch[c], 1, plan.calls[c][0].m) for c in plan.batched]
         bufs = [[x.new_empty((*shape, x.shape[3])) for shape in shapes] for x in xs]
-        combine.gather_into([plan.calls[c] for c in plan.batched], xs, bufs)
+        combine.gather_into(plan.batched_calls, xs, bufs)
         for per_x, per_buf in zip(blocks, bufs):
             for c, buf in zip(plan.batched, per_buf):
                 per_x[c] = buf
