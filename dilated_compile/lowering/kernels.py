@@ -52,12 +52,12 @@ def _cudnn_usable(q: torch.Tensor) -> bool:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=16)  # devices of one process
 def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=16)  # devices of one process
 def multiprocessors(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (132 elsewhere: an H100/H200's)."""
     if device.type != "cuda":
