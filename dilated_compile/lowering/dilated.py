@@ -2,8 +2,9 @@
 
 Each (pattern, offset) picks, inside every segment of w positions, the
 positions o, o+r, o+2r, ...: a strided view of the sequence. A part large
-enough to fill a GPU is one `block_attention` call on that view (no copy
-where the strides allow); small parts of the same length are copied into one
+enough to fill a GPU, or to fill whole waves of its multiprocessors nearly
+exactly, is one `block_attention` call on that view (no copy where the
+strides allow); other small parts of the same length are copied into one
 batched call. The results are spread back to their positions. With
 ``head_split="longnet"`` a head uses every pattern and the patterns' results
 are merged by log-sum-exp; with ``"groups"`` a head uses one pattern and no
