@@ -125,12 +125,11 @@ def reduce_overhead(q, k, v, cfg, name) -> dict:
     """The compiled site under CUDA graphs (mode="reduce-overhead"): no host time.
 
     Not attention time as it stands: every replay first copies q, k and v into
-    the graph's input buffers (3 x 128 MiB at 32k). Marking them static, as
-    below, did not stop that on torch 2.11 (H200, 2026-11-30). In a model q/k/v
-    are intermediates of the graph and are not copied."""
+    the graph's input buffers (3 x 128 MiB at 32k). Marking them with
+    `torch._dynamo.mark_static_address` did not stop that on torch 2.11 (H200,
+    2026-11-30). In a model q/k/v are intermediates of the graph and are not
+    copied."""
     torch._dynamo.reset()
-    for t in (q, k, v):
-        torch._dynamo.mark_static_address(t)
     options = {"policy": policy_for(cfg, name), "mode": "reduce-overhead"}
     graphed = torch.compile(sdpa, backend="dilated", options=options)
 
