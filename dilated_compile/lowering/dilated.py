@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import combine
+from .autograd_output import returned_output
 from .kernels import (
     accumulation_dtype,
     block_attention,
@@ -424,7 +425,7 @@ class _DilatedAttention(torch.autograd.Function):
         out, lse = dilated_forward(plan, is_causal, scale, q, k, v)
         ctx.plan, ctx.is_causal, ctx.scale = plan, is_causal, scale
         ctx.save_for_backward(q, k, v, out, lse)
-        return out
+        return returned_output(out)
 
     @staticmethod
     def backward(ctx, dout):

@@ -40,6 +40,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from .autograd_output import returned_output
 from .dilated import merge_by_lse
 from .kernels import accumulation_dtype, block_attention, block_attention_backward
 
@@ -268,7 +269,7 @@ class RingDense(torch.autograd.Function):
         out, lse = ring_forward(sched, q, k, v, scale, group_name)
         ctx.sched, ctx.scale, ctx.group_name = sched, scale, group_name
         ctx.save_for_backward(q, k, v, out, lse)
-        return out
+        return returned_output(out)
 
     @staticmethod
     def backward(ctx, dout):

@@ -36,6 +36,7 @@ from functools import lru_cache
 import torch
 
 from ..sharding import position_list
+from .autograd_output import returned_output
 from .dilated import _head_sets, merge_by_lse
 from .kernels import accumulation_dtype
 from .ring_dense import tie, wait
@@ -386,7 +387,7 @@ class RingDilated(torch.autograd.Function):
         ctx.plan, ctx.scale, ctx.group_name, ctx.n_jobs = plan, scale, group_name, len(gathered)
         flat = [t for pair in gathered for t in pair]
         ctx.save_for_backward(q, k, v, out, lse, *flat)
-        return out.to(q.dtype)
+        return returned_output(out.to(q.dtype))
 
     @staticmethod
     def backward(ctx, dout):
