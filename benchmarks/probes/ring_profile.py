@@ -1,0 +1,124 @@
+"""Probe: where a ring's forward+backward time goes, against one GPU's causal SDPA.
+
+    torchrun --nproc-per-node 2 benchmarks/probes/ring_profile.py [--per-rank 16384 32768]
+
+For each tokens-per-rank n (bf16, B=1, H=16, D=128, causal, zigzag), rank 0 prints:
+the one-GPU time of the full sequence (fwd+bwd) and of the ring through the
+backend; then, from a profile of the ring's steps, per kernel kind the time
+per step, the NCCL kernels' time, the time the GPU runs at least one kernel,
+and the time it runs compute kernels with no NCCL kernel beside them
+(communication that compute does not hide shows as wall time minus busy time,
+or as NCCL time outside compute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import dilated_compile  # noqa: E402,F401
+from bench_ring import CausalSDPA, time_ms, with_backward  # noqa: E402
+from dilated_compile import shard  # noqa: E402
+
+
+def kind(name: str) -> str:
+    low = name.lower()
+    for key, label in (("nccl", "nccl"), ("cudnn", "cudnn"), ("flash", "flash"), ("fmha", "fmha"),
+                       ("triton", "triton"), ("elementwise", "aten elementwise"),
+                       ("reduce", "aten reduce"), ("copy", "copy"), ("cat", "cat"), ("fill", "fill")):
+        if key in low:
+            return label
+    return "other: " + name[:60]
+
+
+def union(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, -1e30
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def breakdown(step, steps: int) -> dict:
+    """Per-step kernel time by kind, busy time and NCCL-only time from one profile (microseconds)."""
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    path = os.path.join(tempfile.mkdtemp(), "trace.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel" and "dur" in e]
+    by_kind: dict[str, float] = collections.defaultdict(float)
+    count: dict[str, int] = collections.defaultdict(int)
+    spans, compute = [], []
+    for e in events:
+        k = kind(e["name"])
+        by_kind[k] += e["dur"]
+        count[k] += 1
+        spans.append((e["ts"], e["ts"] + e["dur"]))
+        if k != "nccl":
+            compute.append((e["ts"], e["ts"] + e["dur"]))
+    wall = max(b for _, b in spans) - min(a for a, _ in spans)
+    return {
+        "kinds": {k: (v / steps, count[k] // steps) for k, v in sorted(by_kind.items(), key=lambda x: -x[1])},
+        "busy_us": union(spans) / steps,
+        "compute_busy_us": union(compute) / steps,
+        "wall_us": wall / steps,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--per-rank", type=int, nargs="+", default=[16384, 32768])
+    p.add_argument("--steps", type=int, default=5)
+    args = p.parse_args()
+    dist.init_process_group("nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.cuda.set_device(rank)
+    h, d = 16, 128
+    policy = {"version": 1, "rules": [{"match": "**", "attention": "dense",
+                                       "ring": {"layout": "zigzag"}}]}
+    for n in args.per_rank:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        full = [torch.randn(1, h, n * world, d, device="cuda", dtype=torch.bfloat16, generator=g)
+                for _ in range(4)]
+        single_in = [t.clone().requires_grad_() for t in full[:3]]
+        single = with_backward(CausalSDPA(), single_in, full[3])
+        local = [shard(t, 2, "zigzag").contiguous().requires_grad_() for t in full[:3]]
+        torch._dynamo.reset()
+        ring = with_backward(torch.compile(CausalSDPA(), backend="dilated", options={"policy": policy}),
+                             local, shard(full[3], 2, "zigzag").contiguous())
+        ring()
+        t_single = time_ms(single, 10, 2)
+        t_ring = time_ms(ring, 10, 2)
+        single_b = breakdown(single, args.steps)
+        dist.barrier()
+        ring_b = breakdown(ring, args.steps)
+        if rank == 0:
+            print(f"\n== {n} tokens/rank, N={n * world}, W={world}: one GPU fwd+bwd {t_single:.3f} ms, "
+                  f"ring {t_ring:.3f} ms, efficiency {t_single / world / t_ring:.3f}")
+            for name, b in (("one GPU, full N", single_b), ("ring, rank 0", ring_b)):
+                print(f"-- {name}: wall {b['wall_us'] / 1e3:.3f} ms, GPU busy {b['busy_us'] / 1e3:.3f} ms, "
+                      f"compute kernels busy {b['compute_busy_us'] / 1e3:.3f} ms")
+                for k, (us, c) in b["kinds"].items():
+                    print(f"   {k:40s} {us / 1e3:8.3f} ms  x{c}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
