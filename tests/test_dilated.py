@@ -318,3 +318,14 @@ def test_combine_descriptors_are_remembered_by_calls_tuple_and_layout():
     assert other == combine._descriptor_of(
         plan.calls, tuple(o.stride() for o in relaid), tuple(l.stride() for l in lses), 2
     )
+
+
+def test_kernel_choice_traces_without_graph_break():
+    """Dynamo can trace the cuDNN check (the SDPA flags are not read while it traces)."""
+    from dilated_compile.lowering.kernels import _cudnn_sdp_on
+
+    def pick(x):
+        return x * 2 if _cudnn_sdp_on(torch.device("cuda", 0)) else x + 1
+
+    x = torch.arange(3.0)
+    torch.testing.assert_close(torch.compile(pick, backend="eager", fullgraph=True)(x), pick(x))

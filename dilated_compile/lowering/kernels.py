@@ -43,13 +43,24 @@ class BlockResult(NamedTuple):
 
 
 def _cudnn_usable(q: torch.Tensor) -> bool:
-    return (
-        torch.backends.cuda.cudnn_sdp_enabled()
-        and torch.backends.cudnn.is_available()
-        and q.shape[-1] % 8 == 0
-        and q.shape[-1] <= 128
-        and _capability(q.device) >= (9, 0)
-    )
+    return q.shape[-1] % 8 == 0 and q.shape[-1] <= 128 and _cudnn_sdp_on(q.device)
+
+
+def _cudnn_sdp_on(device: torch.device) -> bool:
+    """cuDNN attention is available, supported by `device` (Hopper or newer) and enabled.
+
+    While Dynamo traces (a user's compiled function calling our attention
+    directly) the SDPA backend flags cannot be read: Dynamo rejects
+    `cudnn_sdp_enabled()` and `cudnn.is_available()` ("torch.* op returned
+    non-Tensor"), and `torch.compiler.assume_constant_result` gives a wrong
+    truth value (False counts as true). The traced code then uses cuDNN
+    wherever the build and the device support it.
+    """
+    if device.type != "cuda" or not torch._C._has_cudnn:
+        return False
+    if torch.compiler.is_compiling():
+        return torch.cuda.get_device_properties(device).major >= 9
+    return torch.backends.cuda.cudnn_sdp_enabled() and _capability(device) >= (9, 0)
 
 
 @functools.lru_cache(maxsize=16)  # devices of one process
