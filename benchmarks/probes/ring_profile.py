@@ -8,7 +8,7 @@ backend; then, from a profile of the ring's steps, per kernel kind the time
 per step, the NCCL kernels' time, the time the GPU runs at least one kernel,
 and the time it runs compute kernels with no NCCL kernel beside them
 (communication that compute does not hide shows as wall time minus busy time,
-or as NCCL time outside compute).
+or as NCCL time outside compute), and a timeline of one ring call.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ def union(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def breakdown(step, steps: int) -> dict:
-    """Per-step kernel time by kind, busy time and NCCL-only time from one profile (microseconds)."""
+def trace_events(step, steps: int) -> list[dict]:
+    """The chrome-trace events of `steps` calls of `step`."""
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
@@ -62,7 +62,29 @@ def breakdown(step, steps: int) -> dict:
     path = os.path.join(tempfile.mkdtemp(), "trace.json")
     prof.export_chrome_trace(path)
     with open(path) as f:
-        events = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel" and "dur" in e]
+        return [e for e in json.load(f)["traceEvents"] if "dur" in e and "ts" in e]
+
+
+CPU_MARKS = ("all_to_all", "wait_tensor", "cudnn_attention", "flash_attention", "efficient_attention")
+
+
+def timeline(step) -> list[str]:
+    """One call of `step`: its GPU kernels (stream, start, duration) and the CPU calls that
+    issue collectives and attention, in time order, times in microseconds from the first."""
+    events = trace_events(step, 1)
+    rows = [e for e in events if e.get("cat") == "kernel" or (
+        e.get("cat") == "cpu_op" and any(m in e["name"] for m in CPU_MARKS))]
+    t0 = min(e["ts"] for e in rows)
+    lines = []
+    for e in sorted(rows, key=lambda e: e["ts"]):
+        where = f"gpu stream {e['args'].get('stream', '?')}" if e.get("cat") == "kernel" else "cpu"
+        lines.append(f"   {e['ts'] - t0:9.0f} +{e['dur']:8.0f}  {where:14s} {e['name'][:70]}")
+    return lines
+
+
+def breakdown(step, steps: int) -> dict:
+    """Per-step kernel time by kind, busy time and NCCL-only time from one profile (microseconds)."""
+    events = [e for e in trace_events(step, steps) if e.get("cat") == "kernel"]
     by_kind: dict[str, float] = collections.defaultdict(float)
     count: dict[str, int] = collections.defaultdict(int)
     spans, compute = [], []
@@ -109,6 +131,8 @@ def main() -> None:
         single_b = breakdown(single, args.steps)
         dist.barrier()
         ring_b = breakdown(ring, args.steps)
+        dist.barrier()
+        ring_t = timeline(ring)
         if rank == 0:
             print(f"\n== {n} tokens/rank, N={n * world}, W={world}: one GPU fwd+bwd {t_single:.3f} ms, "
                   f"ring {t_ring:.3f} ms, efficiency {t_single / world / t_ring:.3f}")
@@ -117,6 +141,8 @@ def main() -> None:
                       f"compute kernels busy {b['compute_busy_us'] / 1e3:.3f} ms")
                 for k, (us, c) in b["kinds"].items():
                     print(f"   {k:40s} {us / 1e3:8.3f} ms  x{c}")
+            print("-- ring, rank 0, one forward+backward (start, duration in us):")
+            print("\n".join(ring_t))
     dist.destroy_process_group()
 
 
