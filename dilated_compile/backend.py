@@ -39,6 +39,25 @@ def _inductor_patches(options: dict[str, Any]) -> dict[str, Any]:
     return patches
 
 
+# Inductor's memory-planning sort (on by default) moves a ring step's transfer after the
+# attention it should overlap and its wait before it, serialising every transfer in the
+# backward (2 H200s, 16k tokens per rank: 2.7 of 17 ms). Graphs with rings keep their order.
+RING_SETTINGS = {
+    "reorder_for_peak_memory": (False, "off: keeps each ring transfer beside the attention it overlaps"),
+}
+
+
+def _settings_for(report, patches: dict[str, Any]) -> dict[str, str]:
+    """Set in `patches` what a graph like `report`'s needs, unless the user set it; name -> why."""
+    chosen = {}
+    if report.rings_over_ranks:
+        for name, (value, why) in RING_SETTINGS.items():
+            if name not in patches:
+                patches[name] = value
+                chosen[name] = why
+    return chosen
+
+
 def policy_from_options(options: dict[str, Any] | None) -> Policy:
     """The policy named in the backend options; raises if there is none."""
     if not options or "policy" not in options:
@@ -73,6 +92,7 @@ def dilated_backend(
     if hasattr(inductor_config, "unsafe_marked_cacheable_functions"):
         patches.setdefault("unsafe_marked_cacheable_functions", cacheable_functions_patch(policy))
     new_gm, report = run_passes(gm, policy)
+    report.inductor_settings = _settings_for(report, patches)
     record(report)
     trace_report(report)
     debug_dir = debug_dir_from(options)

@@ -15,8 +15,10 @@ runs the ring again; each call's backward uses the *merged* output and
 log-sum-exp. Key/value gradients travel with the shards, as in
 ring-flash-attention: the packet a rank sends at step s holds the
 key/values for step s+1 and the gradient accumulator of the shard it worked
-on at step s-1 (in the accumulation dtype, both as bytes of one buffer);
-after W hops every accumulator is back at its owner.
+on at step s-1 (in the accumulation dtype, both as bytes of one buffer).
+A rank keeps the gradient of its own shard from its own queries (step 0),
+so an accumulator starts at step 1 on the next rank and is back at its
+owner after W-1 hops (for W = 2: one transfer, after the last step).
 
 Why one packet per step, and why every transfer carries real data: each
 rank's graph differs (ranks skip different work), and graph passes treat
@@ -225,6 +227,7 @@ def ring_backward(sched: Schedule, dout, q, k, v, out, lse, scale: float, group_
     kv = torch.stack([k, v])
     acc_spec = (kv.shape, accumulation_dtype(q))
     dq = acc = None  # acc: gradient of the shard this rank worked on at the previous step
+    own = None  # gradient of this rank's own shard from its own queries (step 0): stays here
     link = _token(dout.contiguous())
     for step in range(w):
         sends_acc, sends_kv = acc is not None, step + 1 < w
@@ -240,11 +243,17 @@ def ring_backward(sched: Schedule, dout, q, k, v, out, lse, scale: float, group_
             received, link = unpack(buf, specs), buf[-1:]
             incoming = received[0] if sends_acc else None
             kv = received[-1] if sends_kv else kv
-        acc = _accumulate(incoming, contrib, acc_spec, q.device)
+        if step == 0:
+            own = contrib
+        else:
+            acc = _accumulate(incoming, contrib, acc_spec, q.device)
     if w > 1:  # one more hop brings every accumulator home
         acc = unpack(wait(shift(pack([acc, link]), w, r, group_name)), [acc_spec])[0]
+    acc = acc if own is None else own if acc is None else acc + own
     if dq is None:
         dq = torch.zeros(q.shape, dtype=acc_spec[1], device=q.device)
+    if acc is None:
+        acc = torch.zeros(acc_spec[0], dtype=acc_spec[1], device=q.device)
     return dq.to(q.dtype), acc[0].to(k.dtype), acc[1].to(v.dtype)
 
 

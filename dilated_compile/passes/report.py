@@ -192,13 +192,20 @@ class GraphReport:
     drawing_before: nx.DiGraph | None = None  # attention neighbourhood before the rewrite
     drawing_after: nx.DiGraph | None = None  # and after
     unused_rules: dict[int, str] = field(default_factory=dict)  # rule index -> warning
+    rings_over_ranks: bool = False  # a site became a ring over more than one rank
+    # Inductor settings the backend chose for this graph (the user's own options win): name -> why
+    inductor_settings: dict[str, str] = field(default_factory=dict)
 
     @property
     def warnings(self) -> list[str]:
         return [*self.left_targeted, *self.unused_rules.values()]
 
     def __str__(self) -> str:
-        return format_table(self.sites)
+        return format_table(self.sites) + _settings_lines(self.inductor_settings)
+
+
+def _settings_lines(settings: dict[str, str]) -> str:
+    return "".join(f"\ninductor: {name} ({why})" for name, why in settings.items())
 
 
 @dataclass
@@ -226,6 +233,8 @@ class Report:
 
     def __str__(self) -> str:
         text = format_table(self.sites)
+        settings = {k: v for g in self.graphs for k, v in g.inductor_settings.items()}
+        text += _settings_lines(settings)
         if self.warnings:
             text += "\n" + "\n".join(f"warning: {w}" for w in self.warnings)
         return text
