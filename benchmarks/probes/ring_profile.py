@@ -108,6 +108,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--per-rank", type=int, nargs="+", default=[16384, 32768])
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--option", nargs="*", default=[], help="backend options NAME=PYTHON_VALUE")
     args = p.parse_args()
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -123,7 +124,8 @@ def main() -> None:
         single = with_backward(CausalSDPA(), single_in, full[3])
         local = [shard(t, 2, "zigzag").contiguous().requires_grad_() for t in full[:3]]
         torch._dynamo.reset()
-        ring = with_backward(torch.compile(CausalSDPA(), backend="dilated", options={"policy": policy}),
+        options = {"policy": policy, **{k: eval(v) for k, v in (o.split("=", 1) for o in args.option)}}
+        ring = with_backward(torch.compile(CausalSDPA(), backend="dilated", options=options),
                              local, shard(full[3], 2, "zigzag").contiguous())
         ring()
         t_single = time_ms(single, 10, 2)
