@@ -7,8 +7,8 @@ If the returned tensor is the very tensor also saved for backward, both
 outputs share one TensorImpl, autograd's gradient edge is set twice, and the
 incoming gradient goes to the wrong slot: every input gradient comes back
 zero (pytorch#180642; fixed in 2.12 by filtering aliased intermediates).
-Returning a view of the saved tensor gives the output its own TensorImpl at
-no cost, on every torch version.
+Returning a view of the saved tensor while Dynamo traces gives the output its
+own TensorImpl at no cost, on every torch version.
 """
 
 from __future__ import annotations
@@ -17,5 +17,7 @@ import torch
 
 
 def returned_output(out: torch.Tensor) -> torch.Tensor:
-    """`out` as a separate tensor object (a view, no copy) for a forward that also saves it."""
-    return out.view_as(out)
+    """`out` as a separate tensor object (a view, no copy) while Dynamo traces the forward;
+    `out` itself otherwise (eager, and the backend's own AOTAutograd trace, where an output
+    that is a view of a saved tensor is not needed)."""
+    return out.view_as(out) if torch.compiler.is_dynamo_compiling() else out
