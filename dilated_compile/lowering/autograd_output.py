@@ -7,17 +7,24 @@ If the returned tensor is the very tensor also saved for backward, both
 outputs share one TensorImpl, autograd's gradient edge is set twice, and the
 incoming gradient goes to the wrong slot: every input gradient comes back
 zero (pytorch#180642; fixed in 2.12 by filtering aliased intermediates).
-Returning a view of the saved tensor while Dynamo traces gives the output its
-own TensorImpl at no cost, on every torch version.
+On torch before 2.12, while Dynamo traces, the forward returns a view of the
+saved tensor instead: its own TensorImpl, no copy.
+
+Nowhere else: an output that is a view of a saved buffer is an alias that
+AOTAutograd and Inductor must track through the backward, and in the
+backend's own trace it gave wrong ring results on GPU (2 H200s, torch 2.11).
 """
 
 from __future__ import annotations
 
 import torch
+from torch.torch_version import TorchVersion
+
+DYNAMO_LOSES_GRADIENTS = TorchVersion(torch.__version__) < "2.12"  # pytorch#180642
 
 
 def returned_output(out: torch.Tensor) -> torch.Tensor:
-    """`out` as a separate tensor object (a view, no copy) while Dynamo traces the forward;
-    `out` itself otherwise (eager, and the backend's own AOTAutograd trace, where an output
-    that is a view of a saved tensor is not needed)."""
-    return out.view_as(out) if torch.compiler.is_dynamo_compiling() else out
+    """`out`, as a view (no copy) while Dynamo traces on a torch with pytorch#180642."""
+    if DYNAMO_LOSES_GRADIENTS and torch.compiler.is_dynamo_compiling():
+        return out.view_as(out)
+    return out

@@ -56,7 +56,7 @@ def _cudnn_sdp_on(device: torch.device) -> bool:
     truth value (False counts as true). The traced code then uses cuDNN
     wherever the build and the device support it.
     """
-    if device.type != "cuda" or not torch._C._has_cudnn:
+    if device.type != "cuda" or not torch._C._has_cudnn or not torch.cuda.is_available():
         return False
     if torch.compiler.is_compiling():
         return torch.cuda.get_device_properties(device).major >= 9
