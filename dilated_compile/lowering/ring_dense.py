@@ -249,11 +249,9 @@ def ring_backward(sched: Schedule, dout, q, k, v, out, lse, scale: float, group_
             acc = _accumulate(incoming, contrib, acc_spec, q.device)
     if w > 1:  # one more hop brings every accumulator home
         acc = unpack(wait(shift(pack([acc, link]), w, r, group_name)), [acc_spec])[0]
-    acc = acc if own is None else own if acc is None else acc + own
+    acc = _accumulate(acc, own, acc_spec, q.device)
     if dq is None:
         dq = torch.zeros(q.shape, dtype=acc_spec[1], device=q.device)
-    if acc is None:
-        acc = torch.zeros(acc_spec[0], dtype=acc_spec[1], device=q.device)
     return dq.to(q.dtype), acc[0].to(k.dtype), acc[1].to(v.dtype)
 
 

@@ -105,8 +105,9 @@ def run_passes(gm: fx.GraphModule, policy: Policy) -> tuple[fx.GraphModule, Grap
         drawing_before=attention_neighbourhood(gm, [d.site.node for d in decisions]),
         drawing_after=attention_neighbourhood(new, _attention_nodes(new, decisions)),
         unused_rules=rules_without_sites(policy, decisions),
-        rings_over_ranks=any(
-            d.status == "rewritten" and d.ring is not None and d.ring.world_size > 1 for d in decisions
+        rings_over_ranks=any(  # traced into this graph (a dynamic ring is one opaque op)
+            d.status == "rewritten" and d.ring is not None and d.ring.world_size > 1 and not d.dynamic
+            for d in decisions
         ),
     )
     return new, report

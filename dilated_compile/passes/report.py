@@ -192,7 +192,7 @@ class GraphReport:
     drawing_before: nx.DiGraph | None = None  # attention neighbourhood before the rewrite
     drawing_after: nx.DiGraph | None = None  # and after
     unused_rules: dict[int, str] = field(default_factory=dict)  # rule index -> warning
-    rings_over_ranks: bool = False  # a site became a ring over more than one rank
+    rings_over_ranks: bool = False  # a site became a ring over several ranks, traced into the graph
     # Inductor settings the backend chose for this graph (the user's own options win): name -> why
     inductor_settings: dict[str, str] = field(default_factory=dict)
 
