@@ -328,7 +328,8 @@ def test_kernel_choice_traces_without_graph_break():
         return x * 2 if _cudnn_sdp_on(torch.device("cuda", 0)) else x + 1
 
     x = torch.arange(3.0)
-    torch.testing.assert_close(torch.compile(pick, backend="eager", fullgraph=True)(x), pick(x))
+    want = pick(x) if torch.cuda.is_available() else x + 1  # no GPU: no cuDNN attention
+    torch.testing.assert_close(torch.compile(pick, backend="eager", fullgraph=True)(x), want)
 
 
 def test_returned_output_is_a_view_only_where_dynamo_loses_gradients():

@@ -56,10 +56,10 @@ def _cudnn_sdp_on(device: torch.device) -> bool:
     truth value (False counts as true). The traced code then uses cuDNN
     wherever the build and the device support it.
     """
-    if device.type != "cuda" or not torch._C._has_cudnn or not torch.cuda.is_available():
+    if device.type != "cuda" or not torch._C._has_cudnn:
         return False
-    if torch.compiler.is_compiling():
-        return torch.cuda.get_device_properties(device).major >= 9
+    if torch.compiler.is_compiling():  # a traced device may have no GPU behind it
+        return torch.cuda.is_available() and torch.cuda.get_device_properties(device).major >= 9
     return torch.backends.cuda.cudnn_sdp_enabled() and _capability(device) >= (9, 0)
 
 
