@@ -599,20 +599,16 @@ def cases(world: int, backend: str = "gloo") -> dict[str, Callable[[], None]]:
                         numeric_case, "block_sparse", layout, causal, dtype, setup, **kw)
         out[f"dense-{layout}-causal-float64"] = functools.partial(
             numeric_case, "dense", layout, True, torch.float64)
-        if not gpu:  # on NCCL every setup runs in bfloat16 above
-            out[f"dense-{layout}-causal-bfloat16"] = functools.partial(
-                numeric_case, "dense", layout, True, torch.bfloat16, n_local=32)
-            out[f"dilated-groups-long-{layout}-causal-bfloat16"] = functools.partial(
-                numeric_case, "dilated", layout, True, torch.bfloat16, "groups-long", n_local=32)
-            out[f"block-sparse-local-{layout}-causal-bfloat16"] = functools.partial(
-                numeric_case, "block_sparse", layout, True, torch.bfloat16, "local", n_local=32)
-        else:
-            out[f"dense-{layout}-causal-float16"] = functools.partial(
-                numeric_case, "dense", layout, True, torch.float16, n_local=32)
-            out[f"dilated-longnet-long-{layout}-causal-float16"] = functools.partial(
-                numeric_case, "dilated", layout, True, torch.float16, "longnet-long", n_local=32)
-            out[f"block-sparse-global-{layout}-causal-float16"] = functools.partial(
-                numeric_case, "block_sparse", layout, True, torch.float16, "global", n_local=32)
+        # half precision, one setup per inner kind: bfloat16 on gloo (on NCCL every setup runs
+        # in bfloat16 above), float16 on NCCL
+        half, setups = (torch.float16, ("longnet-long", "global")) if gpu else (
+            torch.bfloat16, ("groups-long", "local"))
+        name = str(half).removeprefix("torch.")
+        out[f"dense-{layout}-causal-{name}"] = functools.partial(
+            numeric_case, "dense", layout, True, half, n_local=32)
+        for inner, setup in zip(("dilated", "block_sparse"), setups):
+            out[f"{inner.replace('_', '-')}-{setup}-{layout}-causal-{name}"] = functools.partial(
+                numeric_case, inner, layout, True, half, setup, n_local=32)
         out[f"shard-roundtrip-{layout}"] = functools.partial(shard_roundtrip_case, layout)
     out["dense-zigzag-causal-float64-long"] = functools.partial(
         numeric_case, "dense", "zigzag", True, torch.float64, n_local=34)
