@@ -17,6 +17,18 @@ forward+backward:
 - ``cp_allgather`` / ``cp_alltoall``: torch's `context_parallel` with each of
   its rotate methods (its default load balancing).
 
+torch 2.11 caches cuDNN's backward graphs by the q/k/v layout alone and bakes
+in the output, grad_output and log-sum-exp strides of the call that built
+the graph (later torch adds them to the key). `context_parallel` calls it with
+other strides than our rings for the same q/k/v, and whichever side runs
+second reads with the other's strides: an illegal memory access in our
+compiled ring's backward after the `context_parallel` runs. So the sweep runs
+`context_parallel` in a process of its own (``--cp only``, its own one-GPU
+baseline) and the main run takes its rows from that file (``--cp-from``):
+
+    torchrun --nproc-per-node 2 benchmarks/bench_ring.py --cp only --out $OUT
+    torchrun --nproc-per-node 2 benchmarks/bench_ring.py --cp-from $OUT/ring_w2_cp.json --dilated --out $OUT
+
 Efficiency = (single / W) / ring time (1.0 = perfect scaling). With
 ``--dilated`` it also times a dilated ring (segments inside a shard) against
 `dilated_attention` on the full sequence on one GPU, as useful TFLOP/s per rank.
@@ -159,7 +171,11 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--dilated", action="store_true")
-    p.add_argument("--skip-cp", action="store_true")
+    p.add_argument(
+        "--cp", choices=("run", "skip", "only"), default="skip",
+        help="torch's context_parallel: measured in this run, not at all, or alone (see above)",
+    )
+    p.add_argument("--cp-from", help="a `--cp only` run's JSON: its context_parallel rows join this run's")
     p.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = p.parse_args()
 
@@ -176,11 +192,18 @@ def main() -> None:
         "dtype": "bfloat16", "batch": 1, "heads": h, "head_dim": d, "causal": True, "layout": "zigzag",
         "rows": [],
     }
-    path = os.path.join(args.out, f"ring_w{world}.json")
-    results["check_rel_error_vs_fp32"] = check_against_single_gpu(h, d)
-    if rank == 0:
-        print("check (relative error of bf16 ring vs fp32 single GPU):", results["check_rel_error_vs_fp32"], flush=True)
+    path = os.path.join(args.out, f"ring_w{world}{'_cp' if args.cp == 'only' else ''}.json")
+    cp_rows = {}
+    if args.cp_from:
+        with open(args.cp_from) as f:
+            cp_rows = {r["per_rank"]: r for r in json.load(f)["rows"]}
+    if args.cp != "only":  # the ring's numbers (not needed by a context_parallel-only run)
+        results["check_rel_error_vs_fp32"] = check_against_single_gpu(h, d)
+        if rank == 0:
+            print("check (relative error of bf16 ring vs fp32 single GPU):", results["check_rel_error_vs_fp32"],
+                  flush=True)
     policy = {"version": 1, "rules": [{"match": "**", "attention": "dense", "ring": {"layout": "zigzag"}}]}
+    ours = args.cp != "only"
     for n in args.per_rank:
         total = n * world
         g = torch.Generator(device="cuda").manual_seed(total)
@@ -191,25 +214,30 @@ def main() -> None:
         measure("single", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
                 single, full[3], max(3, args.iters // 2), row, rank)
         del single
-        if not args.skip_cp:
+        if args.cp in ("run", "only"):
             for rotate in ("allgather", "alltoall"):
                 measure_context_parallel(mesh, rotate, full, args.iters, row, rank)
-        local = [shard(t, 2, "zigzag").contiguous().requires_grad_() for t in full[:3]]
-        dout = shard(full[3], 2, "zigzag").contiguous()
+        if ours:
+            local = [shard(t, 2, "zigzag").contiguous().requires_grad_() for t in full[:3]]
+            dout = shard(full[3], 2, "zigzag").contiguous()
         del full
         torch.cuda.empty_cache()
-        ring = lambda q, k, v: ring_attention(q, k, v, layout="zigzag", is_causal=True, check=False)  # noqa: E731
-        measure("ours_eager", ring, local, dout, args.iters, row, rank)
-        torch._dynamo.reset()
-        compiled = torch.compile(CausalSDPA(), backend="dilated", options={"policy": policy})
-        row["ours_compiled_compile_fwd_s"] = first_call_s(lambda: compiled(*[t.detach() for t in local]))
-        row["ours_compiled_compile_fwdbwd_s"] = first_call_s(lambda: compiled(*local).backward(dout))
-        measure("ours_compiled", compiled, local, dout, args.iters, row, rank)
+        if ours:
+            ring = lambda q, k, v: ring_attention(q, k, v, layout="zigzag", is_causal=True, check=False)  # noqa: E731
+            measure("ours_eager", ring, local, dout, args.iters, row, rank)
+            torch._dynamo.reset()
+            compiled = torch.compile(CausalSDPA(), backend="dilated", options={"policy": policy})
+            row["ours_compiled_compile_fwd_s"] = first_call_s(lambda: compiled(*[t.detach() for t in local]))
+            row["ours_compiled_compile_fwdbwd_s"] = first_call_s(lambda: compiled(*local).backward(dout))
+            measure("ours_compiled", compiled, local, dout, args.iters, row, rank)
         for name in ("ours_eager", "ours_compiled", "cp_allgather", "cp_alltoall"):
             if name in row and "error" not in row[name] and "error" not in row["single"]:
                 for mode in ("fwd", "fwdbwd"):
                     row[name][f"{mode}_efficiency"] = row["single"][f"{mode}_ms"] / world / row[name][f"{mode}_ms"]
-        if args.dilated:
+        for name in ("cp_allgather", "cp_alltoall"):
+            if n in cp_rows and name in cp_rows[n]:  # measured in its own process, against its own baseline
+                row[name] = {**cp_rows[n][name], "own_process": True}
+        if ours and args.dilated:
             dilated_row(row, local, dout, world, rank, args)
         results["rows"].append(row)
         if rank == 0:
@@ -217,7 +245,8 @@ def main() -> None:
             os.makedirs(args.out, exist_ok=True)
             with open(path, "w") as f:
                 json.dump(results, f, indent=1)
-        del local, dout
+        if ours:
+            del local, dout
         torch.cuda.empty_cache()
     if rank == 0:
         print("wrote", path)
