@@ -55,11 +55,23 @@ def _run(world: int, compiled: bool, tmp_path_factory) -> dict:
     return _RUNS[key]
 
 
+# Open bugs by (world size, case), each marked as an expected failure where it was seen
+# (strict: a fix shows up as a failure of the mark, to be removed then).
+KNOWN_BUGS = {
+    (2, "backend-block-sparse-local-contiguous-causal"): (
+        "wrong output on CUDA when Inductor compiles a block-sparse local_window ring with the "
+        "contiguous layout (README, Known limitations; benchmarks/NOTES.md)"
+    ),
+}
+
+
 def _params():
     out = []
     for world in WORLDS:
         for name in ring_worker.cases(world, "nccl"):
             marks = [pytest.mark.compiles] if ring_worker.compiles(name) else []
+            if (world, name) in KNOWN_BUGS:
+                marks.append(pytest.mark.xfail(reason=KNOWN_BUGS[world, name], strict=True))
             out.append(pytest.param(world, name, marks=marks, id=f"w{world}-{name}"))
     return out
 
