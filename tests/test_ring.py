@@ -289,6 +289,39 @@ def test_block_sparse_ring_skips_steps_without_active_blocks():
     assert got == [((0, 4, 0, 4), (0, 2, 0, 1)), ((0, 1, 0, 2), (0, 4, 0, 4))], got
 
 
+def _pairs(calls, n: int) -> torch.Tensor:
+    """How many times `calls` cover each (query row, key row) pair of an n-row shard."""
+    count = torch.zeros(n, n, dtype=torch.int64)
+    for c in calls:
+        block = torch.ones(c.q1 - c.q0, c.k1 - c.k0, dtype=torch.int64)
+        if c.causal:  # top-left aligned, as block_attention's is_causal
+            block = block.tril()
+        count[c.q0 : c.q1, c.k0 : c.k1] += block
+    return count
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("n", [1, 2, 5, 8])
+def test_own_shard_backward_calls_cover_the_same_pairs_once(world, layout, is_causal, n):
+    """`Schedule.own_calls` cuts the own shard's calls for the backward (part of them beside the
+    last transfer) without losing or repeating a (query, key) pair; with other ranks some
+    work is left for the last transfer."""
+    from dilated_compile.lowering.ring_dense import Schedule
+
+    if layout == "zigzag" and n % 2:
+        pytest.skip("zigzag shards have an even length")
+    for rank in range(world):
+        sched = Schedule(world, rank, n, layout, is_causal)
+        first, last = sched.own_calls()
+        whole = _pairs(sched.calls(rank, rank), n)
+        assert torch.equal(_pairs(first + last, n), whole)
+        assert whole.max() <= 1
+        assert bool(last) == (world > 1 and n > 1)
+        assert all(c.q0 < c.q1 and c.k0 < c.k1 for c in first + last)
+
+
 # ---------------------------------------------------------------------------
 # the ring custom op for symbolic lengths (lowering/dynamic_ring.py), without a process group;
 # the multi-rank cases are the worker's "dynamic-*" cases
