@@ -203,7 +203,8 @@ def backend_case(
         ):
             received = call.find("_c10d_functional.wait_tensor.default(", send)
             if "dilated_compile.block_attention_backward.default(" not in call[send:received]:
-                raise CaseFailure(f"no attention between the backward's {which} transfer and its wait:\n{call}")
+                code = call[max(0, send - 2000) : received + 500]
+                raise CaseFailure(f"no attention between the backward's {which} transfer and its wait:\n{code}")
 
 
 def dynamic_backend_case(
