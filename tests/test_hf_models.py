@@ -96,11 +96,12 @@ def test_hf_model_rewritten_exactly(build, implementation):
         gb = b.grad if b.grad is not None else torch.zeros_like(b)
         torch.testing.assert_close(ga, gb, atol=5e-5, rtol=1e-3, msg=name)
     assert counters["dilated"]["rewritten"] == len(modules)
-    # the rewrite adds no graph and no graph break: the same counts as under stock Inductor
+    # the rewrite adds no graph and no graph break: the same counts as Dynamo gives the model
+    # without it (the counts are Dynamo's, whatever the backend; "eager" skips Inductor's codegen)
     torch._dynamo.reset()
     counters.clear()
     with torch.no_grad():
-        torch.compile(model, backend="inductor")(ids)
+        torch.compile(model, backend="eager")(ids)
     assert graphs == (counters["stats"]["unique_graphs"], sum(counters["graph_break"].values()))
 
 
