@@ -186,13 +186,13 @@ def backend_case(
         for op in ("_c10d_functional.all_to_all_single", "_c10d_functional.wait_tensor"):
             if (op in code) != sends:
                 raise CaseFailure(f"{which} code {'lacks' if sends else 'has'} {op}:\n{code[-3000:]}")
-    site = dilated_compile.reports()[-1].sites[0]
+    report = dilated_compile.reports()[-1]
+    site = report.sites[0]
     want = f"ring {layout} over {world} ranks (world), inner {inner}"
     if site.status != "rewritten" or not site.attention.startswith(want):
         raise CaseFailure(f"site report: {site.status} {site.attention!r} {site.reason!r}, want {want!r}")
-    if "ring_attention_local" not in dilated_compile.reports()[-1].after:
+    if "ring_attention_local" not in report.after:
         raise CaseFailure("rewritten graph does not call ring_attention_local")
-    report = dilated_compile.reports()[-1]
     if "inductor: reorder_for_peak_memory (off" not in str(report):
         raise CaseFailure(f"the report does not show the ring's Inductor setting:\n{report}")
     if inner == "dense" and sends:  # the backward's first and last transfers overlap attention calls
