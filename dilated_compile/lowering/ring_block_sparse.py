@@ -50,10 +50,6 @@ class BlockSparseSchedule(Schedule):
         size = self.n // len(chunks)
         return torch.cat([torch.arange(c * size, (c + 1) * size, device=device) for c in chunks])
 
-    def own_calls(self) -> tuple[tuple[Call, ...], tuple[Call, ...]]:
-        """The own shard's active box, not cut (see `Schedule.own_calls`): all at step 0."""
-        return self.calls(self.rank, self.rank), ()
-
     def mask(self, source: int, c: Call, q: torch.Tensor) -> torch.Tensor:
         """(m, M) or (B, H, m, M) bool: allowed pairs of this call's queries and keys."""
         qpos = self.positions(self.rank, q.device)[c.q0 : c.q1]

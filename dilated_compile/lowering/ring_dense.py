@@ -18,10 +18,7 @@ key/values for step s+1 and the gradient accumulator of the shard it worked
 on at step s-1 (in the accumulation dtype, both as bytes of one buffer).
 A rank keeps the gradient of its own shard from its own queries (step 0),
 so an accumulator starts at step 1 on the next rank and is back at its
-owner after W-1 hops (for W = 2: one transfer, after the last step). That
-last transfer would have no attention beside it, so the backward of the
-own shard is cut in two (`Schedule.own_calls`): most of it at step 0, the
-rest beside the last transfer.
+owner after W-1 hops (for W = 2: one transfer, after the last step).
 
 Why one packet per step, and why every transfer carries real data: each
 rank's graph differs (ranks skip different work), and graph passes treat
@@ -81,33 +78,6 @@ class Schedule:
     def calls(self, rank: int, source: int) -> tuple[Call, ...]:
         """The block attentions of `rank`'s queries with `source`'s keys and values."""
         return pair_calls(self.layout, self.is_causal, self.n, rank, source)
-
-    def own_calls(self) -> tuple[tuple[Call, ...], tuple[Call, ...]]:
-        """This rank's calls with its own shard, as (first, last) for the backward.
-
-        `last` runs after every other step, beside the transfer that brings the
-        key/value gradients home (nothing else is left to hide it); `first` at
-        step 0, beside the first transfer. A call is cut at its middle row: a
-        causal diagonal block into its top-left causal quarter and the full
-        block below it (first) and its bottom-right causal quarter (last), a
-        full block into its upper rows (first) and lower rows (last).
-        """
-        calls = self.calls(self.rank, self.rank)
-        if self.world_size == 1:
-            return calls, ()
-        first: list[Call] = []
-        last: list[Call] = []
-        for c in calls:
-            h = (c.q0 + c.q1) // 2
-            if h == c.q0 or (c.causal and (c.q0, c.q1) != (c.k0, c.k1)):
-                first.append(c)
-            elif c.causal:
-                first += [Call(c.q0, h, c.k0, h, True), Call(h, c.q1, c.k0, h, False)]
-                last.append(Call(h, c.q1, h, c.k1, True))
-            else:
-                first.append(Call(c.q0, h, c.k0, c.k1, False))
-                last.append(Call(h, c.q1, c.k0, c.k1, False))
-        return tuple(first), tuple(last)
 
     def attend(self, source: int, c: Call, q, k, v, scale: float):
         """(out, lse) of one call on its query rows and key/value rows."""
@@ -221,12 +191,12 @@ def ring_forward(sched: Schedule, q, k, v, scale: float, group_name: str):
     return out.to(q.dtype), lse
 
 
-def _calls_backward(sched: Schedule, source: int, calls, dout, q, kv, out, lse, scale: float):
-    """(dq over all n rows or None, key/value gradient over all n rows or None) of `calls`
-    with `source`'s key/value shard `kv`."""
+def _step_backward(sched: Schedule, step: int, dout, q, kv, out, lse, scale: float):
+    """(dq over all n rows or None, key/value gradient over all n rows or None) of one step."""
     n, acc = sched.n, accumulation_dtype(q)
     dq = dkv = None
-    for c in calls:
+    source = sched.source(step)
+    for c in sched.calls(sched.rank, source):
         rows = slice(c.q0, c.q1)
         gq, gk, gv = sched.attend_backward(
             source, c, dout[:, :, rows], q[:, :, rows], kv[0, :, :, c.k0 : c.k1],
@@ -234,7 +204,8 @@ def _calls_backward(sched: Schedule, source: int, calls, dout, q, kv, out, lse, 
         )
         gq = _pad_rows(gq.to(acc), c.q0, c.q1, n, 0.0)
         g = _pad_rows(torch.stack([gk.to(acc), gv.to(acc)]), c.k0, c.k1, n, 0.0)
-        dq, dkv = _accumulate_optional(dq, gq), _accumulate_optional(dkv, g)
+        dq = gq if dq is None else dq + gq
+        dkv = g if dkv is None else dkv + g
     return dq, dkv
 
 
@@ -253,21 +224,19 @@ def ring_backward(sched: Schedule, dout, q, k, v, out, lse, scale: float, group_
     and keeps them in the backward graph (see the module docstring).
     """
     w, r = sched.world_size, sched.rank
-    kv = own_kv = torch.stack([k, v])
+    kv = torch.stack([k, v])
     acc_spec = (kv.shape, accumulation_dtype(q))
     dq = acc = None  # acc: gradient of the shard this rank worked on at the previous step
     own = None  # gradient of this rank's own shard from its own queries (step 0): stays here
-    own_first, own_last = sched.own_calls()
     link = _token(dout.contiguous())
     for step in range(w):
         sends_acc, sends_kv = acc is not None, step + 1 < w
         specs = [acc_spec] * sends_acc + [(kv.shape, kv.dtype)] * sends_kv
         parts = [acc] * sends_acc + [kv] * sends_kv
         pending = shift(pack(parts + [link]), w, r, group_name) if parts else None
-        source = sched.source(step)
-        calls = own_first if step == 0 else sched.calls(r, source)
-        gq, contrib = _calls_backward(sched, source, calls, dout, q, kv, out, lse, scale)
-        dq = _accumulate_optional(dq, gq)
+        gq, contrib = _step_backward(sched, step, dout, q, kv, out, lse, scale)
+        if gq is not None:
+            dq = gq if dq is None else dq + gq
         incoming = None  # the accumulator of the shard worked on at this step
         if pending is not None:
             buf = wait(pending)
@@ -278,28 +247,21 @@ def ring_backward(sched: Schedule, dout, q, k, v, out, lse, scale: float, group_
             own = contrib
         else:
             acc = _accumulate(incoming, contrib, acc_spec, q.device)
-    if w > 1:  # one more hop brings every accumulator home, beside the own shard's last calls
-        pending = shift(pack([acc, link]), w, r, group_name)
-        gq, contrib = _calls_backward(sched, r, own_last, dout, q, own_kv, out, lse, scale)
-        dq, own = _accumulate_optional(dq, gq), _accumulate_optional(own, contrib)
-        acc = unpack(wait(pending), [acc_spec])[0]
+    if w > 1:  # one more hop brings every accumulator home
+        acc = unpack(wait(shift(pack([acc, link]), w, r, group_name)), [acc_spec])[0]
     acc = _accumulate(acc, own, acc_spec, q.device)
     if dq is None:
         dq = torch.zeros(q.shape, dtype=acc_spec[1], device=q.device)
     return dq.to(q.dtype), acc[0].to(k.dtype), acc[1].to(v.dtype)
 
 
-def _accumulate_optional(total, part):
-    """total + part, either of which may be None (nothing yet)."""
-    if part is None:
-        return total
-    return part if total is None else total + part
-
-
 def _accumulate(incoming, contrib, spec, device) -> torch.Tensor:
     """incoming + contrib, either of which may be None (all-zero)."""
-    total = _accumulate_optional(incoming, contrib)
-    return torch.zeros(spec[0], dtype=spec[1], device=device) if total is None else total
+    if incoming is None and contrib is None:
+        return torch.zeros(spec[0], dtype=spec[1], device=device)
+    if incoming is None:
+        return contrib
+    return incoming if contrib is None else incoming + contrib
 
 
 class RingDense(torch.autograd.Function):
