@@ -24,6 +24,7 @@ Skipped unless at least 2 CUDA devices and NCCL are available.
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -45,22 +46,34 @@ pytestmark = pytest.mark.skipif(not READY, reason=f"needs 2 or more CUDA GPUs an
 _RUNS: dict[tuple[int, bool], dict] = {}
 
 
+def fresh_caches(tmp: str) -> dict[str, str]:
+    """Inductor's and Triton's cache folders under `tmp`: a launch reuses nothing an earlier one
+    compiled (a wrong artifact of the open bug below was reused by later launches)."""
+    return {"TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "inductor"), "TRITON_CACHE_DIR": os.path.join(tmp, "triton")}
+
+
 def _run(world: int, compiled: bool, tmp_path_factory) -> dict:
     """The worker's results for the (non-)compiling cases of `world` ranks, launched once."""
     key = (world, compiled)
     if key not in _RUNS:
         only = [name for name in ring_worker.cases(world, "nccl") if ring_worker.compiles(name) == compiled]
         tmp = str(tmp_path_factory.mktemp(f"ring_nccl{world}{'_compiled' if compiled else ''}"))
-        _RUNS[key] = launch(world, tmp, only=only, timeout=TIMEOUT_S[compiled], backend="nccl")
+        _RUNS[key] = launch(
+            world, tmp, only=only, timeout=TIMEOUT_S[compiled], backend="nccl", env=fresh_caches(tmp)
+        )
     return _RUNS[key]
 
 
-# Open bugs by (world size, case), each marked as an expected failure where it was seen
-# (strict: a fix shows up as a failure of the mark, to be removed then).
+# Open bugs by (world size, case), each marked as an expected failure where it was seen (strict:
+# a fix shows up as a failure of the mark, to be removed then). The block-sparse one depends on
+# what the process compiled before it (README, Known limitations): with fresh caches and the
+# worker's case order it failed in every run; `test_block_sparse_contiguous_ring_alone` checks
+# the case in a process of its own, where it is right.
 KNOWN_BUGS = {
     (2, "backend-block-sparse-local-contiguous-causal"): (
-        "wrong output on CUDA when Inductor compiles a block-sparse local_window ring with the "
-        "contiguous layout (README, Known limitations; benchmarks/NOTES.md)"
+        "wrong output on CUDA when this block-sparse contiguous ring is compiled after "
+        "backend-dilated-zigzag-causal in the same process (README, Known limitations; "
+        "benchmarks/NOTES.md)"
     ),
 }
 
@@ -90,3 +103,14 @@ def test_nccl_launcher_kills_and_reports_a_hang(tmp_path):
     assert time.monotonic() - start < 45
     assert run["failure"] is not None and "still running" in run["failure"]
     assert run["results"][0] == {}
+
+
+@pytest.mark.compiles
+def test_block_sparse_contiguous_ring_alone(tmp_path):
+    """The case of the open bug, compiled first in a process of its own: right there (2 H200s,
+    torch 2.11), so a failure here is a different bug."""
+    case = "backend-block-sparse-local-contiguous-causal"
+    run = launch(2, str(tmp_path), only=[case], timeout=TIMEOUT_S[True], backend="nccl",
+                 env=fresh_caches(str(tmp_path)))
+    failures = case_failures(run, 2, case)
+    assert not failures, f"{case} alone on 2 ranks (NCCL) failed:\n" + "\n".join(failures)
