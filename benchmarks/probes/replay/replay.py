@@ -13,6 +13,10 @@ compares rank 1's output with the float64 block-sparse reference.
     python benchmarks/probes/replay/replay.py --device cuda --save gpu.pt        # the kernels compiled for the GPU
     python benchmarks/probes/replay/replay.py --diff cpu.pt gpu.pt               # first kernel whose outputs differ
 
+Each Triton kernel launch and each bmm is recorded in call order.
+`in_process.py` records the same calls inside the process where the bug
+happens and diffs them against this replay on the CPU.
+
 On the CPU (interpreter; `libdevice` calls mapped to `tl` ones) the replay
 gives the right output (max error 6.4e-7 at every XBLOCK from 1 to 1024), so
 the logged code itself is right; run it on a GPU to see whether the compiled
@@ -56,6 +60,9 @@ def module_source(log: str, interpret: bool) -> str:
         "        self.fn[(-(-xnumel // xb),)](*args, XBLOCK=xb)",
         "        RECORD.append((self.name, [a.detach().cpu().clone() for a in args if isinstance(a, torch.Tensor)]))",
         "RECORD = []",
+        "def _bmm(a, b, out):",
+        "    torch.bmm(a, b, out=out)",
+        "    RECORD.append(('bmm', [a.detach().cpu().clone(), b.detach().cpu().clone(), out.detach().cpu().clone()]))",
     ]
     pattern = r"^(\w+) = async_compile\.triton\('\w+', '''\n(.*?)''', device_str='cuda'\)"
     for m in re.finditer(pattern, text, re.S | re.M):
@@ -79,7 +86,7 @@ def module_source(log: str, interpret: bool) -> str:
         line = line.replace("stream=stream1", "stream=None")
         line = re.sub(r"torch\.ops\._c10d_functional\.all_to_all_single\.default\(.*\)$", "received.clone()", line)
         line = line.replace("torch.ops._c10d_functional.wait_tensor.default(", "(lambda t: t)(")
-        line = line.replace("extern_kernels.bmm(", "torch.bmm(")
+        line = line.replace("extern_kernels.bmm(", "_bmm(")
         out.append(line)
         if line.strip().startswith("return ("):
             break
@@ -91,9 +98,18 @@ def module_source(log: str, interpret: bool) -> str:
     return src
 
 
-def run(device: str, save: str | None) -> None:
+def inputs_and_reference() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The full q, k, v (CPU, float32, 2 ranks' worth) and the float64 block-sparse reference."""
     from dilated_compile.lowering.reference import block_sparse_reference
 
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, 2 * N_LOCAL, D, generator=g) for _ in range(3))
+    pattern = {"kind": "local_window", "window": WINDOW}
+    ref = block_sparse_reference(q.double(), k.double(), v.double(), block_size=BLOCK, pattern=pattern, is_causal=True)
+    return q, k, v, ref
+
+
+def run(device: str, save: str | None) -> None:
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     path = os.path.join(HERE, "_generated_replay.py")
     with open(path, "w") as f:
@@ -102,10 +118,7 @@ def run(device: str, save: str | None) -> None:
     import _generated_replay as mod
 
     mod.DEVICE = torch.device(device)
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, H, 2 * N_LOCAL, D, generator=g) for _ in range(3))
-    pattern = {"kind": "local_window", "window": WINDOW}
-    ref = block_sparse_reference(q.double(), k.double(), v.double(), block_size=BLOCK, pattern=pattern, is_causal=True)
+    q, k, v, ref = inputs_and_reference()
 
     def shard(t: torch.Tensor, rank: int) -> torch.Tensor:
         return t[:, :, rank * N_LOCAL : (rank + 1) * N_LOCAL].contiguous().to(device)
@@ -120,8 +133,14 @@ def run(device: str, save: str | None) -> None:
 
 
 def diff(a: str, b: str) -> None:
+    """Per recorded call (Triton kernel or bmm, in call order): the largest difference of its buffers."""
     ra, rb = torch.load(a), torch.load(b)
-    for (name, xs), (_, ys) in zip(ra, rb):
+    if [n for n, _ in ra] != [n for n, _ in rb]:
+        print(f"the two records differ in their calls:\n  {[n for n, _ in ra]}\n  {[n for n, _ in rb]}")
+    for (name, xs), (other, ys) in zip(ra, rb):
+        if name != other or [x.shape for x in xs] != [y.shape for y in ys]:
+            print(f"{'-':>10}  {name} / {other}: different calls, not compared")
+            continue
         worst = max(((x.double() - y.double()).abs().nan_to_num(1e30).max().item() if x.numel() else 0.0)
                     for x, y in zip(xs, ys))
         print(f"{worst:10.3g}  {name}")
