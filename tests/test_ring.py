@@ -290,6 +290,48 @@ def test_block_sparse_ring_skips_steps_without_active_blocks():
     assert got == [((0, 4, 0, 4), (0, 2, 0, 1)), ((0, 1, 0, 2), (0, 4, 0, 4))], got
 
 
+def _backward_packet_bytes(sched, dtype: torch.dtype) -> list[int]:
+    """Bytes this rank sends in each backward transfer of `sched`, read from the traced graph
+    (fake tensors: shapes only, no process group)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from dilated_compile.lowering.ring_dense import ring_backward
+
+    b, h, d = 1, 2, 4
+    args = [torch.randn(b, h, sched.n, d, dtype=dtype) for _ in range(5)] + [torch.randn(b, h, sched.n)]
+    graph = make_fx(lambda *a: ring_backward(sched, *a, 0.5, "unused"), tracing_mode="fake")(*args).graph
+    return [sum(node.args[2]) for node in graph.nodes if "all_to_all_single" in str(node.target)]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_ring_backward_sends_the_first_gradient_hop_in_the_input_dtype(layout, is_causal):
+    """The key/value gradient accumulator made at step 1 is one kernel call's gradient, exact in
+    bf16: it travels in bf16 (for W = 2 the only gradient hop: half the bytes of float32);
+    later hops carry sums, in float32."""
+    from dilated_compile.lowering.ring_dense import make_schedule
+
+    n, kv = 8, 2 * 1 * 2 * 8 * 4  # elements of the stacked key/value shard (B=1, H=2, n=8, D=4)
+    bf16, f32 = 2 * kv, 4 * kv
+    # W=2: step 0 sends the key/values, the last hop the accumulator (+ one link byte each)
+    assert _backward_packet_bytes(make_schedule(2, 1, n, layout, is_causal), torch.bfloat16) == [bf16 + 1, bf16 + 1]
+    assert _backward_packet_bytes(make_schedule(2, 1, n, layout, is_causal), torch.float32) == [f32 + 1, f32 + 1]
+    # W=3: key/values at steps 0 and 1, the first accumulator at step 2, the sums home in float32
+    got = _backward_packet_bytes(make_schedule(3, 1, n, layout, is_causal), torch.bfloat16)
+    assert got == [bf16 + 1, bf16 + 1, bf16 + 1, f32 + 1], got
+
+
+def test_block_sparse_ring_backward_sends_gradients_in_float32():
+    """Masked attention's gradients come in float32: every accumulator hop stays float32."""
+    from dilated_compile.lowering.block_patterns import as_pattern
+    from dilated_compile.lowering.ring_block_sparse import make_block_sparse_schedule
+
+    pattern = as_pattern({"kind": "local_window", "window": 1}, 3)
+    sched = make_block_sparse_schedule(2, 1, 8, "contiguous", True, pattern, 3)
+    kv = 2 * 1 * 2 * 8 * 4
+    assert _backward_packet_bytes(sched, torch.bfloat16) == [2 * kv + 1, 4 * kv + 1]
+
+
 # ---------------------------------------------------------------------------
 # the ring custom op for symbolic lengths (lowering/dynamic_ring.py), without a process group;
 # the multi-rank cases are the worker's "dynamic-*" cases

@@ -35,6 +35,8 @@ from .ring_masked import masked_attention, masked_attention_backward
 class BlockSparseSchedule(Schedule):
     """A dense ring's schedule whose steps are block-sparse masked attentions."""
 
+    gradients_in_input_dtype = False  # masked_attention_backward returns the accumulation dtype
+
     pattern: BlockPattern = None  # type: ignore[assignment]
     block_size: int = 0
     boxes: tuple[Box | None, ...] = ()  # by source rank: the rows and keys with allowed pairs

@@ -15,7 +15,10 @@ runs the ring again; each call's backward uses the *merged* output and
 log-sum-exp. Key/value gradients travel with the shards, as in
 ring-flash-attention: the packet a rank sends at step s holds the
 key/values for step s+1 and the gradient accumulator of the shard it worked
-on at step s-1 (in the accumulation dtype, both as bytes of one buffer).
+on at step s-1 (both as bytes of one buffer). An accumulator's first hop
+carries one kernel call's gradient, exact in the inputs' dtype, and travels
+in it (half the bytes of float32 for bf16); later hops carry sums, in the
+accumulation dtype.
 A rank keeps the gradient of its own shard from its own queries (step 0),
 so an accumulator starts at step 1 on the next rank and is back at its
 owner after W-1 hops (for W = 2: one transfer, after the last step).
@@ -75,9 +78,24 @@ class Schedule:
         r = self.rank if rank is None else rank
         return (r - step) % self.world_size
 
+    # whether `attend_backward` returns gradients in the inputs' dtype (the fused kernels do)
+    gradients_in_input_dtype = True
+
     def calls(self, rank: int, source: int) -> tuple[Call, ...]:
         """The block attentions of `rank`'s queries with `source`'s keys and values."""
         return pair_calls(self.layout, self.is_causal, self.n, rank, source)
+
+    def first_accumulator_dtype(self, kv_dtype: torch.dtype, acc_dtype: torch.dtype) -> torch.dtype:
+        """dtype of the key/value gradient accumulator every rank sends first (made at step 1).
+
+        `kv_dtype` where on every rank that accumulator is at most one call's gradient in the
+        inputs' dtype: it then travels exactly, in half the bytes of float32 (for W = 2 it is
+        the only gradient hop). Otherwise `acc_dtype`. The same on every rank (packet sizes).
+        """
+        if self.world_size < 2 or not self.gradients_in_input_dtype:
+            return acc_dtype
+        one_call = all(len(self.calls(r, self.source(1, r))) <= 1 for r in range(self.world_size))
+        return kv_dtype if one_call else acc_dtype
 
     def attend(self, source: int, c: Call, q, k, v, scale: float):
         """(out, lse) of one call on its query rows and key/value rows."""
@@ -192,18 +210,25 @@ def ring_forward(sched: Schedule, q, k, v, scale: float, group_name: str):
 
 
 def _step_backward(sched: Schedule, step: int, dout, q, kv, out, lse, scale: float):
-    """(dq over all n rows or None, key/value gradient over all n rows or None) of one step."""
+    """(dq over all n rows or None, key/value gradient over all n rows or None) of one step.
+
+    dq is in the accumulation dtype; the key/value gradient is in the kernel's dtype when the
+    step is one call (exact; see `Schedule.first_accumulator_dtype`), else summed in the
+    accumulation dtype.
+    """
     n, acc = sched.n, accumulation_dtype(q)
     dq = dkv = None
     source = sched.source(step)
-    for c in sched.calls(sched.rank, source):
+    calls = sched.calls(sched.rank, source)
+    for c in calls:
         rows = slice(c.q0, c.q1)
         gq, gk, gv = sched.attend_backward(
             source, c, dout[:, :, rows], q[:, :, rows], kv[0, :, :, c.k0 : c.k1],
             kv[1, :, :, c.k0 : c.k1], out[:, :, rows], lse[:, :, rows], scale,
         )
         gq = _pad_rows(gq.to(acc), c.q0, c.q1, n, 0.0)
-        g = _pad_rows(torch.stack([gk.to(acc), gv.to(acc)]), c.k0, c.k1, n, 0.0)
+        g = torch.stack([gk, gv]) if len(calls) == 1 else torch.stack([gk.to(acc), gv.to(acc)])
+        g = _pad_rows(g, c.k0, c.k1, n, 0.0)
         dq = gq if dq is None else dq + gq
         dkv = g if dkv is None else dkv + g
     return dq, dkv
@@ -226,12 +251,13 @@ def ring_backward(sched: Schedule, dout, q, k, v, out, lse, scale: float, group_
     w, r = sched.world_size, sched.rank
     kv = torch.stack([k, v])
     acc_spec = (kv.shape, accumulation_dtype(q))
+    first_spec = (kv.shape, sched.first_accumulator_dtype(kv.dtype, acc_spec[1]))
     dq = acc = None  # acc: gradient of the shard this rank worked on at the previous step
     own = None  # gradient of this rank's own shard from its own queries (step 0): stays here
     link = _token(dout.contiguous())
     for step in range(w):
         sends_acc, sends_kv = acc is not None, step + 1 < w
-        specs = [acc_spec] * sends_acc + [(kv.shape, kv.dtype)] * sends_kv
+        specs = [first_spec if step == 2 else acc_spec] * sends_acc + [(kv.shape, kv.dtype)] * sends_kv
         parts = [acc] * sends_acc + [kv] * sends_kv
         pending = shift(pack(parts + [link]), w, r, group_name) if parts else None
         gq, contrib = _step_backward(sched, step, dout, q, kv, out, lse, scale)
@@ -245,10 +271,13 @@ def ring_backward(sched: Schedule, dout, q, k, v, out, lse, scale: float, group_
             kv = received[-1] if sends_kv else kv
         if step == 0:
             own = contrib
+        elif step == 1:  # the first accumulator: this step's gradient alone, sent as first_spec
+            acc = _accumulate(None, contrib, first_spec, q.device).to(first_spec[1])
         else:
             acc = _accumulate(incoming, contrib, acc_spec, q.device)
     if w > 1:  # one more hop brings every accumulator home
-        acc = unpack(wait(shift(pack([acc, link]), w, r, group_name)), [acc_spec])[0]
+        spec = first_spec if w == 2 else acc_spec
+        acc = unpack(wait(shift(pack([acc, link]), w, r, group_name)), [spec])[0]
     acc = _accumulate(acc, own, acc_spec, q.device)
     if dq is None:
         dq = torch.zeros(q.shape, dtype=acc_spec[1], device=q.device)
@@ -256,12 +285,12 @@ def ring_backward(sched: Schedule, dout, q, k, v, out, lse, scale: float, group_
 
 
 def _accumulate(incoming, contrib, spec, device) -> torch.Tensor:
-    """incoming + contrib, either of which may be None (all-zero)."""
+    """incoming + contrib in spec's dtype, either of which may be None (all-zero)."""
     if incoming is None and contrib is None:
         return torch.zeros(spec[0], dtype=spec[1], device=device)
-    if incoming is None:
-        return contrib
-    return incoming if contrib is None else incoming + contrib
+    if incoming is None or contrib is None:
+        return (contrib if incoming is None else incoming).to(spec[1])
+    return incoming.to(spec[1]) + contrib.to(spec[1])
 
 
 class RingDense(torch.autograd.Function):
