@@ -14,7 +14,9 @@ kernel's chosen launch config, on rank 1. Recording synchronises after each
 launch, so a race would hide in those calls; the unrecorded ones show
 whether one exists. Rank 1 then runs the replay on the CPU under Triton's
 interpreter (right there) and diffs each recorded call against it, kernel by
-kernel.
+kernel, and prints whether what the last kernel wrote is right and whether the
+caller got that buffer (a right kernel output and a wrong result would put the
+bug in the wrappers around the compiled code).
 
     torchrun --nproc-per-node 2 benchmarks/probes/replay/in_process.py --out $OUT [--record 1 3] [--alone]
 
@@ -42,6 +44,7 @@ from tests import ring_worker  # noqa: E402
 
 BEFORE = "backend-dilated-zigzag-causal"
 RECORD: list = []
+POINTERS: list = []  # data pointers of each recorded Triton kernel's tensors
 CONFIGS: list = []
 RECORDING = [False]
 
@@ -57,7 +60,9 @@ def install_recorders() -> None:
         result = run(self, *args, **kwargs)
         if RECORDING[0]:
             name = self.inductor_meta.get("kernel_name", "?")
-            RECORD.append((name, [a.detach().cpu().clone() for a in args if isinstance(a, torch.Tensor)]))
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            RECORD.append((name, [a.detach().cpu().clone() for a in tensors]))
+            POINTERS.append((name, [a.data_ptr() for a in tensors]))
             config = self.launchers[0].config if len(self.launchers) == 1 else None
             CONFIGS.append((name, str(config)))
         return result
@@ -100,6 +105,7 @@ def main() -> None:
     for call in (1, 2, 3):
         local = [t[:, :, rows].contiguous().to(device).requires_grad_() for t in (q, k, v)]
         RECORD.clear()
+        POINTERS.clear()
         CONFIGS.clear()
         RECORDING[0] = rank == 1 and call in args.record
         out = model(*local)
@@ -107,6 +113,15 @@ def main() -> None:
             torch.cuda.synchronize()
         RECORDING[0] = False
         err = (out.detach().double().cpu() - want).abs().amax(dim=(0, 1, 3))
+        if POINTERS:  # what the compiled code wrote last, against what the caller got
+            name, pointers = POINTERS[-1]
+            written = next(ts[0] for n, ts in reversed(RECORD) if n == name)
+            wrong = ((written.double().reshape(want.shape) - want).abs().max().item()
+                     if written.numel() == want.numel() else float("nan"))
+            print(f"rank {rank} call {call}: last kernel {name[:60]}... wrote {tuple(written.shape)} at "
+                  f"{pointers[0]:#x}; the caller got {tuple(out.shape)} stride {out.stride()} offset "
+                  f"{out.storage_offset()} at {out.data_ptr():#x}; error of what the kernel wrote "
+                  f"{wrong:.3g}", flush=True)
         out.backward(torch.ones_like(out))  # its collectives need every rank
         print(f"rank {rank} call {call}: max error {err.max().item():.3g}, per row "
               f"{[round(x, 3) for x in err.tolist()]}", flush=True)
