@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import pytest
@@ -359,13 +358,19 @@ def test_every_module_level_cache_is_bounded():
     assert report._RECENT.maxlen == 64
 
 
-def test_threads_share_one_dynamic_model_and_caches_stay_bounded():
-    """8 threads call one compiled model (symbolic length) at their own lengths: every
-    result equals the single-threaded one, nothing recompiles, and the plan cache,
-    filled concurrently at run time by the custom op, stays within its bound."""
+_THREADS_PROBE = textwrap.dedent(
+    """
+    import threading
+
+    import torch
+    from torch._dynamo.utils import counters
+
+    from dilated_compile.lowering import dilated as dilated_lowering
+    from tests.models import TinyModel, dilated_rule, policy
+
     torch.manual_seed(0)
     model = TinyModel(heads=(5, 3))
-    pol = policy(dilated_rule(seg=SEG, rates=RATES, head_split="longnet"))
+    pol = policy(dilated_rule(seg=(8, 16), rates=(1, 2), head_split="longnet"))
     compiled = torch.compile(model, backend="dilated", options={"policy": pol}, dynamic=True)
     inputs = [torch.randn(1, 20 + 7 * i, 16, requires_grad=True) for i in range(8)]
     expected = []
@@ -374,8 +379,8 @@ def test_threads_share_one_dynamic_model_and_caches_stay_bounded():
         (g,) = torch.autograd.grad(y.sum(), x)
         expected.append((y.detach(), g))
     dilated_lowering.make_plan.cache_clear()
-    results: list = [None] * 8
-    errors: list = []
+    results = [None] * 8
+    errors = []
 
     def call(i):
         try:
@@ -383,7 +388,7 @@ def test_threads_share_one_dynamic_model_and_caches_stay_bounded():
                 y = compiled(inputs[i])
                 (g,) = torch.autograd.grad(y.sum(), inputs[i])
                 results[i] = (y.detach(), g)
-        except Exception as exc:  # noqa: BLE001 - surfaced by the assert below
+        except Exception as exc:  # surfaced by the assert below
             errors.append(exc)
 
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -396,8 +401,24 @@ def test_threads_share_one_dynamic_model_and_caches_stay_bounded():
     for (y, g), (want_y, want_g) in zip(results, expected):
         assert torch.equal(y, want_y) and torch.equal(g, want_g)
     info = dilated_lowering.make_plan.cache_info()
-    assert 0 < info.currsize <= info.maxsize == 256
-    assert counters["stats"]["unique_graphs"] == 1
+    assert 0 < info.currsize <= info.maxsize == 256, info
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    print("threads ok")
+    """
+)
+
+
+def test_threads_share_one_dynamic_model_and_caches_stay_bounded():
+    """8 threads call one compiled model (symbolic length) at their own lengths: every
+    result equals the single-threaded one, nothing recompiles, and the plan cache,
+    filled concurrently at run time by the custom op, stays within its bound.
+
+    In a process of its own: on torch 2.11 Dynamo compiling in threads leaves dynamic-shape
+    state that `torch._dynamo.reset()` does not clear, and later tests' compile counts change."""
+    res = subprocess.run(
+        [sys.executable, "-c", _THREADS_PROBE], cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert res.returncode == 0 and "threads ok" in res.stdout, res.stderr[-4000:]
 
 
 # ---------------------------------------------------------------- max-autotune
