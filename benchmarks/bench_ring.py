@@ -30,8 +30,16 @@ baseline) and the main run takes its rows from that file (``--cp-from``):
     torchrun --nproc-per-node 2 benchmarks/bench_ring.py --cp-from $OUT/ring_w2_cp.json --dilated --out $OUT
 
 Efficiency = (single / W) / ring time (1.0 = perfect scaling). With
-``--dilated`` it also times a dilated ring (segments inside a shard) against
-`dilated_attention` on the full sequence on one GPU, as useful TFLOP/s per rank.
+``--dilated`` it also times, as useful forward TFLOP/s per GPU against the
+same attention over the full sequence on one GPU:
+
+- ``dilated``: segments 2048/4096/8192, rates 1/2/4, inside a zigzag chunk
+  (nothing sent);
+- ``dilated_long``: segments n/2, n, 2n, rates 1/2/4, for n tokens per rank
+  (selected keys sent between ranks);
+- ``block_sparse``: a causal local window (blocks of 128, window 2), up to
+  ``--max-block-sparse`` tokens per rank (its ring steps are masked float32
+  attention).
 
 Ranks time with CUDA events over a fixed number of iterations (every rank
 runs the same collectives the same number of times), after a barrier; the
@@ -57,7 +65,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import dilated_compile  # noqa: E402
 from dilated_compile import dilated_attention, ring_attention, shard  # noqa: E402
 
-DILATED = ([2048, 4096, 8192], [1, 2, 4])
+DILATED = ([2048, 4096, 8192], [1, 2, 4])  # segments inside a zigzag chunk from 16k tokens per rank
+BLOCK_SPARSE = (128, {"kind": "local_window", "window": 2})
 
 
 class CausalSDPA(nn.Module):
@@ -170,7 +179,10 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--dilated", action="store_true")
+    p.add_argument("--dilated", action="store_true",
+                   help="also dilated (segments inside a shard, and spanning ranks) and block-sparse rings")
+    p.add_argument("--max-block-sparse", type=int, default=16384,
+                   help="largest tokens per rank for the block-sparse ring (its steps are masked float32)")
     p.add_argument(
         "--cp", choices=("run", "skip", "only"), default="skip",
         help="torch's context_parallel: measured in this run, not at all, or alone (see above)",
@@ -238,7 +250,7 @@ def main() -> None:
             if n in cp_rows and name in cp_rows[n]:  # measured in its own process, against its own baseline
                 row[name] = {**cp_rows[n][name], "own_process": True}
         if ours and args.dilated:
-            dilated_row(row, local, dout, world, rank, args)
+            inner_rows(row, local, dout, world, rank, args)
         results["rows"].append(row)
         if rank == 0:
             print(json.dumps(row), flush=True)
@@ -253,35 +265,82 @@ def main() -> None:
     dist.destroy_process_group()
 
 
-def dilated_row(row, local, dout, world, rank, args) -> None:
-    """A dilated ring (segments inside a shard) against the same attention on one GPU."""
-    seg, rates = DILATED
-    n = row["per_rank"]
-    if (n // 2) % max(seg):
-        row["dilated"] = {"skipped": f"segment {max(seg)} does not divide the zigzag chunk {n // 2}"}
-        return
-    h, d = args.heads, args.head_dim
-    full = [torch.randn(1, h, n * world, d, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3)]
-    grad = torch.randn_like(full[0])
-    one = {}
-    measure("single", lambda q, k, v: dilated_attention(q, k, v, seg, rates, is_causal=True), full, grad,
-            args.iters, one, rank)
-    del full, grad
-    ring = lambda q, k, v: ring_attention(q, k, v, inner="dilated", layout="zigzag", is_causal=True,  # noqa: E731
-                                           segment_lengths=seg, dilation_rates=rates, check=False)
-    measure("ring", ring, local, dout, args.iters, one, rank)
+def block_sparse_pairs(n: int, block: int, pattern: dict, is_causal: bool) -> int:
+    """(query, key) pairs a block-sparse pattern lets attend over n positions (n a multiple of
+    block): whole active blocks, the diagonal ones halved by causality."""
+    from dilated_compile.lowering.block_patterns import as_pattern, blocks_active
+
+    idx = torch.arange(n // block)
+    active = blocks_active(as_pattern(pattern, block), idx[:, None], idx[None, :])
+    if not is_causal:
+        return int(active.sum()) * block * block
+    below = active & (idx[None, :] < idx[:, None])
+    return int(below.sum()) * block * block + int(active.diagonal().sum()) * block * (block + 1) // 2
+
+
+def inner_setups(n: int, world: int, h: int, d: int, max_block_sparse: int) -> dict:
+    """By row key: (description, one-GPU fn, ring fn, useful forward FLOPs) of the non-dense
+    inner attentions, or a reason to skip, for n tokens per rank (causal, zigzag)."""
+    from dilated_compile import block_sparse_attention
     from dilated_compile.cost import dilated_cost
 
-    row["dilated"] = {"segments": seg, "rates": rates, **one}
-    try:
+    out = {}
+    total = n * world
+    for key, (seg, rates) in (("dilated", DILATED), ("dilated_long", ([n // 2, n, 2 * n], [1, 2, 4]))):
+        if key == "dilated" and (n // 2) % max(seg):
+            out[key] = f"segment {max(seg)} does not divide the zigzag chunk {n // 2}"
+            continue
         cost = dilated_cost(1, h, d, seg, rates, head_split="groups", is_causal=True, dtype_bytes=2)
-        flops = float(cost.at(n * world)[0])
+        out[key] = (
+            {"segments": seg, "rates": rates},
+            lambda q, k, v, seg=seg, rates=rates: dilated_attention(q, k, v, seg, rates, is_causal=True),
+            lambda q, k, v, seg=seg, rates=rates: ring_attention(
+                q, k, v, inner="dilated", layout="zigzag", is_causal=True, segment_lengths=seg,
+                dilation_rates=rates, check=False),
+            float(cost.at(total)[0]),
+        )
+    block, pattern = BLOCK_SPARSE
+    if n > max_block_sparse:
+        out["block_sparse"] = f"above --max-block-sparse {max_block_sparse} tokens per rank (masked float32 steps)"
+    else:
+        out["block_sparse"] = (
+            {"block_size": block, "pattern": pattern},
+            lambda q, k, v: block_sparse_attention(q, k, v, block_size=block, pattern=pattern, is_causal=True),
+            lambda q, k, v: ring_attention(q, k, v, inner="block_sparse", layout="zigzag", is_causal=True,
+                                           block_size=block, pattern=pattern, check=False),
+            4.0 * d * h * block_sparse_pairs(total, block, pattern, True),
+        )
+    return out
+
+
+def inner_rows(row, local, dout, world, rank, args) -> None:
+    """Dilated (segments inside a shard, and spanning ranks) and block-sparse rings against the
+    same attention on one GPU: time, and useful forward TFLOP/s per GPU."""
+    n, h, d = row["per_rank"], args.heads, args.head_dim
+    try:
+        setups = inner_setups(n, world, h, d, args.max_block_sparse)
+    except Exception as exc:  # noqa: BLE001 - a setup error is a result
+        row["inner_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        return
+    for key, setup in setups.items():
+        if isinstance(setup, str):
+            row[key] = {"skipped": setup}
+            continue
+        description, single_fn, ring_fn, flops = setup
+        full = [torch.randn(1, h, n * world, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+                for _ in range(3)]
+        grad = torch.randn_like(full[0])
+        one = {}
+        measure("single", single_fn, full, grad, args.iters, one, rank)
+        del full, grad
+        torch.cuda.empty_cache()
+        measure("ring", ring_fn, local, dout, args.iters, one, rank)
+        row[key] = {**description, **one, "flops_fwd": flops}
         for name in ("single", "ring"):
             if "error" not in one[name]:
-                per = flops / (world if name == "ring" else 1)
-                row["dilated"][f"{name}_fwd_tflops_per_gpu"] = per / one[name]["fwd_ms"] / 1e9
-    except Exception as exc:  # noqa: BLE001
-        row["dilated"]["flops_error"] = str(exc)[:200]
+                per_gpu = flops / (world if name == "ring" else 1)
+                row[key][f"{name}_fwd_tflops_per_gpu"] = per_gpu / one[name]["fwd_ms"] / 1e9
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

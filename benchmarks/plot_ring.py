@@ -35,8 +35,8 @@ def target(per_rank: int) -> float | None:
     return None
 
 
-def fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
+def fmt(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def table(results: dict) -> str:
@@ -56,19 +56,27 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+INNERS = ("dilated", "dilated_long", "block_sparse")  # bench_ring.py --dilated
+
+
 def dilated_table(results: dict) -> str:
+    """Dilated and block-sparse rings: useful forward TFLOP/s per GPU against one GPU."""
     lines = [
-        "| tokens/rank | one GPU fwd TFLOP/s | ring fwd TFLOP/s per GPU | one GPU fwd+bwd ms | ring fwd+bwd ms |",
-        "|---|---|---|---|---|",
+        "| inner | tokens/rank | one GPU fwd TFLOP/s | ring fwd TFLOP/s per GPU | one GPU fwd+bwd ms | ring fwd+bwd ms |",
+        "|---|---|---|---|---|---|",
     ]
-    for row in results["rows"]:
-        d = row.get("dilated") or {}
-        if "single" not in d or "error" in d["single"] or "error" in d.get("ring", {"error": 1}):
-            continue
-        lines.append(
-            f"| {row['per_rank'] // 1024}k | {d.get('single_fwd_tflops_per_gpu', 0):.0f} | "
-            f"{d.get('ring_fwd_tflops_per_gpu', 0):.0f} | {d['single']['fwdbwd_ms']:.2f} | {d['ring']['fwdbwd_ms']:.2f} |"
-        )
+    for key in INNERS:
+        for row in results["rows"]:
+            d = row.get(key) or {}
+            if "skipped" in d or "single" not in d:
+                continue
+            single, ring = d["single"], d.get("ring", {"error": "not run"})
+            cells = [
+                fmt(d.get("single_fwd_tflops_per_gpu"), 0), fmt(d.get("ring_fwd_tflops_per_gpu"), 0),
+                "error" if "error" in single else f"{single['fwdbwd_ms']:.2f}",
+                "error" if "error" in ring else f"{ring['fwdbwd_ms']:.2f}",
+            ]
+            lines.append(f"| {key} | {row['per_rank'] // 1024}k | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
