@@ -73,13 +73,13 @@ class Schedule:
     layout: str
     is_causal: bool
 
+    # whether `attend_backward` returns gradients in the inputs' dtype (the fused kernels do)
+    gradients_in_input_dtype = True
+
     def source(self, step: int, rank: int | None = None) -> int:
         """Whose key/value shard `rank` (default: this one) holds at `step`."""
         r = self.rank if rank is None else rank
         return (r - step) % self.world_size
-
-    # whether `attend_backward` returns gradients in the inputs' dtype (the fused kernels do)
-    gradients_in_input_dtype = True
 
     def calls(self, rank: int, source: int) -> tuple[Call, ...]:
         """The block attentions of `rank`'s queries with `source`'s keys and values."""
