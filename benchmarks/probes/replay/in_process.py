@@ -122,6 +122,10 @@ def main() -> None:
                   f"{pointers[0]:#x}; the caller got {tuple(out.shape)} stride {out.stride()} offset "
                   f"{out.storage_offset()} at {out.data_ptr():#x}; error of what the kernel wrote "
                   f"{wrong:.3g}", flush=True)
+        if err.max().item() > 1e-3:  # is the caller's tensor one of the inputs, or another buffer?
+            same = {name: (out.detach() - t.detach()).abs().max().item() for name, t in zip("qkv", local)}
+            print(f"rank {rank} call {call}: wrong; out at {out.data_ptr():#x}, inputs at "
+                  f"{[hex(t.data_ptr()) for t in local]}; max |out - input| {same}", flush=True)
         out.backward(torch.ones_like(out))  # its collectives need every rank
         print(f"rank {rank} call {call}: max error {err.max().item():.3g}, per row "
               f"{[round(x, 3) for x in err.tolist()]}", flush=True)
