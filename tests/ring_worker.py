@@ -380,6 +380,30 @@ def cuda_kernels_case() -> None:
 # sharding helpers, groups, world-size-1 behaviour
 
 
+def first_hop_exact_case(layout: str, dtype: torch.dtype) -> None:
+    """The ring backward's first gradient hop in the inputs' dtype (half the bytes of float32)
+    gives the same gradients, bit for bit, as sending it in float32."""
+    from dilated_compile.lowering import ring_dense
+
+    world, _, _ = ring_info()
+    q, k, v, dout = _full_inputs(world, 16, dtype, seed=7)
+    grads = []
+    for hop in ("input dtype", "float32"):
+        local = [shard(t, 2, layout).clone().requires_grad_() for t in (q, k, v)]
+        original = ring_dense.Schedule.first_accumulator_dtype
+        if hop == "float32":
+            ring_dense.Schedule.first_accumulator_dtype = lambda self, kv_dtype, acc_dtype: acc_dtype
+        try:
+            ring_attention(*local, layout=layout, is_causal=True).backward(shard(dout, 2, layout))
+        finally:
+            ring_dense.Schedule.first_accumulator_dtype = original
+        grads.append([t.grad for t in local])
+    for name, a, b in zip("qkv", *grads):
+        if not torch.equal(a, b):
+            raise CaseFailure(f"grad {name}: the {dtype} first hop differs from the float32 one by "
+                              f"{(a.double() - b.double()).abs().max().item():.3g}")
+
+
 def shard_roundtrip_case(layout: str) -> None:
     """unshard(shard(x)) == x along any dim; shard picks the layout's positions; grads flow."""
     world, rank, _ = ring_info()
@@ -611,6 +635,7 @@ def cases(world: int, backend: str = "gloo") -> dict[str, Callable[[], None]]:
             out[f"{inner.replace('_', '-')}-{setup}-{layout}-causal-{name}"] = functools.partial(
                 numeric_case, inner, layout, True, half, setup, n_local=32)
         out[f"shard-roundtrip-{layout}"] = functools.partial(shard_roundtrip_case, layout)
+        out[f"first-hop-exact-{layout}-{name}"] = functools.partial(first_hop_exact_case, layout, half)
     out["dense-zigzag-causal-float64-long"] = functools.partial(
         numeric_case, "dense", "zigzag", True, torch.float64, n_local=34)
     out["gpt-training-direct"] = functools.partial(gpt_training_case, "direct")
