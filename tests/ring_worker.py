@@ -380,6 +380,20 @@ def cuda_kernels_case() -> None:
 # sharding helpers, groups, world-size-1 behaviour
 
 
+def split_boxes_case(layout: str, is_causal: bool, setup: str) -> None:
+    """numeric_case of a block-sparse ring whose shard pairs are split into several boxes
+    (MAX_BOX_PAIRS lowered): several masked calls per step, merged in the forward and summed
+    in the backward."""
+    from dilated_compile.lowering import ring_block_sparse
+
+    saved = ring_block_sparse.MAX_BOX_PAIRS
+    ring_block_sparse.MAX_BOX_PAIRS = 4
+    try:
+        numeric_case("block_sparse", layout, is_causal, torch.float32, setup, n_local=12)
+    finally:
+        ring_block_sparse.MAX_BOX_PAIRS = saved
+
+
 def first_hop_exact_case(layout: str, dtype: torch.dtype) -> None:
     """The ring backward's first gradient hop in the inputs' dtype (half the bytes of float32)
     gives the same gradients, bit for bit, as sending it in float32."""
@@ -635,6 +649,9 @@ def cases(world: int, backend: str = "gloo") -> dict[str, Callable[[], None]]:
             out[f"{inner.replace('_', '-')}-{setup}-{layout}-causal-{name}"] = functools.partial(
                 numeric_case, inner, layout, True, half, setup, n_local=32)
         out[f"shard-roundtrip-{layout}"] = functools.partial(shard_roundtrip_case, layout)
+        for causal, setup in ((True, "local"), (False, "mask-mod")):
+            out[f"block-sparse-split-{setup}-{layout}-{'causal' if causal else 'full'}"] = functools.partial(
+                split_boxes_case, layout, causal, setup)
         out[f"first-hop-exact-{layout}-{name}"] = functools.partial(first_hop_exact_case, layout, half)
     out["dense-zigzag-causal-float64-long"] = functools.partial(
         numeric_case, "dense", "zigzag", True, torch.float64, n_local=34)

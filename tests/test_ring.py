@@ -276,18 +276,60 @@ def test_block_sparse_ring_skips_steps_without_active_blocks():
                 for r in range(world)]
 
     local = {"kind": "local_window", "window": 0}
-    assert boxes(2, 8, "contiguous", False, local, 4) == [((0, 8, 0, 8), None), (None, (0, 8, 0, 8))]
+    full8 = ((0, 8, 0, 8),)
+    assert boxes(2, 8, "contiguous", False, local, 4) == [(full8, ()), ((), full8)]
     # blocks of 3 cross the shard edge at 8: block 2 holds positions 6, 7 | 8
-    assert boxes(2, 8, "contiguous", True, local, 3) == [((0, 8, 0, 8), None), ((0, 1, 6, 8), (0, 8, 0, 8))]
+    assert boxes(2, 8, "contiguous", True, local, 3) == [(full8, ()), (((0, 1, 6, 8),), full8)]
     glob = {"kind": "global_local", "global_blocks": 1, "window": 0}
     got = boxes(4, 4, "contiguous", True, glob, 4)
-    full = (0, 4, 0, 4)
-    assert got == [(full, None, None, None), (full, full, None, None),
-                   (full, None, full, None), (full, None, None, full)], got
+    full = ((0, 4, 0, 4),)
+    assert got == [(full, (), (), ()), (full, full, (), ()),
+                   (full, (), full, ()), (full, (), (), full)], got
     # zigzag over 8 positions, blocks of 3 (rank 0 holds 0, 1 | 6, 7; rank 1 holds 2 | 3, 4, 5):
     # across ranks only block 0 (0, 1 with 2) is shared, so the boxes are its rows and keys
     got = boxes(2, 4, "zigzag", False, local, 3)
-    assert got == [((0, 4, 0, 4), (0, 2, 0, 1)), ((0, 1, 0, 2), (0, 4, 0, 4))], got
+    assert got == [(((0, 4, 0, 4),), ((0, 2, 0, 1),)), (((0, 1, 0, 2),), ((0, 4, 0, 4),))], got
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("pattern,block_size", [
+    ({"kind": "local_window", "window": 1}, 4),
+    ({"kind": "dilated", "stride": 3, "window": 0}, 2),
+    ({"kind": "global_local", "global_blocks": 1, "window": 1}, 4),
+    ({"kind": "mask_mod", "function": "tests.masks:stripes"}, 4),
+])
+def test_split_block_sparse_boxes_cover_every_allowed_pair_once(layout, is_causal, pattern, block_size):
+    """Boxes split by query rows (MAX_BOX_PAIRS tiny): disjoint rows, at most MAX_BOXES per
+    shard pair, narrower keys than one box where the pattern allows, and together they
+    hold every allowed (query, key) pair of the pair."""
+    from dilated_compile.lowering import ring_block_sparse as rbs
+    from dilated_compile.lowering.block_patterns import as_pattern, evaluate_mask_mod, token_mask_mod
+
+    world, n = 2, 32
+    pat = as_pattern(pattern, block_size)
+    allowed_all = evaluate_mask_mod(token_mask_mod(pat, block_size, is_causal), 1, 1,
+                                    torch.arange(world * n), torch.arange(world * n))[0, 0]
+    narrower = False
+    for rank in range(world):
+        mine = position_list(world * n, layout, rank, world)
+        for source in range(world):
+            theirs = position_list(world * n, layout, source, world)
+            whole = rbs._pair_boxes(pat, block_size, is_causal, mine, theirs, 1 << 30)
+            split = rbs._pair_boxes(pat, block_size, is_causal, mine, theirs, 4)
+            assert len(whole) <= 1 and len(split) <= rbs.MAX_BOXES
+            covered = torch.zeros(n, n, dtype=torch.int64)
+            for q0, q1, k0, k1 in split:
+                covered[q0:q1, k0:k1] += 1
+            rows = torch.zeros(n, dtype=torch.int64)
+            for q0, q1, _, _ in split:
+                rows[q0:q1] += 1
+            assert int(rows.max()) <= 1  # disjoint rows
+            allowed = allowed_all[mine][:, theirs]
+            assert bool((covered[allowed] == 1).all()), (rank, source, split)
+            pairs = sum((q1 - q0) * (k1 - k0) for q0, q1, k0, k1 in split)
+            narrower |= bool(whole) and pairs < (whole[0][1] - whole[0][0]) * (whole[0][3] - whole[0][2])
+    assert narrower or pattern["kind"] == "mask_mod"
 
 
 def _backward_packet_bytes(sched, dtype: torch.dtype) -> list[int]:

@@ -11,8 +11,11 @@ passed along (every rank issues the same collectives). Partials merge by
 log-sum-exp; each step's backward uses the merged output and log-sum-exp; a
 query with no allowed key anywhere gets 0 and gradient 0.
 
-Each step is one masked attention (`ring_masked`) of the shard pair on every
-device: exact and differentiable everywhere (the CPU path the tests run).
+Each step is one masked attention (`ring_masked`) per box on every device:
+exact and differentiable everywhere (the CPU path the tests run). A box of
+more than `MAX_BOX_PAIRS` (query, key) pairs is split by query rows into at
+most `MAX_BOXES` boxes, each narrowed to its rows' keys: this bounds the
+float32 scores one call holds, and for local patterns cuts the work.
 On GPU this is the same plain matmul/softmax path, not FlexAttention: a flex
 lowering with query offsets would be faster and is left for later.
 """
@@ -20,6 +23,7 @@ lowering with query offsets would be faster and is left for later.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -39,11 +43,10 @@ class BlockSparseSchedule(Schedule):
 
     pattern: BlockPattern = None  # type: ignore[assignment]
     block_size: int = 0
-    boxes: tuple[Box | None, ...] = ()  # by source rank: the rows and keys with allowed pairs
+    boxes: tuple[tuple[Box, ...], ...] = ()  # by source rank: row ranges and their keys with allowed pairs
 
     def calls(self, rank: int, source: int) -> tuple[Call, ...]:
-        box = self.boxes[source]
-        return () if box is None else (Call(*box, False),)
+        return tuple(Call(*box, False) for box in self.boxes[source])
 
     def positions(self, rank: int, device) -> torch.Tensor:
         """Global positions of `rank`'s shard, built in the graph from ranges."""
@@ -108,20 +111,59 @@ def _pair_box(
     return (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1)
 
 
+# Query x key positions above which a shard pair's box is split by query rows (into at most
+# MAX_BOXES boxes, each with its own keys): the masked attention of one box holds float32 scores
+# for every pair of it, and a local pattern's keys narrow with its rows.
+MAX_BOX_PAIRS = 1 << 22
+MAX_BOXES = 8
+
+
+def _pair_boxes(
+    pattern: BlockPattern, block_size: int, is_causal: bool, qpos: list[int], kpos: list[int],
+    max_pairs: int,
+) -> tuple[Box, ...]:
+    """`_pair_box` of the shard pair, split into boxes of consecutive query rows (a multiple of
+    the block size each) when it holds more than `max_pairs` pairs; each box is narrowed to its
+    rows' allowed keys, and boxes without allowed pairs are dropped."""
+    box = _pair_box(pattern, block_size, is_causal, qpos, kpos)
+    if box is None:
+        return ()
+    q0, q1, k0, k1 = box
+    pieces = min(MAX_BOXES, -(-(q1 - q0) * (k1 - k0) // max_pairs))
+    if pieces <= 1:
+        return (box,)
+    rows = block_size * -(-(q1 - q0) // (pieces * block_size))
+    out = []
+    for start in range(q0, q1, rows):
+        part = _pair_box(pattern, block_size, is_causal, qpos[start : min(start + rows, q1)], kpos)
+        if part is not None:
+            out.append((part[0] + start, part[1] + start, part[2], part[3]))
+    return tuple(out)
+
+
 @torch._dynamo.assume_constant_result
 def _boxes(
     world_size: int, rank: int, n: int, layout: str, is_causal: bool,
-    pattern_fields: tuple, block_size: int,
-) -> tuple[Box | None, ...]:
-    """By source rank, the box of this rank's queries and its keys with allowed pairs, or None
-    (a constant to Dynamo)."""
+    pattern_fields: tuple, block_size: int, max_pairs: int,
+) -> tuple[tuple[Box, ...], ...]:
+    """By source rank, the boxes of this rank's queries and that rank's keys with allowed pairs
+    (a constant to Dynamo, which calls it without tracing)."""
+    return _cached_boxes(world_size, rank, n, layout, is_causal, pattern_fields, block_size, max_pairs)
+
+
+@lru_cache(maxsize=64)
+def _cached_boxes(
+    world_size: int, rank: int, n: int, layout: str, is_causal: bool,
+    pattern_fields: tuple, block_size: int, max_pairs: int,
+) -> tuple[tuple[Box, ...], ...]:
+    """`_boxes`, computed once per setup (Python over every position: eager calls repeat it)."""
     pattern = BlockPattern(*pattern_fields)
     total = n * world_size
     with outside_tracing():
         mine = position_list(total, layout, rank, world_size)
         return tuple(
-            _pair_box(pattern, block_size, is_causal, mine,
-                         position_list(total, layout, s, world_size))
+            _pair_boxes(pattern, block_size, is_causal, mine,
+                        position_list(total, layout, s, world_size), max_pairs)
             for s in range(world_size)
         )
 
@@ -132,7 +174,7 @@ def make_block_sparse_schedule(
 ) -> BlockSparseSchedule:
     """The schedule of one rank's block-sparse ring."""
     pattern_fields = (pattern.kind, pattern.window, pattern.stride, pattern.global_blocks, pattern.function)
-    boxes = _boxes(world_size, rank, n, layout, is_causal, pattern_fields, block_size)
+    boxes = _boxes(world_size, rank, n, layout, is_causal, pattern_fields, block_size, MAX_BOX_PAIRS)
     return BlockSparseSchedule(world_size, rank, n, layout, is_causal, pattern, block_size, boxes)
 
 
