@@ -12,7 +12,8 @@ inside a custom op's implementation):
 
 - ``"dense"``: `ring_dense.ring_forward` / `ring_backward` with a `Schedule`
   (cached by `make_schedule`);
-- ``"block_sparse"``: the same with a `BlockSparseSchedule` (cached here);
+- ``"block_sparse"``: the same with a `BlockSparseSchedule` (its boxes cached
+  by `ring_block_sparse`);
 - ``"dilated"``: `dilated.dilated_forward` / `dilated_backward` on the shard
   when every segment lies inside one run of it (nothing is sent), else
   `ring_dilated.dilated_ring_forward` / `dilated_ring_backward` (plans
@@ -70,17 +71,9 @@ from .dynamic import (
 )
 from .dynamic_block_sparse import effective_pattern as _block_pattern_at, pattern_args
 from .ring import INNERS, check_local_shape, dilated_segments_local
-from .ring_block_sparse import BlockSparseSchedule, make_block_sparse_schedule
+from .ring_block_sparse import make_block_sparse_schedule
 from .ring_dense import make_schedule, ring_backward, ring_forward
 from .ring_dilated import DilatedRingPlan, _gather_keys, dilated_ring_backward, dilated_ring_forward, make_dilated_plan
-
-
-@lru_cache(maxsize=64)
-def _block_sparse_schedule(
-    world_size: int, rank: int, n: int, layout: str, is_causal: bool, pattern: BlockPattern, block_size: int
-) -> BlockSparseSchedule:
-    """`make_block_sparse_schedule`, cached (its boxes are computed in Python per position)."""
-    return make_block_sparse_schedule(world_size, rank, n, layout, is_causal, pattern, block_size)
 
 
 @lru_cache(maxsize=64)
@@ -121,7 +114,7 @@ def _dense_like_schedule(q, world_size, rank, layout, is_causal, block_size, kin
     if kind == "":  # dense
         return make_schedule(world_size, rank, n, layout, bool(is_causal))
     pattern = _block_pattern_at(n * world_size, block_size, kind, window, stride, global_blocks, 0)
-    return _block_sparse_schedule(world_size, rank, n, layout, bool(is_causal), pattern, block_size)
+    return make_block_sparse_schedule(world_size, rank, n, layout, bool(is_causal), pattern, block_size)
 
 
 def _dilated_route(q, world_size, rank, layout, is_causal, segment_lengths, dilation_rates, head_split):
