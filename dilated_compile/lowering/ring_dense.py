@@ -257,7 +257,8 @@ def ring_backward(sched: Schedule, dout, q, k, v, out, lse, scale: float, group_
     link = _token(dout.contiguous())
     for step in range(w):
         sends_acc, sends_kv = acc is not None, step + 1 < w
-        specs = [first_spec if step == 2 else acc_spec] * sends_acc + [(kv.shape, kv.dtype)] * sends_kv
+        # an accumulator arrives in the dtype this rank's own one has now: every rank makes it alike
+        specs = ([(kv.shape, acc.dtype)] if sends_acc else []) + [(kv.shape, kv.dtype)] * sends_kv
         parts = [acc] * sends_acc + [kv] * sends_kv
         pending = shift(pack(parts + [link]), w, r, group_name) if parts else None
         gq, contrib = _step_backward(sched, step, dout, q, kv, out, lse, scale)
@@ -272,12 +273,11 @@ def ring_backward(sched: Schedule, dout, q, k, v, out, lse, scale: float, group_
         if step == 0:
             own = contrib
         elif step == 1:  # the first accumulator: this step's gradient alone, sent as first_spec
-            acc = _accumulate(None, contrib, first_spec, q.device).to(first_spec[1])
+            acc = _accumulate(None, contrib, first_spec, q.device)
         else:
             acc = _accumulate(incoming, contrib, acc_spec, q.device)
     if w > 1:  # one more hop brings every accumulator home
-        spec = first_spec if w == 2 else acc_spec
-        acc = unpack(wait(shift(pack([acc, link]), w, r, group_name)), [spec])[0]
+        acc = unpack(wait(shift(pack([acc, link]), w, r, group_name)), [(kv.shape, acc.dtype)])[0]
     acc = _accumulate(acc, own, acc_spec, q.device)
     if dq is None:
         dq = torch.zeros(q.shape, dtype=acc_spec[1], device=q.device)
