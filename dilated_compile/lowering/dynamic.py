@@ -126,11 +126,14 @@ def register_backward_from_lse(forward_op, backward_op) -> None:
         q, k, v, *params = inputs
         out, lse = output
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zeros for lse's gradient, which is unused
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.params = params
 
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:  # not materialised: out got no gradient
+            dout = torch.zeros_like(out)
         dq, dk, dv = backward_op(dout, q, k, v, out, lse, *ctx.params)
         return dq, dk, dv, *([None] * len(ctx.params))
 

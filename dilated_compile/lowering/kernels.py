@@ -195,6 +195,12 @@ def _forward_impl(kernel: str, q, k, v, is_causal: bool, scale: float) -> tuple[
     raise ValueError(f"no fused kernel {kernel!r}")
 
 
+def _unused_rng_state(q: torch.Tensor) -> torch.Tensor:
+    """The dropout RNG seed/offset argument of a fused backward: read only with
+    dropout, which is always 0 here, so left uninitialised (no fill kernel)."""
+    return torch.empty((), dtype=torch.int64, device=q.device)
+
+
 def _backward_impl(kernel: str, dout, q, k, v, out, lse, is_causal: bool, scale: float):
     """(dq, dk, dv) of the fused kernel `kernel` (runs on real and on fake tensors alike)."""
     m, mk = q.shape[-2], k.shape[-2]  # differ in a ring's off-diagonal blocks
@@ -206,7 +212,7 @@ def _backward_impl(kernel: str, dout, q, k, v, out, lse, is_causal: bool, scale:
         return dq, dk, dv
     if kernel == "flash":
         dout, q, k, v, out = (_seq_major(t) for t in (dout, q, k, v, out))
-        seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        seed = _unused_rng_state(q)
         dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
             dout, q, k, v, out, lse.float().contiguous(), None, None, m, mk, 0.0, is_causal,
             seed, seed, scale=scale,
@@ -221,7 +227,7 @@ def _backward_impl(kernel: str, dout, q, k, v, out, lse, is_causal: bool, scale:
         # later call with the same q/k/v layout reads out/grad_out with the
         # wrong strides: an illegal memory access, or wrong gradients.
         dout, out = _laid_out_like_cudnn_out(dout, q), _laid_out_like_cudnn_out(out, q)
-        seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        seed = _unused_rng_state(q)
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse.float().contiguous().unsqueeze(-1), seed, seed, None,
             None, None, m, mk, 0.0, is_causal, scale=scale,
@@ -231,7 +237,7 @@ def _backward_impl(kernel: str, dout, q, k, v, out, lse, is_causal: bool, scale:
         dout, q, k, v, out = (_seq_major(t) for t in (dout, q, k, v, out))
         pad = (-m) % 32
         lse_padded = torch.nn.functional.pad(lse.float(), (0, pad)).contiguous()
-        seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        seed = _unused_rng_state(q)
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
             dout, q, k, v, None, out, lse_padded, seed, seed, 0.0,
             [True, True, True, False], is_causal, scale=scale,

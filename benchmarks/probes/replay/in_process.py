@@ -49,6 +49,42 @@ CONFIGS: list = []
 RECORDING = [False]
 
 
+def identity(autotuner) -> dict:
+    """Which compiled binary a CachingAutotuner runs: its object, source and kernel hashes."""
+    import hashlib
+
+    src = getattr(getattr(autotuner, "fn", None), "src", "") or ""
+    results = []
+    for r in getattr(autotuner, "compile_results", []):
+        kernel = getattr(r, "kernel", None)
+        ptx = (getattr(kernel, "asm", None) or {}).get("ptx") if kernel is not None else None
+        results.append({
+            "result": type(r).__name__,
+            "kernel": type(kernel).__name__,
+            "hash": getattr(kernel, "hash", None),
+            "ptx_sha1": hashlib.sha1(ptx.encode()).hexdigest() if isinstance(ptx, str) else None,
+        })
+    return {
+        "id": id(autotuner),
+        "src_sha1": hashlib.sha1(src.encode()).hexdigest(),
+        "launcher": type(autotuner.launchers[0]).__name__ if autotuner.launchers else None,
+        "results": results,
+    }
+
+
+def all_autotuners() -> list:
+    """(kernel name, identity) of every Triton kernel of this process."""
+    import gc
+
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+
+    return sorted(
+        ((o.inductor_meta.get("kernel_name", "?"), identity(o))
+         for o in gc.get_objects() if isinstance(o, CachingAutotuner)),
+        key=lambda t: t[0],
+    )
+
+
 def install_recorders() -> None:
     """Record every Triton kernel launch and `extern_kernels.bmm` while RECORDING[0] is set."""
     from torch._inductor.runtime.triton_heuristics import CachingAutotuner
@@ -64,7 +100,7 @@ def install_recorders() -> None:
             RECORD.append((name, [a.detach().cpu().clone() for a in tensors]))
             POINTERS.append((name, [a.data_ptr() for a in tensors]))
             config = self.launchers[0].config if len(self.launchers) == 1 else None
-            CONFIGS.append((name, str(config)))
+            CONFIGS.append((name, str(config), identity(self)))
         return result
 
     CachingAutotuner.run = recorded_run
@@ -141,6 +177,10 @@ def main() -> None:
         for call in args.record:
             print(f"--- call {call} against the CPU replay (largest difference per recorded call)", flush=True)
             diff(cpu, os.path.join(args.out, f"rank1_call{call}.pt"))
+        summary["autotuners"] = all_autotuners()
+        names = [n for n, _ in summary["autotuners"]]
+        print("kernel names compiled more than once in this process:",
+              sorted({n for n in names if names.count(n) > 1}), flush=True)
         with open(os.path.join(args.out, "in_process.json"), "w") as f:
             json.dump(summary, f, indent=1)
     dist.destroy_process_group()
