@@ -78,11 +78,14 @@ def all_autotuners() -> list:
 
     from torch._inductor.runtime.triton_heuristics import CachingAutotuner
 
-    return sorted(
-        ((o.inductor_meta.get("kernel_name", "?"), identity(o))
-         for o in gc.get_objects() if isinstance(o, CachingAutotuner)),
-        key=lambda t: t[0],
-    )
+    found = []
+    for o in gc.get_objects():
+        try:
+            if type(o) is CachingAutotuner or isinstance(o, CachingAutotuner):
+                found.append((o.inductor_meta.get("kernel_name", "?"), identity(o)))
+        except ReferenceError:  # a dead weak proxy
+            continue
+    return sorted(found, key=lambda t: t[0])
 
 
 def install_recorders() -> None:
