@@ -57,9 +57,13 @@ def module_source(log: str, interpret: bool) -> str:
         "    def run(self, *args, stream=None):",
         "        xnumel = args[-2] if self.reduction else args[-1]",
         "        xb = 1 << max(0, (xnumel - 1).bit_length())",
-        "        self.fn[(-(-xnumel // xb),)](*args, XBLOCK=xb)",
+        "        extra = {}",
+        "        if self.reduction and REDUCTION_CONFIG:  # forced: XBLOCK and num_warps",
+        "            xb, extra['num_warps'] = REDUCTION_CONFIG",
+        "        self.fn[(-(-xnumel // xb),)](*args, XBLOCK=xb, **extra)",
         "        RECORD.append((self.name, [a.detach().cpu().clone() for a in args if isinstance(a, torch.Tensor)]))",
         "RECORD = []",
+        "REDUCTION_CONFIG = None",
         "def _bmm(a, b, out):",
         "    torch.bmm(a, b, out=out)",
         "    RECORD.append(('bmm', [a.detach().cpu().clone(), b.detach().cpu().clone(), out.detach().cpu().clone()]))",
@@ -109,7 +113,7 @@ def inputs_and_reference() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, to
     return q, k, v, ref
 
 
-def run(device: str, save: str | None) -> None:
+def run(device: str, save: str | None, reduction_config: tuple[int, int] | None = None) -> None:
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     path = os.path.join(HERE, "_generated_replay.py")
     with open(path, "w") as f:
@@ -118,6 +122,7 @@ def run(device: str, save: str | None) -> None:
     import _generated_replay as mod
 
     mod.DEVICE = torch.device(device)
+    mod.REDUCTION_CONFIG = reduction_config
     q, k, v, ref = inputs_and_reference()
 
     def shard(t: torch.Tensor, rank: int) -> torch.Tensor:
@@ -151,11 +156,17 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--save")
     p.add_argument("--diff", nargs=2)
+    p.add_argument(
+        "--reduction-config", type=int, nargs=2, metavar=("XBLOCK", "NUM_WARPS"),
+        help="launch the reduction kernels with this XBLOCK and num_warps (in_process.py saw "
+        "the wrong output with XBLOCK 8, num_warps 2 and the right one with XBLOCK 1)",
+    )
     args = p.parse_args()
+
     if args.diff:
         diff(*args.diff)
     else:
-        run(args.device, args.save)
+        run(args.device, args.save, tuple(args.reduction_config) if args.reduction_config else None)
 
 
 if __name__ == "__main__":
