@@ -84,13 +84,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("n", nargs="?", type=int, default=32768)
     parser.add_argument("--trace", default=None)
-    parser.add_argument(
-        "--triton-launch", action="store_true",
-        help="launch the combine kernels through Triton on every call (the code before launch.py)",
-    )
     args = parser.parse_args()
-    if args.triton_launch:
-        combine.launch = lambda fn, grid, a, constexprs, device: fn[grid](*a, **constexprs)
+
     n, h, d = args.n, 16, 128
     scale = d**-0.5
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, N={n}")

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from .kernels import seq_major_empty
-from .launch import launch
 
 if TYPE_CHECKING:
     from .dilated import Plan
@@ -134,12 +133,11 @@ def _launch(plan: Plan, results, lses, batch: int, dst: torch.Tensor, dst_lse) -
     grid = (_cdiv(n, BLOCK_N), h, b)
     lse_dst = dst_lse if merge else dst
     lse_strides = dst_lse.stride() if merge else (0, 0, 0)
-    launch(
-        _kernel("combine_kernel"), grid,
-        (results, tuple(lses) if merge else results, dst, lse_dst, n,
-         dst.stride(0), dst.stride(1), dst.stride(2), *lse_strides),
-        dict(PARTS=parts, N_PARTS=n_parts, MERGE=merge, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_N=BLOCK_N),
-        dst.device,
+    _kernel("combine_kernel")[grid](
+        results, tuple(lses) if merge else results, dst, lse_dst, n,
+        dst.stride(0), dst.stride(1), dst.stride(2), *lse_strides,
+        PARTS=parts, N_PARTS=n_parts, MERGE=merge,
+        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_N=BLOCK_N,
     )
 
 
@@ -190,15 +188,13 @@ def gather_into(calls: tuple, srcs: Sequence[torch.Tensor], bufs, lse=None, lse_
     srcs = [t if t.stride(-1) == 1 else t.contiguous() for t in srcs]
     has_lse = lse is not None
     lse_src = lse.transpose(1, 2) if has_lse else srcs[0]
-    launch(
-        _kernel("gather_kernel"), (_cdiv(n, BLOCK_N), h, b),
-        (tuple(tuple(x) for x in bufs), tuple(srcs),
-         tuple((t.stride(0), t.stride(2), t.stride(1)) for t in srcs),  # per batch, position, head
-         tuple(lse_bufs) if has_lse else tuple(bufs[0]), lse_src, n,
-         *(lse_src.stride()[:3] if has_lse else (0, 0, 0))),
-        dict(PARTS=parts, N_PARTS=len(parts) // FIELDS, N_SRC=len(srcs), HAS_LSE=has_lse,
-             HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_N=BLOCK_N),
-        srcs[0].device,
+    _kernel("gather_kernel")[(_cdiv(n, BLOCK_N), h, b)](
+        tuple(tuple(x) for x in bufs), tuple(srcs),
+        tuple((t.stride(0), t.stride(2), t.stride(1)) for t in srcs),  # per batch, position, head
+        tuple(lse_bufs) if has_lse else tuple(bufs[0]), lse_src, n,
+        *(lse_src.stride()[:3] if has_lse else (0, 0, 0)),
+        PARTS=parts, N_PARTS=len(parts) // FIELDS, N_SRC=len(srcs), HAS_LSE=has_lse,
+        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_N=BLOCK_N,
     )
 
 
