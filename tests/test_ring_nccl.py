@@ -48,7 +48,8 @@ _RUNS: dict[tuple[int, bool], dict] = {}
 
 def fresh_caches(tmp: str) -> dict[str, str]:
     """Inductor's and Triton's cache folders under `tmp`: a launch reuses nothing an earlier one
-    compiled (a wrong artifact of the open bug below was reused by later launches)."""
+    compiled or autotuned (a config chosen once is cached on disk, so the bad pick of the
+    known bug below was reused by later launches)."""
     return {"TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "inductor"), "TRITON_CACHE_DIR": os.path.join(tmp, "triton")}
 
 
@@ -71,9 +72,9 @@ def _run(world: int, compiled: bool, tmp_path_factory) -> dict:
 # the case in a process of its own, where it is right.
 KNOWN_BUGS = {
     (2, "backend-block-sparse-local-contiguous-causal"): (
-        "wrong output on CUDA when this block-sparse contiguous ring is compiled after "
-        "backend-dilated-zigzag-causal in the same process (README, Known limitations; "
-        "benchmarks/NOTES.md)"
+        "Triton 3.6 miscompiles one of this ring's persistent reductions at XBLOCK 8 with 2 "
+        "warps on an H200, and Inductor's autotuner picks that config in some processes only "
+        "(tests/test_triton_miscompile.py; README, Known limitations)"
     ),
 }
 
@@ -84,7 +85,8 @@ def _params():
         for name in ring_worker.cases(world, "nccl"):
             marks = [pytest.mark.compiles] if ring_worker.compiles(name) else []
             if (world, name) in KNOWN_BUGS:
-                marks.append(pytest.mark.xfail(reason=KNOWN_BUGS[world, name], strict=True))
+                # not strict: whether the bad config is picked depends on timing
+                marks.append(pytest.mark.xfail(reason=KNOWN_BUGS[world, name], strict=False))
             out.append(pytest.param(world, name, marks=marks, id=f"w{world}-{name}"))
     return out
 
@@ -103,14 +105,3 @@ def test_nccl_launcher_kills_and_reports_a_hang(tmp_path):
     assert time.monotonic() - start < 45
     assert run["failure"] is not None and "still running" in run["failure"]
     assert run["results"][0] == {}
-
-
-@pytest.mark.compiles
-def test_block_sparse_contiguous_ring_alone(tmp_path):
-    """The case of the open bug, compiled first in a process of its own: right there (2 H200s,
-    torch 2.11), so a failure here is a different bug."""
-    case = "backend-block-sparse-local-contiguous-causal"
-    run = launch(2, str(tmp_path), only=[case], timeout=TIMEOUT_S[True], backend="nccl",
-                 env=fresh_caches(str(tmp_path)))
-    failures = case_failures(run, 2, case)
-    assert not failures, f"{case} alone on 2 ranks (NCCL) failed:\n" + "\n".join(failures)
