@@ -43,7 +43,8 @@ import torch
 from ..sharding import position_list
 from .autograd_output import returned_output
 from .dilated import _head_sets, merge_by_lse
-from .kernels import accumulation_dtype, block_attention, block_attention_backward
+from . import dense_blocks
+from .kernels import accumulation_dtype
 from .ring_dense import tie, wait
 
 c10d_ops = torch.ops._c10d_functional
@@ -107,18 +108,15 @@ def _needed(positions, w: int, r: int, o: int, n_total: int, is_causal: bool) ->
 def _blocks(
     row_pos: list[int], kpos: tuple[int, ...], seg_len: int, rate: int, is_causal: bool
 ) -> tuple[tuple, ...]:
-    """One job's attention as dense blocks, grouped by shape.
+    """One job's attention as dense blocks (`dense_blocks.group`).
 
     `row_pos` are the global positions of the job's rows (in row order),
-    `kpos` those of its gathered keys. A block is rows of one segment and the
-    keys they see: without causal masking all rows of the segment against all
-    its keys; with it, each run of consecutive selected rows (positions
-    ``p, p + rate, ...``) against the keys before the run (seen in full) and
-    the run's own keys (a causal square: the same positions, in order). Blocks
-    of one shape form one group ``(m, a, d, rows, full, diag)``: m rows, a
-    keys seen in full and d diagonal keys per block (d = m with causal
-    masking, else 0), then the flat row indices (into `row_pos`), full-key
-    and diagonal-key indices (into `kpos`), block after block.
+    `kpos` those of its gathered keys; blocks index into both. A block is
+    rows of one segment and the keys they see: without causal masking all
+    rows of the segment against all its keys; with it, each run of
+    consecutive selected rows (positions ``p, p + rate, ...``) against the
+    keys before the run (seen in full) and the run's own keys (a causal
+    square: the same positions, in order).
     """
     key_at = {p: j for j, p in enumerate(kpos)}
     rows_by_seg: dict[int, list[tuple[int, int]]] = {}
@@ -127,33 +125,23 @@ def _blocks(
         rows_by_seg.setdefault(p - p % seg_len, []).append((p, i))
     for j, p in enumerate(kpos):
         keys_by_seg.setdefault(p - p % seg_len, []).append((p, j))
-    groups: dict[tuple[int, int, int], tuple[list, list, list]] = {}
+    blocks = []
     for s, seg_rows in rows_by_seg.items():
         seg_rows.sort()
         keys = sorted(keys_by_seg.get(s, []))
         if not is_causal:
-            runs = [seg_rows]
-        else:
-            runs = [[seg_rows[0]]]
-            for prev, row in zip(seg_rows, seg_rows[1:]):
-                if row[0] == prev[0] + rate:
-                    runs[-1].append(row)
-                else:
-                    runs.append([row])
-        for run in runs:
-            if is_causal:
-                full = [j for p, j in keys if p < run[0][0]]
-                diag = [key_at[p] for p, _ in run]
+            blocks.append(([i for _, i in seg_rows], [j for _, j in keys], []))
+            continue
+        runs = [[seg_rows[0]]]
+        for prev, row in zip(seg_rows, seg_rows[1:]):
+            if row[0] == prev[0] + rate:
+                runs[-1].append(row)
             else:
-                full, diag = [j for _, j in keys], []
-            rows, fulls, diags = groups.setdefault((len(run), len(full), len(diag)), ([], [], []))
-            rows.extend(i for _, i in run)
-            fulls.extend(full)
-            diags.extend(diag)
-    return tuple(
-        (m, a, d, tuple(rows), tuple(full), tuple(diag))
-        for (m, a, d), (rows, full, diag) in sorted(groups.items())
-    )
+                runs.append([row])
+        for run in runs:
+            full = [j for p, j in keys if p < run[0][0]]
+            blocks.append(([i for _, i in run], full, [key_at[p] for p, _ in run]))
+    return dense_blocks.group(blocks)
 
 
 @lru_cache(maxsize=64)
@@ -235,70 +223,6 @@ def make_dilated_plan(
 
 def _index(values: tuple[int, ...], device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=device)
-
-
-def _blocked(x: torch.Tensor, idx: torch.Tensor, m: int) -> torch.Tensor:
-    """Entries `idx` (blocks of m, along dim 2) of (B, h, L, ...) `x` as (B * blocks, h, m, ...)."""
-    return x.index_select(2, idx).unflatten(2, (-1, m)).movedim(2, 1).flatten(0, 1)
-
-
-def _unblocked(y: torch.Tensor, batch: int) -> torch.Tensor:
-    """(B * blocks, h, m, ...) -> (B, h, blocks * m, ...): the inverse layout of `_blocked`."""
-    return y.unflatten(0, (batch, -1)).movedim(1, 2).flatten(2, 3)
-
-
-def _direct(q: torch.Tensor) -> bool:
-    """Call the fused kernels without their custom ops: on real tensors outside tracing."""
-    return not torch.compiler.is_compiling() and not isinstance(q, torch._subclasses.FakeTensor)
-
-
-def _job_attention(q, k, v, blocks, scale: float):
-    """(out, lse) of one job's rows (B, h, R, D) against its gathered keys (B, h, M, D), in the
-    accumulation dtype, from its dense blocks (`_blocks`)."""
-    acc, batch, direct = accumulation_dtype(q), q.shape[0], _direct(q)
-    out = q.new_zeros((*q.shape[:3], v.shape[-1]), dtype=acc)
-    lse = q.new_full(q.shape[:3], -math.inf, dtype=acc)
-    for m, a, d, rows, full, diag in blocks:
-        ridx = _index(rows, q.device)
-        qb = _blocked(q, ridx, m)
-        outs, lses = [], []
-        for keys, n_keys, causal in ((full, a, False), (diag, d, True)):
-            if n_keys:
-                kidx = _index(keys, q.device)
-                res = block_attention(
-                    qb, _blocked(k, kidx, n_keys), _blocked(v, kidx, n_keys),
-                    is_causal=causal, scale=scale, direct=direct,
-                )
-                outs.append(res.out.to(acc))
-                lses.append(res.lse.to(acc))
-        o, l = (outs[0], lses[0]) if len(outs) == 1 else merge_by_lse(outs, lses)
-        out = out.index_copy(2, ridx, _unblocked(o, batch))
-        lse = lse.index_copy(2, ridx, _unblocked(l, batch))
-    return out, lse
-
-
-def _job_attention_backward(dout, q, k, v, out, lse, blocks, scale: float):
-    """(dq, dk, dv) in the accumulation dtype of `_job_attention`, from the merged out and lse
-    of its rows."""
-    acc, batch, direct = accumulation_dtype(q), q.shape[0], _direct(q)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
-    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
-    for m, a, d, rows, full, diag in blocks:
-        ridx = _index(rows, q.device)
-        qb, ob, lb, gb = (_blocked(x, ridx, m) for x in (q, out, lse, dout))
-        for keys, n_keys, causal in ((full, a, False), (diag, d, True)):
-            if not n_keys:
-                continue
-            kidx = _index(keys, q.device)
-            gq, gk, gv = block_attention_backward(
-                gb, qb, _blocked(k, kidx, n_keys), _blocked(v, kidx, n_keys), ob, lb,
-                is_causal=causal, scale=scale, direct=direct,
-            )
-            dq = dq.index_add(2, ridx, _unblocked(gq.to(acc), batch))
-            dk = dk.index_add(2, kidx, _unblocked(gk.to(acc), batch))
-            dv = dv.index_add(2, kidx, _unblocked(gv.to(acc), batch))
-    return dq, dk, dv
 
 
 def _in_head_order(plan: DilatedRingPlan, per_job: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -412,7 +336,7 @@ def dilated_ring_forward(plan: DilatedRingPlan, q, k, v, scale: float, group_nam
     gathered, received = _gather_keys(plan, k, v, group_name)
     outs, lses = [], []
     for j, (kj, vj) in enumerate(gathered):
-        o, l = _job_attention(_rows_of_job(plan, j, q), kj, vj, plan.jobs[j].blocks, scale)
+        o, l = dense_blocks.attention(_rows_of_job(plan, j, q), kj, vj, plan.jobs[j].blocks, scale)
         outs.append(_spread_rows(plan, j, o, 0.0))
         lses.append(_spread_rows(plan, j, l, -math.inf))
     per_out, per_lse = _in_head_order(plan, outs), _in_head_order(plan, lses)
@@ -430,7 +354,7 @@ def dilated_ring_backward(plan: DilatedRingPlan, dout, q, k, v, out, lse, gather
     acc = accumulation_dtype(q)
     dqs, dks, dvs = [], [], []
     for j, (kj, vj) in enumerate(gathered):
-        gq, gk, gv = _job_attention_backward(
+        gq, gk, gv = dense_blocks.attention_backward(
             _rows_of_job(plan, j, dout), _rows_of_job(plan, j, q), kj, vj,
             _rows_of_job(plan, j, out), _rows_of_job(plan, j, lse), plan.jobs[j].blocks, scale,
         )

@@ -1,0 +1,118 @@
+"""Attention of rows against gathered keys as dense blocks through the fused kernels.
+
+The rings' partial attentions (dilated segments that span ranks, block-sparse
+steps) allow a structured set of (row, key) pairs. Where that set splits into
+blocks of rows that each see some keys in full and, with causal masking, a
+causal square of keys at the rows' own positions, it runs as batched calls of
+`kernels.block_attention` (cuDNN/flash on GPUs) instead of a masked float32
+attention holding every score.
+
+A *block* is (rows, full keys, diagonal keys): row indices, indices of the
+keys every row of the block sees, and (possibly none) indices of keys at the
+rows' own positions in the same order, which row t sees up to t. `group`
+collects blocks of one shape into one batched call ``(m, a, d, rows, full,
+diag)`` (m rows, a full keys, d diagonal keys per block, then the flat
+indices block after block).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+
+from .dilated import merge_by_lse
+from .kernels import accumulation_dtype, block_attention, block_attention_backward
+
+Group = tuple[int, int, int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+def group(blocks: Iterable[tuple[Sequence[int], Sequence[int], Sequence[int]]]) -> tuple[Group, ...]:
+    """Blocks (rows, full keys, diagonal keys) grouped by shape, in a fixed order."""
+    groups: dict[tuple[int, int, int], tuple[list, list, list]] = {}
+    for rows, full, diag in blocks:
+        if diag and len(diag) != len(rows):
+            raise ValueError("a block's diagonal keys must be as many as its rows")
+        acc = groups.setdefault((len(rows), len(full), len(diag)), ([], [], []))
+        for out, part in zip(acc, (rows, full, diag)):
+            out.extend(part)
+    return tuple(
+        (m, a, d, tuple(rows), tuple(full), tuple(diag))
+        for (m, a, d), (rows, full, diag) in sorted(groups.items())
+    )
+
+
+def _index(values: tuple[int, ...], device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def blocked(x: torch.Tensor, idx: torch.Tensor, m: int) -> torch.Tensor:
+    """Entries `idx` (blocks of m, along dim 2) of (B, h, L, ...) `x` as (B * blocks, h, m, ...)."""
+    return x.index_select(2, idx).unflatten(2, (-1, m)).movedim(2, 1).flatten(0, 1)
+
+
+def unblocked(y: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B * blocks, h, m, ...) -> (B, h, blocks * m, ...): the inverse layout of `blocked`."""
+    return y.unflatten(0, (batch, -1)).movedim(1, 2).flatten(2, 3)
+
+
+def _direct(q: torch.Tensor) -> bool:
+    """Call the fused kernels without their custom ops: on real tensors outside tracing."""
+    return not torch.compiler.is_compiling() and not isinstance(q, torch._subclasses.FakeTensor)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: tuple[Group, ...], scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of rows (B, h, R, D) against keys (B, h, M, D) in the accumulation dtype;
+    rows in no block get 0 and -inf."""
+    acc, batch, direct = accumulation_dtype(q), q.shape[0], _direct(q)
+    out = q.new_zeros((*q.shape[:3], v.shape[-1]), dtype=acc)
+    lse = q.new_full(q.shape[:3], -math.inf, dtype=acc)
+    for m, a, d, rows, full, diag in groups:
+        ridx = _index(rows, q.device)
+        qb = blocked(q, ridx, m)
+        outs, lses = [], []
+        for keys, n_keys, causal in ((full, a, False), (diag, d, True)):
+            if n_keys:
+                kidx = _index(keys, q.device)
+                res = block_attention(
+                    qb, blocked(k, kidx, n_keys), blocked(v, kidx, n_keys),
+                    is_causal=causal, scale=scale, direct=direct,
+                )
+                outs.append(res.out.to(acc))
+                lses.append(res.lse.to(acc))
+        if not outs:
+            continue
+        o, l = (outs[0], lses[0]) if len(outs) == 1 else merge_by_lse(outs, lses)
+        out = out.index_copy(2, ridx, unblocked(o, batch))
+        lse = lse.index_copy(2, ridx, unblocked(l, batch))
+    return out, lse
+
+
+def attention_backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, groups: tuple[Group, ...], scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of `attention` in the accumulation dtype, from the rows' (possibly merged)
+    out and lse."""
+    acc, batch, direct = accumulation_dtype(q), q.shape[0], _direct(q)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    for m, a, d, rows, full, diag in groups:
+        ridx = _index(rows, q.device)
+        qb, ob, lb, gb = (blocked(x, ridx, m) for x in (q, out, lse, dout.to(q.dtype)))
+        for keys, n_keys, causal in ((full, a, False), (diag, d, True)):
+            if not n_keys:
+                continue
+            kidx = _index(keys, q.device)
+            gq, gk, gv = block_attention_backward(
+                gb, qb, blocked(k, kidx, n_keys), blocked(v, kidx, n_keys), ob, lb,
+                is_causal=causal, scale=scale, direct=direct,
+            )
+            dq = dq.index_add(2, ridx, unblocked(gq.to(acc), batch))
+            dk = dk.index_add(2, kidx, unblocked(gk.to(acc), batch))
+            dv = dv.index_add(2, kidx, unblocked(gv.to(acc), batch))
+    return dq, dk, dv
