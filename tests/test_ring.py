@@ -367,6 +367,44 @@ def test_split_block_sparse_boxes_cover_every_allowed_pair_once(layout, is_causa
     assert narrower or pattern["kind"] == "mask_mod"
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("world,n,pattern,block_size", [
+    (2, 32, {"kind": "local_window", "window": 1}, 4),
+    (2, 12, {"kind": "local_window", "window": 1}, 5),  # blocks straddle shards and chunks
+    (3, 12, {"kind": "dilated", "stride": 3, "window": 0}, 2),
+    (4, 8, {"kind": "global_local", "global_blocks": 1, "window": 1}, 3),
+])
+def test_block_sparse_ring_blocks_cover_exactly_the_allowed_pairs(world, n, pattern, block_size, layout, is_causal):
+    """Every box's dense blocks hold each (query, key) pair the token mask allows exactly once,
+    and nothing else; each diagonal block's keys are its rows' own positions, in order."""
+    from dilated_compile.lowering.block_patterns import as_pattern
+    from dilated_compile.lowering.ring_block_sparse import make_block_sparse_schedule
+    from dilated_compile.lowering.ring_dense import Call
+
+    pat = as_pattern(pattern, block_size)
+    q = torch.zeros(1, 1, n, 1)
+    for rank in range(world):
+        sched = make_block_sparse_schedule(world, rank, n, layout, is_causal, pat, block_size)
+        mine = position_list(world * n, layout, rank, world)
+        for source in range(world):
+            theirs = position_list(world * n, layout, source, world)
+            for box in sched.boxes[source]:
+                call = Call(*box, False)
+                allowed = sched.mask(source, call, q[:, :, box[0] : box[1]])
+                want = {tuple(x) for x in allowed.nonzero().tolist()}
+                got = []
+                for m, a, d, rows, full, diag in sched.blocks(source, call):
+                    for b in range(len(rows) // m):
+                        block_rows = rows[b * m : (b + 1) * m]
+                        got += [(i, j) for i in block_rows for j in full[b * a : (b + 1) * a]]
+                        if d:
+                            block_diag = diag[b * d : (b + 1) * d]
+                            assert [theirs[box[2] + j] for j in block_diag] == [mine[box[0] + i] for i in block_rows]
+                            got += [(i, j) for t, i in enumerate(block_rows) for j in block_diag[: t + 1]]
+                assert len(got) == len(set(got)) and set(got) == want, (rank, source, box)
+
+
 def _backward_packet_bytes(sched, dtype: torch.dtype) -> list[int]:
     """Bytes this rank sends in each backward transfer of `sched`, read from the traced graph
     (fake tensors: shapes only, no process group)."""

@@ -11,13 +11,17 @@ passed along (every rank issues the same collectives). Partials merge by
 log-sum-exp; each step's backward uses the merged output and log-sum-exp; a
 query with no allowed key anywhere gets 0 and gradient 0.
 
-Each step is one masked attention (`ring_masked`) per box on every device:
-exact and differentiable everywhere (the CPU path the tests run). A box of
-more than `MAX_BOX_PAIRS` (query, key) pairs is split by query rows into at
-most `MAX_BOXES` boxes, each narrowed to its rows' keys: this bounds the
-float32 scores one call holds, and for local patterns cuts the work.
-On GPU this is the same plain matmul/softmax path, not FlexAttention: a flex
-lowering with query offsets would be faster and is left for later.
+A step attends each box as dense blocks through the fused kernels
+(`dense_blocks`, cuDNN/flash on GPUs): the pattern is decided per (query
+block, key block) tile, so each run of consecutive query rows of a query
+block sees the keys of its active key blocks in full (with causal masking:
+those before the run) plus, with causal masking, its own positions as a
+causal square. The blocks are planned from positions alone (`_box_groups`).
+A ``mask_mod`` pattern (token level, may depend on batch and head) is one
+masked float32 attention (`ring_masked`) per box instead. A box of more
+than `MAX_BOX_PAIRS` (query, key) pairs is split by query rows into at most
+`MAX_BOXES` boxes, each narrowed to its rows' keys: this bounds what one
+masked call holds, and for local patterns cuts the work.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch
 from ..policy import BlockPattern
 from ..sharding import position_list
 from .block_patterns import blocks_active, evaluate_mask_mod, token_mask_mod
+from . import dense_blocks
 from .constants import outside_tracing
 from .ring_dense import Call, RingDense, Schedule
 from .ring_masked import masked_attention, masked_attention_backward
@@ -39,11 +44,13 @@ from .ring_masked import masked_attention, masked_attention_backward
 class BlockSparseSchedule(Schedule):
     """A dense ring's schedule whose steps are block-sparse masked attentions."""
 
-    gradients_in_input_dtype = False  # masked_attention_backward returns the accumulation dtype
+    gradients_in_input_dtype = False  # steps return gradients in the accumulation dtype
 
     pattern: BlockPattern = None  # type: ignore[assignment]
     block_size: int = 0
     boxes: tuple[tuple[Box, ...], ...] = ()  # by source rank: row ranges and their keys with allowed pairs
+    # by source rank, per box: its dense blocks (`dense_blocks.group`), None for a mask_mod pattern
+    groups: tuple[tuple, ...] = ()
 
     def calls(self, rank: int, source: int) -> tuple[Call, ...]:
         return tuple(Call(*box, False) for box in self.boxes[source])
@@ -72,11 +79,22 @@ class BlockSparseSchedule(Schedule):
             allowed = allowed & (kpos[None, :] <= qpos[:, None])
         return allowed
 
+    def blocks(self, source: int, c: Call):
+        """The dense blocks of call `c` (None: attend with the token mask)."""
+        box = (c.q0, c.q1, c.k0, c.k1)
+        return next(g for b, g in zip(self.boxes[source], self.groups[source]) if b == box)
+
     def attend(self, source: int, c: Call, q, k, v, scale: float):
-        return masked_attention(q, k, v, self.mask(source, c, q), scale)
+        groups = self.blocks(source, c)
+        if groups is None:
+            return masked_attention(q, k, v, self.mask(source, c, q), scale)
+        return dense_blocks.attention(q, k, v, groups, scale)
 
     def attend_backward(self, source: int, c: Call, dout, q, k, v, out, lse, scale: float):
-        return masked_attention_backward(dout, q, k, v, self.mask(source, c, q), out, lse, scale)
+        groups = self.blocks(source, c)
+        if groups is None:
+            return masked_attention_backward(dout, q, k, v, self.mask(source, c, q), out, lse, scale)
+        return dense_blocks.attention_backward(dout, q, k, v, out, lse, groups, scale)
 
 
 Box = tuple[int, int, int, int]  # query rows [q0, q1), key rows [k0, k1) of a shard pair
@@ -111,6 +129,56 @@ def _pair_box(
     return (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1)
 
 
+def _tile_blocks(
+    pattern: BlockPattern, block_size: int, is_causal: bool, qpos: list[int], kpos: list[int]
+) -> tuple:
+    """The dense blocks (`dense_blocks.group`) of queries at `qpos` against keys at `kpos`
+    (global positions; indices into both) under a block-level pattern.
+
+    The pattern holds or not for a whole (query block, key block) tile, so
+    each run of consecutive query positions of a query block sees every key
+    of its active key blocks in full; with causal masking only those before
+    the run in full, plus the run's own positions as a causal square where
+    the keys hold them (the rank's own shard).
+    """
+    rows_by_block: dict[int, list[tuple[int, int]]] = {}
+    keys_by_block: dict[int, list[tuple[int, int]]] = {}
+    for i, p in enumerate(qpos):
+        rows_by_block.setdefault(p // block_size, []).append((p, i))
+    for j, p in enumerate(kpos):
+        keys_by_block.setdefault(p // block_size, []).append((p, j))
+    if not rows_by_block or not keys_by_block:
+        return ()
+    qbs, kbs = sorted(rows_by_block), sorted(keys_by_block)
+    active = blocks_active(pattern, torch.tensor(qbs)[:, None], torch.tensor(kbs)[None, :]).tolist()
+    key_at = {p: j for j, p in enumerate(kpos)}
+    blocks = []
+    for qb, on in zip(qbs, active):
+        keys = sorted(pk for kb, a in zip(kbs, on) if a for pk in keys_by_block[kb])
+        if not keys:
+            continue
+        rows = sorted(rows_by_block[qb])
+        if not is_causal:
+            blocks.append(([i for _, i in rows], [j for _, j in keys], []))
+            continue
+        runs = [[rows[0]]]
+        for prev, row in zip(rows, rows[1:]):
+            if row[0] == prev[0] + 1:
+                runs[-1].append(row)
+            else:
+                runs.append([row])
+        for run in runs:
+            first, last = run[0][0], run[-1][0]
+            full = [j for p, j in keys if p < first]
+            inside = [p for p, _ in keys if first <= p <= last]
+            if inside and len(inside) != len(run):  # keys between the run's rows: not a square
+                raise ValueError("block-sparse ring: a shard's keys interleave another's rows")
+            diag = [key_at[p] for p, _ in run] if inside else []
+            if full or diag:
+                blocks.append(([i for _, i in run], full, diag))
+    return dense_blocks.group(blocks)
+
+
 # Query x key positions above which a shard pair's box is split by query rows (into at most
 # MAX_BOXES boxes, each with its own keys): the masked attention of one box holds float32 scores
 # for every pair of it, and a local pattern's keys narrow with its rows.
@@ -139,6 +207,38 @@ def _pair_boxes(
         if part is not None:
             out.append((part[0] + start, part[1] + start, part[2], part[3]))
     return tuple(out)
+
+
+@torch._dynamo.assume_constant_result
+def _box_groups(
+    world_size: int, rank: int, n: int, layout: str, is_causal: bool,
+    pattern_fields: tuple, block_size: int, max_pairs: int,
+) -> tuple[tuple, ...]:
+    """By source rank, per box of `_boxes`, its dense blocks; None for a mask_mod pattern
+    (a constant to Dynamo)."""
+    return _cached_box_groups(world_size, rank, n, layout, is_causal, pattern_fields, block_size, max_pairs)
+
+
+@lru_cache(maxsize=64)
+def _cached_box_groups(
+    world_size: int, rank: int, n: int, layout: str, is_causal: bool,
+    pattern_fields: tuple, block_size: int, max_pairs: int,
+) -> tuple[tuple, ...]:
+    boxes = _cached_boxes(world_size, rank, n, layout, is_causal, pattern_fields, block_size, max_pairs)
+    pattern = BlockPattern(*pattern_fields)
+    if pattern.kind == "mask_mod":
+        return tuple((None,) * len(per_source) for per_source in boxes)
+    total = n * world_size
+    with outside_tracing():
+        mine = position_list(total, layout, rank, world_size)
+        out = []
+        for source, per_source in enumerate(boxes):
+            theirs = position_list(total, layout, source, world_size)
+            out.append(tuple(
+                _tile_blocks(pattern, block_size, is_causal, mine[q0:q1], theirs[k0:k1])
+                for q0, q1, k0, k1 in per_source
+            ))
+        return tuple(out)
 
 
 @torch._dynamo.assume_constant_result
@@ -174,8 +274,10 @@ def make_block_sparse_schedule(
 ) -> BlockSparseSchedule:
     """The schedule of one rank's block-sparse ring."""
     pattern_fields = (pattern.kind, pattern.window, pattern.stride, pattern.global_blocks, pattern.function)
-    boxes = _boxes(world_size, rank, n, layout, is_causal, pattern_fields, block_size, MAX_BOX_PAIRS)
-    return BlockSparseSchedule(world_size, rank, n, layout, is_causal, pattern, block_size, boxes)
+    setup = (world_size, rank, n, layout, is_causal, pattern_fields, block_size, MAX_BOX_PAIRS)
+    return BlockSparseSchedule(
+        world_size, rank, n, layout, is_causal, pattern, block_size, _boxes(*setup), _box_groups(*setup)
+    )
 
 
 def ring_block_sparse(
