@@ -42,7 +42,7 @@ from .ring_masked import masked_attention, masked_attention_backward
 
 @dataclass(frozen=True)
 class BlockSparseSchedule(Schedule):
-    """A dense ring's schedule whose steps are block-sparse masked attentions."""
+    """A dense ring's schedule whose steps are block-sparse attentions (dense blocks, or masked)."""
 
     gradients_in_input_dtype = False  # steps return gradients in the accumulation dtype
 

@@ -1,9 +1,9 @@
 """Attention of queries with a gathered set of keys under an explicit mask, and its backward.
 
-The building block of the dilated and block-sparse rings: the keys a rank
-attends to (received from other ranks, or its own) are not one contiguous
-causal block, so each partial attention is one softmax over the allowed
-(query, key) pairs given by a boolean mask built from global positions.
+The step of a block-sparse ring with a ``mask_mod`` pattern (a user's
+token-level mask, which may depend on batch and head; built-in patterns run
+as dense blocks, `dense_blocks`): each partial attention is one softmax over
+the allowed (query, key) pairs given by a boolean mask on global positions.
 The forward returns the output and the log-sum-exp of each row, so partials
 merge by log-sum-exp; the backward takes the *merged* output and
 log-sum-exp, which makes the gradient of the merge exact. A row with no
