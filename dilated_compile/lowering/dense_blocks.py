@@ -43,8 +43,27 @@ def group(blocks: Iterable[tuple[Sequence[int], Sequence[int], Sequence[int]]]) 
     )
 
 
-def _index(values: tuple[int, ...], device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long, device=device)
+# Index tensors of plan tuples for eager calls, by (id of the tuple, device): plans are cached,
+# so their tuples are the same objects on every call (hashing a tuple of thousands of indices
+# would cost more than building the tensor). Each entry keeps its tuple, so a reused id
+# cannot match. Bounded: past the bound the table starts over.
+_INDICES: dict[tuple[int, torch.device], tuple[tuple, torch.Tensor]] = {}
+_INDICES_MAX = 4096
+
+
+def _index(values: tuple[int, ...], device, cached: bool) -> torch.Tensor:
+    """`values` as a long tensor on `device`; remembered when `cached` (real tensors, eager)."""
+    if not cached:
+        return torch.tensor(values, dtype=torch.long, device=device)
+    key = (id(values), torch.device(device))
+    hit = _INDICES.get(key)
+    if hit is not None and hit[0] is values:
+        return hit[1]
+    if len(_INDICES) >= _INDICES_MAX:
+        _INDICES.clear()
+    out = torch.tensor(values, dtype=torch.long, device=device)
+    _INDICES[key] = (values, out)
+    return out
 
 
 def blocked(x: torch.Tensor, idx: torch.Tensor, m: int) -> torch.Tensor:
@@ -71,12 +90,12 @@ def attention(
     out = q.new_zeros((*q.shape[:3], v.shape[-1]), dtype=acc)
     lse = q.new_full(q.shape[:3], -math.inf, dtype=acc)
     for m, a, d, rows, full, diag in groups:
-        ridx = _index(rows, q.device)
+        ridx = _index(rows, q.device, direct)
         qb = blocked(q, ridx, m)
         outs, lses = [], []
         for keys, n_keys, causal in ((full, a, False), (diag, d, True)):
             if n_keys:
-                kidx = _index(keys, q.device)
+                kidx = _index(keys, q.device, direct)
                 res = block_attention(
                     qb, blocked(k, kidx, n_keys), blocked(v, kidx, n_keys),
                     is_causal=causal, scale=scale, direct=direct,
@@ -102,12 +121,12 @@ def attention_backward(
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     for m, a, d, rows, full, diag in groups:
-        ridx = _index(rows, q.device)
+        ridx = _index(rows, q.device, direct)
         qb, ob, lb, gb = (blocked(x, ridx, m) for x in (q, out, lse, dout.to(q.dtype)))
         for keys, n_keys, causal in ((full, a, False), (diag, d, True)):
             if not n_keys:
                 continue
-            kidx = _index(keys, q.device)
+            kidx = _index(keys, q.device, direct)
             gq, gk, gv = block_attention_backward(
                 gb, qb, blocked(k, kidx, n_keys), blocked(v, kidx, n_keys), ob, lb,
                 is_causal=causal, scale=scale, direct=direct,

@@ -1,0 +1,77 @@
+"""`lowering/dense_blocks.py`: shape-grouped dense blocks against one masked attention.
+
+The rings' steps run as dense blocks (full keys plus a causal diagonal) through
+the fused kernels; the masked float32 attention of `ring_masked` over the same
+(row, key) pairs is the definition they must match, forward and backward, with
+rows that get no key at all left at 0 / -inf.
+"""
+
+import math
+
+import pytest
+import torch
+
+from dilated_compile.lowering import dense_blocks
+from dilated_compile.lowering.ring_masked import masked_attention, masked_attention_backward
+
+from .tolerance import assert_within
+
+# blocks over 9 rows and 12 keys: (rows, full keys, diagonal keys); row 8 gets nothing, key 4 and 11 none
+BLOCKS = [
+    ([0, 1, 2], [0, 1, 2, 3], []),
+    ([3, 4], [5], [6, 7]),  # row 3 sees keys 5, 6; row 4 sees 5, 6, 7
+    ([5, 6], [5], [8, 9]),  # same shape as the block above (one call), key 5 shared
+    ([7], [6], [10]),  # key 6 is another block's diagonal key: gradients add up
+]
+
+
+def _mask(rows: int, keys: int) -> torch.Tensor:
+    mask = torch.zeros(rows, keys, dtype=torch.bool)
+    for brows, full, diag in BLOCKS:
+        for t, i in enumerate(brows):
+            mask[i, full] = True
+            mask[i, diag[: t + 1]] = True
+    return mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_blocks_equal_the_masked_attention_of_their_pairs(dtype):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 9, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 3, 12, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    groups = dense_blocks.group(BLOCKS)
+    assert len(groups) == 3  # the two blocks of one shape share a call
+    mask = _mask(9, 12)
+    low = [x.to(dtype) for x in (q, k, v)]
+
+    def check(got, want, what):  # the tolerance rule, against dense SDPA of these keys (square)
+        assert_within(got, want, low[1], low[1], low[2], is_causal=False, scale=0.3, what=what)
+
+    want_out, want_lse = masked_attention(q, k, v, mask, 0.3)
+    out, lse = dense_blocks.attention(*low, groups, 0.3)
+    check(out, want_out, "out")
+    check(lse[:, :, :8], want_lse[:, :, :8], "lse")
+    assert bool((out[:, :, 8] == 0).all()) and bool((lse[:, :, 8] == -math.inf).all())
+
+    dout = torch.randn(2, 3, 9, 8, generator=g, dtype=torch.float64)
+    want = masked_attention_backward(dout, q, k, v, mask, want_out, want_lse, 0.3)
+    got = dense_blocks.attention_backward(
+        *(x.to(dtype) for x in (dout, q, k, v)), out, lse, groups, 0.3
+    )
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        check(a, b, name)
+
+
+def test_group_rejects_a_diagonal_of_another_length():
+    with pytest.raises(ValueError, match="diagonal keys must be as many as its rows"):
+        dense_blocks.group([([0, 1], [], [3])])
+
+
+def test_index_tensors_are_remembered_per_tuple_object_in_eager_calls():
+    values = (3, 1, 2)
+    first = dense_blocks._index(values, "cpu", True)
+    assert dense_blocks._index(values, "cpu", True) is first
+    twin = tuple([3, 1, 2])  # equal, another object: its own entry
+    assert dense_blocks._index(twin, "cpu", True) is not first
+    assert dense_blocks._index(values, "cpu", False) is not first
+    assert first.tolist() == [3, 1, 2]
