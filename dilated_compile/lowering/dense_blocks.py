@@ -77,8 +77,10 @@ def unblocked(y: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def _direct(q: torch.Tensor) -> bool:
-    """Call the fused kernels without their custom ops: on real tensors outside tracing."""
-    return not torch.compiler.is_compiling() and not isinstance(q, torch._subclasses.FakeTensor)
+    """Call the fused kernels without their custom ops (and remember index tensors): on plain
+    tensors outside Dynamo. Fake and functional tensors (AOTAutograd's trace; torch 2.11 does
+    not count that as compiling) are subclasses."""
+    return type(q) in (torch.Tensor, torch.nn.Parameter) and not torch.compiler.is_compiling()
 
 
 def attention(
