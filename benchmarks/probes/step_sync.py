@@ -33,10 +33,13 @@ RATES = {"groups": (1, 2, 4, 8, 16), "longnet": (1, 2, 4, 6, 12)}
 SLEEP_CYCLES = 40_000_000  # about 20 ms at 1.98 GHz
 
 
-def host_us(fn, behind_sleep: bool, reps: int = 15) -> float:
-    """Median host microseconds of `fn()`, started with the GPU idle or busy."""
+def host_us(fn, behind_sleep: bool, reps: int = 15, setup=None) -> float:
+    """Median host microseconds of `fn()` (after an untimed `setup()`), started with the GPU
+    idle or busy."""
     times = []
     for _ in range(reps):
+        if setup is not None:
+            setup()
         torch.cuda.synchronize()
         if behind_sleep:
             torch.cuda._sleep(SLEEP_CYCLES)
@@ -163,20 +166,8 @@ def main():
             idle, busy = host_us(fn, False), host_us(fn, True)
             print(f"  {name:42s} {idle:10.0f} {busy:10.0f}")
         for name, fwd in (("public", public), ("compiled", compiled)):
-            times = {}
-            for behind in (False, True):
-                vals = []
-                for _ in range(15):
-                    make_graph(fwd)()
-                    torch.cuda.synchronize()
-                    if behind:
-                        torch.cuda._sleep(SLEEP_CYCLES)
-                    t0 = time.perf_counter()
-                    backward_only()
-                    vals.append(time.perf_counter() - t0)
-                torch.cuda.synchronize()
-                times[behind] = statistics.median(vals) * 1e6
-            print(f"  {'backward only: ' + name:42s} {times[False]:10.0f} {times[True]:10.0f}")
+            idle, busy = (host_us(backward_only, b, setup=make_graph(fwd)) for b in (False, True))
+            print(f"  {'backward only: ' + name:42s} {idle:10.0f} {busy:10.0f}")
         print("  step: public")
         report_syncs(step_of(public))
         print("  step: compiled")
