@@ -43,6 +43,18 @@ def group(blocks: Iterable[tuple[Sequence[int], Sequence[int], Sequence[int]]]) 
     )
 
 
+def runs(rows: list[tuple[int, int]], step: int) -> list[list[tuple[int, int]]]:
+    """Sorted (position, index) pairs cut into runs of consecutive positions `step` apart:
+    the rows a causal square can serve together."""
+    out = [[rows[0]]]
+    for prev, row in zip(rows, rows[1:]):
+        if row[0] == prev[0] + step:
+            out[-1].append(row)
+        else:
+            out.append([row])
+    return out
+
+
 # Index tensors of plan tuples for eager calls, by (id of the tuple, device): plans are cached,
 # so their tuples are the same objects on every call (hashing a tuple of thousands of indices
 # would cost more than building the tensor). Each entry keeps its tuple, so a reused id

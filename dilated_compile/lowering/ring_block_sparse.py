@@ -33,8 +33,8 @@ import torch
 
 from ..policy import BlockPattern
 from ..sharding import position_list
-from .block_patterns import blocks_active, evaluate_mask_mod, token_mask_mod
 from . import dense_blocks
+from .block_patterns import blocks_active, evaluate_mask_mod, token_mask_mod
 from .constants import outside_tracing
 from .ring_dense import Call, RingDense, Schedule
 from .ring_masked import masked_attention, masked_attention_backward
@@ -161,13 +161,7 @@ def _tile_blocks(
         if not is_causal:
             blocks.append(([i for _, i in rows], [j for _, j in keys], []))
             continue
-        runs = [[rows[0]]]
-        for prev, row in zip(rows, rows[1:]):
-            if row[0] == prev[0] + 1:
-                runs[-1].append(row)
-            else:
-                runs.append([row])
-        for run in runs:
+        for run in dense_blocks.runs(rows, 1):
             first, last = run[0][0], run[-1][0]
             full = [j for p, j in keys if p < first]
             inside = [p for p, _ in keys if first <= p <= last]
@@ -224,6 +218,7 @@ def _cached_box_groups(
     world_size: int, rank: int, n: int, layout: str, is_causal: bool,
     pattern_fields: tuple, block_size: int, max_pairs: int,
 ) -> tuple[tuple, ...]:
+    """`_box_groups`, computed once per setup."""
     boxes = _cached_boxes(world_size, rank, n, layout, is_causal, pattern_fields, block_size, max_pairs)
     pattern = BlockPattern(*pattern_fields)
     if pattern.kind == "mask_mod":

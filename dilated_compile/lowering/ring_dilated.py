@@ -132,13 +132,7 @@ def _blocks(
         if not is_causal:
             blocks.append(([i for _, i in seg_rows], [j for _, j in keys], []))
             continue
-        runs = [[seg_rows[0]]]
-        for prev, row in zip(seg_rows, seg_rows[1:]):
-            if row[0] == prev[0] + rate:
-                runs[-1].append(row)
-            else:
-                runs.append([row])
-        for run in runs:
+        for run in dense_blocks.runs(seg_rows, rate):
             full = [j for p, j in keys if p < run[0][0]]
             blocks.append(([i for _, i in run], full, [key_at[p] for p, _ in run]))
     return dense_blocks.group(blocks)
