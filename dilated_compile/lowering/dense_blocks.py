@@ -134,9 +134,10 @@ def attention_backward(
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    dout = dout.to(q.dtype)
     for m, a, d, rows, full, diag in groups:
         ridx = _index(rows, q.device, direct)
-        qb, ob, lb, gb = (blocked(x, ridx, m) for x in (q, out, lse, dout.to(q.dtype)))
+        qb, ob, lb, gb = (blocked(x, ridx, m) for x in (q, out, lse, dout))
         for keys, n_keys, causal in ((full, a, False), (diag, d, True)):
             if not n_keys:
                 continue
