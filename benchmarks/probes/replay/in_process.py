@@ -2,9 +2,11 @@
 
 README "Known limitations": on CUDA (2 H200s, torch 2.11) a block-sparse
 `local_window` ring with the `contiguous` layout, compiled through the
-backend right after the worker's `backend-dilated-zigzag-causal` case, gives
-wrong output on rank 1, although Inductor generates the same code as in a
-fresh process, where it is right (benchmarks/NOTES.md, seventh session).
+backend, gave wrong output on rank 1 in some processes. This probe found the
+cause (benchmarks/NOTES.md, eighth session): one persistent reduction that
+Triton 3.6 miscompiles at XBLOCK 8 with 2 warps, a config Inductor's
+autotuner picks in some processes only (each recorded kernel's config and
+binary identity are in the JSON).
 
 This runs that sequence on 2 GPUs, then calls the compiled site 3 times on
 the replay probe's inputs (`replay.py`: B=2, H=3, 8 positions per rank, head
@@ -81,7 +83,7 @@ def all_autotuners() -> list:
     found = []
     for o in gc.get_objects():
         try:
-            if type(o) is CachingAutotuner or isinstance(o, CachingAutotuner):
+            if isinstance(o, CachingAutotuner):
                 found.append((o.inductor_meta.get("kernel_name", "?"), identity(o)))
         except ReferenceError:  # a dead weak proxy
             continue
