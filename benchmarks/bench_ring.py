@@ -40,6 +40,12 @@ same attention over the full sequence on one GPU:
 - ``block_sparse``: a causal local window (blocks of 128, window 2), up to
   ``--max-block-sparse`` tokens per rank.
 
+Each of these runs as `ring_attention` (eager, ``ring``) and, up to
+``--max-compiled-inner`` tokens per rank, through the backend with the same
+attention in a ring policy (``ring_compiled``; compile time apart).
+``--inner-only`` leaves out the dense rows (one GPU's causal SDPA, the dense
+rings, ``context_parallel``).
+
 Ranks time with CUDA events over a fixed number of iterations (every rank
 runs the same collectives the same number of times), after a barrier; the
 slowest rank's time counts. Compile time is measured separately (first call).
@@ -182,6 +188,10 @@ def main() -> None:
                    help="also dilated (segments inside a shard, and spanning ranks) and block-sparse rings")
     p.add_argument("--max-block-sparse", type=int, default=1 << 20,
                    help="largest tokens per rank for the block-sparse ring")
+    p.add_argument("--max-compiled-inner", type=int, default=1 << 20,
+                   help="largest tokens per rank for the compiled dilated and block-sparse rings")
+    p.add_argument("--inner-only", action="store_true",
+                   help="only the dilated and block-sparse rows (implies --dilated)")
     p.add_argument(
         "--cp", choices=("run", "skip", "only"), default="skip",
         help="torch's context_parallel: measured in this run, not at all, or alone (see above)",
@@ -189,6 +199,7 @@ def main() -> None:
     p.add_argument("--cp-from", help="a `--cp only` run's JSON: its context_parallel rows join this run's")
     p.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = p.parse_args()
+    args.dilated |= args.inner_only
 
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -208,7 +219,7 @@ def main() -> None:
     if args.cp_from:
         with open(args.cp_from) as f:
             cp_rows = {r["per_rank"]: r for r in json.load(f)["rows"]}
-    if args.cp != "only":  # the ring's numbers (not needed by a context_parallel-only run)
+    if args.cp != "only" and not args.inner_only:  # the ring's numbers (not needed by a context_parallel-only run)
         results["check_rel_error_vs_fp32"] = check_against_single_gpu(h, d)
         if rank == 0:
             print("check (relative error of bf16 ring vs fp32 single GPU):", results["check_rel_error_vs_fp32"],
@@ -221,11 +232,12 @@ def main() -> None:
         full = [torch.randn(1, h, total, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4)]
         row = {"per_rank": n, "N": total, "flops_fwd": causal_flops(total, h, d)}
         # the baseline: the whole sequence on one GPU
-        single = [t.clone().requires_grad_() for t in full[:3]]
-        measure("single", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                single, full[3], max(3, args.iters // 2), row, rank)
-        del single
-        if args.cp in ("run", "only"):
+        if not args.inner_only:
+            single = [t.clone().requires_grad_() for t in full[:3]]
+            measure("single", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                    single, full[3], max(3, args.iters // 2), row, rank)
+            del single
+        if args.cp in ("run", "only") and not args.inner_only:
             for rotate in ("allgather", "alltoall"):
                 measure_context_parallel(mesh, rotate, full, args.iters, row, rank)
         if ours:
@@ -233,7 +245,7 @@ def main() -> None:
             dout = shard(full[3], 2, "zigzag").contiguous()
         del full
         torch.cuda.empty_cache()
-        if ours:
+        if ours and not args.inner_only:
             ring = lambda q, k, v: ring_attention(q, k, v, layout="zigzag", is_causal=True, check=False)  # noqa: E731
             measure("ours_eager", ring, local, dout, args.iters, row, rank)
             torch._dynamo.reset()
@@ -242,7 +254,7 @@ def main() -> None:
             row["ours_compiled_compile_fwdbwd_s"] = first_call_s(lambda: compiled(*local).backward(dout))
             measure("ours_compiled", compiled, local, dout, args.iters, row, rank)
         for name in ("ours_eager", "ours_compiled", "cp_allgather", "cp_alltoall"):
-            if name in row and "error" not in row[name] and "error" not in row["single"]:
+            if name in row and "error" not in row[name] and "error" not in row.get("single", {"error": 1}):
                 for mode in ("fwd", "fwdbwd"):
                     row[name][f"{mode}_efficiency"] = row["single"][f"{mode}_ms"] / world / row[name][f"{mode}_ms"]
         for name in ("cp_allgather", "cp_alltoall"):
@@ -278,8 +290,9 @@ def block_sparse_pairs(n: int, block: int, pattern: dict, is_causal: bool) -> in
 
 
 def inner_setups(n: int, world: int, h: int, d: int, max_block_sparse: int) -> dict:
-    """By row key: (description, one-GPU fn, ring fn, useful forward FLOPs) of the non-dense
-    inner attentions, or a reason to skip, for n tokens per rank (causal, zigzag)."""
+    """By row key: (description, one-GPU fn, ring fn, the ring's policy rule, useful forward
+    FLOPs) of the non-dense inner attentions, or a reason to skip, for n tokens per rank
+    (causal, zigzag)."""
     from dilated_compile import block_sparse_attention
     from dilated_compile.cost import dilated_cost
 
@@ -296,6 +309,7 @@ def inner_setups(n: int, world: int, h: int, d: int, max_block_sparse: int) -> d
             lambda q, k, v, seg=seg, rates=rates: ring_attention(
                 q, k, v, inner="dilated", layout="zigzag", is_causal=True, segment_lengths=seg,
                 dilation_rates=rates, check=False),
+            {"attention": "dilated", "segment_lengths": seg, "dilation_rates": rates, "head_split": "groups"},
             float(cost.at(total)[0]),
         )
     block, pattern = BLOCK_SPARSE
@@ -307,9 +321,28 @@ def inner_setups(n: int, world: int, h: int, d: int, max_block_sparse: int) -> d
             lambda q, k, v: block_sparse_attention(q, k, v, block_size=block, pattern=pattern, is_causal=True),
             lambda q, k, v: ring_attention(q, k, v, inner="block_sparse", layout="zigzag", is_causal=True,
                                            block_size=block, pattern=pattern, check=False),
+            {"attention": "block_sparse", "block_size": block, "pattern": pattern},
             4.0 * d * h * block_sparse_pairs(total, block, pattern, True),
         )
     return out
+
+
+def compiled_ring(rule: dict, local, dout, iters: int, one: dict, rank: int) -> None:
+    """A module calling causal SDPA through the backend with `rule` as a zigzag ring: first-call
+    (compile) seconds, then times, into one["ring_compiled"]."""
+    policy = {"version": 1, "rules": [{"match": "**", **rule, "ring": {"layout": "zigzag"}}]}
+    torch._dynamo.reset()
+    compiled = torch.compile(CausalSDPA(), backend="dilated", options={"policy": policy})
+    try:
+        compile_fwd = first_call_s(lambda: compiled(*[t.detach() for t in local]))
+        compile_fwdbwd = first_call_s(lambda: compiled(*local).backward(dout))
+    except Exception as exc:  # noqa: BLE001 - a failing compile is a result
+        one["ring_compiled"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        if rank == 0:
+            traceback.print_exc()
+        return
+    measure("ring_compiled", compiled, local, dout, iters, one, rank)
+    one["ring_compiled"].update(compile_fwd_s=compile_fwd, compile_fwdbwd_s=compile_fwdbwd)
 
 
 def inner_rows(row, local, dout, world, rank, args) -> None:
@@ -325,7 +358,7 @@ def inner_rows(row, local, dout, world, rank, args) -> None:
         if isinstance(setup, str):
             row[key] = {"skipped": setup}
             continue
-        description, single_fn, ring_fn, flops = setup
+        description, single_fn, ring_fn, rule, flops = setup
         full = [torch.randn(1, h, n * world, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
                 for _ in range(3)]
         grad = torch.randn_like(full[0])
@@ -334,10 +367,14 @@ def inner_rows(row, local, dout, world, rank, args) -> None:
         del full, grad
         torch.cuda.empty_cache()
         measure("ring", ring_fn, local, dout, args.iters, one, rank)
+        if n <= args.max_compiled_inner:
+            compiled_ring(rule, local, dout, args.iters, one, rank)
         row[key] = {**description, **one, "flops_fwd": flops}
-        for name in ("single", "ring"):
+        for name in ("single", "ring", "ring_compiled"):
+            if name not in one:
+                continue
             if "error" not in one[name]:
-                per_gpu = flops / (world if name == "ring" else 1)
+                per_gpu = flops / (1 if name == "single" else world)
                 row[key][f"{name}_fwd_tflops_per_gpu"] = per_gpu / one[name]["fwd_ms"] / 1e9
         torch.cuda.empty_cache()
 

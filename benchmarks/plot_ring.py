@@ -59,25 +59,61 @@ def table(results: dict) -> str:
 INNERS = ("dilated", "dilated_long", "block_sparse")  # bench_ring.py --dilated
 
 
+def _ms(entry: dict | None, mode: str) -> str:
+    if not entry:
+        return "-"
+    return "error" if "error" in entry else f"{entry[f'{mode}_ms']:.2f}"
+
+
 def dilated_table(results: dict) -> str:
-    """Dilated and block-sparse rings: useful forward TFLOP/s per GPU against one GPU."""
+    """Dilated and block-sparse rings (eager `ring_attention`, and through the backend):
+    useful forward TFLOP/s per GPU and forward+backward time against one GPU."""
     lines = [
-        "| inner | tokens/rank | one GPU fwd TFLOP/s | ring fwd TFLOP/s per GPU | one GPU fwd+bwd ms | ring fwd+bwd ms |",
-        "|---|---|---|---|---|---|",
+        "| inner | tokens/rank | one GPU fwd TFLOP/s | ring fwd TFLOP/s per GPU (eager / backend) "
+        "| one GPU fwd+bwd ms | ring fwd+bwd ms (eager / backend) | backend compile s (fwd / fwd+bwd) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for key in INNERS:
         for row in results["rows"]:
             d = row.get(key) or {}
             if "skipped" in d or "single" not in d:
                 continue
-            single, ring = d["single"], d.get("ring", {"error": "not run"})
+            compiled = d.get("ring_compiled") or {}
+            compile_s = (f"{compiled['compile_fwd_s']:.0f} / {compiled['compile_fwdbwd_s']:.0f}"
+                         if "compile_fwd_s" in compiled else "-")
             cells = [
-                fmt(d.get("single_fwd_tflops_per_gpu"), 0), fmt(d.get("ring_fwd_tflops_per_gpu"), 0),
-                "error" if "error" in single else f"{single['fwdbwd_ms']:.2f}",
-                "error" if "error" in ring else f"{ring['fwdbwd_ms']:.2f}",
+                fmt(d.get("single_fwd_tflops_per_gpu"), 0),
+                f"{fmt(d.get('ring_fwd_tflops_per_gpu'), 0)} / {fmt(d.get('ring_compiled_fwd_tflops_per_gpu'), 0)}",
+                _ms(d["single"], "fwdbwd"),
+                f"{_ms(d.get('ring'), 'fwdbwd')} / {_ms(compiled, 'fwdbwd')}",
+                compile_s,
             ]
             lines.append(f"| {key} | {row['per_rank'] // 1024}k | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def plot_inner(results: dict, ax) -> bool:
+    """Per-GPU forward TFLOP/s of the dilated and block-sparse rings and of one GPU; False if
+    the results have none."""
+    drawn = False
+    for i, key in enumerate(INNERS):
+        rows = [r for r in results["rows"] if "single" in (r.get(key) or {})]
+        if not rows:
+            continue
+        xs = [r["per_rank"] for r in rows]
+        for name, style in (("single", ":"), ("ring", "--"), ("ring_compiled", "-")):
+            ys = [r[key].get(f"{name}_fwd_tflops_per_gpu") for r in rows]
+            if any(y is not None for y in ys):
+                ax.plot(xs, [float("nan") if y is None else y for y in ys], linestyle=style, marker="o",
+                        color=f"C{i}", label=f"{key}: {'one GPU' if name == 'single' else name}")
+                drawn = True
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens per rank")
+    ax.set_ylabel("useful forward TFLOP/s per GPU")
+    ax.set_title("dilated and block-sparse rings")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    return drawn
 
 
 def plot(results: dict, path: str) -> None:
@@ -86,7 +122,12 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    dense = any("single" in row for row in results["rows"])
+    inner = any("single" in (row.get(k) or {}) for row in results["rows"] for k in INNERS)
+    fig, axes = plt.subplots(1, 2 * dense + inner, figsize=(5.5 * (2 * dense + inner), 4), squeeze=False)
+    axes = list(axes[0])
+    if inner:
+        plot_inner(results, axes.pop())
     per_rank = [row["per_rank"] for row in results["rows"]]
     for ax, mode, title in zip(axes, ("fwd", "fwdbwd"), ("forward", "forward + backward")):
         for name, label in NAMES.items():
@@ -99,9 +140,10 @@ def plot(results: dict, path: str) -> None:
         ax.set_xlabel("tokens per rank")
         ax.set_title(f"{title}, W={results['world_size']}")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("efficiency (one GPU time / W / ring time)")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"causal dense ring, zigzag, bf16, H={results['heads']}, D={results['head_dim']} - "
+    if dense:
+        axes[0].set_ylabel("efficiency (one GPU time / W / ring time)")
+        axes[0].legend(fontsize=8)
+    fig.suptitle(f"causal rings, zigzag, bf16, H={results['heads']}, D={results['head_dim']} - "
                  f"{results['device']} x{results['world_size']}, torch {results['torch']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

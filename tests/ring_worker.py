@@ -382,8 +382,8 @@ def cuda_kernels_case() -> None:
 
 def split_boxes_case(layout: str, is_causal: bool, setup: str) -> None:
     """numeric_case of a block-sparse ring whose shard pairs are split into several boxes
-    (MAX_BOX_PAIRS lowered): several masked calls per step, merged in the forward and summed
-    in the backward."""
+    (MAX_BOX_PAIRS lowered; only mask_mod patterns split): several masked calls per step,
+    merged in the forward and summed in the backward."""
     from dilated_compile.lowering import ring_block_sparse
 
     saved = ring_block_sparse.MAX_BOX_PAIRS
@@ -649,7 +649,7 @@ def cases(world: int, backend: str = "gloo") -> dict[str, Callable[[], None]]:
             out[f"{inner.replace('_', '-')}-{setup}-{layout}-causal-{name}"] = functools.partial(
                 numeric_case, inner, layout, True, half, setup, n_local=32)
         out[f"shard-roundtrip-{layout}"] = functools.partial(shard_roundtrip_case, layout)
-        for causal, setup in ((True, "local"), (False, "mask-mod")):
+        for causal, setup in ((True, "mask-mod"), (False, "mask-mod")):
             out[f"block-sparse-split-{setup}-{layout}-{'causal' if causal else 'full'}"] = functools.partial(
                 split_boxes_case, layout, causal, setup)
         out[f"first-hop-exact-{layout}-{name}"] = functools.partial(first_hop_exact_case, layout, half)

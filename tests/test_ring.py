@@ -326,6 +326,20 @@ def test_block_sparse_ring_skips_steps_without_active_blocks():
     assert got == [(((0, 4, 0, 4),), ((0, 2, 0, 1),)), (((0, 1, 0, 2),), ((0, 4, 0, 4),))], got
 
 
+def test_block_sparse_schedule_splits_boxes_only_for_mask_mod(monkeypatch):
+    """Built-in patterns run as dense blocks: one box per shard pair however many pairs it
+    holds (each box is its own kernel calls); a mask_mod pattern's masked boxes are split."""
+    from dilated_compile.lowering import ring_block_sparse as rbs
+    from dilated_compile.lowering.block_patterns import as_pattern
+
+    monkeypatch.setattr(rbs, "MAX_BOX_PAIRS", 4)
+    for pattern, most in (({"kind": "local_window", "window": 1}, 1),
+                          ({"kind": "mask_mod", "function": "tests.masks:stripes"}, rbs.MAX_BOXES)):
+        sched = rbs.make_block_sparse_schedule(2, 0, 32, "zigzag", True, as_pattern(pattern, 4), 4)
+        sizes = [len(per_source) for per_source in sched.boxes]
+        assert max(sizes) == most, (pattern, sizes)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("pattern,block_size", [

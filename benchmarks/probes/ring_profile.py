@@ -1,6 +1,7 @@
 """Probe: where a ring's forward+backward time goes, against one GPU's causal SDPA.
 
     torchrun --nproc-per-node 2 benchmarks/probes/ring_profile.py [--per-rank 16384 32768]
+        [--inner dense|dilated_long|block_sparse] [--eager]
 
 For each tokens-per-rank n (bf16, B=1, H=16, D=128, causal, zigzag), rank 0 prints:
 the one-GPU time of the full sequence (fwd+bwd) and of the ring through the
@@ -8,7 +9,10 @@ backend; then, from a profile of the ring's steps, per kernel kind the time
 per step, the NCCL kernels' time, the time the GPU runs at least one kernel,
 and the time it runs compute kernels with no NCCL kernel beside them
 (communication that compute does not hide shows as wall time minus busy time,
-or as NCCL time outside compute), and a timeline of one ring call.
+or as NCCL time outside compute), and a timeline of one ring call. With
+``--inner`` other than dense it profiles that ring of `bench_ring.py
+--dilated` against the same attention on one GPU instead (``--eager``: as
+`ring_attention`, not through the backend).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import dilated_compile  # noqa: E402,F401
-from bench_ring import CausalSDPA, time_ms, with_backward  # noqa: E402
+from bench_ring import CausalSDPA, inner_setups, time_ms, with_backward  # noqa: E402
 from dilated_compile import shard  # noqa: E402
 
 
@@ -109,6 +113,9 @@ def main() -> None:
     p.add_argument("--per-rank", type=int, nargs="+", default=[16384, 32768])
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--option", nargs="*", default=[], help="backend options NAME=PYTHON_VALUE")
+    p.add_argument("--inner", default="dense", choices=("dense", "dilated", "dilated_long", "block_sparse"))
+    p.add_argument("--eager", action="store_true", help="ring_attention instead of the backend")
+    p.add_argument("--timeline-lines", type=int, default=400)
     args = p.parse_args()
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -120,13 +127,21 @@ def main() -> None:
         g = torch.Generator(device="cuda").manual_seed(0)
         full = [torch.randn(1, h, n * world, d, device="cuda", dtype=torch.bfloat16, generator=g)
                 for _ in range(4)]
+        single_fn, ring_fn = CausalSDPA(), None
+        if args.inner != "dense":
+            _, single_fn, ring_fn, rule, _ = inner_setups(n, world, h, d, 1 << 30)[args.inner]
+            policy = {"version": 1, "rules": [{"match": "**", **rule, "ring": {"layout": "zigzag"}}]}
         single_in = [t.clone().requires_grad_() for t in full[:3]]
-        single = with_backward(CausalSDPA(), single_in, full[3])
+        single = with_backward(single_fn, single_in, full[3])
         local = [shard(t, 2, "zigzag").contiguous().requires_grad_() for t in full[:3]]
         torch._dynamo.reset()
         options = {"policy": policy, **{k: eval(v) for k, v in (o.split("=", 1) for o in args.option)}}
-        ring = with_backward(torch.compile(CausalSDPA(), backend="dilated", options=options),
-                             local, shard(full[3], 2, "zigzag").contiguous())
+        if not args.eager:
+            ring_fn = torch.compile(CausalSDPA(), backend="dilated", options=options)
+        elif ring_fn is None:
+            ring_fn = lambda q, k, v: dilated_compile.ring_attention(  # noqa: E731
+                q, k, v, layout="zigzag", is_causal=True, check=False)
+        ring = with_backward(ring_fn, local, shard(full[3], 2, "zigzag").contiguous())
         ring()
         t_single = time_ms(single, 10, 2)
         t_ring = time_ms(ring, 10, 2)
@@ -136,7 +151,9 @@ def main() -> None:
         dist.barrier()
         ring_t = timeline(ring)
         if rank == 0:
-            print(f"\n== {n} tokens/rank, N={n * world}, W={world}: one GPU fwd+bwd {t_single:.3f} ms, "
+            how = "eager" if args.eager else "backend"
+            print(f"\n== {args.inner} ring ({how}), {n} tokens/rank, N={n * world}, W={world}: "
+                  f"one GPU fwd+bwd {t_single:.3f} ms, "
                   f"ring {t_ring:.3f} ms, efficiency {t_single / world / t_ring:.3f}")
             for name, b in (("one GPU, full N", single_b), ("ring, rank 0", ring_b)):
                 print(f"-- {name}: wall {b['wall_us'] / 1e3:.3f} ms, GPU busy {b['busy_us'] / 1e3:.3f} ms, "
@@ -144,7 +161,7 @@ def main() -> None:
                 for k, (us, c) in b["kinds"].items():
                     print(f"   {k:40s} {us / 1e3:8.3f} ms  x{c}")
             print("-- ring, rank 0, one forward+backward (start, duration in us):")
-            print("\n".join(ring_t))
+            print("\n".join(ring_t[: args.timeline_lines]))
     dist.destroy_process_group()
 
 

@@ -78,6 +78,12 @@ def _index(values: tuple[int, ...], device, cached: bool) -> torch.Tensor:
     return out
 
 
+def index_of(values: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A plan's index tuple as a long tensor on `like`'s device; remembered (by the tuple
+    object) in eager calls on plain tensors. `values` must be a tuple the plan keeps."""
+    return _index(values, like.device, _direct(like))
+
+
 def blocked(x: torch.Tensor, idx: torch.Tensor, m: int) -> torch.Tensor:
     """Entries `idx` (blocks of m, along dim 2) of (B, h, L, ...) `x` as (B * blocks, h, m, ...)."""
     return x.index_select(2, idx).unflatten(2, (-1, m)).movedim(2, 1).flatten(0, 1)

@@ -18,10 +18,12 @@ block sees the keys of its active key blocks in full (with causal masking:
 those before the run) plus, with causal masking, its own positions as a
 causal square. The blocks are planned from positions alone (`_box_groups`).
 A ``mask_mod`` pattern (token level, may depend on batch and head) is one
-masked float32 attention (`ring_masked`) per box instead. A box of more
-than `MAX_BOX_PAIRS` (query, key) pairs is split by query rows into at most
-`MAX_BOXES` boxes, each narrowed to its rows' keys: this bounds what one
-masked call holds, and for local patterns cuts the work.
+masked float32 attention (`ring_masked`) per box instead, and only there is
+a box of more than `MAX_BOX_PAIRS` (query, key) pairs split by query rows
+into at most `MAX_BOXES` boxes, each narrowed to its rows' keys: this bounds
+what one masked call holds. Built-in patterns keep one box per shard pair,
+so blocks of one shape across the whole pair run as one batched call (each
+box is its own calls: splitting only adds kernel launches there).
 """
 
 from __future__ import annotations
@@ -173,11 +175,12 @@ def _tile_blocks(
     return dense_blocks.group(blocks)
 
 
-# Query x key positions above which a shard pair's box is split by query rows (into at most
-# MAX_BOXES boxes, each with its own keys): the masked attention of one box holds float32 scores
-# for every pair of it, and a local pattern's keys narrow with its rows.
+# Query x key positions above which a mask_mod pattern's box of a shard pair is split by query
+# rows (into at most MAX_BOXES boxes, each with its own keys): the masked attention of one box
+# holds float32 scores for every pair of it, and a local pattern's keys narrow with its rows.
 MAX_BOX_PAIRS = 1 << 22
 MAX_BOXES = 8
+NO_SPLIT = 1 << 62  # max_pairs of built-in patterns (dense blocks)
 
 
 def _pair_boxes(
@@ -269,7 +272,8 @@ def make_block_sparse_schedule(
 ) -> BlockSparseSchedule:
     """The schedule of one rank's block-sparse ring."""
     pattern_fields = (pattern.kind, pattern.window, pattern.stride, pattern.global_blocks, pattern.function)
-    setup = (world_size, rank, n, layout, is_causal, pattern_fields, block_size, MAX_BOX_PAIRS)
+    max_pairs = MAX_BOX_PAIRS if pattern.kind == "mask_mod" else NO_SPLIT
+    setup = (world_size, rank, n, layout, is_causal, pattern_fields, block_size, max_pairs)
     return BlockSparseSchedule(
         world_size, rank, n, layout, is_causal, pattern, block_size, _boxes(*setup), _box_groups(*setup)
     )

@@ -215,10 +215,6 @@ def make_dilated_plan(
 # helpers
 
 
-def _index(values: tuple[int, ...], device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long, device=device)
-
-
 def _in_head_order(plan: DilatedRingPlan, per_job: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per layer, the jobs' (B, heads_j, ...) tensors as one (B, H, ...) tensor in head order."""
     out = []
@@ -229,7 +225,7 @@ def _in_head_order(plan: DilatedRingPlan, per_job: list[torch.Tensor]) -> list[t
             inverse = [0] * len(heads)
             for i, h in enumerate(heads):
                 inverse[h] = i
-            joined = joined.index_select(1, _index(tuple(inverse), joined.device))
+            joined = joined.index_select(1, torch.tensor(inverse, device=joined.device))
         out.append(joined)
     return out
 
@@ -240,13 +236,13 @@ def _of_job(plan: DilatedRingPlan, j: int, x: torch.Tensor) -> torch.Tensor:
 
 def _rows_of_job(plan: DilatedRingPlan, j: int, x: torch.Tensor) -> torch.Tensor:
     """The job's heads and selected query rows of a (B, H, n, ...) tensor."""
-    return _of_job(plan, j, x).index_select(2, _index(plan.jobs[j].rows, x.device))
+    return _of_job(plan, j, x).index_select(2, dense_blocks.index_of(plan.jobs[j].rows, x))
 
 
 def _spread_rows(plan: DilatedRingPlan, j: int, x: torch.Tensor, fill: float) -> torch.Tensor:
     """(B, heads_j, rows, ...) -> (B, heads_j, n, ...), `fill` at the rows the job does not select."""
     full = x.new_full((*x.shape[:2], plan.n, *x.shape[3:]), fill)
-    return full.index_copy(2, _index(plan.jobs[j].rows, x.device), x)
+    return full.index_copy(2, dense_blocks.index_of(plan.jobs[j].rows, x), x)
 
 
 def _sizes(plan: DilatedRingPlan, counts_of, per_key: int) -> list[int]:
@@ -291,7 +287,7 @@ def _gather_keys(plan: DilatedRingPlan, k, v, group_name: str):
         for dest in range(plan.world_size):
             for j, idx in enumerate(plan.send[dest]):
                 if idx:
-                    sel = _index(idx, k.device)
+                    sel = dense_blocks.index_of(idx, k)
                     parts += [_of_job(plan, j, x).index_select(2, sel).reshape(-1) for x in (k, v)]
         in_sizes = _sizes(plan, lambda r, j: len(plan.send[r][j]), b * d)
         out_sizes = _sizes(
@@ -306,7 +302,7 @@ def _gather_keys(plan: DilatedRingPlan, k, v, group_name: str):
             if not c:
                 continue
             if src == plan.rank:
-                sel = _index(job.own, k.device)
+                sel = dense_blocks.index_of(job.own, k)
                 for t, x in zip(pieces[j], (k, v)):
                     t.append(_of_job(plan, j, x).index_select(2, sel))
                 continue
@@ -403,7 +399,7 @@ def _scatter_grads(plan: DilatedRingPlan, parts, shape, acc, device) -> torch.Te
     per_job = [torch.zeros(shape[0], len(range(plan.num_heads)[plan.heads(j)]), *shape[2:],
                            dtype=acc, device=device) for j in range(len(plan.jobs))]
     for j, idx, g in parts:
-        per_job[j] = per_job[j].index_add(2, _index(tuple(idx), device), g.to(acc))
+        per_job[j] = per_job[j].index_add(2, dense_blocks.index_of(idx, g), g.to(acc))
     return _sum(_in_head_order(plan, per_job))
 
 
