@@ -125,8 +125,8 @@ def attention(
         if not outs:
             continue
         o, l = (outs[0], lses[0]) if len(outs) == 1 else merge_by_lse(outs, lses)
-        out = out.index_copy(2, ridx, unblocked(o, batch))
-        lse = lse.index_copy(2, ridx, unblocked(l, batch))
+        out.index_copy_(2, ridx, unblocked(o, batch))  # in place: a copy of `out` per group else
+        lse.index_copy_(2, ridx, unblocked(l, batch))
     return out, lse
 
 
@@ -152,7 +152,7 @@ def attention_backward(
                 gb, qb, blocked(k, kidx, n_keys), blocked(v, kidx, n_keys), ob, lb,
                 is_causal=causal, scale=scale, direct=direct,
             )
-            dq = dq.index_add(2, ridx, unblocked(gq.to(acc), batch))
-            dk = dk.index_add(2, kidx, unblocked(gk.to(acc), batch))
-            dv = dv.index_add(2, kidx, unblocked(gv.to(acc), batch))
+            dq.index_add_(2, ridx, unblocked(gq.to(acc), batch))  # in place, as in `attention`
+            dk.index_add_(2, kidx, unblocked(gk.to(acc), batch))
+            dv.index_add_(2, kidx, unblocked(gv.to(acc), batch))
     return dq, dk, dv

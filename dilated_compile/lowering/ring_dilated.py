@@ -242,7 +242,7 @@ def _rows_of_job(plan: DilatedRingPlan, j: int, x: torch.Tensor) -> torch.Tensor
 def _spread_rows(plan: DilatedRingPlan, j: int, x: torch.Tensor, fill: float) -> torch.Tensor:
     """(B, heads_j, rows, ...) -> (B, heads_j, n, ...), `fill` at the rows the job does not select."""
     full = x.new_full((*x.shape[:2], plan.n, *x.shape[3:]), fill)
-    return full.index_copy(2, dense_blocks.index_of(plan.jobs[j].rows, x), x)
+    return full.index_copy_(2, dense_blocks.index_of(plan.jobs[j].rows, x), x)
 
 
 def _sizes(plan: DilatedRingPlan, counts_of, per_key: int) -> list[int]:
@@ -399,7 +399,7 @@ def _scatter_grads(plan: DilatedRingPlan, parts, shape, acc, device) -> torch.Te
     per_job = [torch.zeros(shape[0], len(range(plan.num_heads)[plan.heads(j)]), *shape[2:],
                            dtype=acc, device=device) for j in range(len(plan.jobs))]
     for j, idx, g in parts:
-        per_job[j] = per_job[j].index_add(2, dense_blocks.index_of(idx, g), g.to(acc))
+        per_job[j].index_add_(2, dense_blocks.index_of(idx, g), g.to(acc))
     return _sum(_in_head_order(plan, per_job))
 
 
