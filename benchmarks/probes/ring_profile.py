@@ -90,11 +90,13 @@ def breakdown(step, steps: int) -> dict:
     """Per-step kernel time by kind, busy time and NCCL-only time from one profile (microseconds)."""
     events = [e for e in trace_events(step, steps) if e.get("cat") == "kernel"]
     by_kind: dict[str, float] = collections.defaultdict(float)
+    by_name: dict[str, float] = collections.defaultdict(float)
     count: dict[str, int] = collections.defaultdict(int)
     spans, compute = [], []
     for e in events:
         k = kind(e["name"])
         by_kind[k] += e["dur"]
+        by_name[e["name"][:90]] += e["dur"]
         count[k] += 1
         spans.append((e["ts"], e["ts"] + e["dur"]))
         if k != "nccl":
@@ -102,6 +104,7 @@ def breakdown(step, steps: int) -> dict:
     wall = max(b for _, b in spans) - min(a for a, _ in spans)
     return {
         "kinds": {k: (v / steps, count[k] // steps) for k, v in sorted(by_kind.items(), key=lambda x: -x[1])},
+        "top": sorted(((v / steps, name) for name, v in by_name.items()), reverse=True)[:12],
         "busy_us": union(spans) / steps,
         "compute_busy_us": union(compute) / steps,
         "wall_us": wall / steps,
@@ -160,6 +163,9 @@ def main() -> None:
                       f"compute kernels busy {b['compute_busy_us'] / 1e3:.3f} ms")
                 for k, (us, c) in b["kinds"].items():
                     print(f"   {k:40s} {us / 1e3:8.3f} ms  x{c}")
+                print("   longest kernels (ms per step):")
+                for us, name in b["top"]:
+                    print(f"     {us / 1e3:8.3f}  {name}")
             print("-- ring, rank 0, one forward+backward (start, duration in us):")
             print("\n".join(ring_t[: args.timeline_lines]))
     dist.destroy_process_group()
