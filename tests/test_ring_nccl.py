@@ -65,28 +65,11 @@ def _run(world: int, compiled: bool, tmp_path_factory) -> dict:
     return _RUNS[key]
 
 
-# Open bugs by (world size, case), each marked as an expected failure where it was seen (strict:
-# a fix shows up as a failure of the mark, to be removed then). The block-sparse one depends on
-# what the process compiled before it (README, Known limitations): with fresh caches and the
-# worker's case order it failed in every run; `test_block_sparse_contiguous_ring_alone` checks
-# the case in a process of its own, where it is right.
-KNOWN_BUGS = {
-    (2, "backend-block-sparse-local-contiguous-causal"): (
-        "Triton 3.6 miscompiles one of this ring's persistent reductions at XBLOCK 8 with 2 "
-        "warps on an H200, and Inductor's autotuner picks that config in some processes only "
-        "(tests/test_triton_miscompile.py; README, Known limitations)"
-    ),
-}
-
-
 def _params():
     out = []
     for world in WORLDS:
         for name in ring_worker.cases(world, "nccl"):
             marks = [pytest.mark.compiles] if ring_worker.compiles(name) else []
-            if (world, name) in KNOWN_BUGS:
-                # not strict: whether the bad config is picked depends on timing
-                marks.append(pytest.mark.xfail(reason=KNOWN_BUGS[world, name], strict=False))
             out.append(pytest.param(world, name, marks=marks, id=f"w{world}-{name}"))
     return out
 
