@@ -268,6 +268,11 @@ class BlockPattern:
     global_blocks: int | None = None
     function: str | None = None  # mask_mod: "package.module:name"
 
+    def as_tuple(self) -> tuple:
+        """The fields in order: ``BlockPattern(*p.as_tuple()) == p`` (plain values for caches
+        and Dynamo constants)."""
+        return (self.kind, self.window, self.stride, self.global_blocks, self.function)
+
     def describe(self) -> str:
         """Short text, e.g. ``local_window(window=2)``."""
         if self.kind == "mask_mod":

@@ -419,6 +419,79 @@ def test_block_sparse_ring_blocks_cover_exactly_the_allowed_pairs(world, n, patt
                 assert len(got) == len(set(got)) and set(got) == want, (rank, source, box)
 
 
+def _allowed_pairs(pattern, block_size, is_causal, qpos, kpos) -> torch.Tensor:
+    """(len(qpos), len(kpos)) bool: the pairs the token mask allows, from global positions."""
+    from dilated_compile.lowering.block_patterns import evaluate_mask_mod, token_mask_mod
+
+    return evaluate_mask_mod(token_mask_mod(pattern, block_size, is_causal), 1, 1,
+                             torch.tensor(qpos), torch.tensor(kpos))[0, 0]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("world,n,pattern,block_size,is_causal", [
+    (2, 32, {"kind": "local_window", "window": 1}, 4, False),
+    (2, 32, {"kind": "local_window", "window": 1}, 4, True),
+    (2, 12, {"kind": "local_window", "window": 1}, 5, False),  # blocks straddle shards and chunks
+    (3, 24, {"kind": "local_window", "window": 1}, 5, True),
+    # causal only: without causality the global rows use every key (the ring, see below)
+    (3, 24, {"kind": "global_local", "global_blocks": 2, "window": 0}, 2, True),
+    (4, 16, {"kind": "global_local", "global_blocks": 1, "window": 1}, 3, True),
+])
+def test_block_exchange_sends_exactly_the_used_keys_and_covers_every_pair(
+        world, n, pattern, block_size, is_causal, layout):
+    """The key-exchange plan: each rank receives from each other rank exactly the keys some of
+    its queries may attend (no more: that is what makes it cheap), what a rank sends is what
+    the other receives, and the dense blocks over own and received keys hold every allowed
+    (query, key) pair once and nothing else."""
+    from dilated_compile.lowering.block_patterns import as_pattern
+    from dilated_compile.lowering.ring_block_exchange import exchange_plan
+
+    pat = as_pattern(pattern, block_size)
+    plans = [exchange_plan(world, r, n, layout, is_causal, pat, block_size) for r in range(world)]
+    assert all(p is not None for p in plans), "these patterns need less than a shard from the others"
+    for rank, plan in enumerate(plans):
+        mine = position_list(world * n, layout, rank, world)
+        for source in range(world):
+            theirs = position_list(world * n, layout, source, world)
+            allowed = _allowed_pairs(pat, block_size, is_causal, mine, theirs)
+            if source != rank:
+                used = tuple(allowed.any(dim=0).nonzero().flatten().tolist())
+                assert plan.needed[source] == used == plans[source].send[rank], (rank, source)
+                keys = list(plan.needed[source])
+            else:
+                keys = list(range(n))
+            got = []
+            for m, a, d, rows, full, diag in plan.groups[source]:
+                for b in range(len(rows) // m):
+                    block_rows = rows[b * m : (b + 1) * m]
+                    got += [(i, keys[j]) for i in block_rows for j in full[b * a : (b + 1) * a]]
+                    if d:
+                        block_diag = diag[b * d : (b + 1) * d]
+                        got += [(i, keys[j]) for t, i in enumerate(block_rows) for j in block_diag[: t + 1]]
+            want = {tuple(x) for x in allowed.nonzero().tolist()}
+            assert len(got) == len(set(got)) and set(got) == want, (rank, source)
+
+
+def test_block_sparse_ring_exchanges_keys_only_where_that_sends_less():
+    """Key exchange where no rank needs more than a shard of the others' keys; the ring where
+    one does (a wide window), and always for a mask_mod pattern and on one rank."""
+    from dilated_compile.lowering.block_patterns import as_pattern
+    from dilated_compile.lowering.ring_block_exchange import exchange_plan
+
+    def plan(world, pattern, block_size=4, n=32, causal=True):
+        return exchange_plan(world, 0, n, "zigzag", causal, as_pattern(pattern, block_size), block_size)
+
+    assert plan(4, {"kind": "local_window", "window": 2}) is not None
+    assert plan(4, {"kind": "local_window", "window": 64}) is None  # every key of every rank
+    # every query-block residue on each shard: every key block is some query block's
+    assert plan(3, {"kind": "dilated", "stride": 4, "window": 0}, 2, 24, False) is None
+    # global rows see every key without causality, only the keys before them with it
+    assert plan(3, {"kind": "global_local", "global_blocks": 2, "window": 0}, 2, 24, False) is None
+    assert plan(3, {"kind": "global_local", "global_blocks": 2, "window": 0}, 2, 24, True) is not None
+    assert plan(2, {"kind": "mask_mod", "function": "tests.masks:stripes"}) is None
+    assert plan(1, {"kind": "local_window", "window": 2}) is None
+
+
 def _backward_packet_bytes(sched, dtype: torch.dtype) -> list[int]:
     """Bytes this rank sends in each backward transfer of `sched`, read from the traced graph
     (fake tensors: shapes only, no process group)."""

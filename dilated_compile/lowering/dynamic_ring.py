@@ -12,7 +12,10 @@ inside a custom op's implementation):
 
 - ``"dense"``: `ring_dense.ring_forward` / `ring_backward` with a `Schedule`
   (cached by `make_schedule`);
-- ``"block_sparse"``: the same with a `BlockSparseSchedule` (its boxes cached
+- ``"block_sparse"``: `ring_block_exchange.exchange_forward` /
+  `exchange_backward` where the key exchange sends less than the ring (its
+  backward, like the dilated one below, redoes the key exchange first), else
+  the dense ring's functions with a `BlockSparseSchedule` (its boxes cached
   by `ring_block_sparse`);
 - ``"dilated"``: `dilated.dilated_forward` / `dilated_backward` on the shard
   when every segment lies inside one run of it (nothing is sent), else
@@ -71,6 +74,7 @@ from .dynamic import (
 )
 from .dynamic_block_sparse import effective_pattern as _block_pattern_at, pattern_args
 from .ring import INNERS, check_local_shape, dilated_segments_local
+from .ring_block_exchange import ExchangePlan, exchange_backward, exchange_forward, exchange_plan, gather_keys
 from .ring_block_sparse import make_block_sparse_schedule
 from .ring_dense import make_schedule, ring_backward, ring_forward
 from .ring_dilated import DilatedRingPlan, _gather_keys, dilated_ring_backward, dilated_ring_forward, make_dilated_plan
@@ -105,15 +109,19 @@ def _local_schedule(q: torch.Tensor, is_causal: bool):
     return make_schedule(1, 0, q.shape[2], "contiguous", bool(is_causal))
 
 
-def _dense_like_schedule(q, world_size, rank, layout, is_causal, block_size, kind, window, stride,
+def _dense_like_plan(q, world_size, rank, layout, is_causal, block_size, kind, window, stride,
                          global_blocks):
-    """The ring schedule of the dense or block-sparse inner attention at q's length."""
+    """The ring schedule of the dense or block-sparse inner attention at q's length, or the
+    block-sparse key-exchange plan where that sends less (`ring_block_exchange`)."""
     n = q.shape[2]
     if world_size == 1:  # one rank holds the whole sequence, in order, whatever the layout
         layout = "contiguous"
     if kind == "":  # dense
         return make_schedule(world_size, rank, n, layout, bool(is_causal))
     pattern = _block_pattern_at(n * world_size, block_size, kind, window, stride, global_blocks, 0)
+    plan = exchange_plan(world_size, rank, n, layout, bool(is_causal), pattern, block_size)
+    if plan is not None:
+        return plan
     return make_block_sparse_schedule(world_size, rank, n, layout, bool(is_causal), pattern, block_size)
 
 
@@ -169,11 +177,14 @@ def ring_attention_op(
         else:
             out, lse, _ = dilated_ring_forward(plan, q, k, v, scale, group_name)
     else:
-        sched = _dense_like_schedule(
+        sched = _dense_like_plan(
             q, world_size, rank, layout, is_causal, block_size,
             kind if inner == "block_sparse" else "", window, stride, global_blocks,
         )
-        out, lse = ring_forward(sched, q, k, v, scale, group_name)
+        if isinstance(sched, ExchangePlan):
+            out, lse, _ = exchange_forward(sched, q, k, v, scale, group_name)
+        else:
+            out, lse = ring_forward(sched, q, k, v, scale, group_name)
     return _in_seq_major(out.to(q.dtype)), _in_seq_major(lse.to(accumulation_dtype(q)))
 
 
@@ -222,11 +233,15 @@ def ring_attention_backward_op(
         else:
             grads = _dilated_ring_backward(plan, dout, q, k, v, out, lse, scale, group_name)
     else:
-        sched = _dense_like_schedule(
+        sched = _dense_like_plan(
             q, world_size, rank, layout, is_causal, block_size,
             kind if inner == "block_sparse" else "", window, stride, global_blocks,
         )
-        grads = ring_backward(sched, dout, q, k, v, out, lse, scale, group_name)
+        if isinstance(sched, ExchangePlan):  # the received keys again first (see _dilated_ring_backward)
+            received = gather_keys(sched, k, v, group_name)
+            grads = exchange_backward(sched, dout, q, k, v, out, lse, received, scale, group_name)
+        else:
+            grads = ring_backward(sched, dout, q, k, v, out, lse, scale, group_name)
     return tuple(_in_seq_major(g.to(x.dtype)) for g, x in zip(grads, (q, k, v)))
 
 

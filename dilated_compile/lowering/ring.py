@@ -62,8 +62,7 @@ INNERS = ("dense", "dilated", "block_sparse")
 @torch._dynamo.assume_constant_result
 def _block_pattern_fields(pattern: Any, block_size: int) -> tuple:
     """`as_pattern`'s fields (a constant to Dynamo, which then does not trace the policy loader)."""
-    p = as_pattern(pattern, block_size)
-    return (p.kind, p.window, p.stride, p.global_blocks, p.function)
+    return as_pattern(pattern, block_size).as_tuple()
 
 
 def _block_pattern(pattern: Any, block_size: int) -> BlockPattern:

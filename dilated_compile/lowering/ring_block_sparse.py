@@ -38,6 +38,7 @@ from ..sharding import position_list
 from . import dense_blocks
 from .block_patterns import blocks_active, evaluate_mask_mod, token_mask_mod
 from .constants import outside_tracing
+from .ring_block_exchange import BlockSparseExchange, exchange_plan, tile_blocks
 from .ring_dense import Call, RingDense, Schedule
 from .ring_masked import masked_attention, masked_attention_backward
 
@@ -131,50 +132,6 @@ def _pair_box(
     return (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1)
 
 
-def _tile_blocks(
-    pattern: BlockPattern, block_size: int, is_causal: bool, qpos: list[int], kpos: list[int]
-) -> tuple:
-    """The dense blocks (`dense_blocks.group`) of queries at `qpos` against keys at `kpos`
-    (global positions; indices into both) under a block-level pattern.
-
-    The pattern holds or not for a whole (query block, key block) tile, so
-    each run of consecutive query positions of a query block sees every key
-    of its active key blocks in full; with causal masking only those before
-    the run in full, plus the run's own positions as a causal square where
-    the keys hold them (the rank's own shard).
-    """
-    rows_by_block: dict[int, list[tuple[int, int]]] = {}
-    keys_by_block: dict[int, list[tuple[int, int]]] = {}
-    for i, p in enumerate(qpos):
-        rows_by_block.setdefault(p // block_size, []).append((p, i))
-    for j, p in enumerate(kpos):
-        keys_by_block.setdefault(p // block_size, []).append((p, j))
-    if not rows_by_block or not keys_by_block:
-        return ()
-    qbs, kbs = sorted(rows_by_block), sorted(keys_by_block)
-    active = blocks_active(pattern, torch.tensor(qbs)[:, None], torch.tensor(kbs)[None, :]).tolist()
-    key_at = {p: j for j, p in enumerate(kpos)}
-    blocks = []
-    for qb, on in zip(qbs, active):
-        keys = sorted(pk for kb, a in zip(kbs, on) if a for pk in keys_by_block[kb])
-        if not keys:
-            continue
-        rows = sorted(rows_by_block[qb])
-        if not is_causal:
-            blocks.append(([i for _, i in rows], [j for _, j in keys], []))
-            continue
-        for run in dense_blocks.runs(rows, 1):
-            first, last = run[0][0], run[-1][0]
-            full = [j for p, j in keys if p < first]
-            inside = [p for p, _ in keys if first <= p <= last]
-            if inside and len(inside) != len(run):  # keys between the run's rows: not a square
-                raise ValueError("block-sparse ring: a shard's keys interleave another's rows")
-            diag = [key_at[p] for p, _ in run] if inside else []
-            if full or diag:
-                blocks.append(([i for _, i in run], full, diag))
-    return dense_blocks.group(blocks)
-
-
 # Query x key positions above which a mask_mod pattern's box of a shard pair is split by query
 # rows (into at most MAX_BOXES boxes, each with its own keys): the masked attention of one box
 # holds float32 scores for every pair of it, and a local pattern's keys narrow with its rows.
@@ -233,7 +190,7 @@ def _cached_box_groups(
         for source, per_source in enumerate(boxes):
             theirs = position_list(total, layout, source, world_size)
             out.append(tuple(
-                _tile_blocks(pattern, block_size, is_causal, mine[q0:q1], theirs[k0:k1])
+                tile_blocks(pattern, block_size, is_causal, mine[q0:q1], theirs[k0:k1])
                 for q0, q1, k0, k1 in per_source
             ))
         return tuple(out)
@@ -271,9 +228,8 @@ def make_block_sparse_schedule(
     pattern: BlockPattern, block_size: int,
 ) -> BlockSparseSchedule:
     """The schedule of one rank's block-sparse ring."""
-    pattern_fields = (pattern.kind, pattern.window, pattern.stride, pattern.global_blocks, pattern.function)
     max_pairs = MAX_BOX_PAIRS if pattern.kind == "mask_mod" else NO_SPLIT
-    setup = (world_size, rank, n, layout, is_causal, pattern_fields, block_size, max_pairs)
+    setup = (world_size, rank, n, layout, is_causal, pattern.as_tuple(), block_size, max_pairs)
     return BlockSparseSchedule(
         world_size, rank, n, layout, is_causal, pattern, block_size, _boxes(*setup), _box_groups(*setup)
     )
@@ -293,7 +249,11 @@ def ring_block_sparse(
     pattern: BlockPattern,
     block_size: int,
 ) -> torch.Tensor:
-    """Block-sparse ring attention of this rank's shards; no checks (see ring.py)."""
+    """Block-sparse ring attention of this rank's shards; no checks (see ring.py). By key
+    exchange where that sends less than the ring (`ring_block_exchange`)."""
+    plan = exchange_plan(world_size, rank, q.shape[-2], layout, bool(is_causal), pattern, int(block_size))
+    if plan is not None:
+        return BlockSparseExchange.apply(plan, float(scale), group_name or "", q, k, v)
     sched = make_block_sparse_schedule(
         world_size, rank, q.shape[-2], layout, bool(is_causal), pattern, int(block_size)
     )

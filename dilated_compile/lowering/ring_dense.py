@@ -157,6 +157,28 @@ def tie(x: torch.Tensor, others: list[torch.Tensor]) -> torch.Tensor:
     return x
 
 
+def exchange(
+    world_size: int, rank: int, parts: list[torch.Tensor], out_sizes: list[int],
+    in_sizes: list[int], link: torch.Tensor, group_name: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All-to-all of flat `parts` (grouped by destination, element counts `in_sizes`; receiving
+    `out_sizes` by source) plus a one-element link to rank+1, so that every rank's collective
+    carries data and depends on `link`; returns (received data without the link, the received
+    link)."""
+    w, r = world_size, rank
+    nxt, prv = (r + 1) % w, (r - 1) % w
+    send_sizes, recv_sizes = list(in_sizes), list(out_sizes)
+    send_sizes[nxt] += 1
+    recv_sizes[prv] += 1
+    # the link goes at the end of the block for rank+1
+    cut = sum(in_sizes[: nxt + 1])
+    flat = torch.cat(parts) if parts else link[:0]
+    buf = torch.cat([flat[:cut], link.reshape(1).to(flat.dtype), flat[cut:]])
+    got = wait(c10d_ops.all_to_all_single(buf, recv_sizes, send_sizes, group_name))
+    at = sum(recv_sizes[: prv + 1]) - 1
+    return torch.cat([got[:at], got[at + 1 :]]), got[at : at + 1]
+
+
 def pack(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Tensors of any dtypes as one flat uint8 buffer (widest dtype first keeps views aligned)."""
     flat = [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors]

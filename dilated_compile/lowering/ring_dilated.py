@@ -45,7 +45,7 @@ from .autograd_output import returned_output
 from .dilated import _head_sets, merge_by_lse
 from . import dense_blocks
 from .kernels import accumulation_dtype
-from .ring_dense import tie, wait
+from .ring_dense import exchange, tie
 
 c10d_ops = torch.ops._c10d_functional
 
@@ -254,26 +254,6 @@ def _sizes(plan: DilatedRingPlan, counts_of, per_key: int) -> list[int]:
     ]
 
 
-def _exchange(
-    plan: DilatedRingPlan, parts: list[torch.Tensor], out_sizes: list[int], in_sizes: list[int],
-    link: torch.Tensor, group_name: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """All-to-all of flat `parts` (grouped by destination, sizes `in_sizes`) plus a one-element
-    link to rank+1; returns (received data without the link, the received link)."""
-    w, r = plan.world_size, plan.rank
-    nxt, prv = (r + 1) % w, (r - 1) % w
-    send_sizes, recv_sizes = list(in_sizes), list(out_sizes)
-    send_sizes[nxt] += 1
-    recv_sizes[prv] += 1
-    # the link goes at the end of the block for rank+1
-    cut = sum(in_sizes[: nxt + 1])
-    flat = torch.cat(parts) if parts else link[:0]
-    buf = torch.cat([flat[:cut], link.reshape(1).to(flat.dtype), flat[cut:]])
-    got = wait(c10d_ops.all_to_all_single(buf, recv_sizes, send_sizes, group_name))
-    at = sum(recv_sizes[: prv + 1]) - 1
-    return torch.cat([got[:at], got[at + 1 :]]), got[at : at + 1]
-
-
 # --------------------------------------------------------------------------
 # forward / backward
 
@@ -293,7 +273,9 @@ def _gather_keys(plan: DilatedRingPlan, k, v, group_name: str):
         out_sizes = _sizes(
             plan, lambda r, j: 0 if r == plan.rank else plan.jobs[j].counts[r], b * d
         )
-        received, _ = _exchange(plan, parts, out_sizes, in_sizes, k.reshape(-1)[:1], group_name)
+        received, _ = exchange(
+            plan.world_size, plan.rank, parts, out_sizes, in_sizes, k.reshape(-1)[:1], group_name
+        )
     pieces: list[list[list[torch.Tensor]]] = [[[], []] for _ in plan.jobs]
     offset = 0
     for src in range(plan.world_size):
@@ -369,7 +351,7 @@ def dilated_ring_backward(plan: DilatedRingPlan, dout, q, k, v, out, lse, gather
         out_sizes = _sizes(plan, lambda r, j: len(plan.send[r][j]), b * d)
         in_sizes = _sizes(plan, lambda r, j: 0 if r == plan.rank else plan.jobs[j].counts[r], b * d)
         link = dout.reshape(-1)[:1].to(acc)
-        got, _ = _exchange(plan, back, out_sizes, in_sizes, link, group_name)
+        got, _ = exchange(plan.world_size, plan.rank, back, out_sizes, in_sizes, link, group_name)
         offset = 0
         for dest in range(plan.world_size):
             for j, idx in enumerate(plan.send[dest]):
