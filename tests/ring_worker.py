@@ -165,12 +165,18 @@ def _ring_policy(inner: str, layout: str, setup: str = "groups", **extra) -> dic
     return {"version": 1, "rules": [rule]}
 
 
+# how a ring moves keys, as the site report says it (`lowering.ring.key_traffic`)
+EXCHANGED, ROTATE = "only those used, exchanged", "shards rotate"
+
+
 def backend_case(
     inner: str, layout: str, is_causal: bool, setup: str = "groups", sends: bool = True,
-    dtype: torch.dtype = torch.float32, n_local: int = N_LOCAL,
+    dtype: torch.dtype = torch.float32, n_local: int = N_LOCAL, keys: str | None = None,
 ) -> None:
     """The backend rewrites an SDPA site into a ring: numerics as numeric_case, the report, and
-    Inductor's forward and backward code issue all-to-alls exactly when the ring sends data."""
+    Inductor's forward and backward code issue all-to-alls exactly when the ring sends data.
+    `keys`: how the report must say the site moves keys; exchanged keys take one all-to-all
+    each way, a ring's backward more than one."""
     import dilated_compile
     from torch._inductor.utils import run_and_get_code
 
@@ -191,6 +197,12 @@ def backend_case(
     want = f"ring {layout} over {world} ranks (world), inner {inner}"
     if site.status != "rewritten" or not site.attention.startswith(want):
         raise CaseFailure(f"site report: {site.status} {site.attention!r} {site.reason!r}, want {want!r}")
+    if keys is not None:
+        if f"; keys: {keys}" not in site.attention:
+            raise CaseFailure(f"site report: {site.attention!r}, want keys: {keys!r}")
+        calls = [code.count("_c10d_functional.all_to_all_single.default(") for code in codes]
+        if (calls == [1, 1]) != (keys == EXCHANGED):
+            raise CaseFailure(f"keys {keys!r}, but all-to-alls (forward, backward): {calls}")
     if "ring_attention_local" not in report.after:
         raise CaseFailure("rewritten graph does not call ring_attention_local")
     if "inductor: reorder_for_peak_memory (off" not in str(report):
@@ -665,14 +677,17 @@ def cases(world: int, backend: str = "gloo") -> dict[str, Callable[[], None]]:
         out["backend-dilated-groups-long-zigzag-causal"] = functools.partial(
             backend_case, "dilated", "zigzag", True, "groups-long")
         out["backend-block-sparse-local-contiguous-causal"] = functools.partial(
-            backend_case, "block_sparse", "contiguous", True, "local")
+            backend_case, "block_sparse", "contiguous", True, "local", keys=EXCHANGED)
     if world == 3:
         out["backend-dense-contiguous-full"] = functools.partial(backend_case, "dense", "contiguous", False)
         out["backend-block-sparse-mask-mod-zigzag-full"] = functools.partial(
-            backend_case, "block_sparse", "zigzag", False, "mask-mod")
+            backend_case, "block_sparse", "zigzag", False, "mask-mod", keys=ROTATE)
     if world == 4:
         out["backend-dilated-longnet-contiguous-full"] = functools.partial(
-            backend_case, "dilated", "contiguous", False, "longnet", sends=False)
+            backend_case, "dilated", "contiguous", False, "longnet", sends=False,
+            keys="none sent (segments inside a shard)")
+        out["backend-block-sparse-global-zigzag-causal"] = functools.partial(  # one all-to-all
+            backend_case, "block_sparse", "zigzag", True, "global", keys=EXCHANGED)  # each way
     if gpu and world == 2:  # cuDNN/flash inside the compiled ring; with the float32 cases above,
         # every inner attention through the backend in both layouts, causal and not
         bf16 = dict(dtype=torch.bfloat16, n_local=32)

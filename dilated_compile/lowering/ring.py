@@ -16,9 +16,11 @@ Inner attentions:
   rank runs `dilated_attention` on its own shard and nothing is sent;
   otherwise one all-to-all exchanges exactly the selected keys/values each
   rank's queries use (`ring_dilated`), and one more sends their gradients back.
-- ``"block_sparse"``: the dense ring's rotation with block-sparse masked
-  steps on global positions, steps with no allowed pair skipped
-  (`ring_block_sparse`).
+- ``"block_sparse"``: the block pattern on global positions. Where no rank
+  needs more than a shard of the others' keys, one all-to-all sends each
+  rank exactly the keys its queries may attend (`ring_block_exchange`);
+  otherwise the dense ring's rotation with block-sparse steps, steps with no
+  allowed pair skipped (`ring_block_sparse`).
 
 World size 1 or no initialised process group: the inner attention runs
 locally, without collectives.
@@ -52,6 +54,7 @@ from ..sharding import (
 from .block_patterns import as_pattern
 from .block_sparse import block_sparse_attention
 from .dilated import check_dilated_args, check_qkv, dilated_attention
+from .ring_block_exchange import exchange_plan
 from .ring_block_sparse import ring_block_sparse
 from .ring_dense import ring_dense
 from .ring_dilated import ring_dilated
@@ -239,6 +242,26 @@ def ring_attention(
     )
 
 
+def key_traffic(
+    inner: str, n_local: int, layout: str, world_size: int, rank: int, is_causal: bool, *,
+    segment_lengths: Sequence[int] = (), dilation_rates: Sequence[int] = (),
+    block_size: int | None = None, pattern: Any = None,
+) -> str:
+    """How a ring over several ranks moves keys and values, in words for the site report."""
+    if inner == "dilated":
+        if dilated_segments_local(tuple(segment_lengths), n_local, layout, world_size):
+            return "none sent (segments inside a shard)"
+        return "selected ones exchanged"
+    if inner == "block_sparse":
+        plan = exchange_plan(
+            world_size, rank, n_local, layout, bool(is_causal), _block_pattern(pattern, block_size),
+            int(block_size),
+        )
+        if plan is not None:
+            return "only those used, exchanged"
+    return "shards rotate"
+
+
 def ring_setup_digest(q, k, v, **arguments: Any) -> tuple:
     """A small picklable summary of one rank's ring call, for `check_same_on_all_ranks`."""
     shapes = tuple(tuple(int(s) for s in t.shape) for t in (q, k, v))
@@ -259,6 +282,7 @@ __all__ = [
     "ring_attention",
     "ring_attention_local",
     "ring_setup_digest",
+    "key_traffic",
     "dilated_segments_local",
     "check_local_shape",
 ]

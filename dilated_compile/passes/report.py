@@ -13,6 +13,7 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from ..lowering.block_patterns import density
+from ..lowering.ring import key_traffic
 from .decide import Decision
 from .sites import graph_modules
 
@@ -85,12 +86,27 @@ def _became(d: Decision) -> str | None:
         return f"{text}; ring: world size 1, runs locally"
     group = d.rule.ring.group or "world"
     text = f"ring {d.rule.ring.layout} over {d.ring.world_size} ranks ({group}), inner {text}"
+    if isinstance(d.site.query_len, int) and not ring_op:
+        text += f"; keys: {_key_traffic(d)}"
     if ring_op:  # below min_seq_len the op does what the static path's left site does
         text += (
             f"; dynamic length (custom op), unchanged (this rank's shard only) below global "
             f"min_seq_len {d.rule.min_seq_len}"
         )
     return text
+
+
+def _key_traffic(d: Decision) -> str:
+    """How the ring site moves keys (lowering.ring.key_traffic), from the decision."""
+    kind, args = d.rule.attention, {}
+    if kind == "dilated":
+        args = dict(segment_lengths=d.rule.dilated.segment_lengths,
+                    dilation_rates=d.rule.dilated.dilation_rates)
+    elif kind == "block_sparse":
+        args = dict(block_size=d.rule.block_sparse.block_size, pattern=d.rule.block_sparse.pattern)
+    causal = d.site.args.get("is_causal")
+    return key_traffic(kind, d.site.query_len, d.rule.ring.layout,
+                       d.ring.world_size, d.ring.rank, causal is True, **args)
 
 
 def _block_sparse_text(spec, n) -> str:
