@@ -1,5 +1,9 @@
 """Block-sparse ring attention, forward and backward (SPEC sections 4 and 5).
 
+`ring_block_sparse` hands a built-in pattern whose queries use at most a
+shard of the other ranks' keys to the key exchange (`ring_block_exchange`:
+only those keys move). Everything else runs the ring below.
+
 The ring of `ring_dense` (key/value shards move one rank per step through
 functional collectives; key/value gradients travel back with them in the
 backward), with a different step: this rank's queries attend the source
