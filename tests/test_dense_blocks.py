@@ -67,6 +67,14 @@ def test_group_rejects_a_diagonal_of_another_length():
         dense_blocks.group([([0, 1], [], [3])])
 
 
+def test_group_rejects_a_row_in_two_blocks():
+    """Rows are written, not added, per block (forward and dq): a row's keys must be one block."""
+    with pytest.raises(ValueError, match="a row in two blocks"):
+        dense_blocks.group([([0, 1], [2], []), ([1], [3], [])])
+    with pytest.raises(ValueError, match="a row in two blocks"):
+        dense_blocks.group([([0, 0], [2], [])])
+
+
 def test_index_tensors_are_remembered_per_tuple_object_in_eager_calls():
     values = (3, 1, 2)
     first = dense_blocks._index(values, "cpu", True)

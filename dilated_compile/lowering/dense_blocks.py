@@ -31,9 +31,13 @@ Group = tuple[int, int, int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 def group(blocks: Iterable[tuple[Sequence[int], Sequence[int], Sequence[int]]]) -> tuple[Group, ...]:
     """Blocks (rows, full keys, diagonal keys) grouped by shape, in a fixed order."""
     groups: dict[tuple[int, int, int], tuple[list, list, list]] = {}
+    seen: set[int] = set()
     for rows, full, diag in blocks:
         if diag and len(diag) != len(rows):
             raise ValueError("a block's diagonal keys must be as many as its rows")
+        if not seen.isdisjoint(rows) or len(set(rows)) != len(rows):
+            raise ValueError("a row in two blocks (or twice in one): each row's keys must be one block")
+        seen.update(rows)
         acc = groups.setdefault((len(rows), len(full), len(diag)), ([], [], []))
         for out, part in zip(acc, (rows, full, diag)):
             out.extend(part)
@@ -144,6 +148,7 @@ def attention_backward(
     for m, a, d, rows, full, diag in groups:
         ridx = _index(rows, q.device, direct)
         qb, ob, lb, gb = (blocked(x, ridx, m) for x in (q, out, lse, dout))
+        gq_rows = None
         for keys, n_keys, causal in ((full, a, False), (diag, d, True)):
             if not n_keys:
                 continue
@@ -152,7 +157,9 @@ def attention_backward(
                 gb, qb, blocked(k, kidx, n_keys), blocked(v, kidx, n_keys), ob, lb,
                 is_causal=causal, scale=scale, direct=direct,
             )
-            dq.index_add_(2, ridx, unblocked(gq.to(acc), batch))  # in place, as in `attention`
-            dk.index_add_(2, kidx, unblocked(gk.to(acc), batch))
+            gq_rows = gq.to(acc) if gq_rows is None else gq_rows + gq.to(acc)
+            dk.index_add_(2, kidx, unblocked(gk.to(acc), batch))  # in place, as in `attention`
             dv.index_add_(2, kidx, unblocked(gv.to(acc), batch))
+        if gq_rows is not None:  # each row is in one block (`group`): a copy, not an add
+            dq.index_copy_(2, ridx, unblocked(gq_rows, batch))
     return dq, dk, dv
