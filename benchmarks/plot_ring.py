@@ -101,11 +101,12 @@ def plot_inner(results: dict, ax) -> bool:
         if not rows:
             continue
         xs = [r["per_rank"] for r in rows]
-        for name, style in (("single", ":"), ("ring", "--"), ("ring_compiled", "-")):
+        for name, style, label in (("single", ":", "one GPU"), ("ring", "--", "ring, eager"),
+                                   ("ring_compiled", "-", "ring, backend")):
             ys = [r[key].get(f"{name}_fwd_tflops_per_gpu") for r in rows]
             if any(y is not None for y in ys):
                 ax.plot(xs, [float("nan") if y is None else y for y in ys], linestyle=style, marker="o",
-                        color=f"C{i}", label=f"{key}: {'one GPU' if name == 'single' else name}")
+                        color=f"C{i}", label=f"{key}: {label}")
                 drawn = True
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens per rank")
