@@ -36,7 +36,7 @@ def group(blocks: Iterable[tuple[Sequence[int], Sequence[int], Sequence[int]]]) 
         if diag and len(diag) != len(rows):
             raise ValueError("a block's diagonal keys must be as many as its rows")
         if not seen.isdisjoint(rows) or len(set(rows)) != len(rows):
-            raise ValueError("a row in two blocks (or twice in one): each row's keys must be one block")
+            raise ValueError("a row in two blocks (or twice in one): a row's keys must be one block")
         seen.update(rows)
         acc = groups.setdefault((len(rows), len(full), len(diag)), ([], [], []))
         for out, part in zip(acc, (rows, full, diag)):

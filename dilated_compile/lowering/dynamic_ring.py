@@ -74,7 +74,9 @@ from .dynamic import (
 )
 from .dynamic_block_sparse import effective_pattern as _block_pattern_at, pattern_args
 from .ring import INNERS, check_local_shape, dilated_segments_local
-from .ring_block_exchange import ExchangePlan, exchange_backward, exchange_forward, exchange_plan, gather_keys
+from .ring_block_exchange import (
+    ExchangePlan, exchange_backward, exchange_forward, exchange_plan, gather_keys,
+)
 from .ring_block_sparse import make_block_sparse_schedule
 from .ring_dense import make_schedule, ring_backward, ring_forward
 from .ring_dilated import DilatedRingPlan, _gather_keys, dilated_ring_backward, dilated_ring_forward, make_dilated_plan
@@ -237,8 +239,8 @@ def ring_attention_backward_op(
             q, world_size, rank, layout, is_causal, block_size,
             kind if inner == "block_sparse" else "", window, stride, global_blocks,
         )
-        if isinstance(sched, ExchangePlan):  # the received keys again first (see _dilated_ring_backward)
-            received = gather_keys(sched, k, v, group_name)
+        if isinstance(sched, ExchangePlan):
+            received = gather_keys(sched, k, v, group_name)  # again (see _dilated_ring_backward)
             grads = exchange_backward(sched, dout, q, k, v, out, lse, received, scale, group_name)
         else:
             grads = ring_backward(sched, dout, q, k, v, out, lse, scale, group_name)
