@@ -25,9 +25,9 @@ BLOCKS = [
 ]
 
 
-def _mask(rows: int, keys: int) -> torch.Tensor:
+def _mask(rows: int, keys: int, blocks=BLOCKS) -> torch.Tensor:
     mask = torch.zeros(rows, keys, dtype=torch.bool)
-    for brows, full, diag in BLOCKS:
+    for brows, full, diag in blocks:
         for t, i in enumerate(brows):
             mask[i, full] = True
             mask[i, diag[: t + 1]] = True
@@ -60,6 +60,36 @@ def test_blocks_equal_the_masked_attention_of_their_pairs(dtype):
     )
     for name, a, b in zip(("dq", "dk", "dv"), got, want):
         check(a, b, name)
+
+
+# more pairs for some of the same rows (other keys): row 0 also sees key 11, row 3 key 4, and
+# row 8 (nothing above) key 11
+MORE = [([0, 8], [11], []), ([3], [4], [])]
+
+
+def test_blocks_merge_into_earlier_results_of_the_same_rows():
+    """`into` and `dq`: a second set of blocks over other keys of the same rows, merged into the
+    first's out/lse in place and added to its dq, equals one masked attention over all pairs
+    (how a rank merges its sources in the block-sparse key exchange)."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 3, 9, 8, generator=g, dtype=torch.float64)
+    k, v, dout = (torch.randn(2, 3, 12, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    dout = dout[:, :, :9]
+    first, more = dense_blocks.group(BLOCKS), dense_blocks.group(MORE)
+    mask = _mask(9, 12) | _mask(9, 12, MORE)
+    want_out, want_lse = masked_attention(q, k, v, mask, 0.3)
+    out, lse = dense_blocks.attention(q, k, v, first, 0.3)
+    got = dense_blocks.attention(q, k, v, more, 0.3, into=(out, lse))
+    assert got[0] is out and got[1] is lse  # in place
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(lse, want_lse)
+
+    want = masked_attention_backward(dout, q, k, v, mask, want_out, want_lse, 0.3)
+    dq, dk, dv = dense_blocks.attention_backward(dout, q, k, v, out, lse, first, 0.3)
+    dq2, dk2, dv2 = dense_blocks.attention_backward(dout, q, k, v, out, lse, more, 0.3, dq=dq)
+    assert dq2 is dq
+    for name, a, b in zip(("dq", "dk", "dv"), (dq, dk + dk2, dv + dv2), want):
+        torch.testing.assert_close(a, b, msg=name)
 
 
 def test_group_rejects_a_diagonal_of_another_length():

@@ -106,17 +106,25 @@ def _direct(q: torch.Tensor) -> bool:
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: tuple[Group, ...], scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: tuple[Group, ...], scale: float,
+    into: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of rows (B, h, R, D) against keys (B, h, M, D) in the accumulation dtype;
-    rows in no block get 0 and -inf."""
+    rows in no block get 0 and -inf. With `into` (out, lse) of the same rows against other
+    keys, merges by log-sum-exp into it, in place, at the blocks' rows only, and returns it."""
     acc, batch, direct = accumulation_dtype(q), q.shape[0], _direct(q)
-    out = q.new_zeros((*q.shape[:3], v.shape[-1]), dtype=acc)
-    lse = q.new_full(q.shape[:3], -math.inf, dtype=acc)
+    if into is None:
+        out = q.new_zeros((*q.shape[:3], v.shape[-1]), dtype=acc)
+        lse = q.new_full(q.shape[:3], -math.inf, dtype=acc)
+    else:
+        out, lse = into
     for m, a, d, rows, full, diag in groups:
         ridx = _index(rows, q.device, direct)
         qb = blocked(q, ridx, m)
         outs, lses = [], []
+        if into is not None:  # what the rows hold already
+            outs.append(blocked(out, ridx, m))
+            lses.append(blocked(lse, ridx, m))
         for keys, n_keys, causal in ((full, a, False), (diag, d, True)):
             if n_keys:
                 kidx = _index(keys, q.device, direct)
@@ -124,11 +132,11 @@ def attention(
                     qb, blocked(k, kidx, n_keys), blocked(v, kidx, n_keys),
                     is_causal=causal, scale=scale, direct=direct,
                 )
-                outs.append(res.out.to(acc))
+                outs.append(res.out)  # merged in the accumulation dtype (or converted below)
                 lses.append(res.lse.to(acc))
-        if not outs:
+        if len(outs) == (into is not None):  # no keys
             continue
-        o, l = (outs[0], lses[0]) if len(outs) == 1 else merge_by_lse(outs, lses)
+        o, l = (outs[0].to(acc), lses[0]) if len(outs) == 1 else merge_by_lse(outs, lses)
         out.index_copy_(2, ridx, unblocked(o, batch))  # in place: a copy of `out` per group else
         lse.index_copy_(2, ridx, unblocked(l, batch))
     return out, lse
@@ -136,12 +144,15 @@ def attention(
 
 def attention_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, groups: tuple[Group, ...], scale: float,
+    lse: torch.Tensor, groups: tuple[Group, ...], scale: float, dq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of `attention` in the accumulation dtype, from the rows' (possibly merged)
-    out and lse."""
+    out and lse. With `dq` (accumulation dtype), adds the rows' query gradients to it in place
+    and returns it."""
     acc, batch, direct = accumulation_dtype(q), q.shape[0], _direct(q)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    add_dq = dq is not None
+    if dq is None:
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     dout = dout.to(q.dtype)
@@ -160,6 +171,10 @@ def attention_backward(
             gq_rows = gq.to(acc) if gq_rows is None else gq_rows + gq.to(acc)
             dk.index_add_(2, kidx, unblocked(gk.to(acc), batch))  # in place, as in `attention`
             dv.index_add_(2, kidx, unblocked(gv.to(acc), batch))
-        if gq_rows is not None:  # each row is in one block (`group`): a copy, not an add
+        if gq_rows is None:
+            continue
+        if add_dq:
+            dq.index_add_(2, ridx, unblocked(gq_rows, batch))
+        else:  # each row is in one block (`group`): a copy, not an add
             dq.index_copy_(2, ridx, unblocked(gq_rows, batch))
     return dq, dk, dv

@@ -8,8 +8,9 @@ almost nothing that is used. Here each rank receives exactly the keys its
 queries may attend (`_needed_keys`, from positions alone, the same plan on
 every rank) in one ``all_to_all_single``, attends its own shard and each
 source's received keys as dense blocks through the fused kernels
-(`dense_blocks`, planned per source by `tile_blocks`),
-and merges the sources by log-sum-exp. The backward runs each source's
+(`dense_blocks`, planned per source by `tile_blocks`), merging each
+source into the rows it meets by log-sum-exp (in place: a remote source's
+few rows cost no pass over the whole output). The backward runs each source's
 block backward from the merged output and log-sum-exp, and one more
 ``all_to_all_single`` sends each received key's gradient back to its
 owner, who adds it at the key's row.
@@ -28,7 +29,6 @@ results, so no rank drops a collective as dead code.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from functools import lru_cache
 
@@ -40,7 +40,6 @@ from . import dense_blocks
 from .autograd_output import returned_output
 from .block_patterns import blocks_active
 from .constants import outside_tracing
-from .dilated import merge_by_lse
 from .kernels import accumulation_dtype
 from .ring_dense import exchange, tie
 
@@ -239,17 +238,12 @@ def gather_keys(plan: ExchangePlan, k, v, group_name: str) -> torch.Tensor:
 def exchange_forward(plan: ExchangePlan, q, k, v, scale: float, group_name: str):
     """(out in the accumulation dtype, lse, received keys/values) of this rank's queries."""
     received = gather_keys(plan, k, v, group_name)
-    outs, lses = [], []
-    for kv, groups in zip(_keys_by_source(plan, k, v, received), plan.groups):
-        if kv is not None and groups:
-            o, l = dense_blocks.attention(q, kv[0], kv[1], groups, scale)
-            outs.append(o)
-            lses.append(l)
-    if not outs:  # no query attends anything
-        acc = accumulation_dtype(q)
-        outs.append(q.new_zeros((*q.shape[:3], v.shape[-1]), dtype=acc))
-        lses.append(q.new_full(q.shape[:3], -math.inf, dtype=acc))
-    out, lse = (outs[0], lses[0]) if len(outs) == 1 else merge_by_lse(outs, lses)
+    sources = _keys_by_source(plan, k, v, received)
+    # the own shard first (every row), then each source's keys merged in at the rows they meet
+    out, lse = dense_blocks.attention(q, k, v, plan.groups[plan.rank], scale)
+    for s, (kv, groups) in enumerate(zip(sources, plan.groups)):
+        if s != plan.rank and kv is not None:
+            dense_blocks.attention(q, kv[0], kv[1], groups, scale, into=(out, lse))
     return tie(out, [received]), lse, received
 
 
@@ -257,17 +251,14 @@ def exchange_backward(plan: ExchangePlan, dout, q, k, v, out, lse, received, sca
                       group_name: str):
     """(dq, dk, dv) of this rank's shards, from the merged out and lse."""
     acc = accumulation_dtype(q)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk = dv = None
+    own = plan.groups[plan.rank]
+    dq, dk, dv = dense_blocks.attention_backward(dout, q, k, v, out, lse, own, scale)
     back = []  # gradients of the received keys/values, by source rank
     for s, (kv, groups) in enumerate(zip(_keys_by_source(plan, k, v, received), plan.groups)):
-        if kv is None:
-            continue
-        gq, gk, gv = dense_blocks.attention_backward(dout, q, kv[0], kv[1], out, lse, groups, scale)
-        dq = dq + gq
-        if s == plan.rank:
-            dk, dv = gk, gv
-        else:
+        if s != plan.rank and kv is not None:
+            _, gk, gv = dense_blocks.attention_backward(
+                dout, q, kv[0], kv[1], out, lse, groups, scale, dq=dq
+            )
             back += [gk.reshape(-1), gv.reshape(-1)]
     per_key = k.shape[0] * k.shape[1] * k.shape[-1]
     got, _ = exchange(
