@@ -283,9 +283,9 @@ def test_dilated_ring_blocks_cover_exactly_the_allowed_pairs(world, n, segments,
     for rank in range(world):
         plan = make_dilated_plan(world, rank, n, layout, is_causal, 3, segments, rates, "longnet")
         for job in plan.jobs:
-            rows = [plan.qpos[i] for i in job.rows]
+            rows = {i: p for i, p in enumerate(plan.qpos) if (p % job.seg_len) % job.rate == job.offset}
             want = {
-                (i, j) for i, p in enumerate(rows) for j, kp in enumerate(job.kpos)
+                (i, j) for i, p in rows.items() for j, kp in enumerate(job.kpos)
                 if p // job.seg_len == kp // job.seg_len and (kp <= p or not is_causal)
             }
             got = []

@@ -107,11 +107,13 @@ def _direct(q: torch.Tensor) -> bool:
 
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: tuple[Group, ...], scale: float,
-    into: tuple[torch.Tensor, torch.Tensor] | None = None,
+    into: tuple[torch.Tensor, torch.Tensor] | None = None, merge: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of rows (B, h, R, D) against keys (B, h, M, D) in the accumulation dtype;
-    rows in no block get 0 and -inf. With `into` (out, lse) of the same rows against other
-    keys, merges by log-sum-exp into it, in place, at the blocks' rows only, and returns it."""
+    rows in no block get 0 and -inf. With `into` (out, lse) of the same rows (possibly views),
+    writes there in place, at the blocks' rows only, and returns it: merged by log-sum-exp
+    with what the rows hold (their attention over other keys), or with ``merge=False``
+    replacing it."""
     acc, batch, direct = accumulation_dtype(q), q.shape[0], _direct(q)
     if into is None:
         out = q.new_zeros((*q.shape[:3], v.shape[-1]), dtype=acc)
@@ -122,7 +124,8 @@ def attention(
         ridx = _index(rows, q.device, direct)
         qb = blocked(q, ridx, m)
         outs, lses = [], []
-        if into is not None:  # what the rows hold already
+        held = into is not None and merge
+        if held:  # what the rows hold already
             outs.append(blocked(out, ridx, m))
             lses.append(blocked(lse, ridx, m))
         for keys, n_keys, causal in ((full, a, False), (diag, d, True)):
@@ -134,7 +137,7 @@ def attention(
                 )
                 outs.append(res.out)  # merged in the accumulation dtype (or converted below)
                 lses.append(res.lse.to(acc))
-        if len(outs) == (into is not None):  # no keys
+        if len(outs) == held:  # no keys
             continue
         o, l = (outs[0].to(acc), lses[0]) if len(outs) == 1 else merge_by_lse(outs, lses)
         out.index_copy_(2, ridx, unblocked(o, batch))  # in place: a copy of `out` per group else

@@ -42,7 +42,7 @@ import torch
 
 from ..sharding import position_list
 from .autograd_output import returned_output
-from .dilated import _head_sets, merge_by_lse
+from .dilated import _head_sets
 from . import dense_blocks
 from .kernels import accumulation_dtype
 from .ring_dense import exchange, tie
@@ -60,11 +60,12 @@ class DilatedJob:
     seg_len: int  # segment length, clipped to the global length
     rate: int
     offset: int
-    rows: tuple[int, ...]  # local indices of this rank's queries the pattern selects
     kpos: tuple[int, ...]  # global positions of the gathered keys, grouped by source rank
     counts: tuple[int, ...]  # how many of them come from each rank (rank order)
     own: tuple[int, ...]  # local indices of this rank's own keys among them
-    blocks: tuple[tuple, ...]  # `_blocks`: (m, a, d, rows, full keys, diagonal keys) per shape
+    # `_blocks`: (m, a, d, rows, full keys, diagonal keys) per shape; rows are local indices of
+    # this rank's queries, keys index `kpos`
+    blocks: tuple[tuple, ...]
 
 
 @dataclass(frozen=True)
@@ -106,12 +107,14 @@ def _needed(positions, w: int, r: int, o: int, n_total: int, is_causal: bool) ->
 
 
 def _blocks(
-    row_pos: list[int], kpos: tuple[int, ...], seg_len: int, rate: int, is_causal: bool
+    rows: list[int], row_pos: list[int], kpos: tuple[int, ...], seg_len: int, rate: int,
+    is_causal: bool,
 ) -> tuple[tuple, ...]:
     """One job's attention as dense blocks (`dense_blocks.group`).
 
-    `row_pos` are the global positions of the job's rows (in row order),
-    `kpos` those of its gathered keys; blocks index into both. A block is
+    `rows` are the local indices of the job's queries on this rank and
+    `row_pos` their global positions, `kpos` those of its gathered keys;
+    blocks index into `rows`' shard and into `kpos`. A block is
     rows of one segment and the keys they see: without causal masking all
     rows of the segment against all its keys; with it, each run of
     consecutive selected rows (positions ``p, p + rate, ...``) against the
@@ -121,7 +124,7 @@ def _blocks(
     key_at = {p: j for j, p in enumerate(kpos)}
     rows_by_seg: dict[int, list[tuple[int, int]]] = {}
     keys_by_seg: dict[int, list[tuple[int, int]]] = {}
-    for i, p in enumerate(row_pos):
+    for i, p in zip(rows, row_pos):
         rows_by_seg.setdefault(p - p % seg_len, []).append((p, i))
     for j, p in enumerate(kpos):
         keys_by_seg.setdefault(p - p % seg_len, []).append((p, j))
@@ -166,11 +169,9 @@ def _build_plan(
             send[dest].append(tuple(sent))
         kpos = tuple(p for part in by_source for p in part)
         own = tuple(owner[p][1] for p in by_source[rank])
-        rows = tuple(i for i, p in enumerate(positions[rank]) if (p % w) % r == o)
-        blocks = _blocks([positions[rank][i] for i in rows], kpos, w, r, is_causal)
-        jobs.append(
-            DilatedJob(h0, h1, hs, w, r, o, rows, kpos, tuple(map(len, by_source)), own, blocks)
-        )
+        rows = [i for i, p in enumerate(positions[rank]) if (p % w) % r == o]
+        blocks = _blocks(rows, [positions[rank][i] for i in rows], kpos, w, r, is_causal)
+        jobs.append(DilatedJob(h0, h1, hs, w, r, o, kpos, tuple(map(len, by_source)), own, blocks))
     if head_split == "groups":
         layers = (tuple(range(len(jobs))),)
     else:
@@ -215,34 +216,8 @@ def make_dilated_plan(
 # helpers
 
 
-def _in_head_order(plan: DilatedRingPlan, per_job: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per layer, the jobs' (B, heads_j, ...) tensors as one (B, H, ...) tensor in head order."""
-    out = []
-    for layer in plan.layers:
-        heads = [h for j in layer for h in range(plan.num_heads)[plan.heads(j)]]
-        joined = torch.cat([per_job[j] for j in layer], dim=1)
-        if heads != sorted(heads):
-            inverse = [0] * len(heads)
-            for i, h in enumerate(heads):
-                inverse[h] = i
-            joined = joined.index_select(1, torch.tensor(inverse, device=joined.device))
-        out.append(joined)
-    return out
-
-
 def _of_job(plan: DilatedRingPlan, j: int, x: torch.Tensor) -> torch.Tensor:
     return x[:, plan.heads(j)]
-
-
-def _rows_of_job(plan: DilatedRingPlan, j: int, x: torch.Tensor) -> torch.Tensor:
-    """The job's heads and selected query rows of a (B, H, n, ...) tensor."""
-    return _of_job(plan, j, x).index_select(2, dense_blocks.index_of(plan.jobs[j].rows, x))
-
-
-def _spread_rows(plan: DilatedRingPlan, j: int, x: torch.Tensor, fill: float) -> torch.Tensor:
-    """(B, heads_j, rows, ...) -> (B, heads_j, n, ...), `fill` at the rows the job does not select."""
-    full = x.new_full((*x.shape[:2], plan.n, *x.shape[3:]), fill)
-    return full.index_copy_(2, dense_blocks.index_of(plan.jobs[j].rows, x), x)
 
 
 def _sizes(plan: DilatedRingPlan, counts_of, per_key: int) -> list[int]:
@@ -306,16 +281,17 @@ def _gather_keys(plan: DilatedRingPlan, k, v, group_name: str):
 def dilated_ring_forward(plan: DilatedRingPlan, q, k, v, scale: float, group_name: str):
     """(out in the accumulation dtype, lse, gathered keys/values per job, received buffer)."""
     gathered, received = _gather_keys(plan, k, v, group_name)
-    outs, lses = [], []
-    for j, (kj, vj) in enumerate(gathered):
-        o, l = dense_blocks.attention(_rows_of_job(plan, j, q), kj, vj, plan.jobs[j].blocks, scale)
-        outs.append(_spread_rows(plan, j, o, 0.0))
-        lses.append(_spread_rows(plan, j, l, -math.inf))
-    per_out, per_lse = _in_head_order(plan, outs), _in_head_order(plan, lses)
-    if len(per_out) == 1:
-        out, lse = per_out[0], per_lse[0]
-    else:
-        out, lse = merge_by_lse(per_out, per_lse)
+    acc = accumulation_dtype(q)
+    out = q.new_zeros((*q.shape[:3], v.shape[-1]), dtype=acc)
+    lse = q.new_full(q.shape[:3], -math.inf, dtype=acc)
+    for layer, jobs in enumerate(plan.layers):  # the first layer covers every head once
+        for j in jobs:
+            heads = plan.heads(j)
+            kj, vj = gathered[j]
+            dense_blocks.attention(  # each job's rows straight into its heads of the output
+                q[:, heads], kj, vj, plan.jobs[j].blocks, scale,
+                into=(out[:, heads], lse[:, heads]), merge=layer > 0,
+            )
     if received is not None:
         out = tie(out, [received])
     return out, lse, gathered
@@ -324,16 +300,16 @@ def dilated_ring_forward(plan: DilatedRingPlan, q, k, v, scale: float, group_nam
 def dilated_ring_backward(plan: DilatedRingPlan, dout, q, k, v, out, lse, gathered, scale, group_name):
     """(dq, dk, dv) of this rank's shards, from the merged out and lse."""
     acc = accumulation_dtype(q)
-    dqs, dks, dvs = [], [], []
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dks, dvs = [], []
     for j, (kj, vj) in enumerate(gathered):
-        gq, gk, gv = dense_blocks.attention_backward(
-            _rows_of_job(plan, j, dout), _rows_of_job(plan, j, q), kj, vj,
-            _rows_of_job(plan, j, out), _rows_of_job(plan, j, lse), plan.jobs[j].blocks, scale,
+        heads = plan.heads(j)
+        _, gk, gv = dense_blocks.attention_backward(  # dq: added into its heads in place
+            dout[:, heads], q[:, heads], kj, vj, out[:, heads], lse[:, heads],
+            plan.jobs[j].blocks, scale, dq=dq[:, heads],
         )
-        dqs.append(_spread_rows(plan, j, gq, 0.0))
         dks.append(gk)
         dvs.append(gv)
-    dq = _sum(_in_head_order(plan, dqs))
     b, n, d = k.shape[0], plan.n, k.shape[-1]
     dk_parts, dv_parts, back = [], [], []  # (job, local indices, gradient); what goes back
     for src in range(plan.world_size):  # in the order the forward received the keys
@@ -369,20 +345,12 @@ def dilated_ring_backward(plan: DilatedRingPlan, dout, q, k, v, out, lse, gather
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
-    total = tensors[0]
-    for t in tensors[1:]:
-        total = total + t
-    return total
-
-
 def _scatter_grads(plan: DilatedRingPlan, parts, shape, acc, device) -> torch.Tensor:
     """Sum of (job, local indices, (B, heads_j, c, D) gradient) parts into a (B, H, n, D) tensor."""
-    per_job = [torch.zeros(shape[0], len(range(plan.num_heads)[plan.heads(j)]), *shape[2:],
-                           dtype=acc, device=device) for j in range(len(plan.jobs))]
+    total = torch.zeros(shape, dtype=acc, device=device)
     for j, idx, g in parts:
-        per_job[j].index_add_(2, dense_blocks.index_of(idx, g), g.to(acc))
-    return _sum(_in_head_order(plan, per_job))
+        total[:, plan.heads(j)].index_add_(2, dense_blocks.index_of(idx, g), g.to(acc))
+    return total
 
 
 class RingDilated(torch.autograd.Function):
