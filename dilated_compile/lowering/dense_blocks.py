@@ -120,11 +120,11 @@ def attention(
         lse = q.new_full(q.shape[:3], -math.inf, dtype=acc)
     else:
         out, lse = into
+    held = into is not None and merge  # merge with what the rows hold
     for m, a, d, rows, full, diag in groups:
         ridx = _index(rows, q.device, direct)
         qb = blocked(q, ridx, m)
         outs, lses = [], []
-        held = into is not None and merge
         if held:  # what the rows hold already
             outs.append(blocked(out, ridx, m))
             lses.append(blocked(lse, ridx, m))

@@ -74,10 +74,8 @@ from .dynamic import (
 )
 from .dynamic_block_sparse import effective_pattern as _block_pattern_at, pattern_args
 from .ring import INNERS, check_local_shape, dilated_segments_local
-from .ring_block_exchange import (
-    ExchangePlan, exchange_backward, exchange_forward, exchange_plan, gather_keys,
-)
-from .ring_block_sparse import make_block_sparse_schedule
+from .ring_block_exchange import ExchangePlan, exchange_backward, exchange_forward, gather_keys
+from .ring_block_sparse import make_block_sparse_plan
 from .ring_dense import make_schedule, ring_backward, ring_forward
 from .ring_dilated import DilatedRingPlan, _gather_keys, dilated_ring_backward, dilated_ring_forward, make_dilated_plan
 
@@ -121,10 +119,7 @@ def _dense_like_plan(q, world_size, rank, layout, is_causal, block_size, kind, w
     if kind == "":  # dense
         return make_schedule(world_size, rank, n, layout, bool(is_causal))
     pattern = _block_pattern_at(n * world_size, block_size, kind, window, stride, global_blocks, 0)
-    plan = exchange_plan(world_size, rank, n, layout, bool(is_causal), pattern, block_size)
-    if plan is not None:
-        return plan
-    return make_block_sparse_schedule(world_size, rank, n, layout, bool(is_causal), pattern, block_size)
+    return make_block_sparse_plan(world_size, rank, n, layout, bool(is_causal), pattern, block_size)
 
 
 def _dilated_route(q, world_size, rank, layout, is_causal, segment_lengths, dilation_rates, head_split):

@@ -42,7 +42,7 @@ from ..sharding import position_list
 from . import dense_blocks
 from .block_patterns import blocks_active, evaluate_mask_mod, token_mask_mod
 from .constants import outside_tracing
-from .ring_block_exchange import BlockSparseExchange, exchange_plan, tile_blocks
+from .ring_block_exchange import BlockSparseExchange, ExchangePlan, exchange_plan, tile_blocks
 from .ring_dense import Call, RingDense, Schedule
 from .ring_masked import masked_attention, masked_attention_backward
 
@@ -239,6 +239,19 @@ def make_block_sparse_schedule(
     )
 
 
+def make_block_sparse_plan(
+    world_size: int, rank: int, n: int, layout: str, is_causal: bool,
+    pattern: BlockPattern, block_size: int,
+) -> ExchangePlan | BlockSparseSchedule:
+    """How one rank's block-sparse attention over the ring runs: the key-exchange plan where
+    that sends less than the ring, else the ring's schedule (the static and dynamic paths
+    both decide here)."""
+    plan = exchange_plan(world_size, rank, n, layout, is_causal, pattern, block_size)
+    if plan is not None:
+        return plan
+    return make_block_sparse_schedule(world_size, rank, n, layout, is_causal, pattern, block_size)
+
+
 def ring_block_sparse(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -255,10 +268,8 @@ def ring_block_sparse(
 ) -> torch.Tensor:
     """Block-sparse ring attention of this rank's shards; no checks (see ring.py). By key
     exchange where that sends less than the ring (`ring_block_exchange`)."""
-    plan = exchange_plan(world_size, rank, q.shape[-2], layout, bool(is_causal), pattern, int(block_size))
-    if plan is not None:
-        return BlockSparseExchange.apply(plan, float(scale), group_name or "", q, k, v)
-    sched = make_block_sparse_schedule(
+    plan = make_block_sparse_plan(
         world_size, rank, q.shape[-2], layout, bool(is_causal), pattern, int(block_size)
     )
-    return RingDense.apply(sched, float(scale), group_name or "", q, k, v)
+    run = BlockSparseExchange if isinstance(plan, ExchangePlan) else RingDense
+    return run.apply(plan, float(scale), group_name or "", q, k, v)
