@@ -492,16 +492,25 @@ def test_block_sparse_ring_exchanges_keys_only_where_that_sends_less():
     assert plan(1, {"kind": "local_window", "window": 2}) is None
 
 
-def _backward_packet_bytes(sched, dtype: torch.dtype) -> list[int]:
-    """Bytes this rank sends in each backward transfer of `sched`, read from the traced graph
-    (fake tensors: shapes only, no process group)."""
+def _backward_graph(sched, dtype: torch.dtype, saved_shard: bool = False):
+    """The traced graph of `ring_backward` of `sched` (fake tensors: shapes only, no process
+    group), with rank r+1's shard handed over from the forward or not."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from dilated_compile.lowering.ring_dense import ring_backward
 
     b, h, d = 1, 2, 4
     args = [torch.randn(b, h, sched.n, d, dtype=dtype) for _ in range(5)] + [torch.randn(b, h, sched.n)]
-    graph = make_fx(lambda *a: ring_backward(sched, *a, 0.5, "unused"), tracing_mode="fake")(*args).graph
+    if saved_shard:
+        args.append(torch.randn(2, b, h, sched.n, d, dtype=dtype))
+    return make_fx(
+        lambda *a: ring_backward(sched, *a[:6], 0.5, "unused", *a[6:]), tracing_mode="fake"
+    )(*args).graph
+
+
+def _backward_packet_bytes(sched, dtype: torch.dtype, saved_shard: bool = False) -> list[int]:
+    """Bytes this rank sends in each backward transfer of `sched`, read from the traced graph."""
+    graph = _backward_graph(sched, dtype, saved_shard)
     return [sum(node.args[2]) for node in graph.nodes if "all_to_all_single" in str(node.target)]
 
 
@@ -521,6 +530,35 @@ def test_ring_backward_sends_the_first_gradient_hop_in_the_input_dtype(layout, i
     # W=3: key/values at steps 0 and 1, the first accumulator at step 2, the sums home in float32
     got = _backward_packet_bytes(make_schedule(3, 1, n, layout, is_causal), torch.bfloat16)
     assert got == [bf16 + 1, bf16 + 1, bf16 + 1, f32 + 1], got
+    # with rank r+1's shard kept from the forward no shard is fetched first
+    assert _backward_packet_bytes(make_schedule(2, 1, n, layout, is_causal), torch.bfloat16, True) == [bf16 + 1]
+    got = _backward_packet_bytes(make_schedule(3, 1, n, layout, is_causal), torch.bfloat16, True)
+    assert got == [bf16 + 1, bf16 + 1, f32 + 1], got
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("saved_shard", [False, True])
+def test_ring_backward_hides_its_end_transfers_behind_the_own_step(world, saved_shard):
+    """With the forward's last shard kept every transfer is in flight while an attention runs
+    (the own shard's backward hides the last gradient hop); without it all but the last hop
+    (the own shard's backward hides the first fetch instead). And the ring runs backwards:
+    rank r sends to r-1."""
+    from dilated_compile.lowering.ring_dense import make_schedule
+
+    rank = 1
+    graph = _backward_graph(make_schedule(world, rank, 8, "zigzag", True), torch.bfloat16, saved_shard)
+    nodes = list(graph.nodes)
+    issues = [i for i, nd in enumerate(nodes) if "all_to_all_single" in str(nd.target)]
+    waits = [i for i, nd in enumerate(nodes) if "wait_tensor" in str(nd.target)]
+    attentions = [i for i, nd in enumerate(nodes) if "attention" in str(nd.target)]
+    # steps 1..W-1 send whenever there is a shard or accumulator to pass on (none at step 1 of
+    # W = 2), then the hop home, and without the kept shard a first fetch
+    assert len(issues) == len(waits) == (world - 1) * (world > 2) + 1 + (not saved_shard)
+    hidden = [any(issue < a < wait for a in attentions) for issue, wait in zip(issues, waits)]
+    assert hidden == [True] * (len(issues) - 1) + [saved_shard], (issues, waits, attentions)
+    for i in issues:  # (input, output split sizes, input split sizes, group)
+        recv, send = nodes[i].args[1], nodes[i].args[2]
+        assert send[(rank - 1) % world] > 0 and recv[(rank + 1) % world] > 0
 
 
 def test_block_sparse_ring_backward_sends_gradients_in_float32():

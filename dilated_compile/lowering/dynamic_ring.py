@@ -164,7 +164,7 @@ def ring_attention_op(
     """
     _check(q, world_size, layout, inner)
     if _below_min(q, world_size, min_seq_len):
-        out, lse = ring_forward(_local_schedule(q, is_causal), q, k, v, scale, "")
+        out, lse, _ = ring_forward(_local_schedule(q, is_causal), q, k, v, scale, "")
     elif inner == "dilated":
         route, plan = _dilated_route(
             q, world_size, rank, layout, is_causal, segment_lengths, dilation_rates, head_split
@@ -181,7 +181,7 @@ def ring_attention_op(
         if isinstance(sched, ExchangePlan):
             out, lse, _ = exchange_forward(sched, q, k, v, scale, group_name)
         else:
-            out, lse = ring_forward(sched, q, k, v, scale, group_name)
+            out, lse, _ = ring_forward(sched, q, k, v, scale, group_name)
     return _in_seq_major(out.to(q.dtype)), _in_seq_major(lse.to(accumulation_dtype(q)))
 
 

@@ -10,18 +10,26 @@ for step s+1 is issued before step s computes).
 
 The attention of this rank's queries with one shard is one `block_attention`
 call (a `Call`, fixed by layout, causality and the two ranks; none where
-causality masks everything); partials merge by log-sum-exp. The backward
-runs the ring again; each call's backward uses the *merged* output and
-log-sum-exp. Key/value gradients travel with the shards, as in
-ring-flash-attention: the packet a rank sends at step s holds the
-key/values for step s+1 and the gradient accumulator of the shard it worked
-on at step s-1 (both as bytes of one buffer). An accumulator's first hop
-carries one kernel call's gradient, exact in the inputs' dtype, and travels
-in it (half the bytes of float32 for bf16); later hops carry sums, in the
-accumulation dtype.
-A rank keeps the gradient of its own shard from its own queries (step 0),
-so an accumulator starts at step 1 on the next rank and is back at its
-owner after W-1 hops (for W = 2: one transfer, after the last step).
+causality masks everything); partials merge by log-sum-exp.
+
+The backward runs the ring the other way round (rank r sends to r-1): at
+backward step s = 1..W-1 rank r holds the shard of rank ``(r + s) mod W``,
+starting from the shard the forward ended with (rank r+1's, saved), and
+its own shard comes last, while the last gradient transfer is in flight: so
+no transfer waits for compute at either end (the forward's order would
+leave the last gradient hop exposed after the last step). Each call's
+backward uses the *merged* output and log-sum-exp. Key/value gradients
+travel with the shards, as in ring-flash-attention: the packet a rank sends
+at step s holds the key/values for step s+1 and the gradient accumulator of
+the shard it worked on at step s-1 (both as bytes of one buffer). An
+accumulator's first hop carries one kernel call's gradient, exact in the
+inputs' dtype, and travels in it (half the bytes of float32 for bf16);
+later hops carry sums, in the accumulation dtype. A rank keeps the gradient
+of its own shard from its own queries, so an accumulator starts at step 1
+on the previous rank and is back at its owner after W-1 hops (for W = 2:
+one transfer, during the own step). Without the saved shard (the dynamic
+path's custom op cannot hand it over) the own step comes first instead,
+while rank r+1's shard arrives.
 
 Why one packet per step, and why every transfer carries real data: each
 rank's graph differs (ranks skip different work), and graph passes treat
@@ -77,9 +85,14 @@ class Schedule:
     gradients_in_input_dtype = True
 
     def source(self, step: int, rank: int | None = None) -> int:
-        """Whose key/value shard `rank` (default: this one) holds at `step`."""
+        """Whose key/value shard `rank` (default: this one) holds at forward `step`."""
         r = self.rank if rank is None else rank
         return (r - step) % self.world_size
+
+    def backward_source(self, step: int, rank: int | None = None) -> int:
+        """Whose key/value shard `rank` (default: this one) holds at backward `step` (reversed)."""
+        r = self.rank if rank is None else rank
+        return (r + step) % self.world_size
 
     def calls(self, rank: int, source: int) -> tuple[Call, ...]:
         """The block attentions of `rank`'s queries with `source`'s keys and values."""
@@ -94,7 +107,9 @@ class Schedule:
         """
         if self.world_size < 2 or not self.gradients_in_input_dtype:
             return acc_dtype
-        one_call = all(len(self.calls(r, self.source(1, r))) <= 1 for r in range(self.world_size))
+        one_call = all(
+            len(self.calls(r, self.backward_source(1, r))) <= 1 for r in range(self.world_size)
+        )
         return kv_dtype if one_call else acc_dtype
 
     def attend(self, source: int, c: Call, q, k, v, scale: float):
@@ -130,13 +145,16 @@ def make_schedule(world_size: int, rank: int, n: int, layout: str, is_causal: bo
 # collectives
 
 
-def shift(x: torch.Tensor, world_size: int, rank: int, group_name: str) -> torch.Tensor:
-    """Issue: send `x` to rank+1, receive the same-shaped tensor from rank-1 (not yet waited)."""
+def shift(
+    x: torch.Tensor, world_size: int, rank: int, group_name: str, direction: int = 1
+) -> torch.Tensor:
+    """Issue: send `x` to rank+direction, receive the same-shaped tensor from rank-direction
+    (not yet waited)."""
     flat = x.reshape(-1)
     send = [0] * world_size
     recv = [0] * world_size
-    send[(rank + 1) % world_size] = flat.numel()
-    recv[(rank - 1) % world_size] = flat.numel()
+    send[(rank + direction) % world_size] = flat.numel()
+    recv[(rank - direction) % world_size] = flat.numel()
     return c10d_ops.all_to_all_single(flat, recv, send, group_name)
 
 
@@ -209,7 +227,8 @@ def _pad_rows(t: torch.Tensor, lo: int, hi: int, n: int, value: float) -> torch.
 
 
 def ring_forward(sched: Schedule, q, k, v, scale: float, group_name: str):
-    """(out in q's dtype, lse in the accumulation dtype) of this rank's queries."""
+    """(out in q's dtype, lse in the accumulation dtype, the last key/value shard received:
+    rank r+1's, stacked; this rank's own for W = 1) of this rank's queries."""
     w, r, n, acc = sched.world_size, sched.rank, sched.n, accumulation_dtype(q)
     kv = torch.stack([k, v])
     out = lse = None
@@ -228,11 +247,12 @@ def ring_forward(sched: Schedule, q, k, v, scale: float, group_name: str):
             kv = wait(pending).view(kv.shape)
     if w > 1:  # the last shard received may be one this rank does not attend to
         out = tie(out, [kv])
-    return out.to(q.dtype), lse
+    return out.to(q.dtype), lse, kv
 
 
-def _step_backward(sched: Schedule, step: int, dout, q, kv, out, lse, scale: float):
-    """(dq over all n rows or None, key/value gradient over all n rows or None) of one step.
+def _step_backward(sched: Schedule, source: int, dout, q, kv, out, lse, scale: float):
+    """(dq over all n rows or None, key/value gradient over all n rows or None) of this rank's
+    queries with `source`'s shard `kv`.
 
     dq is in the accumulation dtype; the key/value gradient is in the kernel's dtype when the
     step is one call (exact; see `Schedule.first_accumulator_dtype`), else summed in the
@@ -240,7 +260,6 @@ def _step_backward(sched: Schedule, step: int, dout, q, kv, out, lse, scale: flo
     """
     n, acc = sched.n, accumulation_dtype(q)
     dq = dkv = None
-    source = sched.source(step)
     calls = sched.calls(sched.rank, source)
     for c in calls:
         rows = slice(c.q0, c.q1)
@@ -263,43 +282,69 @@ def _token(t: torch.Tensor) -> torch.Tensor:
     return (t.reshape(-1)[:1] != 0).to(torch.uint8)
 
 
-def ring_backward(sched: Schedule, dout, q, k, v, out, lse, scale: float, group_name: str):
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """a + b, either of which may be None (all-zero)."""
+    return b if a is None else a if b is None else a + b
+
+
+def ring_backward(
+    sched: Schedule, dout, q, k, v, out, lse, scale: float, group_name: str,
+    kv_next: torch.Tensor | None = None,
+):
     """(dq, dk, dv) of this rank's shards, given the merged out and lse.
 
+    The ring runs reversed (see the module docstring). `kv_next`: rank r+1's
+    stacked key/value shard, the last one `ring_forward` received; with it
+    the own step comes last and hides the last gradient transfer, without it
+    the own step comes first and hides the transfer that fetches that shard.
     Every packet ends with one byte of the previous packet received (the
     first with one byte of `dout`): the chain that orders the collectives
     and keeps them in the backward graph (see the module docstring).
     """
     w, r = sched.world_size, sched.rank
-    kv = torch.stack([k, v])
-    acc_spec = (kv.shape, accumulation_dtype(q))
-    first_spec = (kv.shape, sched.first_accumulator_dtype(kv.dtype, acc_spec[1]))
-    dq = acc = None  # acc: gradient of the shard this rank worked on at the previous step
-    own = None  # gradient of this rank's own shard from its own queries (step 0): stays here
+    own_kv = torch.stack([k, v])
+    acc_spec = (own_kv.shape, accumulation_dtype(q))
+    first_spec = (own_kv.shape, sched.first_accumulator_dtype(own_kv.dtype, acc_spec[1]))
     link = _token(dout.contiguous())
-    for step in range(w):
+
+    def send(parts: list[torch.Tensor]) -> torch.Tensor:
+        return shift(pack(parts + [link]), w, r, group_name, direction=-1)
+
+    def own_step():
+        return _step_backward(sched, r, dout, q, own_kv, out, lse, scale)
+
+    dq = own = None  # own: gradient of this rank's own shard from its own queries: stays here
+    own_first = w == 1 or kv_next is None
+    kv = own_kv if w == 1 else kv_next
+    if own_first:
+        pending = send([own_kv]) if w > 1 else None  # fetches rank r+1's shard meanwhile
+        dq, own = own_step()
+        if pending is not None:
+            buf = wait(pending)
+            kv, link = unpack(buf, [(own_kv.shape, own_kv.dtype)])[0], buf[-1:]
+    acc = None  # gradient of the shard this rank worked on at the previous step
+    for step in range(1, w):
         sends_acc, sends_kv = acc is not None, step + 1 < w
         # an accumulator arrives in the dtype this rank's own one has now: every rank makes it alike
-        specs = ([(kv.shape, acc.dtype)] if sends_acc else []) + [(kv.shape, kv.dtype)] * sends_kv
+        specs = ([(own_kv.shape, acc.dtype)] if sends_acc else []) + [(own_kv.shape, own_kv.dtype)] * sends_kv
         parts = [acc] * sends_acc + [kv] * sends_kv
-        pending = shift(pack(parts + [link]), w, r, group_name) if parts else None
-        gq, contrib = _step_backward(sched, step, dout, q, kv, out, lse, scale)
-        if gq is not None:
-            dq = gq if dq is None else dq + gq
+        pending = send(parts) if parts else None
+        gq, contrib = _step_backward(sched, sched.backward_source(step), dout, q, kv, out, lse, scale)
+        dq = _add(dq, gq)
         incoming = None  # the accumulator of the shard worked on at this step
         if pending is not None:
             buf = wait(pending)
             received, link = unpack(buf, specs), buf[-1:]
             incoming = received[0] if sends_acc else None
             kv = received[-1] if sends_kv else kv
-        if step == 0:
-            own = contrib
-        elif step == 1:  # the first accumulator: this step's gradient alone, sent as first_spec
-            acc = _accumulate(None, contrib, first_spec, q.device)
-        else:
-            acc = _accumulate(incoming, contrib, acc_spec, q.device)
+        # the first accumulator is this step's gradient alone, sent as first_spec
+        acc = _accumulate(incoming, contrib, first_spec if step == 1 else acc_spec, q.device)
     if w > 1:  # one more hop brings every accumulator home
-        acc = unpack(wait(shift(pack([acc, link]), w, r, group_name)), [(kv.shape, acc.dtype)])[0]
+        pending = send([acc])
+        if not own_first:
+            gq, own = own_step()
+            dq = _add(dq, gq)
+        acc = unpack(wait(pending), [(own_kv.shape, acc.dtype)])[0]
     acc = _accumulate(acc, own, acc_spec, q.device)
     if dq is None:
         dq = torch.zeros(q.shape, dtype=acc_spec[1], device=q.device)
@@ -324,16 +369,18 @@ class RingDense(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sched: Schedule, scale: float, group_name: str, q, k, v):
-        out, lse = ring_forward(sched, q, k, v, scale, group_name)
+        out, lse, kv_next = ring_forward(sched, q, k, v, scale, group_name)
         ctx.sched, ctx.scale, ctx.group_name = sched, scale, group_name
-        ctx.save_for_backward(q, k, v, out, lse)
+        # the backward starts with rank r+1's shard: kept (one more shard held) instead of sent again
+        ctx.save_for_backward(q, k, v, out, lse, kv_next if sched.world_size > 1 else None)
         return returned_output(out)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, kv_next = ctx.saved_tensors
         dq, dk, dv = ring_backward(
-            ctx.sched, dout.to(q.dtype).contiguous(), q, k, v, out, lse, ctx.scale, ctx.group_name
+            ctx.sched, dout.to(q.dtype).contiguous(), q, k, v, out, lse, ctx.scale, ctx.group_name,
+            kv_next,
         )
         return None, None, None, dq, dk, dv
 
