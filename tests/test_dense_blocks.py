@@ -113,3 +113,48 @@ def test_index_tensors_are_remembered_per_tuple_object_in_eager_calls():
     assert dense_blocks._index(twin, "cpu", True) is not first
     assert dense_blocks._index(values, "cpu", False) is not first
     assert first.tolist() == [3, 1, 2]
+
+
+def test_strided_finds_the_views_among_index_tuples():
+    """`strided`: blocks of m entries first + j * stride + i * step, non-overlapping, within
+    the length; anything else stays an index (gathered, scatter-added)."""
+    s = dense_blocks.strided
+    assert s((4, 5, 6, 7, 8, 9), 2, 12) == (4, 3, 2, 2, 1)  # consecutive blocks (a local window)
+    assert s((0, 2, 4, 8, 10, 12), 3, 16) == (0, 2, 8, 3, 2)  # a dilated row of each segment
+    assert s((5,), 1, 6) == (5, 1, 1, 1, 1)
+    assert s((0, 1, 1, 2), 2, 4) is None  # blocks overlap: a key in two blocks is added twice
+    assert s((5, 5), 1, 12) is None
+    assert s((0, 1, 3, 4, 7, 8), 2, 12) is None  # irregular block starts
+    assert s((0, 2, 3, 4), 2, 12) is None  # a later block steps differently
+    assert s((0, 2, 8, 10), 2, 10) is None  # the last block's stride runs past the length
+    assert s((), 1, 4) is None
+
+
+# every block regular: query blocks of 2 rows see the two keys before them in full and their
+# own positions as a causal square (a local window), and every other row (a dilation of 2)
+REGULAR = [([2, 3], [0, 1], [2, 3]), ([4, 5], [2, 3], [4, 5]), ([6, 7], [4, 5], [6, 7])]
+DILATED = [([0, 2, 4], [], [0, 2, 4]), ([6, 8, 10], [1, 3, 5], [6, 8, 10])]
+
+
+@pytest.mark.parametrize("blocks", [REGULAR, DILATED], ids=["window", "dilated"])
+@pytest.mark.parametrize("direct", [True, False], ids=["eager", "traced"])
+def test_strided_blocks_equal_the_masked_attention_of_their_pairs(blocks, direct, monkeypatch):
+    """Where every row and key set is a view (no gather, gradients added into views), eagerly
+    and as the rings trace it, the blocks still equal the masked attention of their pairs."""
+    groups = dense_blocks.group(blocks)
+    for m, a, d, rows, full, diag in groups:
+        for values, size in ((rows, m), (full, a), (diag, d)):
+            assert not values or dense_blocks.strided(values, size, 12) is not None
+    monkeypatch.setattr(dense_blocks, "_direct", lambda q: direct)
+    g = torch.Generator().manual_seed(2)
+    q, k, v, dout = (torch.randn(1, 3, 12, 8, generator=g, dtype=torch.float64) for _ in range(4))
+    mask = _mask(12, 12, blocks)
+    want_out, want_lse = masked_attention(q, k, v, mask, 0.3)
+    out, lse = dense_blocks.attention(q, k, v, groups, 0.3)
+    used = mask.any(dim=1)
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(lse[:, :, used], want_lse[:, :, used])
+    want = masked_attention_backward(dout, q, k, v, mask, want_out, want_lse, 0.3)
+    got = dense_blocks.attention_backward(dout, q, k, v, out, lse, groups, 0.3)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, msg=name)
