@@ -136,6 +136,38 @@ def test_counters_and_report():
     assert len(removed) == 2 and len(added) == 2
 
 
+def test_gradient_in_the_outputs_layout_is_not_copied():
+    """A rewritten attention's output is stored (B, N, H, D); a gradient arriving in that layout
+    is used as it is (torch 2.11-2.12's AOTAutograd copied it to contiguous on every backward
+    unless the backend asks otherwise; torch 2.13 does this by default), and the gradients are
+    still right."""
+    from torch.profiler import profile
+
+    import torch.nn.functional as F
+
+    seg, rates = [8, 16], [1, 2]
+    pol = policy(dilated_rule(match="re:.*", seg=seg, rates=rates))
+    f = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), backend="dilated",
+                      options={"policy": pol})
+    q, k, v = (torch.randn(1, 32, 4, 8).transpose(1, 2).requires_grad_() for _ in range(3))
+    out = f(q, k, v)
+    grad = torch.randn(1, 32, 4, 8).transpose(1, 2)
+    assert grad.stride() == out.stride()
+    with profile() as prof:
+        out.backward(grad)
+    assert "aten::contiguous" not in {e.name for e in prof.events()}
+    want = [x.detach().requires_grad_() for x in (q, k, v)]
+    dilated_attention(*want, seg, rates).backward(grad)
+    for got, ref in zip((q, k, v), want):
+        torch.testing.assert_close(got.grad, ref.grad)
+    import torch._functorch.config as functorch_config
+
+    (report,) = dilated_compile.reports()
+    chose = "functorch.guess_tangent_strides_as_outputs" in report.inductor_settings
+    assert chose != functorch_config.guess_tangent_strides_as_outputs  # only where not the default
+    assert ("functorch: guess_tangent_strides_as_outputs (on" in str(report)) == chose
+
+
 @pytest.mark.parametrize("source", ["dict", "path", "object"])
 def test_policy_sources(tmp_path, source):
     doc = policy(dilated_rule())

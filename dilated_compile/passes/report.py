@@ -209,7 +209,8 @@ class GraphReport:
     drawing_after: nx.DiGraph | None = None  # and after
     unused_rules: dict[int, str] = field(default_factory=dict)  # rule index -> warning
     rings_over_ranks: bool = False  # a site became a ring over several ranks, traced into the graph
-    # Inductor settings the backend chose for this graph (the user's own options win): name -> why
+    # Inductor settings the backend chose for this graph (the user's own options win), and
+    # AOTAutograd's as "functorch.NAME": name -> why
     inductor_settings: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -221,7 +222,13 @@ class GraphReport:
 
 
 def _settings_lines(settings: dict[str, str]) -> str:
-    return "".join(f"\ninductor: {name} ({why})" for name, why in settings.items())
+    """One line per setting: ``inductor: NAME (why)``, or ``functorch: NAME (why)`` for names
+    given as ``functorch.NAME`` (AOTAutograd's config)."""
+    lines = []
+    for name, why in settings.items():
+        where, _, short = name.rpartition(".")
+        lines.append(f"\n{where or 'inductor'}: {short} ({why})")
+    return "".join(lines)
 
 
 @dataclass
