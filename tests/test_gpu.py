@@ -64,10 +64,26 @@ def test_kernel_forward_backward(monkeypatch, kernel, dtype, head_split, is_caus
         assert err <= tol * max(scale, 1.0), f"{name}: {err} (scale {scale})"
 
 
+# Found 2026-11-30 on an H200 (torch 2.11, Triton 3.6), open: a float32 `longnet` dilated
+# attention compiled by Inductor on CUDA is wrong (max error 0.74 in the forward). Eager and
+# backend="aot_eager" are right; with DILATED_KERNEL=math the error is the same, so the fault is
+# in Inductor's CUDA code for the traced spread/merge, not in the attention kernel. The CPU
+# (C++) code of the same graph is right. README "Known limitations" has it.
+FP32_LONGNET_INDUCTOR_BUG = pytest.mark.xfail(
+    reason="Inductor on CUDA miscompiles the float32 longnet spread/merge (open bug)", strict=False
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("head_split", ["groups", "longnet"])
-def test_compiled_matches_eager(head_split):
+def test_compiled_matches_eager(head_split, dtype, request):
+    """backend="dilated" against the eager function, output and gradients. float32 on CUDA
+    traces the spread/merge into the graph (no opaque op): the Inductor bug above may hit it
+    too (not yet run on a GPU)."""
+    if head_split == "longnet" and dtype == torch.float32:
+        request.applymarker(FP32_LONGNET_INDUCTOR_BUG)
     n, h, seg, rates = CASES[1]
-    q, k, v = _qkv(n, h, torch.bfloat16, requires_grad=True, seed=1)
+    q, k, v = _qkv(n, h, dtype, requires_grad=True, seed=1)
 
     def f(q, k, v):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -80,12 +96,15 @@ def test_compiled_matches_eager(head_split):
     torch._dynamo.reset()
     cf = torch.compile(f, backend="dilated", options={"policy": policy})
     out = cf(q, k, v)
-    out.sum().backward()
+    # a gradient in the output's own (B, N, H, D) layout, taken as it is (no copy) since e8200d3
+    dout = torch.randn_like(out)
+    assert dout.stride() == out.stride() and not dout.is_contiguous()
+    out.backward(dout)
     grads = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
     eager = dilated_attention(q, k, v, seg, rates, head_split=head_split, is_causal=True)
-    eager.sum().backward()
+    eager.backward(dout)
     assert (out.float() - eager.float()).abs().max().item() < 2e-2
     for g, t in zip(grads, (q, k, v)):
         assert (g.float() - t.grad.float()).abs().max().item() < 5e-2
@@ -93,10 +112,12 @@ def test_compiled_matches_eager(head_split):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("head_split", ["groups", "longnet"])
-def test_called_inside_torch_compile(head_split, dtype):
+def test_called_inside_torch_compile(head_split, dtype, request):
     """A compiled function calling dilated_attention on CUDA (Dynamo traces the kernel choice,
     fullgraph) matches the float64 reference, output and q/k/v gradients (2.11 gave zero
     gradients; Dynamo cannot read the cuDNN flag)."""
+    if head_split == "longnet" and dtype == torch.float32:
+        request.applymarker(FP32_LONGNET_INDUCTOR_BUG)
     n, h, seg, rates = CASES[0]
     q, k, v = _qkv(n, h, dtype, requires_grad=True, seed=2)
 
