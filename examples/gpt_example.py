@@ -7,7 +7,8 @@ attention: its attention is `F.scaled_dot_product_attention(..., is_causal=True)
 The policy file decides which attention sites the backend rewrites. The script
 prints the site report, compares the compiled logits with the same model run
 in float64 with each attention replaced by `dilated_compile.dilated_reference`
-(or dense float64 attention where the policy leaves the site alone), and runs
+or `block_sparse_reference` as its rule says (dense float64 attention where
+the policy leaves the site alone), and runs
 one training step through the compiled model. Exit code 1 on a mismatch.
 """
 
@@ -27,6 +28,8 @@ import dilated_compile
 from dilated_compile import reports
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# policies name their mask functions from the repository root ("examples.masks:...")
+sys.path.insert(0, os.path.dirname(HERE))
 
 
 class CausalSelfAttention(nn.Module):
@@ -94,13 +97,21 @@ def reference_logits(model: GPT, idx: torch.Tensor, policy, seq_len: int) -> tor
         if not isinstance(module, CausalSelfAttention):
             continue
         rule = policy.rule_for(name)
-        if rule is not None and rule.dilated is not None and seq_len >= rule.min_seq_len:
+        applies = rule is not None and seq_len >= rule.min_seq_len
+        if applies and rule.dilated is not None:
             spec = rule.dilated
             module.reference = functools.partial(
                 dilated_compile.dilated_reference,
                 segment_lengths=spec.segment_lengths,
                 dilation_rates=spec.dilation_rates,
                 head_split=spec.head_split,
+                is_causal=True,
+            )
+        elif applies and rule.block_sparse is not None:
+            module.reference = functools.partial(
+                dilated_compile.block_sparse_reference,
+                block_size=rule.block_sparse.block_size,
+                pattern=rule.block_sparse.pattern,
                 is_causal=True,
             )
         else:  # no rule, a dense rule, or shorter than min_seq_len: ordinary attention

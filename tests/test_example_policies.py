@@ -99,3 +99,25 @@ def test_plot_block_sparse_script(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{stem}.png", f"{stem}_ratio.png"]
     rows = [line for line in res.stdout.splitlines() if line.startswith("| 32k |")]
     assert len(rows) == 12
+
+
+# Run as a user would, from another folder, with numpy unimportable: torch runs without numpy,
+# and so must the package (a block-sparse site once needed it to make its tile classes constant).
+WITHOUT_NUMPY = (
+    "import runpy, sys; sys.modules['numpy'] = None; sys.argv = sys.argv[1:]; "
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+@pytest.mark.parametrize("name", ["gpt_block_sparse", "gpt_mask_mod"])  # built-in, and a mask_mod
+def test_example_checks_block_sparse_policies_against_their_reference(name: str, tmp_path: Path) -> None:
+    """The example's own check (compiled logits against the float64 model with each site's
+    reference attention) passes for the block-sparse policies, without numpy."""
+    res = subprocess.run(
+        [sys.executable, "-c", WITHOUT_NUMPY, str(ROOT / "examples" / "gpt_example.py"),
+         "--policy", str(ROOT / "examples" / "policies" / f"{name}.yaml"),
+         "--seq-len", "512", "--batch", "1"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
+    assert " OK" in res.stdout and "block_sparse" in res.stdout, res.stdout[-2000:]

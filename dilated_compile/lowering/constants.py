@@ -39,5 +39,5 @@ def graph_constant(t: torch.Tensor) -> torch.Tensor:
     if not aot_tracing():
         return t
     with _disable_current_modes():
-        values = t.cpu().numpy()
-    return torch.tensor(values, device=t.device)
+        values = t.cpu().tolist()  # not numpy: it is not a dependency (torch runs without it)
+    return torch.tensor(values, dtype=t.dtype, device=t.device).reshape(t.shape)
