@@ -272,6 +272,33 @@ def test_unknown_dilated_combine_setting_raises(monkeypatch):
         dilated_attention(q, q, q, [4], [1])
 
 
+@pytest.mark.parametrize(
+    "device,dtype,opaque",
+    [("cuda", torch.float32, True), ("cuda", torch.bfloat16, True), ("cuda", torch.float16, True),
+     ("cpu", torch.float32, False)],
+)
+def test_cuda_sites_trace_to_the_opaque_op(device, dtype, opaque):
+    """On CUDA (fp16, bf16 and fp32) a traced dilated attention is the opaque op alone, so
+    Inductor generates no spread/merge: Triton 3.6 miscompiled one of those kernels for
+    float32 on an H200 (tests/test_triton_miscompile.py). Traced on fake CUDA tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from dilated_compile.lowering import combine
+
+    def f(q, k, v):
+        return dilated_attention(q, k, v, (64, 128), (1, 2), head_split="longnet", is_causal=True)
+
+    with FakeTensorMode():
+        q, k, v = (torch.empty(2, 5, 300, 64, device=device, dtype=dtype) for _ in range(3))
+        graph = make_fx(f)(q, k, v).graph
+    targets = {str(n.target) for n in graph.nodes if n.op == "call_function"}
+    uses_op = "dilated_compile.dilated_attention.default" in targets
+    assert uses_op == (opaque and combine.TRITON_INSTALLED), targets
+    if uses_op:
+        assert not any("pad" in t or "cat" in t for t in targets), targets
+
+
 def test_parts_that_fill_whole_waves_get_their_own_call():
     """The call grouping on a GPU of 132 multiprocessors (H100/H200), LongNet's
     segments at 32k: a part of more than one wave of 128-row query tiles whose last

@@ -64,24 +64,12 @@ def test_kernel_forward_backward(monkeypatch, kernel, dtype, head_split, is_caus
         assert err <= tol * max(scale, 1.0), f"{name}: {err} (scale {scale})"
 
 
-# Found 2026-11-30 on an H200 (torch 2.11, Triton 3.6), open: a float32 `longnet` dilated
-# attention compiled by Inductor on CUDA is wrong (max error 0.74 in the forward). Eager and
-# backend="aot_eager" are right; with DILATED_KERNEL=math the error is the same, so the fault is
-# in Inductor's CUDA code for the traced spread/merge, not in the attention kernel. The CPU
-# (C++) code of the same graph is right. README "Known limitations" has it.
-FP32_LONGNET_INDUCTOR_BUG = pytest.mark.xfail(
-    reason="Inductor on CUDA miscompiles the float32 longnet spread/merge (open bug)", strict=False
-)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("head_split", ["groups", "longnet"])
-def test_compiled_matches_eager(head_split, dtype, request):
-    """backend="dilated" against the eager function, output and gradients. float32 on CUDA
-    traces the spread/merge into the graph (no opaque op): the Inductor bug above may hit it
-    too (not yet run on a GPU)."""
-    if head_split == "longnet" and dtype == torch.float32:
-        request.applymarker(FP32_LONGNET_INDUCTOR_BUG)
+def test_compiled_matches_eager(head_split, dtype):
+    """backend="dilated" against the eager function, output and gradients. float32 runs the
+    opaque op like half precision: Inductor's own spread/merge hit a Triton miscompile
+    (tests/test_triton_miscompile.py)."""
     n, h, seg, rates = CASES[1]
     q, k, v = _qkv(n, h, dtype, requires_grad=True, seed=1)
 
@@ -112,12 +100,10 @@ def test_compiled_matches_eager(head_split, dtype, request):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("head_split", ["groups", "longnet"])
-def test_called_inside_torch_compile(head_split, dtype, request):
+def test_called_inside_torch_compile(head_split, dtype):
     """A compiled function calling dilated_attention on CUDA (Dynamo traces the kernel choice,
     fullgraph) matches the float64 reference, output and q/k/v gradients (2.11 gave zero
     gradients; Dynamo cannot read the cuDNN flag)."""
-    if head_split == "longnet" and dtype == torch.float32:
-        request.applymarker(FP32_LONGNET_INDUCTOR_BUG)
     n, h, seg, rates = CASES[0]
     q, k, v = _qkv(n, h, dtype, requires_grad=True, seed=2)
 
@@ -142,8 +128,8 @@ def test_called_inside_torch_compile(head_split, dtype, request):
 def test_reduce_overhead_trains_like_eager_in_cuda_graphs(dynamic, dtype):
     """mode='reduce-overhead' (CUDA graphs, issue 8): a few optimizer steps of a small
     model run in CUDA graphs (no cudagraph skips) and give the losses of the same
-    model trained eagerly with `dilated_attention` in its attention. fp32 runs the
-    traced lowering; bf16 the opaque op with its Triton kernels."""
+    model trained eagerly with `dilated_attention` in its attention. Both dtypes run
+    the opaque op with its Triton kernels."""
     import copy
 
     from torch._dynamo.utils import counters

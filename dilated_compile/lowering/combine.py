@@ -40,7 +40,11 @@ FIELDS = 19
 
 def usable(q: torch.Tensor) -> bool:
     """Whether the Triton combine serves a dilated attention of tensors like `q`
-    (CUDA, half precision, triton importable; real or fake).
+    (CUDA, fp16/bf16/fp32, triton importable; real or fake).
+
+    float32 is here too so that Inductor never generates the spread/merge on
+    CUDA: Triton 3.6 miscompiles one of those generated kernels on Hopper at
+    a launch config Inductor's autotuner picks (README, Known limitations).
 
     ``DILATED_COMBINE=inductor`` turns it off (benchmarks compare the two).
     """
@@ -49,7 +53,7 @@ def usable(q: torch.Tensor) -> bool:
         raise ValueError(f"DILATED_COMBINE={choice!r}: expected triton or inductor")
     if choice == "inductor" or q.device.type != "cuda":
         return False
-    return q.dtype in (torch.float16, torch.bfloat16) and TRITON_INSTALLED
+    return q.dtype in (torch.float16, torch.bfloat16, torch.float32) and TRITON_INSTALLED
 
 
 def runs_on(q: torch.Tensor) -> bool:

@@ -12,8 +12,8 @@ merge is needed.
 
 Everything here is shape arithmetic on views, `cat`, `pad` and pointwise ops,
 so under Inductor the spread and merge become fused pointwise kernels; the
-attention itself runs in the fused kernel `block_attention` picks. On CUDA in
-half precision the attention is instead one opaque custom op
+attention itself runs in the fused kernel `block_attention` picks. On CUDA
+(fp16, bf16, fp32) the attention is instead one opaque custom op
 (``dilated_compile::dilated_attention``, `dynamic.py`) that runs this module's
 forward and backward on real tensors, with the spread and merge done by one
 Triton kernel per output (`combine.py`).
@@ -489,7 +489,7 @@ def dilated_attention(
     if n == 0:
         return q.new_zeros(q.shape)
     if combine.usable(q):
-        # CUDA, half precision: the whole attention is one opaque op whose
+        # CUDA (fp16/bf16/fp32): the whole attention is one opaque op whose
         # spread and merge are the Triton combine (Inductor compiles nothing
         # of it: fewer kernels, and a compile time like dense attention's).
         from .dynamic import dilated_attention_op

@@ -1,6 +1,6 @@
 """Dilated attention as one opaque custom op: for sites whose sequence length
-is symbolic (dynamic shapes), and for every dilated attention on CUDA in half
-precision (`dilated.dilated_attention` routes there; see `combine.py`).
+is symbolic (dynamic shapes), and for every dilated attention on CUDA in
+fp16, bf16 or fp32 (`dilated.dilated_attention` routes there; see `combine.py`).
 
 A rewritten site with a symbolic length calls an opaque custom op
 (``torch.ops.dilated_compile.dilated_attention``). Its fake implementation only

@@ -76,9 +76,14 @@ class Recorded:
         self.name, self.fn = name, kernel_function(name, code)
 
     def run(self, *args, stream=None):
-        before = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        before = [same_strides(a) if isinstance(a, torch.Tensor) else a for a in args]
         launch(self.fn, args, default_config(args))
-        self.record.append((self.name, before, [a.clone() for a in args if isinstance(a, torch.Tensor)]))
+        self.record.append((self.name, before, [same_strides(a) for a in args if isinstance(a, torch.Tensor)]))
+
+
+def same_strides(t: torch.Tensor, device: str = "cpu") -> torch.Tensor:
+    """A copy of `t` on `device` with `t`'s strides (`clone` makes padded strides contiguous)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device).copy_(t)
 
 
 def default_config(args) -> tuple:
@@ -160,9 +165,20 @@ def record(path: str) -> None:
 
 
 def to_cuda(t):
-    if not isinstance(t, torch.Tensor):
-        return t
-    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cuda").copy_(t)
+    return same_strides(t, "cuda") if isinstance(t, torch.Tensor) else t
+
+
+def kernel_error(ref_path: str, kernel: str, config: tuple) -> float:
+    """Largest difference from the interpreter of generated kernel number `kernel`
+    launched on the GPU with `config` ((XBLOCK, num_warps) or (YBLOCK, XBLOCK,
+    num_warps)) on its recorded inputs."""
+    code = {}
+    module(lambda name, src: code.setdefault(name, src), "cpu")
+    name, before, after = next(r for r in torch.load(ref_path) if r[0].endswith("_" + kernel))
+    args = [to_cuda(a) for a in before]
+    launch(kernel_function(name, code[name]), args, config)
+    torch.cuda.synchronize()
+    return max(diff(g, w) for g, w in zip([a for a in args if isinstance(a, torch.Tensor)], after))
 
 
 def variants(name: str, code: str, before, after) -> None:
