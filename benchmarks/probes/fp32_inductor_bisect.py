@@ -1,6 +1,6 @@
 """Probe: which part of the traced float32 dilated attention Inductor's CUDA code gets wrong.
 
-    python benchmarks/probes/fp32_inductor_bisect.py OUT_DIR
+    DILATED_COMBINE=inductor python benchmarks/probes/fp32_inductor_bisect.py OUT_DIR
 
 The float32 `longnet` attention compiled by Inductor on CUDA was wrong (error
 0.74) while eager, `aot_eager` and Inductor's CPU code were right. This
@@ -8,6 +8,11 @@ compiles the stages of the traced path one at a time on the same real
 inputs (block results from the eager run) and prints each stage's largest
 difference from eager; the generated code of every stage that differs is
 written to OUT_DIR. Then the whole attention under a few Inductor settings.
+
+Found with it (commit 3afdc4e, before float32 ran the opaque op): the fault
+is in `assemble` as a whole; `probes/replay/longnet_fp32.py` then found the
+miscompiled kernel. Since float32 on CUDA runs the opaque op, the "whole"
+cases trace the spread/merge only with ``DILATED_COMBINE=inductor``.
 """
 import math
 import os
