@@ -28,6 +28,7 @@ from .dilated import check_dilated_args, check_qkv, dilated_backward, dilated_fo
 from .kernels import accumulation_dtype
 from .kernels import seq_major_empty as _seq_major_empty
 from .kernels import seq_major_strides as _seq_major_strides
+from .view_replay import without_view_replay
 
 OP_NAMESPACE = "dilated_compile"
 
@@ -65,6 +66,7 @@ def _plan(q, segment_lengths, dilation_rates, head_split, min_seq_len):
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::dilated_attention", mutates_args=())
+@without_view_replay
 def dilated_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -90,6 +92,7 @@ def _(q, k, v, segment_lengths, dilation_rates, head_split, is_causal, scale, mi
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::dilated_attention_backward", mutates_args=())
+@without_view_replay
 def dilated_attention_backward_op(
     dout: torch.Tensor,
     q: torch.Tensor,

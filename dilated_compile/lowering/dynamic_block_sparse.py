@@ -41,6 +41,7 @@ from .dynamic import (
     _zeros_like_seq_major,
     register_backward_from_lse,
 )
+from .view_replay import without_view_replay
 
 _FIELDS = ("window", "stride", "global_blocks")
 
@@ -63,6 +64,7 @@ def effective_pattern(
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::block_sparse_attention", mutates_args=())
+@without_view_replay
 def block_sparse_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -93,6 +95,7 @@ def _(q, k, v, block_size, kind, window, stride, global_blocks, is_causal, scale
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::block_sparse_attention_backward", mutates_args=())
+@without_view_replay
 def block_sparse_attention_backward_op(
     dout: torch.Tensor,
     q: torch.Tensor,

@@ -78,6 +78,7 @@ from .ring_block_exchange import ExchangePlan, exchange_backward, exchange_forwa
 from .ring_block_sparse import make_block_sparse_plan
 from .ring_dense import make_schedule, ring_backward, ring_forward
 from .ring_dilated import DilatedRingPlan, _gather_keys, dilated_ring_backward, dilated_ring_forward, make_dilated_plan
+from .view_replay import without_view_replay
 
 
 @lru_cache(maxsize=64)
@@ -134,6 +135,7 @@ def _dilated_route(q, world_size, rank, layout, is_causal, segment_lengths, dila
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::ring_attention", mutates_args=())
+@without_view_replay
 def ring_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -192,6 +194,7 @@ def _(q, k, v, world_size, rank, group_name, inner, layout, is_causal, scale, se
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::ring_attention_backward", mutates_args=())
+@without_view_replay
 def ring_attention_backward_op(
     dout: torch.Tensor,
     q: torch.Tensor,

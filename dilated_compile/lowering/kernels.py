@@ -32,6 +32,8 @@ from typing import NamedTuple
 
 import torch
 
+from .view_replay import without_view_replay
+
 aten = torch.ops.aten
 
 KERNELS = ("cpu", "cudnn", "flash", "efficient", "math")
@@ -260,6 +262,7 @@ _EXACT_STRIDES = tuple(t for t in (getattr(torch.Tag, "needs_exact_strides", Non
 
 
 @torch.library.custom_op("dilated_compile::block_attention", mutates_args=(), tags=_EXACT_STRIDES)
+@without_view_replay
 def block_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float, kernel: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,6 +278,7 @@ def _(q, k, v, is_causal, scale, kernel):
 @torch.library.custom_op(
     "dilated_compile::block_attention_backward", mutates_args=(), tags=_EXACT_STRIDES
 )
+@without_view_replay
 def block_attention_backward_op(
     dout: torch.Tensor,
     q: torch.Tensor,
