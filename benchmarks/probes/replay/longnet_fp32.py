@@ -91,17 +91,19 @@ def default_config(args) -> tuple:
     return (64, 4) if len(nums) == 1 else (16, 64, 4)
 
 
-def launch(fn, args, config) -> None:
+def launch(fn, args, config, **options) -> None:
+    """`fn` on `args` with `config` ((XBLOCK, num_warps), or (YBLOCK, XBLOCK, num_warps)
+    for a 2-D kernel) and Triton compile `options`."""
     import triton
 
     nums = [a for a in args if isinstance(a, int)]
     if len(nums) == 1:
         xb, warps = config
-        fn[(triton.cdiv(nums[0], xb),)](*args, XBLOCK=xb, num_warps=warps)
+        fn[(triton.cdiv(nums[0], xb),)](*args, XBLOCK=xb, num_warps=warps, **options)
     else:
         yb, xb, warps = config
         y, x = nums
-        fn[(triton.cdiv(x, xb), triton.cdiv(y, yb))](*args, YBLOCK=yb, XBLOCK=xb, num_warps=warps)
+        fn[(triton.cdiv(x, xb), triton.cdiv(y, yb))](*args, YBLOCK=yb, XBLOCK=xb, num_warps=warps, **options)
 
 
 def module(factory, device: str) -> dict:
@@ -168,17 +170,28 @@ def to_cuda(t):
     return same_strides(t, "cuda") if isinstance(t, torch.Tensor) else t
 
 
+def kernel_sources() -> dict[str, str]:
+    """Each generated kernel's source by name."""
+    code: dict[str, str] = {}
+    module(lambda name, src: code.setdefault(name, src), "cpu")
+    return code
+
+
+def replayed(fn, before, config, **options) -> list[torch.Tensor]:
+    """Kernel `fn` launched on the GPU with `config` on copies of the recorded inputs
+    `before`: its tensor arguments after the launch."""
+    args = [to_cuda(a) for a in before]
+    launch(fn, args, config, **options)
+    torch.cuda.synchronize()
+    return [a for a in args if isinstance(a, torch.Tensor)]
+
+
 def kernel_error(ref_path: str, kernel: str, config: tuple) -> float:
     """Largest difference from the interpreter of generated kernel number `kernel`
-    launched on the GPU with `config` ((XBLOCK, num_warps) or (YBLOCK, XBLOCK,
-    num_warps)) on its recorded inputs."""
-    code = {}
-    module(lambda name, src: code.setdefault(name, src), "cpu")
+    launched on the GPU with `config` on its recorded inputs."""
     name, before, after = next(r for r in torch.load(ref_path) if r[0].endswith("_" + kernel))
-    args = [to_cuda(a) for a in before]
-    launch(kernel_function(name, code[name]), args, config)
-    torch.cuda.synchronize()
-    return max(diff(g, w) for g, w in zip([a for a in args if isinstance(a, torch.Tensor)], after))
+    got = replayed(kernel_function(name, kernel_sources()[name]), before, config)
+    return max(diff(g, w) for g, w in zip(got, after))
 
 
 def variants(name: str, code: str, before, after) -> None:
@@ -186,14 +199,7 @@ def variants(name: str, code: str, before, after) -> None:
     which of its outputs differ, where, and with what values."""
     for variant in VARIANTS:
         for extra in ({}, {"enable_fp_fusion": False}):
-            fn = kernel_function(name, code, variant)
-            args = [to_cuda(a) for a in before]
-            import triton
-
-            xnumel = args[-1]
-            fn[(triton.cdiv(xnumel, 64),)](*args, XBLOCK=64, num_warps=4, **extra)
-            torch.cuda.synchronize()
-            got = [a.cpu() for a in args if isinstance(a, torch.Tensor)]
+            got = [a.cpu() for a in replayed(kernel_function(name, code, variant), before, (64, 4), **extra)]
             report = []
             for i, (g, w) in enumerate(zip(got, after)):
                 bad = ~((g == w) | (g - w).abs().le(1e-4) | (g.isnan() & w.isnan()))
@@ -206,8 +212,7 @@ def variants(name: str, code: str, before, after) -> None:
 
 def gpu(path: str) -> None:
     rec = torch.load(path)
-    code = {}
-    module(lambda name, src: code.setdefault(name, src), "cpu")  # collect the sources only
+    code = kernel_sources()
     for name, before, after in rec:
         if name[-1] in "26":
             variants(name, code[name], before, after)
@@ -221,10 +226,7 @@ def gpu(path: str) -> None:
             configs = list(itertools.product((16, 32, 64, 128, 256, 512, 1024), (1, 2, 4, 8)))
         wrong = []
         for config in configs:
-            args = [to_cuda(a) for a in before]
-            launch(fn, args, config)
-            torch.cuda.synchronize()
-            err = max(diff(g, w) for g, w in zip([a for a in args if isinstance(a, torch.Tensor)], after))
+            err = max(diff(g, w) for g, w in zip(replayed(fn, before, config), after))
             if err > 1e-4:
                 wrong.append((config, round(err, 4)))
         print(f"{name[:60]}...{name[-2:]}: {len(wrong)} of {len(configs)} configs wrong "
