@@ -33,12 +33,10 @@ LONGNET = dict(segment_lengths=[2048, 4096, 8192, 16384, 32768], dilation_rates=
 FWD_BWD = 3.5
 
 
-def bench(fn, grad_of=None) -> float:
-    """Median milliseconds of fn (and of its backward when grad_of is given)."""
-    from triton.testing import do_bench
-
+def _step(fn, grad_of):
+    """fn, or with `grad_of` a forward+backward step of fn (the gradient of a random cotangent)."""
     if grad_of is None:
-        return do_bench(fn, warmup=50, rep=300, return_mode="median")
+        return fn
     out = fn()
     g = torch.randn_like(out)
     del out  # under CUDA graphs a live output of an earlier replay would differ from the recording
@@ -48,7 +46,55 @@ def bench(fn, grad_of=None) -> float:
             t.grad = None
         fn().backward(g)
 
-    return do_bench(step, warmup=50, rep=300, return_mode="median")
+    return step
+
+
+def bench(fn, grad_of=None) -> float:
+    """Median milliseconds of fn (and of its backward when grad_of is given), host time
+    included: `triton.testing.do_bench`, which syncs before timing, so a call whose host
+    work outlasts its GPU work is timed by its host work."""
+    from triton.testing import do_bench
+
+    return do_bench(_step(fn, grad_of), warmup=50, rep=300, return_mode="median")
+
+
+GPU_REPS = 20
+
+
+def gpu_bench(fn, grad_of=None) -> tuple[float, bool]:
+    """(median milliseconds of GPU time per call with the host ahead, whether it was).
+
+    A sleep kernel holds the GPU while the host queues GPU_REPS calls, each between
+    two CUDA events (and after an L2 flush, as in `do_bench`), so the host time of a
+    call does not show: what a model's step sees when its other layers' GPU work keeps
+    the host ahead. The flag says whether the host finished queueing before the sleep
+    ended (else some calls waited on the host and the figure includes host time)."""
+    step = _step(fn, grad_of)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step()
+    host_s = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    ev = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
+    starts, ends = [ev() for _ in range(GPU_REPS)], [ev() for _ in range(GPU_REPS)]
+    slept, woke = ev(), ev()
+    sleep_s = 2 * GPU_REPS * host_s + 0.01
+    slept.record()
+    torch.cuda._sleep(int(sleep_s * 2e9))  # cycles: about 2 GHz
+    woke.record()
+    t0 = time.perf_counter()
+    for s, e in zip(starts, ends):
+        flush.zero_()
+        s.record()
+        step()
+        e.record()
+    queued_s = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return times[len(times) // 2], queued_s * 1e3 < slept.elapsed_time(woke)
 
 
 def attended_pairs(h, n, seg, rates, head_split, causal) -> int:
@@ -177,6 +223,9 @@ def run(args):
         with torch.no_grad():
             row["dense_fwd_ms"] = bench(lambda: sdpa(q, k, v))
         row["dense_fwdbwd_ms"] = bench(lambda: sdpa(q, k, v), grad_of=(q, k, v))
+        with torch.no_grad():
+            row["dense_gpu_fwd_ms"], _ = gpu_bench(lambda: sdpa(q, k, v))
+        row["dense_gpu_fwdbwd_ms"], _ = gpu_bench(lambda: sdpa(q, k, v), grad_of=(q, k, v))
         row["dense_fwd_tflops"] = dense_flops / row["dense_fwd_ms"] / 1e9
         row["dense_fwdbwd_tflops"] = FWD_BWD * dense_flops / row["dense_fwdbwd_ms"] / 1e9
         for name, cfg in (("groups", GROUPS), ("longnet", LONGNET)):
@@ -193,6 +242,9 @@ def run(args):
                 torch.cuda.synchronize()
                 r["compile_fwd_s"] = time.perf_counter() - t0
                 r["compiled_fwd_ms"] = bench(lambda: compiled(q, k, v))
+                r["compiled_gpu_fwd_ms"], r["compiled_gpu_fwd_host_ahead"] = gpu_bench(
+                    lambda: compiled(q, k, v)
+                )
             t0 = time.perf_counter()
             compiled(q, k, v).sum().backward()
             torch.cuda.synchronize()
@@ -202,18 +254,23 @@ def run(args):
             base = torch.cuda.memory_allocated()
             r["compiled_fwdbwd_ms"] = bench(lambda: compiled(q, k, v), grad_of=(q, k, v))
             r["compiled_fwdbwd_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            r["compiled_gpu_fwdbwd_ms"], r["compiled_gpu_fwdbwd_host_ahead"] = gpu_bench(
+                lambda: compiled(q, k, v), grad_of=(q, k, v)
+            )
             if args.compare_inductor_combine:
                 r.update(inductor_combine(q, k, v, cfg, name))
             if args.reduce_overhead:
                 r.update(reduce_overhead(q, k, v, cfg, name))
             for mode in ("fwd", "fwdbwd"):
                 mult = 1 if mode == "fwd" else FWD_BWD
-                for path in ("eager", "compiled", "inductor_combine", "reduce_overhead"):
+                for path in ("eager", "compiled", "inductor_combine", "reduce_overhead", "compiled_gpu"):
                     if f"{path}_{mode}_ms" not in r:
                         continue
                     tf = mult * flops / r[f"{path}_{mode}_ms"] / 1e9
+                    dense = "dense_gpu" if path == "compiled_gpu" else "dense"
+                    dense_tf = mult * dense_flops / row[f"{dense}_{mode}_ms"] / 1e9
                     r[f"{path}_{mode}_tflops"] = tf
-                    r[f"{path}_{mode}_ratio_to_dense"] = tf / row[f"dense_{mode}_tflops"]
+                    r[f"{path}_{mode}_ratio_to_dense"] = tf / dense_tf
             if name == "groups" and not args.skip_seed:
                 qs, ks, vs = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
                 seed = lambda: seed_algorithm(qs, ks, vs, seg, rates)  # noqa: E731

@@ -59,6 +59,27 @@ def test_combine_matches_pointwise_assembly(case, small_tiles, dtype):
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("mixed_layouts", [False, True], ids=["one-launch", "per-tensor"])
+@pytest.mark.parametrize("small_tiles", [0, dilated.ALL_PARTS_SMALL], ids=["views", "batched"])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[4]}-H{c[0]}-N{c[1]}" for c in CASES])
+def test_spread_sums_of_three_gradients(case, small_tiles, mixed_layouts):
+    """dq, dk and dv spread in one launch (blocks of one layout) or one launch each
+    (the third gradient's blocks stored with other strides) equal `dilated.spread_sum`."""
+    h, n, seg, rates, split = case
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, h, n, 16, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+    plan = dilated.make_plan(h, n, seg, rates, split, small_tiles)
+    blocks = dilated.gather_calls(plan, q)
+    grads = [[torch.randn_like(b) for b in blocks] for _ in range(3)]
+    if mixed_layouts:
+        grads[2] = [g.transpose(0, 2).contiguous().transpose(0, 2) for g in grads[2]]
+    got = combine.spread_sums(plan, grads, (q, k, v))
+    for g, x, y in zip(grads, (q, k, v), got):
+        assert y.dtype == x.dtype and y.transpose(1, 2).is_contiguous()
+        want = dilated.spread_sum(plan, [t.float() for t in g], x)
+        torch.testing.assert_close(y.float(), want.float(), atol=1e-2, rtol=1e-2)
+
+
 @pytest.mark.parametrize("small_tiles", [0, dilated.ALL_PARTS_SMALL], ids=["views", "batched"])
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[4]}-H{c[0]}-N{c[1]}" for c in CASES])
 def test_backward_blocks_match_gathers(case, small_tiles):

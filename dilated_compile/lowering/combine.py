@@ -175,6 +175,35 @@ def spread_sum(plan: Plan, grads: Sequence[torch.Tensor], like: torch.Tensor) ->
     return out
 
 
+def spread_sums(
+    plan: Plan, grads: Sequence[Sequence[torch.Tensor]], likes: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
+    """`spread_sum` of each gradient (``grads[s]``: the calls' blocks, summed into a
+    tensor like ``likes[s]``), in one launch when the outputs share shape and dtype
+    and the blocks share their strides (dq, dk and dv of one plan do), else one each."""
+    like = likes[0]
+    one_launch = all(grads) and all(
+        x.shape == like.shape and x.dtype == like.dtype and x.device == like.device
+        and len(g) == len(grads[0]) and all(a.stride() == b.stride() for a, b in zip(g, grads[0]))
+        for g, x in zip(grads, likes)
+    )
+    if not one_launch:
+        return tuple(spread_sum(plan, g, x) for g, x in zip(grads, likes))
+    grads = tuple(tuple(r if r.stride(-1) == 1 else r.contiguous() for r in g) for g in grads)
+    parts = _descriptor(plan.calls, grads[0], None, like.shape[0])
+    if any(_descriptor(plan.calls, g, None, like.shape[0]) != parts for g in grads[1:]):
+        return tuple(spread_sum(plan, g, x) for g, x in zip(grads, likes))
+    outs = tuple(seq_major_empty(like, like.shape, like.dtype) for _ in likes)
+    dsts = tuple(o.transpose(1, 2) for o in outs)  # (B, N, H, D)
+    b, n, h, d = dsts[0].shape
+    _kernel("spread_kernel")[(_cdiv(n, BLOCK_N), h, b)](
+        grads, dsts, n, *dsts[0].stride()[:3],
+        PARTS=parts, N_PARTS=len(parts) // FIELDS, N_DST=len(dsts),
+        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_N=BLOCK_N,
+    )
+    return outs
+
+
 def gather_into(calls: tuple, srcs: Sequence[torch.Tensor], bufs, lse=None, lse_bufs=None) -> None:
     """Fill ``bufs[s][c]``, source s's block of call c, from the (B, H, N, D)
     sources `srcs` (one kernel for all), and with `lse` the (B, H, N) `lse_bufs[c]`.

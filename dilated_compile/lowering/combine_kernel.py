@@ -98,6 +98,39 @@ def combine_kernel(
 
 
 @triton.jit
+def spread_kernel(
+    grads, dsts, seq_len, dst_sb, dst_sn, dst_sh,
+    PARTS: tl.constexpr, N_PARTS: tl.constexpr, N_DST: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """`combine_kernel` without merging, for N_DST outputs of one layout at once:
+    ``dsts[s]`` gets the sum of the blocks ``grads[s]`` (call c's in ``grads[s][c]``)
+    spread back to their positions (dq, dk and dv in one launch)."""
+    tile, h = tl.program_id(0), tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    n = tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    dst_off = b * dst_sb + n * dst_sn + h * dst_sh
+    mask = (n < seq_len)[:, None] & d_ok[None, :]
+    for s in tl.static_range(N_DST):
+        acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        top = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+        total = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k in tl.static_range(N_PARTS):
+            acc, top, total = add_part(
+                acc, top, total, grads[s][PARTS[k * 19]], grads[s][PARTS[k * 19]], n, d, d_ok, h, b,
+                tile, PARTS[k * 19 + 1], PARTS[k * 19 + 2], PARTS[k * 19 + 3], PARTS[k * 19 + 4],
+                PARTS[k * 19 + 5], PARTS[k * 19 + 6], PARTS[k * 19 + 7], PARTS[k * 19 + 8],
+                PARTS[k * 19 + 9], PARTS[k * 19 + 10], PARTS[k * 19 + 11], PARTS[k * 19 + 12],
+                PARTS[k * 19 + 13], PARTS[k * 19 + 14], PARTS[k * 19 + 15], PARTS[k * 19 + 16],
+                PARTS[k * 19 + 17], PARTS[k * 19 + 18], False, BLOCK_N,
+            )
+        out = dsts[s]
+        tl.store(out + dst_off[:, None] + d[None, :], acc.to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def gather_part(
     bufs, srcs, src_strides, bufs_l, src_l, l_sb, l_sn, l_sh, n, n_ok, d, d_ok, h, b, tile,
     CALL: tl.constexpr, H0: tl.constexpr, H1: tl.constexpr, HSTEP: tl.constexpr,

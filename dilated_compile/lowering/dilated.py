@@ -409,7 +409,7 @@ def dilated_backward(plan: Plan, is_causal: bool, scale: float, q, k, v, out, ls
     if not grads:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if fused:
-        return tuple(combine.spread_sum(plan, g, x) for g, x in zip(zip(*grads), (q, k, v)))
+        return combine.spread_sums(plan, tuple(zip(*grads)), (q, k, v))
     acc = accumulation_dtype(q)
     return tuple(
         spread_sum(plan, [t.to(acc) for t in g], q).to(x.dtype)
