@@ -51,11 +51,17 @@ def _step(fn, grad_of):
 
 def bench(fn, grad_of=None) -> float:
     """Median milliseconds of fn (and of its backward when grad_of is given), host time
-    included: `triton.testing.do_bench`, which syncs before timing, so a call whose host
-    work outlasts its GPU work is timed by its host work."""
+    included (`triton.testing.do_bench`): a call whose host work outlasts its GPU work
+    is timed by its host work. Calls under 5 ms are timed three times and the least
+    median kept: their host-bound medians moved by up to 1.8x between runs in one
+    process (H200 host, 2026-12-01)."""
     from triton.testing import do_bench
 
-    return do_bench(_step(fn, grad_of), warmup=50, rep=300, return_mode="median")
+    step = _step(fn, grad_of)
+    first = do_bench(step, warmup=50, rep=300, return_mode="median")
+    if first >= 5:
+        return first
+    return min(first, *(do_bench(step, warmup=50, rep=300, return_mode="median") for _ in range(2)))
 
 
 GPU_REPS = 20
