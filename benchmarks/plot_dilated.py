@@ -48,6 +48,12 @@ def main(path: str) -> None:
             ax1.plot(ns, ys, style, color=color, label=f"{split} compiled {mode}")
         ys = [row[split]["eager_fwd_ratio_to_dense"] for row in res["rows"]]
         ax1.plot(ns, ys, ":", color=color, label=f"{split} eager fwd")
+        for mode, marker in (("fwd", "^"), ("fwdbwd", "v")):  # runs since 7f403b3
+            key = f"compiled_gpu_{mode}_ratio_to_dense"
+            if all(key in row[split] for row in res["rows"]):
+                ys = [row[split][key] for row in res["rows"]]
+                ax1.plot(ns, ys, marker, color=color, alpha=0.6, ls="none",
+                         label=f"{split} compiled {mode}, GPU time (host ahead)")
         ax2.plot(ns, [row[split]["compiled_fwdbwd_peak_mib"] for row in res["rows"]], "-o",
                  color=color, label=f"{split} compiled fwd+bwd")
     ax1.axhline(0.85, color="gray", lw=0.8, ls="-.", label="target fwd 0.85")
@@ -56,7 +62,8 @@ def main(path: str) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(ns, [f"{n // 1024}k" for n in ns])
         ax.set_xlabel("sequence length N")
-        ax.legend(fontsize=7)
+    ax1.legend(fontsize=6, ncol=2, loc="lower center")
+    ax2.legend(fontsize=7)
     ax1.set_ylabel("useful TFLOP/s / dense SDPA TFLOP/s")
     ax1.set_ylim(0, 1.05)
     ax2.set_ylabel("peak memory above inputs (MiB)")
