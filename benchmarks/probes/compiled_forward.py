@@ -9,9 +9,7 @@ synchronises with the GPU (torch's sync debug mode), and the profile of five
 calls: the CPU ops by own time and the CUDA kernels.
 """
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -25,17 +23,8 @@ SEG, RATES = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16]
 POLICY = {"version": 1, "rules": [{"match": "re:.*", "attention": "dilated", "head_split": "groups",
                                    "segment_lengths": SEG, "dilation_rates": RATES}]}
 
-
-def host_us(fn, reps=30) -> float:
-    times = []
-    fn()
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    torch.cuda.synchronize()
-    return statistics.median(times) * 1e6
+sys.path.insert(0, os.path.dirname(__file__))
+from op_overhead import host_us  # noqa: E402
 
 
 def main():

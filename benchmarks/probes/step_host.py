@@ -13,9 +13,7 @@ directly: the custom op's dispatch hides its frames from cProfile).
 import cProfile
 import os
 import pstats
-import statistics
 import sys
-import time
 
 import torch
 from triton.testing import do_bench
@@ -25,20 +23,8 @@ from dilated_compile import dilated_attention  # noqa: E402
 from dilated_compile.lowering import combine, dilated  # noqa: E402
 from dilated_compile.lowering.kernels import _backward_impl, _forward_impl  # noqa: E402
 
-SEG = (2048, 4096, 8192, 16384, 32768)
-RATES = {"groups": (1, 2, 4, 8, 16), "longnet": (1, 2, 4, 6, 12)}
-
-
-def host_us(fn, reps=30) -> float:
-    times = []
-    fn()
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    torch.cuda.synchronize()
-    return statistics.median(times) * 1e6
+sys.path.insert(0, os.path.dirname(__file__))
+from op_overhead import RATES, SEG, host_us  # noqa: E402
 
 
 def main():

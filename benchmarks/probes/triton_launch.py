@@ -9,9 +9,7 @@ kernel's own launcher called directly. Each figure: median over 200 calls,
 GPU idle before each.
 """
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -23,19 +21,8 @@ import triton  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import compute_cache_key  # noqa: E402
 
-SEG = (2048, 4096, 8192, 16384, 32768)
-
-
-def host_us(fn, reps=200) -> float:
-    times = []
-    fn()
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    torch.cuda.synchronize()
-    return statistics.median(times) * 1e6
+sys.path.insert(0, os.path.dirname(__file__))
+from op_overhead import SEG, host_us  # noqa: E402
 
 
 def main():
@@ -85,7 +72,7 @@ def main():
         "  compiled[grid](*bound args)": lambda: compiled[grid](*vals),
     }
     for name, fn in rows.items():
-        print(f"{name:44s} {host_us(fn):8.1f} us host")
+        print(f"{name:44s} {host_us(fn, reps=200):8.1f} us host")
 
 
 if __name__ == "__main__":
