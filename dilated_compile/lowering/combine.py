@@ -196,7 +196,7 @@ def spread_sums(
     outs = tuple(seq_major_empty(like, like.shape, like.dtype) for _ in likes)
     dsts = tuple(o.transpose(1, 2) for o in outs)  # (B, N, H, D)
     b, n, h, d = dsts[0].shape
-    _kernel("spread_kernel")[(_cdiv(n, BLOCK_N), h, b)](
+    _kernel("spread_kernel")[(_cdiv(n, BLOCK_N), h, b * len(dsts))](
         grads, dsts, n, *dsts[0].stride()[:3],
         PARTS=parts, N_PARTS=len(parts) // FIELDS, N_DST=len(dsts),
         HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_N=BLOCK_N,

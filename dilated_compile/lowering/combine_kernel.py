@@ -98,36 +98,56 @@ def combine_kernel(
 
 
 @triton.jit
+def _picked(ptrs, call, s, N_DST: tl.constexpr):
+    """``ptrs[s][call]`` for a run-time s < N_DST (a select, so the kernel's code is
+    not repeated per tensor; the pointers' alignment carries through)."""
+    p = ptrs[0][call]
+    for t in tl.static_range(1, N_DST):
+        p = tl.where(s == t, ptrs[t][call], p)
+    return p
+
+
+@triton.jit
+def _picked_dst(ptrs, s, N_DST: tl.constexpr):
+    p = ptrs[0]
+    for t in tl.static_range(1, N_DST):
+        p = tl.where(s == t, ptrs[t], p)
+    return p
+
+
+@triton.jit
 def spread_kernel(
     grads, dsts, seq_len, dst_sb, dst_sn, dst_sh,
     PARTS: tl.constexpr, N_PARTS: tl.constexpr, N_DST: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """`combine_kernel` without merging, for N_DST outputs of one layout at once:
-    ``dsts[s]`` gets the sum of the blocks ``grads[s]`` (call c's in ``grads[s][c]``)
-    spread back to their positions (dq, dk and dv in one launch)."""
+    """`combine_kernel` without merging, for N_DST outputs of one layout in one
+    launch: ``dsts[s]`` gets the sum of the blocks ``grads[s]`` (call c's in
+    ``grads[s][c]``) spread back to their positions (dq, dk and dv at once). The
+    grid's last axis is batch x N_DST; a program picks its tensor's pointers."""
     tile, h = tl.program_id(0), tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    s = tl.program_id(2) % N_DST
+    b = (tl.program_id(2) // N_DST).to(tl.int64)
     n = tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    top = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k in tl.static_range(N_PARTS):
+        src = _picked(grads, PARTS[k * 19], s, N_DST)
+        acc, top, total = add_part(
+            acc, top, total, src, src, n, d, d_ok, h, b, tile,
+            PARTS[k * 19 + 1], PARTS[k * 19 + 2], PARTS[k * 19 + 3], PARTS[k * 19 + 4],
+            PARTS[k * 19 + 5], PARTS[k * 19 + 6], PARTS[k * 19 + 7], PARTS[k * 19 + 8],
+            PARTS[k * 19 + 9], PARTS[k * 19 + 10], PARTS[k * 19 + 11], PARTS[k * 19 + 12],
+            PARTS[k * 19 + 13], PARTS[k * 19 + 14], PARTS[k * 19 + 15], PARTS[k * 19 + 16],
+            PARTS[k * 19 + 17], PARTS[k * 19 + 18], False, BLOCK_N,
+        )
+    out = _picked_dst(dsts, s, N_DST)
     dst_off = b * dst_sb + n * dst_sn + h * dst_sh
     mask = (n < seq_len)[:, None] & d_ok[None, :]
-    for s in tl.static_range(N_DST):
-        acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        top = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-        total = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k in tl.static_range(N_PARTS):
-            acc, top, total = add_part(
-                acc, top, total, grads[s][PARTS[k * 19]], grads[s][PARTS[k * 19]], n, d, d_ok, h, b,
-                tile, PARTS[k * 19 + 1], PARTS[k * 19 + 2], PARTS[k * 19 + 3], PARTS[k * 19 + 4],
-                PARTS[k * 19 + 5], PARTS[k * 19 + 6], PARTS[k * 19 + 7], PARTS[k * 19 + 8],
-                PARTS[k * 19 + 9], PARTS[k * 19 + 10], PARTS[k * 19 + 11], PARTS[k * 19 + 12],
-                PARTS[k * 19 + 13], PARTS[k * 19 + 14], PARTS[k * 19 + 15], PARTS[k * 19 + 16],
-                PARTS[k * 19 + 17], PARTS[k * 19 + 18], False, BLOCK_N,
-            )
-        out = dsts[s]
-        tl.store(out + dst_off[:, None] + d[None, :], acc.to(out.dtype.element_ty), mask=mask)
+    tl.store(out + dst_off[:, None] + d[None, :], acc.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
