@@ -182,17 +182,16 @@ def spread_sums(
     tensor like ``likes[s]``), in one launch when the outputs share shape and dtype
     and the blocks share their strides (dq, dk and dv of one plan do), else one each."""
     like = likes[0]
+    grads = tuple(tuple(r if r.stride(-1) == 1 else r.contiguous() for r in g) for g in grads)
+    strides = [r.stride() for r in grads[0]]
     one_launch = all(grads) and all(
         x.shape == like.shape and x.dtype == like.dtype and x.device == like.device
-        and len(g) == len(grads[0]) and all(a.stride() == b.stride() for a, b in zip(g, grads[0]))
+        and [r.stride() for r in g] == strides
         for g, x in zip(grads, likes)
     )
     if not one_launch:
         return tuple(spread_sum(plan, g, x) for g, x in zip(grads, likes))
-    grads = tuple(tuple(r if r.stride(-1) == 1 else r.contiguous() for r in g) for g in grads)
-    parts = _descriptor(plan.calls, grads[0], None, like.shape[0])
-    if any(_descriptor(plan.calls, g, None, like.shape[0]) != parts for g in grads[1:]):
-        return tuple(spread_sum(plan, g, x) for g, x in zip(grads, likes))
+    parts = _descriptor(plan.calls, grads[0], None, like.shape[0])  # the same for every g
     outs = tuple(seq_major_empty(like, like.shape, like.dtype) for _ in likes)
     dsts = tuple(o.transpose(1, 2) for o in outs)  # (B, N, H, D)
     b, n, h, d = dsts[0].shape
