@@ -329,6 +329,25 @@ def test_ops_run_without_view_replay_inside_a_compiled_training_graph(monkeypatc
     assert not torch._C._is_view_replay_enabled()
 
 
+def test_every_custom_op_of_the_package_is_defined_through_opaque_op():
+    """`view_replay.opaque_op` is the one place our ops are defined, so each runs
+    without view replay; an op defined with torch.library.custom_op directly would not."""
+    from pathlib import Path
+
+    import dilated_compile
+
+    root = Path(dilated_compile.__file__).parent
+    direct = [
+        f"{path.relative_to(root)}:{i}"
+        for path in sorted(root.rglob("*.py")) if path.name != "view_replay.py"
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if "library.custom_op(" in line or "torch.library.define(" in line
+    ]
+    assert not direct, f"define these ops with view_replay.opaque_op: {direct}"
+    ops = [name for name in dir(torch.ops.dilated_compile) if not name.startswith("_")]
+    assert {"dilated_attention", "block_attention", "ring_attention", "block_sparse_attention"} <= set(ops)
+
+
 def test_parts_that_fill_whole_waves_get_their_own_call():
     """The call grouping on a GPU of 132 multiprocessors (H100/H200), LongNet's
     segments at 32k: a part of more than one wave of 128-row query tiles whose last

@@ -28,7 +28,7 @@ from .dilated import check_dilated_args, check_qkv, dilated_backward, dilated_fo
 from .kernels import accumulation_dtype
 from .kernels import seq_major_empty as _seq_major_empty
 from .kernels import seq_major_strides as _seq_major_strides
-from .view_replay import without_view_replay
+from .view_replay import opaque_op
 
 OP_NAMESPACE = "dilated_compile"
 
@@ -65,8 +65,7 @@ def _plan(q, segment_lengths, dilation_rates, head_split, min_seq_len):
     return plan_for(q, seg, rates, head_split)
 
 
-@torch.library.custom_op(f"{OP_NAMESPACE}::dilated_attention", mutates_args=())
-@without_view_replay
+@opaque_op(f"{OP_NAMESPACE}::dilated_attention")
 def dilated_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -91,8 +90,7 @@ def _(q, k, v, segment_lengths, dilation_rates, head_split, is_causal, scale, mi
     return _seq_major_empty(q, q.shape, q.dtype), _lse_fake(q)
 
 
-@torch.library.custom_op(f"{OP_NAMESPACE}::dilated_attention_backward", mutates_args=())
-@without_view_replay
+@opaque_op(f"{OP_NAMESPACE}::dilated_attention_backward")
 def dilated_attention_backward_op(
     dout: torch.Tensor,
     q: torch.Tensor,

@@ -41,7 +41,7 @@ from .dynamic import (
     _zeros_like_seq_major,
     register_backward_from_lse,
 )
-from .view_replay import without_view_replay
+from .view_replay import opaque_op
 
 _FIELDS = ("window", "stride", "global_blocks")
 
@@ -63,8 +63,7 @@ def effective_pattern(
     return BlockPattern(kind=kind, **values)
 
 
-@torch.library.custom_op(f"{OP_NAMESPACE}::block_sparse_attention", mutates_args=())
-@without_view_replay
+@opaque_op(f"{OP_NAMESPACE}::block_sparse_attention")
 def block_sparse_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -94,8 +93,7 @@ def _(q, k, v, block_size, kind, window, stride, global_blocks, is_causal, scale
     return _seq_major_empty(q, q.shape, q.dtype), _lse_fake(q)
 
 
-@torch.library.custom_op(f"{OP_NAMESPACE}::block_sparse_attention_backward", mutates_args=())
-@without_view_replay
+@opaque_op(f"{OP_NAMESPACE}::block_sparse_attention_backward")
 def block_sparse_attention_backward_op(
     dout: torch.Tensor,
     q: torch.Tensor,

@@ -78,7 +78,7 @@ from .ring_block_exchange import ExchangePlan, exchange_backward, exchange_forwa
 from .ring_block_sparse import make_block_sparse_plan
 from .ring_dense import make_schedule, ring_backward, ring_forward
 from .ring_dilated import DilatedRingPlan, _gather_keys, dilated_ring_backward, dilated_ring_forward, make_dilated_plan
-from .view_replay import without_view_replay
+from .view_replay import opaque_op
 
 
 @lru_cache(maxsize=64)
@@ -134,8 +134,7 @@ def _dilated_route(q, world_size, rank, layout, is_causal, segment_lengths, dila
     return "ring", plan
 
 
-@torch.library.custom_op(f"{OP_NAMESPACE}::ring_attention", mutates_args=())
-@without_view_replay
+@opaque_op(f"{OP_NAMESPACE}::ring_attention")
 def ring_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -193,8 +192,7 @@ def _(q, k, v, world_size, rank, group_name, inner, layout, is_causal, scale, se
     return _seq_major_empty(q, q.shape, q.dtype), _lse_fake(q)
 
 
-@torch.library.custom_op(f"{OP_NAMESPACE}::ring_attention_backward", mutates_args=())
-@without_view_replay
+@opaque_op(f"{OP_NAMESPACE}::ring_attention_backward")
 def ring_attention_backward_op(
     dout: torch.Tensor,
     q: torch.Tensor,

@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from .view_replay import without_view_replay
+from .view_replay import opaque_op
 
 aten = torch.ops.aten
 
@@ -261,8 +261,7 @@ def _backward_impl(kernel: str, dout, q, k, v, out, lse, is_causal: bool, scale:
 _EXACT_STRIDES = tuple(t for t in (getattr(torch.Tag, "needs_exact_strides", None),) if t is not None)
 
 
-@torch.library.custom_op("dilated_compile::block_attention", mutates_args=(), tags=_EXACT_STRIDES)
-@without_view_replay
+@opaque_op("dilated_compile::block_attention", tags=_EXACT_STRIDES)
 def block_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float, kernel: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,10 +274,7 @@ def _(q, k, v, is_causal, scale, kernel):
     return _forward_impl(kernel, q, k, v, is_causal, scale)
 
 
-@torch.library.custom_op(
-    "dilated_compile::block_attention_backward", mutates_args=(), tags=_EXACT_STRIDES
-)
-@without_view_replay
+@opaque_op("dilated_compile::block_attention_backward", tags=_EXACT_STRIDES)
 def block_attention_backward_op(
     dout: torch.Tensor,
     q: torch.Tensor,

@@ -13,7 +13,7 @@ their inputs, so nothing needs their internal views replayed.
 from __future__ import annotations
 
 import functools
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
@@ -34,3 +34,14 @@ def without_view_replay(fn: F) -> F:
             torch._C._set_view_replay_enabled(True)
 
     return run  # type: ignore[return-value]
+
+
+def opaque_op(name: str, *, tags: Sequence[torch.Tag] = ()) -> Callable[[F], torch.library.CustomOpDef]:
+    """``torch.library.custom_op(name)`` for one of our ops (no mutated inputs), its
+    implementation run `without_view_replay`: every op of the package is defined
+    through this, so none can miss it."""
+
+    def define(fn: F) -> torch.library.CustomOpDef:
+        return torch.library.custom_op(name, mutates_args=(), tags=tuple(tags))(without_view_replay(fn))
+
+    return define
