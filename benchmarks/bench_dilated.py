@@ -71,10 +71,11 @@ def gpu_bench(fn, grad_of=None) -> tuple[float, bool]:
     """(median milliseconds of GPU time per call with the host ahead, whether it was).
 
     A sleep kernel holds the GPU while the host queues GPU_REPS calls, each between
-    two CUDA events (and after an L2 flush, as in `do_bench`), so the host time of a
-    call does not show: what a model's step sees when its other layers' GPU work keeps
-    the host ahead. The flag says whether the host finished queueing before the sleep
-    ended (else some calls waited on the host and the figure includes host time)."""
+    two CUDA events (and after an L2 flush between its own two events, as in
+    `do_bench`), so the host time of a call does not show: what a model's step sees
+    when its other layers' GPU work keeps the host ahead. The flag says whether the
+    GPU never waited for the host: the time between one event and the next recorded
+    (call's end to flush, flush to call) summed under 1% of the calls' time."""
     step = _step(fn, grad_of)
     for _ in range(3):
         step()
@@ -84,23 +85,21 @@ def gpu_bench(fn, grad_of=None) -> tuple[float, bool]:
     host_s = time.perf_counter() - t0
     torch.cuda.synchronize()
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
-    ev = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
-    starts, ends = [ev() for _ in range(GPU_REPS)], [ev() for _ in range(GPU_REPS)]
-    slept, woke = ev(), ev()
-    sleep_s = 2 * GPU_REPS * host_s + 0.01
-    slept.record()
-    torch.cuda._sleep(int(sleep_s * 2e9))  # cycles: about 2 GHz
-    woke.record()
-    t0 = time.perf_counter()
-    for s, e in zip(starts, ends):
+    events = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(GPU_REPS)]
+    torch.cuda._sleep(int((2 * GPU_REPS * host_s + 0.01) * 2e9))  # cycles: about 2 GHz
+    for flushed, flushed_end, start, end in events:
+        flushed.record()
         flush.zero_()
-        s.record()
+        flushed_end.record()
+        start.record()
         step()
-        e.record()
-    queued_s = time.perf_counter() - t0
+        end.record()
     torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-    return times[len(times) // 2], queued_s * 1e3 < slept.elapsed_time(woke)
+    times = sorted(s.elapsed_time(e) for _, _, s, e in events)
+    waited = sum(
+        prev[3].elapsed_time(cur[0]) + cur[1].elapsed_time(cur[2]) for prev, cur in zip(events, events[1:])
+    )
+    return times[len(times) // 2], waited < 0.01 * sum(times)
 
 
 def attended_pairs(h, n, seg, rates, head_split, causal) -> int:
