@@ -58,6 +58,22 @@ def add_part(
     return acc, top, total
 
 @triton.jit
+def add_part_k(
+    acc, top, total, out_ptr, lse_ptr, n, d, d_ok, h, b, tile,
+    PARTS: tl.constexpr, K: tl.constexpr, MERGE: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """`add_part` for part K of the plan's descriptor PARTS."""
+    return add_part(
+        acc, top, total, out_ptr, lse_ptr, n, d, d_ok, h, b, tile,
+        PARTS[K * 19 + 1], PARTS[K * 19 + 2], PARTS[K * 19 + 3], PARTS[K * 19 + 4],
+        PARTS[K * 19 + 5], PARTS[K * 19 + 6], PARTS[K * 19 + 7], PARTS[K * 19 + 8],
+        PARTS[K * 19 + 9], PARTS[K * 19 + 10], PARTS[K * 19 + 11], PARTS[K * 19 + 12],
+        PARTS[K * 19 + 13], PARTS[K * 19 + 14], PARTS[K * 19 + 15], PARTS[K * 19 + 16],
+        PARTS[K * 19 + 17], PARTS[K * 19 + 18], MERGE, BLOCK_N,
+    )
+
+
+@triton.jit
 def combine_kernel(
     outs, lses, dst, dst_lse, seq_len,
     dst_sb, dst_sn, dst_sh, lse_sb, lse_sn, lse_sh,
@@ -73,13 +89,9 @@ def combine_kernel(
     top = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k in tl.static_range(N_PARTS):
-        acc, top, total = add_part(
+        acc, top, total = add_part_k(
             acc, top, total, outs[PARTS[k * 19]], lses[PARTS[k * 19]], n, d, d_ok, h, b, tile,
-            PARTS[k * 19 + 1], PARTS[k * 19 + 2], PARTS[k * 19 + 3], PARTS[k * 19 + 4],
-            PARTS[k * 19 + 5], PARTS[k * 19 + 6], PARTS[k * 19 + 7], PARTS[k * 19 + 8],
-            PARTS[k * 19 + 9], PARTS[k * 19 + 10], PARTS[k * 19 + 11], PARTS[k * 19 + 12],
-            PARTS[k * 19 + 13], PARTS[k * 19 + 14], PARTS[k * 19 + 15], PARTS[k * 19 + 16],
-            PARTS[k * 19 + 17], PARTS[k * 19 + 18], MERGE, BLOCK_N,
+            PARTS, k, MERGE, BLOCK_N,
         )
     n_ok = n < seq_len
     dst_off = b * dst_sb + n * dst_sn + h * dst_sh
@@ -136,13 +148,8 @@ def spread_kernel(
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k in tl.static_range(N_PARTS):
         src = _picked(grads, PARTS[k * 19], s, N_DST)
-        acc, top, total = add_part(
-            acc, top, total, src, src, n, d, d_ok, h, b, tile,
-            PARTS[k * 19 + 1], PARTS[k * 19 + 2], PARTS[k * 19 + 3], PARTS[k * 19 + 4],
-            PARTS[k * 19 + 5], PARTS[k * 19 + 6], PARTS[k * 19 + 7], PARTS[k * 19 + 8],
-            PARTS[k * 19 + 9], PARTS[k * 19 + 10], PARTS[k * 19 + 11], PARTS[k * 19 + 12],
-            PARTS[k * 19 + 13], PARTS[k * 19 + 14], PARTS[k * 19 + 15], PARTS[k * 19 + 16],
-            PARTS[k * 19 + 17], PARTS[k * 19 + 18], False, BLOCK_N,
+        acc, top, total = add_part_k(
+            acc, top, total, src, src, n, d, d_ok, h, b, tile, PARTS, k, False, BLOCK_N,
         )
     out = _picked_dst(dsts, s, N_DST)
     dst_off = b * dst_sb + n * dst_sn + h * dst_sh
