@@ -5,9 +5,10 @@ for one plan, compiled for sm_90 (H100/H200) on any machine with triton's ptxas.
 
 The kernels are specialised per plan (its parts are compile-time constants),
 so each new sequence length compiles them again: their compile time is paid
-once per length. Compiles `combine_kernel` in sum mode (one tensor) and
-`spread_kernel` for dq, dk and dv together, with the 16-byte alignment Triton's
-launcher would see, and prints seconds and the PTX's global load/store widths.
+once per length. Compiles `combine_kernel` merging (the forward's output) and
+summing dq, dk and dv in one launch (the backward), with the 16-byte alignment
+Triton's launcher would see, and prints seconds and the PTX's global
+load/store widths.
 """
 import os
 import re
@@ -81,16 +82,17 @@ def main():
     common = {"PARTS": parts, "N_PARTS": len(parts) // combine.FIELDS, "HEAD_DIM": D, "BLOCK_D": D,
               "BLOCK_N": combine.BLOCK_N}
     strides = {f"dst_s{x}": "i32" for x in "bnh"}
-    one = {"outs": ptrs, "lses": ptrs, "dst": "*bf16", "dst_lse": "*bf16", "seq_len": "i32", **strides,
-           "lse_sb": "i32", "lse_sn": "i32", "lse_sh": "i32", "PARTS": "constexpr", "N_PARTS": "constexpr",
-           "MERGE": "constexpr", "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr", "BLOCK_N": "constexpr"}
-    three = {"grads": (ptrs,) * 3, "dsts": ("*bf16",) * 3, "seq_len": "i32", **strides,
-             "PARTS": "constexpr", "N_PARTS": "constexpr", "N_DST": "constexpr", "HEAD_DIM": "constexpr",
-             "BLOCK_D": "constexpr", "BLOCK_N": "constexpr"}
-    for name, fn, sig, extra in (
-        ("combine_kernel, sum mode (one tensor)", ck.combine_kernel, one, {"MERGE": False}),
-        ("spread_kernel (dq, dk, dv)", ck.spread_kernel, three, {"N_DST": 3}),
-    ):
+
+    def signature(n_dst):  # as `combine._launch` passes them: lses are the srcs when summing
+        lses = tuple("*fp32" for _ in blocks) if n_dst == 1 else ptrs
+        return {"srcs": (ptrs,) * n_dst, "lses": lses, "dsts": ("*bf16",) * n_dst,
+                "dst_lse": "*fp32" if n_dst == 1 else "*bf16",
+                "seq_len": "i32", **strides, "lse_sb": "i32", "lse_sn": "i32", "lse_sh": "i32",
+                **{k: "constexpr" for k in ("PARTS", "N_PARTS", "MERGE", "N_DST", "HEAD_DIM", "BLOCK_D",
+                                            "BLOCK_N")}}
+
+    for name, n_dst, merge in (("merge (forward: out, lse)", 1, True), ("sum dq, dk, dv (backward)", 3, False)):
+        fn, sig, extra = ck.combine_kernel, signature(n_dst), {"MERGE": merge, "N_DST": n_dst}
         seconds, kernel = compiled(fn, sig, {**common, **extra})
         print(f"  {name:40s} {seconds:5.1f} s  {widths(kernel)}")
 

@@ -3,7 +3,9 @@
     python benchmarks/probes/triton_launch.py [N]
 
 The dq spread of a `groups` plan (bf16, H=16, D=128) as `combine.spread_sum`
-launches it, timed whole and in the stages of Triton's `JITFunction.run`:
+launches it (the kernel's signature as of the twelfth session's end; the
+figures in `results/triton_launch_probe_h200_torch2.11.txt` were taken with
+the one before, the same arguments without the tuples around srcs and dsts), timed whole and in the stages of Triton's `JITFunction.run`:
 binding and specialising the arguments, the cache key, and the compiled
 kernel's own launcher called directly. Each figure: median over 200 calls,
 GPU idle before each.
@@ -43,8 +45,8 @@ def main():
     parts = combine._descriptor(plan.calls, dq_blocks, None, 1)
     kern = combine._kernel("combine_kernel")
     grid = (combine._cdiv(n, combine.BLOCK_N), h, 1)
-    args = (dq_blocks, dq_blocks, dst, dst, n, dst.stride(0), dst.stride(1), dst.stride(2), 0, 0, 0)
-    kw = dict(PARTS=parts, N_PARTS=len(parts) // combine.FIELDS, MERGE=False,
+    args = ((dq_blocks,), dq_blocks, (dst,), dst, n, dst.stride(0), dst.stride(1), dst.stride(2), 0, 0, 0)
+    kw = dict(PARTS=parts, N_PARTS=len(parts) // combine.FIELDS, MERGE=False, N_DST=1,
               HEAD_DIM=d, BLOCK_D=combine._block_d(d), BLOCK_N=combine.BLOCK_N)
     print(f"{len(parts) // combine.FIELDS} parts, PARTS holds {len(parts)} ints")
 

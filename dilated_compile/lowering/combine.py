@@ -128,21 +128,24 @@ def _kernel(name: str = "combine_kernel"):
 BLOCK_N = 32
 
 
-def _launch(plan: Plan, results, lses, batch: int, dst: torch.Tensor, dst_lse) -> None:
-    results = tuple(r if r.stride(-1) == 1 else r.contiguous() for r in results)
-    parts = _descriptor(plan.calls, results, lses, batch)
-    n_parts = len(parts) // FIELDS
-    b, n, h, d = dst.shape  # sequence-major (B, N, H, D)
+def _launch(plan: Plan, srcs, lses, batch: int, dsts, dst_lse) -> None:
+    """One `combine_kernel` launch: ``dsts[s]`` (B, N, H, D) views from the calls'
+    results ``srcs[s]``, merged with `lses` into `dst_lse` (one output) or, with
+    ``dst_lse=None``, summed. Every ``srcs[s]`` must have the strides of ``srcs[0]``."""
+    parts = _descriptor(plan.calls, srcs[0], lses, batch)
+    b, n, h, d = dsts[0].shape  # sequence-major (B, N, H, D)
     merge = dst_lse is not None
-    grid = (_cdiv(n, BLOCK_N), h, b)
-    lse_dst = dst_lse if merge else dst
     lse_strides = dst_lse.stride() if merge else (0, 0, 0)
-    _kernel("combine_kernel")[grid](
-        results, tuple(lses) if merge else results, dst, lse_dst, n,
-        dst.stride(0), dst.stride(1), dst.stride(2), *lse_strides,
-        PARTS=parts, N_PARTS=n_parts, MERGE=merge,
+    _kernel("combine_kernel")[(_cdiv(n, BLOCK_N), h, b * len(dsts))](
+        tuple(srcs), tuple(lses) if merge else srcs[0], tuple(dsts), dst_lse if merge else dsts[0], n,
+        *dsts[0].stride()[:3], *lse_strides,
+        PARTS=parts, N_PARTS=len(parts) // FIELDS, MERGE=merge, N_DST=len(dsts),
         HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_N=BLOCK_N,
     )
+
+
+def _unit_last_stride(results) -> tuple[torch.Tensor, ...]:
+    return tuple(r if r.stride(-1) == 1 else r.contiguous() for r in results)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -162,7 +165,7 @@ def merge(plan: Plan, outs, lses, like: torch.Tensor):
     lse = seq_major_empty(like, (b, h, n), torch.float32)
     if not outs:
         return out.zero_(), lse.fill_(-math.inf)
-    _launch(plan, outs, lses, b, out.transpose(1, 2), lse.transpose(1, 2))
+    _launch(plan, (_unit_last_stride(outs),), lses, b, (out.transpose(1, 2),), lse.transpose(1, 2))
     return out, lse
 
 
@@ -171,7 +174,7 @@ def spread_sum(plan: Plan, grads: Sequence[torch.Tensor], like: torch.Tensor) ->
     out = seq_major_empty(like, like.shape, like.dtype)
     if not grads:
         return out.zero_()
-    _launch(plan, grads, None, like.shape[0], out.transpose(1, 2), None)
+    _launch(plan, (_unit_last_stride(grads),), None, like.shape[0], (out.transpose(1, 2),), None)
     return out
 
 
@@ -182,7 +185,7 @@ def spread_sums(
     tensor like ``likes[s]``), in one launch when the outputs share shape and dtype
     and the blocks share their strides (dq, dk and dv of one plan do), else one each."""
     like = likes[0]
-    grads = tuple(tuple(r if r.stride(-1) == 1 else r.contiguous() for r in g) for g in grads)
+    grads = tuple(_unit_last_stride(g) for g in grads)
     strides = [r.stride() for r in grads[0]]
     one_launch = all(grads) and all(
         x.shape == like.shape and x.dtype == like.dtype and x.device == like.device
@@ -191,15 +194,8 @@ def spread_sums(
     )
     if not one_launch:
         return tuple(spread_sum(plan, g, x) for g, x in zip(grads, likes))
-    parts = _descriptor(plan.calls, grads[0], None, like.shape[0])  # the same for every g
     outs = tuple(seq_major_empty(like, like.shape, like.dtype) for _ in likes)
-    dsts = tuple(o.transpose(1, 2) for o in outs)  # (B, N, H, D)
-    b, n, h, d = dsts[0].shape
-    _kernel("spread_kernel")[(_cdiv(n, BLOCK_N), h, b * len(dsts))](
-        grads, dsts, n, *dsts[0].stride()[:3],
-        PARTS=parts, N_PARTS=len(parts) // FIELDS, N_DST=len(dsts),
-        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_N=BLOCK_N,
-    )
+    _launch(plan, grads, None, like.shape[0], tuple(o.transpose(1, 2) for o in outs), None)
     return outs
 
 

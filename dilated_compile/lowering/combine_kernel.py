@@ -74,42 +74,6 @@ def add_part_k(
 
 
 @triton.jit
-def combine_kernel(
-    outs, lses, dst, dst_lse, seq_len,
-    dst_sb, dst_sn, dst_sh, lse_sb, lse_sn, lse_sh,
-    PARTS: tl.constexpr, N_PARTS: tl.constexpr, MERGE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    tile, h = tl.program_id(0), tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)  # offsets pass 2**31 elements at 1M tokens
-    n = tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_DIM
-    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    top = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k in tl.static_range(N_PARTS):
-        acc, top, total = add_part_k(
-            acc, top, total, outs[PARTS[k * 19]], lses[PARTS[k * 19]], n, d, d_ok, h, b, tile,
-            PARTS, k, MERGE, BLOCK_N,
-        )
-    n_ok = n < seq_len
-    dst_off = b * dst_sb + n * dst_sn + h * dst_sh
-    if MERGE:
-        has = total > 0
-        res = acc / tl.where(has, total, 1.0)[:, None]
-        lse = tl.where(has, top + tl.log(tl.where(has, total, 1.0)), float("-inf"))
-        tl.store(dst_lse + b * lse_sb + n * lse_sn + h * lse_sh, lse, mask=n_ok)
-    else:
-        res = acc
-    tl.store(
-        dst + dst_off[:, None] + d[None, :],
-        res.to(dst.dtype.element_ty),
-        mask=n_ok[:, None] & d_ok[None, :],
-    )
-
-
-@triton.jit
 def _picked(ptrs, call, s, N_DST: tl.constexpr):
     """``ptrs[s][call]`` for a run-time s < N_DST (a select, so the kernel's code is
     not repeated per tensor; the pointers' alignment carries through)."""
@@ -128,18 +92,20 @@ def _picked_dst(ptrs, s, N_DST: tl.constexpr):
 
 
 @triton.jit
-def spread_kernel(
-    grads, dsts, seq_len, dst_sb, dst_sn, dst_sh,
-    PARTS: tl.constexpr, N_PARTS: tl.constexpr, N_DST: tl.constexpr,
+def combine_kernel(
+    srcs, lses, dsts, dst_lse, seq_len,
+    dst_sb, dst_sn, dst_sh, lse_sb, lse_sn, lse_sh,
+    PARTS: tl.constexpr, N_PARTS: tl.constexpr, MERGE: tl.constexpr, N_DST: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """`combine_kernel` without merging, for N_DST outputs of one layout in one
-    launch: ``dsts[s]`` gets the sum of the blocks ``grads[s]`` (call c's in
-    ``grads[s][c]``) spread back to their positions (dq, dk and dv at once). The
-    grid's last axis is batch x N_DST; a program picks its tensor's pointers."""
+    """``dsts[s]`` (sequence-major, one layout for all s) from the blocks ``srcs[s]``
+    (call c's in ``srcs[s][c]``): merged by log-sum-exp with the calls' ``lses``
+    into `dst_lse` (MERGE, one output), or summed (N_DST outputs in one launch: dq,
+    dk and dv). The grid's last axis is batch x N_DST; a program picks its tensor's
+    pointers at run time, so the code is not repeated per tensor."""
     tile, h = tl.program_id(0), tl.program_id(1)
     s = tl.program_id(2) % N_DST
-    b = (tl.program_id(2) // N_DST).to(tl.int64)
+    b = (tl.program_id(2) // N_DST).to(tl.int64)  # offsets pass 2**31 elements at 1M tokens
     n = tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
@@ -147,14 +113,25 @@ def spread_kernel(
     top = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k in tl.static_range(N_PARTS):
-        src = _picked(grads, PARTS[k * 19], s, N_DST)
         acc, top, total = add_part_k(
-            acc, top, total, src, src, n, d, d_ok, h, b, tile, PARTS, k, False, BLOCK_N,
+            acc, top, total, _picked(srcs, PARTS[k * 19], s, N_DST), lses[PARTS[k * 19]],
+            n, d, d_ok, h, b, tile, PARTS, k, MERGE, BLOCK_N,
         )
-    out = _picked_dst(dsts, s, N_DST)
+    n_ok = n < seq_len
     dst_off = b * dst_sb + n * dst_sn + h * dst_sh
-    mask = (n < seq_len)[:, None] & d_ok[None, :]
-    tl.store(out + dst_off[:, None] + d[None, :], acc.to(out.dtype.element_ty), mask=mask)
+    if MERGE:
+        has = total > 0
+        res = acc / tl.where(has, total, 1.0)[:, None]
+        lse = tl.where(has, top + tl.log(tl.where(has, total, 1.0)), float("-inf"))
+        tl.store(dst_lse + b * lse_sb + n * lse_sn + h * lse_sh, lse, mask=n_ok)
+    else:
+        res = acc
+    dst = _picked_dst(dsts, s, N_DST)
+    tl.store(
+        dst + dst_off[:, None] + d[None, :],
+        res.to(dst.dtype.element_ty),
+        mask=n_ok[:, None] & d_ok[None, :],
+    )
 
 
 @triton.jit
