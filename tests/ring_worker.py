@@ -292,23 +292,6 @@ def bad_dynamic_zigzag_odd() -> None:
     expect_error(ValueError, ("zigzag", "7 positions", "odd"), lambda: model(*_local_qkv(7)))
 
 
-def dynamic_mask_mod_left() -> None:
-    """A block-sparse mask_mod pattern cannot be a custom-op argument: the site is left."""
-    import dilated_compile
-
-    torch._dynamo.reset()
-    policy = _ring_policy("block_sparse", "contiguous", "mask-mod")
-    compiled = torch.compile(_SDPA(False), backend="dilated", options={"policy": policy}, dynamic=True)
-    qkv = _local_qkv(8)
-    for t in qkv:
-        for dim in (0, 1, 3):
-            torch._dynamo.mark_static(t, dim)
-    compiled(*qkv)
-    site = dilated_compile.reports()[-1].sites[0]
-    if site.status != "left" or "mask_mod" not in (site.reason or ""):
-        raise CaseFailure(f"site report: {site.status} {site.attention!r} {site.reason!r}")
-
-
 def bad_backend_policy() -> None:
     """Ranks compiling different policies: an error at compile time on every rank."""
     torch._dynamo.reset()
@@ -740,8 +723,9 @@ def cases(world: int, backend: str = "gloo") -> dict[str, Callable[[], None]]:
             dynamic_backend_case, "dense", "contiguous", False, "", (5, 7))
         out["dynamic-block-sparse-global-zigzag-causal"] = functools.partial(
             dynamic_backend_case, "block_sparse", "zigzag", True, "global", (4, 8))
-    if world in (2, 3):
-        out["dynamic-mask-mod-left"] = dynamic_mask_mod_left
+    if world in (2, 3):  # a mask_mod pattern's function travels to the op as its import path
+        out["dynamic-block-sparse-mask-mod-contiguous-full"] = functools.partial(
+            dynamic_backend_case, "block_sparse", "contiguous", False, "mask-mod", (8, 10))
         out["bad-dynamic-zigzag-odd"] = bad_dynamic_zigzag_odd
     for fn in (bad_shard_lengths, bad_zigzag_odd, bad_policy_digest, bad_block_sparse_pattern,
                bad_dilated_rates, bad_group_name, bad_shard_length, bad_backend_policy):

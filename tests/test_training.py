@@ -494,14 +494,18 @@ def _block_sparse_rule(kind, **extra):
             "pattern": BS_PATTERNS[kind] if isinstance(kind, str) else kind, **extra}
 
 
-@pytest.mark.parametrize("kind", list(BS_PATTERNS))
+MASK_MOD = {"kind": "mask_mod", "function": "tests.masks:stripes"}
+
+
+@pytest.mark.parametrize("kind", [*BS_PATTERNS, "mask_mod"])
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("n", [1, 5, 37, 64])
 def test_dynamic_block_sparse_op_equals_reference(n, is_causal, kind):
     """The block-sparse custom op, forward and backward (from out and lse), vs float64."""
     torch.manual_seed(n)
     q, k, v = (torch.randn(2, 3, n, 8, requires_grad=True) for _ in range(3))
-    kw = {"block_size": BLOCK, "pattern": BS_PATTERNS[kind], "is_causal": is_causal}
+    pattern = MASK_MOD if kind == "mask_mod" else BS_PATTERNS[kind]
+    kw = {"block_size": BLOCK, "pattern": pattern, "is_causal": is_causal}
     out = dynamic_block_sparse_attention(q, k, v, **kw)
     _assert_matches_reference(out, (q, k, v), lambda *x: block_sparse_reference(*x, **kw), is_causal)
 
@@ -518,9 +522,10 @@ def test_dynamic_block_sparse_op_is_dense_below_min_seq_len():
 
 @pytest.mark.parametrize(
     "args",
-    [(BLOCK, "global_local", 1, -1, 1, True, 0.3, 0), (BLOCK, "dilated", 0, 2, -1, False, 0.3, 0),
-     (BLOCK, "local_window", 1, -1, -1, True, 0.3, 20)],
-    ids=["global_local_causal", "dilated", "dense_below_min_seq_len"],
+    [(BLOCK, "global_local", 1, -1, 1, "", True, 0.3, 0), (BLOCK, "dilated", 0, 2, -1, "", False, 0.3, 0),
+     (BLOCK, "local_window", 1, -1, -1, "", True, 0.3, 20),
+     (BLOCK, "mask_mod", -1, -1, -1, "tests.masks:stripes", True, 0.3, 0)],
+    ids=["global_local_causal", "dilated", "dense_below_min_seq_len", "mask_mod"],
 )
 def test_dynamic_block_sparse_ops_pass_opcheck(args):
     q, k, v = (torch.randn(2, 3, 19, 8, requires_grad=True) for _ in range(3))
@@ -593,20 +598,37 @@ def test_block_sparse_dynamic_min_seq_len_is_decided_per_call():
     assert counters["stats"]["unique_graphs"] == 1
 
 
-def test_block_sparse_mask_mod_site_with_dynamic_length_is_left_and_reported():
-    """A mask_mod pattern (a user function) cannot be a custom-op argument: left, with the reason."""
+def test_block_sparse_mask_mod_site_with_dynamic_length_is_rewritten_and_trains_like_reference():
+    """A mask_mod pattern's function travels to the custom op as its import path: with a
+    symbolic length the site is rewritten (one graph), and every length's output and
+    gradients equal the float64 reference's (so automatic dynamic shapes cannot turn the
+    site into dense attention from the second length on)."""
+    from tests.masks import stripes
+
+    torch.manual_seed(0)
     model = TinyModel(heads=(2,))
+    ref = copy.deepcopy(model)
+
+    def attention(q, k, v, module):
+        out = block_sparse_reference(q, k, v, block_size=BLOCK, pattern=stripes, is_causal=module.is_causal)
+        return out.to(q.dtype)
+
+    saved = with_attention_replaced(ref, attention)
     rule = _block_sparse_rule({"kind": "mask_mod", "function": "tests.masks:stripes"})
     compiled = torch.compile(model, backend="dilated", options={"policy": policy(rule)}, dynamic=True)
-    x = torch.randn(1, 24, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    try:
+        for n in (24, 37):
+            x = torch.randn(1, n, 16, requires_grad=True)
+            y, y_ref = compiled(x), ref(x)
+            torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5, msg=f"N={n}")
+            g, g_ref = torch.autograd.grad(y.pow(2).sum(), x), torch.autograd.grad(y_ref.pow(2).sum(), x)
+            torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4, msg=f"N={n}")
+    finally:
+        restore(saved)
+    assert counters["stats"]["unique_graphs"] == 1
     (site,) = dilated_compile.reports()[-1].sites
-    assert site.status == "left"
-    assert site.reason == (
-        "dynamic (symbolic) sequence length: a block_sparse mask_mod pattern (a user function) "
-        "cannot be an argument of the custom op; is not rewritten"
-    )
+    assert site.status == "rewritten", site.reason
+    assert "mask_mod(tests.masks:stripes)" in site.attention and "dynamic length (custom op)" in site.attention
 
 
 class _ReentrantCheckpointedBlocks(torch.nn.Module):

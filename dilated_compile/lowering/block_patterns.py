@@ -8,6 +8,7 @@ float64 reference and the pictures in the README.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import weakref
 from collections.abc import Callable, Mapping
@@ -109,7 +110,34 @@ def evaluate_mask_mod(
     device = q_idx.device
     b = torch.arange(batch, device=device)
     h = torch.arange(heads, device=device)
-    return fn(b, h, q_idx, kv_idx).to(torch.bool)
+    with _vmap_dispatch_enabled():
+        return fn(b, h, q_idx, kv_idx).to(torch.bool)
+
+
+_VMAP_KEYS = tuple(
+    getattr(torch._C.DispatchKey, name)
+    for name in ("FuncTorchDynamicLayerFrontMode", "FuncTorchDynamicLayerBackMode", "FuncTorchBatched",
+                 "FuncTorchVmapMode")
+)
+
+
+@contextlib.contextmanager
+def _vmap_dispatch_enabled():
+    """vmap's dispatch keys un-excluded for the block, where the thread excludes them.
+
+    A compiled graph's first call runs our custom ops under AOTAutograd's aliasing
+    check (a TorchDispatchMode, torch 2.11-2.13, `config.check_custom_op_aliasing`),
+    which runs the op's implementation with every key above Python excluded, vmap's
+    among them: torch.vmap there fails ("NYI: querying is_contiguous inside of vmap").
+    A block-sparse op with a mask_mod pattern evaluates the mask with vmap."""
+    excluded = torch._C._dispatch_tls_local_exclude_set()
+    if not excluded.has(torch._C.DispatchKey.FuncTorchBatched):
+        yield
+        return
+    for key in _VMAP_KEYS:
+        excluded = excluded.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded):
+        yield
 
 
 @lru_cache(maxsize=32)

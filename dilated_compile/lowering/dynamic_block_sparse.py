@@ -11,8 +11,8 @@ and lse, on both paths (FlexAttention has no backward that starts from a given
 lse, and autograd is off inside a custom op's implementation).
 
 The pattern travels as op arguments (kind, window, stride, global_blocks; -1
-for a field the kind has no use for). A ``mask_mod`` pattern (a user function)
-is not an allowed argument: such sites are left (passes/decide.py).
+for a field the kind has no use for; and a ``mask_mod`` pattern's function as
+the ``package.module:name`` string the policy gives, imported at run time).
 
 ``min_seq_len`` is decided per call: below it the op computes ordinary
 attention, as a local window that covers every block.
@@ -47,20 +47,21 @@ _FIELDS = ("window", "stride", "global_blocks")
 
 
 def pattern_args(pattern: BlockPattern) -> list:
-    """[kind, window, stride, global_blocks]: the pattern as op arguments (-1 for None)."""
-    if pattern.kind == "mask_mod":
-        raise ValueError("a mask_mod pattern (a user function) cannot be a custom op argument")
-    return [pattern.kind, *(-1 if getattr(pattern, f) is None else int(getattr(pattern, f)) for f in _FIELDS)]
+    """[kind, window, stride, global_blocks, function]: the pattern as op arguments (-1 for
+    an unused number, "" for no function; a mask_mod's function is its import path)."""
+    numbers = (-1 if getattr(pattern, f) is None else int(getattr(pattern, f)) for f in _FIELDS)
+    return [pattern.kind, *numbers, pattern.function or ""]
 
 
 def effective_pattern(
-    seq_len: int, block_size: int, kind: str, window: int, stride: int, global_blocks: int, min_seq_len: int
+    seq_len: int, block_size: int, kind: str, window: int, stride: int, global_blocks: int, function: str,
+    min_seq_len: int,
 ) -> BlockPattern:
     """The pattern to run at `seq_len`: the rule's, or every block (dense) below `min_seq_len`."""
     if seq_len < min_seq_len:
         return BlockPattern(kind="local_window", window=max(1, -(-seq_len // block_size)))
     values = {f: (None if x < 0 else x) for f, x in zip(_FIELDS, (window, stride, global_blocks))}
-    return BlockPattern(kind=kind, **values)
+    return BlockPattern(kind=kind, **values, function=function or None)
 
 
 @opaque_op(f"{OP_NAMESPACE}::block_sparse_attention")
@@ -73,6 +74,7 @@ def block_sparse_attention_op(
     window: int,
     stride: int,
     global_blocks: int,
+    function: str,
     is_causal: bool,
     scale: float,
     min_seq_len: int,
@@ -80,7 +82,9 @@ def block_sparse_attention_op(
     """(out, lse) of block-sparse attention at the run-time length (dense below min_seq_len)."""
     if q.shape[2] == 0:
         return _zeros_like_seq_major(q), _lse_fake(q).fill_(-math.inf)
-    pattern = effective_pattern(q.shape[2], block_size, kind, window, stride, global_blocks, min_seq_len)
+    pattern = effective_pattern(
+        q.shape[2], block_size, kind, window, stride, global_blocks, function, min_seq_len
+    )
     if choose_path(q) == "flex":
         out, lse = flex_block_sparse(q, k, v, pattern, block_size, is_causal, scale, return_lse=True)
     else:
@@ -89,7 +93,7 @@ def block_sparse_attention_op(
 
 
 @block_sparse_attention_op.register_fake
-def _(q, k, v, block_size, kind, window, stride, global_blocks, is_causal, scale, min_seq_len):
+def _(q, k, v, block_size, kind, window, stride, global_blocks, function, is_causal, scale, min_seq_len):
     return _seq_major_empty(q, q.shape, q.dtype), _lse_fake(q)
 
 
@@ -106,6 +110,7 @@ def block_sparse_attention_backward_op(
     window: int,
     stride: int,
     global_blocks: int,
+    function: str,
     is_causal: bool,
     scale: float,
     min_seq_len: int,
@@ -113,7 +118,9 @@ def block_sparse_attention_backward_op(
     """(dq, dk, dv) of `block_sparse_attention_op` from its saved out and lse."""
     if q.shape[2] == 0:
         return tuple(_zeros_like_seq_major(x) for x in (q, k, v))
-    pattern = effective_pattern(q.shape[2], block_size, kind, window, stride, global_blocks, min_seq_len)
+    pattern = effective_pattern(
+        q.shape[2], block_size, kind, window, stride, global_blocks, function, min_seq_len
+    )
     # Both paths: the gathered backward from out and lse (FlexAttention has no backward that
     # starts from a given lse, and autograd is off inside a custom op's implementation).
     grads = gather_block_sparse_backward(q, k, v, out, lse, dout, pattern, block_size, is_causal, scale)
@@ -121,7 +128,8 @@ def block_sparse_attention_backward_op(
 
 
 @block_sparse_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, block_size, kind, window, stride, global_blocks, is_causal, scale, min_seq_len):
+def _(dout, q, k, v, out, lse, block_size, kind, window, stride, global_blocks, function, is_causal, scale,
+      min_seq_len):
     return tuple(_seq_major_empty(x, x.shape, x.dtype) for x in (q, k, v))
 
 
@@ -142,7 +150,7 @@ def dynamic_block_sparse_attention(
     """Block-sparse attention of (B, H, N, D) tensors through the custom op: any N, no guard on N.
 
     The same function as `block_sparse_attention` at lengths >= `min_seq_len`,
-    and ordinary attention below it. Built-in pattern kinds only. Differentiable.
+    and ordinary attention below it. Differentiable.
     """
     pattern = as_pattern(pattern, block_size)
     args = pattern_args(pattern)

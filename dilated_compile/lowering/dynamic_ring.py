@@ -38,9 +38,8 @@ length and constants that are the same on every rank.
 The ring travels as op arguments (world_size, rank, group_name, layout) with
 the inner attention's parameters: segments/rates/head_split for dilated, and
 block_size plus `dynamic_block_sparse.pattern_args` (kind, window, stride,
-global_blocks; -1 for a field the kind has no use for) for block_sparse. A
-``mask_mod`` pattern (a user function) is not an allowed argument: such sites
-are left (passes/decide.py).
+global_blocks; -1 for a field the kind has no use for; a ``mask_mod``
+pattern's function as its import path) for block_sparse.
 
 ``min_seq_len`` (a global length: shard x world size) is decided per call.
 For a ring rule the static path leaves a site whose global length is below
@@ -111,7 +110,7 @@ def _local_schedule(q: torch.Tensor, is_causal: bool):
 
 
 def _dense_like_plan(q, world_size, rank, layout, is_causal, block_size, kind, window, stride,
-                         global_blocks):
+                     global_blocks, function):
     """The ring schedule of the dense or block-sparse inner attention at q's length, or the
     block-sparse key-exchange plan where that sends less (`ring_block_exchange`)."""
     n = q.shape[2]
@@ -119,7 +118,7 @@ def _dense_like_plan(q, world_size, rank, layout, is_causal, block_size, kind, w
         layout = "contiguous"
     if kind == "":  # dense
         return make_schedule(world_size, rank, n, layout, bool(is_causal))
-    pattern = _block_pattern_at(n * world_size, block_size, kind, window, stride, global_blocks, 0)
+    pattern = _block_pattern_at(n * world_size, block_size, kind, window, stride, global_blocks, function, 0)
     return make_block_sparse_plan(world_size, rank, n, layout, bool(is_causal), pattern, block_size)
 
 
@@ -154,13 +153,14 @@ def ring_attention_op(
     window: int,
     stride: int,
     global_blocks: int,
+    function: str,
     min_seq_len: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of this rank's shard of ring attention at the run-time length.
 
     `inner` "dense" (block-sparse fields unused: kind ""), "dilated"
     (segment_lengths, dilation_rates, head_split) or "block_sparse"
-    (block_size, kind, window, stride, global_blocks). Below `min_seq_len`
+    (block_size, kind, window, stride, global_blocks, function). Below `min_seq_len`
     (global length) ordinary attention of the local shard, as the static path.
     """
     _check(q, world_size, layout, inner)
@@ -177,7 +177,7 @@ def ring_attention_op(
     else:
         sched = _dense_like_plan(
             q, world_size, rank, layout, is_causal, block_size,
-            kind if inner == "block_sparse" else "", window, stride, global_blocks,
+            kind if inner == "block_sparse" else "", window, stride, global_blocks, function,
         )
         if isinstance(sched, ExchangePlan):
             out, lse, _ = exchange_forward(sched, q, k, v, scale, group_name)
@@ -188,7 +188,7 @@ def ring_attention_op(
 
 @ring_attention_op.register_fake
 def _(q, k, v, world_size, rank, group_name, inner, layout, is_causal, scale, segment_lengths,
-      dilation_rates, head_split, block_size, kind, window, stride, global_blocks, min_seq_len):
+      dilation_rates, head_split, block_size, kind, window, stride, global_blocks, function, min_seq_len):
     return _seq_major_empty(q, q.shape, q.dtype), _lse_fake(q)
 
 
@@ -215,6 +215,7 @@ def ring_attention_backward_op(
     window: int,
     stride: int,
     global_blocks: int,
+    function: str,
     min_seq_len: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of `ring_attention_op` from its saved out and lse (collectives as its forward)."""
@@ -233,7 +234,7 @@ def ring_attention_backward_op(
     else:
         sched = _dense_like_plan(
             q, world_size, rank, layout, is_causal, block_size,
-            kind if inner == "block_sparse" else "", window, stride, global_blocks,
+            kind if inner == "block_sparse" else "", window, stride, global_blocks, function,
         )
         if isinstance(sched, ExchangePlan):
             received = gather_keys(sched, k, v, group_name)  # again (see _dilated_ring_backward)
@@ -258,7 +259,7 @@ def _dilated_ring_backward(plan: DilatedRingPlan, dout, q, k, v, out, lse, scale
 @ring_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, world_size, rank, group_name, inner, layout, is_causal, scale,
       segment_lengths, dilation_rates, head_split, block_size, kind, window, stride, global_blocks,
-      min_seq_len):
+      function, min_seq_len):
     return tuple(_seq_major_empty(x, x.shape, x.dtype) for x in (q, k, v))
 
 
@@ -274,10 +275,10 @@ def ring_op_args(
     pattern: BlockPattern | Mapping | Callable | Any = None,
 ) -> list:
     """[segment_lengths, dilation_rates, head_split, block_size, kind, window, stride,
-    global_blocks]: the inner attention's parameters as op arguments (neutral values for the
-    fields the inner has no use for)."""
+    global_blocks, function]: the inner attention's parameters as op arguments (neutral
+    values for the fields the inner has no use for)."""
     seg, rates, split = [], [], head_split
-    bs, fields = 0, ["", -1, -1, -1]
+    bs, fields = 0, ["", -1, -1, -1, ""]
     if inner == "dilated":
         s, r = check_dilated_args(segment_lengths or (), dilation_rates or (), head_split)
         seg, rates = list(s), list(r)

@@ -172,14 +172,6 @@ def decide(site: Site, policy: Policy) -> Decision:
             return _left(
                 site, rule, f"dynamic (symbolic) sequence length: {rule.attention} is not rewritten yet", True
             )
-        if rule.attention == "block_sparse" and rule.block_sparse.pattern.kind == "mask_mod":
-            return _left(
-                site,
-                rule,
-                "dynamic (symbolic) sequence length: a block_sparse mask_mod pattern (a user function) "
-                "cannot be an argument of the custom op; is not rewritten",
-                True,
-            )
         if ring_over_ranks:  # the ring custom op (lowering/dynamic_ring.py), any inner attention
             return Decision(site, rule, "rewritten", "ring", None, True, ring, dynamic=True)
         # world size 1: the inner attention's own custom op, run locally
