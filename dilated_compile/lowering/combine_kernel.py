@@ -57,6 +57,7 @@ def add_part(
             acc += x
     return acc, top, total
 
+
 @triton.jit
 def add_part_k(
     acc, top, total, out_ptr, lse_ptr, n, d, d_ok, h, b, tile,
