@@ -24,13 +24,12 @@ POLICY = {"version": 1, "rules": [{"match": "re:.*", "attention": "dilated", "he
                                    "segment_lengths": SEG, "dilation_rates": RATES}]}
 
 sys.path.insert(0, os.path.dirname(__file__))
-from op_overhead import host_us  # noqa: E402
+from op_overhead import cuda_qkv, host_us  # noqa: E402
 
 
 def main():
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
-    q, k, v = (torch.randn(1, n, 16, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
-               for _ in range(3))
+    q, k, v = cuda_qkv(n)
     eager = lambda: dilated_attention(q, k, v, SEG, RATES)  # noqa: E731
     site = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
                          backend="dilated", options={"policy": POLICY})

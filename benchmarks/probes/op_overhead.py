@@ -40,13 +40,20 @@ def host_us(fn, reps=30) -> float:
     return statistics.median(times) * 1e6
 
 
+def cuda_qkv(n: int, h: int = 16, d: int = 128, requires_grad: bool = True) -> tuple[torch.Tensor, ...]:
+    """bf16 q, k, v on the GPU stored (1, N, H, D) and seen as (1, H, N, D), as a model's
+    projections give them (the probes' and the benchmark's layout)."""
+    shape = (1, n, h, d)
+    return tuple(
+        torch.randn(shape, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_(requires_grad)
+        for _ in range(3)
+    )
+
+
 def main():
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
     h, d, scale = 16, 128, 128**-0.5
-    q, k, v = (
-        torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
-        for _ in range(3)
-    )
+    q, k, v = cuda_qkv(n, h, d)
     op = torch.ops.dilated_compile.dilated_attention.default
     for split, rates in RATES.items():
         plan = dilated.plan_for(q, SEG, rates, split)

@@ -24,16 +24,13 @@ from dilated_compile.lowering import combine, dilated  # noqa: E402
 from dilated_compile.lowering.kernels import _backward_impl, _forward_impl  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from op_overhead import RATES, SEG, host_us  # noqa: E402
+from op_overhead import RATES, SEG, cuda_qkv, host_us  # noqa: E402
 
 
 def main():
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
     h, d, scale = 16, 128, 128**-0.5
-    q, k, v = (
-        torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
-        for _ in range(3)
-    )
+    q, k, v = cuda_qkv(n, h, d)
     print(torch.cuda.get_device_name(), torch.__version__)
     for split, rates in RATES.items():
         plan = dilated.plan_for(q, SEG, rates, split)

@@ -24,13 +24,13 @@ from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import compute_cache_key  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from op_overhead import SEG, host_us  # noqa: E402
+from op_overhead import SEG, cuda_qkv, host_us  # noqa: E402
 
 
 def main():
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
     h, d, scale = 16, 128, 128**-0.5
-    q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    q, k, v = cuda_qkv(n, h, d, requires_grad=False)
     print(torch.cuda.get_device_name(), torch.__version__, "triton", triton.__version__)
     plan = dilated.plan_for(q, SEG, (1, 2, 4, 8, 16), "groups")
     qs, ks, vs = dilated.gather_blocks(plan, (q, k, v))
