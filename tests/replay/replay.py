@@ -1,6 +1,6 @@
-"""Probe: replay one rank's logged Inductor forward (CUDA output code) outside the ring.
+"""Replay one rank's logged Inductor forward (CUDA output code) outside the ring.
 
-The open bug of README "Known limitations" (block-sparse local_window ring,
+The Triton miscompile of docs/limitations.md (block-sparse local_window ring,
 contiguous layout, through Inductor on CUDA): `rank1_forward.txt` is rank 1's
 forward module as `TORCH_LOGS=output_code` printed it on 2 H200s (torch 2.11,
 `tests/ring_worker.py --backend nccl --only
@@ -9,13 +9,11 @@ rank, head dim 64). This script turns its `call` into a plain function (the
 all-to-all replaced by rank 0's stacked keys and values, given), runs it, and
 compares rank 1's output with the float64 block-sparse reference.
 
-    TRITON_INTERPRET=1 python benchmarks/probes/replay/replay.py --save cpu.pt   # CPU, Triton's interpreter
-    python benchmarks/probes/replay/replay.py --device cuda --save gpu.pt        # the kernels compiled for the GPU
-    python benchmarks/probes/replay/replay.py --diff cpu.pt gpu.pt               # first kernel whose outputs differ
+    TRITON_INTERPRET=1 python tests/replay/replay.py --save cpu.pt   # CPU, Triton's interpreter
+    python tests/replay/replay.py --device cuda --save gpu.pt        # the kernels compiled for the GPU
+    python tests/replay/replay.py --diff cpu.pt gpu.pt               # first kernel whose outputs differ
 
 Each Triton kernel launch and each bmm is recorded in call order.
-`in_process.py` records the same calls inside the process where the bug
-happens and diffs them against this replay on the CPU.
 
 On the CPU (interpreter; `libdevice` calls mapped to `tl` ones) the replay
 gives the right output (max error 6.4e-7 at every XBLOCK from 1 to 1024), so
@@ -33,7 +31,7 @@ import sys
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "..", ".."))
+sys.path.insert(0, os.path.join(HERE, "..", ".."))
 
 B, H, N_LOCAL, D, BLOCK, WINDOW = 2, 3, 8, 64, 3, 1
 

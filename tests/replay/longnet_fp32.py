@@ -1,4 +1,4 @@
-"""Probe: the float32 `longnet` error under Inductor on CUDA, kernel by kernel.
+"""Replay: the float32 `longnet` error under Inductor on CUDA, kernel by kernel.
 
 `longnet_fp32_assemble.txt` is the output code Inductor generated on an H200
 (torch 2.11, Triton 3.6) for `dilated.assemble` of the float32 `longnet` case
@@ -24,7 +24,7 @@ import sys
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "..", ".."))
+sys.path.insert(0, os.path.join(HERE, "..", ".."))
 CODE = os.path.join(HERE, "longnet_fp32_assemble.txt")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SHAPES = [(70, 1, 64), (70, 1, 64, 64), (2, 5, 44, 64), (10, 1, 22, 64), (10, 1, 11, 64),
