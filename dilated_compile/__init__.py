@@ -16,6 +16,7 @@ from .passes import Report, RewriteError
 from .passes.report import clear_reports, reports
 from .policy import Policy, PolicyError, load_policy
 from .explain import explain
+from . import dynamo_settings
 
 
 def _register_backend() -> None:
@@ -29,6 +30,7 @@ def _register_backend() -> None:
 
 
 _register_backend()
+dynamo_settings.install()
 
 __all__ = [
     "Policy",
