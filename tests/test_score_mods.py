@@ -420,3 +420,14 @@ def test_dead_use_shared_by_two_rewritten_sites():
     ref = (dilated_reference(q, k, v, SEG, RATES, head_split=SPLIT, scale=1.0)
            + dilated_reference(k, q, v, SEG, RATES, head_split=SPLIT, scale=1.0))
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+
+
+class EinsumWeightsReturned(nn.Module):
+    def forward(self, q, k, v):
+        p = torch.einsum("bhqd,bhkd->bhqk", q, k).softmax(-1)
+        return torch.einsum("bhqk,bhkd->bhqd", p, v), p
+
+
+def test_einsum_weights_returned_are_listed_and_left():
+    site = _left(Model(EinsumWeightsReturned()), *_qkv())
+    assert site.form == "einsum-softmax" and "weights are used outside the attention" in site.reason, site.reason

@@ -166,6 +166,10 @@ def _walk_scores(node, gm, out: _Scores | None = None) -> _Scores | None:
         found = _walk_scores(node.args[1], gm)
         if found is not None:
             _fill_mask(found, node.args[0], node.args[2], gm, keep_where_true=True)
+        else:  # where(masked, fill, scores)
+            found = _walk_scores(node.args[2], gm)
+            if found is not None:
+                _fill_mask(found, node.args[0], node.args[1], gm, keep_where_true=False)
     elif _is(node, MASKED_FILLS) and len(node.args) == 3:
         found = _walk_scores(node.args[0], gm)
         if found is not None:
@@ -221,6 +225,14 @@ def _fill_mask(found: _Scores, cond, fill, gm, *, keep_where_true: bool) -> None
     _add_mask(found, cond, gm, to_keep)
 
 
+def _value_operand(user: fx.Node, weights: fx.Node) -> fx.Node | None:
+    """v when `user` is `weights @ v` (matmul or einsum), else None."""
+    if _is(user, MATMULS) and len(user.args) == 2 and user.args[0] is weights:
+        return user.args[1]
+    ops = _einsum_operands(user, "bhqk,bhkd->bhqd")
+    return ops[1] if ops is not None and ops[0] is weights else None
+
+
 def _walk_weights(softmax: fx.Node, unread: frozenset = frozenset()):
     """Walk from the softmax down to `weights @ v`: (final matmul, v, chain, problem) or None.
     Uses of the weights that nothing reads (`unread`) are not followed."""
@@ -228,17 +240,15 @@ def _walk_weights(softmax: fx.Node, unread: frozenset = frozenset()):
     while True:
         users = read_users(node, unread)
         if len(users) != 1:
-            final = next((u for u in users if _is(u, MATMULS) and u.args[0] is node), None)
+            final = next((u for u in users if _value_operand(u, node) is not None), None)
             if final is None:
                 return None
             problem = "the attention weights are used outside the attention (returned to the caller?)"
-            return final, final.args[1], chain, problem
+            return final, _value_operand(final, node), chain, problem
         (user,) = users
-        if _is(user, MATMULS) and len(user.args) == 2 and user.args[0] is node:
-            return user, user.args[1], chain, problem
-        ops = _einsum_operands(user, "bhqk,bhkd->bhqd")
-        if ops is not None and ops[0] is node:
-            return user, ops[1], chain, problem
+        v = _value_operand(user, node)
+        if v is not None:
+            return user, v, chain, problem
         if _is(user, CASTS) and user.args[0] is node:
             pass
         elif _is(user, DROPOUTS) and user.args[0] is node:
