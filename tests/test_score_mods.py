@@ -431,3 +431,19 @@ class EinsumWeightsReturned(nn.Module):
 def test_einsum_weights_returned_are_listed_and_left():
     site = _left(Model(EinsumWeightsReturned()), *_qkv())
     assert site.form == "einsum-softmax" and "weights are used outside the attention" in site.reason, site.reason
+
+
+class SoftMixture(nn.Module):
+    """softmax(tanh(x @ Wᵀ)) @ E: a projection on the model's weights, not attention over a sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.e = nn.Parameter(torch.randn(5, D)), nn.Parameter(torch.randn(5, D))
+
+    def forward(self, x):
+        return torch.tanh(x @ self.w.t()).softmax(-1) @ self.e
+
+
+def test_softmax_over_a_projection_is_not_a_site():
+    report = explain(SoftMixture(), torch.randn(B, N, D), policy=POLICY)
+    assert report.sites == [], str(report)

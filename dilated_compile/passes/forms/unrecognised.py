@@ -96,10 +96,22 @@ def _einsum(node):
     return (inputs, output, operands) if len(inputs) == 2 else None
 
 
+def _is_parameter(node) -> bool:
+    """A weight of the model (a module attribute or a lifted parameter), not a computed tensor."""
+    if _is(node, {"contiguous"}):
+        node = node.args[0]
+    if is_transposing(node):
+        node = node.args[0]
+    if not isinstance(node, fx.Node):
+        return False
+    return node.op == "get_attr" or (node.op == "placeholder" and "_parameters_" in str(node.target))
+
+
 def score_operands(node) -> tuple[fx.Node, fx.Node] | None:
-    """(q, k as the product takes it) when `node` is a product of q and a transposed k."""
+    """(q, k as the product takes it) when `node` is a product of q and a transposed k
+    (not a weight of the model: `x @ W.t()` is a projection)."""
     if _is(node, _MATMULS) and len(node.args) == 2 and is_transposing(node.args[1]):
-        return node.args[0], node.args[1]
+        return None if _is_parameter(node.args[1]) else (node.args[0], node.args[1])
     if _is(node, _BADDBMMS):
         a = dict(zip(("input", "batch1", "batch2"), node.args), **node.kwargs)
         if isinstance(a.get("batch1"), fx.Node) and isinstance(a.get("batch2"), fx.Node):
