@@ -1,4 +1,26 @@
-"""Markers of this test suite."""
+"""Markers of this test suite, and how pytest-xdist shares it out."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+# Tests that read one expensive launch kept in their module (a multi-process ring run per world
+# size, the quick benchmark's runs, a recorded kernel replay): the nodeid prefix that every test
+# of one launch shares. pytest-xdist runs each such set in one worker, so each launch runs once.
+SHARED_LAUNCHES = re.compile(
+    r"tests/test_ring\.py::test_ring_case\[w\d+-"
+    r"|tests/test_ring_nccl\.py::test_ring_nccl_case\[w\d+-"
+    r"|tests/test_bench_quick\.py::"
+    r"|tests/test_triton_miscompile\.py::"
+)
+
+
+def shared_launch(nodeid: str) -> str | None:
+    """The launch whose result the test `nodeid` reads, or None."""
+    found = SHARED_LAUNCHES.match(nodeid)
+    return found.group(0) if found else None
 
 
 def pytest_configure(config):
@@ -6,7 +28,18 @@ def pytest_configure(config):
         "markers", "compiles: a multi-process ring case that runs torch.compile (the slow ones; "
         "deselect with -m 'not compiles')",
     )
-    # pytest-xdist registers it too; here for runs without it (`-o addopts='' -p no:xdist`)
-    config.addinivalue_line(
-        "markers", "xdist_group(name): tests sharing one expensive launch; pytest-xdist runs them in one worker",
-    )
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under `-n N` with the default `--dist load`: each test is its own unit of work, but the
+    tests of one shared launch are one unit; units with more tests start first."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedLaunchScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return shared_launch(nodeid) or nodeid
+
+    return SharedLaunchScheduling(config, log)

@@ -20,9 +20,6 @@ import sys
 
 import pytest
 
-# the tests share the module's two benchmark runs: one worker runs them all (pytest-xdist)
-pytestmark = pytest.mark.xdist_group("bench-quick")
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "benchmarks", "bench_gpt_train.py")
 PLOT = os.path.join(REPO, "benchmarks", "plot_gpt_train.py")

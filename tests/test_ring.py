@@ -111,14 +111,11 @@ def _run(world: int, tmp_path_factory) -> dict:
     return _RUNS[world]
 
 
-def _case_params():
-    """One test per (world size, case); a world size's cases share one launch, so under
-    pytest-xdist they carry one group and run in one worker."""
-    return [pytest.param(w, name, id=f"w{w}-{name}", marks=pytest.mark.xdist_group(f"ring-gloo-w{w}"))
-            for w in WORLDS for name in ring_worker.cases(w)]
+def _case_ids():
+    return [(w, name) for w in WORLDS for name in ring_worker.cases(w)]
 
 
-@pytest.mark.parametrize("world,case", _case_params())
+@pytest.mark.parametrize("world,case", _case_ids(), ids=[f"w{w}-{c}" for w, c in _case_ids()])
 def test_ring_case(world, case, tmp_path_factory):
     run = _run(world, tmp_path_factory)
     failures = case_failures(run, world, case)

@@ -41,10 +41,7 @@ WORLDS = tuple(range(2, max(2, min(4, GPUS)) + 1))  # (2,) where skipped: the ca
 # 2-GPU file takes a fraction of them
 TIMEOUT_S = {False: 240, True: 420}  # by `compiles`
 
-pytestmark = [
-    pytest.mark.skipif(not READY, reason=f"needs 2 or more CUDA GPUs and NCCL ({GPUS} GPUs)"),
-    pytest.mark.xdist_group("ring-nccl"),  # one launch at a time on the GPUs, each once (pytest-xdist)
-]
+pytestmark = pytest.mark.skipif(not READY, reason=f"needs 2 or more CUDA GPUs and NCCL ({GPUS} GPUs)")
 
 _RUNS: dict[tuple[int, bool], dict] = {}
 

@@ -35,10 +35,7 @@ import sys
 import pytest
 import torch
 
-pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-    pytest.mark.xdist_group("triton-miscompile"),  # one worker records the replay once (pytest-xdist)
-]
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 REPLAY = os.path.join(ROOT, "benchmarks", "probes", "replay", "replay.py")
