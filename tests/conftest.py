@@ -6,12 +6,14 @@ import re
 
 import pytest
 
-# Tests that read one expensive launch kept in their module (a multi-process ring run per world
-# size, the quick benchmark's runs, a recorded kernel replay): the nodeid prefix that every test
-# of one launch shares. pytest-xdist runs each such set in one worker, so each launch runs once.
+# Tests that read one expensive launch kept in their module (the multi-process ring runs, one per
+# world size; the quick benchmark's runs; a recorded kernel replay): the nodeid prefix that every
+# test of one set shares. pytest-xdist runs each set in one worker, so each launch runs once. The
+# ring runs of all world sizes are one set, one launch at a time: two at once would split the
+# cores between their ranks, and each launch's bound on hangs assumes it has them.
 SHARED_LAUNCHES = re.compile(
-    r"tests/test_ring\.py::test_ring_case\[w\d+-"
-    r"|tests/test_ring_nccl\.py::test_ring_nccl_case\[w\d+-"
+    r"tests/test_ring\.py::test_ring_case\["
+    r"|tests/test_ring_nccl\.py::test_ring_nccl_case\["
     r"|tests/test_bench_quick\.py::"
     r"|tests/test_triton_miscompile\.py::"
 )
