@@ -1,4 +1,28 @@
-"""Markers of this test suite."""
+"""Markers of this test suite, and how pytest-xdist shares it out."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+# Tests that read one expensive launch kept in their module (the multi-process ring runs, one per
+# world size; the quick benchmark's runs; a recorded kernel replay): the nodeid prefix that every
+# test of one set shares. pytest-xdist runs each set in one worker, so each launch runs once. The
+# ring runs of all world sizes are one set, one launch at a time: two at once would split the
+# cores between their ranks, and each launch's bound on hangs assumes it has them.
+SHARED_LAUNCHES = re.compile(
+    r"tests/test_ring\.py::test_ring_case\["
+    r"|tests/test_ring_nccl\.py::test_ring_nccl_case\["
+    r"|tests/test_bench_quick\.py::"
+    r"|tests/test_triton_miscompile\.py::"
+)
+
+
+def shared_launch(nodeid: str) -> str | None:
+    """The launch whose result the test `nodeid` reads, or None."""
+    found = SHARED_LAUNCHES.match(nodeid)
+    return found.group(0) if found else None
 
 
 def pytest_configure(config):
@@ -6,3 +30,18 @@ def pytest_configure(config):
         "markers", "compiles: a multi-process ring case that runs torch.compile (the slow ones; "
         "deselect with -m 'not compiles')",
     )
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under `-n N` with the default `--dist load`: each test is its own unit of work, but the
+    tests of one shared launch are one unit; units with more tests start first."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedLaunchScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return shared_launch(nodeid) or nodeid
+
+    return SharedLaunchScheduling(config, log)

@@ -598,9 +598,13 @@ def _block_sparse_reference_model(model, kind):
     return ref, with_attention_replaced(ref, attention)
 
 
-@pytest.mark.parametrize("kind", ["local_window", "global_local"])
-@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("dynamic", [True, None], ids=["dynamic_true", "automatic_dynamic"])
+@pytest.mark.parametrize(  # each pattern kind, causality and dynamic mode meets each value of the others
+    "dynamic,is_causal,kind",
+    [(True, False, "local_window"), (None, True, "local_window"), (None, False, "global_local"),
+     (True, True, "global_local")],
+    ids=["dynamic_true-full-local_window", "automatic_dynamic-causal-local_window",
+         "automatic_dynamic-full-global_local", "dynamic_true-causal-global_local"],
+)
 def test_block_sparse_lengths_train_like_reference_without_recompiles(dynamic, is_causal, kind):
     """As test_lengths_train_like_reference_without_recompiles, for block_sparse sites:
     SGD steps at lengths that are and are not multiples of the block size, loss and
