@@ -39,12 +39,22 @@ def _signature(module: nn.Module) -> tuple:
     )
 
 
+def _guards_by_class() -> bool:
+    """Whether Dynamo guards a frame's module by class (inlined nn modules: the default,
+    and the only behaviour from torch 2.13) rather than by identity."""
+    import torch._dynamo.config as config
+
+    with warnings.catch_warnings():  # deprecated (always on) in torch 2.13
+        warnings.simplefilter("ignore")
+        return bool(getattr(config, "inline_inbuilt_nn_modules", True))
+
+
 def sharing_modules(frame: Frame) -> list[tuple[str, nn.Module]]:
     """(path, module) of the other modules of the model that may run `frame`'s compiled
     code: those like the frame's own module in class, submodule classes and parameter
     shapes (none when that module is the model itself, or unknown)."""
     owner, model = frame.owner, frame.model
-    if owner is None or model is None or owner is model:
+    if owner is None or model is None or owner is model or not _guards_by_class():
         return []
     out, seen, mine = [], {id(owner)}, None
     for name, module in model.named_modules(remove_duplicate=False):

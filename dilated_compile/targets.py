@@ -25,7 +25,8 @@ It warns (`warnings.warn`, shown by default), once per model:
 
 Under ``strict: true`` these are one `RewriteError` instead, raised from the
 model's next call, `explain()` or `check_targets()` (logged as an error when
-found only at exit). Rules ``attention: dense`` without a ring are left out:
+found only at exit); so is a targeted module without compiled attention under a
+ring over several ranks, whatever `strict` says (it attended within one shard). Rules ``attention: dense`` without a ring are left out:
 attention outside compiled code is dense attention.
 
 What is kept per model is bounded: rule indices, module paths of compiled sites,
@@ -174,8 +175,23 @@ def _breaks_near(state: ModelTargets, module: nn.Module, path: str, model: nn.Mo
     return hits(codes(ancestors))
 
 
-def findings(state: ModelTargets) -> list[str]:
-    """The messages of the check (empty when everything targeted was compiled)."""
+def _ring_over_ranks(rule: Rule) -> bool:
+    """Whether `rule` asks for a ring over several ranks (attention left outside compiled
+    code then attends within each rank's shard only)."""
+    if rule.ring is None:
+        return False
+    try:
+        from .sharding import ring_info
+
+        return ring_info(rule.ring.group).world_size > 1
+    except Exception:  # noqa: BLE001 - no process group: runs locally
+        return False
+
+
+def findings(state: ModelTargets) -> list[tuple[str, bool]]:
+    """The messages of the check, each with whether it is an error whatever `strict` says
+    (a ring over several ranks that did not get the attention); empty when everything
+    targeted was compiled."""
     model = state.model()
     messages = []
     for digest, policy in state.policies.items():
@@ -189,7 +205,7 @@ def findings(state: ModelTargets) -> list[str]:
                     f"{state.name}.named_modules()")
             if breaks and _wants_attention(rule):
                 text += f". Dynamo broke the graph: {breaks}"
-            messages.append(text)
+            messages.append((text, False))
         if model is None:
             continue
         for path, module, rule in _targeted_modules(model, policy):
@@ -205,7 +221,11 @@ def findings(state: ModelTargets) -> list[str]:
             near = _breaks_near(state, module, path, model)
             if near:
                 text += ". Dynamo broke the graph: " + "; ".join(b.describe() for b in near)
-            messages.append(text)
+            ring = _ring_over_ranks(rule)
+            if ring:
+                text += (": under the ring it attends within this rank's shard only. Remove the "
+                         "graph break, or compile this module")
+            messages.append((text, ring))
     return messages
 
 
@@ -217,11 +237,13 @@ def check(state: ModelTargets, *, at_exit: bool = False) -> list[str]:
     if state.hook is not None:
         state.hook.remove()
         state.hook = None
-    messages = findings(state)
+    found = findings(state)
+    messages = [text for text, _ in found]
     strict = any(p.strict for p in state.policies.values())
-    if messages and strict:
-        text = ("a strict policy targets attention that was not rewritten:\n  " + "\n  ".join(messages)
-                + "\nChange the rules or the model, or set `strict: false` to be warned instead.")
+    if messages and (strict or any(fatal for _, fatal in found)):
+        text = ("the policy targets attention that was not rewritten:\n  " + "\n  ".join(messages)
+                + "\nChange the rules or the model"
+                + (", or set `strict: false` to be warned instead." if strict and not any(f for _, f in found) else "."))
         if at_exit:
             log.error("%s", text)
             return messages
