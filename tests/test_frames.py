@@ -254,3 +254,40 @@ def test_same_class_frames_share_the_decision():
         expected = expected + a.proj.double()(o.transpose(1, 2).reshape(1, 20, -1))
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
     torch._dynamo.reset()
+
+
+class BreakingBlock(nn.Module):
+    """A block with a graph break before its attention."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.attn = SplitAttention(dim, heads)
+        self.attn.forward = TwoKinds._whole(self.attn)
+
+    def forward(self, x):
+        x = x * 2
+        torch._dynamo.graph_break()
+        return x + self.attn(x)
+
+
+class Blocks(nn.Module):
+    def __init__(self, *blocks):
+        super().__init__()
+        self.layers = nn.ModuleList(blocks)
+
+    def forward(self, x):
+        return self.layers[2](self.layers[1](self.layers[0](x)))
+
+
+def test_graph_break_resume_frames_have_absolute_paths():
+    """A graph break in layers.1: layers.1's attention is compiled in a resume function of
+    its own frame, layers.2's in a resume function of the model's, where the module is a
+    value on the stack (`L['___stack0']`), not `self`: every site still has its full path."""
+    torch._dynamo.reset()
+    plain = BreakingBlock()
+    plain.forward = lambda x: x + plain.attn(x)
+    model = Blocks(plain, BreakingBlock(), plain.__class__())
+    model.layers[2].forward = lambda x, b=model.layers[2]: x + b.attn(x)
+    report = explain(model, torch.randn(1, 12, 16), policy=policy(dilated_rule(match="layers.*.attn")))
+    assert sorted(s.module for s in report.sites) == ["layers.0.attn", "layers.1.attn", "layers.2.attn"]
+    assert all(s.status == "rewritten" for s in report.sites)
