@@ -34,7 +34,7 @@ def explain(model: torch.nn.Module, *example_inputs, policy, **example_kwargs) -
     compiled = torch.compile(model, backend=capture)
     try:
         compiled(*example_inputs, **example_kwargs)
-        check_targets(model)  # the call is over: warn once for what was targeted and not got
+        check_targets(model, _stacklevel=4)  # the call is over: warn once for what was targeted and not got
     finally:
         forget(model)
     return Report(graphs)

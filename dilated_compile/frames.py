@@ -180,7 +180,7 @@ def current_frame() -> Frame | None:
     tx = _current_tx()
     if tx is None:
         return None
-    f_locals = dict(getattr(tx, "f_locals", None) or {})
+    f_locals = getattr(tx, "f_locals", None) or {}
     owner = unwrap(f_locals.get("self"))
     owner = owner if isinstance(owner, nn.Module) else None
     model, hook = _choose_model(_modules_on_stack(), owner)
@@ -193,7 +193,7 @@ def current_frame() -> Frame | None:
         hook_target=hook,
         owner=owner,
         f_locals=f_locals,
-        f_globals=dict(getattr(tx, "f_globals", None) or {}),
+        f_globals=getattr(tx, "f_globals", None) or {},
         code=code,
         graph_break=GraphBreak.from_reason(reason),
         names=module_names(model) if model is not None else {},

@@ -16,12 +16,12 @@ returns, so the check runs at the first of:
 It warns (`warnings.warn`, shown by default), once per model:
 
 - for each rule that matched no attention site in any graph of the model;
-- for each module a rule targets (the outermost module the rule matches on its
-  path) that is expected to hold attention (it, or a module in it, is of a class
-  whose attention was found in a compiled graph of this model) but in which no
-  attention site was compiled: it ran outside compiled code (a graph break in or
-  around it, a part of the model not compiled) or was not found. The graph
-  breaks Dynamo recorded in or around the module are named.
+- for each module a rule targets that is expected to hold attention (of the class
+  of a module that owns an attention site in a compiled graph of this model, or an
+  `nn.MultiheadAttention`) but in which no attention site was compiled: it ran
+  outside compiled code (a graph break in or around it, a part of the model not
+  compiled) or was not found. The graph breaks Dynamo recorded in or around the
+  module are named. (A rule that matches no site at all is the warning above.)
 
 Under ``strict: true`` these are one `RewriteError` instead, raised from the
 model's next call, `explain()` or `check_targets()` (logged as an error when
@@ -137,18 +137,19 @@ def _under(path: str, prefix: str) -> bool:
     return prefix == "" or path == prefix or path.startswith(prefix + ".")
 
 
-def _targeted_modules(model: nn.Module, policy: Policy) -> list[tuple[str, nn.Module, Rule]]:
-    """(path, module, rule) for the outermost modules each rule matches."""
+def _targeted_modules(model: nn.Module, policy: Policy, classes: set[type]) -> list[tuple[str, nn.Module, Rule]]:
+    """(path, module, rule) for the modules a rule that wants attention targets and that
+    are expected to hold attention: of a class in `classes` (owners of compiled sites)
+    or an `nn.MultiheadAttention`; outermost first, one per subtree."""
     seen: dict[str, nn.Module] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         seen.setdefault(clean_name(name), unwrap(module))
     out = []
     for path, module in seen.items():
-        rule = policy.rule_for(path)
-        if rule is None or not _wants_attention(rule):
+        if not (type(module) in classes or isinstance(module, nn.MultiheadAttention)):
             continue
-        parent = path.rpartition(".")[0] if path else None
-        if parent is not None and policy.rule_for(parent) is rule and parent in seen:
+        rule = policy.rule_for(path)
+        if rule is None or not _wants_attention(rule) or any(_under(path, p) for p, _, _ in out):
             continue
         out.append((path, module, rule))
     return out
@@ -208,11 +209,8 @@ def findings(state: ModelTargets) -> list[tuple[str, bool]]:
             messages.append((text, False))
         if model is None:
             continue
-        for path, module, rule in _targeted_modules(model, policy):
-            if rule.index not in used or any(_under(p, path) for p in state.compiled):
-                continue
-            if not any(type(m) in state.owner_classes or isinstance(m, nn.MultiheadAttention)
-                       for m in module.modules()):
+        for path, module, rule in _targeted_modules(model, policy, state.owner_classes):
+            if any(_under(p, path) for p in state.compiled):
                 continue
             text = (f"rules[{rule.index}] '{rule.match}' targets {path or '<root>'} in {state.name}, "
                     "but no attention in it was compiled: it ran outside compiled code (a graph "
@@ -229,7 +227,7 @@ def findings(state: ModelTargets) -> list[tuple[str, bool]]:
     return messages
 
 
-def check(state: ModelTargets, *, at_exit: bool = False) -> list[str]:
+def check(state: ModelTargets, *, at_exit: bool = False, stacklevel: int = 3) -> list[str]:
     """Run the check once: warn for each finding, or raise under a strict policy."""
     if state.checked:
         return []
@@ -251,7 +249,7 @@ def check(state: ModelTargets, *, at_exit: bool = False) -> list[str]:
 
         raise RewriteError(text)
     for text in messages:
-        warnings.warn(text, TargetWarning, stacklevel=3)
+        warnings.warn(text, TargetWarning, stacklevel=stacklevel)
     return messages
 
 
@@ -262,12 +260,12 @@ def _check_at_end(state: ModelTargets) -> None:
         log.exception("dilated_compile: checking the compiled model's targets failed")
 
 
-def check_targets(model: nn.Module) -> list[str]:
+def check_targets(model: nn.Module, *, _stacklevel: int = 3) -> list[str]:
     """Check now what the policy targeted in `model` (compiled with backend='dilated',
     called at least once) but did not get; warn (or raise under ``strict: true``).
     Returns the messages. Runs once per model: later calls return []."""
     state = _MODELS.get(unwrap(model))
-    return [] if state is None else check(state)
+    return [] if state is None else check(state, stacklevel=_stacklevel)
 
 
 def forget(model: nn.Module) -> None:
