@@ -114,10 +114,17 @@ class Frame:
         return obj
 
     def absolute_path(self, source: str) -> str | None:
-        """Absolute dotted path of the module named `source` in this frame, or None."""
+        """Absolute dotted path of the module named `source` in this frame, or None. Without
+        a model (a compiled function given no module), paths are names in the module
+        `source` starts from (``G['net']``: the global `net`)."""
         obj = unwrap(self.resolve(source))
-        if isinstance(obj, nn.Module) and id(obj) in self.names:
-            return self.names[id(obj)]
+        names = self.names
+        if self.model is None:
+            root = _ROOT.match(source)
+            base = unwrap(self.resolve(root[0])) if root else None
+            names = module_names(base) if isinstance(base, nn.Module) else {}
+        if isinstance(obj, nn.Module) and id(obj) in names:
+            return names[id(obj)]
         if source not in self.unresolved:
             self.unresolved.append(source)
         return None

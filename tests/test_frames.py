@@ -291,3 +291,18 @@ def test_graph_break_resume_frames_have_absolute_paths():
     report = explain(model, torch.randn(1, 12, 16), policy=policy(dilated_rule(match="layers.*.attn")))
     assert sorted(s.module for s in report.sites) == ["layers.0.attn", "layers.1.attn", "layers.2.attn"]
     assert all(s.status == "rewritten" for s in report.sites)
+
+
+def test_module_outside_the_model_is_warned():
+    """A compiled model that calls a module which is not one of its submodules: the site's
+    path cannot be a name in the model, and the user is told."""
+    torch._dynamo.reset()
+    outside = SplitAttention()
+    outside.forward = TwoKinds._whole(outside)
+
+    class Caller(nn.Module):
+        def forward(self, x):
+            return outside(x)
+
+    with pytest.warns(UserWarning, match="cannot tell where the module"):
+        explain(Caller(), torch.randn(1, 12, 16), policy=policy(dilated_rule(match="**")))
