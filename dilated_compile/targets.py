@@ -105,28 +105,24 @@ def note_graph(frame: Frame | None, policy: Policy, sites: Iterable, shared: Ite
     state.policies.setdefault(policy.digest, policy)
     used = state.used.setdefault(policy.digest, set())
     model = state.model()
+    by_path = _modules_by_path(model) if model is not None else {}
     for path in [s.module for s in sites] + list(shared):
         state.compiled.add(path)
         rule = policy.rule_for(path)
         if rule is not None:
             used.add(rule.index)
-        if model is not None:
-            try:
-                state.owner_classes.add(type(unwrap(model.get_submodule(_raw_path(model, path)))))
-            except AttributeError:
-                pass
+        if path in by_path:
+            state.owner_classes.add(type(by_path[path]))
     if frame.graph_break is not None and frame.graph_break not in state.breaks:
         state.breaks.append(frame.graph_break)
 
 
-def _raw_path(model: nn.Module, path: str) -> str:
-    """The name `get_submodule` takes for a clean path (wrapper components put back)."""
-    if not path:
-        return ""
-    for name, _ in model.named_modules(remove_duplicate=False):
-        if clean_name(name) == path:
-            return name
-    return path
+def _modules_by_path(model: nn.Module) -> dict[str, nn.Module]:
+    """Clean path (wrapper components left out) -> module, first name of each path."""
+    out: dict[str, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        out.setdefault(clean_name(name), unwrap(module))
+    return out
 
 
 def _wants_attention(rule: Rule) -> bool:
@@ -141,11 +137,8 @@ def _targeted_modules(model: nn.Module, policy: Policy, classes: set[type]) -> l
     """(path, module, rule) for the modules a rule that wants attention targets and that
     are expected to hold attention: of a class in `classes` (owners of compiled sites)
     or an `nn.MultiheadAttention`; outermost first, one per subtree."""
-    seen: dict[str, nn.Module] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        seen.setdefault(clean_name(name), unwrap(module))
     out = []
-    for path, module in seen.items():
+    for path, module in _modules_by_path(model).items():
         if not (type(module) in classes or isinstance(module, nn.MultiheadAttention)):
             continue
         rule = policy.rule_for(path)
@@ -171,8 +164,8 @@ def _breaks_near(state: ModelTargets, module: nn.Module, path: str, model: nn.Mo
     inside = hits(codes(module.modules()))
     if inside:
         return inside
-    parts = path.split(".") if path else []
-    ancestors = [unwrap(model.get_submodule(_raw_path(model, ".".join(parts[:i])))) for i in range(len(parts))]
+    parts, by_path = (path.split(".") if path else []), _modules_by_path(model)
+    ancestors = [by_path[p] for p in (".".join(parts[:i]) for i in range(len(parts))) if p in by_path]
     return hits(codes(ancestors))
 
 
