@@ -8,7 +8,7 @@ For each N, pattern (local_window, global_local) and density (1/2 .. 1/64),
 block size 128, bf16, B=1, H=16, D=128, non-causal, it measures in the same
 run: dense SDPA, dense flex (no mask), flex with a precomputed BlockMask
 (what a FlexAttention user writes), and the backend's rewrite of a plain SDPA
-module. Target (issue 5): backend time <= 1.25 x density x dense flex time,
+module. Target: backend time <= 1.25 x density x dense flex time,
 forward and forward+backward. Compile time is measured separately.
 """
 

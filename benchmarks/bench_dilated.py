@@ -54,7 +54,7 @@ def bench(fn, grad_of=None) -> float:
     included (`triton.testing.do_bench`): a call whose host work outlasts its GPU work
     is timed by its host work. Calls under 5 ms are timed three times and the least
     median kept: their host-bound medians moved by up to 1.8x between runs in one
-    process (H200 host, 2026-12-01)."""
+    process on an H200 host."""
     from triton.testing import do_bench
 
     step = _step(fn, grad_of)
@@ -114,7 +114,7 @@ def attended_pairs(h, n, seg, rates, head_split, causal) -> int:
 
 
 def seed_algorithm(q, k, v, seg, rates, is_causal=False):
-    """The replaced library's algorithm (NOTES.md), inputs (b, n, h, d), without its
+    """The replaced library's algorithm, inputs (b, n, h, d), without its
     per-group normalisation bug: strided views into SDPA, added into a zero output, / k.
     `is_causal` (off by default, as the benchmarks here use it) is the library's causal
     option: causal attention inside each dilated segment."""
@@ -177,8 +177,8 @@ def reduce_overhead(q, k, v, cfg, name) -> dict:
 
     Not attention time as it stands: every replay first copies q, k and v into
     the graph's input buffers (3 x 128 MiB at 32k). Marking them with
-    `torch._dynamo.mark_static_address` did not stop that on torch 2.11 (H200,
-    2026-11-30). In a model q/k/v are intermediates of the graph and are not
+    `torch._dynamo.mark_static_address` did not stop that on torch 2.11 (H200).
+    In a model q/k/v are intermediates of the graph and are not
     copied."""
     torch._dynamo.reset()
     options = {"policy": policy_for(cfg, name), "mode": "reduce-overhead"}

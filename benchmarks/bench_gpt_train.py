@@ -1,4 +1,4 @@
-"""End-to-end training benchmark (issue 9): tokens/s of a GPT training step at long context.
+"""End-to-end training benchmark: tokens/s of a GPT training step at long context.
 
 One GPU, one process, every (context length, backend) pair:
 
@@ -17,7 +17,7 @@ CPU smoke run at tiny sizes (also with --ring under torchrun, gloo):
 Results to commit: run into $OUT, copy ``gpt_train.json`` to
 ``benchmarks/results/gpt_train_<device>_torch<version>.json`` and run
 ``benchmarks/plot_gpt_train.py`` on the copy (the PNG lands next to it; the
-printed tables go into the README).
+printed tables go into docs/performance.md).
 
 The default lengths run in the order 64k, 8k, 128k, 256k, 32k, 16k: the
 targets' lengths first, so that a short GPU budget (--time-budget-s, 420 s)

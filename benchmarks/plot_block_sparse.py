@@ -1,6 +1,6 @@
 """Plot benchmarks/results/block_sparse*.json (written by bench_block_sparse.py).
 
-    python benchmarks/plot_block_sparse.py benchmarks/results/block_sparse_h200_torch2.11_32k_v1.json [more.json ...] [--out DIR]
+    python benchmarks/plot_block_sparse.py benchmarks/results/block_sparse_h200_torch2.11_current.json [more.json ...] [--out DIR]
 
 For each JSON file it writes two PNGs (next to the file, or into --out):
 
@@ -12,8 +12,8 @@ For each JSON file it writes two PNGs (next to the file, or into --out):
 - ``<name>_ratio.png``: ours / ideal (and user flex / ideal) against density,
   with the 1.25 target line.
 
-It also prints a markdown table of the ratios (for the README) to stdout.
-The target (issue 5) applies at densities down to 1/32; points of a sweep
+It also prints a markdown table of the ratios (for docs/performance.md) to stdout.
+The target applies at densities down to 1/32; points of a sweep
 below that are drawn hollow and marked "n/a" in the table.
 """
 

@@ -1,6 +1,6 @@
 """Plot benchmarks/results/dilated_*.json: ratio to dense SDPA and peak memory against N.
 
-    python benchmarks/plot_dilated.py benchmarks/results/dilated_h200_torch2.11.json
+    python benchmarks/plot_dilated.py benchmarks/results/dilated_h200_torch2.11_7f403b3.json
 """
 
 import json
@@ -48,7 +48,7 @@ def main(path: str) -> None:
             ax1.plot(ns, ys, style, color=color, label=f"{split} compiled {mode}")
         ys = [row[split]["eager_fwd_ratio_to_dense"] for row in res["rows"]]
         ax1.plot(ns, ys, ":", color=color, label=f"{split} eager fwd")
-        for mode, marker in (("fwd", "^"), ("fwdbwd", "v")):  # runs since 7f403b3
+        for mode, marker in (("fwd", "^"), ("fwdbwd", "v")):  # results that have them
             key = f"compiled_gpu_{mode}_ratio_to_dense"
             if all(key in row[split] for row in res["rows"]):
                 ys = [row[split][key] for row in res["rows"]]

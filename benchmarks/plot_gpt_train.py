@@ -4,7 +4,7 @@
 
 Draws tokens/s and peak memory against context length (log x), one line per
 backend, into a PNG next to the JSON (same name, .png), and prints a markdown
-table of every configuration followed by the issue's target ratios:
+table of every configuration followed by the target ratios:
 dilated / dense (inductor) and dilated / seed tokens/s at the long and short
 target lengths (64k and 8k; the JSON names them), the compile-time ratio
 dilated / inductor (cold and warm) and the longest-context ratio.
@@ -59,7 +59,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def target_ratios(results: dict) -> list[dict]:
-    """The issue's targets, each with the measured value (None when not measured) and whether it is met.
+    """The targets, each with the measured value (None when not measured) and whether it is met.
 
     Single GPU: for each dilated backend of the run (``dilated``, LongNet's head split, and
     ``dilated_groups``, the seed algorithm's attention).

@@ -3,8 +3,8 @@
     python benchmarks/plot_ring.py RESULTS.json [--png OUT.png]
 
 Prints a markdown table (efficiency = one GPU's time / W / ring time, forward
-and forward+backward, for ours and torch's context_parallel) with the targets
-of the ring issue, and draws efficiency against tokens per rank.
+and forward+backward, for ours and torch's context_parallel) with the target
+efficiencies, and draws efficiency against tokens per rank.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def efficiency(row: dict, name: str, mode: str) -> float | None:
 
 
 def target(per_rank: int) -> float | None:
-    """The issue's target efficiency at this many tokens per rank (None: no target)."""
+    """The target efficiency at this many tokens per rank (None: no target)."""
     if per_rank >= 65536:
         return 0.97
     if per_rank >= 16384:

@@ -18,6 +18,7 @@ from .policy import Policy, PolicyError, load_policy
 from .explain import explain
 from .shared_frames import SharedFrameError
 from .targets import TargetWarning, check_targets
+from . import dynamo_settings
 
 
 def _register_backend() -> None:
@@ -31,6 +32,7 @@ def _register_backend() -> None:
 
 
 _register_backend()
+dynamo_settings.install()
 
 __all__ = [
     "Policy",

@@ -1,4 +1,4 @@
-"""mask_mod functions for `kind: mask_mod` block-sparse policies (SPEC section 4).
+"""mask_mod functions for `kind: mask_mod` block-sparse policies.
 
 A policy names one by import path, e.g.
 ``pattern: {kind: mask_mod, function: "examples.masks:sliding_window_with_sink"}``;

@@ -292,6 +292,30 @@ def bad_dynamic_zigzag_odd() -> None:
     expect_error(ValueError, ("zigzag", "7 positions", "odd"), lambda: model(*_local_qkv(7)))
 
 
+def bad_dynamic_lengths_differ() -> None:
+    """Ranks passing different local lengths to a ring site with a symbolic length: the op
+    raises ValueError on every rank, naming each rank's length, instead of hanging in the
+    ring's exchanges; the group stays usable (equal lengths run again, with gradients)."""
+    torch._dynamo.reset()
+    world, rank, _ = ring_info()
+    compiled = torch.compile(_SDPA(True), backend="dilated",
+                             options={"policy": _ring_policy("dense", "contiguous")}, dynamic=True)
+
+    def model(n_local: int):
+        qkv = [t.requires_grad_() for t in _local_qkv(n_local)]
+        for t in qkv:
+            for dim in (0, 1, 3):
+                torch._dynamo.mark_static(t, dim)
+        return compiled(*qkv)
+
+    model(6).sum().backward()  # equal lengths: the one dynamic graph, forward and backward
+    lengths = [6 + 2 * r for r in range(world)]
+    listing = ", ".join(f"rank {r}: {n}" for r, n in enumerate(lengths))
+    expect_error(ValueError, ("differs between ranks", listing, "dilated_compile.shard"),
+                 lambda: model(lengths[rank]))
+    model(8).sum().backward()
+
+
 def bad_backend_policy() -> None:
     """Ranks compiling different policies: an error at compile time on every rank."""
     torch._dynamo.reset()
@@ -727,6 +751,7 @@ def cases(world: int, backend: str = "gloo") -> dict[str, Callable[[], None]]:
         out["dynamic-block-sparse-mask-mod-contiguous-full"] = functools.partial(
             dynamic_backend_case, "block_sparse", "contiguous", False, "mask-mod", (8, 10))
         out["bad-dynamic-zigzag-odd"] = bad_dynamic_zigzag_odd
+        out["bad-dynamic-lengths-differ"] = bad_dynamic_lengths_differ
     for fn in (bad_shard_lengths, bad_zigzag_odd, bad_policy_digest, bad_block_sparse_pattern,
                bad_dilated_rates, bad_group_name, bad_shard_length, bad_backend_policy):
         out[fn.__name__.replace("_", "-")] = fn

@@ -115,6 +115,16 @@ class Form(nn.Module):
             return w.softmax(-1) @ v[:, :1]
         if kind == "matmul-permute-noncausal":
             return (q.matmul(k.permute(0, 1, 3, 2)) * d ** -0.5).softmax(dim=-1).matmul(v)
+        if kind == "where-inverted-causal":  # where(masked, fill, scores)
+            w = torch.matmul(q, k.transpose(-1, -2)) * 0.5
+            w = torch.where(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"), w)
+            return w.softmax(-1) @ v
+        if kind == "matmul-mT-div":  # k.mT is a getattr node in the graph
+            return torch.softmax((q @ k.mT) / 2.0, dim=-1) @ v
+        if kind == "matmul-swapaxes-contiguous":
+            w = torch.matmul(q, k.swapaxes(-1, -2).contiguous()) * 0.5
+            w = w.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+            return w.softmax(-1) @ v
         raise ValueError(kind)
 
 
@@ -134,6 +144,9 @@ FORMS = {
     "einsum-scaled-q": ("einsum-softmax", False, 1.0, 0.3),
     "matmul-broadcast-mqa": ("matmul-softmax+causal-mask", True, 0.5, 1.0),
     "matmul-permute-noncausal": ("matmul-softmax", False, None, 1.0),
+    "where-inverted-causal": ("matmul-softmax+causal-mask", True, 0.5, 1.0),
+    "matmul-mT-div": ("matmul-softmax", False, 0.5, 1.0),
+    "matmul-swapaxes-contiguous": ("matmul-softmax+causal-mask", True, 0.5, 1.0),
 }
 ONE_KV_HEAD = ("sdpa-repeat-interleave", "sdpa-expand-reshape", "matmul-broadcast-mqa")
 

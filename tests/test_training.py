@@ -247,6 +247,12 @@ def test_cache_key_changes_with_the_lowering_env_knobs(monkeypatch, knob, value)
 # ---------------------------------------------------------------- activation checkpointing
 
 
+HF_SEG, HF_RATES = (16, 32), (1, 2)
+HF_POLICY = {"version": 1, "rules": [{"match": "**", "attention": "dilated", "segment_lengths": list(HF_SEG),
+                                      "dilation_rates": list(HF_RATES), "head_split": "longnet"}]}
+HF_SITES = [f"model.layers.{i}.self_attn" for i in range(2)]
+
+
 def _tiny_llama():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -257,44 +263,87 @@ def _tiny_llama():
     return transformers, cfg, model
 
 
+def _hf_reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                            is_causal=None, **kwargs):
+    """HF's attention interface computing the policy's dilated attention in float64."""
+    if attention_mask is not None:
+        raise AssertionError("this test feeds no padding mask and HF keeps is_causal")
+    groups = query.shape[1] // key.shape[1]
+    key, value = (t.repeat_interleave(groups, dim=1) for t in (key, value))
+    out = dilated_reference(query.double(), key.double(), value.double(), HF_SEG, HF_RATES,
+                            head_split="longnet", is_causal=True, scale=scaling)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
 def test_hf_gradient_checkpointing_rewrites_sites_and_keeps_gradients():
-    """HF gradient_checkpointing_enable() on a tiny Llama: the checkpointed layers'
+    """HF gradient_checkpointing_enable() on a tiny Llama: Dynamo traces the checkpointed
+    layers whole (no graph break, in particular none at transformers' "caching is
+    incompatible with gradient checkpointing" logger.warning_once), both layers'
     attention is rewritten, and two optimizer steps give the losses and gradients of
-    the same compiled model without checkpointing.
+    the same model with the float64 dilated reference as its attention.
 
     An empty cache object is passed so that HF keeps `is_causal` instead of building
-    an explicit causal mask (which it does with use_cache=False, and which the site
-    finder does not accept yet: such sites are left, with that reason in the report).
+    an explicit causal mask (which it does with use_cache=False); dropping that cache is
+    what makes each checkpointed layer log its warning.
     """
     transformers, cfg, checkpointed = _tiny_llama()
     torch.manual_seed(0)
-    plain = copy.deepcopy(checkpointed)
+    reference = copy.deepcopy(checkpointed)
+    transformers.AttentionInterface.register("dilated_reference_test", _hf_reference_attention)
+    reference.set_attn_implementation("dilated_reference_test")
     checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert checkpointed.is_gradient_checkpointing and not plain.is_gradient_checkpointing
-    pol = {"version": 1, "rules": [{"match": "**", "attention": "dilated", "segment_lengths": [16, 32],
-                                    "dilation_rates": [1, 2], "head_split": "longnet"}]}
-    models = (checkpointed, plain)
-    compiled = [torch.compile(m.train(), backend="dilated", options={"policy": pol}) for m in models]
-    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    assert checkpointed.is_gradient_checkpointing
+    compiled = torch.compile(checkpointed.train(), backend="dilated", options={"policy": HF_POLICY})
+    models = (compiled, reference.train())
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (checkpointed, reference)]
     ids = torch.randint(0, 128, (2, 70))
     for _ in range(2):
         losses = []
-        for c, opt in zip(compiled, opts):
+        for m in models:
             cache = transformers.DynamicCache(config=cfg)
-            loss = c(ids, labels=ids, use_cache=False, past_key_values=cache).loss
+            loss = m(ids, labels=ids, use_cache=False, past_key_values=cache).loss
             loss.backward()
             losses.append(loss)
         torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
-        for (name, a), b in zip(checkpointed.named_parameters(), plain.parameters()):
+        for (name, a), b in zip(checkpointed.named_parameters(), reference.parameters()):
             torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
         for opt in opts:
             opt.step()
             opt.zero_grad()
-    # HF's "caching is incompatible with checkpointing" warning breaks the graph in each
-    # checkpointed layer, and one compiled graph then serves both layers: >= 3 site reports
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
     sites = [s for r in dilated_compile.reports() for s in r.sites]
-    assert len(sites) >= 3 and all(s.status == "rewritten" for s in sites), [str(r) for r in dilated_compile.reports()]
-    assert counters["dilated"]["left"] == 0
+    assert [s.module for s in sites] == HF_SITES, [str(r) for r in dilated_compile.reports()]
+    assert all(s.status == "rewritten" for s in sites) and counters["dilated"]["left"] == 0
+
+
+_IMPORT_ORDER_PROBE = textwrap.dedent(
+    """
+    import json, torch
+    from torch._dynamo.utils import counters
+    import dilated_compile  # before transformers, which adds Logger.warning_once at import
+    from tests.test_training import HF_POLICY, _tiny_llama
+    transformers, cfg, model = _tiny_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compiled = torch.compile(model.train(), backend="dilated", options={"policy": HF_POLICY})
+    ids = torch.randint(0, 128, (1, 40))
+    compiled(ids, labels=ids, use_cache=False, past_key_values=transformers.DynamicCache(config=cfg))
+    print(json.dumps({"breaks": dict(counters["graph_break"]), "rewritten": counters["dilated"]["rewritten"]}))
+    """
+)
+
+
+def test_hf_gradient_checkpointing_compiles_whole_when_imported_before_transformers():
+    """The Dynamo settings for HF's checkpointing layer take effect whatever the import
+    order: dilated_compile imported before transformers, the layers still trace whole."""
+    pytest.importorskip("transformers")
+    res = subprocess.run([sys.executable, "-c", _IMPORT_ORDER_PROBE], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-4000:]
+    import json
+
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got == {"breaks": {}, "rewritten": 2}, got
 
 
 def test_checkpointing_with_dynamic_lengths_trains_like_reference():

@@ -1,8 +1,8 @@
-"""Two Triton miscompiles of Inductor's code on Hopper (README, Known limitations).
+"""Two Triton miscompiles of Inductor's code on Hopper (docs/limitations.md).
 
 1. The block-sparse ring bug.
 
-`benchmarks/probes/replay/replay.py` replays rank 1's logged forward of the
+`tests/replay/replay.py` replays rank 1's logged forward of the
 block-sparse `local_window` ring (contiguous layout, 2 ranks, 8 positions per
 rank) outside the ring. One of its kernels, a persistent reduction over 8
 keys (`triton_per_fused_..._3`), gives wrong scores on an H200 with Triton
@@ -12,7 +12,7 @@ Triton's interpreter is right at every XBLOCK. Inductor's autotuner chooses
 among XBLOCK 1, 8 and 32 by timing, which is why the ring case was right in
 some processes and wrong in others.
 
-2. The float32 `longnet` bug. `benchmarks/probes/replay/longnet_fp32.py`
+2. The float32 `longnet` bug. `tests/replay/longnet_fp32.py`
 replays the kernels Inductor generated for the float32 `longnet` spread/merge
 (`dilated.assemble`) on recorded inputs. Kernel 5, a pointwise kernel that
 interleaves one pattern's spread outputs (cats of padded views, 307200
@@ -38,7 +38,7 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-REPLAY = os.path.join(ROOT, "benchmarks", "probes", "replay", "replay.py")
+REPLAY = os.path.join(ROOT, "tests", "replay", "replay.py")
 
 
 def _triton_36_on_hopper() -> bool:
@@ -74,7 +74,7 @@ def test_replay_right_with_the_config_triton_gets_wrong():
     assert replay_error(8, 2) < 1e-4
 
 
-LONGNET = os.path.join(ROOT, "benchmarks", "probes", "replay", "longnet_fp32.py")
+LONGNET = os.path.join(ROOT, "tests", "replay", "longnet_fp32.py")
 
 
 @pytest.fixture(scope="module")

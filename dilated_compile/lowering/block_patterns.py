@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import torch
 
-from ..policy import BlockPattern, PolicyError, load_policy
+from ..policy import BlockPattern, PolicyError, parse_pattern
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -35,12 +35,10 @@ def as_pattern(pattern: BlockPattern | Mapping | Callable, block_size: int) -> B
         _CALLABLES[name] = pattern
         return BlockPattern(kind="mask_mod", function=name)
     if isinstance(pattern, Mapping):
-        rule = {"match": "*", "attention": "block_sparse", "block_size": block_size, "pattern": dict(pattern)}
         try:
-            policy = load_policy({"version": 1, "rules": [rule]})
+            return parse_pattern(pattern, key="pattern")
         except PolicyError as exc:
             raise ValueError(f"pattern {dict(pattern)!r}: {exc}") from None
-        return policy.rules[0].block_sparse.pattern
     raise TypeError(
         f"pattern must be a BlockPattern, a mapping like {{'kind': 'local_window', 'window': 2}} "
         f"or a mask_mod callable, got {type(pattern).__name__}"

@@ -28,12 +28,14 @@ inside a custom op's implementation):
 
 Collectives run eagerly inside the op (functional collectives outside a
 trace work eagerly). Every rank runs the same ops in the same order as long
-as all ranks call the op for the same sites with the same lengths (the
-backend checks the sites at compile time, `passes.check_rings_agree`; the
-lengths are the caller's contract, as for any sharded model), so the ring
-cannot deadlock: everything the op decides at run time (min_seq_len, whether
-dilated segments fit in a shard, plans, schedules) depends only on the local
-length and constants that are the same on every rank.
+as all ranks call the op for the same sites with the same lengths, so the
+ring cannot deadlock: everything the op decides at run time (min_seq_len,
+whether dilated segments fit in a shard, plans, schedules) depends only on
+the local length and constants that are the same on every rank. The backend
+checks the sites at compile time (`passes.check_rings_agree`), where the
+length is a symbol; the forward op checks the lengths per call, before any
+other check or exchange (`check_same_length`: one all-gather of one int64
+per rank), and raises on every rank when they differ.
 
 The ring travels as op arguments (world_size, rank, group_name, layout) with
 the inner attention's parameters: segments/rates/head_split for dilated, and
@@ -79,6 +81,8 @@ from .ring_dense import make_schedule, ring_backward, ring_forward
 from .ring_dilated import DilatedRingPlan, _gather_keys, dilated_ring_backward, dilated_ring_forward, make_dilated_plan
 from .view_replay import opaque_op
 
+c10d_ops = torch.ops._c10d_functional
+
 
 @lru_cache(maxsize=64)
 def _dilated_ring_plan(
@@ -88,6 +92,30 @@ def _dilated_ring_plan(
     """`make_dilated_plan`, cached as a whole (it rebuilds its tuples from the cached plan)."""
     return make_dilated_plan(
         world_size, rank, n, layout, is_causal, num_heads, segment_lengths, dilation_rates, head_split
+    )
+
+
+def check_same_length(q: torch.Tensor, world_size: int, group_name: str, layout: str) -> None:
+    """Raise ValueError on every rank unless all ranks of the group pass the same local length.
+
+    Cost: one all-gather of one int64 per rank (a functional collective, run
+    eagerly like the op's others), and a device-to-host copy of the world_size
+    lengths. Every rank makes it, whatever the length, so it cannot hang; with
+    different lengths the ring's own exchanges would (their sizes differ).
+    """
+    if world_size == 1:
+        return
+    mine = torch.tensor([q.shape[2]], dtype=torch.int64, device=q.device)
+    lengths = c10d_ops.wait_tensor(c10d_ops.all_gather_into_tensor(mine, world_size, group_name)).tolist()
+    if all(n == lengths[0] for n in lengths):
+        return
+    listing = ", ".join(f"rank {r}: {n}" for r, n in enumerate(lengths))
+    parts = world_size if layout == "contiguous" else 2 * world_size
+    raise ValueError(
+        f"ring attention ({layout} layout over {world_size} ranks): the local sequence length differs "
+        f"between ranks ({listing}). Every rank must pass its shard of the same global sequence: pad "
+        f"the global length to a multiple of {parts} and cut it with "
+        f"dilated_compile.shard(tensor, dim, layout={layout!r}) on every rank"
     )
 
 
@@ -162,7 +190,11 @@ def ring_attention_op(
     (segment_lengths, dilation_rates, head_split) or "block_sparse"
     (block_size, kind, window, stride, global_blocks, function). Below `min_seq_len`
     (global length) ordinary attention of the local shard, as the static path.
+
+    First, on more than one rank, one all-gather of one int64 per rank per call
+    (`check_same_length`): ranks that pass different lengths all raise ValueError.
     """
+    check_same_length(q, world_size, group_name, layout)
     _check(q, world_size, layout, inner)
     if _below_min(q, world_size, min_seq_len):
         out, lse, _ = ring_forward(_local_schedule(q, is_causal), q, k, v, scale, "")

@@ -24,8 +24,14 @@ class NotProvable(Exception):
 
 
 def padding_hint(exc: Exception) -> str:
-    """' (a padding mask?)' when a mask is not constant because it depends on an input."""
-    return " (a padding mask?)" if "graph input" in str(exc) else ""
+    """What a mask that is not constant probably is, from what it depends on: a padding
+    mask (an input of the model) or a learned bias (a parameter)."""
+    text = str(exc)
+    if "graph input" not in text:
+        return ""
+    if "_parameters_" in text:
+        return " (a bias computed from parameters, such as ALiBi slopes or T5's relative position bias?)"
+    return " (a padding mask?)"
 
 
 def is_masking_value(value: Any, dtype: torch.dtype | None = None) -> bool:

@@ -183,7 +183,9 @@ def rewrite(gm: fx.GraphModule, decisions: list[Decision]) -> fx.GraphModule:
             node.meta = dict(old.meta)
             old.replace_all_uses_with(node)
             module.graph.erase_node(old)
-        _erase_unused(module.graph, [by_name[name] for name in d.site.chain])
+        # a node the site's chain shares with a site rewritten before (a value nothing reads
+        # that uses both) may be gone already
+        _erase_unused(module.graph, [by_name[name] for name in d.site.chain if name in by_name])
     for _, module in graph_modules(new):
         module.graph.lint()
         module.recompile()

@@ -1,0 +1,173 @@
+"""The policy as data: rules, the per-strategy settings and block patterns.
+
+Frozen dataclasses, built by the validator from a policy file or dict and
+read by the passes and the lowering. Nothing here reads YAML or checks a
+user's document; a :class:`Rule` only compiles its ``match`` (see
+:mod:`.matching` for what a pattern matches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import PolicyError, show
+from .matching import ModulePattern, PatternSyntaxError, compile_match, first_match
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ATTENTION_KINDS",
+    "HEAD_SPLITS",
+    "RING_LAYOUTS",
+    "PATTERN_KINDS",
+    "DilatedSpec",
+    "BlockPattern",
+    "BlockSparseSpec",
+    "RingSpec",
+    "Rule",
+    "Policy",
+]
+
+SCHEMA_VERSION = 1
+ATTENTION_KINDS = ("dense", "dilated", "block_sparse")
+HEAD_SPLITS = ("groups", "longnet")
+RING_LAYOUTS = ("contiguous", "zigzag")
+PATTERN_KINDS = ("local_window", "dilated", "global_local", "mask_mod")
+
+
+@dataclass(frozen=True)
+class DilatedSpec:
+    """Dilated attention: one (segment length, dilation rate) pattern per entry."""
+
+    segment_lengths: tuple[int, ...]
+    dilation_rates: tuple[int, ...]
+    head_split: str = "groups"  # "groups" | "longnet"
+
+    def describe(self) -> str:
+        """Short text, e.g. ``w=[2048,4096] r=[1,2] longnet``."""
+        w = ",".join(map(str, self.segment_lengths))
+        r = ",".join(map(str, self.dilation_rates))
+        return f"w=[{w}] r=[{r}] {self.head_split}"
+
+
+@dataclass(frozen=True)
+class BlockPattern:
+    """Which key blocks each query block attends to.
+
+    Built from a mapping such as ``{kind: local_window, window: 2}`` by
+    :func:`dilated_compile.policy.parse_pattern`, which checks it.
+    """
+
+    kind: str  # "local_window" | "dilated" | "global_local" | "mask_mod"
+    window: int | None = None
+    stride: int | None = None
+    global_blocks: int | None = None
+    function: str | None = None  # mask_mod: "package.module:name"
+
+    def as_tuple(self) -> tuple:
+        """The fields in order: ``BlockPattern(*p.as_tuple()) == p`` (plain values for caches
+        and Dynamo constants)."""
+        return (self.kind, self.window, self.stride, self.global_blocks, self.function)
+
+    def describe(self) -> str:
+        """Short text, e.g. ``local_window(window=2)``."""
+        if self.kind == "mask_mod":
+            return f"mask_mod({self.function})"
+        fields = [
+            f"{name}={getattr(self, name)}"
+            for name in ("global_blocks", "stride", "window")
+            if getattr(self, name) is not None
+        ]
+        return f"{self.kind}({', '.join(fields)})"
+
+
+@dataclass(frozen=True)
+class BlockSparseSpec:
+    """Block-sparse attention: block size and pattern."""
+
+    block_size: int
+    pattern: BlockPattern
+
+    def describe(self) -> str:
+        """Short text, e.g. ``b=128 local_window(window=2)``."""
+        return f"b={self.block_size} {self.pattern.describe()}"
+
+
+@dataclass(frozen=True)
+class RingSpec:
+    """Ring attention over a process group."""
+
+    layout: str = "contiguous"  # "contiguous" | "zigzag"
+    group: str | None = None  # name given to dilated_compile.register_group; None = world
+
+    def describe(self) -> str:
+        """Short text, e.g. ``ring=zigzag@tp``."""
+        return f"ring={self.layout}" + (f"@{self.group}" if self.group else "")
+
+
+_MATCH_EXPECTED = "a glob or 're:<regex>'"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One entry of ``rules``: which sites it targets and what they become.
+
+    ``match`` is kept as written; :mod:`dilated_compile.policy.matching` says
+    what it matches (globs on dotted module paths and their ancestors, ``*``
+    and ``**`` also the root module ``''``, or ``re:`` regular expressions
+    applied with :func:`re.search`).
+    """
+
+    match: str
+    attention: str  # "dense" | "dilated" | "block_sparse"
+    min_seq_len: int = 0
+    dilated: DilatedSpec | None = None
+    block_sparse: BlockSparseSpec | None = None
+    ring: RingSpec | None = None
+    index: int = 0
+    line: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.match, str):
+            raise PolicyError(f"got {show(self.match)}", key="match", expected=_MATCH_EXPECTED)
+        try:
+            compiled = compile_match(self.match)
+        except PatternSyntaxError as exc:
+            raise PolicyError(str(exc), key="match", expected=_MATCH_EXPECTED) from None
+        object.__setattr__(self, "_compiled", compiled)
+
+    @property
+    def compiled_match(self) -> ModulePattern:
+        """The compiled ``match``."""
+        return self._compiled  # type: ignore[attr-defined]
+
+    def matches(self, module_path: str) -> bool:
+        """Whether this rule targets a site owned by the module at `module_path`."""
+        return self.compiled_match.matches(module_path)
+
+    def describe(self) -> str:
+        """One line, e.g. ``rules[0] 'transformer.h.*.attn' -> dilated w=[2048,4096] r=[1,2] longnet``."""
+        text = f"rules[{self.index}] '{self.match}' -> {self.attention}"
+        if self.dilated is not None:
+            text += " " + self.dilated.describe()
+        if self.block_sparse is not None:
+            text += " " + self.block_sparse.describe()
+        if self.ring is not None:
+            text += " " + self.ring.describe()
+        if self.min_seq_len:
+            text += f" min_seq_len={self.min_seq_len}"
+        return text
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated policy: rules in order (first match wins)."""
+
+    version: int
+    strict: bool
+    rules: tuple[Rule, ...]
+    source: str  # file path as given, or '<dict>'
+    digest: str  # sha256 of the validated content; equal content, equal digest
+
+    def rule_for(self, module_path: str) -> Rule | None:
+        """The first rule whose ``match`` fits `module_path` (see :class:`Rule`), or None."""
+        return first_match(self.rules, module_path)
