@@ -16,6 +16,8 @@ from .passes import Report, RewriteError
 from .passes.report import clear_reports, reports
 from .policy import Policy, PolicyError, load_policy
 from .explain import explain
+from .shared_frames import SharedFrameError
+from .targets import TargetWarning, check_targets
 from . import dynamo_settings
 
 
@@ -37,8 +39,11 @@ __all__ = [
     "PolicyError",
     "Report",
     "RewriteError",
+    "SharedFrameError",
+    "TargetWarning",
     "block_sparse_attention",
     "block_sparse_reference",
+    "check_targets",
     "clear_reports",
     "dense_reference",
     "dilated_attention",

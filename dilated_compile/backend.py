@@ -10,8 +10,10 @@ import torch.fx as fx
 
 from .cache_key import cacheable_functions_patch
 from .debug import debug_dir_from, trace_report, write_debug_dir
+from .frames import current_frame, resolving
 from .passes import record, run_passes
 from .policy import Policy, load_policy
+from .targets import note_frame
 
 OWN_OPTIONS = ("policy", "mode", "debug_dir")
 
@@ -115,7 +117,10 @@ def dilated_backend(
 
     if hasattr(inductor_config, "unsafe_marked_cacheable_functions"):
         patches.setdefault("unsafe_marked_cacheable_functions", cacheable_functions_patch(policy))
-    new_gm, report = run_passes(gm, policy)
+    frame = current_frame()  # site paths are absolute paths in the model (frames.py)
+    with resolving(frame):
+        new_gm, report = run_passes(gm, policy)
+    note_frame(frame, policy, report)  # same-class frames, and the once-per-model check
     report.inductor_settings = _settings_for(report, patches)
     aot_patches = _functorch_patches(report)
     record(report)

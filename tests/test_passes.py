@@ -151,7 +151,8 @@ def test_dropout_in_eval_mode_is_rewritten():
 
 def test_rule_matching_no_site_is_warned():
     pol = policy(dilated_rule(), dilated_rule(match="encoder.**"))
-    report = explain(TinyModel(), torch.randn(1, 20, 16), policy=pol)
+    with pytest.warns(UserWarning, match="rules\\[1\\] 'encoder.\\*\\*' matches no attention site"):
+        report = explain(TinyModel(), torch.randn(1, 20, 16), policy=pol)
     assert report.warnings == ["rules[1] 'encoder.**' matches no attention site"]
     assert "matches no attention site" in str(report)
 

@@ -212,10 +212,15 @@ class GraphReport:
     # Inductor settings the backend chose for this graph (the user's own options win), and
     # AOTAutograd's as "functorch.NAME": name -> why
     inductor_settings: dict[str, str] = field(default_factory=dict)
+    # modules of the same class that Dynamo runs this graph's compiled code for (the
+    # paths their sites have), when the graph is a frame of one module's own method
+    also_runs_for: list[str] = field(default_factory=list)
 
     @property
     def warnings(self) -> list[str]:
-        return [*self.left_targeted, *self.unused_rules.values()]
+        """Targeted sites left. (A rule without a site in this graph may have sites in
+        another graph of the model: `Report.warnings` and the once-per-model check say so.)"""
+        return list(self.left_targeted)
 
     def __str__(self) -> str:
         return format_table(self.sites) + _settings_lines(self.inductor_settings)
@@ -274,8 +279,8 @@ def record(report: GraphReport) -> None:
     log.info("dilated_compile sites (policy %s):\n%s", report.policy, report)
     for w in report.left_targeted:
         log.warning("%s", w)
-    for w in report.unused_rules.values():
-        log.info("%s (in this graph)", w)
+    if report.also_runs_for:
+        log.info("the same compiled code also runs for: %s", ", ".join(report.also_runs_for))
 
 
 def reports() -> list[GraphReport]:

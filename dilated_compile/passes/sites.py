@@ -16,6 +16,8 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from ..frames import absolute_path
+
 SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
 
@@ -66,11 +68,16 @@ _FQN_PARTS = (
 
 
 def module_path(node: fx.Node) -> str:
-    """Dotted path of the module that owns `node` ("" for the root module)."""
+    """Dotted path of the module that owns `node` ("" for the root module): its name in
+    the outermost model while the backend compiles a Dynamo frame (see `frames`), else
+    the path relative to the graph's root."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
     path, _ = list(stack.values())[-1]
+    absolute = absolute_path(path)
+    if absolute is not None:
+        return absolute
     for pattern, repl in _FQN_PARTS:
         path = pattern.sub(repl, path)
     return path.strip(".")
