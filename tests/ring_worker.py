@@ -326,6 +326,22 @@ def bad_backend_policy() -> None:
     expect_error(Exception, ("differs between ranks", "policy and ring attention sites"), lambda: model(q, k, v))
 
 
+class _MaskedSDPA(torch.nn.Module):
+    def forward(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def bad_backend_ring_site_left() -> None:
+    """A ring rule (strict: false) targets a site that cannot be rewritten (a mask that is an
+    input): an error on every rank, since left as it was it would attend within the shard."""
+    torch._dynamo.reset()
+    model = torch.compile(_MaskedSDPA(), backend="dilated",
+                          options={"policy": _ring_policy("dense", "contiguous")})
+    q, k, v = _local_qkv(N_LOCAL)
+    mask = torch.ones(N_LOCAL, N_LOCAL, dtype=torch.bool, device=q.device)
+    expect_error(Exception, ("ring rules target", "within each rank's shard"), lambda: model(q, k, v, mask))
+
+
 # ---------------------------------------------------------------------------
 # compiled: the collectives are in the forward and backward graphs
 
@@ -753,7 +769,8 @@ def cases(world: int, backend: str = "gloo") -> dict[str, Callable[[], None]]:
         out["bad-dynamic-zigzag-odd"] = bad_dynamic_zigzag_odd
         out["bad-dynamic-lengths-differ"] = bad_dynamic_lengths_differ
     for fn in (bad_shard_lengths, bad_zigzag_odd, bad_policy_digest, bad_block_sparse_pattern,
-               bad_dilated_rates, bad_group_name, bad_shard_length, bad_backend_policy):
+               bad_dilated_rates, bad_group_name, bad_shard_length, bad_backend_policy,
+               bad_backend_ring_site_left):
         out[fn.__name__.replace("_", "-")] = fn
     return out
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..policy import Policy
-from ..sharding import check_same_on_all_ranks
+from ..sharding import check_same_on_all_ranks, ring_info
 from .decide import Decision, decide
 from .report import (
     GraphReport,
@@ -70,6 +70,36 @@ def check_rings_agree(decisions: list[Decision], policy: Policy) -> None:
         )
 
 
+def _sharded(d: Decision) -> bool:
+    """Whether the site's rule runs it as a ring over several ranks (its input is a shard)."""
+    return d.rule is not None and d.rule.ring is not None and ring_info(d.rule.ring.group).world_size > 1
+
+
+def check_left_sites(decisions: list[Decision], policy: Policy) -> None:
+    """Raise RewriteError for targeted sites that are left, when leaving them is not allowed.
+
+    Under `strict: true` every such site is an error. A site that a ring rule over
+    several ranks targets is an error whatever `strict` says: left as it was, it would
+    attend within its rank's shard only. The ranks agree on the decisions
+    (`check_rings_agree` ran first), so every rank raises.
+    """
+    failed = [d for d in decisions if d.targeted and d.status == "left" and (policy.strict or _sharded(d))]
+    if not failed:
+        return
+    lines = "\n".join(f"  {d.site.module or '<root>'} ({d.site.node.name}): {d.reason}" for d in failed)
+    if not policy.strict:
+        raise RewriteError(
+            f"policy {policy.source}: ring rules target these attention sites, which cannot be "
+            f"rewritten:\n{lines}\nLeft as they are they would attend within each rank's shard "
+            "only. Change the model, or exclude these modules from the ring rule."
+        )
+    raise RewriteError(
+        f"policy {policy.source} is strict and these attention sites cannot be "
+        f"rewritten:\n{lines}\nChange the model, or set `strict: false` to leave them "
+        "as they are."
+    )
+
+
 def run_passes(gm: fx.GraphModule, policy: Policy) -> tuple[fx.GraphModule, GraphReport]:
     """Rewrite the sites `policy` selects in a copy of `gm`; return it and its report.
 
@@ -77,17 +107,7 @@ def run_passes(gm: fx.GraphModule, policy: Policy) -> tuple[fx.GraphModule, Grap
     """
     decisions = [decide(site, policy) for site in find_sites(gm)]
     check_rings_agree(decisions, policy)
-    if policy.strict:
-        failed = [d for d in decisions if d.targeted and d.status == "left"]
-        if failed:
-            lines = "\n".join(
-                f"  {d.site.module or '<root>'} ({d.site.node.name}): {d.reason}" for d in failed
-            )
-            raise RewriteError(
-                f"policy {policy.source} is strict and these attention sites cannot be "
-                f"rewritten:\n{lines}\nChange the model, or set `strict: false` to leave them "
-                "as they are."
-            )
+    check_left_sites(decisions, policy)
     new = rewrite(gm, decisions)
     before, after = graph_code(gm), graph_code(new)
     left_targeted = [
