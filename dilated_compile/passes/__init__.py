@@ -20,7 +20,8 @@ from .report import (
     unified_diff,
 )
 from .rewrite import LOWERED_TARGETS, rewrite
-from .sites import Site, find_sites, graph_modules
+from .forms import find_sites
+from .sites import Site, graph_modules
 
 
 class RewriteError(RuntimeError):
