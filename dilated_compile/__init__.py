@@ -7,9 +7,9 @@ user code need not import this package. The attention it produces is also
 callable directly (`dilated_attention`), with a float64 reference beside it.
 """
 
-from .lowering.block_sparse import block_sparse_attention
-from .lowering.dilated import dilated_attention
-from .lowering.ring import ring_attention
+from .lowering.block_sparse.attention import block_sparse_attention
+from .lowering.dilated.attention import dilated_attention
+from .lowering.ring.attention import ring_attention
 from .sharding import register_group, shard, unshard
 from .lowering.reference import block_sparse_reference, dense_reference, dilated_reference
 from .passes import Report, RewriteError

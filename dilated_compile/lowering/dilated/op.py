@@ -1,13 +1,13 @@
 """Dilated attention as one opaque custom op: for sites whose sequence length
 is symbolic (dynamic shapes), and for every dilated attention on CUDA in
-fp16, bf16 or fp32 (`dilated.dilated_attention` routes there; see `combine.py`).
+fp16, bf16 or fp32 (`attention.dilated_attention` routes there; see `common/combine.py`).
 
 A rewritten site with a symbolic length calls an opaque custom op
 (``torch.ops.dilated_compile.dilated_attention``). Its fake implementation only
 gives the output's shape and layout, so tracing adds no guard on the length
 and one compiled graph serves every length; its real implementation runs the
 eager lowering with the concrete length at run time (the plan for each length
-is cached by `dilated.make_plan`, a bounded cache). The backward is a second
+is cached by `plan.make_plan`, a bounded cache). The backward is a second
 custom op that runs the lowering's backward from the saved output and
 log-sum-exp.
 
@@ -19,36 +19,26 @@ Outputs are stored sequence-major, (B, N, H, D) seen as (B, H, N, D): the
 layout the fake implementation promises and the real one returns.
 """
 
+from __future__ import annotations
+
 import math
 from typing import Sequence
 
 import torch
 
-from .dilated import check_dilated_args, check_qkv, dilated_backward, dilated_forward, plan_for
-from .kernels import accumulation_dtype
-from .kernels import seq_major_empty as _seq_major_empty
-from .kernels import seq_major_strides as _seq_major_strides
-from .view_replay import opaque_op
-
-OP_NAMESPACE = "dilated_compile"
-
-
-def _zeros_like_seq_major(x: torch.Tensor) -> torch.Tensor:
-    """Zeros shaped like `x`, stored sequence-major."""
-    return _seq_major_empty(x, x.shape, x.dtype).zero_()
-
-
-def _in_seq_major(t: torch.Tensor) -> torch.Tensor:
-    """`t` itself when it is stored (B, N, H, X), else a sequence-major copy."""
-    if t.stride() == _seq_major_strides(t.shape):
-        return t
-    out = _seq_major_empty(t, t.shape, t.dtype)
-    out.copy_(t)
-    return out
-
-
-def _lse_fake(q: torch.Tensor) -> torch.Tensor:
-    return _seq_major_empty(q, q.shape[:3], accumulation_dtype(q))
+from ..common.checks import check_qkv
+from ..common.custom_ops import (
+    OP_NAMESPACE,
+    in_seq_major,
+    lse_fake,
+    register_backward_from_lse,
+    seq_major_empty,
+    zeros_like_seq_major,
+)
+from ..common.view_replay import opaque_op
+from .compute import dilated_backward, dilated_forward
+from .arguments import decode_parameters, encode_parameters
+from .plan import plan_for
 
 
 def effective_pattern(
@@ -60,9 +50,10 @@ def effective_pattern(
     return tuple(segment_lengths), tuple(dilation_rates)
 
 
-def _plan(q, segment_lengths, dilation_rates, head_split, min_seq_len):
-    seg, rates = effective_pattern(q.shape[2], segment_lengths, dilation_rates, min_seq_len)
-    return plan_for(q, seg, rates, head_split)
+def _plan(q: torch.Tensor, pattern: str, min_seq_len: int):
+    spec = decode_parameters(pattern)
+    seg, rates = effective_pattern(q.shape[2], spec.segment_lengths, spec.dilation_rates, min_seq_len)
+    return plan_for(q, seg, rates, spec.head_split)
 
 
 @opaque_op(f"{OP_NAMESPACE}::dilated_attention")
@@ -70,24 +61,23 @@ def dilated_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    segment_lengths: list[int],
-    dilation_rates: list[int],
-    head_split: str,
+    pattern: str,
     is_causal: bool,
     scale: float,
     min_seq_len: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of dilated attention at the run-time length (dense below min_seq_len)."""
+    """(out, lse) of dilated attention at the run-time length (dense below min_seq_len);
+    `pattern` as `arguments.encode_parameters` writes it."""
     if q.shape[2] == 0:
-        return _zeros_like_seq_major(q), _lse_fake(q).fill_(-math.inf)
-    plan = _plan(q, segment_lengths, dilation_rates, head_split, min_seq_len)
+        return zeros_like_seq_major(q), lse_fake(q).fill_(-math.inf)
+    plan = _plan(q, pattern, min_seq_len)
     out, lse = dilated_forward(plan, is_causal, scale, q, k, v)
-    return _in_seq_major(out), _in_seq_major(lse)
+    return in_seq_major(out), in_seq_major(lse)
 
 
 @dilated_attention_op.register_fake
-def _(q, k, v, segment_lengths, dilation_rates, head_split, is_causal, scale, min_seq_len):
-    return _seq_major_empty(q, q.shape, q.dtype), _lse_fake(q)
+def _(q, k, v, pattern, is_causal, scale, min_seq_len):
+    return seq_major_empty(q, q.shape, q.dtype), lse_fake(q)
 
 
 @opaque_op(f"{OP_NAMESPACE}::dilated_attention_backward")
@@ -98,47 +88,22 @@ def dilated_attention_backward_op(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    segment_lengths: list[int],
-    dilation_rates: list[int],
-    head_split: str,
+    pattern: str,
     is_causal: bool,
     scale: float,
     min_seq_len: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of `dilated_attention_op` from its saved out and lse."""
     if q.shape[2] == 0:
-        return tuple(_zeros_like_seq_major(x) for x in (q, k, v))
-    plan = _plan(q, segment_lengths, dilation_rates, head_split, min_seq_len)
+        return tuple(zeros_like_seq_major(x) for x in (q, k, v))
+    plan = _plan(q, pattern, min_seq_len)
     grads = dilated_backward(plan, is_causal, scale, q, k, v, out, lse, dout)
-    return tuple(_in_seq_major(g) for g in grads)
+    return tuple(in_seq_major(g) for g in grads)
 
 
 @dilated_attention_backward_op.register_fake
-def _(dout, q, k, v, out, lse, segment_lengths, dilation_rates, head_split, is_causal, scale, min_seq_len):
-    return tuple(_seq_major_empty(x, x.shape, x.dtype) for x in (q, k, v))
-
-
-def register_backward_from_lse(forward_op, backward_op) -> None:
-    """Autograd for `forward_op(q, k, v, *params) -> (out, lse)` through
-    `backward_op(dout, q, k, v, out, lse, *params) -> (dq, dk, dv)`: q, k, v, out
-    and lse are saved; lse is not differentiable; params get no gradient."""
-
-    def setup_context(ctx, inputs, output):
-        q, k, v, *params = inputs
-        out, lse = output
-        ctx.mark_non_differentiable(lse)
-        ctx.set_materialize_grads(False)  # no zeros for lse's gradient, which is unused
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.params = params
-
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        if dout is None:  # not materialised: out got no gradient
-            dout = torch.zeros_like(out)
-        dq, dk, dv = backward_op(dout, q, k, v, out, lse, *ctx.params)
-        return dq, dk, dv, *([None] * len(ctx.params))
-
-    forward_op.register_autograd(backward, setup_context=setup_context)
+def _(dout, q, k, v, out, lse, pattern, is_causal, scale, min_seq_len):
+    return tuple(seq_major_empty(x, x.shape, x.dtype) for x in (q, k, v))
 
 
 register_backward_from_lse(dilated_attention_op, dilated_attention_backward_op)
@@ -161,11 +126,9 @@ def dynamic_dilated_attention(
     The same function as `dilated_attention` at lengths >= `min_seq_len`, and
     ordinary attention below it. Differentiable.
     """
-    seg, rates = check_dilated_args(segment_lengths, dilation_rates, head_split)
+    pattern = encode_parameters(segment_lengths, dilation_rates, head_split)
     check_qkv(q, k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    out, _ = dilated_attention_op(
-        q, k, v, list(seg), list(rates), head_split, bool(is_causal), float(scale), int(min_seq_len)
-    )
+    out, _ = dilated_attention_op(q, k, v, pattern, bool(is_causal), float(scale), int(min_seq_len))
     return out
