@@ -26,8 +26,8 @@ from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from dilated_compile.lowering.block_flex import cached_block_mask  # noqa: E402
-from dilated_compile.lowering.block_patterns import as_pattern, density  # noqa: E402
+from dilated_compile.lowering.block_sparse.flex import cached_block_mask  # noqa: E402
+from dilated_compile.lowering.block_sparse.patterns import as_pattern, density  # noqa: E402
 
 BLOCK = 128
 DENSITIES = [1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64]

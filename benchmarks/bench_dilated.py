@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from dilated_compile import dilated_attention  # noqa: E402
 from dilated_compile.cost import dense_cost, dilated_cost  # noqa: E402
-from dilated_compile.lowering.dilated import make_plan  # noqa: E402
+from dilated_compile.lowering.dilated.plan import make_plan  # noqa: E402
 
 GROUPS = dict(segment_lengths=[2048, 4096, 8192, 16384, 32768], dilation_rates=[1, 2, 4, 8, 16])
 LONGNET = dict(segment_lengths=[2048, 4096, 8192, 16384, 32768], dilation_rates=[1, 2, 4, 6, 12])

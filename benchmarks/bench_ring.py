@@ -279,7 +279,7 @@ def main() -> None:
 def block_sparse_pairs(n: int, block: int, pattern: dict, is_causal: bool) -> int:
     """(query, key) pairs a block-sparse pattern lets attend over n positions (n a multiple of
     block): whole active blocks, the diagonal ones halved by causality."""
-    from dilated_compile.lowering.block_patterns import as_pattern, blocks_active
+    from dilated_compile.lowering.block_sparse.patterns import as_pattern, blocks_active
 
     idx = torch.arange(n // block)
     active = blocks_active(as_pattern(pattern, block), idx[:, None], idx[None, :])

@@ -7,14 +7,16 @@ user code need not import this package. The attention it produces is also
 callable directly (`dilated_attention`), with a float64 reference beside it.
 """
 
-from .lowering.block_sparse import block_sparse_attention
-from .lowering.dilated import dilated_attention
-from .lowering.ring import ring_attention
+from .lowering.block_sparse.attention import block_sparse_attention
+from .lowering.dilated.attention import dilated_attention
+from .lowering.ring.attention import ring_attention
 from .sharding import register_group, shard, unshard
 from .lowering.reference import block_sparse_reference, dense_reference, dilated_reference
 from .passes import Report, RewriteError
 from .passes.report import clear_reports, reports
-from .policy import Policy, PolicyError, load_policy
+from .policy.model import Policy
+from .policy.errors import PolicyError
+from .policy import load_policy
 from .explain import explain
 from .shared_frames import SharedFrameError
 from .targets import TargetWarning, check_targets

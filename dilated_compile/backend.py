@@ -12,7 +12,8 @@ from .cache_key import cacheable_functions_patch
 from .debug import debug_dir_from, trace_report, write_debug_dir
 from .frames import current_frame, resolving
 from .passes import record, run_passes
-from .policy import Policy, load_policy
+from .policy.model import Policy
+from .policy import load_policy
 from .targets import note_frame
 
 OWN_OPTIONS = ("policy", "mode", "debug_dir")

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .policy import Policy
+from .policy.model import Policy
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 LOWERING_ENV = ("DILATED_KERNEL", "DILATED_COMBINE")
@@ -72,21 +72,9 @@ def _dotted(fn: Callable) -> str:
 
 def lowered_functions() -> tuple[Callable, ...]:
     """The Python functions a rewritten graph may call."""
-    from .lowering.block_sparse import block_sparse_attention
-    from .lowering.dilated import dilated_attention
-    from .lowering.dynamic import dynamic_dilated_attention
-    from .lowering.dynamic_block_sparse import dynamic_block_sparse_attention
-    from .lowering.dynamic_ring import dynamic_ring_attention
-    from .lowering.ring import ring_attention_local
+    from .lowering.targets import lowered_functions as from_registry
 
-    return (
-        dilated_attention,
-        block_sparse_attention,
-        ring_attention_local,
-        dynamic_dilated_attention,
-        dynamic_block_sparse_attention,
-        dynamic_ring_attention,
-    )
+    return from_registry()
 
 
 def cacheable_functions_patch(policy: Policy) -> dict[str, str]:

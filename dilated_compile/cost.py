@@ -41,11 +41,12 @@ from typing import Sequence
 
 import sympy
 
+from .policy.specs import HEAD_SPLITS
+
 __all__ = ["Cost", "N", "dense_cost", "dilated_cost", "attended_pairs", "predicted_ratio"]
 
 N = sympy.Symbol("N", positive=True, integer=True)
 
-HEAD_SPLITS = ("groups", "longnet")
 FLOAT32_BYTES = 4
 
 

@@ -16,7 +16,7 @@ import warnings
 import torch.nn as nn
 
 from .frames import Frame, clean_name, unwrap
-from .policy import Policy
+from .policy.model import Policy
 
 
 class SharedFrameError(ValueError):

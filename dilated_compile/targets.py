@@ -45,7 +45,7 @@ from typing import Iterable
 import torch.nn as nn
 
 from .frames import Frame, GraphBreak, clean_name, unwrap
-from .policy import Policy, Rule
+from .policy.model import Policy, Rule
 
 log = logging.getLogger("dilated_compile")
 

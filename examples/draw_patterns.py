@@ -29,8 +29,8 @@ import torch  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from dilated_compile.lowering.block_flex import TILE, tile_classes  # noqa: E402
-from dilated_compile.lowering.block_patterns import (  # noqa: E402
+from dilated_compile.lowering.block_sparse.flex import TILE, tile_classes  # noqa: E402
+from dilated_compile.lowering.block_sparse.patterns import (  # noqa: E402
     BUILTIN_KINDS,
     as_pattern,
     block_layout,

@@ -402,7 +402,7 @@ def compiled_case(
 def cuda_kernels_case() -> None:
     """On CUDA the cases' dense blocks run the fused kernels (not the math fallback): cuDNN or
     flash for bfloat16 and float16, efficient for float32 (DIM is CUDA_DIM there)."""
-    from dilated_compile.lowering.kernels import choose_kernel
+    from dilated_compile.lowering.common.block_kernels import choose_kernel
 
     want = {torch.bfloat16: ("cudnn", "flash"), torch.float16: ("cudnn", "flash"), torch.float32: ("efficient",)}
     for dtype, kernels in want.items():
@@ -419,7 +419,7 @@ def split_boxes_case(layout: str, is_causal: bool, setup: str) -> None:
     """numeric_case of a block-sparse ring whose shard pairs are split into several boxes
     (MAX_BOX_PAIRS lowered; only mask_mod patterns split): several masked calls per step,
     merged in the forward and summed in the backward."""
-    from dilated_compile.lowering import ring_block_sparse
+    from dilated_compile.lowering.ring import block_sparse as ring_block_sparse
 
     saved = ring_block_sparse.MAX_BOX_PAIRS
     ring_block_sparse.MAX_BOX_PAIRS = 4
@@ -432,7 +432,7 @@ def split_boxes_case(layout: str, is_causal: bool, setup: str) -> None:
 def first_hop_exact_case(layout: str, dtype: torch.dtype) -> None:
     """The ring backward's first gradient hop in the inputs' dtype (half the bytes of float32)
     gives the same gradients, bit for bit, as sending it in float32."""
-    from dilated_compile.lowering import ring_dense
+    from dilated_compile.lowering.ring import dense as ring_dense
 
     world, _, _ = ring_info()
     q, k, v, dout = _full_inputs(world, 16, dtype, seed=7)
@@ -546,7 +546,7 @@ def gpt_training_inner_case(inner: str, setup: str, steps: int = 2, seq_len: int
     sends data at every site (two layers: the collectives of several sites in one forward and
     one backward graph) == single-process training with the same attention, eager."""
     from dilated_compile import dilated_attention
-    from dilated_compile.lowering.block_sparse import block_sparse_attention
+    from dilated_compile.lowering.block_sparse.attention import block_sparse_attention
 
     ring_gpt, idx, labels, model, reference = _example_gpt(seq_len)
     policy = _ring_policy(inner, ring_gpt.LAYOUT, setup)

@@ -132,7 +132,7 @@ def test_counters_and_report():
     assert "layers.1.attn" in str(report)
     removed = [l for l in report.diff.splitlines() if l.startswith("-") and "scaled_dot_product_attention" in l]
     added = [l for l in report.diff.splitlines() if l.startswith("+")]
-    added = [l for l in added if "dilated_compile_lowering_dilated_dilated_attention(" in l]
+    added = [l for l in added if "dilated_compile_lowering_dilated_attention_dilated_attention(" in l]
     assert len(removed) == 2 and len(added) == 2
 
 

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import dilated_compile
-from dilated_compile.lowering import block_flex, block_gather
-from dilated_compile.lowering.block_patterns import as_pattern, evaluate_mask_mod, token_mask_mod
-from dilated_compile.lowering.block_sparse import block_sparse_attention
+from dilated_compile.lowering.block_sparse import flex as block_flex, gather as block_gather
+from dilated_compile.lowering.block_sparse.patterns import as_pattern, evaluate_mask_mod, token_mask_mod
+from dilated_compile.lowering.block_sparse.attention import block_sparse_attention
 from dilated_compile.lowering.reference import (
     attention_with_counts,
     block_sparse_counts,

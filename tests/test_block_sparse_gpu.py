@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import dilated_compile
-from dilated_compile.lowering.block_sparse import block_sparse_attention, choose_path
+from dilated_compile.lowering.block_sparse.attention import block_sparse_attention, choose_path
 from dilated_compile.lowering.reference import block_sparse_reference
 
 from .tolerance import assert_within
@@ -114,7 +114,7 @@ def test_dynamic_length_op_cuda(kind, is_causal, dtype):
     FlexAttention (bf16: lse from flex, backward by flex's recompute) or gather
     (float32: backward from out/lse), at lengths that are and are not multiples
     of the block size, including global rows split over keys (n=1000)."""
-    from dilated_compile.lowering.dynamic_block_sparse import dynamic_block_sparse_attention
+    from dilated_compile.lowering.block_sparse.op import dynamic_block_sparse_attention
 
     for n in (300, 256, 1000):
         q, k, v = _qkv(n, 3, dtype, seed=n)

@@ -1,14 +1,17 @@
 """The Triton combine (spread + log-sum-exp merge, and the gradients' spread-sum)
-against the pointwise version in `dilated.py`. On CUDA the compiled kernel runs;
-without CUDA, Triton's interpreter runs it on CPU tensors (when triton is installed)."""
+against the pointwise version in `lowering/dilated/compute.py`. On CUDA the
+compiled kernel runs; without CUDA, Triton's interpreter runs it on CPU tensors
+(when triton is installed)."""
 
 import os
 
 import pytest
 import torch
 
-from dilated_compile.lowering import combine, dilated
-from dilated_compile.lowering.kernels import block_attention
+from dilated_compile.lowering.common import combine
+from dilated_compile.lowering.dilated import compute as dilated
+from dilated_compile.lowering.dilated.plan import ALL_PARTS_SMALL, make_plan
+from dilated_compile.lowering.common.block_kernels import block_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -31,13 +34,13 @@ DTYPES = [torch.bfloat16, torch.float32]  # float32 too: on CUDA it runs this pa
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
-@pytest.mark.parametrize("small_tiles", [0, dilated.ALL_PARTS_SMALL], ids=["views", "batched"])
+@pytest.mark.parametrize("small_tiles", [0, ALL_PARTS_SMALL], ids=["views", "batched"])
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[4]}-H{c[0]}-N{c[1]}" for c in CASES])
 def test_combine_matches_pointwise_assembly(case, small_tiles, dtype):
     h, n, seg, rates, split = case
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, h, n, 16, device=DEVICE, dtype=dtype) for _ in range(3))
-    plan = dilated.make_plan(h, n, seg, rates, split, small_tiles)
+    plan = make_plan(h, n, seg, rates, split, small_tiles)
     blocks = [dilated.gather_calls(plan, x) for x in (q, k, v)]
     res = [block_attention(a, b, c, is_causal=True, scale=0.25) for a, b, c in zip(*blocks)]
     outs, lses = [r.out for r in res], [r.lse for r in res]
@@ -60,7 +63,7 @@ def test_combine_matches_pointwise_assembly(case, small_tiles, dtype):
 
 
 @pytest.mark.parametrize("mixed_layouts", [False, True], ids=["one-launch", "per-tensor"])
-@pytest.mark.parametrize("small_tiles", [0, dilated.ALL_PARTS_SMALL], ids=["views", "batched"])
+@pytest.mark.parametrize("small_tiles", [0, ALL_PARTS_SMALL], ids=["views", "batched"])
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[4]}-H{c[0]}-N{c[1]}" for c in CASES])
 def test_spread_sums_of_three_gradients(case, small_tiles, mixed_layouts):
     """dq, dk and dv spread in one launch (blocks of one layout) or one launch each
@@ -68,7 +71,7 @@ def test_spread_sums_of_three_gradients(case, small_tiles, mixed_layouts):
     h, n, seg, rates, split = case
     torch.manual_seed(1)
     q, k, v = (torch.randn(2, h, n, 16, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
-    plan = dilated.make_plan(h, n, seg, rates, split, small_tiles)
+    plan = make_plan(h, n, seg, rates, split, small_tiles)
     blocks = dilated.gather_calls(plan, q)
     grads = [[torch.randn_like(b) for b in blocks] for _ in range(3)]
     if mixed_layouts:
@@ -80,7 +83,7 @@ def test_spread_sums_of_three_gradients(case, small_tiles, mixed_layouts):
         torch.testing.assert_close(y.float(), want.float(), atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("small_tiles", [0, dilated.ALL_PARTS_SMALL], ids=["views", "batched"])
+@pytest.mark.parametrize("small_tiles", [0, ALL_PARTS_SMALL], ids=["views", "batched"])
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[4]}-H{c[0]}-N{c[1]}" for c in CASES])
 def test_backward_blocks_match_gathers(case, small_tiles):
     """The backward's one-kernel gather of grad_out, out and lse into every call's
@@ -91,7 +94,7 @@ def test_backward_blocks_match_gathers(case, small_tiles):
     dout, out = (torch.randn(b, n, h, d, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
     lse = torch.randn(b, n, h, device=DEVICE).transpose(1, 2)
     q = torch.randn(b, h, n, d, device=DEVICE, dtype=torch.bfloat16)
-    plan = dilated.make_plan(h, n, seg, rates, split, small_tiles)
+    plan = make_plan(h, n, seg, rates, split, small_tiles)
     (qs,) = dilated.gather_blocks(plan, [q])
     douts, outs, lses = combine.backward_blocks(plan, dout, out, lse, qs)
     for got, want in ((douts, dilated.gather_calls(plan, dout)), (outs, dilated.gather_calls(plan, out))):
@@ -103,7 +106,7 @@ def test_backward_blocks_match_gathers(case, small_tiles):
         assert g.is_contiguous() and torch.equal(g, w)
 
 
-@pytest.mark.parametrize("small_tiles", [0, dilated.ALL_PARTS_SMALL], ids=["views", "batched"])
+@pytest.mark.parametrize("small_tiles", [0, ALL_PARTS_SMALL], ids=["views", "batched"])
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
 @pytest.mark.parametrize("head_split", ["groups", "longnet"])
 def test_gather_blocks_equal_the_traced_gathers(head_split, layout, small_tiles):
@@ -114,7 +117,7 @@ def test_gather_blocks_equal_the_traced_gathers(head_split, layout, small_tiles)
     xs = [torch.randn(shape, device=DEVICE, dtype=torch.bfloat16) for _ in range(3)]
     if layout == "bnhd":
         xs = [x.transpose(1, 2) for x in xs]
-    plan = dilated.make_plan(h, n, (8, 16, 32), (1, 3, 4), head_split, small_tiles)
+    plan = make_plan(h, n, (8, 16, 32), (1, 3, 4), head_split, small_tiles)
     blocks = dilated.gather_blocks(plan, xs)
     for x, got in zip(xs, blocks):
         want = dilated.gather_calls(plan, x)
@@ -138,7 +141,7 @@ def test_triton_path_matches_float64_reference(monkeypatch, case, is_causal, dty
     monkeypatch.setattr(combine, "runs_on", lambda q: True)
     torch.manual_seed(2)
     q, k, v = (torch.randn(2, h, n, 16, device=DEVICE, dtype=dtype) for _ in range(3))
-    plan = dilated.make_plan(h, n, seg, rates, split, 0)
+    plan = make_plan(h, n, seg, rates, split, 0)
     out, lse = dilated.dilated_forward(plan, is_causal, 0.25, q, k, v)
     qd, kd, vd = (t.double().cpu().requires_grad_() for t in (q, k, v))
     ref = dilated_reference(qd, kd, vd, seg, rates, head_split=split, is_causal=is_causal, scale=0.25)

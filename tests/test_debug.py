@@ -43,7 +43,7 @@ def test_explain_command_line(tmp_path):
     assert sorted(p.name for p in graph.iterdir()) == [
         "after.py", "attention_after.dot", "attention_after.svg", "attention_before.dot",
         "attention_before.svg", "before.py", "diff.patch", "report.txt"]
-    assert "dilated_compile_lowering_dilated_dilated_attention" in (graph / "after.py").read_text()
+    assert "dilated_compile_lowering_dilated_attention_dilated_attention" in (graph / "after.py").read_text()
     assert "blocks.3.attn" in (graph / "report.txt").read_text()
     for which in ("before", "after"):
         svg = ET.parse(graph / f"attention_{which}.svg").getroot()

@@ -1,4 +1,4 @@
-"""`lowering/dense_blocks.py`: shape-grouped dense blocks against one masked attention.
+"""`lowering/common/dense_blocks.py`: shape-grouped dense blocks against one masked attention.
 
 The rings' steps run as dense blocks (full keys plus a causal diagonal) through
 the fused kernels; the masked float32 attention of `ring_masked` over the same
@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from dilated_compile.lowering import dense_blocks
-from dilated_compile.lowering.ring_masked import masked_attention, masked_attention_backward
+from dilated_compile.lowering.common import dense_blocks
+from dilated_compile.lowering.ring.masked import masked_attention, masked_attention_backward
 
 from .tolerance import assert_within
 

@@ -232,7 +232,7 @@ def test_fully_unselected_positions_are_zero_and_finite():
 def test_every_part_its_own_call_on_views(monkeypatch, head_split, is_causal, layout):
     """The large-part path: each part's blocks are strided views of q/k/v, in
     either storage layout, forward and backward."""
-    from dilated_compile.lowering import dilated as lowering
+    from dilated_compile.lowering.dilated import plan as lowering
 
     monkeypatch.setattr(lowering, "SMALL_PART_TILES", 0)
     monkeypatch.setattr(lowering, "choose_kernel", lambda q: "cudnn")  # views path on CPU too
@@ -259,7 +259,7 @@ def test_every_part_its_own_call_on_views(monkeypatch, head_split, is_causal, la
 def test_block_attention_ops_pass_opcheck(is_causal, layout):
     """The fused-kernel custom ops: schema, fake (meta) outputs with the real
     layouts, and tracing; inputs dense or strided views like the dilated gathers."""
-    from dilated_compile.lowering.kernels import choose_kernel
+    from dilated_compile.lowering.common.block_kernels import choose_kernel
 
     g = torch.Generator().manual_seed(0)
     if layout == "contiguous":
@@ -296,7 +296,7 @@ def test_cuda_sites_trace_to_the_opaque_op(device, dtype, opaque):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from dilated_compile.lowering import combine
+    from dilated_compile.lowering.common import combine
 
     def f(q, k, v):
         return dilated_attention(q, k, v, (64, 128), (1, 2), head_split="longnet", is_causal=True)
@@ -315,7 +315,7 @@ def test_ops_run_without_view_replay_inside_a_compiled_training_graph(monkeypatc
     """AOTAutograd turns view replay on around a training graph's forward, which makes
     every view op inside our opaque ops about 10x slower. The ops turn it off for their
     own work, forward and backward, and the result is unchanged."""
-    from dilated_compile.lowering import dynamic
+    from dilated_compile.lowering.dilated import op as dynamic
 
     seen = []
 
@@ -365,7 +365,7 @@ def test_parts_that_fill_whole_waves_get_their_own_call():
     segments at 32k: a part of more than one wave of 128-row query tiles whose last
     wave is at least 90% full runs on views (no copy), parts of one wave or a
     ragged last wave are batched by block length, and every part is in one call."""
-    from dilated_compile.lowering import dilated as lowering
+    from dilated_compile.lowering.dilated import plan as lowering
 
     seg, rates = (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12)
     plan = lowering.make_plan(16, 32768, seg, rates, "longnet", lowering.SMALL_PART_TILES, 132)
@@ -387,12 +387,13 @@ def test_combine_descriptors_are_remembered_by_calls_tuple_and_layout():
     """The Triton kernels' descriptors are computed once per (plan's calls tuple,
     result strides, batch): the same object on the next call; an equal but new
     tuple (an id that could be reused) and other strides are computed afresh."""
-    from dilated_compile.lowering import combine
-    from dilated_compile.lowering import dilated as lowering
+    from dilated_compile.lowering.common import combine
+    from dilated_compile.lowering.dilated import compute
+    from dilated_compile.lowering.dilated import plan as lowering
 
     plan = lowering.make_plan(5, 40, (8, 16), (1, 2), "longnet", 0)
     x = torch.randn(2, 5, 40, 16)
-    outs = lowering.gather_calls(plan, x)
+    outs = compute.gather_calls(plan, x)
     lses = [o[..., 0] for o in outs]
     first = combine._descriptor(plan.calls, outs, lses, 2)
     assert combine._descriptor(plan.calls, outs, lses, 2) is first
@@ -410,7 +411,7 @@ def test_combine_descriptors_are_remembered_by_calls_tuple_and_layout():
 
 def test_kernel_choice_traces_without_graph_break():
     """Dynamo can trace the cuDNN check (the SDPA flags are not read while it traces)."""
-    from dilated_compile.lowering.kernels import _cudnn_sdp_on
+    from dilated_compile.lowering.common.block_kernels import _cudnn_sdp_on
 
     def pick(x):
         return x * 2 if _cudnn_sdp_on(torch.device("cuda", 0)) else x + 1
@@ -425,7 +426,7 @@ def test_returned_output_is_a_view_only_where_dynamo_loses_gradients():
     torch < 2.12 (pytorch#180642). Elsewhere (eager, the backend's AOTAutograd trace, newer
     torch) they return the saved tensor itself: a returned view of a saved buffer gave wrong
     ring outputs on 2 H200s."""
-    from dilated_compile.lowering.autograd_output import DYNAMO_LOSES_GRADIENTS, returned_output
+    from dilated_compile.lowering.common.autograd_output import DYNAMO_LOSES_GRADIENTS, returned_output
 
     x = torch.randn(4)
     assert returned_output(x) is x

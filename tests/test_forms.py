@@ -510,7 +510,7 @@ def test_same_graphs_and_breaks_as_inductor():
 def test_block_sparse_rule_on_other_forms(kind):
     """The form finders feed every kind of rule: block-sparse on a hand-written site and on
     an SDPA site with a causal mask equals block_sparse_attention on the same q/k/v."""
-    from dilated_compile.lowering.block_sparse import block_sparse_attention
+    from dilated_compile.lowering.block_sparse.attention import block_sparse_attention
 
     _, causal, scale, _ = FORMS[kind]
     pattern = {"kind": "local_window", "window": 1}

@@ -8,8 +8,8 @@ import torch
 
 import dilated_compile
 from dilated_compile import dilated_attention, dilated_reference
-from dilated_compile.lowering import dilated as dilated_lowering
-from dilated_compile.lowering import kernels
+from dilated_compile.lowering.dilated import plan as dilated_lowering
+from dilated_compile.lowering.common import block_kernels as kernels
 
 from .tolerance import assert_within
 

@@ -253,7 +253,7 @@ def test_example_under_torchrun(tmp_path):
 
 def _sent(world, n, layout, is_causal, segments, rates, head_split="groups", heads=1):
     """{(source, destination): global positions source sends}, summed over jobs."""
-    from dilated_compile.lowering.ring_dilated import make_dilated_plan
+    from dilated_compile.lowering.ring.dilated import make_dilated_plan
 
     sent = {}
     for rank in range(world):
@@ -290,7 +290,7 @@ def test_dilated_ring_blocks_cover_exactly_the_allowed_pairs(world, n, segments,
     """The dense blocks of every job hold each (row, key) pair the spec allows exactly once (same
     segment; key at or before the row with causal masking), nothing else, and each diagonal block
     has its rows' own positions as keys, in order (what a causal square needs)."""
-    from dilated_compile.lowering.ring_dilated import make_dilated_plan
+    from dilated_compile.lowering.ring.dilated import make_dilated_plan
 
     if layout == "zigzag" and n % 2:
         pytest.skip("zigzag needs an even shard")
@@ -316,8 +316,8 @@ def test_dilated_ring_blocks_cover_exactly_the_allowed_pairs(world, n, segments,
 
 
 def test_block_sparse_ring_skips_steps_without_active_blocks():
-    from dilated_compile.lowering.block_patterns import as_pattern
-    from dilated_compile.lowering.ring_block_sparse import make_block_sparse_schedule
+    from dilated_compile.lowering.block_sparse.patterns import as_pattern
+    from dilated_compile.lowering.ring.block_sparse import make_block_sparse_schedule
 
     def boxes(world, n, layout, is_causal, pattern, block_size):
         pattern = as_pattern(pattern, block_size)
@@ -343,8 +343,8 @@ def test_block_sparse_ring_skips_steps_without_active_blocks():
 def test_block_sparse_schedule_splits_boxes_only_for_mask_mod(monkeypatch):
     """Built-in patterns run as dense blocks: one box per shard pair however many pairs it
     holds (each box is its own kernel calls); a mask_mod pattern's masked boxes are split."""
-    from dilated_compile.lowering import ring_block_sparse as rbs
-    from dilated_compile.lowering.block_patterns import as_pattern
+    from dilated_compile.lowering.ring import block_sparse as rbs
+    from dilated_compile.lowering.block_sparse.patterns import as_pattern
 
     monkeypatch.setattr(rbs, "MAX_BOX_PAIRS", 4)
     for pattern, most in (({"kind": "local_window", "window": 1}, 1),
@@ -366,8 +366,8 @@ def test_split_block_sparse_boxes_cover_every_allowed_pair_once(layout, is_causa
     """Boxes split by query rows (MAX_BOX_PAIRS tiny): disjoint rows, at most MAX_BOXES per
     shard pair, narrower keys than one box where the pattern allows, and together they
     hold every allowed (query, key) pair of the pair."""
-    from dilated_compile.lowering import ring_block_sparse as rbs
-    from dilated_compile.lowering.block_patterns import as_pattern, evaluate_mask_mod, token_mask_mod
+    from dilated_compile.lowering.ring import block_sparse as rbs
+    from dilated_compile.lowering.block_sparse.patterns import as_pattern, evaluate_mask_mod, token_mask_mod
 
     world, n = 2, 32
     pat = as_pattern(pattern, block_size)
@@ -406,9 +406,9 @@ def test_split_block_sparse_boxes_cover_every_allowed_pair_once(layout, is_causa
 def test_block_sparse_ring_blocks_cover_exactly_the_allowed_pairs(world, n, pattern, block_size, layout, is_causal):
     """Every box's dense blocks hold each (query, key) pair the token mask allows exactly once,
     and nothing else; each diagonal block's keys are its rows' own positions, in order."""
-    from dilated_compile.lowering.block_patterns import as_pattern
-    from dilated_compile.lowering.ring_block_sparse import make_block_sparse_schedule
-    from dilated_compile.lowering.ring_dense import Call
+    from dilated_compile.lowering.block_sparse.patterns import as_pattern
+    from dilated_compile.lowering.ring.block_sparse import make_block_sparse_schedule
+    from dilated_compile.lowering.ring.dense import Call
 
     pat = as_pattern(pattern, block_size)
     q = torch.zeros(1, 1, n, 1)
@@ -435,7 +435,7 @@ def test_block_sparse_ring_blocks_cover_exactly_the_allowed_pairs(world, n, patt
 
 def _allowed_pairs(pattern, block_size, is_causal, qpos, kpos) -> torch.Tensor:
     """(len(qpos), len(kpos)) bool: the pairs the token mask allows, from global positions."""
-    from dilated_compile.lowering.block_patterns import evaluate_mask_mod, token_mask_mod
+    from dilated_compile.lowering.block_sparse.patterns import evaluate_mask_mod, token_mask_mod
 
     return evaluate_mask_mod(token_mask_mod(pattern, block_size, is_causal), 1, 1,
                              torch.tensor(qpos), torch.tensor(kpos))[0, 0]
@@ -457,8 +457,8 @@ def test_block_exchange_sends_exactly_the_used_keys_and_covers_every_pair(
     its queries may attend (no more: that is what makes it cheap), what a rank sends is what
     the other receives, and the dense blocks over own and received keys hold every allowed
     (query, key) pair once and nothing else."""
-    from dilated_compile.lowering.block_patterns import as_pattern
-    from dilated_compile.lowering.ring_block_exchange import exchange_plan
+    from dilated_compile.lowering.block_sparse.patterns import as_pattern
+    from dilated_compile.lowering.ring.block_exchange import exchange_plan
 
     pat = as_pattern(pattern, block_size)
     plans = [exchange_plan(world, r, n, layout, is_causal, pat, block_size) for r in range(world)]
@@ -489,8 +489,8 @@ def test_block_exchange_sends_exactly_the_used_keys_and_covers_every_pair(
 def test_block_sparse_ring_exchanges_keys_only_where_that_sends_less():
     """Key exchange where no rank needs more than a shard of the others' keys; the ring where
     one does (a wide window), and always for a mask_mod pattern and on one rank."""
-    from dilated_compile.lowering.block_patterns import as_pattern
-    from dilated_compile.lowering.ring_block_exchange import exchange_plan
+    from dilated_compile.lowering.block_sparse.patterns import as_pattern
+    from dilated_compile.lowering.ring.block_exchange import exchange_plan
 
     def plan(world, pattern, block_size=4, n=32, causal=True):
         return exchange_plan(world, 0, n, "zigzag", causal, as_pattern(pattern, block_size), block_size)
@@ -511,7 +511,7 @@ def _backward_graph(sched, dtype: torch.dtype, saved_shard: bool = False):
     group), with rank r+1's shard handed over from the forward or not."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from dilated_compile.lowering.ring_dense import ring_backward
+    from dilated_compile.lowering.ring.dense import ring_backward
 
     b, h, d = 1, 2, 4
     args = [torch.randn(b, h, sched.n, d, dtype=dtype) for _ in range(5)] + [torch.randn(b, h, sched.n)]
@@ -534,7 +534,7 @@ def test_ring_backward_sends_the_first_gradient_hop_in_the_input_dtype(layout, i
     """The key/value gradient accumulator made at step 1 is one kernel call's gradient, exact in
     bf16: it travels in bf16 (for W = 2 the only gradient hop: half the bytes of float32);
     later hops carry sums, in float32."""
-    from dilated_compile.lowering.ring_dense import make_schedule
+    from dilated_compile.lowering.ring.dense import make_schedule
 
     n, kv = 8, 2 * 1 * 2 * 8 * 4  # elements of the stacked key/value shard (B=1, H=2, n=8, D=4)
     bf16, f32 = 2 * kv, 4 * kv
@@ -557,7 +557,7 @@ def test_ring_backward_hides_its_end_transfers_behind_the_own_step(world, saved_
     (the own shard's backward hides the last gradient hop); without it all but the last hop
     (the own shard's backward hides the first fetch instead). And the ring runs backwards:
     rank r sends to r-1."""
-    from dilated_compile.lowering.ring_dense import make_schedule
+    from dilated_compile.lowering.ring.dense import make_schedule
 
     rank = 1
     graph = _backward_graph(make_schedule(world, rank, 8, "zigzag", True), torch.bfloat16, saved_shard)
@@ -577,8 +577,8 @@ def test_ring_backward_hides_its_end_transfers_behind_the_own_step(world, saved_
 
 def test_block_sparse_ring_backward_sends_gradients_in_float32():
     """Masked attention's gradients come in float32: every accumulator hop stays float32."""
-    from dilated_compile.lowering.block_patterns import as_pattern
-    from dilated_compile.lowering.ring_block_sparse import make_block_sparse_schedule
+    from dilated_compile.lowering.block_sparse.patterns import as_pattern
+    from dilated_compile.lowering.ring.block_sparse import make_block_sparse_schedule
 
     pattern = as_pattern({"kind": "local_window", "window": 1}, 3)
     sched = make_block_sparse_schedule(2, 1, 8, "contiguous", True, pattern, 3)
@@ -587,7 +587,7 @@ def test_block_sparse_ring_backward_sends_gradients_in_float32():
 
 
 # ---------------------------------------------------------------------------
-# the ring custom op for symbolic lengths (lowering/dynamic_ring.py), without a process group;
+# the ring custom op for symbolic lengths (lowering/ring/op.py), without a process group;
 # the multi-rank cases are the worker's "dynamic-*" cases
 
 
@@ -610,7 +610,7 @@ _DYNAMIC_INNERS = {
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_dynamic_ring_op_world_size_1_matches_reference(inner, is_causal):
     """World size 1: the op runs the ring lowering locally (any layout, odd lengths too)."""
-    from dilated_compile.lowering.dynamic_ring import dynamic_ring_attention
+    from dilated_compile.lowering.ring.op import dynamic_ring_attention
 
     kwargs, reference = _DYNAMIC_INNERS[inner]
     q, k, v = _qkv(13)
@@ -628,7 +628,7 @@ def test_dynamic_ring_op_with_a_mask_mod_pattern_matches_reference():
     """A block-sparse mask_mod pattern reaches the ring op as its import path; output and
     gradients equal the float64 reference, and the op passes opcheck (run under a
     dispatch mode, where the mask's vmap needs its dispatch keys back)."""
-    from dilated_compile.lowering.dynamic_ring import dynamic_ring_attention, ring_op_args
+    from dilated_compile.lowering.ring.op import dynamic_ring_attention, ring_op_args
 
     kwargs = dict(block_size=4, pattern={"kind": "mask_mod", "function": "tests.masks:stripes"})
     q, k, v = _qkv(13)
@@ -638,7 +638,7 @@ def test_dynamic_ring_op_with_a_mask_mod_pattern_matches_reference():
     torch.testing.assert_close(out, ref)
     for g, r in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
         torch.testing.assert_close(g, r)
-    args = [1, 0, "", "block_sparse", "contiguous", True, 0.3, *ring_op_args("block_sparse", **kwargs), 0]
+    args = [*ring_op_args(1, 0, "", "block_sparse", "contiguous", **kwargs), True, 0.3, 0]
     qs, ks, vs = (torch.randn(2, 3, 19, 8, requires_grad=True) for _ in range(3))
     torch.library.opcheck(torch.ops.dilated_compile.ring_attention.default, (qs, ks, vs, *args))
 
@@ -646,7 +646,7 @@ def test_dynamic_ring_op_with_a_mask_mod_pattern_matches_reference():
 def test_dynamic_ring_op_below_min_seq_len_is_local_attention():
     """Below min_seq_len (global: shard x world size) the op computes what the static path's
     left site computes: ordinary attention of this rank's shard."""
-    from dilated_compile.lowering.dynamic_ring import dynamic_ring_attention
+    from dilated_compile.lowering.ring.op import dynamic_ring_attention
 
     q, k, v = _qkv(13)
     kwargs = dict(world_size=1, rank=0, group_name=None, inner="dilated", is_causal=True,
@@ -658,11 +658,10 @@ def test_dynamic_ring_op_below_min_seq_len_is_local_attention():
 
 
 def _op_args(inner, min_seq_len=0, world_size=1, rank=0, group_name=""):
-    from dilated_compile.lowering.dynamic_ring import ring_op_args
+    from dilated_compile.lowering.ring.op import ring_op_args
 
     kwargs, _ = _DYNAMIC_INNERS[inner]
-    return [world_size, rank, group_name, inner, "contiguous", True, 0.3,
-            *ring_op_args(inner, **kwargs), min_seq_len]
+    return [*ring_op_args(world_size, rank, group_name, inner, "contiguous", **kwargs), True, 0.3, min_seq_len]
 
 
 @pytest.mark.parametrize(

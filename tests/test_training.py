@@ -15,9 +15,10 @@ from torch._dynamo.utils import counters
 
 import dilated_compile
 from dilated_compile import block_sparse_reference, dense_reference, dilated_reference
-from dilated_compile.lowering import dilated as dilated_lowering
-from dilated_compile.lowering.dynamic import dynamic_dilated_attention
-from dilated_compile.lowering.dynamic_block_sparse import dynamic_block_sparse_attention
+from dilated_compile.lowering.dilated import plan as dilated_lowering
+from dilated_compile.lowering.dilated.arguments import encode_parameters
+from dilated_compile.lowering.dilated.op import dynamic_dilated_attention
+from dilated_compile.lowering.block_sparse.op import dynamic_block_sparse_attention
 
 from .models import CheckpointedBlocks, TinyModel, dilated_rule, policy, restore, with_attention_replaced
 from .tolerance import assert_within
@@ -85,7 +86,7 @@ def test_dynamic_op_passes_opcheck():
     q, k, v = (torch.randn(2, 3, 19, 8, requires_grad=True) for _ in range(3))
     torch.library.opcheck(
         torch.ops.dilated_compile.dilated_attention.default,
-        (q, k, v, list(SEG), list(RATES), "longnet", True, 0.3, 0),
+        (q, k, v, encode_parameters(SEG, RATES, "longnet"), True, 0.3, 0),
     )
 
 
@@ -229,7 +230,7 @@ def test_cache_key_changes_with_policy_content_not_its_source():
     b = cacheable_functions_patch(dilated_compile.load_policy(policy(dilated_rule(seg=(8, 16)))))
     c = cacheable_functions_patch(dilated_compile.load_policy(policy(dilated_rule(seg=(8, 32)))))
     assert a == b and set(a) == set(c) and a != c
-    assert "dilated_compile.lowering.dilated.dilated_attention" in a
+    assert "dilated_compile.lowering.dilated.attention.dilated_attention" in a
 
 
 @pytest.mark.parametrize("knob,value", [("DILATED_COMBINE", "inductor"), ("DILATED_KERNEL", "math")])
@@ -399,7 +400,7 @@ def _module_level_caches():
 
 def test_every_module_level_cache_is_bounded():
     caches = _module_level_caches()
-    assert "dilated_compile.lowering.dilated.make_plan" in caches
+    assert "dilated_compile.lowering.dilated.plan.make_plan" in caches
     unbounded = [name for name, fn in caches.items() if fn.cache_parameters()["maxsize"] is None]
     assert not unbounded, f"unbounded caches: {unbounded}"
     from dilated_compile.passes import report
@@ -414,7 +415,7 @@ _THREADS_PROBE = textwrap.dedent(
     import torch
     from torch._dynamo.utils import counters
 
-    from dilated_compile.lowering import dilated as dilated_lowering
+    from dilated_compile.lowering.dilated import plan as dilated_lowering
     from tests.models import TinyModel, dilated_rule, policy
 
     torch.manual_seed(0)
@@ -571,12 +572,17 @@ def test_dynamic_block_sparse_op_is_dense_below_min_seq_len():
 
 @pytest.mark.parametrize(
     "args",
-    [(BLOCK, "global_local", 1, -1, 1, "", True, 0.3, 0), (BLOCK, "dilated", 0, 2, -1, "", False, 0.3, 0),
-     (BLOCK, "local_window", 1, -1, -1, "", True, 0.3, 20),
-     (BLOCK, "mask_mod", -1, -1, -1, "tests.masks:stripes", True, 0.3, 0)],
+    [({"kind": "global_local", "window": 1, "global_blocks": 1}, True, 0.3, 0),
+     ({"kind": "dilated", "window": 0, "stride": 2}, False, 0.3, 0),
+     ({"kind": "local_window", "window": 1}, True, 0.3, 20),
+     ({"kind": "mask_mod", "function": "tests.masks:stripes"}, True, 0.3, 0)],
     ids=["global_local_causal", "dilated", "dense_below_min_seq_len", "mask_mod"],
 )
 def test_dynamic_block_sparse_ops_pass_opcheck(args):
+    from dilated_compile.lowering.block_sparse.arguments import encode_parameters as encode_block_sparse
+
+    pattern, *rest = args
+    args = (encode_block_sparse(BLOCK, pattern), *rest)
     q, k, v = (torch.randn(2, 3, 19, 8, requires_grad=True) for _ in range(3))
     torch.library.opcheck(torch.ops.dilated_compile.block_sparse_attention.default, (q, k, v, *args))
     out, lse = torch.ops.dilated_compile.block_sparse_attention(q, k, v, *args)

@@ -119,7 +119,7 @@ def block_sparse_counts(
     j // b for query block i // b, or the mask_mod at token level) and, if
     causal, j <= i on global positions.
     """
-    from .block_patterns import as_pattern, evaluate_mask_mod, load_mask_mod
+    from .block_sparse.patterns import as_pattern, evaluate_mask_mod, load_mask_mod
 
     pattern = as_pattern(pattern, block_size)
     pos = torch.arange(n)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..policy import Policy
+from ..policy.model import Policy
 from ..sharding import check_same_on_all_ranks, ring_info
 from .decide import Decision, decide
 from .report import (
@@ -20,7 +20,8 @@ from .report import (
     unified_diff,
 )
 from .rewrite import LOWERED_TARGETS, rewrite
-from .sites import Site, find_sites, graph_modules
+from .forms import find_sites
+from .sites import Site, graph_modules
 
 
 class RewriteError(RuntimeError):

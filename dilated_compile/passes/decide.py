@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..lowering.ring import check_local_shape
-from ..policy import Policy, Rule
+from ..lowering.ring.layout import check_local_shape
+from ..policy.model import Policy, Rule
 from ..sharding import RingInfo, ring_info
 from .sites import Site
 
@@ -32,7 +32,7 @@ class Decision:
     reason: str | None  # why it was left, else None
     targeted: bool  # a rule asked for a rewrite
     ring: RingInfo | None = None  # the ring the site runs over (world size 1: runs locally)
-    dynamic: bool = False  # symbolic sequence length: runs through a custom op (lowering/dynamic*.py)
+    dynamic: bool = False  # symbolic sequence length: runs through a custom op (lowering/*/op.py)
 
 
 def _is_int(x) -> bool:
@@ -172,7 +172,7 @@ def decide(site: Site, policy: Policy) -> Decision:
             return _left(
                 site, rule, f"dynamic (symbolic) sequence length: {rule.attention} is not rewritten yet", True
             )
-        if ring_over_ranks:  # the ring custom op (lowering/dynamic_ring.py), any inner attention
+        if ring_over_ranks:  # the ring custom op (lowering/ring/op.py), any inner attention
             return Decision(site, rule, "rewritten", "ring", None, True, ring, dynamic=True)
         # world size 1: the inner attention's own custom op, run locally
         return Decision(site, rule, "rewritten", rule.attention, None, True, ring, dynamic=True)

@@ -12,8 +12,7 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from ..lowering.block_patterns import density
-from ..lowering.ring import key_traffic
+from ..lowering.registry import strategy
 from .decide import Decision
 from .sites import graph_modules
 
@@ -63,23 +62,17 @@ def _became(d: Decision) -> str | None:
     """What the site became, in words, e.g. ``ring zigzag over 4 ranks, inner dense``."""
     if d.status != "rewritten":
         return None
-    kind = d.rule.attention
+    kind = strategy(d.rule.attention)
     ring_op = d.dynamic and d.attention == "ring"  # the ring custom op (world size > 1)
     local_op = d.dynamic and not ring_op  # the inner attention's custom op
-    if kind == "dilated":
-        spec = d.rule.dilated
-        text = f"dilated {spec.head_split} w={list(spec.segment_lengths)} r={list(spec.dilation_rates)}"
-        if local_op:
-            text += f"; dynamic length (custom op), dense below min_seq_len {d.rule.min_seq_len}"
-    elif kind == "block_sparse":
-        n = d.site.key_len
-        if d.ring is not None and isinstance(n, int):
-            n *= d.ring.world_size
-        text = _block_sparse_text(d.rule.block_sparse, n)
-        if local_op:
-            text += f"; dynamic length (custom op), dense below min_seq_len {d.rule.min_seq_len}"
-    else:  # dense: unchanged, or the inner attention of a ring
-        text = "dense" if d.attention == "ring" else d.attention
+    n = d.site.key_len
+    if d.ring is not None and isinstance(n, int):
+        n *= d.ring.world_size
+    text = kind.describe(kind.spec(d.rule), n)
+    if d.attention != "ring" and kind.functions.static is None:  # the site stays as it was
+        text += " (unchanged)"
+    if local_op:
+        text += f"; dynamic length (custom op), dense below min_seq_len {d.rule.min_seq_len}"
     if d.ring is None:
         return text
     if d.ring.world_size == 1:
@@ -97,24 +90,13 @@ def _became(d: Decision) -> str | None:
 
 
 def _key_traffic(d: Decision) -> str:
-    """How the ring site moves keys (lowering.ring.key_traffic), from the decision."""
-    kind, args = d.rule.attention, {}
-    if kind == "dilated":
-        args = dict(segment_lengths=d.rule.dilated.segment_lengths,
-                    dilation_rates=d.rule.dilated.dilation_rates)
-    elif kind == "block_sparse":
-        args = dict(block_size=d.rule.block_sparse.block_size, pattern=d.rule.block_sparse.pattern)
+    """How the ring site moves keys (the inner strategy's `key_traffic`), from the decision."""
+    kind = strategy(d.rule.attention)
     causal = d.site.args.get("is_causal")
-    return key_traffic(kind, d.site.query_len, d.rule.ring.layout,
-                       d.ring.world_size, d.ring.rank, causal is True, **args)
-
-
-def _block_sparse_text(spec, n) -> str:
-    """e.g. ``block_sparse b=128 local_window(window=2), 5.9% of blocks``."""
-    text = f"block_sparse {spec.describe()}"
-    if spec.pattern.kind != "mask_mod" and isinstance(n, int) and n > 0:
-        text += f", {100 * density(spec.pattern, spec.block_size, n):.3g}% of blocks"
-    return text
+    return kind.functions.key_traffic(
+        d.site.query_len, d.rule.ring.layout, d.ring.world_size, d.ring.rank, causal is True,
+        **kind.ring_parameters(kind.spec(d.rule)),
+    )
 
 
 def _label(node: fx.Node) -> str:

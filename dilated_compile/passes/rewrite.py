@@ -10,14 +10,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from dataclasses import asdict
-
-from ..lowering.block_sparse import block_sparse_attention
-from ..lowering.dilated import dilated_attention
-from ..lowering.dynamic import dynamic_dilated_attention
-from ..lowering.dynamic_block_sparse import dynamic_block_sparse_attention
-from ..lowering.dynamic_ring import dynamic_ring_attention
-from ..lowering.ring import ring_attention_local
+from ..lowering.registry import strategy
+from ..lowering.targets import lowered_functions, ring_functions
 from .decide import Decision
 from .sites import graph_modules
 
@@ -42,83 +36,45 @@ def _attention_kwargs(decision: Decision) -> dict:
     return {"is_causal": args["is_causal"], "scale": args["scale"]}
 
 
-def _block_sparse_kwargs(decision: Decision) -> dict:
-    """block_size and pattern (a plain dict of the set fields) of a block-sparse rule."""
-    spec = decision.rule.block_sparse
-    pattern = {key: val for key, val in asdict(spec.pattern).items() if val is not None}
-    return {"block_size": spec.block_size, "pattern": pattern}
-
-
-def _dilated_call(
-    graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision, target=dilated_attention, **extra
-) -> fx.Node:
-    spec = decision.rule.dilated
+def _call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision) -> fx.Node:
+    """The call a rewritten site becomes: its strategy's function (`dynamic`: the custom op,
+    which adds no guard on the length and decides min_seq_len per call), or for a ring over
+    several ranks the ring's, with the strategy as its inner attention."""
+    rule = decision.rule
+    inner = strategy(rule.attention)
+    spec = inner.spec(rule)
+    extra = {"min_seq_len": rule.min_seq_len} if decision.dynamic else {}
+    if decision.attention == "ring":
+        ring_local, ring_dynamic = ring_functions()
+        ring = decision.ring
+        kwargs = {
+            "world_size": ring.world_size,
+            "rank": ring.rank,
+            "group_name": ring.group_name,
+            "inner": rule.attention,
+            "layout": rule.ring.layout,
+            **_attention_kwargs(decision),
+            **inner.ring_parameters(spec),
+            **extra,
+        }
+        return graph.call_function(ring_dynamic if decision.dynamic else ring_local, args=qkv, kwargs=kwargs)
+    functions = inner.functions
+    target = functions.dynamic if decision.dynamic else functions.static
+    args, kwargs = inner.site_arguments(spec)
     return graph.call_function(
-        target,
-        args=(*qkv, spec.segment_lengths, spec.dilation_rates),
-        kwargs={"head_split": spec.head_split, **_attention_kwargs(decision), **extra},
+        target, args=(*qkv, *args), kwargs={**kwargs, **_attention_kwargs(decision), **extra}
     )
 
 
-def _block_sparse_call(
-    graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision, target=block_sparse_attention, **extra
-) -> fx.Node:
-    kwargs = {**_block_sparse_kwargs(decision), **_attention_kwargs(decision), **extra}
-    return graph.call_function(target, args=qkv, kwargs=kwargs)
-
-
-def _ring_call(
-    graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision, target=ring_attention_local, **extra
-) -> fx.Node:
-    rule, ring = decision.rule, decision.ring
-    kwargs = {
-        "world_size": ring.world_size,
-        "rank": ring.rank,
-        "group_name": ring.group_name,
-        "inner": rule.attention,
-        "layout": rule.ring.layout,
-        **_attention_kwargs(decision),
-    }
-    if rule.attention == "dilated":
-        spec = rule.dilated
-        kwargs.update(
-            segment_lengths=spec.segment_lengths,
-            dilation_rates=spec.dilation_rates,
-            head_split=spec.head_split,
-        )
-    if rule.attention == "block_sparse":
-        kwargs.update(_block_sparse_kwargs(decision))
-    return graph.call_function(target, args=qkv, kwargs={**kwargs, **extra})
-
-
-# What a rewritten site becomes, by the decision's `attention`.
-_CALLS = {"dilated": _dilated_call, "block_sparse": _block_sparse_call, "ring": _ring_call}
-
-# The same for sites with a symbolic sequence length (decision.dynamic): the
-# custom ops, which add no guard on the length and decide min_seq_len per call
-# (block-sparse: built-in pattern kinds only; ring: any inner attention).
-_DYNAMIC_TARGETS = {
-    "dilated": dynamic_dilated_attention,
-    "block_sparse": dynamic_block_sparse_attention,
-    "ring": dynamic_ring_attention,
-}
-
-
-def _dynamic_call(kind: str):
-    def call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision) -> fx.Node:
-        return _CALLS[kind](
-            graph, qkv, decision, target=_DYNAMIC_TARGETS[kind], min_seq_len=decision.rule.min_seq_len
-        )
-
-    return call
-
-
-_DYNAMIC_CALLS = {kind: _dynamic_call(kind) for kind in _DYNAMIC_TARGETS}
-
 # Every function a rewritten site calls.
-LOWERED_TARGETS = frozenset(
-    [dilated_attention, block_sparse_attention, ring_attention_local, *_DYNAMIC_TARGETS.values()]
-)
+LOWERED_TARGETS = frozenset(lowered_functions())
+
+
+def _rewrites(decision: Decision) -> bool:
+    """Whether the decision replaces its site (a dense site outside a ring stays as it was)."""
+    if decision.status != "rewritten":
+        return False
+    return decision.attention == "ring" or strategy(decision.rule.attention).functions.static is not None
 
 
 def _expand_kv_heads(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision):
@@ -159,7 +115,7 @@ def rewrite(gm: fx.GraphModule, decisions: list[Decision]) -> fx.GraphModule:
     new = copy_graph_module(gm)
     replaced: dict[str, dict[str, fx.Node]] = {}  # graph path -> old node name -> node now in its place
     for d in decisions:
-        if d.status != "rewritten" or d.attention not in _CALLS:
+        if not _rewrites(d):
             continue
         module = new.get_submodule(d.site.graph) if d.site.graph else new
         # names are those of the graph the sites were found in: a site's output that an
@@ -172,8 +128,7 @@ def rewrite(gm: fx.GraphModule, decisions: list[Decision]) -> fx.GraphModule:
             else:
                 qkv = tuple(by_name[x.name] for x in (d.site.q, d.site.k, d.site.v))
             qkv = _expand_kv_heads(module.graph, qkv, d)
-            call = _DYNAMIC_CALLS[d.attention] if d.dynamic else _CALLS[d.attention]
-            node = call(module.graph, qkv, d)
+            node = _call(module.graph, qkv, d)
         old_name = old.name
         if d.site.replace is not None:
             node.meta = {key: val for key, val in old.meta.items() if key != "example_value"}

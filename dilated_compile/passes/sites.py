@@ -3,8 +3,9 @@
 A site is a node that computes standard attention, with what the rest of the
 pipeline needs to know about it: the owning module's dotted path, the form
 it was written in, its tensors' shapes, and its arguments (causal, scale,
-mask, dropout). The finders, one per form, are in `passes/forms/`; this module
-holds what they share and runs them. It only looks; it changes nothing.
+mask, dropout). The finders, one per form, and `find_sites`, which runs them,
+are in `passes/forms/`; this module holds what they share. It only looks; it
+changes nothing.
 """
 
 from __future__ import annotations
@@ -93,17 +94,3 @@ def graph_modules(gm: fx.GraphModule) -> list[tuple[str, fx.GraphModule]]:
     """`gm` and every GraphModule nested in it (bodies of higher-order ops such
     as activation checkpointing), with their paths ("" for `gm`)."""
     return [(name, m) for name, m in gm.named_modules() if isinstance(m, fx.GraphModule)]
-
-
-def find_sites(gm: fx.GraphModule) -> list[Site]:
-    """Every attention site in `gm` and its nested graphs, in graph order."""
-    from .forms import FINDERS
-
-    sites = []
-    for path, module in graph_modules(gm):
-        found = [site for finder in FINDERS for site in finder(module)]
-        order = {node: i for i, node in enumerate(module.graph.nodes)}
-        for site in sorted(found, key=lambda site: order[site.node]):
-            site.graph = path
-            sites.append(site)
-    return sites

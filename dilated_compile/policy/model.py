@@ -1,4 +1,4 @@
-"""The policy as data: rules, the per-strategy settings and block patterns.
+"""The policy as data: rules and the policy (the per-strategy settings are in `specs`).
 
 Frozen dataclasses, built by the validator from a policy file or dict and
 read by the passes and the lowering. Nothing here reads YAML or checks a
@@ -12,6 +12,17 @@ from dataclasses import dataclass
 
 from .errors import PolicyError, show
 from .matching import ModulePattern, PatternSyntaxError, compile_match, first_match
+from .specs import (
+    ATTENTION_KINDS,
+    HEAD_SPLITS,
+    PATTERN_KINDS,
+    RING_LAYOUTS,
+    SCHEMA_VERSION,
+    BlockPattern,
+    BlockSparseSpec,
+    DilatedSpec,
+    RingSpec,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -26,83 +37,6 @@ __all__ = [
     "Rule",
     "Policy",
 ]
-
-SCHEMA_VERSION = 1
-ATTENTION_KINDS = ("dense", "dilated", "block_sparse")
-HEAD_SPLITS = ("groups", "longnet")
-RING_LAYOUTS = ("contiguous", "zigzag")
-PATTERN_KINDS = ("local_window", "dilated", "global_local", "mask_mod")
-
-
-@dataclass(frozen=True)
-class DilatedSpec:
-    """Dilated attention: one (segment length, dilation rate) pattern per entry."""
-
-    segment_lengths: tuple[int, ...]
-    dilation_rates: tuple[int, ...]
-    head_split: str = "groups"  # "groups" | "longnet"
-
-    def describe(self) -> str:
-        """Short text, e.g. ``w=[2048,4096] r=[1,2] longnet``."""
-        w = ",".join(map(str, self.segment_lengths))
-        r = ",".join(map(str, self.dilation_rates))
-        return f"w=[{w}] r=[{r}] {self.head_split}"
-
-
-@dataclass(frozen=True)
-class BlockPattern:
-    """Which key blocks each query block attends to.
-
-    Built from a mapping such as ``{kind: local_window, window: 2}`` by
-    :func:`dilated_compile.policy.parse_pattern`, which checks it.
-    """
-
-    kind: str  # "local_window" | "dilated" | "global_local" | "mask_mod"
-    window: int | None = None
-    stride: int | None = None
-    global_blocks: int | None = None
-    function: str | None = None  # mask_mod: "package.module:name"
-
-    def as_tuple(self) -> tuple:
-        """The fields in order: ``BlockPattern(*p.as_tuple()) == p`` (plain values for caches
-        and Dynamo constants)."""
-        return (self.kind, self.window, self.stride, self.global_blocks, self.function)
-
-    def describe(self) -> str:
-        """Short text, e.g. ``local_window(window=2)``."""
-        if self.kind == "mask_mod":
-            return f"mask_mod({self.function})"
-        fields = [
-            f"{name}={getattr(self, name)}"
-            for name in ("global_blocks", "stride", "window")
-            if getattr(self, name) is not None
-        ]
-        return f"{self.kind}({', '.join(fields)})"
-
-
-@dataclass(frozen=True)
-class BlockSparseSpec:
-    """Block-sparse attention: block size and pattern."""
-
-    block_size: int
-    pattern: BlockPattern
-
-    def describe(self) -> str:
-        """Short text, e.g. ``b=128 local_window(window=2)``."""
-        return f"b={self.block_size} {self.pattern.describe()}"
-
-
-@dataclass(frozen=True)
-class RingSpec:
-    """Ring attention over a process group."""
-
-    layout: str = "contiguous"  # "contiguous" | "zigzag"
-    group: str | None = None  # name given to dilated_compile.register_group; None = world
-
-    def describe(self) -> str:
-        """Short text, e.g. ``ring=zigzag@tp``."""
-        return f"ring={self.layout}" + (f"@{self.group}" if self.group else "")
-
 
 _MATCH_EXPECTED = "a glob or 're:<regex>'"
 

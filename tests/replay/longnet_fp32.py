@@ -133,16 +133,16 @@ def module(factory, device: str) -> dict:
 
 def inputs(device: str):
     """The module's arguments and eager `assemble`'s (out, lse) for them."""
-    from dilated_compile.lowering import dilated
-    from dilated_compile.lowering.kernels import block_attention
+    from dilated_compile.lowering.common.block_kernels import block_attention
+    from dilated_compile.lowering.dilated import compute, plan as plans
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 5, 300, 64, generator=g) for _ in range(3))
-    plan = dilated.make_plan(5, 300, (64, 128, 256), (1, 2, 4), "longnet", dilated.ALL_PARTS_SMALL, 0)
-    qs, ks, vs = (dilated.gather_calls(plan, x) for x in (q, k, v))
+    plan = plans.make_plan(5, 300, (64, 128, 256), (1, 2, 4), "longnet", plans.ALL_PARTS_SMALL, 0)
+    qs, ks, vs = (compute.gather_calls(plan, x) for x in (q, k, v))
     res = [block_attention(a, b, c, is_causal=True, scale=0.125) for a, b, c in zip(qs, ks, vs)]
     outs, lses = [r.out.contiguous() for r in res], [r.lse.contiguous() for r in res]
-    want = dilated.assemble(plan, outs, lses, 2, q)
+    want = compute.assemble(plan, outs, lses, 2, q)
     by_shape = {tuple(t.shape): t for t in outs + lses}
     args = []
     for s in SHAPES:

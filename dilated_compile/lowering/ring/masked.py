@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .kernels import accumulation_dtype
+from ..common.block_kernels import accumulation_dtype
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Block results back into sequence order, in one Triton kernel per output (CUDA).
 
-`dilated.assemble` and `dilated.spread_sum` say what this computes, with
+`dilated/compute.py`'s `assemble` and `spread_sum` say what this computes, with
 views, pads and pointwise ops that Inductor fuses: about a hundred small
 graph pieces for a LongNet site, each a kernel that Inductor compiles and
 that reads or writes the whole output. Here each output tile is written
@@ -14,7 +14,7 @@ summed (the adjoint of the gather), giving dq, dk or dv.
 The plan's geometry and the results' strides are compile-time constants of
 the kernel, so Triton specialises it per plan (cached on disk like any
 Triton kernel). Used on real CUDA tensors only, inside the
-``dilated_compile::dilated_attention`` custom op (`dynamic.py`).
+``dilated_compile::dilated_attention`` custom op (`dilated/op.py`).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .kernels import seq_major_empty
+from .storage import seq_major_empty
 
 if TYPE_CHECKING:
-    from .dilated import Plan
+    from ..dilated.plan import Plan
 
 # One part's fields, as the kernel reads them (all in elements).
 #   call, h_start, h_stop, h_step, offset, rate, start, seg_len, n_segs,
@@ -93,7 +93,7 @@ def _descriptor_of(calls, out_strides, lse_strides, batch: int) -> tuple[int, ..
 
 
 # Descriptors by (id of the calls tuple, result strides, batch): plans are cached
-# (`dilated.make_plan`), so their call tuples are the same objects on every call
+# (`dilated/plan.py`'s `make_plan`), so their call tuples are the same objects on every call
 # and need no hashing (hashing the parts cost more than the lookup saves).
 # Each entry keeps its calls tuple, so an id reused by a new tuple cannot match.
 _DESCRIPTORS: dict[tuple, tuple[tuple, tuple[int, ...]]] = {}
@@ -157,7 +157,7 @@ def _block_d(d: int) -> int:
 
 
 def merge(plan: Plan, outs, lses, like: torch.Tensor):
-    """(out, lse) from the calls' results, as `dilated.assemble` defines them:
+    """(out, lse) from the calls' results, as `compute.assemble` defines them:
     out (B, H, N, D) in `like`'s dtype, lse (B, H, N) float32, both stored
     sequence-major; lse is -inf and out 0 where no pattern selects a position."""
     b, h, n, d = like.shape
@@ -170,7 +170,7 @@ def merge(plan: Plan, outs, lses, like: torch.Tensor):
 
 
 def spread_sum(plan: Plan, grads: Sequence[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """`dilated.spread_sum` in `like`'s dtype, stored sequence-major."""
+    """`compute.spread_sum` in `like`'s dtype, stored sequence-major."""
     out = seq_major_empty(like, like.shape, like.dtype)
     if not grads:
         return out.zero_()

@@ -19,9 +19,9 @@ from functools import lru_cache
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from ..policy import BlockPattern
-from .block_patterns import evaluate_mask_mod, load_mask_mod, token_mask_mod
-from .constants import aot_tracing, graph_constant, outside_tracing
+from ...policy.specs import BlockPattern
+from .patterns import evaluate_mask_mod, load_mask_mod, token_mask_mod
+from ..common.constants import aot_tracing, graph_constant, outside_tracing
 
 TILE = 128  # FlexAttention's default sparse block size
 

@@ -2,7 +2,7 @@
 
 On CUDA in fp16/bf16 it is FlexAttention with a BlockMask (Inductor's Triton
 template, forward and backward); elsewhere (CPU, float32 and float64 on CUDA)
-the gathered key-block lowering of `block_gather`, which trains everywhere.
+the gathered key-block lowering of `gather.py`, which trains everywhere.
 FlexAttention's float32 backward misses the tolerance rule (SPEC section 9)
 for the key/value gradients of global columns (dv 7.5e-6 against an allowed
 6.1e-6 at N=1000 on an H200, torch 2.11), so float32 takes the exact path.
@@ -17,11 +17,11 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from ..policy import BlockPattern
-from .block_flex import flex_block_sparse
-from .block_gather import gather_block_sparse
-from .block_patterns import as_pattern
-from .dilated import check_qkv
+from ...policy.specs import BlockPattern
+from .flex import flex_block_sparse
+from .gather import gather_block_sparse
+from .patterns import as_pattern
+from ..common.checks import check_qkv
 
 PATHS = ("flex", "gather")
 

@@ -32,8 +32,17 @@ from typing import NamedTuple
 
 import torch
 
+from .storage import accumulation_dtype
 from .view_replay import opaque_op
 
+__all__ = [
+    "BlockResult",
+    "accumulation_dtype",
+    "block_attention",
+    "block_attention_backward",
+    "choose_kernel",
+    "multiprocessors",
+]
 aten = torch.ops.aten
 
 KERNELS = ("cpu", "cudnn", "flash", "efficient", "math")
@@ -115,28 +124,9 @@ def _laid_out_like_cudnn_out(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return like.copy_(t)
 
 
-def seq_major_strides(shape) -> tuple:
-    """Strides of a (B, H, N[, X]) tensor stored as (B, N, H[, X]) (works on symbolic sizes)."""
-    if len(shape) == 3:
-        b, h, n = shape
-        return (n * h, 1, h)
-    b, h, n, x = shape
-    return (n * h * x, x, h * x, 1)
-
-
-def seq_major_empty(like: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
-    """An empty (B, H, N[, X]) tensor on `like`'s device, stored as (B, N, H[, X])."""
-    return like.new_empty_strided(tuple(shape), seq_major_strides(shape), dtype=dtype)
-
-
 def _seq_major(t: torch.Tensor) -> torch.Tensor:
     """(B, H, M, D) stored as (B, M, H, D): the layout flash and efficient kernels use."""
     return t.transpose(1, 2).contiguous().transpose(1, 2)
-
-
-def accumulation_dtype(q: torch.Tensor) -> torch.dtype:
-    """float64 for float64 inputs, else float32: the dtype of log-sum-exps and sums."""
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def _math_scores(q, k, is_causal, scale):

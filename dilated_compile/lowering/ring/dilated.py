@@ -8,7 +8,7 @@ segment on that rank. The plan (`make_dilated_plan`, from shapes alone, the
 same on every rank) lists exactly these keys for every pair of ranks; one
 ``all_to_all_single`` per call moves them (every pair exchanges only what
 the receiver uses; nothing at all when every segment lies inside a shard,
-in which case `ring.py` runs `dilated_attention` locally instead).
+in which case `dilated/functions.py` runs `dilated_attention` locally instead).
 
 Each rank then attends its selected queries to the gathered keys of each
 head set: "same segment (and key at or before query, causal)" on global
@@ -19,11 +19,11 @@ the run in full and the run's own keys as a causal square. Blocks of one
 shape run as one batched call of the fused kernels (`kernels.block_attention`,
 cuDNN/flash on GPUs), the two calls of a run merge by log-sum-exp, and the
 patterns of a head merge by log-sum-exp (``longnet``) exactly as
-`dilated.py` does. The backward runs the same kernels' backward with the
+`dilated/compute.py` does. The backward runs the same kernels' backward with the
 merged output and log-sum-exp, and one ``all_to_all_single`` sends each
 key/value gradient back to the rank that owns the key.
 
-Collectives and deadlocks (see `ring_dense`): every rank issues the same two
+Collectives and deadlocks (see `dense.py`): every rank issues the same two
 collectives (one in the forward, one in the backward) in the same order.
 Each always carries at least one element (a one-element link from rank r to
 r+1: from k in the forward, from the output gradient in the backward), so
@@ -40,12 +40,12 @@ from functools import lru_cache
 
 import torch
 
-from ..sharding import position_list
-from .autograd_output import returned_output
-from .dilated import _head_sets
-from . import dense_blocks
-from .kernels import accumulation_dtype
-from .ring_dense import exchange, tie
+from ...sharding import position_list
+from ..common import dense_blocks
+from ..common.autograd_output import returned_output
+from ..common.block_kernels import accumulation_dtype
+from ..dilated.plan import head_sets
+from .dense import exchange, tie
 
 c10d_ops = torch.ops._c10d_functional
 
@@ -153,7 +153,7 @@ def _build_plan(
         for i, p in enumerate(pos):
             owner[p] = (r, i)
     jobs, send, exchanges = [], [[] for _ in range(world_size)], False
-    sets = list(_head_sets(num_heads, len(segment_lengths), dilation_rates, head_split))
+    sets = list(head_sets(num_heads, len(segment_lengths), dilation_rates, head_split))
     for pattern, h0, h1, hs, o in sets:
         w, r = min(segment_lengths[pattern], total), dilation_rates[pattern]
         by_source: list[list[int]] = [[] for _ in range(world_size)]

@@ -16,7 +16,9 @@ from functools import lru_cache
 
 import torch
 
-from ..policy import BlockPattern, PolicyError, parse_pattern
+from ...policy.specs import BlockPattern
+from ...policy.errors import PolicyError
+from ...policy.patterns import parse_pattern
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -43,6 +45,19 @@ def as_pattern(pattern: BlockPattern | Mapping | Callable, block_size: int) -> B
         f"pattern must be a BlockPattern, a mapping like {{'kind': 'local_window', 'window': 2}} "
         f"or a mask_mod callable, got {type(pattern).__name__}"
     )
+
+
+@torch._dynamo.assume_constant_result
+def _pattern_fields(pattern: BlockPattern | Mapping | Callable, block_size: int) -> tuple:
+    """`as_pattern`'s fields (a constant to Dynamo, which then does not trace the policy loader)."""
+    return as_pattern(pattern, block_size).as_tuple()
+
+
+def constant_pattern(pattern: BlockPattern | Mapping | Callable, block_size: int) -> BlockPattern:
+    """`as_pattern`, also under Dynamo (which takes the pattern as a constant)."""
+    if isinstance(pattern, BlockPattern):
+        return pattern
+    return BlockPattern(*_pattern_fields(pattern, block_size))
 
 
 # mask_mod callables given directly (not by import path), by the name in their

@@ -1,10 +1,10 @@
 """Block-sparse ring attention, forward and backward (SPEC sections 4 and 5).
 
 `ring_block_sparse` hands a built-in pattern whose queries use at most a
-shard of the other ranks' keys to the key exchange (`ring_block_exchange`:
+shard of the other ranks' keys to the key exchange (`block_exchange.py`:
 only those keys move). Everything else runs the ring below.
 
-The ring of `ring_dense` (key/value shards move one rank per step through
+The ring of `dense.py` (key/value shards move one rank per step through
 functional collectives; key/value gradients travel back with them in the
 backward), with a different step: this rank's queries attend the source
 shard's keys under the block-sparse pattern evaluated on *global* query and
@@ -22,7 +22,7 @@ block sees the keys of its active key blocks in full (with causal masking:
 those before the run) plus, with causal masking, its own positions as a
 causal square. The blocks are planned from positions alone (`_box_groups`).
 A ``mask_mod`` pattern (token level, may depend on batch and head) is one
-masked float32 attention (`ring_masked`) per box instead, and only there is
+masked float32 attention (`masked.py`) per box instead, and only there is
 a box of more than `MAX_BOX_PAIRS` (query, key) pairs split by query rows
 into at most `MAX_BOXES` boxes, each narrowed to its rows' keys: this bounds
 what one masked call holds. Built-in patterns keep one box per shard pair,
@@ -37,14 +37,14 @@ from functools import lru_cache
 
 import torch
 
-from ..policy import BlockPattern
-from ..sharding import position_list
-from . import dense_blocks
-from .block_patterns import blocks_active, evaluate_mask_mod, token_mask_mod
-from .constants import outside_tracing
-from .ring_block_exchange import BlockSparseExchange, ExchangePlan, exchange_plan, tile_blocks
-from .ring_dense import Call, RingDense, Schedule
-from .ring_masked import masked_attention, masked_attention_backward
+from ...policy.specs import BlockPattern
+from ...sharding import position_list
+from ..common import dense_blocks
+from ..block_sparse.patterns import blocks_active, evaluate_mask_mod, token_mask_mod
+from ..common.constants import outside_tracing
+from .block_exchange import BlockSparseExchange, ExchangePlan, exchange_plan, tile_blocks
+from .dense import Call, RingDense, Schedule
+from .masked import masked_attention, masked_attention_backward
 
 
 @dataclass(frozen=True)
@@ -266,8 +266,8 @@ def ring_block_sparse(
     pattern: BlockPattern,
     block_size: int,
 ) -> torch.Tensor:
-    """Block-sparse ring attention of this rank's shards; no checks (see ring.py). By key
-    exchange where that sends less than the ring (`ring_block_exchange`)."""
+    """Block-sparse ring attention of this rank's shards; no checks (see attention.py). By key
+    exchange where that sends less than the ring (`block_exchange.py`)."""
     plan = make_block_sparse_plan(
         world_size, rank, q.shape[-2], layout, bool(is_causal), pattern, int(block_size)
     )

@@ -22,8 +22,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .dilated import merge_by_lse
-from .kernels import accumulation_dtype, block_attention, block_attention_backward
+from .block_kernels import accumulation_dtype, block_attention, block_attention_backward
+from .merge import merge_by_lse
 
 Group = tuple[int, int, int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 

@@ -53,9 +53,9 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from .autograd_output import returned_output
-from .dilated import merge_by_lse
-from .kernels import accumulation_dtype, block_attention, block_attention_backward
+from ..common.autograd_output import returned_output
+from ..common.block_kernels import accumulation_dtype, block_attention, block_attention_backward
+from ..common.merge import merge_by_lse
 
 c10d_ops = torch.ops._c10d_functional
 
@@ -129,7 +129,7 @@ def pair_calls(layout: str, is_causal: bool, n: int, rank: int, source: int) -> 
         return (Call(0, n, 0, n, True),)
     if layout == "contiguous":
         return (Call(0, n, 0, n, False),) if source < rank else ()
-    half = n // 2  # zigzag: chunks (rank, 2W-1-rank); see module docstring of ring.py
+    half = n // 2  # zigzag: chunks (rank, 2W-1-rank); see module docstring of attention.py
     if source < rank:  # every query sees the source's first chunk, none its second
         return (Call(0, n, 0, half, False),)
     return (Call(half, n, 0, n, False),)  # only the second query chunk sees the source
@@ -364,7 +364,7 @@ class RingDense(torch.autograd.Function):
     """Ring attention over this rank's shards as one autograd node.
 
     The schedule decides what each step computes: `Schedule` (dense or
-    causal blocks), or `ring_block_sparse.BlockSparseSchedule`.
+    causal blocks), or `block_sparse.BlockSparseSchedule`.
     """
 
     @staticmethod
@@ -397,7 +397,7 @@ def ring_dense(
     is_causal: bool,
     scale: float,
 ) -> torch.Tensor:
-    """Dense (or causal) ring attention of this rank's shards; no checks (see ring.py)."""
+    """Dense (or causal) ring attention of this rank's shards; no checks (see attention.py)."""
     # Under Dynamo the schedule is built uncached (Dynamo does not trace lru_cache cleanly).
     build = make_schedule.__wrapped__ if torch.compiler.is_compiling() else make_schedule
     sched = build(world_size, rank, q.shape[-2], layout, bool(is_causal))

@@ -15,10 +15,10 @@ from typing import NamedTuple
 
 import torch
 
-from ..policy import BlockPattern
-from .block_patterns import blocks_active, evaluate_mask_mod, token_mask_mod
-from .constants import graph_constant, outside_tracing
-from .kernels import accumulation_dtype
+from ...policy.specs import BlockPattern
+from .patterns import blocks_active, evaluate_mask_mod, token_mask_mod
+from ..common.constants import graph_constant, outside_tracing
+from ..common.block_kernels import accumulation_dtype
 
 
 class Bucket(NamedTuple):

@@ -3,7 +3,7 @@
 A built-in block pattern (local window, global + local, dilated blocks)
 usually lets a rank's queries see a few blocks of another rank's shard, not
 the shard: a local window needs only the blocks next to the shard's edges.
-Rotating whole shards round the ring (`ring_block_sparse`) then sends
+Rotating whole shards round the ring (`block_sparse.py`) then sends
 almost nothing that is used. Here each rank receives exactly the keys its
 queries may attend (`_needed_keys`, from positions alone, the same plan on
 every rank) in one ``all_to_all_single``, attends its own shard and each
@@ -21,7 +21,7 @@ sends W - 1 shards to every rank, and holds two at a time; this holds at
 most one more). ``mask_mod`` patterns (token level, may depend on batch and
 head) always take the ring.
 
-Collectives (see `ring_dense.exchange`): every rank issues the same two, in
+Collectives (see `dense.exchange`): every rank issues the same two, in
 the same order, each carrying a one-element link so the backward one
 depends on the output gradient; the received buffers are tied to the
 results, so no rank drops a collective as dead code.
@@ -34,14 +34,14 @@ from functools import lru_cache
 
 import torch
 
-from ..policy import BlockPattern
-from ..sharding import position_list
-from . import dense_blocks
-from .autograd_output import returned_output
-from .block_patterns import blocks_active
-from .constants import outside_tracing
-from .kernels import accumulation_dtype
-from .ring_dense import exchange, tie
+from ...policy.specs import BlockPattern
+from ...sharding import position_list
+from ..common import dense_blocks
+from ..common.autograd_output import returned_output
+from ..block_sparse.patterns import blocks_active
+from ..common.constants import outside_tracing
+from ..common.block_kernels import accumulation_dtype
+from .dense import exchange, tie
 
 
 @dataclass(frozen=True)

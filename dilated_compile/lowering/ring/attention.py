@@ -9,18 +9,21 @@ global, so causal masking uses global positions.
 
 Inner attentions:
 
+Each strategy of `lowering.registry` says how it runs as the inner attention
+(`Functions.ring_inner`, in its folder's ``functions.py``):
+
 - ``"dense"``: key/value shards rotate around the ring through functional
-  collectives (`ring_dense`); partials merge by log-sum-exp.
+  collectives (`ring/dense.py`); partials merge by log-sum-exp.
 - ``"dilated"``: when every segment lies inside one run of a shard
   (contiguous: ``n_local % w == 0``; zigzag: ``(n_local / 2) % w == 0``) each
   rank runs `dilated_attention` on its own shard and nothing is sent;
   otherwise one all-to-all exchanges exactly the selected keys/values each
-  rank's queries use (`ring_dilated`), and one more sends their gradients back.
+  rank's queries use (`ring/dilated.py`), and one more sends their gradients back.
 - ``"block_sparse"``: the block pattern on global positions. Where no rank
   needs more than a shard of the others' keys, one all-to-all sends each
-  rank exactly the keys its queries may attend (`ring_block_exchange`);
+  rank exactly the keys its queries may attend (`ring/block_exchange.py`);
   otherwise the dense ring's rotation with block-sparse steps, steps with no
-  allowed pair skipped (`ring_block_sparse`).
+  allowed pair skipped (`ring/block_sparse.py`).
 
 World size 1 or no initialised process group: the inner attention runs
 locally, without collectives.
@@ -43,36 +46,16 @@ from typing import Any, Sequence
 
 import torch
 
-from ..policy import BlockPattern
-from ..sharding import (
-    GroupLike,
-    LAYOUTS,
-    check_layout,
-    check_same_on_all_ranks,
-    ring_info,
-)
-from .block_patterns import as_pattern
-from .block_sparse import block_sparse_attention
-from .dilated import check_dilated_args, check_qkv, dilated_attention
-from .ring_block_exchange import exchange_plan
-from .ring_block_sparse import ring_block_sparse
-from .ring_dense import ring_dense
-from .ring_dilated import ring_dilated
+from ...sharding import GroupLike, check_layout, check_same_on_all_ranks, ring_info
+from ..block_sparse.patterns import constant_pattern
+from ..common.checks import check_qkv
+from ..registry import STRATEGIES, strategy
+from .layout import check_local_shape
 
-INNERS = ("dense", "dilated", "block_sparse")
-
-
-@torch._dynamo.assume_constant_result
-def _block_pattern_fields(pattern: Any, block_size: int) -> tuple:
-    """`as_pattern`'s fields (a constant to Dynamo, which then does not trace the policy loader)."""
-    return as_pattern(pattern, block_size).as_tuple()
-
-
-def _block_pattern(pattern: Any, block_size: int) -> BlockPattern:
-    """A validated BlockPattern from any form `block_sparse_attention` accepts."""
-    if isinstance(pattern, BlockPattern):
-        return pattern
-    return BlockPattern(*_block_pattern_fields(pattern, block_size))
+INNERS = tuple(STRATEGIES)
+# What computes each inner attention, loaded here so that Dynamo, tracing a
+# compiled `ring_attention`, finds plain records.
+_FUNCTIONS = {name: s.functions for name, s in STRATEGIES.items()}
 
 
 def _dilated_params(dilated: Any, segment_lengths, dilation_rates, head_split):
@@ -85,34 +68,6 @@ def _dilated_params(dilated: Any, segment_lengths, dilation_rates, head_split):
             "(or dilated=DilatedSpec(...))"
         )
     return tuple(segment_lengths), tuple(dilation_rates), head_split
-
-
-def check_local_shape(n_local: int, layout: str, world_size: int) -> None:
-    """Raise ValueError if a shard of `n_local` positions cannot be a shard in `layout`."""
-    check_layout(layout)
-    if n_local < 1:
-        raise ValueError(f"ring attention needs at least one position per rank, got {n_local}")
-    if layout == "zigzag" and world_size > 1 and n_local % 2:
-        raise ValueError(
-            f"zigzag layout: the local shard has {n_local} positions, which is odd; each rank "
-            f"holds two equal chunks, so the global sequence length must be a multiple of "
-            f"2 * world_size = {2 * world_size} (pad it, or use layout='contiguous')"
-        )
-
-
-def local_segment_unit(n_local: int, layout: str, world_size: int) -> int:
-    """Length of the runs of consecutive global positions in a shard (the shard or a chunk)."""
-    return n_local // 2 if layout == "zigzag" and world_size > 1 else n_local
-
-
-def dilated_segments_local(
-    segment_lengths: Sequence[int], n_local: int, layout: str, world_size: int
-) -> bool:
-    """Whether every dilated segment lies inside one run of a shard (no communication needed)."""
-    if world_size == 1:
-        return True
-    unit = local_segment_unit(n_local, layout, world_size)
-    return all(unit % w == 0 for w in segment_lengths)
 
 
 def ring_attention_local(
@@ -141,43 +96,20 @@ def ring_attention_local(
     agree on shapes and arguments.
     """
     check_qkv(q, k, v)
-    if inner not in INNERS:
-        raise ValueError(f"inner={inner!r}: expected one of {', '.join(map(repr, INNERS))}")
+    inner_strategy = strategy(inner)
     n = q.shape[-2]
     check_local_shape(n, layout, world_size)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if world_size > 1 and not group_name:
         raise ValueError("ring attention over more than one rank needs a process group name")
-    if inner == "block_sparse":
-        if block_size is None or pattern is None:
-            raise ValueError(
-                'ring_attention(inner="block_sparse") needs block_size and pattern '
-                "(or block_sparse=BlockSparseSpec(...))"
-            )
-        pattern = _block_pattern(pattern, block_size)
-        if world_size == 1:
-            return block_sparse_attention(
-                q, k, v, block_size=block_size, pattern=pattern, is_causal=is_causal, scale=scale
-            )
-        return ring_block_sparse(
-            q, k, v, world_size=world_size, rank=rank, group_name=group_name, layout=layout,
-            is_causal=is_causal, scale=scale, pattern=pattern, block_size=block_size,
-        )
-    if inner == "dilated":
-        seg, rates = check_dilated_args(segment_lengths or (), dilation_rates or (), head_split)
-        if dilated_segments_local(seg, n, layout, world_size):  # nothing to send
-            return dilated_attention(
-                q, k, v, seg, rates, head_split=head_split, is_causal=is_causal, scale=scale
-            )
-        return ring_dilated(
-            q, k, v, world_size=world_size, rank=rank, group_name=group_name, layout=layout,
-            is_causal=is_causal, scale=scale, segment_lengths=seg, dilation_rates=rates,
-            head_split=head_split,
-        )
-    return ring_dense(
-        q, k, v, world_size=world_size, rank=rank, group_name=group_name,
-        layout=layout, is_causal=is_causal, scale=scale,
+    parameters = inner_strategy.pick(
+        {"segment_lengths": segment_lengths, "dilation_rates": dilation_rates, "head_split": head_split,
+         "block_size": block_size, "pattern": pattern}
+    )
+    return _FUNCTIONS[inner].ring_inner(
+        q, k, v, world_size=world_size, rank=rank, group_name=group_name, layout=layout,
+        is_causal=is_causal, scale=scale, **parameters,
     )
 
 
@@ -225,7 +157,7 @@ def ring_attention(
     if inner == "block_sparse" and block_sparse is not None:
         block_size, pattern = block_sparse.block_size, block_sparse.pattern
     if inner == "block_sparse" and block_size is not None and pattern is not None:
-        pattern = _block_pattern(pattern, block_size)
+        pattern = constant_pattern(pattern, block_size)
     world_size, rank, group_name = ring_info(group)
     if check and world_size > 1 and not torch.compiler.is_compiling():
         setup = ring_setup_digest(
@@ -243,23 +175,11 @@ def ring_attention(
 
 
 def key_traffic(
-    inner: str, n_local: int, layout: str, world_size: int, rank: int, is_causal: bool, *,
-    segment_lengths: Sequence[int] = (), dilation_rates: Sequence[int] = (),
-    block_size: int | None = None, pattern: Any = None,
+    inner: str, n_local: int, layout: str, world_size: int, rank: int, is_causal: bool, **parameters: Any
 ) -> str:
-    """How a ring over several ranks moves keys and values, in words for the site report."""
-    if inner == "dilated":
-        if dilated_segments_local(tuple(segment_lengths), n_local, layout, world_size):
-            return "none sent (segments inside a shard)"
-        return "selected ones exchanged"
-    if inner == "block_sparse":
-        plan = exchange_plan(
-            world_size, rank, n_local, layout, bool(is_causal), _block_pattern(pattern, block_size),
-            int(block_size),
-        )
-        if plan is not None:
-            return "only those used, exchanged"
-    return "shards rotate"
+    """How a ring over several ranks moves keys and values, in words for the site report
+    (`parameters`: the inner attention's, as `ring_attention` takes them)."""
+    return strategy(inner).functions.key_traffic(n_local, layout, world_size, rank, is_causal, **parameters)
 
 
 def ring_setup_digest(q, k, v, **arguments: Any) -> tuple:
@@ -278,11 +198,8 @@ def ring_setup_digest(q, k, v, **arguments: Any) -> tuple:
 
 __all__ = [
     "INNERS",
-    "LAYOUTS",
     "ring_attention",
     "ring_attention_local",
     "ring_setup_digest",
     "key_traffic",
-    "dilated_segments_local",
-    "check_local_shape",
 ]

@@ -1,0 +1,2 @@
+"""Block-sparse attention (SPEC section 4): patterns, FlexAttention and gathered lowerings,
+eager function, custom op."""

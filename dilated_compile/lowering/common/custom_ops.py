@@ -1,0 +1,63 @@
+"""What the package's opaque custom ops share: their namespace, outputs stored
+sequence-major ((B, N, H, D) seen as (B, H, N, D), the layout each op's fake
+implementation promises and its real one returns), and autograd from a
+backward op that starts from the saved output and log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .storage import accumulation_dtype, seq_major_empty, seq_major_strides
+
+__all__ = [
+    "OP_NAMESPACE",
+    "in_seq_major",
+    "lse_fake",
+    "register_backward_from_lse",
+    "seq_major_empty",
+    "zeros_like_seq_major",
+]
+
+OP_NAMESPACE = "dilated_compile"
+
+
+def zeros_like_seq_major(x: torch.Tensor) -> torch.Tensor:
+    """Zeros shaped like `x`, stored sequence-major."""
+    return seq_major_empty(x, x.shape, x.dtype).zero_()
+
+
+def in_seq_major(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when it is stored (B, N, H, X), else a sequence-major copy."""
+    if t.stride() == seq_major_strides(t.shape):
+        return t
+    out = seq_major_empty(t, t.shape, t.dtype)
+    out.copy_(t)
+    return out
+
+
+def lse_fake(q: torch.Tensor) -> torch.Tensor:
+    return seq_major_empty(q, q.shape[:3], accumulation_dtype(q))
+
+
+def register_backward_from_lse(forward_op, backward_op) -> None:
+    """Autograd for `forward_op(q, k, v, *params) -> (out, lse)` through
+    `backward_op(dout, q, k, v, out, lse, *params) -> (dq, dk, dv)`: q, k, v, out
+    and lse are saved; lse is not differentiable; params get no gradient."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, *params = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zeros for lse's gradient, which is unused
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.params = params
+
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:  # not materialised: out got no gradient
+            dout = torch.zeros_like(out)
+        dq, dk, dv = backward_op(dout, q, k, v, out, lse, *ctx.params)
+        return dq, dk, dv, *([None] * len(ctx.params))
+
+    forward_op.register_autograd(backward, setup_context=setup_context)

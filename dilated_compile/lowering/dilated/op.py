@@ -1,0 +1,134 @@
+"""Dilated attention as one opaque custom op: for sites whose sequence length
+is symbolic (dynamic shapes), and for every dilated attention on CUDA in
+fp16, bf16 or fp32 (`attention.dilated_attention` routes there; see `common/combine.py`).
+
+A rewritten site with a symbolic length calls an opaque custom op
+(``torch.ops.dilated_compile.dilated_attention``). Its fake implementation only
+gives the output's shape and layout, so tracing adds no guard on the length
+and one compiled graph serves every length; its real implementation runs the
+eager lowering with the concrete length at run time (the plan for each length
+is cached by `plan.make_plan`, a bounded cache). The backward is a second
+custom op that runs the lowering's backward from the saved output and
+log-sum-exp.
+
+The policy's ``min_seq_len`` cannot be decided when the graph is compiled, so
+it is decided per call: below it the op computes ordinary attention, as the
+one pattern ``w = N, r = 1`` (SPEC section 3's identity).
+
+Outputs are stored sequence-major, (B, N, H, D) seen as (B, H, N, D): the
+layout the fake implementation promises and the real one returns.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from ..common.checks import check_qkv
+from ..common.custom_ops import (
+    OP_NAMESPACE,
+    in_seq_major,
+    lse_fake,
+    register_backward_from_lse,
+    seq_major_empty,
+    zeros_like_seq_major,
+)
+from ..common.view_replay import opaque_op
+from .compute import dilated_backward, dilated_forward
+from .arguments import decode_parameters, encode_parameters
+from .plan import plan_for
+
+
+def effective_pattern(
+    seq_len: int, segment_lengths: Sequence[int], dilation_rates: Sequence[int], min_seq_len: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The (segments, rates) to run at `seq_len`: the rule's, or dense below `min_seq_len`."""
+    if seq_len < min_seq_len:
+        return (max(seq_len, 1),), (1,)
+    return tuple(segment_lengths), tuple(dilation_rates)
+
+
+def _plan(q: torch.Tensor, pattern: str, min_seq_len: int):
+    spec = decode_parameters(pattern)
+    seg, rates = effective_pattern(q.shape[2], spec.segment_lengths, spec.dilation_rates, min_seq_len)
+    return plan_for(q, seg, rates, spec.head_split)
+
+
+@opaque_op(f"{OP_NAMESPACE}::dilated_attention")
+def dilated_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: str,
+    is_causal: bool,
+    scale: float,
+    min_seq_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of dilated attention at the run-time length (dense below min_seq_len);
+    `pattern` as `arguments.encode_parameters` writes it."""
+    if q.shape[2] == 0:
+        return zeros_like_seq_major(q), lse_fake(q).fill_(-math.inf)
+    plan = _plan(q, pattern, min_seq_len)
+    out, lse = dilated_forward(plan, is_causal, scale, q, k, v)
+    return in_seq_major(out), in_seq_major(lse)
+
+
+@dilated_attention_op.register_fake
+def _(q, k, v, pattern, is_causal, scale, min_seq_len):
+    return seq_major_empty(q, q.shape, q.dtype), lse_fake(q)
+
+
+@opaque_op(f"{OP_NAMESPACE}::dilated_attention_backward")
+def dilated_attention_backward_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    pattern: str,
+    is_causal: bool,
+    scale: float,
+    min_seq_len: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of `dilated_attention_op` from its saved out and lse."""
+    if q.shape[2] == 0:
+        return tuple(zeros_like_seq_major(x) for x in (q, k, v))
+    plan = _plan(q, pattern, min_seq_len)
+    grads = dilated_backward(plan, is_causal, scale, q, k, v, out, lse, dout)
+    return tuple(in_seq_major(g) for g in grads)
+
+
+@dilated_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, pattern, is_causal, scale, min_seq_len):
+    return tuple(seq_major_empty(x, x.shape, x.dtype) for x in (q, k, v))
+
+
+register_backward_from_lse(dilated_attention_op, dilated_attention_backward_op)
+
+
+def dynamic_dilated_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    head_split: str = "groups",
+    is_causal: bool = False,
+    scale: float | None = None,
+    min_seq_len: int = 0,
+) -> torch.Tensor:
+    """Dilated attention of (B, H, N, D) tensors through the custom op: any N, no guard on N.
+
+    The same function as `dilated_attention` at lengths >= `min_seq_len`, and
+    ordinary attention below it. Differentiable.
+    """
+    pattern = encode_parameters(segment_lengths, dilation_rates, head_split)
+    check_qkv(q, k, v)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    out, _ = dilated_attention_op(q, k, v, pattern, bool(is_causal), float(scale), int(min_seq_len))
+    return out
