@@ -55,6 +55,8 @@ from typing import Any
 
 import torch
 
+log = logging.getLogger("dilated_compile")
+
 HF_CHECKPOINT_LOGGER = "transformers.modeling_layers"
 """The logger whose `warning_once` Dynamo skips (HF's checkpointing layer module)."""
 
@@ -68,8 +70,30 @@ def _ignore_checkpoint_warning() -> bool:
         return False
     method = logging.getLogger(HF_CHECKPOINT_LOGGER).warning_once
     config = torch._dynamo.config
-    if method not in config.ignore_logger_methods:
-        config.ignore_logger_methods = set(config.ignore_logger_methods) | {method}
+    before = set(config.ignore_logger_methods)
+    if method not in before:
+        config.ignore_logger_methods = before | {method}
+        if not _config_logs_cleanly():
+            config.ignore_logger_methods = before
+            log.info(
+                "Dynamo of torch %s cannot record a logger method among its ignored ones in its "
+                "compilation metrics; HF's checkpointing warning_once is left to break the graph",
+                torch.__version__,
+            )
+    return True
+
+
+def _config_logs_cleanly() -> bool:
+    """Whether Dynamo can still write its settings into its compilation metrics. torch 2.11
+    serialises the alias ``ignore_logging_functions`` as JSON, which a method cannot be: every
+    compile would then log an error."""
+    dump = getattr(torch._dynamo.utils, "_get_dynamo_config_for_logging", None)
+    if dump is None:
+        return True
+    try:
+        dump()
+    except TypeError:
+        return False
     return True
 
 

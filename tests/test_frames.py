@@ -25,6 +25,15 @@ FULL_PATH = {"version": 1, "rules": [{"match": "model.layers.*.self_attn", "atte
 LAYERS = ["model.layers.0.self_attn", "model.layers.1.self_attn"]
 
 
+# transformers keeps an explicit causal mask while compiling on torch before 2.13, so an HF
+# model's mask reaches a frame's graph as an input and its sites are left with that reason
+# (with a warning): see docs/limitations.md.
+hf_mask_is_constant = pytest.mark.skipif(
+    tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 13),
+    reason="transformers passes its causal mask as a graph input on torch < 2.13 (sites left, warned)",
+)
+
+
 def _reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                          is_causal=None, **kwargs):
     """HF attention interface: float64 dilated reference, back in the input dtype."""
@@ -70,6 +79,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@hf_mask_is_constant
 def test_fsdp2_per_layer_paths_are_absolute():
     """FSDP2 on each decoder layer (one gloo process): each layer is a frame of its own;
     the full-path rule rewrites every layer, and the model equals the reference."""

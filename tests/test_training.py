@@ -28,6 +28,15 @@ SEG, RATES = (8, 16), (1, 2)
 LENGTHS = (20, 32, 37, 64, 97)  # multiples and non-multiples of the segments, and N < w
 
 
+# transformers keeps an explicit causal mask while compiling on torch before 2.13, so an HF
+# model's mask reaches a frame's graph as an input and its sites are left with that reason
+# (with a warning): see docs/limitations.md.
+hf_mask_is_constant = pytest.mark.skipif(
+    tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 13),
+    reason="transformers passes its causal mask as a graph input on torch < 2.13 (sites left, warned)",
+)
+
+
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     torch._dynamo.reset()
@@ -276,6 +285,7 @@ def _hf_reference_attention(module, query, key, value, attention_mask, dropout=0
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
+@hf_mask_is_constant
 def test_hf_gradient_checkpointing_rewrites_sites_and_keeps_gradients():
     """HF gradient_checkpointing_enable() on a tiny Llama: Dynamo traces the checkpointed
     layers whole (no graph break, in particular none at transformers' "caching is
@@ -334,6 +344,7 @@ _IMPORT_ORDER_PROBE = textwrap.dedent(
 )
 
 
+@hf_mask_is_constant
 def test_hf_gradient_checkpointing_compiles_whole_when_imported_before_transformers():
     """The Dynamo settings for HF's checkpointing layer take effect whatever the import
     order: dilated_compile imported before transformers, the layers still trace whole."""
