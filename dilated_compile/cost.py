@@ -15,7 +15,7 @@ FLOPs
     LongNet merge are not counted.
 Pairs
     Dense: ``N**2`` per head, or ``N*(N+1)/2`` with causal. Dilated
-    (SPEC section 3): for each head and each pattern ``(w, r)`` it uses with
+    (docs/spec.md, "Dilated attention"): for each head and each pattern ``(w, r)`` it uses with
     offset ``o``, positions ``0..N-1`` are cut into segments of ``w`` (the last
     one whatever is left); a segment of length ``L`` selects
     ``m(L) = max(0, ceiling((L - o) / r))`` positions and contributes ``m**2``
@@ -197,7 +197,7 @@ def dilated_cost(
     is_causal: bool,
     dtype_bytes: int,
 ) -> Cost:
-    """Dilated attention (SPEC section 3); see the module docstring for the conventions.
+    """Dilated attention (docs/spec.md, "Dilated attention"); see the module docstring for the conventions.
 
     Memory is a lower bound: the dense input/output traffic, plus for
     ``longnet`` the float32 per-pattern partial outputs written and read once

@@ -1,4 +1,4 @@
-"""Process groups and sequence sharding for ring attention (SPEC section 5).
+"""Process groups and sequence sharding for ring attention (docs/spec.md, "Ring attention").
 
 A ring shards the sequence over the ranks of a process group:
 

@@ -96,7 +96,7 @@ def _reference(inner: str, setup: str, is_causal: bool, q, k, v, dout):
 
 
 def _grad_budget(q, k, v, dout, is_causal: bool) -> float:
-    """SPEC 9 applied to gradients: twice eager SDPA's gradient error in this dtype, plus a floor."""
+    """The tolerance rule (docs/spec.md, "Qualities that hold everywhere") applied to gradients: twice eager SDPA's gradient error in this dtype, plus a floor."""
     qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
     F.scaled_dot_product_attention(qs, ks, vs, is_causal=is_causal).backward(dout)
     qd, kd, vd = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))

@@ -1,4 +1,4 @@
-"""The end-to-end training benchmark's --quick mode runs, measures and plots (issue 9).
+"""The end-to-end training benchmark's --quick mode runs, measures and plots.
 
 `benchmarks/bench_gpt_train.py --quick` trains a tiny GPT on CPU with every
 backend at lengths 256 and 512 in a subprocess; the JSON must hold every

@@ -1,4 +1,4 @@
-"""Block-sparse attention (SPEC section 4) against the float64 reference."""
+"""Block-sparse attention (docs/spec.md, "Block-sparse attention") against the float64 reference."""
 
 from __future__ import annotations
 
@@ -372,7 +372,7 @@ def test_reference_counts_follow_the_spec_formulas():
 
 
 def test_exported_at_package_level():
-    """SPEC section 6: `dilated_compile.block_sparse_attention` (and its reference) without compiling."""
+    """docs/spec.md, "API": `dilated_compile.block_sparse_attention` (and its reference) without compiling."""
     q, k, v = (torch.randn(1, 2, 70, 8, dtype=torch.float64) for _ in range(3))
     pattern = {"kind": "local_window", "window": 1}
     out = dilated_compile.block_sparse_attention(q, k, v, block_size=16, pattern=pattern, is_causal=True)

@@ -88,7 +88,7 @@ def test_attended_pairs_exact_for_every_n(head_split, is_causal):
 
 
 def test_attended_pairs_single_full_pattern_is_dense():
-    """One pattern with w >= N, r = 1 is ordinary attention (SPEC section 3 identity)."""
+    """One pattern with w >= N, r = 1 is ordinary attention (the identity in docs/spec.md, "Dilated attention")."""
     for is_causal in (False, True):
         expr = attended_pairs(3, (64,), (1,), head_split="groups", is_causal=is_causal)
         dense = dense_cost(1, 3, 1, is_causal=is_causal, dtype_bytes=1)

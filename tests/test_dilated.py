@@ -1,4 +1,4 @@
-"""Eager dilated attention against the float64 reference (SPEC section 3)."""
+"""Eager dilated attention against the float64 reference (docs/spec.md, "Dilated attention")."""
 
 import itertools
 

@@ -1,4 +1,4 @@
-"""Attention wherever real models put it (SPEC section 2): every form is found,
+"""Attention wherever real models put it (docs/spec.md, "Attention sites"): every form is found,
 rewritten into exactly the policy's attention, or left with a reason.
 
 Ground truth for "rewritten exactly": `dilated_attention` called eagerly on the

@@ -126,7 +126,7 @@ def test_called_inside_torch_compile(head_split, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_reduce_overhead_trains_like_eager_in_cuda_graphs(dynamic, dtype):
-    """mode='reduce-overhead' (CUDA graphs, issue 8): a few optimizer steps of a small
+    """mode='reduce-overhead' (CUDA graphs): a few optimizer steps of a small
     model run in CUDA graphs (no cudagraph skips) and give the losses of the same
     model trained eagerly with `dilated_attention` in its attention. Both dtypes run
     the opaque op with its Triton kernels."""

@@ -1,4 +1,4 @@
-"""Ring attention across real processes (gloo on CPU), SPEC section 5.
+"""Ring attention across real processes (gloo on CPU), docs/spec.md "Ring attention".
 
 Each world size (2, 3, 4) starts its ranks once (`tests/ring_worker.py`);
 every rank runs all cases of `ring_worker.cases(world)` in order and writes

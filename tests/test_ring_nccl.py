@@ -1,4 +1,4 @@
-"""Ring attention across real processes on GPUs (NCCL), SPEC section 5.
+"""Ring attention across real processes on GPUs (NCCL), docs/spec.md "Ring attention".
 
 The multi-process cases of `tests/test_ring.py`, run over NCCL with CUDA
 tensors: rank R uses cuda:R (every rank sees all GPUs), for world sizes

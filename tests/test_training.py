@@ -1,4 +1,4 @@
-"""The compiled model in real training loops (issue 8): dynamic lengths without
+"""The compiled model in real training loops: dynamic lengths without
 recompiles, compiled-graph caches across processes, activation checkpointing,
 max-autotune, concurrent calls and bounded caches, the long-context example."""
 

@@ -1,4 +1,4 @@
-"""The tolerance rule of SPEC section 9, shared by the tests.
+"""The tolerance rule of docs/spec.md ("Qualities that hold everywhere"), shared by the tests.
 
 Error against the float64 reference may be at most twice the error of eager
 PyTorch dense attention in the same dtype on the same inputs (plus a floor of

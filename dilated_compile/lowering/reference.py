@@ -72,7 +72,7 @@ def dilated_counts(
     head_split: str,
     is_causal: bool,
 ) -> torch.Tensor:
-    """(H, N, N) multiplicity matrix of dilated attention (SPEC section 3)."""
+    """(H, N, N) multiplicity matrix of dilated attention (docs/spec.md, "Dilated attention")."""
     k = len(segment_lengths)
     count = torch.zeros(num_heads, n, n, dtype=torch.int64)
     if head_split == "groups":
@@ -113,7 +113,7 @@ def dilated_reference(
 def block_sparse_counts(
     batch: int, num_heads: int, n: int, block_size: int, pattern, is_causal: bool
 ) -> torch.Tensor:
-    """(B, H, N, N) 0/1 matrix of block-sparse attention (SPEC section 4).
+    """(B, H, N, N) 0/1 matrix of block-sparse attention (docs/spec.md, "Block-sparse attention").
 
     Key j is allowed for query i when the pattern allows the pair (key block
     j // b for query block i // b, or the mask_mod at token level) and, if
@@ -139,7 +139,7 @@ def block_sparse_counts(
 
 
 def _block_allowed(pattern, qb: int, kb: int) -> bool:
-    """SPEC section 4, one (query block, key block) pair at a time."""
+    """docs/spec.md, "Block-sparse attention", one (query block, key block) pair at a time."""
     near = abs(qb - kb) <= pattern.window
     if pattern.kind == "local_window":
         return near

@@ -1,4 +1,4 @@
-"""Reports of what the pass did (SPEC section 8): per-site rows, graph diff, counters."""
+"""Reports of what the pass did (docs/spec.md, "Seeing what it did"): per-site rows, graph diff, counters."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Find attention sites in a Dynamo FX graph (SPEC section 2).
+"""Find attention sites in a Dynamo FX graph (docs/spec.md, "Attention sites").
 
 A site is a node that computes standard attention, with what the rest of the
 pipeline needs to know about it: the owning module's dotted path, the form

@@ -1,2 +1,2 @@
-"""Block-sparse attention (SPEC section 4): patterns, FlexAttention and gathered lowerings,
+"""Block-sparse attention (docs/spec.md, "Block-sparse attention"): patterns, FlexAttention and gathered lowerings,
 eager function, custom op."""

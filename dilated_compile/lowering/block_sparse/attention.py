@@ -1,9 +1,9 @@
-"""Block-sparse attention (SPEC section 4): the function a rewritten site runs.
+"""Block-sparse attention (docs/spec.md, "Block-sparse attention"): the function a rewritten site runs.
 
 On CUDA in fp16/bf16 it is FlexAttention with a BlockMask (Inductor's Triton
 template, forward and backward); elsewhere (CPU, float32 and float64 on CUDA)
 the gathered key-block lowering of `gather.py`, which trains everywhere.
-FlexAttention's float32 backward misses the tolerance rule (SPEC section 9)
+FlexAttention's float32 backward misses the tolerance rule (docs/spec.md, "Qualities that hold everywhere")
 for the key/value gradients of global columns (dv 7.5e-6 against an allowed
 6.1e-6 at N=1000 on an H200, torch 2.11), so float32 takes the exact path.
 ``DILATED_BLOCK_SPARSE=flex|gather`` forces one.

@@ -1,4 +1,4 @@
-"""Block-sparse patterns (SPEC section 4) as predicates on block and token indices.
+"""Block-sparse patterns (docs/spec.md, "Block-sparse attention") as predicates on block and token indices.
 
 One definition of each pattern, `blocks_active`, written with tensor ops on
 (broadcast) block indices. Everything else is derived from it: the token-level

@@ -1,1 +1,1 @@
-"""Dilated attention (SPEC section 3): plan, forward/backward, eager function, custom op."""
+"""Dilated attention (docs/spec.md, "Dilated attention"): plan, forward/backward, eager function, custom op."""

@@ -1,4 +1,4 @@
-"""Dilated attention's parameters (SPEC section 3): validation, and their text as one
+"""Dilated attention's parameters (docs/spec.md, "Dilated attention"): validation, and their text as one
 custom-op argument."""
 
 from __future__ import annotations

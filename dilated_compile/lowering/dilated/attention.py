@@ -1,5 +1,5 @@
 """`dilated_attention`: the function a rewritten dilated site with static lengths
-runs, and the eager entry point (SPEC sections 3 and 6).
+runs, and the eager entry point (docs/spec.md, "Dilated attention" and "API").
 
 On CPU (and wherever the Triton combine does not run) it is one autograd node
 around `compute.dilated_forward` / `dilated_backward`, which Inductor traces
@@ -51,7 +51,7 @@ def dilated_attention(
     is_causal: bool = False,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Dilated attention of (batch, heads, seq, head_dim) tensors (SPEC section 3).
+    """Dilated attention of (batch, heads, seq, head_dim) tensors (docs/spec.md, "Dilated attention").
 
     Differentiable; the same function the compiled rewrite runs.
     """

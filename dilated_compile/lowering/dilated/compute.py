@@ -1,4 +1,4 @@
-"""Dilated attention (SPEC section 3) forward and backward, from a `Plan`.
+"""Dilated attention (docs/spec.md, "Dilated attention") forward and backward, from a `Plan`.
 
 Gathers each part's blocks of q, k, v, runs the fused block-attention kernel,
 spreads the results back to their positions, and with

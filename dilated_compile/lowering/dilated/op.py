@@ -13,7 +13,7 @@ log-sum-exp.
 
 The policy's ``min_seq_len`` cannot be decided when the graph is compiled, so
 it is decided per call: below it the op computes ordinary attention, as the
-one pattern ``w = N, r = 1`` (SPEC section 3's identity).
+one pattern ``w = N, r = 1`` (the identity in docs/spec.md, "Dilated attention").
 
 Outputs are stored sequence-major, (B, N, H, D) seen as (B, H, N, D): the
 layout the fake implementation promises and the real one returns.

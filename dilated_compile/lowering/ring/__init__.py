@@ -1,1 +1,1 @@
-"""Ring attention (SPEC section 5): one module per inner kind, the entry points and the custom op."""
+"""Ring attention (docs/spec.md, "Ring attention"): one module per inner kind, the entry points and the custom op."""

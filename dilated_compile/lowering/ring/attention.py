@@ -1,4 +1,4 @@
-"""Ring attention: sequence-parallel attention over a process group (SPEC section 5).
+"""Ring attention: sequence-parallel attention over a process group (docs/spec.md, "Ring attention").
 
 ``ring_attention(q, k, v, ...)`` takes this rank's shard of q, k, v, shape
 ``(batch, heads, n_local, head_dim)``, with the sequence sharded over the
@@ -132,7 +132,7 @@ def ring_attention(
     block_sparse: Any = None,
     check: bool = True,
 ) -> torch.Tensor:
-    """Attention over a sequence sharded across the ranks of `group` (SPEC section 5).
+    """Attention over a sequence sharded across the ranks of `group` (docs/spec.md, "Ring attention").
 
     q, k, v: this rank's shard, (batch, heads, n_local, head_dim), sharded by
     `layout` ("contiguous" or "zigzag", see `dilated_compile.shard`).

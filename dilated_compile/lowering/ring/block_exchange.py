@@ -1,4 +1,4 @@
-"""Block-sparse ring attention by key exchange, forward and backward (SPEC sections 4 and 5).
+"""Block-sparse ring attention by key exchange, forward and backward (docs/spec.md, "Block-sparse attention" and "Ring attention").
 
 A built-in block pattern (local window, global + local, dilated blocks)
 usually lets a rank's queries see a few blocks of another rank's shard, not

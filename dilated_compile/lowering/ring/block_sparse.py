@@ -1,4 +1,4 @@
-"""Block-sparse ring attention, forward and backward (SPEC sections 4 and 5).
+"""Block-sparse ring attention, forward and backward (docs/spec.md, "Block-sparse attention" and "Ring attention").
 
 `ring_block_sparse` hands a built-in pattern whose queries use at most a
 shard of the other ranks' keys to the key exchange (`block_exchange.py`:

@@ -1,4 +1,4 @@
-"""Dense ring attention, forward and backward (SPEC section 5).
+"""Dense ring attention, forward and backward (docs/spec.md, "Ring attention").
 
 Each rank holds one shard of q, k, v (``(batch, heads, n, head_dim)``). At
 step s = 0..W-1 rank r holds the key/value shard of rank ``(r - s) mod W``:

@@ -1,6 +1,6 @@
-"""Dilated ring attention with segments that span ranks, forward and backward (SPEC section 5).
+"""Dilated ring attention with segments that span ranks, forward and backward (docs/spec.md, "Ring attention").
 
-Each (pattern, offset, head set) of the dilated attention (SPEC section 3)
+Each (pattern, offset, head set) of the dilated attention (docs/spec.md, "Dilated attention")
 needs, for the queries one rank holds, only the *selected* keys (positions
 p with ``(p - s) % r == offset``) of the segments those queries lie in, and
 with causal masking only those at or before the last selected query of the

@@ -1,4 +1,4 @@
-"""One site finder per way attention is written (SPEC section 2).
+"""One site finder per way attention is written (docs/spec.md, "Attention sites").
 
 Each finder takes a GraphModule and returns the `Site`s of its form, with q/k/v
 in (batch, heads, seq, head_dim) layout, the causal flag and scale it proved,
