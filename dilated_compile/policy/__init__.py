@@ -23,8 +23,9 @@ A policy is YAML (or a dict of the same shape, or an already loaded
 wrong as a :class:`PolicyError` naming the file, the line, the dotted key
 and what was expected. The modules:
 
-* :mod:`.model`: the dataclasses (:class:`Policy`, :class:`Rule`, the
-  per-strategy settings, :class:`BlockPattern`, :class:`RingSpec`);
+* :mod:`.specs`: the per-strategy settings, :class:`BlockPattern` and
+  :class:`RingSpec` (all that the lowering imports);
+* :mod:`.model`: :class:`Rule` and :class:`Policy`;
 * :mod:`.matching`: what a rule's ``match`` matches (globs and ``re:``);
 * :mod:`.loader`: YAML to plain values, with the line of every key;
 * :mod:`.validate`: checking a document, one table entry per attention kind;
@@ -34,7 +35,8 @@ and what was expected. The modules:
 """
 
 from .errors import PolicyError
-from .model import (
+from .model import Policy, Rule
+from .specs import (
     ATTENTION_KINDS,
     HEAD_SPLITS,
     PATTERN_KINDS,
@@ -43,9 +45,7 @@ from .model import (
     BlockPattern,
     BlockSparseSpec,
     DilatedSpec,
-    Policy,
     RingSpec,
-    Rule,
 )
 from .patterns import parse_pattern
 from .validate import load_policy

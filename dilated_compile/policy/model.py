@@ -12,31 +12,9 @@ from dataclasses import dataclass
 
 from .errors import PolicyError, show
 from .matching import ModulePattern, PatternSyntaxError, compile_match, first_match
-from .specs import (
-    ATTENTION_KINDS,
-    HEAD_SPLITS,
-    PATTERN_KINDS,
-    RING_LAYOUTS,
-    SCHEMA_VERSION,
-    BlockPattern,
-    BlockSparseSpec,
-    DilatedSpec,
-    RingSpec,
-)
+from .specs import BlockSparseSpec, DilatedSpec, RingSpec
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "ATTENTION_KINDS",
-    "HEAD_SPLITS",
-    "RING_LAYOUTS",
-    "PATTERN_KINDS",
-    "DilatedSpec",
-    "BlockPattern",
-    "BlockSparseSpec",
-    "RingSpec",
-    "Rule",
-    "Policy",
-]
+__all__ = ["Rule", "Policy"]
 
 _MATCH_EXPECTED = "a glob or 're:<regex>'"
 

@@ -12,7 +12,7 @@ import importlib
 from typing import Any, Callable
 
 from .errors import Where, child_key, one_of, show
-from .model import PATTERN_KINDS, BlockPattern
+from .specs import PATTERN_KINDS, BlockPattern
 from .values import check_choice, check_int, check_keys, check_mapping, missing
 
 __all__ = ["PATTERN_KEYS", "PATTERN_EXPECTED", "parse_pattern", "check_pattern"]

@@ -34,16 +34,15 @@ from typing import Any, Callable, Mapping, Sequence
 from .errors import PolicyError, Where, one_of, show
 from .loader import read_file
 from .matching import PatternSyntaxError, compile_match
-from .model import (
+from .model import Policy, Rule
+from .specs import (
     ATTENTION_KINDS,
     HEAD_SPLITS,
     RING_LAYOUTS,
     SCHEMA_VERSION,
     BlockSparseSpec,
     DilatedSpec,
-    Policy,
     RingSpec,
-    Rule,
 )
 from .patterns import PATTERN_EXPECTED, check_pattern
 from .values import check_bool, check_choice, check_int, check_keys, check_mapping, check_positive_ints, is_int, missing
