@@ -16,7 +16,7 @@ import dilated_compile
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = sorted((ROOT / "examples" / "policies").glob("*.yaml"))
-BLOCK_SPARSE_JSON = ROOT / "benchmarks" / "results" / "block_sparse_h200_torch2.11_32k_v1.json"
+BLOCK_SPARSE_JSON = ROOT / "benchmarks" / "results" / "block_sparse_h200_torch2.11_current.json"
 
 
 def _is_ring(path: Path) -> bool:
