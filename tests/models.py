@@ -104,3 +104,16 @@ class CheckpointedBlocks(torch.nn.Module):
         for layer in self.inner.layers:
             x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
         return x
+
+
+def rewritten_eager(model, policy):
+    """`model` compiled with the rewrite under `policy`, its graphs run eagerly (no Inductor)."""
+    from dilated_compile import load_policy
+    from dilated_compile.passes import run_passes
+
+    loaded = load_policy(policy)
+
+    def backend(gm, inputs, **_):
+        return run_passes(gm, loaded)[0].forward
+
+    return torch.compile(model, backend=backend)

@@ -15,8 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from dilated_compile import dilated_attention, explain, load_policy
-from dilated_compile.passes import run_passes
+from dilated_compile import dilated_attention, explain
+
+from . import models
 
 SEG, RATES, SPLIT = (4, 8), (1, 2), "longnet"
 POLICY = {"version": 1, "rules": [{"match": "**", "attention": "dilated", "segment_lengths": list(SEG),
@@ -34,13 +35,8 @@ def fresh_dynamo():
 
 
 def rewritten_eager(model, policy=POLICY):
-    """`model` compiled with the rewrite, its graphs run eagerly (no Inductor)."""
-    loaded = load_policy(policy)
-
-    def backend(gm, inputs, **_):
-        return run_passes(gm, loaded)[0].forward
-
-    return torch.compile(model, backend=backend)
+    """`model` compiled with the rewrite (this file's policy by default), run eagerly."""
+    return models.rewritten_eager(model, policy)
 
 
 def dilated(q, k, v, *, is_causal, scale=None):
