@@ -132,6 +132,11 @@ def ring_info(group: GroupLike = None) -> RingInfo:
     return RingInfo(dist.get_world_size(pg), rank, pg.group_name)
 
 
+def spans_ranks(group: GroupLike = None) -> bool:
+    """Whether a ring over `group` runs over several ranks (each rank then holds a shard)."""
+    return ring_info(group).world_size > 1
+
+
 def check_same_on_all_ranks(value: Any, what: str, group: GroupLike = None) -> None:
     """Raise ValueError on every rank unless all ranks of `group` pass an equal `value`.
 

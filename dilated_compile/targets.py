@@ -175,9 +175,9 @@ def _ring_over_ranks(rule: Rule) -> bool:
     if rule.ring is None:
         return False
     try:
-        from .sharding import ring_info
+        from .sharding import spans_ranks
 
-        return ring_info(rule.ring.group).world_size > 1
+        return spans_ranks(rule.ring.group)
     except Exception:  # noqa: BLE001 - no process group: runs locally
         return False
 

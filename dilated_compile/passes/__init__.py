@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..policy.model import Policy
-from ..sharding import check_same_on_all_ranks, ring_info
+from ..sharding import check_same_on_all_ranks, spans_ranks
 from .decide import Decision, decide
 from .report import (
     GraphReport,
@@ -73,7 +73,7 @@ def check_rings_agree(decisions: list[Decision], policy: Policy) -> None:
 
 def _sharded(d: Decision) -> bool:
     """Whether the site's rule runs it as a ring over several ranks (its input is a shard)."""
-    return d.rule is not None and d.rule.ring is not None and ring_info(d.rule.ring.group).world_size > 1
+    return d.rule is not None and d.rule.ring is not None and spans_ranks(d.rule.ring.group)
 
 
 def check_left_sites(decisions: list[Decision], policy: Policy) -> None:
