@@ -152,18 +152,6 @@ def test_launcher_reports_per_rank_results(tmp_path):
     assert all(run["results"][r] == {"bad-zigzag-odd": None} for r in range(2))
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_dynamic_ring_lengths_differing_between_ranks_raise_on_every_rank(world, tmp_path):
-    """A ring site with a symbolic length, ranks passing different local lengths: every rank
-    raises the op's error (lengths per rank, what to change) within a bounded time; a hang
-    is killed and fails here."""
-    case = "bad-dynamic-lengths-differ"
-    run = launch(world, str(tmp_path), only=[case], timeout=300)
-    assert run["failure"] is None, run["failure"]
-    failures = case_failures(run, world, case)
-    assert not failures, "\n".join(failures)
-
-
 # ---------------------------------------------------------------------------
 # single process: no process group
 
