@@ -343,6 +343,124 @@ def bad_backend_ring_site_left() -> None:
 
 
 # ---------------------------------------------------------------------------
+# attention that no ring covers while the sequence is sharded: attends within the shard
+
+
+class _RingThenOther(torch.nn.Module):
+    """`first` under the ring rule, then `second` twice, with graph breaks between: three
+    compiled frames, two of which hold `second`'s attention and none a ring site."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = _SDPA(True), _SDPA(True)
+
+    def forward(self, q, k, v):
+        x = self.first(q, k, v)
+        torch._dynamo.graph_break()
+        x = self.second(x, k, v)
+        torch._dynamo.graph_break()
+        return self.second(x, k, v)
+
+
+def _within_shard_policy(second: dict | None, strict: bool = False) -> dict:
+    rules = [{"match": "first", "attention": "dense", "ring": {"layout": "contiguous"}}]
+    return {"version": 1, "strict": strict, "rules": rules + ([second] if second else [])}
+
+
+def _run_capturing_stderr(model, *args) -> tuple[torch.Tensor, str]:
+    """model(*args) under no_grad, and what it wrote to stderr (warnings as Python shows them
+    by default)."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), torch.no_grad():
+        out = model(*args)
+    return out, err.getvalue()
+
+
+def _check_within_shard_output(out: torch.Tensor, q, k, v) -> None:
+    """`first` is a ring over the whole sequence; `second` (twice) attends within the shard."""
+    want = ring_attention(q, k, v, is_causal=True)
+    for _ in range(2):
+        want = F.scaled_dot_product_attention(want, k, v, is_causal=True)
+    if not torch.allclose(out, want, atol=1e-5, rtol=1e-5):
+        raise CaseFailure(f"output differs from ring then shard-local attention by {(out - want).abs().max():.3g}")
+
+
+def shard_local_warned_case() -> None:
+    """A second attention module that no rule matches: every rank's user sees one
+    ShardLocalWarning for it (two frames hold it), naming the module and the fix; it
+    attends within the shard; the site report says so."""
+    import dilated_compile
+
+    torch._dynamo.reset()
+    q, k, v = (shard(t, 2, "contiguous") for t in _full_inputs(ring_info()[0], N_LOCAL, torch.float32, 9)[:3])
+    model = torch.compile(_RingThenOther(), backend="dilated", options={"policy": _within_shard_policy(None)})
+    out, err = _run_capturing_stderr(model, q, k, v)
+    _check_within_shard_output(out, q, k, v)
+    told = [line for line in err.splitlines() if "ShardLocalWarning" in line]
+    want = ("attention in second (sdpa) attends within each rank's shard only", "no rule matches it",
+            '{match: "second", attention: dense, ring: false}')
+    if len(told) != 1 or not all(w in told[0] for w in want):
+        raise CaseFailure(f"want one ShardLocalWarning with {want}; stderr:\n{err[-3000:]}")
+    reasons = [s.reason for r in dilated_compile.reports()[-3:] for s in r.sites if s.module == "second"]
+    if len(reasons) != 2 or not all("attends within this rank's shard only" in r for r in reasons):
+        raise CaseFailure(f"site report reasons for 'second': {reasons}")
+
+
+def shard_local_declared_case() -> None:
+    """`ring: false` on the second module: no warning; its output is attention within the
+    shard; the site report says "local (declared)"."""
+    import dilated_compile
+
+    torch._dynamo.reset()
+    q, k, v = (shard(t, 2, "contiguous") for t in _full_inputs(ring_info()[0], N_LOCAL, torch.float32, 9)[:3])
+    policy = _within_shard_policy({"match": "second", "attention": "dense", "ring": False})
+    model = torch.compile(_RingThenOther(), backend="dilated", options={"policy": policy})
+    out, err = _run_capturing_stderr(model, q, k, v)
+    _check_within_shard_output(out, q, k, v)
+    if "ShardLocalWarning" in err or "shard only" in err:
+        raise CaseFailure(f"a warning for a module declared local:\n{err[-3000:]}")
+    became = [s.attention for r in dilated_compile.reports()[-3:] for s in r.sites if s.module == "second"]
+    if len(became) != 2 or not all(b and b.endswith("local (declared)") for b in became):
+        raise CaseFailure(f"site report for 'second': {became}")
+
+
+class _FirstThenSecond(torch.nn.Module):
+    """`first` then `second`, one frame: a ring site and another site in one graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = _SDPA(True), _SDPA(True)
+
+    def forward(self, q, k, v):
+        return self.second(self.first(q, k, v), k, v)
+
+
+def bad_backend_shard_local_strict() -> None:
+    """Under `strict: true` a second attention whose rule has no ring is an error on every
+    rank (at compile time, after the ranks agreed on the ring sites), not a hang."""
+    torch._dynamo.reset()
+    policy = _within_shard_policy({"match": "second", "attention": "dense"}, strict=True)
+    model = torch.compile(_FirstThenSecond(), backend="dilated", options={"policy": policy})
+    q, k, v = _local_qkv(N_LOCAL)
+    expect_error(Exception, ("is strict", "attention in second (sdpa) attends within each rank's shard only",
+                             "rules[1] 'second' has no ring"), lambda: model(q, k, v))
+
+
+def shard_local_cases(world: int) -> dict[str, Callable[[], None]]:
+    """The cases of this block for `world` ranks (two Inductor compiles at world size 2)."""
+    out: dict[str, Callable[[], None]] = {}
+    if world == 2:
+        out["backend-shard-local-warned"] = shard_local_warned_case
+        out["backend-shard-local-declared"] = shard_local_declared_case
+    if world in (2, 3):
+        out["bad-backend-shard-local-strict"] = bad_backend_shard_local_strict
+    return out
+
+
+# ---------------------------------------------------------------------------
 # compiled: the collectives are in the forward and backward graphs
 
 
@@ -772,6 +890,7 @@ def cases(world: int, backend: str = "gloo") -> dict[str, Callable[[], None]]:
                bad_dilated_rates, bad_group_name, bad_shard_length, bad_backend_policy,
                bad_backend_ring_site_left):
         out[fn.__name__.replace("_", "-")] = fn
+    out.update(shard_local_cases(world))
     return out
 
 
