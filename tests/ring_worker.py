@@ -346,23 +346,36 @@ def bad_backend_ring_site_left() -> None:
 # attention that no ring covers while the sequence is sharded: attends within the shard
 
 
-class _RingThenOther(torch.nn.Module):
-    """`first` under the ring rule, then `second` twice, with graph breaks between: three
-    compiled frames, two of which hold `second`'s attention and none a ring site."""
+class _Block(torch.nn.Module):
+    """`attn` twice with a graph break between: the block's own frames hold its attention."""
 
     def __init__(self):
         super().__init__()
-        self.first, self.second = _SDPA(True), _SDPA(True)
+        self.attn = _SDPA(True)
+
+    def forward(self, x, k, v):
+        x = self.attn(x, k, v)
+        torch._dynamo.graph_break()
+        return self.attn(x, k, v)
+
+
+class _RingThenBlocks(torch.nn.Module):
+    """`first` under the ring rule, then two `_Block`s: the blocks' frames hold no ring site,
+    and Dynamo compiles them for `blocks.0` and runs that code for `blocks.1` too."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = _SDPA(True)
+        self.blocks = torch.nn.ModuleList([_Block(), _Block()])
 
     def forward(self, q, k, v):
-        x = self.first(q, k, v)
-        torch._dynamo.graph_break()
-        x = self.second(x, k, v)
-        torch._dynamo.graph_break()
-        return self.second(x, k, v)
+        x = self.first(q, k, v)  # no loop over the blocks: Dynamo runs a frame whose loop
+        x = self.blocks[0](x, k, v)  # body breaks the graph eagerly, `first` included
+        return self.blocks[1](x, k, v)
 
 
 def _within_shard_policy(second: dict | None, strict: bool = False) -> dict:
+    """A ring rule for `first`, then `second` (a rule for the other attention, or none)."""
     rules = [{"match": "first", "attention": "dense", "ring": {"layout": "contiguous"}}]
     return {"version": 1, "strict": strict, "rules": rules + ([second] if second else [])}
 
@@ -379,52 +392,43 @@ def _run_capturing_stderr(model, *args) -> tuple[torch.Tensor, str]:
     return out, err.getvalue()
 
 
-def _check_within_shard_output(out: torch.Tensor, q, k, v) -> None:
-    """`first` is a ring over the whole sequence; `second` (twice) attends within the shard."""
+def _check_within_shard_output(out: torch.Tensor, q, k, v, local_calls: int) -> None:
+    """`first` is a ring over the whole sequence; the `local_calls` attention calls after it
+    attend within the shard."""
     want = ring_attention(q, k, v, is_causal=True)
-    for _ in range(2):
+    for _ in range(local_calls):
         want = F.scaled_dot_product_attention(want, k, v, is_causal=True)
     if not torch.allclose(out, want, atol=1e-5, rtol=1e-5):
         raise CaseFailure(f"output differs from ring then shard-local attention by {(out - want).abs().max():.3g}")
 
 
+def _block_sites(reports) -> list:
+    return [s for r in reports for s in r.sites if s.module.startswith("blocks.")]
+
+
 def shard_local_warned_case() -> None:
-    """A second attention module that no rule matches: every rank's user sees one
-    ShardLocalWarning for it (two frames hold it), naming the module and the fix; it
-    attends within the shard; the site report says so."""
+    """Attention modules that no rule matches: every rank's user sees one ShardLocalWarning
+    for each (blocks.0.attn, in two compiled frames, and blocks.1.attn, which runs blocks.0's
+    compiled code), naming it and the fix; they attend within the shard; the report says so."""
     import dilated_compile
 
     torch._dynamo.reset()
+    dilated_compile.clear_reports()
     q, k, v = (shard(t, 2, "contiguous") for t in _full_inputs(ring_info()[0], N_LOCAL, torch.float32, 9)[:3])
-    model = torch.compile(_RingThenOther(), backend="dilated", options={"policy": _within_shard_policy(None)})
+    model = torch.compile(_RingThenBlocks(), backend="dilated", options={"policy": _within_shard_policy(None)})
     out, err = _run_capturing_stderr(model, q, k, v)
-    _check_within_shard_output(out, q, k, v)
+    _check_within_shard_output(out, q, k, v, local_calls=4)
     told = [line for line in err.splitlines() if "ShardLocalWarning" in line]
-    want = ("attention in second (sdpa) attends within each rank's shard only", "no rule matches it",
-            '{match: "second", attention: dense, ring: false}')
-    if len(told) != 1 or not all(w in told[0] for w in want):
-        raise CaseFailure(f"want one ShardLocalWarning with {want}; stderr:\n{err[-3000:]}")
-    reasons = [s.reason for r in dilated_compile.reports()[-3:] for s in r.sites if s.module == "second"]
+    for path in ("blocks.0.attn", "blocks.1.attn"):
+        want = (f"attention in {path} (sdpa) attends within each rank's shard only", "no rule matches it",
+                f'{{match: "{path}", attention: dense, ring: false}}')
+        if sum(all(w in line for w in want) for line in told) != 1:
+            raise CaseFailure(f"want one ShardLocalWarning with {want}; stderr:\n{err[-3000:]}")
+    if len(told) != 2:
+        raise CaseFailure(f"want two ShardLocalWarnings, got {len(told)}:\n{err[-3000:]}")
+    reasons = [s.reason for s in _block_sites(dilated_compile.reports())]
     if len(reasons) != 2 or not all("attends within this rank's shard only" in r for r in reasons):
-        raise CaseFailure(f"site report reasons for 'second': {reasons}")
-
-
-def shard_local_declared_case() -> None:
-    """`ring: false` on the second module: no warning; its output is attention within the
-    shard; the site report says "local (declared)"."""
-    import dilated_compile
-
-    torch._dynamo.reset()
-    q, k, v = (shard(t, 2, "contiguous") for t in _full_inputs(ring_info()[0], N_LOCAL, torch.float32, 9)[:3])
-    policy = _within_shard_policy({"match": "second", "attention": "dense", "ring": False})
-    model = torch.compile(_RingThenOther(), backend="dilated", options={"policy": policy})
-    out, err = _run_capturing_stderr(model, q, k, v)
-    _check_within_shard_output(out, q, k, v)
-    if "ShardLocalWarning" in err or "shard only" in err:
-        raise CaseFailure(f"a warning for a module declared local:\n{err[-3000:]}")
-    became = [s.attention for r in dilated_compile.reports()[-3:] for s in r.sites if s.module == "second"]
-    if len(became) != 2 or not all(b and b.endswith("local (declared)") for b in became):
-        raise CaseFailure(f"site report for 'second': {became}")
+        raise CaseFailure(f"site report reasons for the blocks: {reasons}")
 
 
 class _FirstThenSecond(torch.nn.Module):
@@ -436,6 +440,25 @@ class _FirstThenSecond(torch.nn.Module):
 
     def forward(self, q, k, v):
         return self.second(self.first(q, k, v), k, v)
+
+
+def shard_local_declared_case() -> None:
+    """`ring: false` on the second attention module: no warning; its output is attention
+    within the shard; the site report says "local (declared)"."""
+    import dilated_compile
+
+    torch._dynamo.reset()
+    dilated_compile.clear_reports()
+    q, k, v = (shard(t, 2, "contiguous") for t in _full_inputs(ring_info()[0], N_LOCAL, torch.float32, 9)[:3])
+    policy = _within_shard_policy({"match": "second", "attention": "dense", "ring": False})
+    model = torch.compile(_FirstThenSecond(), backend="dilated", options={"policy": policy})
+    out, err = _run_capturing_stderr(model, q, k, v)
+    _check_within_shard_output(out, q, k, v, local_calls=1)
+    if "ShardLocalWarning" in err or "shard only" in err:
+        raise CaseFailure(f"a warning for a module declared local:\n{err[-3000:]}")
+    became = [s.attention for r in dilated_compile.reports() for s in r.sites if s.module == "second"]
+    if became != ["dense (unchanged); local (declared)"]:
+        raise CaseFailure(f"site report for 'second': {became}")
 
 
 def bad_backend_shard_local_strict() -> None:
@@ -450,7 +473,8 @@ def bad_backend_shard_local_strict() -> None:
 
 
 def shard_local_cases(world: int) -> dict[str, Callable[[], None]]:
-    """The cases of this block for `world` ranks (two Inductor compiles at world size 2)."""
+    """The cases of this block for `world` ranks (four small forward graphs through Inductor,
+    at world size 2 only)."""
     out: dict[str, Callable[[], None]] = {}
     if world == 2:
         out["backend-shard-local-warned"] = shard_local_warned_case
