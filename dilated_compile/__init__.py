@@ -12,7 +12,7 @@ from .lowering.dilated.attention import dilated_attention
 from .lowering.ring.attention import ring_attention
 from .sharding import register_group, shard, unshard
 from .lowering.reference import block_sparse_reference, dense_reference, dilated_reference
-from .passes import Report, RewriteError
+from .passes import Report, RewriteError, ShardLocalWarning
 from .passes.report import clear_reports, reports
 from .policy.model import Policy
 from .policy.errors import PolicyError
@@ -41,6 +41,7 @@ __all__ = [
     "PolicyError",
     "Report",
     "RewriteError",
+    "ShardLocalWarning",
     "SharedFrameError",
     "TargetWarning",
     "block_sparse_attention",

@@ -222,3 +222,11 @@ def absolute_path(source: str) -> str | None:
     None outside `resolving`, or when the module is not found in the model."""
     frame = _ACTIVE.get()
     return None if frame is None else frame.absolute_path(source)
+
+
+def owner_path() -> str | None:
+    """Absolute path of the module whose method the frame being compiled runs (its
+    `self`), where attention written directly in that method lives; None outside
+    `resolving`, for a frame of no module, or when it is not found in the model."""
+    frame = _ACTIVE.get()
+    return None if frame is None else frame.path_of(frame.owner)

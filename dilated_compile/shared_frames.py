@@ -105,6 +105,17 @@ def shared_paths(frame: Frame | None, policy: Policy, site_paths: list[str]) -> 
     return shared
 
 
+def mirrors(frame: Frame | None, path: str, shared: list[str]) -> list[str]:
+    """Of `shared` (what `shared_paths` returned for `frame`), the paths of the modules
+    that run the compiled site at `path` in the other same-class modules."""
+    prefix = None if frame is None or not shared else frame.path_of(frame.owner)
+    rel = None if prefix is None else _relative(path, prefix)
+    if rel is None:
+        return []
+    targets = {f"{o}.{rel}" if o and rel else o or rel for o, _ in sharing_modules(frame)}
+    return [t for t in shared if t in targets]
+
+
 def _describe(rule) -> str:
     return "no rule (left as it is)" if rule is None else rule.describe()
 

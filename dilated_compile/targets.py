@@ -67,6 +67,7 @@ class ModelTargets:
     compiled: set[str] = field(default_factory=set)  # paths of modules owning a compiled site
     owner_classes: set[type] = field(default_factory=set)  # classes of those modules
     breaks: deque = field(default_factory=lambda: deque(maxlen=MAX_BREAKS))
+    shard_local_told: set[str] = field(default_factory=set)  # modules warned about as shard-local
     checked: bool = False
     hook: object | None = None  # handle of the pre-hook that runs the check
 
@@ -279,3 +280,22 @@ def note_frame(frame: Frame | None, policy: Policy, report) -> None:
     report.also_runs_for = shared
     warn_unresolved(frame)
     note_graph(frame, policy, report.sites, shared)
+    warn_shard_local(frame, report)
+
+
+def warn_shard_local(frame: Frame | None, report) -> None:
+    """Warn for each module of `report` whose attention attends within each rank's shard by
+    accident, and for the modules that run the same compiled code: once per module per
+    model (every compile, for a compiled function of no model)."""
+    if not report.shard_local:
+        return
+    from .passes.shard_local import ShardLocalWarning
+    from .shared_frames import mirrors
+
+    state = _state_for(frame) if frame is not None else None
+    told = state.shard_local_told if state is not None else set()
+    for site in report.shard_local:
+        for path in [site.module, *mirrors(frame, site.module, report.also_runs_for)]:
+            if path not in told:
+                told.add(path)
+                warnings.warn(site.message(path), ShardLocalWarning, stacklevel=3)

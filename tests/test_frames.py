@@ -316,3 +316,29 @@ def test_module_outside_the_model_is_warned():
 
     with pytest.warns(UserWarning, match="cannot tell where the module"):
         explain(Caller(), torch.randn(1, 12, 16), policy=policy(dilated_rule(match="**")))
+
+
+class _AttentionInOwnForward(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class _OuterNotCompiled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_AttentionInOwnForward()])
+
+    @torch._dynamo.disable(recursive=False)
+    def forward(self, q, k, v):
+        return self.blocks[0](q, k, v)
+
+
+def test_attention_in_a_frames_own_forward_has_the_modules_path():
+    """A module compiled as a frame of its own, with attention written in its own forward
+    (no module call around it): the site's path is that module's path in the model,
+    not the root's."""
+    pol = {"version": 1, "rules": [{"match": "blocks.0", "attention": "dilated",
+                                    "segment_lengths": [4], "dilation_rates": [1]}]}
+    q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
+    report = explain(_OuterNotCompiled(), q, k, v, policy=pol)
+    assert [(s.module, s.status) for s in report.sites] == [("blocks.0", "rewritten")]

@@ -20,6 +20,7 @@ from .report import (
     unified_diff,
 )
 from .rewrite import LOWERED_TARGETS, rewrite
+from .shard_local import ShardLocalSite, ShardLocalWarning, one_per_module, shard_local_sites
 from .forms import find_sites
 from .sites import Site, graph_modules
 
@@ -101,14 +102,29 @@ def check_left_sites(decisions: list[Decision], policy: Policy) -> None:
     )
 
 
+def check_shard_local(found: list[ShardLocalSite], policy: Policy) -> None:
+    """Under `strict: true`, raise RewriteError for sites that attend within each rank's
+    shard by accident (the backend warns for them otherwise)."""
+    if policy.strict and found:
+        raise RewriteError(
+            f"policy {policy.source} is strict and these attention sites attend within each "
+            "rank's shard only:\n  " + "\n  ".join(s.message() for s in found)
+        )
+
+
 def run_passes(gm: fx.GraphModule, policy: Policy) -> tuple[fx.GraphModule, GraphReport]:
     """Rewrite the sites `policy` selects in a copy of `gm`; return it and its report.
 
-    Raises RewriteError when the policy is strict and a targeted site is left.
+    Raises RewriteError when the policy is strict and a targeted site is left, or a
+    site attends within each rank's shard by accident.
     """
     decisions = [decide(site, policy) for site in find_sites(gm)]
     check_rings_agree(decisions, policy)
     check_left_sites(decisions, policy)
+    shard_local = shard_local_sites(decisions, policy)
+    within_shard = {id(d) for d, _ in shard_local}
+    shard_local_modules = one_per_module([s for _, s in shard_local])
+    check_shard_local(shard_local_modules, policy)
     new = rewrite(gm, decisions)
     before, after = graph_code(gm), graph_code(new)
     left_targeted = [
@@ -117,7 +133,7 @@ def run_passes(gm: fx.GraphModule, policy: Policy) -> tuple[fx.GraphModule, Grap
         if d.targeted and d.status == "left"
     ]
     report = GraphReport(
-        sites=[SiteReport.from_decision(d) for d in decisions],
+        sites=[SiteReport.from_decision(d, within_shard=id(d) in within_shard) for d in decisions],
         before=before,
         after=after,
         diff=unified_diff(before, after),
@@ -126,6 +142,7 @@ def run_passes(gm: fx.GraphModule, policy: Policy) -> tuple[fx.GraphModule, Grap
         drawing_before=attention_neighbourhood(gm, [d.site.node for d in decisions]),
         drawing_after=attention_neighbourhood(new, _attention_nodes(new, decisions)),
         unused_rules=rules_without_sites(policy, decisions),
+        shard_local=shard_local_modules,
         rings_over_ranks=any(  # traced into this graph (a dynamic ring is one opaque op)
             d.status == "rewritten" and d.ring is not None and d.ring.world_size > 1 and not d.dynamic
             for d in decisions
@@ -140,6 +157,8 @@ __all__ = [
     "Report",
     "RewriteError",
     "Site",
+    "ShardLocalSite",
+    "ShardLocalWarning",
     "SiteReport",
     "decide",
     "find_sites",

@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 
 from ..lowering.registry import strategy
 from .decide import Decision
+from .shard_local import ShardLocalSite
 from .sites import graph_modules
 
 log = logging.getLogger("dilated_compile")
@@ -36,15 +37,21 @@ class SiteReport:
     dilated: tuple | None = None  # (segment_lengths, dilation_rates, head_split) when rewritten so
 
     @classmethod
-    def from_decision(cls, d: Decision) -> "SiteReport":
+    def from_decision(cls, d: Decision, within_shard: bool = False) -> "SiteReport":
+        """The row of decision `d`; `within_shard`: the site attends within each rank's shard
+        of a sharded sequence without being declared so (said in `attention` or `reason`)."""
         s = d.site
-        became = _became(d)
+        became, reason = _became(d), d.reason
+        if within_shard and became is not None:
+            became += f"; {WITHIN_SHARD}"
+        elif within_shard:
+            reason = f"{reason}; {WITHIN_SHARD}"
         return cls(
             module=s.module,
             form=s.form,
             attention=became,
             status=d.status,
-            reason=d.reason,
+            reason=reason,
             rule=None if d.rule is None else f"rules[{d.rule.index}] '{d.rule.match}'",
             shape=s.q_shape,
             dtype=None if s.dtype is None else str(s.dtype).replace("torch.", ""),
@@ -56,6 +63,10 @@ class SiteReport:
                 else None
             ),
         )
+
+
+WITHIN_SHARD = "attends within this rank's shard only (no ring)"
+DECLARED_LOCAL = "local (declared)"
 
 
 def _became(d: Decision) -> str | None:
@@ -73,6 +84,8 @@ def _became(d: Decision) -> str | None:
         text += " (unchanged)"
     if local_op:
         text += f"; dynamic length (custom op), dense below min_seq_len {d.rule.min_seq_len}"
+    if d.rule.local:
+        return f"{text}; {DECLARED_LOCAL}"
     if d.ring is None:
         return text
     if d.ring.world_size == 1:
@@ -197,12 +210,15 @@ class GraphReport:
     # modules of the same class that Dynamo runs this graph's compiled code for (the
     # paths their sites have), when the graph is a frame of one module's own method
     also_runs_for: list[str] = field(default_factory=list)
+    # sites that attend within each rank's shard without being declared so, one per module
+    shard_local: list[ShardLocalSite] = field(default_factory=list)
 
     @property
     def warnings(self) -> list[str]:
-        """Targeted sites left. (A rule without a site in this graph may have sites in
-        another graph of the model: `Report.warnings` and the once-per-model check say so.)"""
-        return list(self.left_targeted)
+        """Targeted sites left, and sites attending within each rank's shard by accident.
+        (A rule without a site in this graph may have sites in another graph of the model:
+        `Report.warnings` and the once-per-model check say so.)"""
+        return list(self.left_targeted) + [s.message() for s in self.shard_local]
 
     def __str__(self) -> str:
         return format_table(self.sites) + _settings_lines(self.inductor_settings)
@@ -234,8 +250,9 @@ class Report:
 
     @property
     def warnings(self) -> list[str]:
-        """Targeted sites left, and rules that match no site in any graph."""
-        left = [w for g in self.graphs for w in g.left_targeted]
+        """Targeted sites left, sites attending within each rank's shard by accident, and
+        rules that match no site in any graph."""
+        left = [w for g in self.graphs for w in g.warnings]
         if not self.graphs:
             return left
         unused = set.intersection(*(set(g.unused_rules) for g in self.graphs))

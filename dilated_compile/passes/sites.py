@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from ..frames import absolute_path
+from ..frames import absolute_path, owner_path
 
 SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
@@ -71,10 +71,11 @@ _FQN_PARTS = (
 def module_path(node: fx.Node) -> str:
     """Dotted path of the module that owns `node` ("" for the root module): its name in
     the outermost model while the backend compiles a Dynamo frame (see `frames`), else
-    the path relative to the graph's root."""
+    the path relative to the graph's root. Attention written in the frame's own method
+    (no module call around it) belongs to the frame's module."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
-        return ""
+        return owner_path() or ""
     path, _ = list(stack.values())[-1]
     absolute = absolute_path(path)
     if absolute is not None:

@@ -35,6 +35,7 @@ class Rule:
     dilated: DilatedSpec | None = None
     block_sparse: BlockSparseSpec | None = None
     ring: RingSpec | None = None
+    local: bool = False  # `ring: false`: under a sharded sequence the site attends within its shard, on purpose
     index: int = 0
     line: int | None = None
 
@@ -65,6 +66,8 @@ class Rule:
             text += " " + self.block_sparse.describe()
         if self.ring is not None:
             text += " " + self.ring.describe()
+        if self.local:
+            text += " ring=false"
         if self.min_seq_len:
             text += f" min_seq_len={self.min_seq_len}"
         return text

@@ -16,6 +16,9 @@ Choices made where the schema is silent:
 * An explicit ``null`` is a type error, except for ``defaults`` (no
   defaults) and ``ring.group`` (the world group). ``ring:`` with no value is
   therefore an error that points at ``ring: {}``.
+* ``ring: false`` declares a rule's sites shard-local on purpose (no ring;
+  :attr:`Rule.local`); a rule's own ``ring: false`` overrides a ring in
+  ``defaults``. ``ring: true`` is an error pointing at ``ring: {}``.
 * ``"re:"`` with nothing after it is an error (use ``"**"`` to match
   everything).
 * :meth:`Policy.rule_for` looks at the module path only; ``min_seq_len`` is
@@ -31,7 +34,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from .errors import PolicyError, Where, one_of, show
+from .errors import PolicyError, Where, did_you_mean, one_of, show
 from .loader import read_file
 from .matching import PatternSyntaxError, compile_match
 from .model import Policy, Rule
@@ -84,10 +87,22 @@ def _check_attention(where: Where, value: Any, key: str) -> str:
     return check_choice(where, value, key, ATTENTION_KINDS, hint)
 
 
-def _check_ring(where: Where, value: Any, key: str) -> RingSpec:
-    """A ring mapping; ``{}`` is ring with defaults."""
-    expected = "a mapping like {layout: zigzag} (use 'ring: {}' for ring with default settings)"
-    m = check_mapping(where, value, key, expected)
+_RING_EXPECTED = (
+    "a mapping like {layout: zigzag} (use 'ring: {}' for ring with default settings), "
+    "or false (attention within each rank's shard, on purpose)"
+)
+
+
+def _check_ring(where: Where, value: Any, key: str) -> RingSpec | bool:
+    """A ring mapping (``{}`` is ring with defaults), or ``false``: no ring, on purpose."""
+    if value is False:
+        return False
+    if value is True:
+        raise where.error(key, f"got {show(value)}; a ring is written 'ring: {{}}' or with its settings", _RING_EXPECTED)
+    if isinstance(value, str) and (value.strip().lower() in ("off", "no", "none", "local")
+                                   or did_you_mean(value.strip().lower(), ("false",))):
+        raise where.error(key, f"got {show(value)}; did you mean false (unquoted)?", _RING_EXPECTED)
+    m = check_mapping(where, value, key, _RING_EXPECTED)
     check_keys(where, m, key, _RING_KEYS)
     layout = check_choice(where, m.get("layout", "contiguous"), f"{key}.layout", RING_LAYOUTS)
     group = m.get("group")
@@ -102,7 +117,7 @@ KEY_CHECKS: dict[str, tuple[Callable[[Where, Any, str], Any], str]] = {
     "match": (_check_match, "a glob or 're:<regular expression>' naming module paths"),
     "attention": (_check_attention, one_of(ATTENTION_KINDS)),
     "min_seq_len": (lambda where, value, key: check_int(where, value, key, 0), "an integer >= 0"),
-    "ring": (_check_ring, "a mapping like {layout: zigzag}"),
+    "ring": (_check_ring, "a mapping like {layout: zigzag}, or false"),
     "segment_lengths": (check_positive_ints, _INTS_EXPECTED),
     "dilation_rates": (check_positive_ints, _INTS_EXPECTED),
     "head_split": (lambda where, value, key: check_choice(where, value, key, HEAD_SPLITS), one_of(HEAD_SPLITS)),
@@ -244,7 +259,7 @@ def _rule(where: Where, value: Any, index: int, defaults: Entries) -> Rule:
     settings = STRATEGIES[kind].validate(RuleValues(where, entries, rule_key, kind))
     ring = _checked(where, entries, "ring") if "ring" in entries else None
     return Rule(
-        match=match, attention=kind, min_seq_len=min_seq_len, ring=ring,
+        match=match, attention=kind, min_seq_len=min_seq_len, ring=ring or None, local=ring is False,
         index=index, line=where.line_of(rule_key), **settings,
     )
 
