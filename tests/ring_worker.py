@@ -469,7 +469,8 @@ def bad_backend_shard_local_strict() -> None:
     model = torch.compile(_FirstThenSecond(), backend="dilated", options={"policy": policy})
     q, k, v = _local_qkv(N_LOCAL)
     expect_error(Exception, ("is strict", "attention in second (sdpa) attends within each rank's shard only",
-                             "rules[1] 'second' has no ring"), lambda: model(q, k, v))
+                             "rules[1] 'second' has no ring", "add `ring: false` to rules[1]"),
+                 lambda: model(q, k, v))
 
 
 def shard_local_cases(world: int) -> dict[str, Callable[[], None]]:

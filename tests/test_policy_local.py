@@ -130,3 +130,8 @@ def test_message_names_the_module_and_how_to_declare_it() -> None:
     )
     assert 'attention in lm.attn (sdpa)' in site.message("lm.attn")
     assert '{match: "lm.attn", attention: dense, ring: false}' in site.message("lm.attn")
+    ringless = ShardLocalSite("h.0.attn", "sdpa", "rules[1] 'h.0.attn' has no ring", site.sharding, 1)
+    assert ringless.message().endswith(
+        "Give rules[1] a `ring:` to attend over the whole sequence, or, if attending within the shard "
+        "is meant, add `ring: false` to rules[1], which silences this."
+    )

@@ -51,18 +51,24 @@ class ShardLocalSite:
     form: str  # how the attention was written ("sdpa", ...)
     why: str  # why no ring covers it
     sharding: Sharding
+    ringless_rule: int | None = None  # index of the site's rule when that rule has no `ring:`
 
     def message(self, module: str | None = None) -> str:
         """What the user is told, for this site or for `module`, one that runs the same
         compiled code."""
         path = self.module if module is None else module
-        shown = path or "<root>"
+        text = (f"attention in {path or '<root>'} ({self.form}) attends within each rank's shard "
+                f"only: {self.sharding.describe()}, and {self.why}. ")
+        if self.ringless_rule is not None:
+            i = self.ringless_rule
+            return text + (f"Give rules[{i}] a `ring:` to attend over the whole sequence, or, if "
+                           f"attending within the shard is meant, add `ring: false` to rules[{i}], "
+                           "which silences this.")
         match = path.replace("*", "[*]").replace("?", "[?]") if path else "re:^$"
-        return (
-            f"attention in {shown} ({self.form}) attends within each rank's shard only: "
-            f"{self.sharding.describe()}, and {self.why}. Give it a ring rule to attend over the "
-            f"whole sequence, or, if attending within the shard is meant, declare it with a rule "
-            f'{{match: "{match}", attention: dense, ring: false}} before the others, which silences this.'
+        return text + (
+            "Give it a ring rule to attend over the whole sequence, or, if attending within the "
+            f'shard is meant, declare it with a rule {{match: "{match}", attention: dense, '
+            "ring: false} before the others, which silences this."
         )
 
 
@@ -114,7 +120,8 @@ def shard_local_sites(decisions: list[Decision], policy: Policy) -> list[tuple[D
     for d in decisions:
         why = _why(d)
         if why is not None:
-            found.append((d, ShardLocalSite(d.site.module, d.site.form, why, sharding)))
+            ringless = d.rule.index if d.rule is not None and d.rule.ring is None else None
+            found.append((d, ShardLocalSite(d.site.module, d.site.form, why, sharding, ringless)))
     return found
 
 
