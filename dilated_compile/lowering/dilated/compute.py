@@ -208,8 +208,10 @@ def dilated_backward(plan: Plan, is_causal: bool, scale: float, q, k, v, out, ls
 
     Gathers out and lse at each block's positions, runs the kernel's backward
     with them, and spreads the block gradients back in one pass per tensor
-    (`spread_sum`).
+    (`spread_sum`). CUDA fp16/bf16 runs the work list's backward (`worklist.py`).
     """
+    if worklist.runs_on(q):
+        return worklist.backward(plan, is_causal, scale, q, k, v, out, lse, dout)
     fused = combine.runs_on(q)
     if fused:
         qs, ks, vs = gather_blocks(plan, (q, k, v))

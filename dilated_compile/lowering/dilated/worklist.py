@@ -46,6 +46,9 @@ class Blocks(NamedTuple):
 # that tiny test shapes still span several blocks.
 FORWARD_BLOCKS = {16: Blocks(128, 64, 4, 3), 32: Blocks(128, 64, 4, 3), 64: Blocks(128, 64, 4, 3),
                   128: Blocks(128, 64, 8, 3)}
+# Backward: rows per item (block_m) and query/key rows per inner step (block_n).
+BACKWARD_BLOCKS = {16: Blocks(64, 64, 4, 2), 32: Blocks(64, 64, 4, 2), 64: Blocks(64, 64, 4, 2),
+                   128: Blocks(64, 64, 4, 2)}
 INTERPRETER_BLOCKS = Blocks(32, 16, 1, 1)
 HEAD_DIMS = tuple(FORWARD_BLOCKS)
 
@@ -70,15 +73,27 @@ def runs_on(q: torch.Tensor) -> bool:
     )
 
 
+def _blocks(q: torch.Tensor, table: dict[int, Blocks], variable: str) -> Blocks:
+    if q.device.type != "cuda":
+        return INTERPRETER_BLOCKS
+    forced = os.environ.get(variable)
+    if forced:
+        blocks = Blocks(*(int(x) for x in forced.split(",")))
+        if blocks.block_m % blocks.block_n:
+            raise ValueError(f"{variable}={forced!r}: block_m must be a multiple of block_n")
+        return blocks
+    return table[q.shape[-1]]
+
+
 def forward_blocks(q: torch.Tensor) -> Blocks:
     """Block sizes of the forward for tensors like `q` (``DILATED_WORKLIST_FWD=bm,bn,warps,stages``
     overrides them on CUDA)."""
-    if q.device.type != "cuda":
-        return INTERPRETER_BLOCKS
-    forced = os.environ.get("DILATED_WORKLIST_FWD")
-    if forced:
-        return Blocks(*(int(x) for x in forced.split(",")))
-    return FORWARD_BLOCKS[q.shape[-1]]
+    return _blocks(q, FORWARD_BLOCKS, "DILATED_WORKLIST_FWD")
+
+
+def backward_blocks(q: torch.Tensor) -> Blocks:
+    """Block sizes of the backward (``DILATED_WORKLIST_BWD=bm,bn,warps,stages`` on CUDA)."""
+    return _blocks(q, BACKWARD_BLOCKS, "DILATED_WORKLIST_BWD")
 
 
 @dataclass(frozen=True)
@@ -182,6 +197,12 @@ def _kernels():
     return worklist_forward
 
 
+def _backward_kernels():
+    from . import worklist_backward
+
+    return worklist_backward
+
+
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -221,3 +242,42 @@ def forward(plan: Plan, is_causal: bool, scale: float, q, k, v) -> tuple[torch.T
             N_PATTERNS=wl.patterns.shape[0], BLOCK=MERGE_BLOCK, HEAD_DIM=d,
         )
     return out, lse
+
+
+PREPARE_BLOCK = 32
+CAST_BLOCK = 1024
+
+
+def backward(plan: Plan, is_causal: bool, scale: float, q, k, v, out, lse, dout):
+    """(dq, dk, dv) of the dilated attention `plan` describes from its (merged) out and
+    lse, as `compute.dilated_backward` returns them (stored sequence-major)."""
+    b, h, n, d = q.shape
+    q, k, v, dout = (_unit_last(x) for x in (q, k, v, dout))
+    out = _unit_last(out)
+    blocks = backward_blocks(q)
+    wl = work_list(plan, blocks, bool(is_causal), q.device)
+    grads = tuple(seq_major_empty(q, q.shape, q.dtype) for _ in range(3))
+    if wl.n_items == 0 or b == 0:
+        return tuple(g.zero_() for g in grads)
+    kern = _backward_kernels()
+    delta = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+    numel = b * n * h * d
+    if wl.compact:  # (3, B, N, H, D) fp32 sums, zeroed by the first launch
+        acc = torch.empty((3, b, n, h, d), dtype=torch.float32, device=q.device)
+        targets = tuple(acc[t].transpose(1, 2) for t in range(3))
+    else:
+        acc, targets = delta, grads
+    kern.prepare_kernel[(-(-n // PREPARE_BLOCK), h, b)](
+        dout, out, delta, acc, n, numel, *dout.stride()[:3], *out.stride()[:3], *delta.stride(),
+        ACCUMULATE=wl.compact, BLOCK=PREPARE_BLOCK, HEAD_DIM=d,
+    )
+    kern.backward_kernel[(wl.n_items, b)](
+        q, k, v, dout, lse, delta, *targets, wl.items, float(scale),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
+        *lse.stride(), *delta.stride(), *targets[0].stride()[:3],
+        CAUSAL=bool(is_causal), ACCUMULATE=wl.compact, BLOCK_M=blocks.block_m, BLOCK_I=blocks.block_n,
+        HEAD_DIM=d, IEEE=q.dtype == torch.float32, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+    )
+    if wl.compact:
+        kern.cast_kernel[(-(-numel // CAST_BLOCK), 3)](acc, *grads, numel, BLOCK=CAST_BLOCK)
+    return grads
