@@ -63,13 +63,15 @@ def enabled() -> bool:
 
 def runs_on(q: torch.Tensor) -> bool:
     """Whether a dilated attention of real tensors like `q` runs as the work list now:
-    CUDA fp16/bf16 outside tracing, a head dim of 16, 32, 64 or 128, and `enabled`."""
+    CUDA fp16/bf16 outside tracing, a head dim of 16, 32, 64 or 128, `enabled`, and no
+    block kernel forced by ``DILATED_KERNEL`` (which asks for the gathered-block path)."""
     return (
         TRITON_INSTALLED
         and q.dtype in (torch.float16, torch.bfloat16)
         and q.shape[-1] in HEAD_DIMS
         and combine_runs_on(q)
         and enabled()
+        and not os.environ.get("DILATED_KERNEL")
     )
 
 
@@ -175,6 +177,11 @@ def work_list(plan: Plan, blocks: Blocks, causal: bool, device: torch.device) ->
     hit = _WORK_LISTS.get(key)
     if hit is not None and hit[0] is plan:
         return hit[1]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "dilated attention: the first call of a shape ran inside a CUDA graph capture; "
+            "run it once before capturing (torch.compile's CUDA graphs do so)"
+        )
     compact = plan.head_split == "longnet"
     geometry = _pattern_geometry(plan)
     head_rows = sum(-(-plan.seq_len // w) * per_seg for w, _, _, per_seg in geometry)
