@@ -41,7 +41,7 @@ CHECKS = [
     (1, 16, 512, 128, (128, 256, 512), (1, 6, 12)),
     (2, 3, 77, 128, (16, 1024), (2, 16)),
     (1, 7, 1000, 128, (96, 200, 384), (1, 3, 5)),
-    (1, 4, 4100, 64, (2048, 4096), (1, 2)),
+    (1, 2, 2100, 64, (1024, 2048), (1, 2)),
 ]
 
 
@@ -102,7 +102,7 @@ def _errors(dtype, b, h, n, d, seg, rates, split, causal) -> dict:
 def check(args) -> list[dict]:
     rows = []
     for dtype in (torch.bfloat16, torch.float16):
-        for b, h, n, d, seg, rates in CHECKS:
+        for b, h, n, d, seg, rates in CHECKS if dtype == torch.bfloat16 else CHECKS[:2]:
             for split in ("groups", "longnet"):
                 for causal in (False, True):
                     r = dict(dtype=str(dtype), B=b, H=h, N=n, D=d, seg=seg, rates=rates, split=split, causal=causal)
@@ -173,6 +173,31 @@ def time_one(n, split, cfg, causal, h, d, dense) -> dict:
     return r
 
 
+def host_breakdown(n, h, d) -> dict:
+    """Host microseconds per forward call at length n (groups, non-causal): the work
+    list's own launches (`worklist.forward`), the custom op around them, and the
+    compiled site."""
+    from dilated_compile.lowering.dilated import worklist
+    from dilated_compile.lowering.dilated.arguments import encode_parameters
+    from dilated_compile.lowering.dilated.op import dilated_attention_op
+    from dilated_compile.lowering.dilated.plan import plan_for
+
+    seg, rates = tuple(SHORT["segment_lengths"]), tuple(SHORT["dilation_rates"])
+    q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    plan = plan_for(q, seg, rates, "groups")
+    pattern = encode_parameters(seg, rates, "groups")
+    torch._dynamo.reset()
+    model = torch.compile(Attention(False), backend="dilated", options={"policy": policy_for(SHORT, "groups")})
+    qs, ks, vs = (t.transpose(1, 2) for t in (q, k, v))
+    r = {"N": n}
+    with torch.no_grad():
+        r["worklist_forward_host_us"] = host_us(lambda: worklist.forward(plan, False, d**-0.5, q, k, v))
+        r["op_host_us"] = host_us(lambda: dilated_attention_op(q, k, v, pattern, False, d**-0.5, 0))
+        r["compiled_host_us"] = host_us(lambda: model(qs, ks, vs))
+    print(json.dumps({"host_breakdown": {key: round(val, 1) for key, val in r.items()}}), flush=True)
+    return r
+
+
 def dense_row(n, causal, h, d) -> dict:
     g = torch.Generator(device="cuda").manual_seed(n)
     q, k, v = (
@@ -192,6 +217,88 @@ def dense_row(n, causal, h, d) -> dict:
     return r
 
 
+TUNE_WORKLOADS = [
+    # N, head split, segments, rates, causal
+    (32768, "longnet", LONGNET_32K["segment_lengths"], LONGNET_32K["dilation_rates"], False),
+    (32768, "longnet", LONGNET_32K["segment_lengths"], LONGNET_32K["dilation_rates"], True),
+    (16384, "groups", SHORT["segment_lengths"], SHORT["dilation_rates"], True),
+]
+TUNE_FORWARD = ["128,64,8,3", "128,128,8,3", "128,64,4,3", "64,64,4,3"]
+TUNE_BACKWARD = ["64,64,4,2", "64,32,4,3", "128,64,8,2", "128,32,8,3", "64,64,8,3"]
+
+
+def gpu_ms(fn) -> float:
+    """Median GPU milliseconds of fn replayed in a CUDA graph (no host time), or with
+    host time where capture fails."""
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    fn()
+    torch.cuda.synchronize()
+    try:
+        return do_bench_cudagraph(fn, rep=100)
+    except Exception as e:  # noqa: BLE001 - report and fall back
+        print("cudagraph timing failed:", type(e).__name__, str(e)[:200], flush=True)
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def tune(h, d) -> list[dict]:
+    """GPU time of eager `dilated_attention` per block configuration
+    (DILATED_WORKLIST_FWD / _BWD = block_m,block_n,warps,stages)."""
+    rows = []
+    for n, split, seg, rates, causal in TUNE_WORKLOADS:
+        q, k, v = (
+            torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+            for _ in range(3)
+        )
+        dout = torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16)
+
+        def fwd():
+            with torch.no_grad():
+                dilated_attention(q, k, v, seg, rates, head_split=split, is_causal=causal)
+
+        def fwdbwd():
+            for t in (q, k, v):
+                t.grad = None
+            dilated_attention(q, k, v, seg, rates, head_split=split, is_causal=causal).backward(dout)
+
+        for var, configs, fn in (("DILATED_WORKLIST_FWD", TUNE_FORWARD, fwd), ("DILATED_WORKLIST_BWD", TUNE_BACKWARD, fwdbwd)):
+            for cfg in configs:
+                os.environ[var] = cfg
+                try:
+                    ms = gpu_ms(fn)
+                except Exception as e:  # noqa: BLE001 - a config that does not compile
+                    print("config failed:", var, cfg, type(e).__name__, str(e)[:200], flush=True)
+                    ms = float("nan")
+                r = dict(N=n, split=split, causal=causal, var=var, config=cfg, gpu_ms=ms)
+                print(json.dumps(r), flush=True)
+                rows.append(r)
+            os.environ.pop(var)
+    return rows
+
+
+def profile_host(h, d) -> None:
+    """cProfile of 200 forward calls of the compiled site at 8k (top functions by own time)."""
+    import cProfile
+    import pstats
+
+    n = 8192
+    for split in ("groups", "longnet"):
+        q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        torch._dynamo.reset()
+        model = torch.compile(Attention(False), backend="dilated", options={"policy": policy_for(SHORT, split)})
+        with torch.no_grad():
+            model(q, k, v)
+            torch.cuda.synchronize()
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(200):
+                model(q, k, v)
+            prof.disable()
+        torch.cuda.synchronize()
+        print(f"--- host profile, compiled {split} forward, 200 calls", flush=True)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
 def main():
     global REP
     p = argparse.ArgumentParser(description=__doc__)
@@ -203,6 +310,8 @@ def main():
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--splits", nargs="+", default=["groups", "longnet"])
+    p.add_argument("--tune", action="store_true", help="time block configurations (eager, GPU time)")
+    p.add_argument("--profile-host", action="store_true", help="cProfile the compiled forward's host time")
     args = p.parse_args()
     REP = args.rep
     os.makedirs(args.out, exist_ok=True)
@@ -210,12 +319,17 @@ def main():
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "checks": [], "rows": [], "dense": []}
     torch._dynamo.config.cache_size_limit = 256
     t_start = time.perf_counter()
+    if args.profile_host:
+        profile_host(args.heads, args.head_dim)
+    if args.tune:
+        results["tune"] = tune(args.heads, args.head_dim)
     if not args.skip_check:
         results["checks"] = check(args)
         print(f"checks: {sum(r['ok'] for r in results['checks'])}/{len(results['checks'])} ok, "
               f"{time.perf_counter() - t_start:.0f} s", flush=True)
     if not args.skip_timing:
         h, d = args.heads, args.head_dim
+        results["host_breakdown"] = host_breakdown(args.lengths[0], h, d)
         for n in args.lengths:
             for causal in (False, True):
                 dense = dense_row(n, causal, h, d)
