@@ -169,7 +169,14 @@ def time_one(n, split, cfg, causal, h, d, dense) -> dict:
             tf = mult * flops / r[f"{tag}_{m}_ms"] / 1e9
             r[f"{tag}_{m}_tflops"] = tf
             r[f"{tag}_{m}_ratio"] = tf / dense[f"{m}_tflops"]
-    print(json.dumps({key: (round(val, 3) if isinstance(val, float) else val) for key, val in r.items()}), flush=True)
+    print(
+        f"N={n} {split} causal={causal}: " + "; ".join(
+            f"{tag} fwd {r[f'{tag}_fwd_ms']:.3f} ms ({r[f'{tag}_fwd_ratio']:.2f}, host {r[f'{tag}_fwd_host_us']:.0f} us)"
+            f" fwd+bwd {r[f'{tag}_fwdbwd_ms']:.3f} ms ({r[f'{tag}_fwdbwd_ratio']:.2f})"
+            for tag in ("worklist", "blocks")
+        ),
+        flush=True,
+    )
     return r
 
 

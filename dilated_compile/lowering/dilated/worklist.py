@@ -234,7 +234,8 @@ def forward(plan: Plan, is_causal: bool, scale: float, q, k, v) -> tuple[torch.T
         return out.zero_(), lse.fill_(-math.inf)
     kern = _kernels()
     if wl.compact:
-        target = torch.empty((b, h, wl.head_rows, d), dtype=torch.float32, device=q.device)
+        # each pattern's rows in q's dtype (as the gathered-block kernels give them), merged in fp32
+        target = torch.empty((b, h, wl.head_rows, d), dtype=q.dtype, device=q.device)
         target_lse = torch.empty((b, h, wl.head_rows), dtype=torch.float32, device=q.device)
     else:
         target, target_lse = out, lse

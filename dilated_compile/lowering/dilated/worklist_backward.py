@@ -46,7 +46,7 @@ def prepare_kernel(
         acc_off = ((b * seq_len + n) * heads + h) * HEAD_DIM
         zero = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
         for t in tl.static_range(3):
-            tl.store(ACC + t * n_acc + acc_off[:, None] + d[None, :], zero, mask=ok[:, None])
+            tl.store(ACC + t * n_acc.to(tl.int64) + acc_off[:, None] + d[None, :], zero, mask=ok[:, None])
 
 
 @triton.jit
@@ -214,6 +214,6 @@ def cast_kernel(ACC, DQ, DK, DV, n_acc, BLOCK: tl.constexpr):
     t = tl.program_id(1)
     off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = off < n_acc
-    x = tl.load(ACC + t * n_acc + off, mask=ok)
+    x = tl.load(ACC + t.to(tl.int64) * n_acc + off, mask=ok)
     dst = tl.where(t == 0, DQ, tl.where(t == 1, DK, DV))
     tl.store(dst + off, x.to(DQ.dtype.element_ty), mask=ok)

@@ -150,7 +150,7 @@ def merge_kernel(
     N_PATTERNS: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """Grid (position tiles, heads, batch): the ``longnet`` merge of the compact
-    per-pattern rows (CO: fp32 rows of HEAD_DIM contiguous values, CL: their lse)
+    per-pattern rows (CO: rows of HEAD_DIM contiguous values, CL: their fp32 lse)
     into O and L by
     log-sum-exp. PATTERNS: (w, r, first row, rows per segment) per pattern."""
     tile = tl.program_id(0)
@@ -173,7 +173,7 @@ def merge_kernel(
         inside = n - seg * w
         sel = n_ok & (inside % r == h % r)
         row = (row0 + seg * per_seg + inside // r).to(tl.int64)
-        x = tl.load(CO + cbase + row[:, None] * HEAD_DIM + d[None, :], mask=sel[:, None], other=0.0)
+        x = tl.load(CO + cbase + row[:, None] * HEAD_DIM + d[None, :], mask=sel[:, None], other=0.0).to(tl.float32)
         lp = tl.load(CL + lbase + row, mask=sel, other=float("-inf"))
         new_top = tl.maximum(top, lp)
         safe = tl.where(new_top == float("-inf"), 0.0, new_top)
