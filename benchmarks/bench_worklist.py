@@ -2,7 +2,7 @@
 
 First checks the work list (forward and gradients) against the float64
 reference at small shapes and prints each max error next to the tolerance
-rule's budget (and the gathered-block path's error). Then times, through the
+rule's budget (with --compare-blocks, the gathered-block path's too). Then times, through the
 user's path (a module calling `F.scaled_dot_product_attention` on (B, N, H, D)
 tensors transposed to (B, H, N, D), compiled with ``backend="dilated"``), the
 work list (``DILATED_WORKLIST=on``) against the gathered-block path
@@ -76,7 +76,10 @@ class worklist_setting:
             os.environ["DILATED_WORKLIST"] = self.before
 
 
-def _errors(dtype, b, h, n, d, seg, rates, split, causal) -> dict:
+GRAD_TOL = {torch.float16: 2e-2, torch.bfloat16: 6e-2}  # of max |reference gradient|, as tests/test_gpu.py
+
+
+def _errors(dtype, b, h, n, d, seg, rates, split, causal, modes) -> dict:
     g = torch.Generator(device="cuda").manual_seed(n + h)
     base = [torch.randn(b, n, h, d, device="cuda", dtype=dtype, generator=g).transpose(1, 2) for _ in range(3)]
     grad = torch.randn(b, h, n, d, device="cuda", dtype=dtype, generator=g)
@@ -87,7 +90,8 @@ def _errors(dtype, b, h, n, d, seg, rates, split, causal) -> dict:
     dense_ref = dilated_reference(*[t.double() for t in base], (n,), (1,), is_causal=causal)
     res = {"dense_sdpa_err": (dense - dense_ref).abs().max().item()}
     res["budget"] = 2 * res["dense_sdpa_err"] + 8 * torch.finfo(dtype).eps * ref.abs().max().item()
-    for mode in ("on", "off"):
+    res["grad_scale"] = max(max(r.grad.abs().max().item() for r in ref_in), 1.0)
+    for mode in modes:
         with worklist_setting(mode):
             xs = [t.detach().clone().requires_grad_() for t in base]
             out = dilated_attention(*xs, seg, rates, head_split=split, is_causal=causal)
@@ -106,14 +110,18 @@ def check(args) -> list[dict]:
             for split in ("groups", "longnet"):
                 for causal in (False, True):
                     r = dict(dtype=str(dtype), B=b, H=h, N=n, D=d, seg=seg, rates=rates, split=split, causal=causal)
-                    r.update(_errors(dtype, b, h, n, d, seg, rates, split, causal))
-                    worst = max(r["worklist_out_err"], r["worklist_dq_err"], r["worklist_dk_err"], r["worklist_dv_err"])
-                    old = max(r["blocks_out_err"], r["blocks_dq_err"], r["blocks_dk_err"], r["blocks_dv_err"])
-                    r["ok"] = r["worklist_out_err"] <= r["budget"] and worst <= 2 * old + 1e-3
+                    modes = ("on", "off") if args.compare_blocks else ("on",)
+                    r.update(_errors(dtype, b, h, n, d, seg, rates, split, causal, modes))
+                    worst = max(r["worklist_dq_err"], r["worklist_dk_err"], r["worklist_dv_err"])
+                    r["ok"] = r["worklist_out_err"] <= r["budget"] and worst <= GRAD_TOL[dtype] * r["grad_scale"]
+                    blocks = ""
+                    if args.compare_blocks:
+                        old = max(r["blocks_dq_err"], r["blocks_dk_err"], r["blocks_dv_err"])
+                        blocks = f" (gathered blocks: out {r['blocks_out_err']:.2e}, grads {old:.2e})"
                     print(
                         f"check {str(dtype)[6:]:8} B{b} H{h:<2} N{n:<5} D{d:<3} {split:7} causal={causal!s:5} "
-                        f"out {r['worklist_out_err']:.2e} (budget {r['budget']:.2e}, blocks {r['blocks_out_err']:.2e}) "
-                        f"grads {worst:.2e} (blocks {old:.2e}) {'ok' if r['ok'] else 'FAIL'}",
+                        f"out {r['worklist_out_err']:.2e} (budget {r['budget']:.2e}) grads {worst:.2e} "
+                        f"(allowed {GRAD_TOL[dtype] * r['grad_scale']:.2e}){blocks} {'ok' if r['ok'] else 'FAIL'}",
                         flush=True,
                     )
                     rows.append(r)
@@ -158,7 +166,8 @@ def time_one(n, split, cfg, causal, h, d, dense) -> dict:
     torch.cuda.synchronize()
     r["compile_fwdbwd_s"] = time.perf_counter() - t0
     call = lambda: model(q, k, v)  # noqa: E731
-    for mode in ("on", "off"):
+    res["grad_scale"] = max(max(r.grad.abs().max().item() for r in ref_in), 1.0)
+    for mode in modes:
         tag = "worklist" if mode == "on" else "blocks"
         with worklist_setting(mode):
             with torch.no_grad():
@@ -315,6 +324,7 @@ def main():
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--rep", type=int, default=150, help="do_bench rep (ms)")
     p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--compare-blocks", action="store_true", help="checks also report the gathered-block path's errors")
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--splits", nargs="+", default=["groups", "longnet"])
     p.add_argument("--tune", action="store_true", help="time block configurations (eager, GPU time)")
