@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ..common import combine
 from ..common.block_kernels import accumulation_dtype, block_attention, block_attention_backward
 from ..common.merge import merge_by_lse
+from . import worklist
 from .plan import Job, Part, Plan
 
 # --------------------------------------------------------------------------
@@ -182,7 +183,11 @@ def spread_sum(plan: Plan, block_grads: Sequence[torch.Tensor], like: torch.Tens
 
 def dilated_forward(plan: Plan, is_causal: bool, scale: float, q, k, v):
     """(out, lse) of the dilated attention `plan` describes: out (B, H, N, D) in q's
-    dtype, lse (B, H, N) in the accumulation dtype (-inf where no pattern selects)."""
+    dtype, lse (B, H, N) in the accumulation dtype (-inf where no pattern selects).
+
+    CUDA fp16/bf16 runs the one-launch work list (`worklist.py`) where it applies."""
+    if worklist.runs_on(q):
+        return worklist.forward(plan, is_causal, scale, q, k, v)
     fused = combine.runs_on(q)
     if fused:
         qs, ks, vs = gather_blocks(plan, (q, k, v))
@@ -203,8 +208,10 @@ def dilated_backward(plan: Plan, is_causal: bool, scale: float, q, k, v, out, ls
 
     Gathers out and lse at each block's positions, runs the kernel's backward
     with them, and spreads the block gradients back in one pass per tensor
-    (`spread_sum`).
+    (`spread_sum`). CUDA fp16/bf16 runs the work list's backward (`worklist.py`).
     """
+    if worklist.runs_on(q):
+        return worklist.backward(plan, is_causal, scale, q, k, v, out, lse, dout)
     fused = combine.runs_on(q)
     if fused:
         qs, ks, vs = gather_blocks(plan, (q, k, v))

@@ -1,0 +1,367 @@
+"""The one-launch work-list dilated attention on one GPU: correctness, then speed.
+
+First checks the work list (forward and gradients) against the float64
+reference at small shapes and prints each max error next to the tolerance
+rule's budget (with --compare-blocks, the gathered-block path's too). Then times, through the
+user's path (a module calling `F.scaled_dot_product_attention` on (B, N, H, D)
+tensors transposed to (B, H, N, D), compiled with ``backend="dilated"``), the
+work list (``DILATED_WORKLIST=on``) against the gathered-block path
+(``DILATED_WORKLIST=off``) and dense SDPA, forward and forward+backward, causal
+and not, both head splits:
+
+    python benchmarks/bench_worklist.py --out $OUT
+
+Ratio = useful TFLOP/s / dense SDPA TFLOP/s (useful FLOPs as in
+`bench_dilated.py`); host_us = host time of one call with the GPU kept busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from benchmarks.bench_dilated import FWD_BWD, _step, attended_pairs, policy_for  # noqa: E402
+from dilated_compile import dilated_attention, dilated_reference  # noqa: E402
+
+SHORT = dict(segment_lengths=[512, 1024, 2048, 4096], dilation_rates=[1, 2, 4, 8])
+GROUPS_32K = dict(segment_lengths=[2048, 4096, 8192, 16384, 32768], dilation_rates=[1, 2, 4, 8, 16])
+LONGNET_32K = dict(segment_lengths=[2048, 4096, 8192, 16384, 32768], dilation_rates=[1, 2, 4, 6, 12])
+
+CHECKS = [
+    # B, H, N, D, segments, rates
+    (2, 5, 300, 64, (64, 128, 256), (1, 2, 4)),
+    (1, 16, 512, 128, (128, 256, 512), (1, 6, 12)),
+    (2, 3, 77, 128, (16, 1024), (2, 16)),
+    (1, 7, 1000, 128, (96, 200, 384), (1, 3, 5)),
+    (1, 2, 2100, 64, (1024, 2048), (1, 2)),
+]
+
+
+class Attention(torch.nn.Module):
+    """What a model does: SDPA on (B, N, H, D) projections transposed to (B, H, N, D)."""
+
+    def __init__(self, causal: bool):
+        super().__init__()
+        self.causal = causal
+
+    def forward(self, q, k, v):
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=self.causal
+        )
+        return out.transpose(1, 2)
+
+
+class worklist_setting:
+    """``with worklist_setting("on" | "off"):`` sets DILATED_WORKLIST (read per call)."""
+
+    def __init__(self, value: str):
+        self.value = value
+
+    def __enter__(self):
+        self.before = os.environ.get("DILATED_WORKLIST")
+        os.environ["DILATED_WORKLIST"] = self.value
+
+    def __exit__(self, *exc):
+        if self.before is None:
+            os.environ.pop("DILATED_WORKLIST", None)
+        else:
+            os.environ["DILATED_WORKLIST"] = self.before
+
+
+GRAD_TOL = {torch.float16: 2e-2, torch.bfloat16: 6e-2}  # of max |reference gradient|, as tests/test_gpu.py
+
+
+def _errors(dtype, b, h, n, d, seg, rates, split, causal, modes) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(n + h)
+    base = [torch.randn(b, n, h, d, device="cuda", dtype=dtype, generator=g).transpose(1, 2) for _ in range(3)]
+    grad = torch.randn(b, h, n, d, device="cuda", dtype=dtype, generator=g)
+    ref_in = [t.detach().double().requires_grad_() for t in base]  # float64 on the GPU
+    ref = dilated_reference(*ref_in, seg, rates, head_split=split, is_causal=causal)
+    ref.backward(grad.double())
+    dense = F.scaled_dot_product_attention(*base, is_causal=causal).double()
+    dense_ref = dilated_reference(*[t.double() for t in base], (n,), (1,), is_causal=causal)
+    res = {"dense_sdpa_err": (dense - dense_ref).abs().max().item()}
+    res["budget"] = 2 * res["dense_sdpa_err"] + 8 * torch.finfo(dtype).eps * ref.abs().max().item()
+    res["grad_scale"] = max(max(r.grad.abs().max().item() for r in ref_in), 1.0)
+    for mode in modes:
+        with worklist_setting(mode):
+            xs = [t.detach().clone().requires_grad_() for t in base]
+            out = dilated_attention(*xs, seg, rates, head_split=split, is_causal=causal)
+            out.backward(grad)
+        tag = "worklist" if mode == "on" else "blocks"
+        res[f"{tag}_out_err"] = (out.double() - ref.detach()).abs().max().item()
+        for name, x, r in zip(("dq", "dk", "dv"), xs, ref_in):
+            res[f"{tag}_{name}_err"] = (x.grad.double() - r.grad).abs().max().item()
+    return res
+
+
+def check(args) -> list[dict]:
+    rows = []
+    for dtype in (torch.bfloat16, torch.float16):
+        for b, h, n, d, seg, rates in CHECKS if dtype == torch.bfloat16 else CHECKS[:2]:
+            for split in ("groups", "longnet"):
+                for causal in (False, True):
+                    r = dict(dtype=str(dtype), B=b, H=h, N=n, D=d, seg=seg, rates=rates, split=split, causal=causal)
+                    modes = ("on", "off") if args.compare_blocks else ("on",)
+                    r.update(_errors(dtype, b, h, n, d, seg, rates, split, causal, modes))
+                    worst = max(r["worklist_dq_err"], r["worklist_dk_err"], r["worklist_dv_err"])
+                    r["ok"] = r["worklist_out_err"] <= r["budget"] and worst <= GRAD_TOL[dtype] * r["grad_scale"]
+                    blocks = ""
+                    if args.compare_blocks:
+                        old = max(r["blocks_dq_err"], r["blocks_dk_err"], r["blocks_dv_err"])
+                        blocks = f" (gathered blocks: out {r['blocks_out_err']:.2e}, grads {old:.2e})"
+                    print(
+                        f"check {str(dtype)[6:]:8} B{b} H{h:<2} N{n:<5} D{d:<3} {split:7} causal={causal!s:5} "
+                        f"out {r['worklist_out_err']:.2e} (budget {r['budget']:.2e}) grads {worst:.2e} "
+                        f"(allowed {GRAD_TOL[dtype] * r['grad_scale']:.2e}){blocks} {'ok' if r['ok'] else 'FAIL'}",
+                        flush=True,
+                    )
+                    rows.append(r)
+    return rows
+
+
+REP = 150  # do_bench's rep (ms); --rep sets it
+
+
+def timed(fn, grad_of=None) -> float:
+    """Median milliseconds (host time included), one `do_bench`."""
+    from triton.testing import do_bench
+
+    return do_bench(_step(fn, grad_of), warmup=25, rep=REP, return_mode="median")
+
+
+def host_us(fn, calls: int = 20) -> float:
+    """Microseconds of host time per call, the GPU kept busy by a sleep kernel."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9 * 0.2))  # ~0.2 s of GPU work ahead of the calls
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t = (time.perf_counter() - t0) / calls
+    torch.cuda.synchronize()
+    return t * 1e6
+
+
+def time_one(n, split, cfg, causal, h, d, dense) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(n)
+    q, k, v = (
+        torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_() for _ in range(3)
+    )
+    seg, rates = cfg["segment_lengths"], cfg["dilation_rates"]
+    flops = 4 * d * attended_pairs(h, n, seg, rates, split, causal)
+    r = {"N": n, "split": split, "causal": causal, "segments": seg, "rates": rates, "flops_fwd": flops}
+    torch._dynamo.reset()
+    model = torch.compile(Attention(causal), backend="dilated", options={"policy": policy_for(cfg, split)})
+    t0 = time.perf_counter()
+    model(q, k, v).sum().backward()
+    torch.cuda.synchronize()
+    r["compile_fwdbwd_s"] = time.perf_counter() - t0
+    call = lambda: model(q, k, v)  # noqa: E731
+    res["grad_scale"] = max(max(r.grad.abs().max().item() for r in ref_in), 1.0)
+    for mode in modes:
+        tag = "worklist" if mode == "on" else "blocks"
+        with worklist_setting(mode):
+            with torch.no_grad():
+                r[f"{tag}_fwd_ms"] = timed(call)
+                r[f"{tag}_fwd_host_us"] = host_us(call)
+            r[f"{tag}_fwdbwd_ms"] = timed(call, grad_of=(q, k, v))
+        for m, mult in (("fwd", 1), ("fwdbwd", FWD_BWD)):
+            tf = mult * flops / r[f"{tag}_{m}_ms"] / 1e9
+            r[f"{tag}_{m}_tflops"] = tf
+            r[f"{tag}_{m}_ratio"] = tf / dense[f"{m}_tflops"]
+    print(
+        f"N={n} {split} causal={causal}: " + "; ".join(
+            f"{tag} fwd {r[f'{tag}_fwd_ms']:.3f} ms ({r[f'{tag}_fwd_ratio']:.2f}, host {r[f'{tag}_fwd_host_us']:.0f} us)"
+            f" fwd+bwd {r[f'{tag}_fwdbwd_ms']:.3f} ms ({r[f'{tag}_fwdbwd_ratio']:.2f})"
+            for tag in ("worklist", "blocks")
+        ),
+        flush=True,
+    )
+    return r
+
+
+def host_breakdown(n, h, d) -> dict:
+    """Host microseconds per forward call at length n (groups, non-causal): the work
+    list's own launches (`worklist.forward`), the custom op around them, and the
+    compiled site."""
+    from dilated_compile.lowering.dilated import worklist
+    from dilated_compile.lowering.dilated.arguments import encode_parameters
+    from dilated_compile.lowering.dilated.op import dilated_attention_op
+    from dilated_compile.lowering.dilated.plan import plan_for
+
+    seg, rates = tuple(SHORT["segment_lengths"]), tuple(SHORT["dilation_rates"])
+    q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    plan = plan_for(q, seg, rates, "groups")
+    pattern = encode_parameters(seg, rates, "groups")
+    torch._dynamo.reset()
+    model = torch.compile(Attention(False), backend="dilated", options={"policy": policy_for(SHORT, "groups")})
+    qs, ks, vs = (t.transpose(1, 2) for t in (q, k, v))
+    r = {"N": n}
+    with torch.no_grad():
+        r["worklist_forward_host_us"] = host_us(lambda: worklist.forward(plan, False, d**-0.5, q, k, v))
+        r["op_host_us"] = host_us(lambda: dilated_attention_op(q, k, v, pattern, False, d**-0.5, 0))
+        r["compiled_host_us"] = host_us(lambda: model(qs, ks, vs))
+    print(json.dumps({"host_breakdown": {key: round(val, 1) for key, val in r.items()}}), flush=True)
+    return r
+
+
+def dense_row(n, causal, h, d) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(n)
+    q, k, v = (
+        torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_() for _ in range(3)
+    )
+    model = Attention(causal)
+    call = lambda: model(q, k, v)  # noqa: E731
+    pairs = h * (n * (n + 1) // 2 if causal else n * n)
+    r = {"N": n, "causal": causal}
+    with torch.no_grad():
+        r["fwd_ms"] = timed(call)
+        r["fwd_host_us"] = host_us(call)
+    r["fwdbwd_ms"] = timed(call, grad_of=(q, k, v))
+    r["fwd_tflops"] = 4 * d * pairs / r["fwd_ms"] / 1e9
+    r["fwdbwd_tflops"] = FWD_BWD * 4 * d * pairs / r["fwdbwd_ms"] / 1e9
+    print(json.dumps({"dense": {key: round(val, 3) for key, val in r.items()}}), flush=True)
+    return r
+
+
+TUNE_WORKLOADS = [
+    # N, head split, segments, rates, causal
+    (32768, "longnet", LONGNET_32K["segment_lengths"], LONGNET_32K["dilation_rates"], False),
+    (32768, "longnet", LONGNET_32K["segment_lengths"], LONGNET_32K["dilation_rates"], True),
+    (16384, "groups", SHORT["segment_lengths"], SHORT["dilation_rates"], True),
+]
+TUNE_FORWARD = ["128,64,8,3", "128,128,8,3", "128,64,4,3", "64,64,4,3"]
+TUNE_BACKWARD = ["64,64,4,2", "64,32,4,3", "128,64,8,2", "128,32,8,3", "64,64,8,3"]
+
+
+def gpu_ms(fn) -> float:
+    """Median GPU milliseconds of fn replayed in a CUDA graph (no host time), or with
+    host time where capture fails."""
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    fn()
+    torch.cuda.synchronize()
+    try:
+        return do_bench_cudagraph(fn, rep=100)
+    except Exception as e:  # noqa: BLE001 - report and fall back
+        print("cudagraph timing failed:", type(e).__name__, str(e)[:200], flush=True)
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def tune(h, d) -> list[dict]:
+    """GPU time of eager `dilated_attention` per block configuration
+    (DILATED_WORKLIST_FWD / _BWD = block_m,block_n,warps,stages)."""
+    rows = []
+    for n, split, seg, rates, causal in TUNE_WORKLOADS:
+        q, k, v = (
+            torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+            for _ in range(3)
+        )
+        dout = torch.randn(1, h, n, d, device="cuda", dtype=torch.bfloat16)
+
+        def fwd():
+            with torch.no_grad():
+                dilated_attention(q, k, v, seg, rates, head_split=split, is_causal=causal)
+
+        def fwdbwd():
+            for t in (q, k, v):
+                t.grad = None
+            dilated_attention(q, k, v, seg, rates, head_split=split, is_causal=causal).backward(dout)
+
+        for var, configs, fn in (("DILATED_WORKLIST_FWD", TUNE_FORWARD, fwd), ("DILATED_WORKLIST_BWD", TUNE_BACKWARD, fwdbwd)):
+            for cfg in configs:
+                os.environ[var] = cfg
+                try:
+                    ms = gpu_ms(fn)
+                except Exception as e:  # noqa: BLE001 - a config that does not compile
+                    print("config failed:", var, cfg, type(e).__name__, str(e)[:200], flush=True)
+                    ms = float("nan")
+                r = dict(N=n, split=split, causal=causal, var=var, config=cfg, gpu_ms=ms)
+                print(json.dumps(r), flush=True)
+                rows.append(r)
+            os.environ.pop(var)
+    return rows
+
+
+def profile_host(h, d) -> None:
+    """cProfile of 200 forward calls of the compiled site at 8k (top functions by own time)."""
+    import cProfile
+    import pstats
+
+    n = 8192
+    for split in ("groups", "longnet"):
+        q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        torch._dynamo.reset()
+        model = torch.compile(Attention(False), backend="dilated", options={"policy": policy_for(SHORT, split)})
+        with torch.no_grad():
+            model(q, k, v)
+            torch.cuda.synchronize()
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(200):
+                model(q, k, v)
+            prof.disable()
+        torch.cuda.synchronize()
+        print(f"--- host profile, compiled {split} forward, 200 calls", flush=True)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
+def main():
+    global REP
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", default=os.environ.get("OUT", "out"))
+    p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--rep", type=int, default=150, help="do_bench rep (ms)")
+    p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--compare-blocks", action="store_true", help="checks also report the gathered-block path's errors")
+    p.add_argument("--skip-timing", action="store_true")
+    p.add_argument("--splits", nargs="+", default=["groups", "longnet"])
+    p.add_argument("--tune", action="store_true", help="time block configurations (eager, GPU time)")
+    p.add_argument("--profile-host", action="store_true", help="cProfile the compiled forward's host time")
+    args = p.parse_args()
+    REP = args.rep
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "worklist.json")
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "checks": [], "rows": [], "dense": []}
+    torch._dynamo.config.cache_size_limit = 256
+    t_start = time.perf_counter()
+    if args.profile_host:
+        profile_host(args.heads, args.head_dim)
+    if args.tune:
+        results["tune"] = tune(args.heads, args.head_dim)
+    if not args.skip_check:
+        results["checks"] = check(args)
+        print(f"checks: {sum(r['ok'] for r in results['checks'])}/{len(results['checks'])} ok, "
+              f"{time.perf_counter() - t_start:.0f} s", flush=True)
+    if not args.skip_timing:
+        h, d = args.heads, args.head_dim
+        results["host_breakdown"] = host_breakdown(args.lengths[0], h, d)
+        for n in args.lengths:
+            for causal in (False, True):
+                dense = dense_row(n, causal, h, d)
+                results["dense"].append(dense)
+                for split in args.splits:
+                    cfg = SHORT if n < 32768 else (GROUPS_32K if split == "groups" else LONGNET_32K)
+                    results["rows"].append(time_one(n, split, cfg, causal, h, d, dense))
+                    with open(path, "w") as f:
+                        json.dump(results, f, indent=1)
+            torch.cuda.empty_cache()
+    results["total_s"] = time.perf_counter() - t_start
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    print("wrote", path, f"in {results['total_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

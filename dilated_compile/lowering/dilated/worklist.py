@@ -1,0 +1,294 @@
+"""Dilated attention as one Triton work list: every part of a site in one launch.
+
+A *work item* is one (head, pattern, segment, offset, row block) of a `Plan`:
+the rows ``pos0 + i * rate`` of one segment, i in the block. The forward
+kernel (`worklist_forward.py`) runs every item of a call in one launch (grid:
+items x batch), reading q, k, v rows in place, the dilation a row stride;
+the ``longnet`` split adds one launch that merges the patterns by
+log-sum-exp. The backward (`worklist_backward.py`) runs from the same items.
+
+Everything that depends only on shapes (the items as an int32 device tensor,
+the compact row layout of the ``longnet`` split, block sizes) is built once
+per (plan, block size, device) and cached, so a call is its launches and a few
+allocations.
+
+Used for CUDA fp16/bf16 inside the ``dilated_compile::dilated_attention``
+custom op (`compute.py` routes there); ``DILATED_WORKLIST=off`` turns it off
+(the attention then runs as gathered blocks, `compute.py`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ..common.combine import TRITON_INSTALLED, runs_on as combine_runs_on
+from ..common.storage import seq_major_empty
+from .plan import Plan
+
+ITEM_FIELDS = 9  # head, pos0, rate, m, block, out_row0, seg_start, seg_len, offset
+
+
+class Blocks(NamedTuple):
+    """Rows per work item (block_m), keys per inner step (block_n), and launch options."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Forward block sizes by head dim on CUDA; the interpreter uses small blocks so
+# that tiny test shapes still span several blocks.
+FORWARD_BLOCKS = {16: Blocks(128, 64, 4, 3), 32: Blocks(128, 64, 4, 3), 64: Blocks(128, 64, 4, 3),
+                  128: Blocks(128, 64, 8, 3)}
+# Backward: rows per item (block_m) and query/key rows per inner step (block_n).
+# Head dim 128 on an H100 (fwd+bwd, bf16, 16 heads): (128, 32, 8, 3) took 0.516 ms at 16k
+# (groups, causal) and 12.7 ms at 32k (LongNet, causal) where (64, 64, 4, 2) took
+# 0.589 and 14.8 (and 16.7 against 16.0 at 32k non-causal).
+BACKWARD_BLOCKS = {16: Blocks(64, 64, 4, 2), 32: Blocks(64, 64, 4, 2), 64: Blocks(64, 64, 4, 2),
+                   128: Blocks(128, 32, 8, 3)}
+INTERPRETER_BLOCKS = Blocks(32, 16, 1, 1)
+HEAD_DIMS = tuple(FORWARD_BLOCKS)
+
+
+def enabled() -> bool:
+    """``DILATED_WORKLIST`` (``on`` by default, ``off`` for the gathered-block path)."""
+    choice = os.environ.get("DILATED_WORKLIST", "on")
+    if choice not in ("on", "off"):
+        raise ValueError(f"DILATED_WORKLIST={choice!r}: expected on or off")
+    return choice == "on"
+
+
+def runs_on(q: torch.Tensor) -> bool:
+    """Whether a dilated attention of real tensors like `q` runs as the work list now:
+    CUDA fp16/bf16 outside tracing, a head dim of 16, 32, 64 or 128, `enabled`, and no
+    block kernel forced by ``DILATED_KERNEL`` (which asks for the gathered-block path)."""
+    return (
+        TRITON_INSTALLED
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[-1] in HEAD_DIMS
+        and combine_runs_on(q)
+        and enabled()
+        and not os.environ.get("DILATED_KERNEL")
+    )
+
+
+def _blocks(q: torch.Tensor, table: dict[int, Blocks], variable: str) -> Blocks:
+    if q.device.type != "cuda":
+        return INTERPRETER_BLOCKS
+    forced = os.environ.get(variable)
+    if forced:
+        blocks = Blocks(*(int(x) for x in forced.split(",")))
+        if blocks.block_m % blocks.block_n:
+            raise ValueError(f"{variable}={forced!r}: block_m must be a multiple of block_n")
+        return blocks
+    return table[q.shape[-1]]
+
+
+def forward_blocks(q: torch.Tensor) -> Blocks:
+    """Block sizes of the forward for tensors like `q` (``DILATED_WORKLIST_FWD=bm,bn,warps,stages``
+    overrides them on CUDA)."""
+    return _blocks(q, FORWARD_BLOCKS, "DILATED_WORKLIST_FWD")
+
+
+def backward_blocks(q: torch.Tensor) -> Blocks:
+    """Block sizes of the backward (``DILATED_WORKLIST_BWD=bm,bn,warps,stages`` on CUDA)."""
+    return _blocks(q, BACKWARD_BLOCKS, "DILATED_WORKLIST_BWD")
+
+
+@dataclass(frozen=True)
+class WorkList:
+    """A plan's work items for one row block size, on one device."""
+
+    items: torch.Tensor  # (n_items, ITEM_FIELDS) int32
+    compact: bool  # longnet: per-pattern compact rows, merged afterwards
+    head_rows: int  # compact rows per (batch, head)
+    patterns: torch.Tensor  # (n_patterns, 4) int32: w, r, first compact row, rows per segment
+
+    @property
+    def n_items(self) -> int:
+        return self.items.shape[0]
+
+
+def _pattern_geometry(plan: Plan) -> list[tuple[int, int, int, int]]:
+    """(w, r, first compact row, rows per segment) of each pattern."""
+    geometry: dict[int, tuple[int, int]] = {}
+    for job in plan.jobs:
+        full = job.parts[0]
+        geometry[job.pattern] = (full.seg_len, full.rate)
+    out, row = [], 0
+    for i in range(plan.n_patterns):
+        w, r = geometry.get(i, (max(plan.seq_len, 1), 1))
+        per_seg = -(-w // r)
+        out.append((w, r, row, per_seg))
+        row += -(-plan.seq_len // w) * per_seg
+    return out
+
+
+def _items(plan: Plan, block_m: int, block_n: int, causal: bool, compact: bool) -> torch.Tensor:
+    """All work items of `plan`, the heaviest first (int32, on the CPU)."""
+    geometry = _pattern_geometry(plan)
+    chunks, work = [], []
+    for job in plan.jobs:
+        w, _, row0, per_seg = geometry[job.pattern]
+        heads = torch.arange(job.h_start, job.h_stop, job.h_step)
+        for p in job.parts:
+            m = p.m
+            # longnet: blocks of selected rows; groups: also the rows of other offsets (zero-filled)
+            rows = m if compact else -(-p.seg_len // p.rate)
+            n_blocks = -(-rows // block_m)
+            if n_blocks == 0:
+                continue
+            seg_start = p.start + torch.arange(p.n_segs) * p.seg_len
+            blocks = torch.arange(n_blocks)
+            hh, ss, bb = torch.meshgrid(heads, seg_start, blocks, indexing="ij")
+            hh, ss, bb = hh.flatten(), ss.flatten(), bb.flatten()
+            pos0 = ss + p.offset
+            out_row0 = row0 + (ss // w) * per_seg if compact else pos0
+            const = lambda x: torch.full_like(hh, x)  # noqa: E731
+            chunks.append(torch.stack(
+                [hh, pos0, const(p.rate), const(m), bb, out_row0, ss, const(p.seg_len), const(p.offset)], 1
+            ))
+            has_rows = bb * block_m < m
+            if causal:
+                cost = (torch.minimum((bb + 1) * block_m, torch.tensor(m)) + block_n - 1) // block_n
+            else:
+                cost = torch.full_like(bb, -(-m // block_n))
+            work.append(torch.where(has_rows, cost.float(), 0.01))
+    if not chunks:
+        return torch.zeros((0, ITEM_FIELDS), dtype=torch.int32)
+    items, cost = torch.cat(chunks), torch.cat(work)
+    order = torch.sort(cost, descending=True, stable=True).indices
+    return items[order].to(torch.int32).contiguous()
+
+
+# Work lists by (id of the plan, blocks, causal, device). Plans are cached by
+# `plan.make_plan`, so one plan object serves every call of a shape and needs no
+# hashing; each entry keeps its plan, so a reused id cannot match.
+_WORK_LISTS: dict[tuple, tuple[Plan, WorkList]] = {}
+_WORK_LISTS_MAX = 256
+
+
+def work_list(plan: Plan, blocks: Blocks, causal: bool, device: torch.device) -> WorkList:
+    """The cached `WorkList` of `plan` for these block sizes on `device`."""
+    key = (id(plan), blocks.block_m, blocks.block_n, causal, device)
+    hit = _WORK_LISTS.get(key)
+    if hit is not None and hit[0] is plan:
+        return hit[1]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "dilated attention: the first call of a shape ran inside a CUDA graph capture; "
+            "run it once before capturing (torch.compile's CUDA graphs do so)"
+        )
+    compact = plan.head_split == "longnet"
+    geometry = _pattern_geometry(plan)
+    head_rows = sum(-(-plan.seq_len // w) * per_seg for w, _, _, per_seg in geometry)
+    items = _items(plan, blocks.block_m, blocks.block_n, causal, compact)
+    wl = WorkList(
+        items.to(device),
+        compact,
+        head_rows,
+        torch.tensor(geometry, dtype=torch.int32).to(device),
+    )
+    if len(_WORK_LISTS) >= _WORK_LISTS_MAX:
+        _WORK_LISTS.clear()
+    _WORK_LISTS[key] = (plan, wl)
+    return wl
+
+
+def _kernels():
+    from . import worklist_forward
+
+    return worklist_forward
+
+
+def _backward_kernels():
+    from . import worklist_backward
+
+    return worklist_backward
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+MERGE_BLOCK = 32
+
+
+def forward(plan: Plan, is_causal: bool, scale: float, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the dilated attention `plan` describes, as `compute.dilated_forward`
+    returns them: out (B, H, N, D) in q's dtype and lse (B, H, N) float32, both stored
+    sequence-major; out 0 and lse -inf where no pattern selects a position."""
+    b, h, n, d = q.shape
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    blocks = forward_blocks(q)
+    wl = work_list(plan, blocks, bool(is_causal), q.device)
+    out = seq_major_empty(q, q.shape, q.dtype)
+    lse = seq_major_empty(q, (b, h, n), torch.float32)
+    if wl.n_items == 0 or b == 0:
+        return out.zero_(), lse.fill_(-math.inf)
+    kern = _kernels()
+    if wl.compact:
+        # each pattern's rows in q's dtype (as the gathered-block kernels give them), merged in fp32
+        target = torch.empty((b, h, wl.head_rows, d), dtype=q.dtype, device=q.device)
+        target_lse = torch.empty((b, h, wl.head_rows), dtype=torch.float32, device=q.device)
+    else:
+        target, target_lse = out, lse
+    kern.forward_kernel[(wl.n_items, b)](
+        q, k, v, target, target_lse, wl.items, float(scale),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *target.stride()[:3], *target_lse.stride(),
+        CAUSAL=bool(is_causal), COMPACT=wl.compact, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
+        HEAD_DIM=d, IEEE=q.dtype == torch.float32, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+    )
+    if wl.compact:
+        kern.merge_kernel[(-(-n // MERGE_BLOCK), h, b)](
+            target, target_lse, out, lse, wl.patterns, n,
+            target.stride(0), target.stride(1), target_lse.stride(0), target_lse.stride(1),
+            *out.stride()[:3], *lse.stride(),
+            N_PATTERNS=wl.patterns.shape[0], BLOCK=MERGE_BLOCK, HEAD_DIM=d,
+        )
+    return out, lse
+
+
+PREPARE_BLOCK = 32
+CAST_BLOCK = 1024
+
+
+def backward(plan: Plan, is_causal: bool, scale: float, q, k, v, out, lse, dout):
+    """(dq, dk, dv) of the dilated attention `plan` describes from its (merged) out and
+    lse, as `compute.dilated_backward` returns them (stored sequence-major)."""
+    b, h, n, d = q.shape
+    q, k, v, dout = (_unit_last(x) for x in (q, k, v, dout))
+    out = _unit_last(out)
+    blocks = backward_blocks(q)
+    wl = work_list(plan, blocks, bool(is_causal), q.device)
+    grads = tuple(seq_major_empty(q, q.shape, q.dtype) for _ in range(3))
+    if wl.n_items == 0 or b == 0:
+        return tuple(g.zero_() for g in grads)
+    kern = _backward_kernels()
+    delta = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+    numel = b * n * h * d
+    if wl.compact:  # (3, B, N, H, D) fp32 sums, zeroed by the first launch
+        acc = torch.empty((3, b, n, h, d), dtype=torch.float32, device=q.device)
+        targets = tuple(acc[t].transpose(1, 2) for t in range(3))
+    else:
+        acc, targets = delta, grads
+    kern.prepare_kernel[(-(-n // PREPARE_BLOCK), h, b)](
+        dout, out, delta, acc, n, numel, *dout.stride()[:3], *out.stride()[:3], *delta.stride(),
+        ACCUMULATE=wl.compact, BLOCK=PREPARE_BLOCK, HEAD_DIM=d,
+    )
+    kern.backward_kernel[(wl.n_items, b)](
+        q, k, v, dout, lse, delta, *targets, wl.items, float(scale),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
+        *lse.stride(), *delta.stride(), *targets[0].stride()[:3],
+        CAUSAL=bool(is_causal), ACCUMULATE=wl.compact, BLOCK_M=blocks.block_m, BLOCK_I=blocks.block_n,
+        HEAD_DIM=d, IEEE=q.dtype == torch.float32, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+    )
+    if wl.compact:
+        kern.cast_kernel[(-(-numel // CAST_BLOCK), 3)](acc, *grads, numel, BLOCK=CAST_BLOCK)
+    return grads
