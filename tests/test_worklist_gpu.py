@@ -24,6 +24,12 @@ CASES = [
 GRAD_TOL = {torch.float16: 2e-2, torch.bfloat16: 6e-2}
 
 
+@pytest.fixture(autouse=True)
+def worklist_on(monkeypatch):
+    """The work list is opt-in (``DILATED_WORKLIST=on``)."""
+    monkeypatch.setenv("DILATED_WORKLIST", "on")
+
+
 @pytest.fixture
 def calls(monkeypatch):
     """Counts the work list's forward and backward calls."""

@@ -13,8 +13,11 @@ per (plan, block size, device) and cached, so a call is its launches and a few
 allocations.
 
 Used for CUDA fp16/bf16 inside the ``dilated_compile::dilated_attention``
-custom op (`compute.py` routes there); ``DILATED_WORKLIST=off`` turns it off
-(the attention then runs as gathered blocks, `compute.py`).
+custom op (`compute.py` routes there) when ``DILATED_WORKLIST=on``; off by
+default, the attention runs as gathered blocks (`compute.py`): measured on an
+H100, the work list is faster for the ``groups`` split at 8k-32k tokens and for
+the ``longnet`` forward at 8k-16k, slower for ``longnet`` at 32k and for its
+backward from 16k (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -57,8 +60,8 @@ HEAD_DIMS = tuple(FORWARD_BLOCKS)
 
 
 def enabled() -> bool:
-    """``DILATED_WORKLIST`` (``on`` by default, ``off`` for the gathered-block path)."""
-    choice = os.environ.get("DILATED_WORKLIST", "on")
+    """``DILATED_WORKLIST`` (``on`` for the work list; ``off``, the default, for the gathered-block path)."""
+    choice = os.environ.get("DILATED_WORKLIST", "off")
     if choice not in ("on", "off"):
         raise ValueError(f"DILATED_WORKLIST={choice!r}: expected on or off")
     return choice == "on"
