@@ -81,6 +81,11 @@ def tile_classes(
     if is_causal:  # per token on global positions
         any_ = any_ & (k_start[None, :] <= q_end[:, None])
         all_ = all_ & (k_end[None, :] <= q_start[:, None])
+    if pattern.token_window is not None:  # |i - j| < window, per token
+        nearest = torch.clamp(torch.maximum(k_start[None, :] - q_end[:, None], q_start[:, None] - k_end[None, :]), min=0)
+        farthest = torch.maximum(k_end[None, :] - q_start[:, None], q_end[:, None] - k_start[None, :])
+        any_ = any_ & (nearest < pattern.token_window)
+        all_ = all_ & (farthest < pattern.token_window)
     return any_, all_ & any_
 
 
