@@ -9,17 +9,19 @@ raises for them instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
 
 from ..lowering.block_sparse.window import windowed_spec
-from ..lowering.registry import strategy
 from ..lowering.ring.layout import check_local_shape
-from ..lowering.strategy import Strategy
 from ..policy.model import Policy, Rule
 from ..sharding import RingInfo, ring_info
 from .sites import Site
+
+if TYPE_CHECKING:
+    from ..lowering.strategy import Strategy
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -42,10 +44,12 @@ class Decision:
         """The sliding window of the site's mask (None: none), as the passes proved it."""
         return self.site.window
 
-    def inner(self) -> tuple[Strategy, object]:
+    def inner(self) -> tuple["Strategy", object]:
         """The strategy that computes the rewritten site and its parameters: the rule's, or
         for a site with a sliding-window mask the block-sparse attention that keeps the window
         (`lowering.block_sparse.window`)."""
+        from ..lowering.registry import strategy  # here: at the top it would lengthen the import chain
+
         kind = strategy(self.rule.attention)
         if self.window is None:
             return kind, kind.spec(self.rule)

@@ -255,7 +255,7 @@ def flex_block_sparse(
     split-key dense attention, the rest as a block-sparse call from there on.
     """
     n = q.shape[2]
-    if pattern.kind == "global_local" and not is_causal:
+    if pattern.kind == "global_local" and not is_causal and pattern.token_window is None:
         rows = min(n, pattern.global_blocks * block_size)
         per_row = _keys_per_row(pattern, block_size)
         if 4 * per_row < n and rows < n:
