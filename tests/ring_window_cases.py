@@ -52,16 +52,25 @@ def _check(out, local, q, k, v, dout, layout: str, window: int, is_causal: bool)
         _compare(f"grad {name}", t.grad, shard(want.grad, 2, layout), allowed)
 
 
-def window_case(layout: str, size: str, is_causal: bool) -> None:
+def window_case(layout: str, size: str, is_causal: bool, op: bool = False) -> None:
     """ring_attention with the block-sparse parameters of a dense window (what the rewrite
-    calls); the plan exchanges only keys within the window."""
-    world, rank, _ = ring_info()
+    calls; `op`: through the ring custom op, what a site with a symbolic size calls); the plan
+    exchanges only keys within the window."""
+    from dilated_compile.lowering.ring.op import dynamic_ring_attention
+
+    world, rank, group_name = ring_info()
     window = WINDOWS[size]
     q, k, v, dout = _inputs(world, zlib.crc32(f"{layout}{size}{is_causal}".encode()) % 1000)
     spec = dense_window_spec(window)
     local = [shard(t, 2, layout).clone().requires_grad_() for t in (q, k, v)]
-    out = ring_attention(*local, inner="block_sparse", layout=layout, is_causal=is_causal,
-                         block_sparse=spec)
+    if op:
+        pattern = {"kind": "local_window", "window": 1, "token_window": window}
+        out = dynamic_ring_attention(*local, world_size=world, rank=rank, group_name=group_name,
+                                     inner="block_sparse", layout=layout, is_causal=is_causal,
+                                     block_size=spec.block_size, pattern=pattern)
+    else:
+        out = ring_attention(*local, inner="block_sparse", layout=layout, is_causal=is_causal,
+                             block_sparse=spec)
     out.backward(shard(dout, 2, layout))
     _check(out, local, q, k, v, dout, layout, window, is_causal)
     plan = window_plan(world, rank, N_LOCAL, layout, is_causal, spec.pattern, spec.block_size)
@@ -124,6 +133,7 @@ def window_cases(world: int) -> dict[str, Callable[[], None]]:
             causal = size != "shard" or layout == "zigzag"
             out[f"window-{size}-{layout}-{'causal' if causal else 'full'}"] = functools.partial(
                 window_case, layout, size, causal)
+    out["window-op-inside-contiguous-causal"] = functools.partial(window_case, "contiguous", "inside", True, True)
     if world == 2:
         out["window-backend-zigzag"] = functools.partial(window_backend_case, "zigzag")
     return out

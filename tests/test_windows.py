@@ -279,3 +279,20 @@ def test_hf_mistral_sliding_window_is_rewritten_exactly():
         ga = a.grad if a.grad is not None else torch.zeros_like(a)
         gb = b.grad if b.grad is not None else torch.zeros_like(b)
         torch.testing.assert_close(ga, gb, atol=5e-5, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_ring_op_world_size_1_runs_the_window(causal):
+    """The ring custom op (a site with a symbolic size under a ring rule) on one rank: the
+    window as a token mask in the ring's steps."""
+    from dilated_compile.lowering.ring.op import dynamic_ring_attention
+
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 13, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    pattern = {"kind": "local_window", "window": 1, "token_window": 4}
+    out = dynamic_ring_attention(q, k, v, world_size=1, rank=0, group_name=None, inner="block_sparse",
+                                 layout="zigzag", is_causal=causal, block_size=32, pattern=pattern)
+    ref = dense_reference(q, k, v, is_causal=causal, window=4)
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+        torch.testing.assert_close(g, r)

@@ -40,9 +40,11 @@ from .block_exchange import _counts, _keys_by_source, _needed_keys, gather_keys
 from .dense import exchange, tie
 from .masked import masked_attention, masked_attention_backward
 
-# Query rows per box: at least this many, else the window (a box's keys span its rows and
-# the window on each side).
+# Query rows per box: half the window, within these bounds. A box of R rows holds scores for
+# about R x (R + W) pairs (its rows and the window beyond them), so the work is about
+# N x (R + W) in all; fewer rows mean fewer pairs but more calls.
 MIN_BOX_ROWS = 64
+MAX_BOX_ROWS = 1024
 
 Box = tuple[int, int, int, int]  # query rows [q0, q1), key rows [k0, k1) (of the source's keys here)
 
@@ -90,11 +92,11 @@ def _window_keys(window: int, is_causal: bool, qpos: list[int], kpos: list[int])
 
 def _boxes(window: int, is_causal: bool, qpos: list[int], kpos: list[int]) -> tuple[Box, ...]:
     """Boxes covering every pair of queries at `qpos` and keys at ascending `kpos` within the
-    window: runs of consecutive query positions, at most max(window, MIN_BOX_ROWS) rows each,
-    with the range of keys their windows reach."""
+    window: runs of consecutive query positions, cut into pieces of about half the window
+    (`MIN_BOX_ROWS`..`MAX_BOX_ROWS` rows), with the range of keys their windows reach."""
     if not qpos or not kpos:
         return ()
-    rows = max(window, MIN_BOX_ROWS)
+    rows = max(MIN_BOX_ROWS, min(window // 2, MAX_BOX_ROWS))
     out, start = [], 0
     for i in range(1, len(qpos) + 1):
         if i < len(qpos) and qpos[i] == qpos[i - 1] + 1 and i - start < rows:
