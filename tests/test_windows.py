@@ -296,3 +296,29 @@ def test_ring_op_world_size_1_runs_the_window(causal):
     torch.testing.assert_close(out, ref)
     for g, r in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
         torch.testing.assert_close(g, r)
+
+
+class _MHAWindow(torch.nn.Module):
+    def __init__(self, attn: torch.nn.MultiheadAttention):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x):
+        return self.attn(x, x, x, attn_mask=~window_keep(x.shape[1], 4, True), need_weights=False)[0]
+
+
+def test_multihead_attention_with_a_window_mask():
+    """nn.MultiheadAttention's attn_mask (True marks keys NOT allowed) as a window: rewritten,
+    equal to the same module run in float64."""
+    import copy
+
+    torch.manual_seed(2)
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    x = torch.randn(2, N, 16)
+    report = explain(_MHAWindow(mha), x, policy=DENSE)
+    (site,) = report.sites
+    assert site.form == "mha+sliding-window(W=4)" and site.status == "rewritten", str(report)
+    torch._dynamo.reset()
+    out = rewritten_eager(_MHAWindow(mha), DENSE)(x)
+    want = _MHAWindow(copy.deepcopy(mha).double())(x.double())
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
