@@ -30,19 +30,24 @@ class WindowCaseFailure(AssertionError):
     """A check of a window case failed on this rank."""
 
 
+# where the cases make their tensors (`window_cases`: the worker's device)
+DEVICE = torch.device("cpu")
+
+
 def _compare(what: str, got: torch.Tensor, want: torch.Tensor, allowed: float) -> None:
-    err = (got.detach().double() - want.detach().double()).abs().max().item()
+    err = (got.detach().cpu().double() - want.detach().double()).abs().max().item()
     if torch.isnan(got).any() or not err <= allowed:
         raise WindowCaseFailure(f"{what}: error {err:.3g} > allowed {allowed:.3g}")
 
 
 def _inputs(world: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(2, 3, world * N_LOCAL, 8, generator=g) for _ in range(4)]
+    g = torch.Generator().manual_seed(seed)  # on the CPU: the same values on every device
+    return [torch.randn(2, 3, world * N_LOCAL, 8, generator=g).to(DEVICE) for _ in range(4)]
 
 
 def _check(out, local, q, k, v, dout, layout: str, window: int, is_causal: bool) -> None:
-    """Output and gradients on this rank against the float64 windowed reference."""
+    """Output and gradients on this rank against the float64 windowed reference (on the CPU)."""
+    q, k, v, dout = (t.detach().cpu() for t in (q, k, v, dout))
     full = [t.double().requires_grad_() for t in (q, k, v)]
     ref = dense_reference(*full, is_causal=is_causal, window=window)
     ref.backward(dout.double())
@@ -125,8 +130,10 @@ def window_backend_case(layout: str) -> None:
     _check(out, local, q, k, v, dout, layout, window, True)
 
 
-def window_cases(world: int) -> dict[str, Callable[[], None]]:
-    """The window cases for `world` ranks, by name."""
+def window_cases(world: int, device: torch.device) -> dict[str, Callable[[], None]]:
+    """The window cases for `world` ranks, by name, with tensors on `device`."""
+    global DEVICE
+    DEVICE = torch.device(device)
     out: dict[str, Callable[[], None]] = {}
     for layout in ("contiguous", "zigzag"):
         for size in WINDOWS:

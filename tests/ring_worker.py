@@ -769,7 +769,7 @@ def cases(world: int, backend: str = "gloo") -> dict[str, Callable[[], None]]:
             dynamic_backend_case, "block_sparse", "contiguous", False, "mask-mod", (8, 10))
         out["bad-dynamic-zigzag-odd"] = bad_dynamic_zigzag_odd
         out["bad-dynamic-lengths-differ"] = bad_dynamic_lengths_differ
-    out.update(window_cases(world))  # sliding-window masks (tests/ring_window_cases.py)
+    out.update(window_cases(world, DEVICE))  # sliding-window masks (tests/ring_window_cases.py)
     for fn in (bad_shard_lengths, bad_zigzag_odd, bad_policy_digest, bad_block_sparse_pattern,
                bad_dilated_rates, bad_group_name, bad_shard_length, bad_backend_policy,
                bad_backend_ring_site_left):
