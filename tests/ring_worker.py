@@ -39,6 +39,7 @@ from dilated_compile import dense_reference, dilated_reference, register_group, 
 from dilated_compile.lowering.reference import block_sparse_reference
 from dilated_compile.sharding import check_same_on_all_ranks, ring_info, shard, unshard
 
+from .ring_window_cases import window_cases
 from .tolerance import budget, FLOOR_ULPS
 
 # where every case makes its tensors; `configure` sets cuda:<rank> for NCCL
@@ -910,6 +911,7 @@ def cases(world: int, backend: str = "gloo") -> dict[str, Callable[[], None]]:
     if world in (2, 3):
         out["bad-dynamic-zigzag-odd"] = bad_dynamic_zigzag_odd
         out["bad-dynamic-lengths-differ"] = bad_dynamic_lengths_differ
+    out.update(window_cases(world, DEVICE))  # sliding-window masks (tests/ring_window_cases.py)
     for fn in (bad_shard_lengths, bad_zigzag_odd, bad_policy_digest, bad_block_sparse_pattern,
                bad_dilated_rates, bad_group_name, bad_shard_length, bad_backend_policy,
                bad_backend_ring_site_left):

@@ -383,9 +383,9 @@ class Negative(nn.Module):
         kind = self.kind
         if kind == "sdpa-padding-mask":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=pad[:, None, None, :])
-        if kind == "sdpa-window-mask":
+        if kind == "sdpa-window-off-by-one":  # keys i-3 .. i-1: not the query's own position
             i = torch.arange(n)
-            window = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < 3)
+            window = (i[None, :] < i[:, None]) & (i[:, None] - i[None, :] <= 3)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=window)
         if kind == "sdpa-mask-changed-through-view":
             mask = torch.ones(n, n, dtype=torch.bool)
@@ -422,7 +422,7 @@ class Negative(nn.Module):
 
 NEGATIVE = {
     "sdpa-padding-mask": "not a compile-time constant: depends on the graph input",
-    "sdpa-window-mask": "neither the causal mask nor empty",
+    "sdpa-window-off-by-one": "neither the causal mask, a sliding window nor empty",
     "sdpa-alibi-bias": "values other than 0 and -inf",
     "sdpa-mask-changed-through-view": "modified in place through the view",
     "hand-padding-mask": "not a compile-time constant",

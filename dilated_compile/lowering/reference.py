@@ -43,13 +43,23 @@ def causal_counts(n: int) -> torch.Tensor:
     return torch.ones(n, n, dtype=torch.int64).tril()
 
 
-def dense_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False, scale=None
-) -> torch.Tensor:
-    """Ordinary attention in float64."""
-    n = q.shape[-2]
+def window_counts(n: int, window: int | None, is_causal: bool) -> torch.Tensor:
+    """(N, N) counts of dense attention with a sliding window: key j is given to query i
+    when |i - j| < window (with causal: i - window < j <= i); every key when window is None."""
     count = causal_counts(n) if is_causal else torch.ones(n, n, dtype=torch.int64)
-    return attention_with_counts(q, k, v, count, scale)
+    if window is not None:
+        pos = torch.arange(n)
+        count = count * ((pos[:, None] - pos[None, :]).abs() < window)
+    return count
+
+
+def dense_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool = False, scale=None,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Ordinary attention in float64; with `window`, restricted to a sliding window of that
+    many positions (|i - j| < window, and j <= i when causal)."""
+    return attention_with_counts(q, k, v, window_counts(q.shape[-2], window, is_causal), scale)
 
 
 def pattern_counts(n: int, w: int, r: int, offset: int, is_causal: bool) -> torch.Tensor:
@@ -116,8 +126,8 @@ def block_sparse_counts(
     """(B, H, N, N) 0/1 matrix of block-sparse attention (docs/spec.md, "Block-sparse attention").
 
     Key j is allowed for query i when the pattern allows the pair (key block
-    j // b for query block i // b, or the mask_mod at token level) and, if
-    causal, j <= i on global positions.
+    j // b for query block i // b, or the mask_mod at token level), if causal
+    j <= i on global positions, and with a token window |i - j| < window.
     """
     from .block_sparse.patterns import as_pattern, evaluate_mask_mod, load_mask_mod
 
@@ -135,6 +145,8 @@ def block_sparse_counts(
         allowed = blocks[pos // block_size][:, pos // block_size].expand(batch, num_heads, n, n)
     if is_causal:
         allowed = allowed & (pos[None, :] <= pos[:, None])
+    if pattern.token_window is not None:
+        allowed = allowed & ((pos[:, None] - pos[None, :]).abs() < pattern.token_window)
     return allowed.to(torch.int64)
 
 

@@ -9,14 +9,19 @@ raises for them instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
 
+from ..lowering.block_sparse.window import windowed_spec
 from ..lowering.ring.layout import check_local_shape
 from ..policy.model import Policy, Rule
 from ..sharding import RingInfo, ring_info
 from .sites import Site
+
+if TYPE_CHECKING:
+    from ..lowering.strategy import Strategy
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -33,6 +38,22 @@ class Decision:
     targeted: bool  # a rule asked for a rewrite
     ring: RingInfo | None = None  # the ring the site runs over (world size 1: runs locally)
     dynamic: bool = False  # symbolic sequence length: runs through a custom op (lowering/*/op.py)
+
+    @property
+    def window(self) -> int | None:
+        """The sliding window of the site's mask (None: none), as the passes proved it."""
+        return self.site.window
+
+    def inner(self) -> tuple["Strategy", object]:
+        """The strategy that computes the rewritten site and its parameters: the rule's, or
+        for a site with a sliding-window mask the block-sparse attention that keeps the window
+        (`lowering.block_sparse.window`)."""
+        from ..lowering.registry import strategy  # here: at the top it would lengthen the import chain
+
+        kind = strategy(self.rule.attention)
+        if self.window is None:
+            return kind, kind.spec(self.rule)
+        return strategy("block_sparse"), windowed_spec(self.rule.attention, kind.spec(self.rule), self.window)
 
 
 def _is_int(x) -> bool:
@@ -123,6 +144,17 @@ def why_not_exact(site: Site) -> str | None:
     return None
 
 
+def why_no_window(site: Site, rule: Rule) -> str | None:
+    """Why the site's sliding-window mask cannot be kept under `rule`, or None if it can:
+    dense and block-sparse attention keep it, dilated attention does not."""
+    if site.window is None or rule.attention != "dilated":
+        return None
+    return (
+        f"its mask is a sliding window (W={site.window}), which dilated attention does not keep; "
+        "use attention: dense (runs the window exactly) or block_sparse (the pattern within the window)"
+    )
+
+
 def _left(site, rule, reason, targeted) -> Decision:
     return Decision(site, rule, "left", None, reason, targeted)
 
@@ -159,9 +191,10 @@ def decide(site: Site, policy: Policy) -> Decision:
         return _left(
             site, rule, f"key length {n} < min_seq_len {rule.min_seq_len} of rules[{rule.index}]", False
         )
-    if rule.attention == "dense" and (ring is None or ring.world_size == 1):
+    local = ring is None or ring.world_size == 1
+    if rule.attention == "dense" and local and (site.window is None or is_dynamic(site)):
         return Decision(site, rule, "rewritten", "dense (unchanged)", None, True, ring)
-    problem = why_not_exact(site)
+    problem = why_not_exact(site) or why_no_window(site, rule)
     if problem is None and ring is not None:
         problem = _why_no_ring(site, rule, ring)
     if problem is not None:

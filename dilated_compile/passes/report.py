@@ -73,15 +73,21 @@ def _became(d: Decision) -> str | None:
     """What the site became, in words, e.g. ``ring zigzag over 4 ranks, inner dense``."""
     if d.status != "rewritten":
         return None
-    kind = strategy(d.rule.attention)
     ring_op = d.dynamic and d.attention == "ring"  # the ring custom op (world size > 1)
     local_op = d.dynamic and not ring_op  # the inner attention's custom op
     n = d.site.key_len
     if d.ring is not None and isinstance(n, int):
         n *= d.ring.world_size
-    text = kind.describe(kind.spec(d.rule), n)
-    if d.attention != "ring" and kind.functions.static is None:  # the site stays as it was
-        text += " (unchanged)"
+    if d.attention == "dense (unchanged)":
+        text = "dense (unchanged)"
+    elif d.window is not None:
+        kind, spec = d.inner()
+        text = f"{d.rule.attention} in a sliding window W={d.window}, as {kind.describe(spec, n)}"
+    else:
+        kind = strategy(d.rule.attention)
+        text = kind.describe(kind.spec(d.rule), n)
+        if d.attention != "ring" and kind.functions.static is None:  # the site stays as it was
+            text += " (unchanged)"
     if local_op:
         text += f"; dynamic length (custom op), dense below min_seq_len {d.rule.min_seq_len}"
     if d.rule.local:
@@ -104,11 +110,11 @@ def _became(d: Decision) -> str | None:
 
 def _key_traffic(d: Decision) -> str:
     """How the ring site moves keys (the inner strategy's `key_traffic`), from the decision."""
-    kind = strategy(d.rule.attention)
+    kind, spec = d.inner()
     causal = d.site.args.get("is_causal")
     return kind.functions.key_traffic(
         d.site.query_len, d.rule.ring.layout, d.ring.world_size, d.ring.rank, causal is True,
-        **kind.ring_parameters(kind.spec(d.rule)),
+        **kind.ring_parameters(spec),
     )
 
 

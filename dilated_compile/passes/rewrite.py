@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..lowering.registry import strategy
 from ..lowering.targets import lowered_functions, ring_functions
 from .decide import Decision
 from .sites import graph_modules
@@ -41,8 +40,7 @@ def _call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision) -> fx.N
     which adds no guard on the length and decides min_seq_len per call), or for a ring over
     several ranks the ring's, with the strategy as its inner attention."""
     rule = decision.rule
-    inner = strategy(rule.attention)
-    spec = inner.spec(rule)
+    inner, spec = decision.inner()
     extra = {"min_seq_len": rule.min_seq_len} if decision.dynamic else {}
     if decision.attention == "ring":
         ring_local, ring_dynamic = ring_functions()
@@ -51,7 +49,7 @@ def _call(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision) -> fx.N
             "world_size": ring.world_size,
             "rank": ring.rank,
             "group_name": ring.group_name,
-            "inner": rule.attention,
+            "inner": inner.name,
             "layout": rule.ring.layout,
             **_attention_kwargs(decision),
             **inner.ring_parameters(spec),
@@ -72,9 +70,9 @@ LOWERED_TARGETS = frozenset(lowered_functions())
 
 def _rewrites(decision: Decision) -> bool:
     """Whether the decision replaces its site (a dense site outside a ring stays as it was)."""
-    if decision.status != "rewritten":
+    if decision.status != "rewritten" or decision.attention == "dense (unchanged)":
         return False
-    return decision.attention == "ring" or strategy(decision.rule.attention).functions.static is not None
+    return decision.attention == "ring" or decision.inner()[0].functions.static is not None
 
 
 def _expand_kv_heads(graph: fx.Graph, qkv: tuple[fx.Node, ...], decision: Decision):

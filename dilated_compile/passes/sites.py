@@ -40,6 +40,9 @@ class Site:
     device: str | None = None
     graph: str = ""  # path of the (sub)graph module holding the node, "" for the top graph
     problem: str | None = None  # why the form found cannot be rewritten exactly, else None
+    # The sliding window its mask keeps (|i - j| < window; with is_causal also j <= i), None
+    # for none: proved by passes/masks.py, carried to the rewrite.
+    window: int | None = None
     # Nodes of a hand-written site that only the site uses: erased after the rewrite when unused.
     chain: tuple[str, ...] = ()
     # Forms whose q/k/v are not nodes of the graph (nn.MultiheadAttention): build them before the

@@ -55,22 +55,27 @@ class BlockPattern:
     stride: int | None = None
     global_blocks: int | None = None
     function: str | None = None  # mask_mod: "package.module:name"
+    # A token-level sliding window on top of the pattern: key j is allowed for query i only
+    # when |i - j| < token_window (with causal masking: i - token_window < j <= i). Set for
+    # attention whose mask is a sliding window; not a policy key.
+    token_window: int | None = None
 
     def as_tuple(self) -> tuple:
         """The fields in order: ``BlockPattern(*p.as_tuple()) == p`` (plain values for caches
         and Dynamo constants)."""
-        return (self.kind, self.window, self.stride, self.global_blocks, self.function)
+        return (self.kind, self.window, self.stride, self.global_blocks, self.function, self.token_window)
 
     def describe(self) -> str:
-        """Short text, e.g. ``local_window(window=2)``."""
+        """Short text, e.g. ``local_window(window=2)``, ``local_window(window=1) & token window 8``."""
+        tail = "" if self.token_window is None else f" & token window {self.token_window}"
         if self.kind == "mask_mod":
-            return f"mask_mod({self.function})"
+            return f"mask_mod({self.function}){tail}"
         fields = [
             f"{name}={getattr(self, name)}"
             for name in ("global_blocks", "stride", "window")
             if getattr(self, name) is not None
         ]
-        return f"{self.kind}({', '.join(fields)})"
+        return f"{self.kind}({', '.join(fields)}){tail}"
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,11 @@ def tile_classes(
     if is_causal:  # per token on global positions
         any_ = any_ & (k_start[None, :] <= q_end[:, None])
         all_ = all_ & (k_end[None, :] <= q_start[:, None])
+    if pattern.token_window is not None:  # |i - j| < window, per token
+        nearest = torch.clamp(torch.maximum(k_start[None, :] - q_end[:, None], q_start[:, None] - k_end[None, :]), min=0)
+        farthest = torch.maximum(k_end[None, :] - q_start[:, None], q_end[:, None] - k_start[None, :])
+        any_ = any_ & (nearest < pattern.token_window)
+        all_ = all_ & (farthest < pattern.token_window)
     return any_, all_ & any_
 
 
@@ -250,7 +255,7 @@ def flex_block_sparse(
     split-key dense attention, the rest as a block-sparse call from there on.
     """
     n = q.shape[2]
-    if pattern.kind == "global_local" and not is_causal:
+    if pattern.kind == "global_local" and not is_causal and pattern.token_window is None:
         rows = min(n, pattern.global_blocks * block_size)
         per_row = _keys_per_row(pattern, block_size)
         if 4 * per_row < n and rows < n:

@@ -21,6 +21,7 @@ from ..ring.block_exchange import (
     gather_keys,
 )
 from ..ring.block_sparse import make_block_sparse_plan, ring_block_sparse
+from ..ring.window_exchange import WindowPlan, window_backward, window_forward, window_plan
 from ..strategy import Functions, RingArgs
 from .attention import block_sparse_attention
 from .op import dynamic_block_sparse_attention
@@ -58,6 +59,11 @@ def _plan(q: torch.Tensor, ring: RingArgs, is_causal: bool, spec: BlockSparseSpe
 def ring_forward(q, k, v, ring: RingArgs, is_causal: bool, scale: float, spec: BlockSparseSpec):
     """(out, lse) of this rank's shard inside the ring custom op."""
     plan = _plan(q, ring, is_causal, spec)
+    if isinstance(plan, WindowPlan):
+        out, lse, _ = window_forward(
+            plan, q, k, v, scale, ring.group_name, spec.pattern, spec.block_size, bool(is_causal)
+        )
+        return out, lse
     run = exchange_forward if isinstance(plan, ExchangePlan) else dense.ring_forward
     out, lse, _ = run(plan, q, k, v, scale, ring.group_name)
     return out, lse
@@ -68,6 +74,12 @@ def ring_backward(
 ):
     """(dq, dk, dv) inside the ring custom op (the key exchange again first, see above)."""
     plan = _plan(q, ring, is_causal, spec)
+    if isinstance(plan, WindowPlan):
+        received = gather_keys(plan, k, v, ring.group_name)
+        return window_backward(
+            plan, dout, q, k, v, out, lse, received, scale, ring.group_name, spec.pattern,
+            spec.block_size, bool(is_causal),
+        )
     if isinstance(plan, ExchangePlan):
         received = gather_keys(plan, k, v, ring.group_name)
         return exchange_backward(plan, dout, q, k, v, out, lse, received, scale, ring.group_name)
@@ -75,10 +87,12 @@ def ring_backward(
 
 
 def key_traffic(n_local, layout, world_size, rank, is_causal, *, block_size=None, pattern=None, **_) -> str:
-    plan = exchange_plan(
-        world_size, rank, n_local, layout, bool(is_causal), constant_pattern(pattern, block_size),
-        int(block_size),
-    )
+    pattern = constant_pattern(pattern, block_size)
+    plan = exchange_plan(world_size, rank, n_local, layout, bool(is_causal), pattern, int(block_size))
+    if plan is None:
+        plan = window_plan(world_size, rank, n_local, layout, bool(is_causal), pattern, int(block_size))
+    if isinstance(plan, WindowPlan):
+        return f"only those within the window, exchanged ({sum(map(len, plan.needed))} received here)"
     return "only those used, exchanged" if plan is not None else "shards rotate"
 
 

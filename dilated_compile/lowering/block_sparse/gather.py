@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 
 from ...policy.specs import BlockPattern
-from .patterns import blocks_active, evaluate_mask_mod, token_mask_mod
+from .patterns import blocks_active, evaluate_mask_mod, in_window, token_mask_mod
 from ..common.constants import graph_constant, outside_tracing
 from ..common.block_kernels import accumulation_dtype
 
@@ -34,6 +34,9 @@ def _active_blocks(pattern: BlockPattern, block_size: int, n: int, is_causal: bo
     idx = torch.arange(nb)
     if pattern.kind != "mask_mod":
         active = blocks_active(pattern, idx[:, None], idx[None, :])
+        if pattern.token_window is not None:  # the nearest positions of two blocks
+            gap = ((idx[:, None] - idx[None, :]).abs() - 1).clamp(min=0) * block_size + (idx[:, None] != idx[None, :])
+            active = active & (gap < pattern.token_window)
         return active & (idx[None, :] <= idx[:, None]) if is_causal else active
     pos = torch.arange(n)
     rows = []
@@ -85,6 +88,8 @@ def _allowed(bucket: Bucket, pattern, block_size, n, is_causal, bsz, heads, devi
     allowed = (bucket.used[:, :, None].expand(m, width, block_size).reshape(m, 1, -1)) & (k_pos < n)[:, None, :]
     if is_causal:
         allowed = allowed & (k_pos[:, None, :] <= q_pos[:, :, None])
+    if pattern.token_window is not None:
+        allowed = allowed & in_window(pattern.token_window, q_pos[:, :, None], k_pos[:, None, :])
     if pattern.kind == "mask_mod":
         user = token_mask_mod(pattern, block_size, False)
         per_row = torch.vmap(lambda qi, ki: evaluate_mask_mod(user, bsz, heads, qi, ki), out_dims=2)

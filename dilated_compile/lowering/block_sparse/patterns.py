@@ -9,6 +9,7 @@ float64 reference and the pictures in the README.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import weakref
 from collections.abc import Callable, Mapping
@@ -37,10 +38,17 @@ def as_pattern(pattern: BlockPattern | Mapping | Callable, block_size: int) -> B
         _CALLABLES[name] = pattern
         return BlockPattern(kind="mask_mod", function=name)
     if isinstance(pattern, Mapping):
+        fields = dict(pattern)
+        window = fields.pop("token_window", None)
         try:
-            return parse_pattern(pattern, key="pattern")
+            parsed = parse_pattern(fields, key="pattern")
         except PolicyError as exc:
             raise ValueError(f"pattern {dict(pattern)!r}: {exc}") from None
+        if window is None:
+            return parsed
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"pattern {dict(pattern)!r}: token_window must be an integer >= 1")
+        return dataclasses.replace(parsed, token_window=window)
     raise TypeError(
         f"pattern must be a BlockPattern, a mapping like {{'kind': 'local_window', 'window': 2}} "
         f"or a mask_mod callable, got {type(pattern).__name__}"
@@ -90,18 +98,34 @@ def blocks_active(pattern: BlockPattern, qb: torch.Tensor, kb: torch.Tensor) -> 
     raise ValueError(f"blocks_active: pattern kind {pattern.kind!r} is not a block-level pattern")
 
 
+def in_window(window: int | None, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor | bool:
+    """Whether key positions are within a token window of query positions (|i - j| <
+    window; broadcasts); True where there is no window."""
+    if window is None:
+        return True
+    return (q_idx - kv_idx).abs() < window
+
+
 def token_mask_mod(pattern: BlockPattern, block_size: int, is_causal: bool) -> MaskMod:
     """The pattern as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` on global
-    token positions, causal applied per token."""
+    token positions, causal and the token window applied per token."""
     if pattern.kind == "mask_mod":
         user = load_mask_mod(pattern.function)
 
-        def allowed(b, h, q_idx, kv_idx):
+        def in_pattern(b, h, q_idx, kv_idx):
             return user(b, h, q_idx, kv_idx)
     else:
 
-        def allowed(b, h, q_idx, kv_idx):
+        def in_pattern(b, h, q_idx, kv_idx):
             return blocks_active(pattern, q_idx // block_size, kv_idx // block_size)
+
+    window = pattern.token_window
+    if window is None:
+        allowed = in_pattern
+    else:
+
+        def allowed(b, h, q_idx, kv_idx):
+            return in_pattern(b, h, q_idx, kv_idx) & ((q_idx - kv_idx).abs() < window)
 
     if not is_causal:
         return allowed

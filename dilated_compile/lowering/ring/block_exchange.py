@@ -183,8 +183,9 @@ def exchange_plan(
     world_size: int, rank: int, n: int, layout: str, is_causal: bool, pattern: BlockPattern,
     block_size: int,
 ) -> ExchangePlan | None:
-    """This rank's plan, or None where the ring sends less (or the pattern is a mask_mod)."""
-    if world_size == 1 or pattern.kind == "mask_mod":
+    """This rank's plan, or None where the ring sends less (or the pattern is a mask_mod, or has
+    a token window: `window_exchange.py`)."""
+    if world_size == 1 or pattern.kind == "mask_mod" or pattern.token_window is not None:
         return None
     values = _plan_fields(
         world_size, rank, n, layout, bool(is_causal), pattern.as_tuple(), int(block_size)

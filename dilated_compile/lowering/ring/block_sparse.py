@@ -21,8 +21,9 @@ block, key block) tile, so each run of consecutive query rows of a query
 block sees the keys of its active key blocks in full (with causal masking:
 those before the run) plus, with causal masking, its own positions as a
 causal square. The blocks are planned from positions alone (`_box_groups`).
-A ``mask_mod`` pattern (token level, may depend on batch and head) is one
-masked float32 attention (`masked.py`) per box instead, and only there is
+A ``mask_mod`` pattern (token level, may depend on batch and head), or one
+with a token window that the key exchange does not take, is one masked
+float32 attention (`masked.py`) per box instead, and only there is
 a box of more than `MAX_BOX_PAIRS` (query, key) pairs split by query rows
 into at most `MAX_BOXES` boxes, each narrowed to its rows' keys: this bounds
 what one masked call holds. Built-in patterns keep one box per shard pair,
@@ -45,6 +46,7 @@ from ..common.constants import outside_tracing
 from .block_exchange import BlockSparseExchange, ExchangePlan, exchange_plan, tile_blocks
 from .dense import Call, RingDense, Schedule
 from .masked import masked_attention, masked_attention_backward
+from .window_exchange import WindowExchange, WindowPlan, allowed_pairs, window_plan
 
 
 @dataclass(frozen=True)
@@ -76,15 +78,7 @@ class BlockSparseSchedule(Schedule):
         if self.pattern.kind == "mask_mod":
             user = token_mask_mod(self.pattern, self.block_size, self.is_causal)
             return evaluate_mask_mod(user, q.shape[0], q.shape[1], qpos, kpos)
-        b = self.block_size
-        allowed = blocks_active(
-            self.pattern,
-            torch.div(qpos, b, rounding_mode="floor")[:, None],
-            torch.div(kpos, b, rounding_mode="floor")[None, :],
-        )
-        if self.is_causal:
-            allowed = allowed & (kpos[None, :] <= qpos[:, None])
-        return allowed
+        return allowed_pairs(self.pattern, self.block_size, self.is_causal, qpos, kpos)
 
     def blocks(self, source: int, c: Call):
         """The dense blocks of call `c` (None: attend with the token mask)."""
@@ -185,7 +179,7 @@ def _cached_box_groups(
     """`_box_groups`, computed once per setup."""
     boxes = _cached_boxes(world_size, rank, n, layout, is_causal, pattern_fields, block_size, max_pairs)
     pattern = BlockPattern(*pattern_fields)
-    if pattern.kind == "mask_mod":
+    if _token_level(pattern):
         return tuple((None,) * len(per_source) for per_source in boxes)
     total = n * world_size
     with outside_tracing():
@@ -232,21 +226,29 @@ def make_block_sparse_schedule(
     pattern: BlockPattern, block_size: int,
 ) -> BlockSparseSchedule:
     """The schedule of one rank's block-sparse ring."""
-    max_pairs = MAX_BOX_PAIRS if pattern.kind == "mask_mod" else NO_SPLIT
+    max_pairs = MAX_BOX_PAIRS if _token_level(pattern) else NO_SPLIT
     setup = (world_size, rank, n, layout, is_causal, pattern.as_tuple(), block_size, max_pairs)
     return BlockSparseSchedule(
         world_size, rank, n, layout, is_causal, pattern, block_size, _boxes(*setup), _box_groups(*setup)
     )
 
 
+def _token_level(pattern: BlockPattern) -> bool:
+    """Whether the pattern's steps need a token-level mask (a mask_mod, or a token window):
+    masked attention per box, not dense blocks."""
+    return pattern.kind == "mask_mod" or pattern.token_window is not None
+
+
 def make_block_sparse_plan(
     world_size: int, rank: int, n: int, layout: str, is_causal: bool,
     pattern: BlockPattern, block_size: int,
-) -> ExchangePlan | BlockSparseSchedule:
+) -> ExchangePlan | WindowPlan | BlockSparseSchedule:
     """How one rank's block-sparse attention over the ring runs: the key-exchange plan where
-    that sends less than the ring, else the ring's schedule (the static and dynamic paths
-    both decide here)."""
+    that sends less than the ring (with a token window: `window_exchange.py`), else the ring's
+    schedule (the static and dynamic paths both decide here)."""
     plan = exchange_plan(world_size, rank, n, layout, is_causal, pattern, block_size)
+    if plan is None:
+        plan = window_plan(world_size, rank, n, layout, is_causal, pattern, block_size)
     if plan is not None:
         return plan
     return make_block_sparse_schedule(world_size, rank, n, layout, is_causal, pattern, block_size)
@@ -271,5 +273,9 @@ def ring_block_sparse(
     plan = make_block_sparse_plan(
         world_size, rank, q.shape[-2], layout, bool(is_causal), pattern, int(block_size)
     )
+    if isinstance(plan, WindowPlan):
+        return WindowExchange.apply(
+            plan, pattern, int(block_size), bool(is_causal), float(scale), group_name or "", q, k, v
+        )
     run = BlockSparseExchange if isinstance(plan, ExchangePlan) else RingDense
     return run.apply(plan, float(scale), group_name or "", q, k, v)

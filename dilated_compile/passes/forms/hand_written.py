@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from ..fold import NotConstant, constant_value, is_mutation
 from ..liveness import read_users, unread_below, unread_nodes
-from ..masks import NotProvable, classify, is_masking_value, keep_from_additive, padding_hint
+from ..masks import MaskForm, NotProvable, classify, is_masking_value, keep_from_additive, padding_hint
 from ..sites import SDPA_DEFAULTS, Site, module_path, shape_of
 
 MATMULS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", "__matmul__"}
@@ -205,7 +205,7 @@ def _add_mask(found: _Scores, mask, gm, to_keep) -> None:
             f"has a mask or bias that is not a compile-time constant: {exc}{padding_hint(exc)}"
         )
     except NotProvable as exc:
-        found.problem = found.problem or f"has a mask that is not provably the causal mask: {exc}"
+        found.problem = found.problem or f"has a mask that is not provably the causal mask or a sliding window: {exc}"
 
 
 def _fill_mask(found: _Scores, cond, fill, gm, *, keep_where_true: bool) -> None:
@@ -284,16 +284,17 @@ def site_of(softmax: fx.Node, gm: fx.GraphModule, unread: frozenset | None = Non
         return outline_site(softmax, unread)
     final, v, weights_chain, problem = down
     problem = scores.problem or problem
-    is_causal = False
+    mask_form = MaskForm(False)
     if problem is None and scores.keeps:
         q_shape, k_shape = shape_of(scores.q), shape_of(scores.k)
         keep = scores.keeps[0]
         try:
             for other in scores.keeps[1:]:
                 keep = keep & other
-            is_causal = classify(keep, q_shape[-2], k_shape[-2])
+            mask_form = classify(keep, q_shape[-2], k_shape[-2])
         except (NotProvable, RuntimeError) as exc:
-            problem = f"has a mask that is not provably the causal mask: {exc}"
+            problem = f"has a mask that is not provably the causal mask or a sliding window: {exc}"
+    is_causal = mask_form.causal
     chain = [*scores.chain, *weights_chain]
     if problem is None and any(is_mutation(u) for n in chain for u in n.users):
         problem = "the attention scores are modified in place (e.g. masked_fill_); not rewritten"
@@ -311,7 +312,7 @@ def site_of(softmax: fx.Node, gm: fx.GraphModule, unread: frozenset | None = Non
     return Site(
         node=final,
         module=module_path(final),
-        form=form + ("+causal-mask" if is_causal else ""),
+        form=form + (mask_form.suffix() if is_causal or mask_form.window is not None else ""),
         q=scores.q,
         k=scores.k,
         v=v,
@@ -323,6 +324,7 @@ def site_of(softmax: fx.Node, gm: fx.GraphModule, unread: frozenset | None = Non
         device=str(q_val.device) if q_val is not None else None,
         problem=problem,
         chain=tuple(n.name for n in chain),
+        window=mask_form.window,
     )
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..masks import NotProvable, classify, keep_from_mask
+from ..masks import MaskForm, NotProvable, classify, keep_from_mask
 from ..fold import NotConstant, constant_value
 from ..sites import SDPA_DEFAULTS, Site, module_path, shape_of
 
@@ -56,12 +56,13 @@ def _problem(a: dict, node: fx.Node) -> str | None:
     return None
 
 
-def _causal(a: dict, gm: fx.GraphModule, n: int) -> bool:
-    """The causal flag the call stands for (MHA trusts an is_causal hint); NotProvable otherwise."""
+def _causal(a: dict, gm: fx.GraphModule, n: int) -> MaskForm:
+    """The causal flag and window the call stands for (MHA trusts an is_causal hint);
+    NotProvable otherwise."""
     if a["is_causal"] is True:
-        return True
+        return MaskForm(True)
     if a["attn_mask"] is None:
-        return False
+        return MaskForm(False)
     try:
         mask = constant_value(a["attn_mask"], gm)
     except NotConstant as exc:
@@ -135,19 +136,21 @@ def site_of(node: fx.Node, gm: fx.GraphModule) -> Site:
     shape = shape_of(query)
     heads = a["num_heads"]
     qkv_shape = None
-    is_causal = False
+    mask_form = MaskForm(False)
     if shape is not None and len(shape) == 3 and isinstance(heads, int):
         seq, batch, embed = shape
         qkv_shape = (batch, heads, seq, embed // heads)
     if problem is None:
         try:
-            is_causal = _causal(a, gm, seq)
+            mask_form = _causal(a, gm, seq)
         except NotProvable as exc:
-            problem = f"has an attn_mask that is not provably the causal mask: {exc}"
+            problem = f"has an attn_mask that is not provably the causal mask or a sliding window: {exc}"
+    is_causal = mask_form.causal
+    from_mask = a["attn_mask"] is not None and a["is_causal"] is not True
     site = Site(
         node=node,
         module=module_path(node),
-        form="mha" + ("+causal-mask" if is_causal and a["attn_mask"] is not None and a["is_causal"] is not True else ""),
+        form="mha" + (mask_form.suffix() if from_mask and (is_causal or mask_form.window) else ""),
         q=query,
         k=a["key"],
         v=a["value"],
@@ -158,6 +161,7 @@ def site_of(node: fx.Node, gm: fx.GraphModule) -> Site:
         dtype=getattr(q_val, "dtype", None),
         device=str(q_val.device) if q_val is not None else None,
         problem=problem,
+        window=mask_form.window,
     )
     if problem is None:
         site.build_qkv = _build_qkv(a, heads)
@@ -195,21 +199,21 @@ def _encoder_layer_args(node: fx.Node) -> dict:
     return a
 
 
-def _encoder_layer_problem(a: dict, gm: fx.GraphModule, seq: int) -> tuple[str | None, bool]:
-    """(why the fused encoder layer cannot be rewritten, or None; its causal flag)."""
+def _encoder_layer_problem(a: dict, gm: fx.GraphModule, seq: int) -> tuple[str | None, MaskForm]:
+    """(why the fused encoder layer cannot be rewritten, or None; its causal flag and window)."""
     if any(isinstance(a[key], fx.Node) for key in ("embed_dim", "num_heads", "use_gelu", "norm_first", "eps")):
-        return "its configuration is not constant", False
+        return "its configuration is not constant", MaskForm(False)
     if a["mask"] is None:
-        return None, False
+        return None, MaskForm(False)
     if a["mask_type"] == 1:  # 1: key padding mask only; 0 / 2: attention mask (2: merged, 4-D)
-        return "it has a key padding mask", False
+        return "it has a key padding mask", MaskForm(False)
     try:
         mask = constant_value(a["mask"], gm)
         if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
             mask = ~mask  # True marks positions NOT allowed, as in nn.MultiheadAttention
         return None, classify(keep_from_mask(mask), seq, seq)
     except (NotConstant, NotProvable) as exc:
-        return f"its mask is not provably the causal mask ({exc})", False
+        return f"its mask is not provably the causal mask or a sliding window ({exc})", MaskForm(False)
 
 
 def _encoder_layer_hooks(a: dict):
@@ -270,10 +274,10 @@ def fast_path_site(node: fx.Node, gm: fx.GraphModule) -> Site:
         batch, seq, embed = shape  # the fast paths run batch-first only
         qkv_shape = (batch, heads, seq, embed // heads)
     what, op = FAST_PATHS[node.target], node.target.__name__
-    problem, causal = f"{FAST_PATH_REASON.format(what=what, op=op, why='is not rewritten')}", False
+    problem, mask_form = f"{FAST_PATH_REASON.format(what=what, op=op, why='is not rewritten')}", MaskForm(False)
     if node.target is torch._transformer_encoder_layer_fwd and qkv_shape is not None:
         a = _encoder_layer_args(node)
-        why, causal = _encoder_layer_problem(a, gm, qkv_shape[2])
+        why, mask_form = _encoder_layer_problem(a, gm, qkv_shape[2])
         problem = None if why is None else FAST_PATH_REASON.format(what=what, op=op, why=why)
     path = module_path(node)
     if node.target is torch._transformer_encoder_layer_fwd:  # the attention is the layer's self_attn
@@ -285,13 +289,14 @@ def fast_path_site(node: fx.Node, gm: fx.GraphModule) -> Site:
         q=src,
         k=src,
         v=src,
-        args=dict(SDPA_DEFAULTS, is_causal=causal),
+        args=dict(SDPA_DEFAULTS, is_causal=mask_form.causal),
         q_shape=qkv_shape,
         k_shape=qkv_shape,
         v_shape=qkv_shape,
         dtype=getattr(val, "dtype", None),
         device=str(val.device) if val is not None else None,
         problem=problem,
+        window=mask_form.window,
     )
     if problem is None:
         site.build_qkv, site.replace = _encoder_layer_hooks(a)

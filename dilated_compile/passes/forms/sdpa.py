@@ -1,5 +1,5 @@
 """`F.scaled_dot_product_attention` in every calling style, with an explicit mask
-that is provably the causal mask (or masks nothing), and with k/v heads repeated
+that is provably the causal mask, a sliding window (or masks nothing), and with k/v heads repeated
 (`enable_gqa`, `repeat_interleave`, `expand` + `reshape`)."""
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def repeats_heads(node) -> bool:
 
 
 def _prove_mask(site: Site, gm: fx.GraphModule) -> None:
-    """Replace a provably causal (or empty) attn_mask by the causal flag; else record the problem."""
+    """Replace a provably causal, sliding-window (or empty) attn_mask by the causal flag and
+    the window; else record the problem."""
     mask = site.args["attn_mask"]
     n_q, n_k = site.query_len, site.key_len
     if not isinstance(n_q, int) or not isinstance(n_k, int):
@@ -38,13 +39,14 @@ def _prove_mask(site: Site, gm: fx.GraphModule) -> None:
         site.problem = "has both an attn_mask and is_causal"
         return
     try:
-        causal = prove(mask, gm, n_q, n_k)
+        found = prove(mask, gm, n_q, n_k)
     except NotProvable as exc:
-        site.problem = f"has an attn_mask that is not provably the causal mask: {exc}"
+        site.problem = f"has an attn_mask that is not provably the causal mask or a sliding window: {exc}"
         return
     site.args["attn_mask"] = None
-    site.args["is_causal"] = causal
-    site.form += "+causal-mask" if causal else "+empty-mask"
+    site.args["is_causal"] = found.causal
+    site.window = found.window
+    site.form += found.suffix()
 
 
 def site_of(node: fx.Node, gm: fx.GraphModule) -> Site:
