@@ -132,12 +132,13 @@ def causal_lm_loss(
     if flat_logits.dtype not in (torch.float32, torch.float64):
         flat_logits = flat_logits.float()  # half-precision logits: the loss in float32
     total = F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index, reduction="sum")
-    stats = torch.stack([total.detach(), (flat_labels != ignore_index).sum().to(total.dtype)])
+    # float64: token counts stay exact beyond 2**24
+    stats = torch.stack([total.detach().double(), (flat_labels != ignore_index).sum().double()])
     if world > 1:
         dist.all_reduce(stats, group=pg)
     count = stats[1].clamp(min=1)
-    global_mean = stats[0] / count
-    scaled = total * (factor / count)
+    global_mean = (stats[0] / count).to(total.dtype)
+    scaled = total * (factor / count).to(total.dtype)
     return global_mean + (scaled - scaled.detach())
 
 

@@ -51,8 +51,9 @@ LAYOUT = "zigzag"
 # float32 against float64 attention. Loss: relative; gradients: relative to a tensor's largest
 # |value|. AdamW's first steps move every weight by about LR whatever the size of its gradient
 # (m / sqrt(v)), so rounding in a gradient near zero moves a weight by a sizeable part of LR:
-# parameters get a bound in units of LR (a missed or doubled update is off by LR)
-TOL = {"loss": 1e-5, "grads": 1e-4, "params": 0.05 * LR}
+# parameters get a bound in units of LR (a missed or doubled update is off by LR), and the
+# gradients of later steps, at weights that differ that much, a looser bound than the first's
+TOL = {"loss": 1e-5, "grads": 1e-4, "later grads": 2e-3, "params": 0.05 * LR}
 # dilated inner attention: one pattern whose segments span cp ranks (zigzag chunks of 8 or 16)
 DILATED = {"segment_lengths": [32], "dilation_rates": [2], "head_split": "groups"}
 SITES = "model.layers.*.self_attn"
@@ -216,10 +217,21 @@ def _compare(step: int, got: dict, want: dict) -> None:
         raise CaseFailure(f"step {step}: loss {got['loss']!r} != single-process {want['loss']!r}")
     for what in ("grads", "params"):
         err, name = _largest_error(got[what], want[what], relative=what == "grads")
+        allowed = TOL[what] if step == 0 or what != "grads" else TOL["later grads"]
         _say(f"step {step} {what}: largest error {err:.3g} ({name})")
-        if err > TOL[what]:
+        if err > allowed:
             raise CaseFailure(f"step {step}: {what} of {name} differ from single-process by {err:.3g} "
-                              f"(allowed {TOL[what]:.3g})")
+                              f"(allowed {allowed:.3g})")
+
+
+def _check_sites(inner: str) -> None:
+    """The decoder layers' attention became a ring over cp with `inner` attention. (FSDP2 makes
+    each layer a frame of its own; the second layer runs the first one's compiled code.)"""
+    sites = [s for r in dilated_compile.reports() for s in r.sites]
+    want = f"ring {LAYOUT} over {MESH.size(1)} ranks (cp), inner {inner}"
+    if ("model.layers.0.self_attn" not in [s.module for s in sites]
+            or any(s.status != "rewritten" or not s.attention.startswith(want) for s in sites)):
+        raise CaseFailure(f"sites: {[(s.module, s.status, s.attention, s.reason) for s in sites]}; want {want!r}")
 
 
 def _say(text: str) -> None:
@@ -349,13 +361,19 @@ def bad_site_left_case(family: str) -> None:
     dist.barrier()
 
 
+# the inner attention trained on each mesh (by dp): one model compile per mesh and phase keeps the
+# launches short; FSDP_RING_ALL_INNERS=1 in the environment trains every inner on every mesh
+INNERS = {2: ("dense",), 1: ("dilated",)}
+
+
 def cases(world: int, dp: int, phase: str) -> dict[str, Callable[[], None]]:
     """The cases of `phase` for a (dp, world / dp) mesh, by name, in the order every rank runs them."""
     out: dict[str, Callable[[], None]] = {}
     if phase == "train":
         out["batch-helper"] = batch_helper_case
+    inners = ("dense", "dilated") if os.environ.get("FSDP_RING_ALL_INNERS") else INNERS.get(dp, ("dense",))
     for family in MODELS:
-        for inner in ("dense", "dilated"):
+        for inner in inners:
             name = f"{family}-{inner}"
             fn = train_case if phase == "train" else resume_case
             out[f"{phase}-{name}"] = functools.partial(fn, family, inner, name)
