@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -141,7 +142,10 @@ def main(argv=None) -> int:
             print(f"step {step + 1}: loss {loss.item():.6f}", flush=True)
 
     model_state, optim_state = get_state_dict(model, opt)
-    dcp.save({"model": model_state, "optim": optim_state, "step": first + args.steps}, checkpoint_id=args.ckpt)
+    state = {"model": model_state, "optim": optim_state, "step": first + args.steps}
+    with warnings.catch_warnings():  # torch warns on replacing a checkpoint even when asked to
+        warnings.filterwarnings("ignore", message="Detected an existing checkpoint")
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(args.ckpt, overwrite=True))
     if rank == 0:
         print(f"saved {args.ckpt} after step {first + args.steps} ({dp} x {args.cp} mesh, "
               f"{'nccl' if cuda else 'gloo'}, inner {args.inner})", flush=True)
