@@ -1,6 +1,6 @@
 """One rank of a multi-process FSDP2 x ring training run (gloo on CPU).
 
-    python -m tests.fsdp_ring_worker --rank R --world W --dp D --store FILE --out DIR
+    python -m tests.fsdp_ring_worker --rank R --world W --dp D --store FILE --out DIR --ckpt DIR
                                      --phase train|resume [--only NAME ...]
 
 The ranks form a ``(dp, cp)`` DeviceMesh (cp = W / dp). Each case builds a
@@ -82,6 +82,9 @@ def llama():
     return cfg, transformers.LlamaForCausalLM(cfg)
 
 
+# family -> factory returning (config, model), seeded: every rank builds the same weights. A family
+# whose attention is not plain causal (a sliding window) also needs its float64 reference in
+# `_reference_attention`.
 MODELS: dict[str, Callable] = {"llama": llama}
 
 
