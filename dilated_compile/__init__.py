@@ -11,6 +11,7 @@ from .lowering.block_sparse.attention import block_sparse_attention
 from .lowering.dilated.attention import dilated_attention
 from .lowering.ring.attention import ring_attention
 from .sharding import register_group, shard, unshard
+from .training import causal_lm_loss, shard_causal_lm_batch
 from .lowering.reference import block_sparse_reference, dense_reference, dilated_reference
 from .passes import Report, RewriteError, ShardLocalWarning
 from .passes.report import clear_reports, reports
@@ -46,6 +47,7 @@ __all__ = [
     "TargetWarning",
     "block_sparse_attention",
     "block_sparse_reference",
+    "causal_lm_loss",
     "check_targets",
     "clear_reports",
     "dense_reference",
@@ -57,5 +59,6 @@ __all__ = [
     "reports",
     "ring_attention",
     "shard",
+    "shard_causal_lm_batch",
     "unshard",
 ]

@@ -27,6 +27,7 @@ for _name, _value in COMPILE_FAST.items():
 SHARED_LAUNCHES = re.compile(
     r"tests/test_ring\.py::test_ring_case\["
     r"|tests/test_ring_nccl\.py::test_ring_nccl_case\["
+    r"|tests/test_fsdp_ring\.py::test_fsdp_ring_case\["
     r"|tests/test_bench_quick\.py::"
     r"|tests/test_triton_miscompile\.py::"
 )
