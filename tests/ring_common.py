@@ -147,7 +147,7 @@ def _ring_policy(inner: str, layout: str, setup: str = "groups", **extra) -> dic
 
 
 # ---------------------------------------------------------------------------
-# bad setups: the same error on every rank, no hang
+# the check of an expected error, and a rank's own q, k, v
 
 
 def expect_error(exc_type: type, fragments: tuple[str, ...], fn: Callable[[], object]) -> None:

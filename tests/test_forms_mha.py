@@ -136,4 +136,3 @@ def test_encoder_layer_fast_path_with_padding_mask_is_left():
         assert "set_fastpath_enabled(False)" in site.reason
         torch._dynamo.reset()
         assert torch.equal(rewritten_eager(layer)(x, src_key_padding_mask=pad), layer(x, src_key_padding_mask=pad))
-

@@ -281,4 +281,3 @@ def test_digest_changes_with_content(change) -> None:
     doc = copy.deepcopy(SPEC_EXAMPLE_DICT)
     change(doc)
     assert load_policy(doc).digest != load_policy(SPEC_EXAMPLE_DICT).digest
-
