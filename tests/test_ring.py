@@ -19,7 +19,7 @@ code exactly when the ring sends; shard/unshard; a registered subgroup; the
 example model's training; sites with a dynamic (symbolic) length under
 torch.compile(dynamic=True), through the ring custom op (one graph for every
 length, the reference at each); and bad setups raising the expected error on
-every rank. And the README's example under torchrun.
+every rank; and the README's example under torchrun.
 
 Ring attention in one process (no process group, the ring custom op) is
 tested in `tests/test_ring_one_process.py`; what the rings send and compute,
