@@ -3,8 +3,9 @@
 Under a ring over several ranks, attention that no ring covers attends within
 each rank's shard; the backend warns (`ShardLocalWarning`) unless a rule
 declares it with `ring: false`, and raises under `strict: true`. Those cases
-run on real process groups in `tests/ring_worker.py`; here: the policy key,
-its errors, and that nothing is said where nothing is sharded.
+run on real process groups in `tests/ring_shard_local_cases.py` (launched by
+`tests/ring_worker.py`); here: the policy key, its errors, and that nothing is
+said where nothing is sharded.
 """
 
 from __future__ import annotations

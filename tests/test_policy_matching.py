@@ -167,3 +167,78 @@ def test_which_globs_reach_the_root_site(match: str, status: str) -> None:
     report = explain(RootAttention(), torch.randn(1, 32, 16), policy=_root_policy(match))
     (site,) = report.sites
     assert (site.module, site.status) == (ROOT, status)
+
+
+# --------------------------------------------------------------------------
+# Matching
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "pattern, path, expected",
+    [
+        ("transformer.h.*.attn", "transformer.h.3.attn", True),
+        ("transformer.h.*.attn", "transformer.h.11.attn", True),
+        ("transformer.h.*.attn", "transformer.h.3.attn.c_attn", True),  # ancestor matches
+        ("transformer.h.*.attn", "transformer.h.3.mlp", False),
+        ("transformer.h.*.attn", "transformer.h.attn", False),  # * is one or more chars
+        ("transformer.h.*.attn", "transformer.h.a.b.attn", False),  # * stays within a component
+        ("transformer.h.*.attn", "transformer.h", False),
+        ("transformer.h.*.attn", "xtransformer.h.3.attn", False),  # whole path
+        ("*.attn", "h.attn", True),
+        ("*.attn", "a.h.attn", False),
+        ("encoder.layer.0", "encoder.layer.0.attention.self", True),
+        ("encoder.layer.0", "encoder.layer.0", True),
+        ("encoder.layer.0", "encoder.layer.01.attention", False),
+        ("encoder.layer.0", "encoder.layer", False),
+        ("**", "", True),
+        ("**", "anything.at.all", True),
+        ("**.attn", "a.b.c.attn", True),
+        ("**.attn", "attn", True),
+        ("**.attn", "a.b.c.attn_x", False),
+        ("a.**.attn", "a.b.c.attn", True),
+        ("a.**.attn", "a.attn", True),
+        ("a.**.attn", "b.x.attn", False),
+        ("a.**", "a", True),
+        ("a.**", "a.b.c", True),
+        ("a.**", "ab", False),
+        ("h.1**", "h.12.x", True),
+        ("h.?.attn", "h.3.attn", True),
+        ("h.?.attn", "h.11.attn", False),
+        ("h.[0-3].attn", "h.2.attn", True),
+        ("h.[0-3].attn", "h.7.attn", False),
+        ("h.[!0-3].attn", "h.7.attn", True),
+        ("h.[!0-3].attn", "h.1.attn", False),
+        ("h[.]x", "h.x", False),  # a class never matches a dot
+        ("h+x(1)", "h+x(1)", True),  # regex characters in a glob are literal
+        ("re:attn$", "transformer.h.3.attn", True),
+        ("re:attn$", "transformer.h.3.attn.proj", False),  # '$' restricts to that path
+        ("re:^encoder\\.layer\\.[0-3]\\.", "encoder.layer.2.attention.self", True),
+        ("re:^encoder\\.layer\\.[0-3]\\.", "encoder.layer.5.attention.self", False),
+        ("re:h\\.1", "x.h.12.attn", True),  # re.search: anywhere
+        ("re:^$", "", True),
+    ],
+)
+def test_matches(pattern: str, path: str, expected: bool) -> None:
+    assert Rule(match=pattern, attention="dense").matches(path) is expected
+
+
+def test_rule_for_first_match_wins() -> None:
+    policy = load_policy({
+        "version": 1,
+        "rules": [
+            {"match": "encoder.layer.0", "attention": "dense"},
+            {"match": "encoder.**", "attention": "dilated", "segment_lengths": [4], "dilation_rates": [1]},
+            {"match": "re:.", "attention": "dense", "min_seq_len": 7},
+        ],
+    })
+    assert policy.rule_for("encoder.layer.0.attention.self").index == 0
+    assert policy.rule_for("encoder.layer.1.attention.self").index == 1
+    assert policy.rule_for("decoder.layer.1").index == 2
+    assert policy.rule_for("") is None
+
+
+def test_rule_for_none_when_nothing_matches() -> None:
+    policy = load_policy({"version": 1, "rules": [{"match": "a.b", "attention": "dense"}]})
+    assert policy.rule_for("a") is None
+    assert policy.rule_for("c.a.b") is None
