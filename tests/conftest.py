@@ -19,24 +19,24 @@ COMPILE_FAST = {
 for _name, _value in COMPILE_FAST.items():
     os.environ.setdefault(_name, _value)
 
-# Tests that read one expensive launch kept in their module (the multi-process ring runs, one per
-# world size; the quick benchmark's runs; a recorded kernel replay): the nodeid prefix that every
-# test of one set shares. pytest-xdist runs each set in one worker, so each launch runs once. The
-# ring runs of all world sizes are one set, one launch at a time: two at once would split the
-# cores between their ranks, and each launch's bound on hangs assumes it has them.
-SHARED_LAUNCHES = re.compile(
-    r"tests/test_ring\.py::test_ring_case\["
-    r"|tests/test_ring_nccl\.py::test_ring_nccl_case\["
-    r"|tests/test_fsdp_ring\.py::test_fsdp_ring_case\["
-    r"|tests/test_bench_quick\.py::"
-    r"|tests/test_triton_miscompile\.py::"
-)
+# Tests that read one expensive launch kept in their module (the multi-process runs; the quick
+# benchmark's runs; a recorded kernel replay), by the nodeid prefix the tests of one launch share,
+# and the set the launch belongs to. pytest-xdist runs each set in one worker, so each launch runs
+# once. The multi-process launches (rings of every world size, FSDP2 x ring meshes) are one set,
+# one launch at a time: two at once would split the cores between their ranks, and each launch's
+# bound on hangs assumes it has them.
+SHARED_LAUNCHES = {
+    re.compile(r"tests/test_ring\.py::test_ring_case\["): "multi-process",
+    re.compile(r"tests/test_fsdp_ring\.py::test_fsdp_ring_case\["): "multi-process",
+    re.compile(r"tests/test_ring_nccl\.py::test_ring_nccl_case\["): "nccl",
+    re.compile(r"tests/test_bench_quick\.py::"): "bench-quick",
+    re.compile(r"tests/test_triton_miscompile\.py::"): "triton-replay",
+}
 
 
 def shared_launch(nodeid: str) -> str | None:
-    """The launch whose result the test `nodeid` reads, or None."""
-    found = SHARED_LAUNCHES.match(nodeid)
-    return found.group(0) if found else None
+    """The set of launches whose results the test `nodeid` reads, or None."""
+    return next((name for prefix, name in SHARED_LAUNCHES.items() if prefix.match(nodeid)), None)
 
 
 def pytest_configure(config):

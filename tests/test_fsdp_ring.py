@@ -14,20 +14,16 @@ timeout the ranks are killed and the cases fail with where each rank was.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
 from . import fsdp_ring_worker
+from .launcher import case_failures, launch_ranks
 
 pytest.importorskip("transformers")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 4
 MESHES = {"dp2-cp2": 2, "cp4": 1}  # name -> dp (cp = WORLD / dp)
 # bounds on hangs, with room for a 2-core box where the ranks compile with cold Inductor caches
@@ -43,54 +39,10 @@ pytestmark = pytest.mark.skipif(
 _RUNS: dict[tuple[str, str], dict] = {}
 
 
-def _tail(path: str, chars: int = 3000) -> str:
-    try:
-        with open(path) as f:
-            return f.read()[-chars:]
-    except OSError:
-        return ""
-
-
 def launch(dp: int, phase: str, out: str, ckpt: str, timeout: float) -> dict:
-    """Run the worker's `phase` on WORLD ranks as a (dp, WORLD / dp) mesh.
-
-    Returns {"results": {rank: {case: error|None}}, "failure": str|None, "seconds": float}.
-    """
-    os.makedirs(out, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    procs = []
-    start = time.monotonic()
-    for rank in range(WORLD):
-        cmd = [sys.executable, "-m", "tests.fsdp_ring_worker", "--rank", str(rank), "--world", str(WORLD),
-               "--dp", str(dp), "--store", os.path.join(out, "store"), "--out", out, "--ckpt", ckpt,
-               "--phase", phase]
-        log = open(os.path.join(out, f"rank{rank}.log"), "w")
-        procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    deadline = start + timeout
-    failure = None
-    for proc, _ in procs:
-        try:
-            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            failure = f"ranks still running after {timeout:.0f} s (hang?)"
-            break
-    for proc, log in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
-    results, current = {}, {}
-    for rank, (proc, _) in enumerate(procs):
-        path = os.path.join(out, f"rank{rank}.json")
-        state = json.load(open(path)) if os.path.exists(path) else {"results": {}, "current": None}
-        results[rank], current[rank] = state["results"], state["current"]
-        if failure is None and proc.returncode != 0:
-            failure = f"rank {rank} exited with {proc.returncode}"
-    if failure:
-        stuck = ", ".join(f"rank {r}: {c!r}" for r, c in current.items() if c)
-        logs = "\n".join(f"--- rank {r} log ---\n{_tail(os.path.join(out, f'rank{r}.log'))}" for r in range(WORLD))
-        failure = f"{failure}; unfinished cases: {stuck or 'none'}\n{logs}"
-    return {"results": results, "failure": failure, "seconds": round(time.monotonic() - start, 1)}
+    """Run the worker's `phase` on WORLD ranks as a (dp, WORLD / dp) mesh (`launcher.launch_ranks`)."""
+    args = ["--dp", str(dp), "--store", os.path.join(out, "store"), "--out", out, "--ckpt", ckpt, "--phase", phase]
+    return launch_ranks("tests.fsdp_ring_worker", WORLD, out, args, timeout)
 
 
 def _run(mesh: str, phase: str, tmp_path_factory) -> dict:
@@ -114,11 +66,5 @@ def _case_ids():
 @pytest.mark.parametrize("mesh,phase,case", _case_ids(), ids=[f"{m}-{c}" for m, _, c in _case_ids()])
 def test_fsdp_ring_case(mesh, phase, case, tmp_path_factory):
     run = _run(mesh, phase, tmp_path_factory)
-    failures = []
-    for rank in range(WORLD):
-        results = run["results"][rank]
-        if case not in results:
-            failures.append(f"rank {rank}: did not run ({run['failure']})")
-        elif results[case] is not None:
-            failures.append(f"rank {rank}:\n{results[case]}")
+    failures = case_failures(run, WORLD, case)
     assert not failures, f"{case} on mesh {mesh} failed:\n" + "\n".join(failures)

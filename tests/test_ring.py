@@ -28,7 +28,6 @@ planned from shapes alone, in `tests/test_ring_plans.py`.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import time
 import pytest
 
 from . import ring_worker
+from .launcher import case_failures, launch_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLDS = (2, 3, 4)
@@ -45,14 +45,6 @@ WORLDS = (2, 3, 4)
 TIMEOUT_S = {2: 900, 3: 900, 4: 720}
 
 _RUNS: dict[int, dict] = {}
-
-
-def _tail(path: str, chars: int = 3000) -> str:
-    try:
-        with open(path) as f:
-            return f.read()[-chars:]
-    except OSError:
-        return ""
 
 
 def launch(
@@ -65,44 +57,10 @@ def launch(
     process-group backend; with "nccl" every rank sees all GPUs and uses cuda:<rank>
     (tests/test_ring_nccl.py). `env`: extra environment variables for the ranks.
     """
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               **(env or {}))
-    store = os.path.join(tmp_dir, "store")
-    procs = []
-    ranks = list(range(world)) if ranks is None else ranks
-    for rank in ranks:
-        cmd = [sys.executable, "-m", "tests.ring_worker", "--rank", str(rank), "--world", str(world),
-               "--store", store, "--out", tmp_dir, "--backend", backend]
-        if only:
-            cmd += ["--only", *only]
-        log = open(os.path.join(tmp_dir, f"rank{rank}.log"), "w")
-        procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    deadline = time.monotonic() + timeout
-    failure = None
-    for rank, (proc, log) in enumerate(procs):
-        try:
-            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            failure = f"ranks still running after {timeout:.0f} s (hang?)"
-            break
-    for proc, log in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
-    results, current = {}, {}
-    for rank, (proc, _) in zip(ranks, procs):
-        path = os.path.join(tmp_dir, f"rank{rank}.json")
-        state = json.load(open(path)) if os.path.exists(path) else {"results": {}, "current": None}
-        results[rank], current[rank] = state["results"], state["current"]
-        code = proc.returncode
-        if failure is None and code != 0:
-            failure = f"rank {rank} exited with {code}"
-    if failure:
-        stuck = ", ".join(f"rank {r}: {c!r}" for r, c in current.items() if c)
-        logs = "\n".join(f"--- rank {r} log ---\n{_tail(os.path.join(tmp_dir, f'rank{r}.log'))}" for r in ranks)
-        failure = f"{failure}; unfinished cases: {stuck or 'none'}\n{logs}"
-    return {"results": results, "failure": failure}
+    args = ["--store", os.path.join(tmp_dir, "store"), "--out", tmp_dir, "--backend", backend]
+    if only:
+        args += ["--only", *only]
+    return launch_ranks("tests.ring_worker", world, tmp_dir, args, timeout, ranks=ranks, env=env)
 
 
 def _run(world: int, tmp_path_factory) -> dict:
@@ -120,18 +78,6 @@ def test_ring_case(world, case, tmp_path_factory):
     run = _run(world, tmp_path_factory)
     failures = case_failures(run, world, case)
     assert not failures, f"{case} on {world} ranks failed:\n" + "\n".join(failures)
-
-
-def case_failures(run: dict, world: int, case: str) -> list[str]:
-    """What went wrong with `case` on each rank of a `launch` result (empty: passed everywhere)."""
-    failures = []
-    for rank in range(world):
-        results = run["results"][rank]
-        if case not in results:
-            failures.append(f"rank {rank}: did not run ({run['failure']})")
-        elif results[case] is not None:
-            failures.append(f"rank {rank}:\n{results[case]}")
-    return failures
 
 
 def test_launcher_kills_and_reports_a_hang(tmp_path):
