@@ -366,7 +366,8 @@ def test_dead_copy_of_the_scores_does_not_block_the_rewrite(product, scale_op, s
     (site,) = report.sites
     assert (site.module, site.status, site.is_causal) == (PATH, "rewritten", True), str(report)
     after = "\n".join(g.after for g in report.graphs)
-    assert "clone" not in after, after  # the dead copies went with the attention
+    code = [line for line in after.splitlines() if not line.strip().startswith("#")]  # not file paths
+    assert not any("clone" in line for line in code), after  # the dead copies went with the attention
     torch._dynamo.reset()
     out = rewritten_eager(model)(q, k, v)
     ref = dilated_reference(q, k, v, SEG, RATES, head_split=SPLIT, is_causal=True)
