@@ -7,13 +7,12 @@ import re
 
 import pytest
 
-# The tests check what compiled code computes, not how fast it runs: Inductor's C++ is built as
-# scalar code at -O0, which compiles several times faster, and in the compiling process (no pool
-# of compile workers beside each pytest-xdist worker and each multi-process rank). Set in the
-# environment so that the processes the tests start inherit it; export a variable to override.
+# The tests check what compiled code computes, not how fast it runs: Inductor's C++ is built at
+# -O0, which compiles several times faster, in the compiling process (no pool of compile workers
+# beside each pytest-xdist worker and each multi-process rank). Set in the environment so that the
+# processes the tests start inherit it; export a variable to override.
 COMPILE_FAST = {
     "TORCHINDUCTOR_DEBUG_COMPILE": "1",  # g++ -O0
-    "TORCHINDUCTOR_VEC_ISA_OK": "0",  # scalar kernels
     "TORCHINDUCTOR_COMPILE_THREADS": "1",
 }
 for _name, _value in COMPILE_FAST.items():
