@@ -14,15 +14,7 @@ from dilated_compile import dilated_attention, dilated_reference, load_policy
 
 from .models import CheckpointedBlocks, TinyModel, dilated_rule, policy, restore, with_attention_replaced
 from .tolerance import budget
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    dilated_compile.clear_reports()
-    yield
-    torch._dynamo.reset()
+from .training_common import fresh_dynamo  # noqa: F401 - autouse: a fresh Dynamo, counters and reports per test
 
 
 def test_entry_point_is_registered():
