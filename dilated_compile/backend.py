@@ -16,7 +16,12 @@ from .policy.model import Policy
 from .policy import load_policy
 from .targets import note_frame
 
-OWN_OPTIONS = ("policy", "mode", "debug_dir")
+OWN_OPTIONS = ("policy", "mode", "debug_dir", "compiler")
+# what compiles the rewritten graph: Inductor (the default), or AOTAutograd running it op by op
+# ("aot_eager", as torch.compile(backend="aot_eager")), which tells a difference that the rewrite
+# makes from one that Inductor's code generation makes, and compiles in a fraction of the time
+COMPILERS = ("inductor", "aot_eager")
+COMPILER_ENV = "DILATED_COMPILER"
 
 
 def _inductor_patches(options: dict[str, Any]) -> dict[str, Any]:
@@ -36,7 +41,7 @@ def _inductor_patches(options: dict[str, Any]) -> dict[str, Any]:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(
                 f"backend='dilated': unknown option {key!r}{hint} Options are 'policy', 'mode', "
-                "'debug_dir' and any torch._inductor.config setting."
+                "'debug_dir', 'compiler' and any torch._inductor.config setting."
             )
         patches[key] = value
     return patches
@@ -95,6 +100,30 @@ def policy_from_options(options: dict[str, Any] | None) -> Policy:
     return load_policy(options["policy"])
 
 
+def compiler_from(options: dict[str, Any]) -> str:
+    """The compiler named by the option `compiler` or the environment variable DILATED_COMPILER."""
+    import os
+
+    name = options.get("compiler") or os.environ.get(COMPILER_ENV) or "inductor"
+    if name not in COMPILERS:
+        close = difflib.get_close_matches(str(name), COMPILERS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"backend='dilated': unknown compiler {name!r}{hint} Compilers are "
+                         + ", ".join(repr(c) for c in COMPILERS) + ".")
+    return name
+
+
+def _compile_aot_eager(gm: fx.GraphModule, example_inputs, patches: dict[str, Any], chosen) -> Any:
+    """The rewritten graph through AOTAutograd, run op by op; raises on Inductor settings it would drop."""
+    dropped = sorted(set(patches) - set(chosen) - {"unsafe_marked_cacheable_functions"})
+    if dropped:
+        raise ValueError(
+            f"backend='dilated': compiler 'aot_eager' does not run Inductor, so the Inductor settings "
+            f"{dropped} would have no effect; remove them or use compiler 'inductor'."
+        )
+    return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+
 def dilated_backend(
     gm: fx.GraphModule,
     example_inputs: Sequence[torch.Tensor],
@@ -103,12 +132,13 @@ def dilated_backend(
     mode: str | None = None,
     **_: Any,
 ):
-    """Rewrite the attention the policy selects, then compile with Inductor."""
+    """Rewrite the attention the policy selects, then compile with Inductor (or `compiler`)."""
     from torch._inductor.compile_fx import compile_fx
 
     options = dict(options or {})
     if mode is not None:
         options.setdefault("mode", mode)
+    compiler = compiler_from(options)
     patches = _inductor_patches(options)
     policy = policy_from_options(options)
     # AOTAutograd's cache accepts the rewritten graph's calls of this package's
@@ -130,4 +160,6 @@ def dilated_backend(
     if debug_dir:
         write_debug_dir(report, debug_dir)
     with torch._functorch.config.patch(**aot_patches):
+        if compiler == "aot_eager":
+            return _compile_aot_eager(new_gm, example_inputs, patches, report.inductor_settings)
         return compile_fx(new_gm, example_inputs, config_patches=patches)

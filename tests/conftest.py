@@ -18,6 +18,20 @@ COMPILE_FAST = {
 for _name, _value in COMPILE_FAST.items():
     os.environ.setdefault(_name, _value)
 
+# Most tests check what the rewrite computes: they compile the rewritten graph with the backend's
+# `compiler: aot_eager` (AOTAutograd, op by op; a tenth of Inductor's compile time on CPU). Tests
+# marked `inductor` check what Inductor builds from it and run with Inductor, as users do; so do
+# the benchmarks. `DILATED_COMPILER=inductor python -m pytest` runs every test through Inductor.
+COMPILER_ENV = "DILATED_COMPILER"
+SUITE_COMPILER = os.environ.setdefault(COMPILER_ENV, "aot_eager")
+
+
+@pytest.fixture(autouse=True)
+def _compiler_of_the_test(request, monkeypatch):
+    """Tests marked `inductor` compile with Inductor whatever the suite's compiler."""
+    if request.node.get_closest_marker("inductor"):
+        monkeypatch.setenv(COMPILER_ENV, "inductor")
+
 # Tests that read one expensive launch kept in their module (the multi-process runs; the quick
 # benchmark's runs; a recorded kernel replay), by the nodeid prefix the tests of one launch share,
 # and the set the launch belongs to. pytest-xdist runs each set in one worker, so each launch runs
@@ -39,6 +53,10 @@ def shared_launch(nodeid: str) -> str | None:
 
 
 def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "inductor: compiles with Inductor (the backend's default) while the rest of the "
+        "suite compiles the rewritten graph with aot_eager",
+    )
     config.addinivalue_line(
         "markers", "compiles: a multi-process ring case that runs torch.compile (the slow ones; "
         "deselect with -m 'not compiles')",

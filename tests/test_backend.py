@@ -51,7 +51,7 @@ def _run(model, x, options):
 
 
 @pytest.mark.parametrize("head_split", ["groups", "longnet"])
-@pytest.mark.parametrize("is_causal", [True, False])
+@pytest.mark.parametrize("is_causal", [pytest.param(True, marks=pytest.mark.inductor), False])
 def test_compiled_forward_backward_match_eager_rewrite(head_split, is_causal):
     """Compiled = the same model run eagerly with its attention replaced by
     dilated_attention, forward and parameter gradients; and close to float64."""
@@ -77,6 +77,7 @@ def test_compiled_forward_backward_match_eager_rewrite(head_split, is_causal):
     assert counters["dilated"]["rewritten"] == 2
 
 
+@pytest.mark.inductor
 def test_compiled_attention_within_tolerance_of_reference():
     """The rewritten SDPA itself, compiled, against the float64 reference."""
     seg, rates = (16, 32, 64), (1, 6, 12)
@@ -95,6 +96,7 @@ def test_compiled_attention_within_tolerance_of_reference():
         assert err <= budget(q, k, v, is_causal=True, scale=0.3, ref=ref), (dtype, err)
 
 
+@pytest.mark.inductor
 def test_unmatched_sites_are_bit_identical_to_inductor():
     torch.manual_seed(1)
     model = TinyModel(heads=(4, 2))
@@ -128,6 +130,7 @@ def test_counters_and_report():
     assert len(removed) == 2 and len(added) == 2
 
 
+@pytest.mark.inductor
 def test_gradient_in_the_outputs_layout_is_not_copied():
     """A rewritten attention's output is stored (B, N, H, D); a gradient arriving in that layout
     is used as it is (torch 2.11-2.12's AOTAutograd copied it to contiguous on every backward
@@ -185,6 +188,30 @@ def test_missing_policy_is_an_error():
 def test_unknown_option_is_an_error_with_suggestion():
     with pytest.raises(Exception, match="did you mean 'policy'"):
         torch.compile(TinyModel(), backend="dilated", options={"polciy": "x.yaml"})(torch.randn(1, 8, 16))
+
+
+def test_compiler_option_runs_the_rewritten_graph_without_inductor():
+    """compiler 'aot_eager' runs the same rewritten graph op by op: the eager rewrite's numbers."""
+    import torch.nn.functional as F
+
+    seg, rates = [8, 16], [1, 2]
+    pol = policy(dilated_rule(match="**", seg=seg, rates=rates, head_split="longnet"))
+    q, k, v = (torch.randn(1, 3, 40, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    f = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                      backend="dilated", options={"policy": pol, "compiler": "aot_eager"})
+    want = dilated_attention(q, k, v, seg, rates, head_split="longnet", is_causal=True)
+    torch.testing.assert_close(f(q, k, v), want, atol=1e-6, rtol=1e-6)
+    assert counters["dilated"]["rewritten"] == 1
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"compiler": "aot_eagr"}, "unknown compiler 'aot_eagr'; did you mean 'aot_eager'"),
+    ({"compiler": "aot_eager", "max_autotune": True}, r"Inductor settings \['max_autotune'\] would have no effect"),
+])
+def test_compiler_option_errors_say_what_to_change(options, message):
+    with pytest.raises(Exception, match=message):
+        torch.compile(TinyModel(), backend="dilated", options={"policy": policy(dilated_rule()), **options})(
+            torch.randn(1, 8, 16))
 
 
 def test_bad_policy_file_surfaces_policy_error(tmp_path):
