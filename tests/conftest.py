@@ -26,6 +26,17 @@ COMPILER_ENV = "DILATED_COMPILER"
 SUITE_COMPILER = os.environ.setdefault(COMPILER_ENV, "aot_eager")
 
 
+# modules whose every test is about what Inductor builds (its caches, GPU kernels, benchmarks)
+INDUCTOR_MODULES = {"test_compile_caches.py", "test_gpu.py", "test_worklist_gpu.py", "test_block_sparse_gpu.py",
+                    "test_triton_miscompile.py", "test_ring_nccl.py", "test_bench_quick.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in INDUCTOR_MODULES:
+            item.add_marker(pytest.mark.inductor)
+
+
 @pytest.fixture(autouse=True)
 def _compiler_of_the_test(request, monkeypatch):
     """Tests marked `inductor` compile with Inductor whatever the suite's compiler."""

@@ -35,8 +35,9 @@ def backend_case(
 
     torch._dynamo.reset()
     world, _, _ = ring_info()
-    model = torch.compile(
-        _SDPA(is_causal), backend="dilated", options={"policy": _ring_policy(inner, layout, setup)}
+    model = torch.compile(  # Inductor's code is what this case reads
+        _SDPA(is_causal), backend="dilated",
+        options={"policy": _ring_policy(inner, layout, setup), "compiler": "inductor"},
     )
     _, codes = run_and_get_code(numeric_case, inner, layout, is_causal, dtype, setup, n_local, run=model)
     if len(codes) != 2:

@@ -273,7 +273,7 @@ def _policy(pattern, block_size=16):
     return {"version": 1, "rules": [{"match": "**", "attention": "block_sparse", "block_size": block_size, "pattern": pattern}]}
 
 
-@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("is_causal", [False, pytest.param(True, marks=pytest.mark.inductor)])
 @pytest.mark.parametrize("kind", list(PATTERNS))
 def test_compiled_matches_eager_and_reference(kind, is_causal):
     torch._dynamo.reset()
@@ -319,6 +319,7 @@ def test_report_says_density():
     assert "block_sparse_attention" in report.diff
 
 
+@pytest.mark.inductor
 def test_threads_share_one_compiled_model_and_bounded_caches():
     torch._dynamo.reset()
     block_gather.buckets.cache_clear()

@@ -99,7 +99,8 @@ def _train_over_lengths(model, reference, saved, pol, dynamic, lengths) -> list[
 
 
 @pytest.mark.parametrize(
-    "dynamic, head_split", [(True, "longnet"), (None, "groups")], ids=["dynamic_true", "automatic_dynamic"]
+    "dynamic, head_split", [pytest.param(True, "longnet", marks=pytest.mark.inductor), (None, "groups")],
+    ids=["dynamic_true", "automatic_dynamic"]
 )
 def test_lengths_train_like_reference_without_recompiles(dynamic, head_split):
     """fullgraph=True, one optimizer step per length: the compiled model's loss and
@@ -220,7 +221,7 @@ def _block_sparse_reference_model(model, kind):
 @pytest.mark.parametrize(  # each pattern kind, causality and dynamic mode meets each value of the others
     "dynamic,is_causal,kind",
     [(True, False, "local_window"), (None, True, "local_window"), (None, False, "global_local"),
-     (True, True, "global_local")],
+     pytest.param(True, True, "global_local", marks=pytest.mark.inductor)],
     ids=["dynamic_true-full-local_window", "automatic_dynamic-causal-local_window",
          "automatic_dynamic-full-global_local", "dynamic_true-causal-global_local"],
 )

@@ -192,6 +192,7 @@ def test_dynamic_ring_op_fake_needs_no_process_group():
     assert not shape_env.guards
 
 
+@pytest.mark.inductor
 def test_dynamic_ring_rule_world_size_1_compiles_once():
     """A ring rule without a process group and a symbolic length: the inner attention's own
     custom op runs locally, one graph for every length."""

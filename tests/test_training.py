@@ -163,6 +163,7 @@ def test_checkpointing_with_dynamic_lengths_trains_like_reference():
 # ---------------------------------------------------------------- max-autotune
 
 
+@pytest.mark.inductor
 def test_max_autotune_on_cpu_compiles_and_matches_reference():
     torch.manual_seed(0)
     model = TinyModel(heads=(4,))
@@ -228,6 +229,7 @@ class _ReentrantCheckpointedBlocks(torch.nn.Module):
         return x
 
 
+@pytest.mark.inductor
 def test_reentrant_checkpointing_rewrites_sites_and_matches_reference():
     """use_reentrant=True (HF's old default): the sites are rewritten too (no graph
     break), and the input and parameter gradients equal the float64 reference's."""

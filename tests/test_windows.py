@@ -139,6 +139,7 @@ def _check(out, q, k, v, causal: bool, scale=None):
         torch.testing.assert_close(g.double(), want, atol=2e-5, rtol=1e-4, msg=f"grad {name}")
 
 
+@pytest.mark.inductor
 def test_compiled_dense_window_equals_reference():
     """Through Inductor (forward and backward): the causal SDPA site."""
     torch._dynamo.reset()
