@@ -120,6 +120,13 @@ def _check_ring(where: Where, value: Any, key: str) -> RingSpec | bool:
     return RingSpec(layout=layout, group=group)
 
 
+def _check_window(where: Where, value: Any, key: str) -> int:
+    """The model's sliding window: an int >= 1."""
+    if not is_int(value) or value < 1:
+        raise where.error(key, f"got {value if is_int(value) else show(value)}", _WINDOW_EXPECTED)
+    return int(value)
+
+
 # key -> (check of its value, what is expected when a kind requires it and it is absent)
 KEY_CHECKS: dict[str, tuple[Callable[[Where, Any, str], Any], str]] = {
     "match": (_check_match, "a glob or 're:<regular expression>' naming module paths"),
@@ -131,7 +138,7 @@ KEY_CHECKS: dict[str, tuple[Callable[[Where, Any, str], Any], str]] = {
     "head_split": (lambda where, value, key: check_choice(where, value, key, HEAD_SPLITS), one_of(HEAD_SPLITS)),
     "block_size": (lambda where, value, key: check_int(where, value, key, 1), "an integer >= 1"),
     "pattern": (check_pattern, PATTERN_EXPECTED),
-    "window": (lambda where, value, key: check_int(where, value, key, 1), _WINDOW_EXPECTED),
+    "window": (_check_window, _WINDOW_EXPECTED),
 }
 
 
