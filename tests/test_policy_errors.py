@@ -186,7 +186,7 @@ def test_error_message_layout(tmp_path: Path) -> None:
     err = file_error(tmp_path, mutate("segment_lengths:", "segment_lenghts:"))
     assert err.message == "unknown key; did you mean 'segment_lengths'?"
     assert err.expected == (
-        "one of: attention, block_size, dilation_rates, head_split, match, min_seq_len, pattern, ring, segment_lengths"
+        "one of: attention, block_size, dilation_rates, head_split, match, min_seq_len, pattern, ring, segment_lengths, window"
     )
     assert str(err) == f"{err.file}:5: rules[0].segment_lenghts: {err.message} expected {err.expected}"
 

@@ -174,3 +174,12 @@ def test_hf_mistral_site_is_owned_by_the_module_declaring_the_window() -> None:
     ((module, window, unstated),) = found
     assert module == "model.layers.0.self_attn" and window is None
     assert (unstated.window, unstated.source) == (16, "config.sliding_window of MistralAttention")
+
+
+def test_example_policy_states_mistrals_window() -> None:
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "policies" / "mistral_ring.yaml"
+    (rule,) = load_policy(str(path)).rules
+    assert (rule.window, rule.attention, rule.ring.layout) == (4096, "dense", "zigzag")
+    assert rule.matches("model.layers.3.self_attn")

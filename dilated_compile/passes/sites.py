@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from ..frames import absolute_path, module_object, owner_path
+from ..frames import absolute_path, owner_path
 
 SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
@@ -86,13 +86,6 @@ def module_path(node: fx.Node) -> str:
     for pattern, repl in _FQN_PARTS:
         path = pattern.sub(repl, path)
     return path.strip(".")
-
-
-def owning_module(node: fx.Node) -> torch.nn.Module | None:
-    """The module object that owns `node` (the one `module_path` names), while the backend
-    compiles a Dynamo frame; None otherwise or when it cannot be found."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return module_object(list(stack.values())[-1][0] if stack else None)
 
 
 def shape_of(node: Any) -> tuple | None:

@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch.fx as fx
 import torch.nn as nn
 
-from ..policy.model import Rule
-from .sites import Site, owning_module
+from ..frames import module_object
+
+if TYPE_CHECKING:
+    from ..policy.model import Rule
+    from .sites import Site
 
 __all__ = ["WindowWarning", "UnstatedWindow", "window_for", "declared_window", "unstated_window"]
 
@@ -85,6 +89,13 @@ def window_for(site: Site, rule: Rule, over_ranks: bool) -> tuple[int | None, st
     # L <= W: the mask shows nothing of the window. Over the whole sequence it changes nothing;
     # over a shard it reaches keys on other ranks.
     return (stated if over_ranks else None), None
+
+
+def owning_module(node: fx.Node) -> nn.Module | None:
+    """The module object that owns `node` (the one `sites.module_path` names), while the
+    backend compiles a Dynamo frame; None otherwise or when it cannot be found."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return module_object(list(stack.values())[-1][0] if stack else None)
 
 
 def declared_window(module: nn.Module | None) -> tuple[int, str] | None:
