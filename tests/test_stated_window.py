@@ -133,6 +133,41 @@ def test_over_ranks_a_shard_shorter_than_the_stated_window_runs_it() -> None:
     assert site.window == 20 and unstated is None
 
 
+class _CausalDeclared(torch.nn.Module):
+    """`is_causal` attention in a module that declares a window of 30 (no mask to read)."""
+
+    sliding_window = 30
+
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("bound", [None, 24], ids=["unbounded", "at-most-24"])
+def test_symbolic_length_runs_a_stated_window_only_where_provably_within_it(bound) -> None:
+    """A symbolic length is compared with the stated window without a guard: provably at most
+    W (a dynamic dimension bounded by 24), the window runs over ranks; else the site is left.
+    No warning is looked for at a symbolic length."""
+    rule = load_policy(_policy(30)).rules[0]
+    found = []
+
+    def backend(gm, inputs, **_):
+        with resolving(current_frame()):
+            found.extend((s, window_for(s, rule, True), unstated_window(s, rule)) for s in find_sites(gm))
+        return gm.forward
+
+    torch._dynamo.reset()
+    q, k, v = _qkv()
+    for t in (q, k, v):
+        torch._dynamo.mark_dynamic(t, 2, min=2, max=bound) if bound else torch._dynamo.mark_dynamic(t, 2)
+    torch.compile(_CausalDeclared(), backend=backend)(q, k, v)
+    ((site, (window, problem), unstated),) = found
+    assert not isinstance(site.query_len, int) and unstated is None
+    if bound:
+        assert (window, problem) == (30, None)
+    else:
+        assert window is None and "not provably at most 30" in problem and "static shapes" in problem
+
+
 def test_declared_window_of_hf_attention_modules() -> None:
     """HF attention modules built from their configs: Mistral's config window (every layer),
     Qwen2's per-layer `sliding_window` (None on full-attention layers), Llama's none."""
