@@ -13,7 +13,7 @@ from .lowering.ring.attention import ring_attention
 from .sharding import register_group, shard, unshard
 from .training import causal_lm_loss, shard_causal_lm_batch
 from .lowering.reference import block_sparse_reference, dense_reference, dilated_reference
-from .passes import Report, RewriteError, ShardLocalWarning
+from .passes import Report, RewriteError, ShardLocalWarning, WindowWarning
 from .passes.report import clear_reports, reports
 from .policy.model import Policy
 from .policy.errors import PolicyError
@@ -43,6 +43,7 @@ __all__ = [
     "Report",
     "RewriteError",
     "ShardLocalWarning",
+    "WindowWarning",
     "SharedFrameError",
     "TargetWarning",
     "block_sparse_attention",

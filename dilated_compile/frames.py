@@ -224,6 +224,17 @@ def absolute_path(source: str) -> str | None:
     return None if frame is None else frame.absolute_path(source)
 
 
+def module_object(source: str | None) -> Any:
+    """The module a Dynamo source name (``L['self'].layers[0].attn``) stands for in the frame
+    being compiled (None: the frame's own module), wrappers unwrapped; None outside
+    `resolving` or when it cannot be resolved."""
+    frame = _ACTIVE.get()
+    if frame is None:
+        return None
+    obj = frame.owner if source is None else unwrap(frame.resolve(source))
+    return obj if isinstance(obj, nn.Module) else None
+
+
 def owner_path() -> str | None:
     """Absolute path of the module whose method the frame being compiled runs (its
     `self`), where attention written directly in that method lives; None outside

@@ -281,6 +281,18 @@ def note_frame(frame: Frame | None, policy: Policy, report) -> None:
     warn_unresolved(frame)
     note_graph(frame, policy, report.sites, shared)
     warn_shard_local(frame, report)
+    warn_unstated_windows(report)
+
+
+def warn_unstated_windows(report) -> None:
+    """Warn for each ring site of `report` whose module declares a sliding window that no rule
+    states (Python's warning filter shows each message once)."""
+    if not report.unstated_windows:
+        return
+    from .passes.stated_window import WindowWarning
+
+    for text in report.unstated_windows:
+        warnings.warn(text, WindowWarning, stacklevel=3)
 
 
 def warn_shard_local(frame: Frame | None, report) -> None:

@@ -57,6 +57,23 @@ class TinyModel(nn.Module):
         return x
 
 
+class WindowedAttention(nn.Module):
+    """SDPA with a sliding window that the module declares in `sliding_window` (as HF attention
+    modules do) and builds into its mask for the length it is given: i - W < j <= i (causal) or
+    |i - j| < W. Where the window is at least that length the mask is the causal mask (no mask
+    when bidirectional)."""
+
+    def __init__(self, window: int, causal: bool = True):
+        super().__init__()
+        self.sliding_window, self.causal = window, causal
+
+    def forward(self, q, k, v):
+        i = torch.arange(q.shape[-2], device=q.device)
+        d = i[:, None] - i[None, :]
+        keep = ((d >= 0) & (d < self.sliding_window)) if self.causal else d.abs() < self.sliding_window
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
 def dilated_rule(match="layers.*.attn", seg=(8, 16), rates=(1, 2), head_split="groups", **extra):
     return {"match": match, "attention": "dilated", "segment_lengths": list(seg),
             "dilation_rates": list(rates), "head_split": head_split, **extra}

@@ -3,11 +3,16 @@ rank, the same order): the ring's result on each rank equals full-sequence windo
 (float64 reference) restricted to its positions, output and q/k/v gradients, for windows
 smaller than a shard, equal to one and spanning several; contiguous and zigzag; only keys
 within the window are exchanged. One case goes through the backend (a window-masked SDPA
-site under an ``attention: dense`` ring rule)."""
+site under an ``attention: dense`` ring rule). A window at least a shard long, which each
+rank's mask shows as the causal mask: stated in the rule (``window: W``) it runs across
+ranks (through the backend, and rewritten and run eagerly); not stated, the module's declared
+window is warned about (an error under ``strict: true``); a stated window the mask
+contradicts is an error on every rank."""
 
 from __future__ import annotations
 
 import functools
+import warnings
 import zlib
 from typing import Callable
 
@@ -19,6 +24,8 @@ from dilated_compile.lowering.block_sparse.window import dense_window_spec
 from dilated_compile.lowering.ring.window_exchange import window_plan
 from dilated_compile.sharding import ring_info, shard
 
+from .models import WindowedAttention, rewritten_eager
+from .ring_common import expect_error
 from .tolerance import budget
 
 N_LOCAL = 8  # positions per rank (zigzag chunks of 4)
@@ -130,6 +137,82 @@ def window_backend_case(layout: str) -> None:
     _check(out, local, q, k, v, dout, layout, window, True)
 
 
+def _ring_policy(layout: str, window: int | None = None, strict: bool = False) -> dict:
+    rule = {"match": "**", "attention": "dense", "ring": {"layout": layout}}
+    if window is not None:
+        rule["window"] = window
+    return {"version": 1, "strict": strict, "rules": [rule]}
+
+
+def stated_window_case(layout: str, size: str, compiled: bool) -> None:
+    """A module declaring a window at least a shard long builds the causal mask for its shard;
+    the rule's ``window:`` runs the window across ranks: output and gradients equal the windowed
+    reference on the full sequence; the backend warns of nothing. `compiled`: through the backend
+    (Inductor), else the rewritten graph run eagerly."""
+    import dilated_compile
+
+    torch._dynamo.reset()
+    world, _, _ = ring_info()
+    window = WINDOWS[size]
+    q, k, v, dout = _inputs(world, 11)
+    policy = _ring_policy(layout, window)
+    local = [shard(t, 2, layout).clone().requires_grad_() for t in (q, k, v)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if compiled:
+            model = torch.compile(WindowedAttention(window), backend="dilated", options={"policy": policy})
+        else:
+            model = rewritten_eager(WindowedAttention(window), policy)
+        out = model(*local)
+    out.backward(shard(dout, 2, layout))
+    told = [str(w.message) for w in caught if issubclass(w.category, dilated_compile.WindowWarning)]
+    if told:
+        raise WindowCaseFailure(f"warned with the window stated: {told}")
+    if compiled:
+        site = dilated_compile.reports()[-1].sites[0]
+        if site.form != "sdpa+causal-mask" or f"sliding window W={window}" not in (site.attention or ""):
+            raise WindowCaseFailure(f"site report: {site.form} {site.status} {site.attention!r} {site.reason!r}")
+    _check(out, local, q, k, v, dout, layout, window, True)
+
+
+def unstated_window_case() -> None:
+    """No ``window:`` in the ring rule while the module declares a window as long as the shard:
+    a WindowWarning naming the module and the key to add; under ``strict: true`` an error."""
+    import dilated_compile
+
+    torch._dynamo.reset()
+    world, _, _ = ring_info()
+    window = WINDOWS["shard"]
+    local = [shard(t, 2, "contiguous") for t in _inputs(world, 12)[:3]]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dilated_compile.explain(WindowedAttention(window), *local, policy=_ring_policy("contiguous"))
+    told = [str(w.message) for w in caught if issubclass(w.category, dilated_compile.WindowWarning)]
+    want = (f"declares a sliding window (WindowedAttention.sliding_window = {window})",
+            f"this rank's shard of {N_LOCAL} positions is the causal mask", f"`window: {window}`")
+    if len(told) != 1 or not all(f in told[0] for f in want):
+        raise WindowCaseFailure(f"warnings: {told}")
+    torch._dynamo.reset()
+    expect_error(Exception, ("is strict", f"`window: {window}`"), lambda: dilated_compile.explain(
+        WindowedAttention(window), *local, policy=_ring_policy("contiguous", strict=True)))
+
+
+def wrong_stated_window_case() -> None:
+    """A stated window that the shard's mask contradicts (the causal mask on a shard longer
+    than it; a window of another width): an error on every rank."""
+    import dilated_compile
+
+    world, _, _ = ring_info()
+    local = [shard(t, 2, "zigzag") for t in _inputs(world, 13)[:3]]
+    for model, stated, fragment in (
+        (WindowedAttention(N_LOCAL), 5, f"this rank's shard of {N_LOCAL} positions is the causal mask, not a window of 5"),
+        (WindowedAttention(3), N_LOCAL, "its mask is a sliding window of 3"),
+    ):
+        torch._dynamo.reset()
+        expect_error(Exception, ("ring rules target", f"states window: {stated}", fragment),
+                     lambda: dilated_compile.explain(model, *local, policy=_ring_policy("zigzag", stated)))
+
+
 def window_cases(world: int, device: torch.device) -> dict[str, Callable[[], None]]:
     """The window cases for `world` ranks, by name, with tensors on `device`."""
     global DEVICE
@@ -143,4 +226,9 @@ def window_cases(world: int, device: torch.device) -> dict[str, Callable[[], Non
     out["window-op-inside-contiguous-causal"] = functools.partial(window_case, "contiguous", "inside", True, True)
     if world == 2:
         out["window-backend-zigzag"] = functools.partial(window_backend_case, "zigzag")
+        out["window-stated-shard-backend-zigzag"] = functools.partial(stated_window_case, "zigzag", "shard", True)
+        out["window-stated-spans-eager-contiguous"] = functools.partial(
+            stated_window_case, "contiguous", "spans", False)
+        out["window-unstated-warns"] = unstated_window_case
+        out["window-stated-wrong-raises"] = wrong_stated_window_case
     return out

@@ -155,6 +155,18 @@ BAD_FILES = [
     (mutate("    dilation_rates: [1, 2]\n", "    dilation_rates: [1, 2]\n    attention: dense\n"), 7,
      "rules[0].attention", ["duplicate key 'attention' (first at line 4)"]),
     (DILATED + "version: 1\n", 7, "version", ["duplicate key 'version' (first at line 1)"]),
+    # the stated sliding window (window: W)
+    (mutate("    dilation_rates: [1, 2]\n", "    dilation_rates: [1, 2]\n    window: 0\n"), 7, "rules[0].window",
+     ["got 0", "the model's sliding window in tokens, an integer >= 1"]),
+    (mutate("    dilation_rates: [1, 2]\n", "    dilation_rates: [1, 2]\n    window: 4k\n"), 7, "rules[0].window",
+     ["got a str ('4k')"]),
+    (mutate("    dilation_rates: [1, 2]\n", "    dilation_rates: [1, 2]\n    windw: 8\n"), 7, "rules[0].windw",
+     ["unknown key; did you mean 'window'?"]),
+    (mutate("    dilation_rates: [1, 2]\n", "    dilation_rates: [1, 2]\n    ring: {}\n    window: 8\n"), 8,
+     "rules[0].window", ["a ring rule with attention: dilated cannot run a sliding window (window: 8)",
+                         "expected attention: dense (the window exactly) or block_sparse"]),
+    ("version: 1\ndefaults:\n  window: 8\n  ring: {}\nrules:\n  - {match: a, attention: dilated, segment_lengths: [4], "
+     "dilation_rates: [1]}\n", 3, "defaults.window", ["a ring rule with attention: dilated cannot run a sliding window"]),
     # recursive alias
     ("version: 1\nrules: &r\n  - *r\n", 2, "rules[0]", ["recursive alias"]),  # line of the anchor
 ]
@@ -174,7 +186,7 @@ def test_error_message_layout(tmp_path: Path) -> None:
     err = file_error(tmp_path, mutate("segment_lengths:", "segment_lenghts:"))
     assert err.message == "unknown key; did you mean 'segment_lengths'?"
     assert err.expected == (
-        "one of: attention, block_size, dilation_rates, head_split, match, min_seq_len, pattern, ring, segment_lengths"
+        "one of: attention, block_size, dilation_rates, head_split, match, min_seq_len, pattern, ring, segment_lengths, window"
     )
     assert str(err) == f"{err.file}:5: rules[0].segment_lenghts: {err.message} expected {err.expected}"
 

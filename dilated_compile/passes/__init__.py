@@ -21,6 +21,7 @@ from .report import (
 )
 from .rewrite import LOWERED_TARGETS, rewrite
 from .shard_local import ShardLocalSite, ShardLocalWarning, one_per_module, shard_local_sites
+from .stated_window import UnstatedWindow, WindowWarning, unstated_window
 from .forms import find_sites
 from .sites import Site, graph_modules
 
@@ -112,11 +113,34 @@ def check_shard_local(found: list[ShardLocalSite], policy: Policy) -> None:
         )
 
 
+def unstated_windows(decisions: list[Decision]) -> list[UnstatedWindow]:
+    """Sites rewritten into a ring over several ranks whose module declares a sliding window
+    that their mask on the shard does not show and their rule does not state."""
+    found = []
+    for d in decisions:
+        if d.status == "rewritten" and d.attention == "ring":
+            unstated = unstated_window(d.site, d.rule)
+            if unstated is not None:
+                found.append(unstated)
+    return found
+
+
+def check_unstated_windows(found: list[UnstatedWindow], policy: Policy) -> None:
+    """Under `strict: true`, raise RewriteError for ring sites whose module's sliding window
+    no rule states (the backend warns for them otherwise)."""
+    if policy.strict and found:
+        raise RewriteError(
+            f"policy {policy.source} is strict and these ring sites may run without their model's "
+            "sliding window:\n  " + "\n  ".join(u.message() for u in found)
+        )
+
+
 def run_passes(gm: fx.GraphModule, policy: Policy) -> tuple[fx.GraphModule, GraphReport]:
     """Rewrite the sites `policy` selects in a copy of `gm`; return it and its report.
 
-    Raises RewriteError when the policy is strict and a targeted site is left, or a
-    site attends within each rank's shard by accident.
+    Raises RewriteError when the policy is strict and a targeted site is left, a site
+    attends within each rank's shard by accident, or a ring site's module declares a sliding
+    window that no rule states.
     """
     decisions = [decide(site, policy) for site in find_sites(gm)]
     check_rings_agree(decisions, policy)
@@ -125,6 +149,8 @@ def run_passes(gm: fx.GraphModule, policy: Policy) -> tuple[fx.GraphModule, Grap
     within_shard = {id(d) for d, _ in shard_local}
     shard_local_modules = one_per_module([s for _, s in shard_local])
     check_shard_local(shard_local_modules, policy)
+    windows = unstated_windows(decisions)
+    check_unstated_windows(windows, policy)
     new = rewrite(gm, decisions)
     before, after = graph_code(gm), graph_code(new)
     left_targeted = [
@@ -143,6 +169,7 @@ def run_passes(gm: fx.GraphModule, policy: Policy) -> tuple[fx.GraphModule, Grap
         drawing_after=attention_neighbourhood(new, _attention_nodes(new, decisions)),
         unused_rules=rules_without_sites(policy, decisions),
         shard_local=shard_local_modules,
+        unstated_windows=[u.message() for u in windows],
         rings_over_ranks=any(  # traced into this graph (a dynamic ring is one opaque op)
             d.status == "rewritten" and d.ring is not None and d.ring.world_size > 1 and not d.dynamic
             for d in decisions
@@ -159,6 +186,7 @@ __all__ = [
     "Site",
     "ShardLocalSite",
     "ShardLocalWarning",
+    "WindowWarning",
     "SiteReport",
     "decide",
     "find_sites",

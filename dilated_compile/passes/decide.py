@@ -19,6 +19,7 @@ from ..lowering.ring.layout import check_local_shape
 from ..policy.model import Policy, Rule
 from ..sharding import RingInfo, ring_info
 from .sites import Site
+from .stated_window import window_for
 
 if TYPE_CHECKING:
     from ..lowering.strategy import Strategy
@@ -38,11 +39,9 @@ class Decision:
     targeted: bool  # a rule asked for a rewrite
     ring: RingInfo | None = None  # the ring the site runs over (world size 1: runs locally)
     dynamic: bool = False  # symbolic sequence length: runs through a custom op (lowering/*/op.py)
-
-    @property
-    def window(self) -> int | None:
-        """The sliding window of the site's mask (None: none), as the passes proved it."""
-        return self.site.window
+    # The sliding window the site runs with (None: none): its mask's, as the passes proved it,
+    # or the rule's stated `window:` (passes/stated_window.py)
+    window: int | None = None
 
     def inner(self) -> tuple["Strategy", object]:
         """The strategy that computes the rewritten site and its parameters: the rule's, or
@@ -144,19 +143,19 @@ def why_not_exact(site: Site) -> str | None:
     return None
 
 
-def why_no_window(site: Site, rule: Rule) -> str | None:
-    """Why the site's sliding-window mask cannot be kept under `rule`, or None if it can:
-    dense and block-sparse attention keep it, dilated attention does not."""
-    if site.window is None or rule.attention != "dilated":
+def why_no_window(window: int | None, rule: Rule) -> str | None:
+    """Why a site's sliding window cannot be kept under `rule`, or None if it can: dense and
+    block-sparse attention keep it, dilated attention does not."""
+    if window is None or rule.attention != "dilated":
         return None
     return (
-        f"its mask is a sliding window (W={site.window}), which dilated attention does not keep; "
+        f"its mask is a sliding window (W={window}), which dilated attention does not keep; "
         "use attention: dense (runs the window exactly) or block_sparse (the pattern within the window)"
     )
 
 
 def _left(site, rule, reason, targeted) -> Decision:
-    return Decision(site, rule, "left", None, reason, targeted)
+    return Decision(site, rule, "left", None, reason, targeted, window=site.window)
 
 
 def _why_no_ring(site: Site, rule: Rule, ring: RingInfo) -> str | None:
@@ -178,7 +177,9 @@ def decide(site: Site, policy: Policy) -> Decision:
     """The decision for one site: first matching rule, length threshold, exactness.
 
     Under a ring rule the site holds one rank's shard: lengths in the policy
-    (min_seq_len) are compared with the global length, shard x world size.
+    (min_seq_len) are compared with the global length, shard x world size. A rule's
+    ``window:`` is checked against the site's mask and gives the window it runs with
+    (`stated_window.window_for`).
     """
     rule = policy.rule_for(site.module)
     if rule is None:
@@ -192,9 +193,16 @@ def decide(site: Site, policy: Policy) -> Decision:
             site, rule, f"key length {n} < min_seq_len {rule.min_seq_len} of rules[{rule.index}]", False
         )
     local = ring is None or ring.world_size == 1
-    if rule.attention == "dense" and local and (site.window is None or is_dynamic(site)):
-        return Decision(site, rule, "rewritten", "dense (unchanged)", None, True, ring)
-    problem = why_not_exact(site) or why_no_window(site, rule)
+    window = site.window
+    if rule.window is not None:  # a stated window: checked against the site's mask first
+        problem = why_not_exact(site)
+        if problem is None:
+            window, problem = window_for(site, rule, not local)
+        if problem is not None:
+            return _left(site, rule, problem, True)
+    if rule.attention == "dense" and local and (window is None or is_dynamic(site)):
+        return Decision(site, rule, "rewritten", "dense (unchanged)", None, True, ring, window=window)
+    problem = why_not_exact(site) or why_no_window(window, rule)
     if problem is None and ring is not None:
         problem = _why_no_ring(site, rule, ring)
     if problem is not None:
@@ -206,9 +214,9 @@ def decide(site: Site, policy: Policy) -> Decision:
                 site, rule, f"dynamic (symbolic) sequence length: {rule.attention} is not rewritten yet", True
             )
         if ring_over_ranks:  # the ring custom op (lowering/ring/op.py), any inner attention
-            return Decision(site, rule, "rewritten", "ring", None, True, ring, dynamic=True)
+            return Decision(site, rule, "rewritten", "ring", None, True, ring, dynamic=True, window=window)
         # world size 1: the inner attention's own custom op, run locally
-        return Decision(site, rule, "rewritten", rule.attention, None, True, ring, dynamic=True)
+        return Decision(site, rule, "rewritten", rule.attention, None, True, ring, dynamic=True, window=window)
     if ring is not None and ring.world_size > 1:
-        return Decision(site, rule, "rewritten", "ring", None, True, ring)
-    return Decision(site, rule, "rewritten", rule.attention, None, True, ring)
+        return Decision(site, rule, "rewritten", "ring", None, True, ring, window=window)
+    return Decision(site, rule, "rewritten", rule.attention, None, True, ring, window=window)

@@ -218,13 +218,17 @@ class GraphReport:
     also_runs_for: list[str] = field(default_factory=list)
     # sites that attend within each rank's shard without being declared so, one per module
     shard_local: list[ShardLocalSite] = field(default_factory=list)
+    # ring sites whose module declares a sliding window that the shard's mask does not show
+    # and no rule states (passes/stated_window.py): what the user is told
+    unstated_windows: list[str] = field(default_factory=list)
 
     @property
     def warnings(self) -> list[str]:
-        """Targeted sites left, and sites attending within each rank's shard by accident.
-        (A rule without a site in this graph may have sites in another graph of the model:
-        `Report.warnings` and the once-per-model check say so.)"""
-        return list(self.left_targeted) + [s.message() for s in self.shard_local]
+        """Targeted sites left, sites attending within each rank's shard by accident, and ring
+        sites whose module's sliding window no rule states. (A rule without a site in this
+        graph may have sites in another graph of the model: `Report.warnings` and the
+        once-per-model check say so.)"""
+        return list(self.left_targeted) + [s.message() for s in self.shard_local] + list(self.unstated_windows)
 
     def __str__(self) -> str:
         return format_table(self.sites) + _settings_lines(self.inductor_settings)

@@ -36,6 +36,9 @@ class Rule:
     block_sparse: BlockSparseSpec | None = None
     ring: RingSpec | None = None
     local: bool = False  # `ring: false`: under a sharded sequence the site attends within its shard, on purpose
+    # `window: W`: the model's sliding window at the matched sites (tokens of the global
+    # sequence); each site's mask must agree with it (passes/stated_window.py)
+    window: int | None = None
     index: int = 0
     line: int | None = None
 
@@ -68,6 +71,8 @@ class Rule:
             text += " " + self.ring.describe()
         if self.local:
             text += " ring=false"
+        if self.window is not None:
+            text += f" window={self.window}"
         if self.min_seq_len:
             text += f" min_seq_len={self.min_seq_len}"
         return text

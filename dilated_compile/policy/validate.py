@@ -21,6 +21,13 @@ Choices made where the schema is silent:
   ``defaults``. ``ring: true`` is an error pointing at ``ring: {}``.
 * ``"re:"`` with nothing after it is an error (use ``"**"`` to match
   everything).
+* ``window: W`` states the sliding window of the model's attention in the
+  sites a rule matches (key j allowed for query i when i - W < j <= i, or
+  |i - j| < W without causal masking; global positions). Every attention kind
+  takes it; with ``attention: dilated`` and a ring it is an error (dilated
+  attention does not keep a window, and a ring must run the window across
+  ranks). :mod:`dilated_compile.passes.stated_window` checks it against each
+  site's mask.
 * :meth:`Policy.rule_for` looks at the module path only; ``min_seq_len`` is
   left to the caller, which knows the key length.
 """
@@ -58,6 +65,7 @@ _RING_KEYS = ("group", "layout")
 _MATCH_EXPECTED = "a glob like 'transformer.h.*.attn' or 're:<regular expression>'"
 _INTS_EXPECTED = "a non-empty list of positive integers"
 _ATTENTION_HINT = "; ring is its own key: e.g. 'attention: dense' with 'ring: {}'?"
+_WINDOW_EXPECTED = "the model's sliding window in tokens, an integer >= 1 (e.g. window: 4096)"
 
 # An entry of a rule after merging defaults: (value, dotted key it came from).
 Entries = dict[str, tuple[Any, str]]
@@ -112,6 +120,13 @@ def _check_ring(where: Where, value: Any, key: str) -> RingSpec | bool:
     return RingSpec(layout=layout, group=group)
 
 
+def _check_window(where: Where, value: Any, key: str) -> int:
+    """The model's sliding window: an int >= 1."""
+    if not is_int(value) or value < 1:
+        raise where.error(key, f"got {value if is_int(value) else show(value)}", _WINDOW_EXPECTED)
+    return int(value)
+
+
 # key -> (check of its value, what is expected when a kind requires it and it is absent)
 KEY_CHECKS: dict[str, tuple[Callable[[Where, Any, str], Any], str]] = {
     "match": (_check_match, "a glob or 're:<regular expression>' naming module paths"),
@@ -123,6 +138,7 @@ KEY_CHECKS: dict[str, tuple[Callable[[Where, Any, str], Any], str]] = {
     "head_split": (lambda where, value, key: check_choice(where, value, key, HEAD_SPLITS), one_of(HEAD_SPLITS)),
     "block_size": (lambda where, value, key: check_int(where, value, key, 1), "an integer >= 1"),
     "pattern": (check_pattern, PATTERN_EXPECTED),
+    "window": (_check_window, _WINDOW_EXPECTED),
 }
 
 
@@ -166,7 +182,7 @@ class Strategy:
     """How a rule of one attention kind is checked.
 
     ``keys``: the keys it takes besides the common ones (``match``,
-    ``attention``, ``min_seq_len``, ``ring``); ``defaults``: values of the
+    ``attention``, ``min_seq_len``, ``ring``, ``window``); ``defaults``: values of the
     optional ones, used when absent (a key in ``keys`` without a default is
     required); ``validate``: the :class:`Rule` fields it sets, from the rule's
     values (it asks for each key in the order its errors should come).
@@ -210,7 +226,7 @@ STRATEGIES: dict[str, Strategy] = {
 if tuple(STRATEGIES) != ATTENTION_KINDS:
     raise RuntimeError(f"STRATEGIES {tuple(STRATEGIES)} and ATTENTION_KINDS {ATTENTION_KINDS} differ")
 
-_COMMON_RULE_KEYS = ("match", "attention", "min_seq_len", "ring")
+_COMMON_RULE_KEYS = ("match", "attention", "min_seq_len", "ring", "window")
 _KIND_KEYS = {kind: _COMMON_RULE_KEYS + strategy.keys for kind, strategy in STRATEGIES.items()}
 _RULE_KEYS = tuple(sorted({k for keys in _KIND_KEYS.values() for k in keys}))
 _DEFAULT_KEYS = tuple(k for k in _RULE_KEYS if k != "match")
@@ -258,9 +274,18 @@ def _rule(where: Where, value: Any, index: int, defaults: Entries) -> Rule:
     min_seq_len = _checked(where, entries, "min_seq_len") if "min_seq_len" in entries else 0
     settings = STRATEGIES[kind].validate(RuleValues(where, entries, rule_key, kind))
     ring = _checked(where, entries, "ring") if "ring" in entries else None
+    window = _checked(where, entries, "window") if "window" in entries else None
+    if window is not None and kind == "dilated" and ring:
+        raise where.error(
+            entries["window"][1],
+            f"a ring rule with attention: dilated cannot run a sliding window (window: {window}): "
+            "dilated attention does not keep one",
+            "attention: dense (the window exactly) or block_sparse (its pattern within the window) "
+            "for these sites, or no window",
+        )
     return Rule(
         match=match, attention=kind, min_seq_len=min_seq_len, ring=ring or None, local=ring is False,
-        index=index, line=where.line_of(rule_key), **settings,
+        window=window, index=index, line=where.line_of(rule_key), **settings,
     )
 
 
