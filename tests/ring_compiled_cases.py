@@ -25,20 +25,25 @@ EXCHANGED, ROTATE = "only those used, exchanged", "shards rotate"
 def backend_case(
     inner: str, layout: str, is_causal: bool, setup: str = "groups", sends: bool = True,
     dtype: torch.dtype = torch.float32, n_local: int = N_LOCAL, keys: str | None = None,
+    compiler: str = "inductor",
 ) -> None:
-    """The backend rewrites an SDPA site into a ring: numerics as numeric_case, the report, and
-    Inductor's forward and backward code issue all-to-alls exactly when the ring sends data.
-    `keys`: how the report must say the site moves keys; exchanged keys take one all-to-all
-    each way, a ring's backward more than one."""
+    """The backend rewrites an SDPA site into a ring: numerics as numeric_case and the report;
+    with `compiler` Inductor, its forward and backward code issue all-to-alls exactly when the
+    ring sends data. `keys`: how the report must say the site moves keys; exchanged keys take
+    one all-to-all each way, a ring's backward more than one."""
     import dilated_compile
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
     world, _, _ = ring_info()
-    model = torch.compile(  # Inductor's code is what this case reads
+    model = torch.compile(
         _SDPA(is_causal), backend="dilated",
-        options={"policy": _ring_policy(inner, layout, setup), "compiler": "inductor"},
+        options={"policy": _ring_policy(inner, layout, setup), "compiler": compiler},
     )
+    if compiler != "inductor":
+        numeric_case(inner, layout, is_causal, dtype, setup, n_local, run=model)
+        _check_ring_report(dilated_compile.reports()[-1], world, inner, layout, keys)
+        return
     _, codes = run_and_get_code(numeric_case, inner, layout, is_causal, dtype, setup, n_local, run=model)
     if len(codes) != 2:
         raise CaseFailure(f"expected Inductor code for a forward and a backward graph, got {len(codes)}")
@@ -47,20 +52,11 @@ def backend_case(
             if (op in code) != sends:
                 raise CaseFailure(f"{which} code {'lacks' if sends else 'has'} {op}:\n{code[-3000:]}")
     report = dilated_compile.reports()[-1]
-    site = report.sites[0]
-    want = f"ring {layout} over {world} ranks (world), inner {inner}"
-    if site.status != "rewritten" or not site.attention.startswith(want):
-        raise CaseFailure(f"site report: {site.status} {site.attention!r} {site.reason!r}, want {want!r}")
+    _check_ring_report(report, world, inner, layout, keys)
     if keys is not None:
-        if f"; keys: {keys}" not in site.attention:
-            raise CaseFailure(f"site report: {site.attention!r}, want keys: {keys!r}")
         calls = [code.count("_c10d_functional.all_to_all_single.default(") for code in codes]
         if (calls == [1, 1]) != (keys == EXCHANGED):
             raise CaseFailure(f"keys {keys!r}, but all-to-alls (forward, backward): {calls}")
-    if "ring_attention_local" not in report.after:
-        raise CaseFailure("rewritten graph does not call ring_attention_local")
-    if "inductor: reorder_for_peak_memory (off" not in str(report):
-        raise CaseFailure(f"the report does not show the ring's Inductor setting:\n{report}")
     if inner == "dense" and sends:  # the backward's first transfer overlaps an attention call
         call = codes[1][codes[1].index("def call("):]
         send = call.find("_c10d_functional.all_to_all_single.default(")
@@ -198,6 +194,21 @@ def bad_backend_ring_site_left() -> None:
 
 # ---------------------------------------------------------------------------
 # compiled: the collectives are in the forward and backward graphs
+
+
+def _check_ring_report(report, world: int, inner: str, layout: str, keys: str | None) -> None:
+    """The site report says the ring, its inner attention and how it moves keys; the rewritten
+    graph calls the ring; the report shows the ring's Inductor setting."""
+    site = report.sites[0]
+    want = f"ring {layout} over {world} ranks (world), inner {inner}"
+    if site.status != "rewritten" or not site.attention.startswith(want):
+        raise CaseFailure(f"site report: {site.status} {site.attention!r} {site.reason!r}, want {want!r}")
+    if keys is not None and f"; keys: {keys}" not in site.attention:
+        raise CaseFailure(f"site report: {site.attention!r}, want keys: {keys!r}")
+    if "ring_attention_local" not in report.after:
+        raise CaseFailure("rewritten graph does not call ring_attention_local")
+    if "inductor: reorder_for_peak_memory (off" not in str(report):
+        raise CaseFailure(f"the report does not show the ring's Inductor setting:\n{report}")
 
 
 def _capturing_backend(graphs: list[str]):

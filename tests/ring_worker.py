@@ -280,16 +280,20 @@ def cases(world: int, backend: str = "gloo") -> dict[str, Callable[[], None]]:
             backend_case, "dilated", "zigzag", True, "groups-long")
         out["backend-block-sparse-local-contiguous-causal"] = functools.partial(
             backend_case, "block_sparse", "contiguous", True, "local", keys=EXCHANGED)
+    # on 3 and 4 ranks the rewritten graph runs op by op (aot_eager): Inductor's code for a ring
+    # does not depend on the world size, and the 2-rank cases read it
+    eager_code = {"compiler": "aot_eager"}
     if world == 3:
-        out["backend-dense-contiguous-full"] = functools.partial(backend_case, "dense", "contiguous", False)
+        out["backend-dense-contiguous-full"] = functools.partial(
+            backend_case, "dense", "contiguous", False, **eager_code)
         out["backend-block-sparse-mask-mod-zigzag-full"] = functools.partial(
-            backend_case, "block_sparse", "zigzag", False, "mask-mod", keys=ROTATE)
+            backend_case, "block_sparse", "zigzag", False, "mask-mod", keys=ROTATE, **eager_code)
     if world == 4:
         out["backend-dilated-longnet-contiguous-full"] = functools.partial(
             backend_case, "dilated", "contiguous", False, "longnet", sends=False,
-            keys="none sent (segments inside a shard)")
+            keys="none sent (segments inside a shard)", **eager_code)
         out["backend-block-sparse-global-zigzag-causal"] = functools.partial(  # one all-to-all
-            backend_case, "block_sparse", "zigzag", True, "global", keys=EXCHANGED)  # each way
+            backend_case, "block_sparse", "zigzag", True, "global", keys=EXCHANGED, **eager_code)
     if gpu and world == 2:  # cuDNN/flash inside the compiled ring; with the float32 cases above,
         # every inner attention through the backend in both layouts, causal and not
         bf16 = dict(dtype=torch.bfloat16, n_local=32)
