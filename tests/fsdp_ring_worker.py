@@ -4,7 +4,7 @@
                                      --phase train|resume [--only NAME ...]
 
 The ranks form a ``(dp, cp)`` DeviceMesh (cp = W / dp). Each case builds a
-tiny HF causal LM from its config (`MODELS`: a factory per model family),
+tiny HF causal LM from its config (`MODELS` in `tests/fsdp_ring_models.py`),
 wraps it as people train long context: activation checkpointing, FSDP2
 (``fully_shard``) over the flattened dp x cp mesh, ``torch.compile(...,
 backend="dilated")`` with a ring rule on ``mesh["cp"]``, AdamW; feeds it
