@@ -12,6 +12,7 @@ from .lowering.dilated.attention import dilated_attention
 from .lowering.ring.attention import ring_attention
 from .sharding import register_group, shard, unshard
 from .training import causal_lm_loss, shard_causal_lm_batch
+from .hf_attention import register_layer_mask_attention
 from .lowering.reference import block_sparse_reference, dense_reference, dilated_reference
 from .passes import Report, RewriteError, ShardLocalWarning, WindowWarning
 from .passes.report import clear_reports, reports
@@ -57,6 +58,7 @@ __all__ = [
     "explain",
     "load_policy",
     "register_group",
+    "register_layer_mask_attention",
     "reports",
     "ring_attention",
     "shard",

@@ -1,8 +1,9 @@
 """Train an HF causal LM with FSDP2 x ring attention on a 2-D device mesh, with checkpoint and resume.
 
     torchrun --nproc-per-node 4 examples/train_fsdp_ring.py                # 2 x 2 mesh (dp x cp)
-    torchrun --nproc-per-node 4 examples/train_fsdp_ring.py --cp 4         # the sequence over 4 ranks
     torchrun --nproc-per-node 4 examples/train_fsdp_ring.py --resume       # continue from the checkpoint
+    torchrun --nproc-per-node 4 examples/train_fsdp_ring.py --cp 4         # the sequence over 4 ranks
+    torchrun --nproc-per-node 4 examples/train_fsdp_ring.py --model llama --inner dilated
 
 The ranks form a ``(dp, cp)`` DeviceMesh. The sequence of every batch row is
 cut over ``cp`` (zigzag layout) and attention becomes ring attention over
@@ -14,9 +15,19 @@ compiled whole with ``backend="dilated"``. Each step's batch is cut with
 `dilated_compile.causal_lm_loss` (the printed loss is the global mean, equal
 on every rank). Model and optimizer are saved with torch.distributed.checkpoint
 (DCP) at the end; ``--resume`` loads them and trains the next steps. CPU
-(gloo) by default, GPUs (NCCL) when CUDA is available. The model is a small
-Llama built from its config; the data are random tokens drawn from a seed per
-step, so a resumed run sees the batches the uninterrupted run would have.
+(gloo) by default, GPUs (NCCL) when CUDA is available. The data are random
+tokens drawn from a seed per step, so a resumed run sees the batches the
+uninterrupted run would have.
+
+The model is built from its config. By default a small Qwen2 whose layers
+alternate a sliding window (``--window`` tokens, as Mistral's layers) and
+full causal attention; its attention builds each layer's mask inside the
+layer (`dilated_compile.register_layer_mask_attention`), where the backend
+proves the window. The policy's rule makes every layer's attention a ring
+with dense inner attention: on the sliding-window layers the window is kept
+and only keys within it cross ranks, on the full layers it is causal.
+``--model llama`` trains a Llama (causal layers only), which also takes
+``--inner dilated``.
 """
 
 from __future__ import annotations
@@ -39,7 +50,8 @@ LAYOUT = "zigzag"
 
 
 def policy(inner: str) -> dict:
-    """Every decoder layer's attention becomes a ring over the registered group "cp"."""
+    """Every decoder layer's attention becomes a ring over the registered group "cp" (a sliding-
+    window layer's in its window)."""
     rule = {"match": "model.layers.*.self_attn", "attention": inner, "ring": {"group": "cp", "layout": LAYOUT}}
     if inner == "dilated":
         rule.update(segment_lengths=[64, 256], dilation_rates=[1, 4], head_split="longnet")
@@ -49,12 +61,20 @@ def policy(inner: str) -> dict:
 def build_model(args, device: torch.device):
     import transformers
 
-    cfg = transformers.LlamaConfig(num_hidden_layers=args.layers, hidden_size=args.hidden,
-                                   intermediate_size=2 * args.hidden, num_attention_heads=args.heads,
-                                   num_key_value_heads=max(1, args.heads // 2), vocab_size=args.vocab,
-                                   max_position_embeddings=max(args.seq_len, 256), attn_implementation="sdpa")
+    common = dict(num_hidden_layers=args.layers, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+                  num_attention_heads=args.heads, num_key_value_heads=max(1, args.heads // 2),
+                  vocab_size=args.vocab, max_position_embeddings=max(args.seq_len, 256))
+    if args.model == "llama":
+        cfg = transformers.LlamaConfig(**common, attn_implementation="sdpa")
+        cls = transformers.LlamaForCausalLM
+    else:  # sliding-window and full-attention layers, alternating
+        kinds = ["sliding_attention", "full_attention"] * args.layers
+        cfg = transformers.Qwen2Config(**common, use_sliding_window=True, sliding_window=args.window,
+                                       max_window_layers=0, layer_types=kinds[: args.layers],
+                                       attn_implementation=dilated_compile.register_layer_mask_attention())
+        cls = transformers.Qwen2ForCausalLM
     torch.manual_seed(0)  # the same initial weights on every rank
-    return cfg, transformers.LlamaForCausalLM(cfg).to(device)
+    return cfg, cls(cfg).to(device)
 
 
 def parallelize(model, mesh, fsdp_mesh, inner: str):
@@ -81,7 +101,12 @@ def batch_of_step(step: int, args, dp: int, device: torch.device) -> tuple[torch
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cp", type=int, default=2, help="context-parallel ranks (the ring); dp = world / cp")
-    parser.add_argument("--inner", choices=("dense", "dilated"), default="dense")
+    parser.add_argument("--model", choices=("qwen2-mixed", "llama"), default="qwen2-mixed",
+                        help="qwen2-mixed: sliding-window and full-attention layers; llama: causal layers")
+    parser.add_argument("--window", type=int, default=32,
+                        help="sliding window of qwen2-mixed's window layers; smaller than a rank's shard")
+    parser.add_argument("--inner", choices=("dense", "dilated"), default="dense",
+                        help="inner attention of the ring (dilated: --model llama only)")
     parser.add_argument("--steps", type=int, default=3, help="steps to train in this run")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2, help="rows per data-parallel rank")
@@ -102,6 +127,12 @@ def main(argv=None) -> int:
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % args.cp:
         raise SystemExit(f"--cp {args.cp} does not divide the {world} ranks")
+    if args.model != "llama" and args.inner == "dilated":
+        raise SystemExit("--inner dilated needs --model llama: dilated attention does not keep a sliding "
+                         "window, and a ring rule on a site it cannot rewrite is an error")
+    if args.model != "llama" and args.window >= args.seq_len // args.cp:
+        raise SystemExit(f"--window {args.window} must be smaller than a rank's shard "
+                         f"({args.seq_len // args.cp} tokens): the window is read from the shard's mask")
     dp = world // args.cp
     mesh = init_device_mesh(device.type, (dp, args.cp), mesh_dim_names=("dp", "cp"))
     # FSDP2 over dp and cp together: a cp rank computes gradients from its own tokens, so they
@@ -139,6 +170,9 @@ def main(argv=None) -> int:
         opt.step()
         opt.zero_grad()
         if rank == 0:
+            if step == first:  # what each layer's attention became
+                for site in (s for report in dilated_compile.reports() for s in report.sites):
+                    print(f"  {site.module}: {site.attention or site.reason}", flush=True)
             print(f"step {step + 1}: loss {loss.item():.6f}", flush=True)
 
     model_state, optim_state = get_state_dict(model, opt)
@@ -148,7 +182,7 @@ def main(argv=None) -> int:
         dcp.save(state, storage_writer=dcp.FileSystemWriter(args.ckpt, overwrite=True))
     if rank == 0:
         print(f"saved {args.ckpt} after step {first + args.steps} ({dp} x {args.cp} mesh, "
-              f"{'nccl' if cuda else 'gloo'}, inner {args.inner})", flush=True)
+              f"{'nccl' if cuda else 'gloo'}, {args.model}, inner {args.inner})", flush=True)
     dist.destroy_process_group()
     return 0
 

@@ -4,7 +4,7 @@
                                      --phase train|resume [--only NAME ...]
 
 The ranks form a ``(dp, cp)`` DeviceMesh (cp = W / dp). Each case builds a
-tiny HF causal LM from its config (`MODELS`: a factory per model family),
+tiny HF causal LM from its config (`MODELS` in `tests/fsdp_ring_models.py`),
 wraps it as people train long context: activation checkpointing, FSDP2
 (``fully_shard``) over the flattened dp x cp mesh, ``torch.compile(...,
 backend="dilated")`` with a ring rule on ``mesh["cp"]``, AdamW; feeds it
@@ -42,11 +42,11 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import dilated_compile
-from dilated_compile import causal_lm_loss, dense_reference, dilated_reference, shard_causal_lm_batch
+from dilated_compile import causal_lm_loss, shard_causal_lm_batch
+
+from .fsdp_ring_models import BATCH_PER_DP, DILATED, LR, MODELS, SEQ_LEN, VOCAB, WINDOW, train_reference
 
 STEPS, CHECKPOINT_AFTER = 3, 2
-SEQ_LEN, BATCH_PER_DP, VOCAB = 64, 2, 64
-LR = 1e-2
 LAYOUT = "zigzag"
 # float32 against float64 attention. Loss: relative; gradients: relative to a tensor's largest
 # |value|. AdamW's first steps move every weight by about LR whatever the size of its gradient
@@ -54,8 +54,6 @@ LAYOUT = "zigzag"
 # parameters get a bound in units of LR (a missed or doubled update is off by LR), and the
 # gradients of later steps, at weights that differ that much, a looser bound than the first's
 TOL = {"loss": 1e-5, "grads": 1e-4, "later grads": 2e-3, "params": 0.05 * LR}
-# dilated inner attention: one pattern whose segments span cp ranks (zigzag chunks of 8 or 16)
-DILATED = {"segment_lengths": [32], "dilation_rates": [2], "head_split": "groups"}
 SITES = "model.layers.*.self_attn"
 
 MESH = None  # set by main: the (dp, cp) DeviceMesh
@@ -65,69 +63,6 @@ CKPT_DIR = ""  # set by main: where phase "train" saves checkpoints and phase "r
 
 class CaseFailure(AssertionError):
     """A check of a case failed on this rank."""
-
-
-# ---------------------------------------------------------------------------
-# models: a factory per family (another family is one more entry)
-
-
-def llama():
-    """A tiny HF Llama (2 layers, width 64, 4 heads, 2 key/value heads), SDPA attention."""
-    import transformers
-
-    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                   max_position_embeddings=256, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    return cfg, transformers.LlamaForCausalLM(cfg)
-
-
-# family -> factory returning (config, model), seeded: every rank builds the same weights. A family
-# whose attention is not plain causal (a sliding window) also needs its float64 reference in
-# `_reference_attention`.
-MODELS: dict[str, Callable] = {"llama": llama}
-
-
-# ---------------------------------------------------------------------------
-# the single-process reference: the whole global batch, float64 reference attention
-
-
-def _reference_attention(inner: str):
-    """An HF attention function computing `inner` (causal, global positions) in float64."""
-
-    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        groups = query.shape[1] // key.shape[1]
-        key, value = (t.repeat_interleave(groups, dim=1) for t in (key, value))
-        q, k, v = (t.double() for t in (query, key, value))
-        if inner == "dense":
-            out = dense_reference(q, k, v, is_causal=True, scale=scaling)
-        else:
-            out = dilated_reference(q, k, v, DILATED["segment_lengths"], DILATED["dilation_rates"],
-                                    head_split=DILATED["head_split"], is_causal=True, scale=scaling)
-        return out.to(query.dtype).transpose(1, 2).contiguous(), None
-
-    return attention
-
-
-def train_reference(model, inner: str, ids: torch.Tensor, labels: torch.Tensor, steps: int) -> list[dict]:
-    """Single-process training of `model` on the global batch: loss, gradients and parameters of each step."""
-    import transformers
-
-    name = f"float64_reference_{inner}"
-    transformers.AttentionInterface.register(name, _reference_attention(inner))
-    model.set_attn_implementation(name)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    record = []
-    for _ in range(steps):
-        logits = model(input_ids=ids, use_cache=False).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        loss.backward()
-        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-        opt.step()
-        opt.zero_grad()
-        record.append({"loss": loss.item(), "grads": grads,
-                       "params": {n: p.detach().clone() for n, p in model.named_parameters()}})
-    return record
 
 
 # ---------------------------------------------------------------------------
@@ -227,14 +162,23 @@ def _compare(step: int, got: dict, want: dict) -> None:
                               f"(allowed {allowed:.3g})")
 
 
-def _check_sites(inner: str) -> None:
-    """The decoder layers' attention became a ring over cp with `inner` attention. (FSDP2 makes
-    each layer a frame of its own; the second layer runs the first one's compiled code.)"""
-    sites = [s for r in dilated_compile.reports() for s in r.sites]
+def _check_sites(cfg, inner: str) -> None:
+    """The decoder layers' attention became a ring over cp with `inner` attention, a window
+    layer's in its sliding window with only keys within the window exchanged. (FSDP2 makes each
+    layer a frame of its own; a layer runs the compiled code of the first layer of its kind.)"""
+    sites = {s.module: s for r in dilated_compile.reports() for s in r.sites}
     want = f"ring {LAYOUT} over {MESH.size(1)} ranks (cp), inner {inner}"
-    if ("model.layers.0.self_attn" not in [s.module for s in sites]
-            or any(s.status != "rewritten" or not s.attention.startswith(want) for s in sites)):
-        raise CaseFailure(f"sites: {[(s.module, s.status, s.attention, s.reason) for s in sites]}; want {want!r}")
+    kinds = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    wrong = [s for s in sites.values() if s.status != "rewritten" or not s.attention.startswith(want)]
+    for kind in set(kinds):
+        site = sites.get(f"model.layers.{kinds.index(kind)}.self_attn")
+        windowed = site is not None and f"sliding window W={WINDOW}" in site.attention
+        if site is None or windowed != (kind == "sliding_attention") or (
+                windowed and "within the window, exchanged" not in site.attention):
+            wrong.append(site or kind)
+    if wrong:
+        raise CaseFailure(f"sites: {[(s.module, s.status, s.attention, s.reason) for s in sites.values()]}; "
+                          f"want {want!r} at every layer, a sliding window at {kinds}")
 
 
 def _say(text: str) -> None:
@@ -270,7 +214,7 @@ def train_case(family: str, inner: str, name: str) -> None:
         if step + 1 == CHECKPOINT_AFTER:
             model_state, optim_state = get_state_dict(model, opt)
             dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=_case_dir(name))
-    _check_sites(inner)
+    _check_sites(cfg, inner)
     if dist.get_rank() == 0:
         torch.save({"loss": got["loss"], "params": got["params"]}, os.path.join(_case_dir(name), "last_step.pt"))
     dist.barrier()
@@ -306,7 +250,7 @@ def resume_case(family: str, inner: str, name: str) -> None:
         if not torch.equal(p, want["params"][pname]):
             err = (p - want["params"][pname]).abs().max().item()
             raise CaseFailure(f"resumed last step: parameter {pname} differs from the uninterrupted run by {err:.3g}")
-    _check_sites(inner)
+    _check_sites(cfg, inner)
 
 
 def batch_helper_case() -> None:
@@ -364,24 +308,56 @@ def bad_site_left_case(family: str) -> None:
     dist.barrier()
 
 
-# the inner attention trained on each mesh (by dp): one model compile per mesh and phase keeps the
-# launches short; FSDP_RING_ALL_INNERS=1 in the environment trains every inner on every mesh
-INNERS = {2: ("dense",), 1: ("dilated",)}
+def window_dilated_left_case(family: str) -> None:
+    """A dilated ring rule on a sliding-window site: dilated attention does not keep a window, so
+    the site is left with that reason, which under a ring rule is an error on every rank
+    (whatever `strict` says); none hangs. Window sites take dense or block_sparse inner attention."""
+    torch._dynamo.reset()
+    cfg, model = MODELS[family]()
+    compiled = parallelize(model, "dilated", strict=False)
+    batch = local_batch(*global_batch())
+    try:
+        compiled(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    except Exception as e:  # noqa: BLE001 - the error's type is the backend's, wrapped by Dynamo
+        for fragment in ("ring rules target", "model.layers.0.self_attn", f"sliding window (W={WINDOW})",
+                         "within each rank's shard"):
+            if fragment not in str(e):
+                raise CaseFailure(f"message lacks {fragment!r}: {e}") from e
+    else:
+        raise CaseFailure("no error for a dilated ring rule on a sliding-window site")
+    dist.barrier()
+
+
+# What each mesh (by dp) trains, as (model, inner attention), and resumes: one model compile per
+# case is what a launch costs, so each combination runs on one mesh. The Qwen2's full-attention
+# layer is a Llama layer (with biases): its dense causal ring stands for the Llama's. Windows take
+# dense inner attention (dilated on a window site raises: "window-dilated-left"). FSDP2 shards
+# over the flattened dp x cp ranks on both meshes, so their checkpoints are laid out alike: one
+# mesh resumes. FSDP_RING_ALL_INNERS=1 in the environment trains and resumes every combination
+# on every mesh.
+TRAIN = {2: (("qwen2-window", "dense"),), 1: (("llama", "dilated"),)}
+RESUME = {2: (("qwen2-window", "dense"),)}
+ALL = (("llama", "dense"), ("llama", "dilated"), ("qwen2-window", "dense"))
+# the cases whose ring sites must raise, by mesh
+RAISES = {2: ("bad-site-left",), 1: ("window-dilated-left",)}
 
 
 def cases(world: int, dp: int, phase: str) -> dict[str, Callable[[], None]]:
     """The cases of `phase` for a (dp, world / dp) mesh, by name, in the order every rank runs them."""
     out: dict[str, Callable[[], None]] = {}
+    every = bool(os.environ.get("FSDP_RING_ALL_INNERS"))
     if phase == "train":
         out["batch-helper"] = batch_helper_case
-    inners = ("dense", "dilated") if os.environ.get("FSDP_RING_ALL_INNERS") else INNERS.get(dp, ("dense",))
-    for family in MODELS:
-        for inner in inners:
-            name = f"{family}-{inner}"
-            fn = train_case if phase == "train" else resume_case
-            out[f"{phase}-{name}"] = functools.partial(fn, family, inner, name)
+    runs = ALL if every else (TRAIN if phase == "train" else RESUME).get(dp, ())
+    for family, inner in runs:
+        name = f"{family}-{inner}"
+        fn = train_case if phase == "train" else resume_case
+        out[f"{phase}-{name}"] = functools.partial(fn, family, inner, name)
     if phase == "train":
-        out["bad-site-left"] = functools.partial(bad_site_left_case, "llama")
+        raising = {"bad-site-left": functools.partial(bad_site_left_case, "llama"),
+                   "window-dilated-left": functools.partial(window_dilated_left_case, "qwen2-window")}
+        for name in raising if every else RAISES.get(dp, ()):
+            out[name] = raising[name]
     return out
 
 

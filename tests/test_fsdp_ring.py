@@ -1,15 +1,20 @@
-"""FSDP2 x ring training of an HF causal LM on a 2-D DeviceMesh, across real processes (gloo on CPU).
+"""FSDP2 x ring training of HF causal LMs on a 2-D DeviceMesh, across real processes (gloo on CPU).
 
-Each mesh shape (2 x 2 as dp x cp, and cp = 4) starts 4 ranks twice
-(`tests/fsdp_ring_worker.py`): phase ``train`` runs every case of the shape
-(three AdamW steps of a tiny HF Llama compiled with backend="dilated", a
-ring rule on ``mesh["cp"]``, FSDP2 over dp x cp, activation checkpointing;
-losses, gradients and parameters against single-process training with
-float64 reference attention; a DCP checkpoint after step 2; a ring site that
-cannot be rewritten raising on every rank); phase ``resume`` starts new
-processes that load the checkpoint and redo step 3, which must equal the
-uninterrupted run exactly. Each case is one test here. A run is bounded: on
-timeout the ranks are killed and the cases fail with where each rank was.
+Each mesh shape (2 x 2 as dp x cp, and cp = 4) starts 4 ranks for phase
+``train``, and again for phase ``resume`` where it has resumed cases
+(`tests/fsdp_ring_worker.py`, models in `tests/fsdp_ring_models.py`): phase
+``train`` runs every case of the shape (three AdamW steps of a tiny HF model
+compiled with backend="dilated", a ring rule on ``mesh["cp"]``, FSDP2 over
+dp x cp, activation checkpointing; losses, gradients and parameters against
+single-process training with float64 reference attention; a DCP checkpoint
+after step 2; ring sites that cannot be rewritten raising on every rank);
+phase ``resume`` starts new processes that load a checkpoint and redo step 3,
+which must equal the uninterrupted run exactly. On 2 x 2: a Qwen2 whose
+layers mix a sliding window and full causal attention (dense inner: the
+window kept under the ring), resumed; on cp = 4: a Llama with dilated inner
+attention, and a dilated rule on the Qwen2's window layer raising. Each case
+is one test here. A run is bounded: on timeout the ranks are killed and the
+cases fail with where each rank was.
 """
 
 from __future__ import annotations
