@@ -229,7 +229,6 @@ class _ReentrantCheckpointedBlocks(torch.nn.Module):
         return x
 
 
-@pytest.mark.inductor
 def test_reentrant_checkpointing_rewrites_sites_and_matches_reference():
     """use_reentrant=True (HF's old default): the sites are rewritten too (no graph
     break), and the input and parameter gradients equal the float64 reference's."""
