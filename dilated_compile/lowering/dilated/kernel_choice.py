@@ -41,15 +41,18 @@ class Rates:
 
     tflops: float  # useful TFLOP/s on long segments
     m0: float  # rows per segment at which the rate is half that
-    host_ms: float  # host time per call (the GPU kept busy)
+    host_ms: float  # host time per call (the GPU kept busy) ...
+    host_ms_per_call: float = 0.0  # ... and per kernel call of the plan (the gathered blocks)
 
 
-# Measured on an H100 (torch 2.11, bf16, B=1, H=16, D=128, 8k-32k tokens; see docs/performance.md).
+# Measured on an H100 (torch 2.11, bf16, B=1, H=16, D=128, 8k-32k tokens; docs/performance.md):
+# the host time of the gathered blocks grows with the plan's kernel calls (2 calls: 0.47 ms
+# forward, 9 calls: 0.87 ms); the rates fit the 32k times, the m0 the 8k-16k ones.
 COSTS = {
-    (WORKLIST, "forward"): Rates(tflops=580, m0=540, host_ms=0.08),
-    (WORKLIST, "backward"): Rates(tflops=320, m0=540, host_ms=0.12),
-    (BLOCKS, "forward"): Rates(tflops=540, m0=256, host_ms=0.45),
-    (BLOCKS, "backward"): Rates(tflops=460, m0=256, host_ms=1.2),
+    (WORKLIST, "forward"): Rates(tflops=580, m0=540, host_ms=0.10),
+    (WORKLIST, "backward"): Rates(tflops=320, m0=540, host_ms=0.90),
+    (BLOCKS, "forward"): Rates(tflops=540, m0=256, host_ms=0.36, host_ms_per_call=0.057),
+    (BLOCKS, "backward"): Rates(tflops=460, m0=256, host_ms=1.2, host_ms_per_call=0.25),
 }
 CAUSAL_EFFICIENCY = 0.75  # causal blocks waste their upper triangles: both paths alike
 BACKWARD_FLOPS = 2.5  # backward FLOPs per forward FLOP
@@ -119,7 +122,7 @@ def estimated_ms(plan: Plan, batch: int, head_dim: int, is_causal: bool, path: s
             gpu += 2 * patterns * rows * elem_bytes / (MEMORY_TB_S * 1e9)
         else:  # dq, dk, dv of every pattern added into fp32 sums
             gpu += 3 * patterns * rows * 4 / (ATOMIC_TB_S * 1e9)
-    return max(rates.host_ms, gpu)
+    return max(rates.host_ms + rates.host_ms_per_call * len(plan.calls), gpu)
 
 
 def _choose(plan: Plan, batch: int, head_dim: int, dtype: torch.dtype, device_type: str, is_causal: bool,
@@ -181,7 +184,10 @@ def describe_site(segment_lengths, dilation_rates, head_split: str, shape, dtype
         return KernelChoice(BLOCKS, BLOCKS, why_not).describe()
     if not all(isinstance(x, int) for x in (b, h, n)):
         return f"kernel: {WORKLIST} or {BLOCKS}, chosen per shape at run time by the cost rule"
-    from .plan import make_plan
+    from ..common.block_kernels import multiprocessors
+    from .plan import SMALL_PART_TILES, make_plan
 
-    plan = make_plan(h, n, tuple(segment_lengths), tuple(dilation_rates), head_split)
+    # the plan `plan_for` makes for cuDNN (the block kernel of CUDA fp16/bf16 where it runs)
+    plan = make_plan(h, n, tuple(segment_lengths), tuple(dilation_rates), head_split, SMALL_PART_TILES,
+                     multiprocessors(torch.device(device)))
     return _choose(plan, b, d, dtype, device_type, bool(is_causal), setting_value, forced).describe()
