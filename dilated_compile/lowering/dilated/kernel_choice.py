@@ -188,6 +188,6 @@ def describe_site(segment_lengths, dilation_rates, head_split: str, shape, dtype
     from .plan import SMALL_PART_TILES, make_plan
 
     # the plan `plan_for` makes for cuDNN (the block kernel of CUDA fp16/bf16 where it runs)
-    plan = make_plan(h, n, tuple(segment_lengths), tuple(dilation_rates), head_split, SMALL_PART_TILES,
-                     multiprocessors(torch.device(device)))
+    wave = multiprocessors(torch.device(device)) if torch.cuda.is_available() else 132
+    plan = make_plan(h, n, tuple(segment_lengths), tuple(dilation_rates), head_split, SMALL_PART_TILES, wave)
     return _choose(plan, b, d, dtype, device_type, bool(is_causal), setting_value, forced).describe()
