@@ -39,6 +39,7 @@ from ..common.custom_ops import (
 from ..common.view_replay import opaque_op, without_view_replay
 from .compute import dilated_backward, dilated_forward
 from .arguments import decode_parameters, encode_parameters
+from . import plan as plan_module
 from .plan import plan_for
 
 
@@ -60,7 +61,7 @@ _PLANS_MAX = 256
 
 def _plan(q: torch.Tensor, pattern: str, min_seq_len: int):
     key = (pattern, min_seq_len, q.shape, q.dtype, q.device, os.environ.get("DILATED_KERNEL"),
-           q.is_cuda and torch.backends.cuda.cudnn_sdp_enabled())
+           q.is_cuda and torch.backends.cuda.cudnn_sdp_enabled(), plan_module.SMALL_PART_TILES)
     plan = _PLANS.get(key)
     if plan is None:
         spec = decode_parameters(pattern)
