@@ -69,3 +69,15 @@ def test_site_report_words(monkeypatch):
         *SHORT, "groups", (1, 16, n, 128), torch.bfloat16, "cuda", False
     )
     assert kc.describe_site(*SHORT, "groups", None, torch.bfloat16, "cuda", False) is None
+
+
+def test_site_report_words_follow_the_override(monkeypatch):
+    monkeypatch.setenv("DILATED_WORKLIST", "on")
+    n = object()  # a symbolic length
+    assert kc.describe_site(*SHORT, "groups", (1, 16, n, 128), torch.bfloat16, "cuda", False) == (
+        "kernel: work list (DILATED_WORKLIST=on)"
+    )
+    monkeypatch.setenv("DILATED_WORKLIST", "off")
+    assert kc.describe_site(*SHORT, "groups", (1, 16, 8192, 128), torch.bfloat16, "cuda", False) == (
+        "kernel: gathered blocks (DILATED_WORKLIST=off)"
+    )

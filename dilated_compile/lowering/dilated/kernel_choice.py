@@ -182,6 +182,8 @@ def describe_site(segment_lengths, dilation_rates, head_split: str, shape, dtype
     why_not = worklist_usable(dtype, d, device_type)
     if why_not is not None:
         return KernelChoice(BLOCKS, BLOCKS, why_not).describe()
+    if setting_value == "on":
+        return KernelChoice(WORKLIST, WORKLIST, "DILATED_WORKLIST=on").describe()
     if not all(isinstance(x, int) for x in (b, h, n)):
         return f"kernel: {WORKLIST} or {BLOCKS}, chosen per shape at run time by the cost rule"
     from ..common.block_kernels import multiprocessors
