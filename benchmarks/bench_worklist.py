@@ -174,7 +174,7 @@ def gpu_ms(fn) -> float:
 
 def time_one(n, split, cfg, causal, h, d, dense) -> dict:
     from dilated_compile.lowering.dilated import kernel_choice
-    from dilated_compile.lowering.dilated.plan import make_plan
+    from dilated_compile.lowering.dilated.plan import plan_for
 
     g = torch.Generator(device="cuda").manual_seed(n)
     q, k, v = (
@@ -183,7 +183,7 @@ def time_one(n, split, cfg, causal, h, d, dense) -> dict:
     seg, rates = cfg["segment_lengths"], cfg["dilation_rates"]
     flops = 4 * d * attended_pairs(h, n, seg, rates, split, causal)
     r = {"N": n, "split": split, "causal": causal, "segments": seg, "rates": rates, "flops_fwd": flops}
-    plan = make_plan(h, n, tuple(seg), tuple(rates), split)
+    plan = plan_for(q.transpose(1, 2), tuple(seg), tuple(rates), split)  # the plan the op runs
     choice = kernel_choice._choose(plan, 1, d, torch.bfloat16, "cuda", causal, "auto", None)
     r["default_kernel"] = {"forward": choice.forward, "backward": choice.backward, "reason": choice.reason}
     for path in (kernel_choice.WORKLIST, kernel_choice.BLOCKS):
