@@ -43,10 +43,12 @@ def test_what_the_work_list_cannot_run_goes_to_the_gathered_blocks(monkeypatch):
     assert _choice(8192, SHORT, "groups", device="cpu").reason == "not CUDA"
     assert "fp16/bf16" in _choice(8192, SHORT, "groups", dtype=torch.float32).reason
     assert "head dim 96" in _choice(8192, SHORT, "groups", d=96).reason
-    monkeypatch.setenv("DILATED_WORKLIST", "on")  # the override cannot run what the kernel lacks
-    assert _choice(8192, SHORT, "groups", device="cpu").forward == kc.BLOCKS
+    monkeypatch.setenv("DILATED_WORKLIST", "on")  # the override cannot run what the kernel lacks: said
+    with pytest.warns(UserWarning, match=r"DILATED_WORKLIST=on: .* \(not CUDA\); it runs as gathered blocks"):
+        assert _choice(8192, SHORT, "groups", device="cpu").forward == kc.BLOCKS
     monkeypatch.setenv("DILATED_KERNEL", "flash")
-    assert "DILATED_KERNEL=flash" in _choice(8192, SHORT, "groups").reason
+    with pytest.warns(UserWarning, match="DILATED_KERNEL=flash forces a block kernel"):
+        assert "DILATED_KERNEL=flash" in _choice(8192, SHORT, "groups").reason
 
 
 def test_bad_setting_says_what_is_expected(monkeypatch):

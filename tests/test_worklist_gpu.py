@@ -80,8 +80,9 @@ def test_eager_matches_reference(calls, case, is_causal, head_split, dtype):
 
 @pytest.mark.parametrize("head_split", ["groups", "longnet"])
 def test_off_switch_runs_the_gathered_blocks(monkeypatch, calls, head_split):
-    """DILATED_WORKLIST=off (and a forced DILATED_KERNEL) run the gathered-block path,
-    which agrees with the work list."""
+    """DILATED_WORKLIST=off (and a forced DILATED_KERNEL, which DILATED_WORKLIST=on
+    then says it cannot honour) run the gathered-block path, which agrees with the
+    work list."""
     n, h, d, seg, rates = CASES[0]
     q, k, v = _qkv(1, n, h, d, torch.bfloat16, seed=3)
     on = dilated_attention(q, k, v, seg, rates, head_split=head_split, is_causal=True)
@@ -89,7 +90,8 @@ def test_off_switch_runs_the_gathered_blocks(monkeypatch, calls, head_split):
     off = dilated_attention(q, k, v, seg, rates, head_split=head_split, is_causal=True)
     monkeypatch.setenv("DILATED_WORKLIST", "on")
     monkeypatch.setenv("DILATED_KERNEL", "flash")
-    forced = dilated_attention(q, k, v, seg, rates, head_split=head_split, is_causal=True)
+    with pytest.warns(UserWarning, match="DILATED_KERNEL=flash forces a block kernel"):
+        forced = dilated_attention(q, k, v, seg, rates, head_split=head_split, is_causal=True)
     assert calls["forward"] == 1
     assert (on.float() - off.float()).abs().max().item() < 2e-2
     assert (forced.float() - off.float()).abs().max().item() < 2e-2

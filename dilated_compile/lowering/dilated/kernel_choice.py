@@ -23,6 +23,7 @@ which kernel a site runs and why (`describe_site`).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,7 @@ from .plan import Plan
 
 WORKLIST = "work list"
 BLOCKS = "gathered blocks"
-HEAD_DIMS = (16, 32, 64, 128)
+HEAD_DIMS = (16, 32, 64, 128)  # the head dims `worklist.FORWARD_BLOCKS` and `BACKWARD_BLOCKS` hold
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,12 @@ def _choose(plan: Plan, batch: int, head_dim: int, dtype: torch.dtype, device_ty
         return KernelChoice(BLOCKS, BLOCKS, "DILATED_WORKLIST=off")
     why_not = worklist_usable(dtype, head_dim, device_type)
     if why_not is not None:
+        if setting_value == "on":
+            warnings.warn(
+                f"DILATED_WORKLIST=on: the dilated work list cannot run this attention ({why_not}); "
+                "it runs as gathered blocks. Unset DILATED_WORKLIST to let the cost rule choose.",
+                stacklevel=2,
+            )
         return KernelChoice(BLOCKS, BLOCKS, why_not)
     if setting_value == "on":
         return KernelChoice(WORKLIST, WORKLIST, "DILATED_WORKLIST=on")

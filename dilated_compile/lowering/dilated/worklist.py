@@ -28,7 +28,6 @@ from typing import NamedTuple
 import torch
 
 from ..common.storage import seq_major_empty
-from .kernel_choice import HEAD_DIMS
 from .plan import Plan
 
 ITEM_FIELDS = 9  # head, pos0, rate, m, block, out_row0, seg_start, seg_len, offset
