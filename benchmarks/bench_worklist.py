@@ -5,14 +5,18 @@ reference at small shapes and prints each max error next to the tolerance
 rule's budget (with --compare-blocks, the gathered-block path's too). Then times, through the
 user's path (a module calling `F.scaled_dot_product_attention` on (B, N, H, D)
 tensors transposed to (B, H, N, D), compiled with ``backend="dilated"``), the
-work list (``DILATED_WORKLIST=on``) against the gathered-block path
-(``DILATED_WORKLIST=off``) and dense SDPA, forward and forward+backward, causal
-and not, both head splits:
+work list (``DILATED_WORKLIST=on``), the gathered-block path
+(``DILATED_WORKLIST=off``) and the default (``auto``: the kernel the cost rule
+of `lowering/dilated/kernel_choice.py` picks per plan) against dense SDPA,
+forward and forward+backward, causal and not, both head splits; writes
+worklist.json and worklist.png:
 
     python benchmarks/bench_worklist.py --out $OUT
 
 Ratio = useful TFLOP/s / dense SDPA TFLOP/s (useful FLOPs as in
-`bench_dilated.py`); host_us = host time of one call with the GPU kept busy.
+`bench_dilated.py`), from the median time of a call with its host time;
+host_us = host time of one call with the GPU kept busy; gpu_ms = GPU time of
+one call replayed in a CUDA graph (no host time).
 """
 
 from __future__ import annotations
@@ -131,11 +135,11 @@ def check(args) -> list[dict]:
 REP = 150  # do_bench's rep (ms); --rep sets it
 
 
-def timed(fn, grad_of=None) -> float:
+def timed(fn) -> float:
     """Median milliseconds (host time included), one `do_bench`."""
     from triton.testing import do_bench
 
-    return do_bench(_step(fn, grad_of), warmup=25, rep=REP, return_mode="median")
+    return do_bench(fn, warmup=25, rep=REP, return_mode="median")
 
 
 def host_us(fn, calls: int = 20) -> float:
@@ -151,7 +155,27 @@ def host_us(fn, calls: int = 20) -> float:
     return t * 1e6
 
 
+MODES = {"worklist": "on", "blocks": "off", "default": "auto"}  # tag -> DILATED_WORKLIST
+
+
+def gpu_ms(fn) -> float:
+    """Median GPU milliseconds of fn replayed in a CUDA graph (no host time), or nan
+    where capture fails."""
+    from triton.testing import do_bench_cudagraph
+
+    fn()
+    torch.cuda.synchronize()
+    try:
+        return do_bench_cudagraph(fn, rep=60)
+    except Exception as e:  # noqa: BLE001 - report and go on
+        print("cudagraph timing failed:", type(e).__name__, str(e)[:200], flush=True)
+        return float("nan")
+
+
 def time_one(n, split, cfg, causal, h, d, dense) -> dict:
+    from dilated_compile.lowering.dilated import kernel_choice
+    from dilated_compile.lowering.dilated.plan import plan_for
+
     g = torch.Generator(device="cuda").manual_seed(n)
     q, k, v = (
         torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_() for _ in range(3)
@@ -159,6 +183,12 @@ def time_one(n, split, cfg, causal, h, d, dense) -> dict:
     seg, rates = cfg["segment_lengths"], cfg["dilation_rates"]
     flops = 4 * d * attended_pairs(h, n, seg, rates, split, causal)
     r = {"N": n, "split": split, "causal": causal, "segments": seg, "rates": rates, "flops_fwd": flops}
+    plan = plan_for(q.transpose(1, 2), tuple(seg), tuple(rates), split)  # the plan the op runs
+    choice = kernel_choice._choose(plan, 1, d, torch.bfloat16, "cuda", causal, "auto", None)
+    r["default_kernel"] = {"forward": choice.forward, "backward": choice.backward, "reason": choice.reason}
+    for path in (kernel_choice.WORKLIST, kernel_choice.BLOCKS):
+        for direction in ("forward", "backward"):
+            r[f"estimated_ms {path} {direction}"] = kernel_choice.estimated_ms(plan, 1, d, causal, path, direction)
     torch._dynamo.reset()
     model = torch.compile(Attention(causal), backend="dilated", options={"policy": policy_for(cfg, split)})
     t0 = time.perf_counter()
@@ -166,23 +196,29 @@ def time_one(n, split, cfg, causal, h, d, dense) -> dict:
     torch.cuda.synchronize()
     r["compile_fwdbwd_s"] = time.perf_counter() - t0
     call = lambda: model(q, k, v)  # noqa: E731
-    res["grad_scale"] = max(max(r.grad.abs().max().item() for r in ref_in), 1.0)
-    for mode in modes:
-        tag = "worklist" if mode == "on" else "blocks"
+    step = _step(call, (q, k, v))
+    for tag, mode in MODES.items():
         with worklist_setting(mode):
             with torch.no_grad():
                 r[f"{tag}_fwd_ms"] = timed(call)
                 r[f"{tag}_fwd_host_us"] = host_us(call)
-            r[f"{tag}_fwdbwd_ms"] = timed(call, grad_of=(q, k, v))
+                if tag != "default":
+                    r[f"{tag}_fwd_gpu_ms"] = gpu_ms(call)
+            r[f"{tag}_fwdbwd_ms"] = timed(step)
+            r[f"{tag}_fwdbwd_host_us"] = host_us(step)
+            if tag != "default":
+                r[f"{tag}_fwdbwd_gpu_ms"] = gpu_ms(step)
         for m, mult in (("fwd", 1), ("fwdbwd", FWD_BWD)):
             tf = mult * flops / r[f"{tag}_{m}_ms"] / 1e9
             r[f"{tag}_{m}_tflops"] = tf
             r[f"{tag}_{m}_ratio"] = tf / dense[f"{m}_tflops"]
     print(
-        f"N={n} {split} causal={causal}: " + "; ".join(
-            f"{tag} fwd {r[f'{tag}_fwd_ms']:.3f} ms ({r[f'{tag}_fwd_ratio']:.2f}, host {r[f'{tag}_fwd_host_us']:.0f} us)"
-            f" fwd+bwd {r[f'{tag}_fwdbwd_ms']:.3f} ms ({r[f'{tag}_fwdbwd_ratio']:.2f})"
-            for tag in ("worklist", "blocks")
+        f"N={n} {split} causal={causal} default={choice.forward}/{choice.backward}: " + "; ".join(
+            f"{tag} fwd {r[f'{tag}_fwd_ms']:.3f} ms ({r[f'{tag}_fwd_ratio']:.2f}, host {r[f'{tag}_fwd_host_us']:.0f} us"
+            f"{', gpu %.3f' % r[f'{tag}_fwd_gpu_ms'] if tag != 'default' else ''})"
+            f" fwd+bwd {r[f'{tag}_fwdbwd_ms']:.3f} ms ({r[f'{tag}_fwdbwd_ratio']:.2f}, host {r[f'{tag}_fwdbwd_host_us']:.0f} us"
+            f"{', gpu %.3f' % r[f'{tag}_fwdbwd_gpu_ms'] if tag != 'default' else ''})"
+            for tag in MODES
         ),
         flush=True,
     )
@@ -210,8 +246,37 @@ def host_breakdown(n, h, d) -> dict:
         r["worklist_forward_host_us"] = host_us(lambda: worklist.forward(plan, False, d**-0.5, q, k, v))
         r["op_host_us"] = host_us(lambda: dilated_attention_op(q, k, v, pattern, False, d**-0.5, 0))
         r["compiled_host_us"] = host_us(lambda: model(qs, ks, vs))
+        r.update(_launch_host_us(plan, q, k, v))
     print(json.dumps({"host_breakdown": {key: round(val, 1) for key, val in r.items()}}), flush=True)
     return r
+
+
+def _launch_host_us(plan, q, k, v) -> dict:
+    """Host microseconds of the forward kernel's launch alone: through Triton's JIT
+    launcher, and replayed on the compiled kernel it returns."""
+    from dilated_compile.lowering.dilated import worklist
+    from dilated_compile.lowering.dilated import worklist_forward as kern
+
+    d = q.shape[-1]
+    blocks = worklist.forward_blocks(q)
+    wl = worklist.work_list(plan, blocks, False, q.device)
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+    args = (q, k, v, out, lse, wl.items, d**-0.5, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *out.stride()[:3], *lse.stride())
+    consts = dict(CAUSAL=False, COMPACT=False, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, HEAD_DIM=d, IEEE=False)
+    grid = (wl.n_items, q.shape[0])
+    res = {}
+    try:
+        compiled = kern.forward_kernel[grid](*args, **consts, num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+        res["jit_launch_us"] = host_us(lambda: kern.forward_kernel[grid](
+            *args, **consts, num_warps=blocks.num_warps, num_stages=blocks.num_stages))
+        runner = compiled[(grid[0], grid[1], 1)]
+        res["compiled_launch_us"] = host_us(lambda: runner(*args, *consts.values()))
+        res["empty_us"] = host_us(lambda: torch.empty_like(q))
+    except Exception as e:  # noqa: BLE001 - a probe: report and go on
+        print("launch probe failed:", type(e).__name__, str(e)[:300], flush=True)
+    return res
 
 
 def dense_row(n, causal, h, d) -> dict:
@@ -226,7 +291,7 @@ def dense_row(n, causal, h, d) -> dict:
     with torch.no_grad():
         r["fwd_ms"] = timed(call)
         r["fwd_host_us"] = host_us(call)
-    r["fwdbwd_ms"] = timed(call, grad_of=(q, k, v))
+    r["fwdbwd_ms"] = timed(_step(call, (q, k, v)))
     r["fwd_tflops"] = 4 * d * pairs / r["fwd_ms"] / 1e9
     r["fwdbwd_tflops"] = FWD_BWD * 4 * d * pairs / r["fwdbwd_ms"] / 1e9
     print(json.dumps({"dense": {key: round(val, 3) for key, val in r.items()}}), flush=True)
@@ -241,20 +306,6 @@ TUNE_WORKLOADS = [
 ]
 TUNE_FORWARD = ["128,64,8,3", "128,128,8,3", "128,64,4,3", "64,64,4,3"]
 TUNE_BACKWARD = ["64,64,4,2", "64,32,4,3", "128,64,8,2", "128,32,8,3", "64,64,8,3"]
-
-
-def gpu_ms(fn) -> float:
-    """Median GPU milliseconds of fn replayed in a CUDA graph (no host time), or with
-    host time where capture fails."""
-    from triton.testing import do_bench, do_bench_cudagraph
-
-    fn()
-    torch.cuda.synchronize()
-    try:
-        return do_bench_cudagraph(fn, rep=100)
-    except Exception as e:  # noqa: BLE001 - report and fall back
-        print("cudagraph timing failed:", type(e).__name__, str(e)[:200], flush=True)
-        return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def tune(h, d) -> list[dict]:
@@ -293,26 +344,73 @@ def tune(h, d) -> list[dict]:
 
 
 def profile_host(h, d) -> None:
-    """cProfile of 200 forward calls of the compiled site at 8k (top functions by own time)."""
+    """At 8k, groups, non-causal, with the default kernel choice: cProfile of 200 compiled
+    forward calls and of 100 forward+backward steps (top functions by own time), and
+    torch.profiler's table of one step's CPU and GPU time per op and kernel."""
     import cProfile
     import pstats
 
     n = 8192
-    for split in ("groups", "longnet"):
-        q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        torch._dynamo.reset()
-        model = torch.compile(Attention(False), backend="dilated", options={"policy": policy_for(SHORT, split)})
-        with torch.no_grad():
-            model(q, k, v)
+    q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    torch._dynamo.reset()
+    model = torch.compile(Attention(False), backend="dilated", options={"policy": policy_for(SHORT, "groups")})
+    call = lambda: model(q, k, v)  # noqa: E731
+    step = _step(call, (q, k, v))
+    for name, fn, reps in (("forward", call, 200), ("forward+backward", step, 100)):
+        with torch.no_grad() if fn is call else torch.enable_grad():
+            fn()
             torch.cuda.synchronize()
             prof = cProfile.Profile()
             prof.enable()
-            for _ in range(200):
-                model(q, k, v)
+            for _ in range(reps):
+                fn()
             prof.disable()
         torch.cuda.synchronize()
-        print(f"--- host profile, compiled {split} forward, 200 calls", flush=True)
-        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        print(f"--- host profile, compiled groups {name}, {reps} calls", flush=True)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+    print("--- torch.profiler, 10 forward+backward steps, by GPU time", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+    print("--- by CPU time", flush=True)
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
+
+
+TARGETS = {"fwd": (0.70, 0.90), "fwdbwd": (0.60, 0.80)}  # below 32k tokens, from 32k
+
+
+def plot(results: dict, path: str) -> None:
+    """Ratio to dense SDPA per row, each path side by side, targets as ticks (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    labels = [f"{r['N'] // 1024}k {r['split']}{' causal' if r['causal'] else ''}" for r in rows]
+    fig, axes = plt.subplots(2, 1, figsize=(12, 8), sharex=True)
+    width = 0.27
+    for ax, m, title in zip(axes, ("fwd", "fwdbwd"), ("forward", "forward+backward")):
+        for i, tag in enumerate(MODES):
+            xs = [j + (i - 1) * width for j in range(len(rows))]
+            ax.bar(xs, [r[f"{tag}_{m}_ratio"] for r in rows], width, label=tag)
+        for j, r in enumerate(rows):
+            target = TARGETS[m][r["N"] >= 32768]
+            ax.hlines(target, j - 1.5 * width, j + 1.5 * width, colors="k", linestyles="dashed")
+        ax.set_ylabel("useful TFLOP/s / dense SDPA")
+        ax.set_title(f"{title} (dashed: target)")
+        ax.legend(loc="upper left")
+    axes[-1].set_xticks(range(len(rows)), labels, rotation=40, ha="right")
+    fig.suptitle(f"dilated attention, {results['device']}, torch {results['torch']}, bf16, B=1 H=16 D=128")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
 
 
 def main():
@@ -360,6 +458,8 @@ def main():
     results["total_s"] = time.perf_counter() - t_start
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
+    if results["rows"]:
+        plot(results, path[: -len(".json")] + ".png")
     print("wrote", path, f"in {results['total_s']:.0f} s")
 
 

@@ -121,6 +121,9 @@ def test_counters_and_report():
     assert by_module["layers.0.attn"].status == "rewritten"
     assert by_module["layers.0.attn"].attention.startswith("dilated groups")
     assert by_module["layers.2.attn"].attention.startswith("dilated longnet")
+    # which kernel a rewritten site runs, and why, in the row the user sees
+    assert "kernel: gathered blocks (not CUDA)" in by_module["layers.0.attn"].attention
+    assert "kernel: gathered blocks (not CUDA)" in str(report)
     assert by_module["layers.1.attn"].status == "left"
     assert "no rule matches" in by_module["layers.1.attn"].reason
     assert "layers.1.attn" in str(report)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import dilated_compile
 from dilated_compile import dilated_attention, dilated_reference
 from dilated_compile.lowering.dilated import worklist
 
@@ -79,8 +80,9 @@ def test_eager_matches_reference(calls, case, is_causal, head_split, dtype):
 
 @pytest.mark.parametrize("head_split", ["groups", "longnet"])
 def test_off_switch_runs_the_gathered_blocks(monkeypatch, calls, head_split):
-    """DILATED_WORKLIST=off (and a forced DILATED_KERNEL) run the gathered-block path,
-    which agrees with the work list."""
+    """DILATED_WORKLIST=off (and a forced DILATED_KERNEL, which DILATED_WORKLIST=on
+    then says it cannot honour) run the gathered-block path, which agrees with the
+    work list."""
     n, h, d, seg, rates = CASES[0]
     q, k, v = _qkv(1, n, h, d, torch.bfloat16, seed=3)
     on = dilated_attention(q, k, v, seg, rates, head_split=head_split, is_causal=True)
@@ -88,7 +90,8 @@ def test_off_switch_runs_the_gathered_blocks(monkeypatch, calls, head_split):
     off = dilated_attention(q, k, v, seg, rates, head_split=head_split, is_causal=True)
     monkeypatch.setenv("DILATED_WORKLIST", "on")
     monkeypatch.setenv("DILATED_KERNEL", "flash")
-    forced = dilated_attention(q, k, v, seg, rates, head_split=head_split, is_causal=True)
+    with pytest.warns(UserWarning, match="DILATED_KERNEL=flash forces a block kernel"):
+        forced = dilated_attention(q, k, v, seg, rates, head_split=head_split, is_causal=True)
     assert calls["forward"] == 1
     assert (on.float() - off.float()).abs().max().item() < 2e-2
     assert (forced.float() - off.float()).abs().max().item() < 2e-2
@@ -96,8 +99,10 @@ def test_off_switch_runs_the_gathered_blocks(monkeypatch, calls, head_split):
 
 @pytest.mark.parametrize("head_split", ["groups", "longnet"])
 def test_compiled_dynamic_lengths_match_reference(calls, head_split):
-    """backend="dilated" with dynamic lengths: one compiled graph, two lengths, each
-    matching the reference (output and gradients) through the work list."""
+    """backend="dilated" with a dynamic length: one compiled graph, two lengths, each
+    matching the reference (output and gradients) through the work list. q, k and v
+    come from one tensor whose length is marked dynamic, so that they share one
+    symbolic length (heads and head dim stay static, as the rewrite needs)."""
     seg, rates = (64, 128), (1, 2)
     policy = {
         "version": 1,
@@ -105,25 +110,31 @@ def test_compiled_dynamic_lengths_match_reference(calls, head_split):
                    "dilation_rates": list(rates), "head_split": head_split}],
     }
 
-    def attend(q, k, v):  # (B, N, H, D) in and out, as a model's projections
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        return out.transpose(1, 2)
+    def attend(qkv):  # (B, N, 3, H, D) in, (B, N, H, D) out, as a model's projections
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
 
     torch._dynamo.reset()
-    compiled = torch.compile(attend, backend="dilated", options={"policy": policy}, dynamic=True)
+    dilated_compile.clear_reports()
+    compiled = torch.compile(attend, backend="dilated", options={"policy": policy})
     for n in (200, 333):
-        q, k, v = (t.detach().transpose(1, 2).requires_grad_() for t in _qkv(1, n, 4, 64, torch.bfloat16, seed=n))
-        out = compiled(q, k, v)
+        g = torch.Generator(device="cuda").manual_seed(n)
+        qkv = torch.randn(1, n, 3, 4, 64, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+        torch._dynamo.mark_dynamic(qkv, 1)
+        out = compiled(qkv)
         dout = torch.randn_like(out)
         out.backward(dout)
-        refs = [t.detach().double().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v)]
+        refs = [t.detach().double().transpose(1, 2).contiguous().requires_grad_() for t in qkv.unbind(2)]
         ref = dilated_reference(*refs, seg, rates, head_split=head_split, is_causal=True)
         ref.backward(dout.double().transpose(1, 2))
-        assert_within(out.transpose(1, 2), ref, *(t.detach().transpose(1, 2) for t in (q, k, v)), is_causal=True)
-        for name, x, r in zip(("dq", "dk", "dv"), (q, k, v), refs):
-            err = (x.grad.double().transpose(1, 2) - r.grad).abs().max().item()
+        assert_within(out.transpose(1, 2), ref, *(t.detach().transpose(1, 2) for t in qkv.unbind(2)), is_causal=True)
+        for name, grad, r in zip(("dq", "dk", "dv"), qkv.grad.unbind(2), refs):
+            err = (grad.double().transpose(1, 2) - r.grad).abs().max().item()
             assert err <= GRAD_TOL[torch.bfloat16] * max(r.grad.abs().max().item(), 1.0), f"{name} N={n}: {err}"
     assert calls["forward"] == 2 and calls["backward"] == 2
+    (report,) = dilated_compile.reports()  # one graph for both lengths
+    site = report.sites[0].attention
+    assert "dynamic length" in site and "kernel: work list (DILATED_WORKLIST=on)" in site, site
 
 
 def test_activation_checkpointing_gives_the_same_gradients(calls):

@@ -58,3 +58,9 @@ def test_items_cover_every_row_once(case, block_m):
                     want.add((head, p, pos))
                     assert compact.get((head, p, pos)) == row0 + s * per + (pos - s * w) // r
     assert set(compact) == want
+
+
+def test_block_tables_cover_the_head_dims_the_choice_allows():
+    from dilated_compile.lowering.dilated.kernel_choice import HEAD_DIMS
+
+    assert tuple(worklist.FORWARD_BLOCKS) == tuple(worklist.BACKWARD_BLOCKS) == HEAD_DIMS

@@ -92,6 +92,9 @@ class Strategy:
     - `encode(**parameters) -> str` / `decode(text)`: its parameters as one
       custom-op argument, validated, and back (cached).
     - `load() -> Functions`: imports what computes it (`functions`, cached).
+    - `kernel(spec, shape, dtype, device, is_causal) -> str | None`: which kernel a
+      site of these query shape, dtype and device runs, and why, for the report
+      (None: nothing to say).
     """
 
     name: str
@@ -103,6 +106,7 @@ class Strategy:
     encode: Callable[..., str]
     decode: Callable[[str], Any]
     load: Callable[[], Functions] = field(repr=False)
+    kernel: Callable[..., str | None] | None = field(default=None, repr=False)
 
     @cached_property
     def functions(self) -> Functions:

@@ -88,6 +88,11 @@ def _became(d: Decision) -> str | None:
         text = kind.describe(kind.spec(d.rule), n)
         if d.attention != "ring" and kind.functions.static is None:  # the site stays as it was
             text += " (unchanged)"
+        elif d.ring is None and kind.kernel is not None:
+            s = d.site
+            words = kind.kernel(kind.spec(d.rule), s.q_shape, s.dtype, s.device, s.args.get("is_causal") is True)
+            if words:
+                text += f"; {words}"
     if local_op:
         text += f"; dynamic length (custom op), dense below min_seq_len {d.rule.min_seq_len}"
     if d.rule.local:

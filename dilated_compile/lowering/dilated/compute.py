@@ -26,6 +26,7 @@ from ..common import combine
 from ..common.block_kernels import accumulation_dtype, block_attention, block_attention_backward
 from ..common.merge import merge_by_lse
 from . import worklist
+from .kernel_choice import WORKLIST, choose
 from .plan import Job, Part, Plan
 
 # --------------------------------------------------------------------------
@@ -185,10 +186,11 @@ def dilated_forward(plan: Plan, is_causal: bool, scale: float, q, k, v):
     """(out, lse) of the dilated attention `plan` describes: out (B, H, N, D) in q's
     dtype, lse (B, H, N) in the accumulation dtype (-inf where no pattern selects).
 
-    CUDA fp16/bf16 runs the one-launch work list (`worklist.py`) where it applies."""
-    if worklist.runs_on(q):
-        return worklist.forward(plan, is_causal, scale, q, k, v)
+    CUDA fp16/bf16 runs the one-launch work list (`worklist.py`) where `kernel_choice`
+    picks it."""
     fused = combine.runs_on(q)
+    if fused and choose(plan, q, is_causal).forward == WORKLIST:
+        return worklist.forward(plan, is_causal, scale, q, k, v)
     if fused:
         qs, ks, vs = gather_blocks(plan, (q, k, v))
     else:
@@ -208,11 +210,12 @@ def dilated_backward(plan: Plan, is_causal: bool, scale: float, q, k, v, out, ls
 
     Gathers out and lse at each block's positions, runs the kernel's backward
     with them, and spreads the block gradients back in one pass per tensor
-    (`spread_sum`). CUDA fp16/bf16 runs the work list's backward (`worklist.py`).
+    (`spread_sum`). CUDA fp16/bf16 runs the work list's backward (`worklist.py`) where
+    `kernel_choice` picks it.
     """
-    if worklist.runs_on(q):
-        return worklist.backward(plan, is_causal, scale, q, k, v, out, lse, dout)
     fused = combine.runs_on(q)
+    if fused and choose(plan, q, is_causal).backward == WORKLIST:
+        return worklist.backward(plan, is_causal, scale, q, k, v, out, lse, dout)
     if fused:
         qs, ks, vs = gather_blocks(plan, (q, k, v))
         douts, outs, lses = combine.backward_blocks(plan, dout, out, lse, qs)

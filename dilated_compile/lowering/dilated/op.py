@@ -22,6 +22,7 @@ layout the fake implementation promises and the real one returns.
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import torch
@@ -38,6 +39,7 @@ from ..common.custom_ops import (
 from ..common.view_replay import opaque_op, without_view_replay
 from .compute import dilated_backward, dilated_forward
 from .arguments import decode_parameters, encode_parameters
+from . import plan as plan_module
 from .plan import plan_for
 
 
@@ -50,10 +52,25 @@ def effective_pattern(
     return tuple(segment_lengths), tuple(dilation_rates)
 
 
+# Plans by everything `plan_for` reads of a call: the op's arguments, q's shape, dtype
+# and device, and the settings that pick the block kernel. Looked up on every call of
+# the op, so that a call does no more Python than the lookup before its launches.
+_PLANS: dict[tuple, object] = {}
+_PLANS_MAX = 256
+
+
 def _plan(q: torch.Tensor, pattern: str, min_seq_len: int):
-    spec = decode_parameters(pattern)
-    seg, rates = effective_pattern(q.shape[2], spec.segment_lengths, spec.dilation_rates, min_seq_len)
-    return plan_for(q, seg, rates, spec.head_split)
+    key = (pattern, min_seq_len, q.shape, q.dtype, q.device, os.environ.get("DILATED_KERNEL"),
+           q.is_cuda and torch.backends.cuda.cudnn_sdp_enabled(), plan_module.SMALL_PART_TILES)
+    plan = _PLANS.get(key)
+    if plan is None:
+        spec = decode_parameters(pattern)
+        seg, rates = effective_pattern(q.shape[2], spec.segment_lengths, spec.dilation_rates, min_seq_len)
+        plan = plan_for(q, seg, rates, spec.head_split)
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
 
 
 def _forward(

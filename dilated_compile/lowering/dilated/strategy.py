@@ -23,6 +23,12 @@ def _describe(spec: DilatedSpec, n) -> str:
     return f"dilated {spec.head_split} w={list(spec.segment_lengths)} r={list(spec.dilation_rates)}"
 
 
+def _kernel(spec: DilatedSpec, shape, dtype, device, is_causal: bool) -> str | None:
+    from .kernel_choice import describe_site
+
+    return describe_site(spec.segment_lengths, spec.dilation_rates, spec.head_split, shape, dtype, device, is_causal)
+
+
 def _load() -> Functions:
     from .functions import FUNCTIONS
 
@@ -39,4 +45,5 @@ STRATEGY = Strategy(
     encode=encode_parameters,
     decode=decode_parameters,
     load=_load,
+    kernel=_kernel,
 )

@@ -8,16 +8,13 @@ the ``longnet`` split adds one launch that merges the patterns by
 log-sum-exp. The backward (`worklist_backward.py`) runs from the same items.
 
 Everything that depends only on shapes (the items as an int32 device tensor,
-the compact row layout of the ``longnet`` split, block sizes) is built once
-per (plan, block size, device) and cached, so a call is its launches and a few
-allocations.
+the compact row layout of the ``longnet`` split, block sizes, grids) is built
+once per (plan, block size, device) and cached, and after a kernel's first
+launch through Triton's JIT, later launches with the same specialisation go
+straight to the compiled kernel: a call is its allocations and launches.
 
-Used for CUDA fp16/bf16 inside the ``dilated_compile::dilated_attention``
-custom op (`compute.py` routes there) when ``DILATED_WORKLIST=on``; off by
-default, the attention runs as gathered blocks (`compute.py`): measured on an
-H100, the work list is faster for the ``groups`` split at 8k-32k tokens and for
-the ``longnet`` forward at 8k-16k, slower for ``longnet`` at 32k and for its
-backward from 16k (docs/performance.md).
+Runs CUDA fp16/bf16 inside the ``dilated_compile::dilated_attention`` custom op
+where `kernel_choice.py` picks it (`compute.py` routes there).
 """
 
 from __future__ import annotations
@@ -25,11 +22,11 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import NamedTuple
 
 import torch
 
-from ..common.combine import TRITON_INSTALLED, runs_on as combine_runs_on
 from ..common.storage import seq_major_empty
 from .plan import Plan
 
@@ -56,41 +53,23 @@ FORWARD_BLOCKS = {16: Blocks(128, 64, 4, 3), 32: Blocks(128, 64, 4, 3), 64: Bloc
 BACKWARD_BLOCKS = {16: Blocks(64, 64, 4, 2), 32: Blocks(64, 64, 4, 2), 64: Blocks(64, 64, 4, 2),
                    128: Blocks(128, 32, 8, 3)}
 INTERPRETER_BLOCKS = Blocks(32, 16, 1, 1)
-HEAD_DIMS = tuple(FORWARD_BLOCKS)
 
 
-def enabled() -> bool:
-    """``DILATED_WORKLIST`` (``on`` for the work list; ``off``, the default, for the gathered-block path)."""
-    choice = os.environ.get("DILATED_WORKLIST", "off")
-    if choice not in ("on", "off"):
-        raise ValueError(f"DILATED_WORKLIST={choice!r}: expected on or off")
-    return choice == "on"
-
-
-def runs_on(q: torch.Tensor) -> bool:
-    """Whether a dilated attention of real tensors like `q` runs as the work list now:
-    CUDA fp16/bf16 outside tracing, a head dim of 16, 32, 64 or 128, `enabled`, and no
-    block kernel forced by ``DILATED_KERNEL`` (which asks for the gathered-block path)."""
-    return (
-        TRITON_INSTALLED
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and q.shape[-1] in HEAD_DIMS
-        and combine_runs_on(q)
-        and enabled()
-        and not os.environ.get("DILATED_KERNEL")
-    )
-
-
-def _blocks(q: torch.Tensor, table: dict[int, Blocks], variable: str) -> Blocks:
-    if q.device.type != "cuda":
+@lru_cache(maxsize=64)
+def _blocks_of(device_type: str, head_dim: int, backward: bool, forced: str | None) -> Blocks:
+    if device_type != "cuda":
         return INTERPRETER_BLOCKS
-    forced = os.environ.get(variable)
     if forced:
         blocks = Blocks(*(int(x) for x in forced.split(",")))
         if blocks.block_m % blocks.block_n:
+            variable = "DILATED_WORKLIST_BWD" if backward else "DILATED_WORKLIST_FWD"
             raise ValueError(f"{variable}={forced!r}: block_m must be a multiple of block_n")
         return blocks
-    return table[q.shape[-1]]
+    return (BACKWARD_BLOCKS if backward else FORWARD_BLOCKS)[head_dim]
+
+
+def _blocks(q: torch.Tensor, table: dict[int, Blocks], variable: str) -> Blocks:
+    return _blocks_of(q.device.type, q.shape[-1], table is BACKWARD_BLOCKS, os.environ.get(variable))
 
 
 def forward_blocks(q: torch.Tensor) -> Blocks:
@@ -220,6 +199,37 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+# Compiled kernels ready to launch, by (kernel, grid, launch options, what Triton
+# specialised on): the integer arguments, the inputs' dtypes and 16-byte alignment,
+# and the constexprs. A launch of a known key skips Triton's JIT (argument binding,
+# specialisation, cache lookup) and calls the compiled kernel Triton returned.
+_COMPILED: dict[tuple, object] = {}
+_COMPILED_MAX = 1024
+
+
+def _launch(fn, grid: tuple[int, int, int], blocks: Blocks, inputs: tuple, args: tuple, ints: tuple,
+            consts: tuple) -> None:
+    """Launch Triton kernel `fn` on `grid` with its parameters ``args + ints + consts``
+    in order: `args` tensors and floats, `ints` the integer parameters, `consts` the
+    constexprs; `inputs`: the tensors of `args` whose dtype or alignment can differ
+    between calls of the same shapes (the others are allocated here, or cached)."""
+    align, dtypes = 0, []
+    for i, t in enumerate(inputs):
+        dtypes.append(t.dtype)
+        if t.data_ptr() % 16:
+            align |= 1 << i
+    key = (fn, grid, blocks.num_warps, blocks.num_stages, align, *dtypes, ints, consts)
+    runner = _COMPILED.get(key)
+    if runner is not None:
+        runner(*args, *ints, *consts)
+        return
+    kernel = fn[grid](*args, *ints, *consts, num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    if type(kernel).__name__ == "CompiledKernel":  # not under Triton's interpreter
+        if len(_COMPILED) >= _COMPILED_MAX:
+            _COMPILED.clear()
+        _COMPILED[key] = kernel[grid]
+
+
 MERGE_BLOCK = 32
 
 
@@ -230,7 +240,8 @@ def forward(plan: Plan, is_causal: bool, scale: float, q, k, v) -> tuple[torch.T
     b, h, n, d = q.shape
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     blocks = forward_blocks(q)
-    wl = work_list(plan, blocks, bool(is_causal), q.device)
+    causal = bool(is_causal)
+    wl = work_list(plan, blocks, causal, q.device)
     out = seq_major_empty(q, q.shape, q.dtype)
     lse = seq_major_empty(q, (b, h, n), torch.float32)
     if wl.n_items == 0 or b == 0:
@@ -242,24 +253,28 @@ def forward(plan: Plan, is_causal: bool, scale: float, q, k, v) -> tuple[torch.T
         target_lse = torch.empty((b, h, wl.head_rows), dtype=torch.float32, device=q.device)
     else:
         target, target_lse = out, lse
-    kern.forward_kernel[(wl.n_items, b)](
-        q, k, v, target, target_lse, wl.items, float(scale),
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *target.stride()[:3], *target_lse.stride(),
-        CAUSAL=bool(is_causal), COMPACT=wl.compact, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
-        HEAD_DIM=d, IEEE=q.dtype == torch.float32, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+    _launch(
+        kern.forward_kernel, (wl.n_items, b, 1), blocks, (q, k, v),
+        (q, k, v, target, target_lse, wl.items, float(scale)),
+        (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *target.stride()[:3], *target_lse.stride()),
+        (causal, wl.compact, blocks.block_m, blocks.block_n, d, q.dtype == torch.float32),
     )
     if wl.compact:
-        kern.merge_kernel[(-(-n // MERGE_BLOCK), h, b)](
-            target, target_lse, out, lse, wl.patterns, n,
-            target.stride(0), target.stride(1), target_lse.stride(0), target_lse.stride(1),
-            *out.stride()[:3], *lse.stride(),
-            N_PATTERNS=wl.patterns.shape[0], BLOCK=MERGE_BLOCK, HEAD_DIM=d,
+        _launch(
+            kern.merge_kernel, (-(-n // MERGE_BLOCK), h, b), _MERGE_LAUNCH, (target,),
+            (target, target_lse, out, lse, wl.patterns),
+            (n, target.stride(0), target.stride(1), target_lse.stride(0), target_lse.stride(1),
+             *out.stride()[:3], *lse.stride()),
+            (wl.patterns.shape[0], MERGE_BLOCK, d),
         )
     return out, lse
 
 
 PREPARE_BLOCK = 32
 CAST_BLOCK = 1024
+_MERGE_LAUNCH = Blocks(MERGE_BLOCK, MERGE_BLOCK, 4, 3)  # Triton's default warps and stages
+_PREPARE_LAUNCH = Blocks(PREPARE_BLOCK, PREPARE_BLOCK, 4, 3)
+_CAST_LAUNCH = Blocks(CAST_BLOCK, CAST_BLOCK, 4, 3)
 
 
 def backward(plan: Plan, is_causal: bool, scale: float, q, k, v, out, lse, dout):
@@ -269,7 +284,8 @@ def backward(plan: Plan, is_causal: bool, scale: float, q, k, v, out, lse, dout)
     q, k, v, dout = (_unit_last(x) for x in (q, k, v, dout))
     out = _unit_last(out)
     blocks = backward_blocks(q)
-    wl = work_list(plan, blocks, bool(is_causal), q.device)
+    causal = bool(is_causal)
+    wl = work_list(plan, blocks, causal, q.device)
     grads = tuple(seq_major_empty(q, q.shape, q.dtype) for _ in range(3))
     if wl.n_items == 0 or b == 0:
         return tuple(g.zero_() for g in grads)
@@ -281,17 +297,22 @@ def backward(plan: Plan, is_causal: bool, scale: float, q, k, v, out, lse, dout)
         targets = tuple(acc[t].transpose(1, 2) for t in range(3))
     else:
         acc, targets = delta, grads
-    kern.prepare_kernel[(-(-n // PREPARE_BLOCK), h, b)](
-        dout, out, delta, acc, n, numel, *dout.stride()[:3], *out.stride()[:3], *delta.stride(),
-        ACCUMULATE=wl.compact, BLOCK=PREPARE_BLOCK, HEAD_DIM=d,
+    _launch(
+        kern.prepare_kernel, (-(-n // PREPARE_BLOCK), h, b), _PREPARE_LAUNCH, (dout, out),
+        (dout, out, delta, acc),
+        (n, numel, *dout.stride()[:3], *out.stride()[:3], *delta.stride()),
+        (wl.compact, PREPARE_BLOCK, d),
     )
-    kern.backward_kernel[(wl.n_items, b)](
-        q, k, v, dout, lse, delta, *targets, wl.items, float(scale),
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
-        *lse.stride(), *delta.stride(), *targets[0].stride()[:3],
-        CAUSAL=bool(is_causal), ACCUMULATE=wl.compact, BLOCK_M=blocks.block_m, BLOCK_I=blocks.block_n,
-        HEAD_DIM=d, IEEE=q.dtype == torch.float32, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+    _launch(
+        kern.backward_kernel, (wl.n_items, b, 1), blocks, (q, k, v, dout, lse),
+        (q, k, v, dout, lse, delta, *targets, wl.items, float(scale)),
+        (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
+         *lse.stride(), *delta.stride(), *targets[0].stride()[:3]),
+        (causal, wl.compact, blocks.block_m, blocks.block_n, d, q.dtype == torch.float32),
     )
     if wl.compact:
-        kern.cast_kernel[(-(-numel // CAST_BLOCK), 3)](acc, *grads, numel, BLOCK=CAST_BLOCK)
+        _launch(
+            kern.cast_kernel, (-(-numel // CAST_BLOCK), 3, 1), _CAST_LAUNCH, (acc, grads[0]),
+            (acc, *grads), (numel,), (CAST_BLOCK,),
+        )
     return grads
