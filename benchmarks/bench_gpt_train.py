@@ -14,6 +14,20 @@ CPU smoke run at tiny sizes (also with --ring under torchrun, gloo):
 
     python benchmarks/bench_gpt_train.py --quick --out DIR
 
+``--quick`` trains a 1-layer, width-32 model at lengths 64 and 128 (the
+policy's min_seq_len is 128, so the short context stays dense and the long
+one is rewritten with three patterns; 128 with --ring), one warm-up and one
+timed step per configuration. Its configurations share one Inductor cache
+(``TORCHINDUCTOR_CACHE_DIR`` when set, else a new one), so a graph or
+kernel another configuration compiled already (the short context's dense
+block is the same for all three compiled backends) is a cache hit, and its
+cold compile times are not those of fresh caches.
+
+The module layout: ``gpt_train_config.py`` (backends, command line, sizes,
+policies), ``gpt_train_measure.py`` (one configuration: build, compile,
+train, time), ``gpt_train_ring.py`` (the process group and per-rank
+merging), ``gpt_train_results.py`` (the JSON), ``gpt_model.py`` (the model).
+
 Results to commit: run into $OUT, copy ``gpt_train.json`` to
 ``benchmarks/results/gpt_train_<device>_torch<version>.json`` and run
 ``benchmarks/plot_gpt_train.py`` on the copy (the PNG lands next to it; the
