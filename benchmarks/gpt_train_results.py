@@ -20,7 +20,6 @@ import sys
 
 import torch
 
-from gpt_model import count_params
 from gpt_train_config import Setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
