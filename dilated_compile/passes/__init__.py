@@ -103,14 +103,17 @@ def check_left_sites(decisions: list[Decision], policy: Policy) -> None:
     )
 
 
+def _raise_if_strict(policy: Policy, what: str, found: list) -> None:
+    """Under `strict: true`, a RewriteError listing `found` (whose messages say what to change)."""
+    if policy.strict and found:
+        raise RewriteError(f"policy {policy.source} is strict and {what}:\n  "
+                           + "\n  ".join(f.message() for f in found))
+
+
 def check_shard_local(found: list[ShardLocalSite], policy: Policy) -> None:
     """Under `strict: true`, raise RewriteError for sites that attend within each rank's
     shard by accident (the backend warns for them otherwise)."""
-    if policy.strict and found:
-        raise RewriteError(
-            f"policy {policy.source} is strict and these attention sites attend within each "
-            "rank's shard only:\n  " + "\n  ".join(s.message() for s in found)
-        )
+    _raise_if_strict(policy, "these attention sites attend within each rank's shard only", found)
 
 
 def unstated_windows(decisions: list[Decision]) -> list[UnstatedWindow]:
@@ -128,11 +131,7 @@ def unstated_windows(decisions: list[Decision]) -> list[UnstatedWindow]:
 def check_unstated_windows(found: list[UnstatedWindow], policy: Policy) -> None:
     """Under `strict: true`, raise RewriteError for ring sites whose module's sliding window
     no rule states (the backend warns for them otherwise)."""
-    if policy.strict and found:
-        raise RewriteError(
-            f"policy {policy.source} is strict and these ring sites may run without their model's "
-            "sliding window:\n  " + "\n  ".join(u.message() for u in found)
-        )
+    _raise_if_strict(policy, "these ring sites may run without their model's sliding window", found)
 
 
 def run_passes(gm: fx.GraphModule, policy: Policy) -> tuple[fx.GraphModule, GraphReport]:
