@@ -1,6 +1,7 @@
 """Runs tests/test_combine.py under Triton's interpreter on the CPU, in a child
 process (Triton reads TRITON_INTERPRET when it is first imported, and torch
-imports it early), so that CI without a GPU checks the combine kernels' indexing."""
+imports it early), so that CI without a GPU checks the combine kernels' indexing: every case in
+float32 (the indexing does not depend on the dtype; bfloat16 runs on CUDA)."""
 
 import os
 import subprocess
@@ -18,7 +19,8 @@ def test_combine_kernels_in_the_triton_interpreter():
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     res = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "tests/test_combine.py"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "-k", "not bf16",
+         "tests/test_combine.py"],
         cwd=root, env=env, capture_output=True, text=True, timeout=600,
     )
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]

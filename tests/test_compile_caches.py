@@ -129,7 +129,7 @@ _THREADS_PROBE = textwrap.dedent(
     import torch
     from torch._dynamo.utils import counters
 
-    from dilated_compile.lowering.dilated import plan as dilated_lowering
+    from dilated_compile.lowering.dilated import op as dilated_op, plan as dilated_lowering
     from tests.models import TinyModel, dilated_rule, policy
 
     torch.manual_seed(0)
@@ -143,6 +143,7 @@ _THREADS_PROBE = textwrap.dedent(
         (g,) = torch.autograd.grad(y.sum(), x)
         expected.append((y.detach(), g))
     dilated_lowering.make_plan.cache_clear()
+    dilated_op._PLANS.clear()
     results = [None] * 8
     errors = []
 
@@ -166,6 +167,7 @@ _THREADS_PROBE = textwrap.dedent(
         assert torch.equal(y, want_y) and torch.equal(g, want_g)
     info = dilated_lowering.make_plan.cache_info()
     assert 0 < info.currsize <= info.maxsize == 256, info
+    assert 0 < len(dilated_op._PLANS) <= dilated_op._PLANS_MAX == 256, len(dilated_op._PLANS)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     print("threads ok")
     """
@@ -174,8 +176,8 @@ _THREADS_PROBE = textwrap.dedent(
 
 def test_threads_share_one_dynamic_model_and_caches_stay_bounded():
     """8 threads call one compiled model (symbolic length) at their own lengths: every
-    result equals the single-threaded one, nothing recompiles, and the plan cache,
-    filled concurrently at run time by the custom op, stays within its bound.
+    result equals the single-threaded one, nothing recompiles, and the plan caches,
+    filled concurrently at run time by the custom op, stay within their bounds.
 
     In a process of its own: on torch 2.11 Dynamo compiling in threads leaves dynamic-shape
     state that `torch._dynamo.reset()` does not clear, and later tests' compile counts change."""

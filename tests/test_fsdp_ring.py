@@ -13,8 +13,10 @@ which must equal the uninterrupted run exactly. On 2 x 2: a Qwen2 whose
 layers mix a sliding window and full causal attention (dense inner: the
 window kept under the ring), resumed; on cp = 4: a Llama with dilated inner
 attention, and a dilated rule on the Qwen2's window layer raising. Each case
-is one test here. A run is bounded: on timeout the ranks are killed and the
-cases fail with where each rank was.
+is one test here. The ranks compile the rewritten graphs with the suite's compiler
+(`DILATED_COMPILER`, aot_eager unless set; `DILATED_COMPILER=inductor` trains through
+Inductor, as `examples/train_fsdp_ring.py` does). A run is bounded: on timeout the ranks
+are killed and the cases fail with where each rank was.
 """
 
 from __future__ import annotations
@@ -31,9 +33,6 @@ pytest.importorskip("transformers")
 
 WORLD = 4
 MESHES = {"dp2-cp2": 2, "cp4": 1}  # name -> dp (cp = WORLD / dp)
-# what compiles the rewritten graphs on each mesh: cp = 4 trains through Inductor as users do;
-# 2 x 2 runs them op by op (the same attention; a fraction of the compile time)
-COMPILERS = {"dp2-cp2": "aot_eager", "cp4": "inductor"}
 # bounds on hangs, with room for a 2-core box where the ranks compile with cold Inductor caches
 TIMEOUT_S = {"train": 900, "resume": 600}
 
@@ -51,8 +50,7 @@ def launch(mesh: str, phase: str, out: str, ckpt: str, timeout: float) -> dict:
     """Run the worker's `phase` on WORLD ranks as `mesh` (`launcher.launch_ranks`)."""
     args = ["--dp", str(MESHES[mesh]), "--store", os.path.join(out, "store"), "--out", out, "--ckpt", ckpt,
             "--phase", phase]
-    return launch_ranks("tests.fsdp_ring_worker", WORLD, out, args, timeout,
-                        env={"DILATED_COMPILER": COMPILERS[mesh]})
+    return launch_ranks("tests.fsdp_ring_worker", WORLD, out, args, timeout)
 
 
 def _run(mesh: str, phase: str, tmp_path_factory) -> dict:
