@@ -314,8 +314,6 @@ def cases(world: int, backend: str = "gloo") -> dict[str, Callable[[], None]]:
         out["compiled-capture-zigzag-causal"] = functools.partial(compiled_case, "zigzag", True, "capture")
         out["compiled-capture-contiguous-causal"] = functools.partial(compiled_case, "contiguous", True, "capture")
         out["compiled-inductor-zigzag-causal"] = functools.partial(compiled_case, "zigzag", True, "inductor")
-        out["compiled-inductor-contiguous-causal"] = functools.partial(
-            compiled_case, "contiguous", True, "inductor")
     if world == 3:  # send-only ranks at several steps
         out["compiled-capture-contiguous-causal"] = functools.partial(compiled_case, "contiguous", True, "capture")
     if world == 2:
