@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 from typing import Any, Sequence
 
 import torch
@@ -102,8 +103,6 @@ def policy_from_options(options: dict[str, Any] | None) -> Policy:
 
 def compiler_from(options: dict[str, Any]) -> str:
     """The compiler named by the option `compiler` or the environment variable DILATED_COMPILER."""
-    import os
-
     name = options.get("compiler") or os.environ.get(COMPILER_ENV) or "inductor"
     if name not in COMPILERS:
         close = difflib.get_close_matches(str(name), COMPILERS, n=1)
@@ -113,15 +112,13 @@ def compiler_from(options: dict[str, Any]) -> str:
     return name
 
 
-def _compile_aot_eager(gm: fx.GraphModule, example_inputs, patches: dict[str, Any], chosen) -> Any:
-    """The rewritten graph through AOTAutograd, run op by op; raises on Inductor settings it would drop."""
-    dropped = sorted(set(patches) - set(chosen) - {"unsafe_marked_cacheable_functions"})
-    if dropped:
+def _check_settings_apply(compiler: str, user_patches: dict[str, Any]) -> None:
+    """Raise if the user's Inductor settings (options or `mode`) would have no effect."""
+    if compiler != "inductor" and user_patches:
         raise ValueError(
-            f"backend='dilated': compiler 'aot_eager' does not run Inductor, so the Inductor settings "
-            f"{dropped} would have no effect; remove them or use compiler 'inductor'."
+            f"backend='dilated': compiler {compiler!r} does not run Inductor, so the Inductor settings "
+            f"{sorted(user_patches)} would have no effect; remove them or use compiler 'inductor'."
         )
-    return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
 
 def dilated_backend(
@@ -140,6 +137,7 @@ def dilated_backend(
         options.setdefault("mode", mode)
     compiler = compiler_from(options)
     patches = _inductor_patches(options)
+    _check_settings_apply(compiler, patches)
     policy = policy_from_options(options)
     # AOTAutograd's cache accepts the rewritten graph's calls of this package's
     # functions only when they are marked; the mark's value keys the caches on
@@ -161,5 +159,5 @@ def dilated_backend(
         write_debug_dir(report, debug_dir)
     with torch._functorch.config.patch(**aot_patches):
         if compiler == "aot_eager":
-            return _compile_aot_eager(new_gm, example_inputs, patches, report.inductor_settings)
+            return torch._dynamo.lookup_backend("aot_eager")(new_gm, example_inputs)
         return compile_fx(new_gm, example_inputs, config_patches=patches)

@@ -23,7 +23,7 @@ for _name, _value in COMPILE_FAST.items():
 # marked `inductor` check what Inductor builds from it and run with Inductor, as users do; so do
 # the benchmarks. `DILATED_COMPILER=inductor python -m pytest` runs every test through Inductor.
 COMPILER_ENV = "DILATED_COMPILER"
-SUITE_COMPILER = os.environ.setdefault(COMPILER_ENV, "aot_eager")
+os.environ.setdefault(COMPILER_ENV, "aot_eager")
 
 
 # modules whose every test is about what Inductor builds (its caches, GPU kernels, benchmarks)
