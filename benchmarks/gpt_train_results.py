@@ -106,6 +106,7 @@ def run_meta(args: argparse.Namespace, s: Setup, backends: list[str], lengths: l
         "activation_checkpointing": s.checkpoint_blocks,
         "warm_compile_lengths": list(s.warm_compile_lengths),
         "quick": args.quick,
+        "dilated_compiler": os.environ.get("DILATED_COMPILER") or "inductor",
         "inductor_cpp": "scalar, -O0 (quick)" if args.quick and s.device.type == "cpu" else "default",
         "argv": sys.argv[1:],
     }

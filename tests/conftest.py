@@ -7,11 +7,14 @@ import re
 
 import pytest
 
-# The tests check what compiled code computes, not how fast it runs: Inductor's C++ is built at
-# -O0, which compiles several times faster, in the compiling process (no pool of compile workers
-# beside each pytest-xdist worker and each multi-process rank). Set in the environment so that the
-# processes the tests start inherit it; export a variable to override.
+# The tests check what compiled code computes, not how fast it runs: Inductor's C++ is scalar
+# (no vector ISA: no search for loop tilings, smaller headers) and built at -O0, which compiles
+# several times faster, in the compiling process (no pool of compile workers beside each
+# pytest-xdist worker and each multi-process rank). Set in the environment so that the processes
+# the tests start inherit it; export a variable to override. FlexAttention's CPU template needs
+# the vectorized C++: its test runs in a child process with it on.
 COMPILE_FAST = {
+    "TORCHINDUCTOR_VEC_ISA_OK": "0",  # scalar C++
     "TORCHINDUCTOR_DEBUG_COMPILE": "1",  # g++ -O0
     "TORCHINDUCTOR_COMPILE_THREADS": "1",
 }

@@ -52,9 +52,32 @@ def qwen2_window():
     return cfg, transformers.Qwen2ForCausalLM(cfg)
 
 
+def mistral_window():
+    """A tiny HF Mistral: every layer in a sliding window of WINDOW tokens (2 layers, width 64,
+    4 heads, 2 key/value heads), each layer's mask built inside the layer as `qwen2_window`'s."""
+    import transformers
+
+    cfg = transformers.MistralConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                     max_position_embeddings=256, sliding_window=WINDOW,
+                                     attn_implementation=register_layer_mask_attention())
+    torch.manual_seed(0)
+    return cfg, transformers.MistralForCausalLM(cfg)
+
+
+def layer_kinds(cfg) -> list[str]:
+    """Each layer's attention, as HF's ``layer_types`` names it: a config's own list, else every
+    layer in the config's sliding window if it has one (Mistral), else full causal attention."""
+    kinds = getattr(cfg, "layer_types", None)
+    if kinds:
+        return list(kinds)
+    kind = "sliding_attention" if getattr(cfg, "sliding_window", None) else "full_attention"
+    return [kind] * cfg.num_hidden_layers
+
+
 # name -> factory returning (config, model); the reference reads each layer's window from the
 # `sliding_window` the model passes to its attention function
-MODELS: dict[str, Callable] = {"llama": llama, "qwen2-window": qwen2_window}
+MODELS: dict[str, Callable] = {"llama": llama, "qwen2-window": qwen2_window, "mistral-window": mistral_window}
 
 
 def _reference_attention(inner: str):

@@ -44,7 +44,9 @@ from torch._dynamo.utils import counters
 import dilated_compile
 from dilated_compile import causal_lm_loss, shard_causal_lm_batch
 
-from .fsdp_ring_models import BATCH_PER_DP, DILATED, LR, MODELS, SEQ_LEN, VOCAB, WINDOW, train_reference
+from .fsdp_ring_models import (
+    BATCH_PER_DP, DILATED, LR, MODELS, SEQ_LEN, VOCAB, WINDOW, layer_kinds, train_reference,
+)
 
 STEPS, CHECKPOINT_AFTER = 3, 2
 LAYOUT = "zigzag"
@@ -168,7 +170,7 @@ def _check_sites(cfg, inner: str) -> None:
     layer a frame of its own; a layer runs the compiled code of the first layer of its kind.)"""
     sites = {s.module: s for r in dilated_compile.reports() for s in r.sites}
     want = f"ring {LAYOUT} over {MESH.size(1)} ranks (cp), inner {inner}"
-    kinds = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    kinds = layer_kinds(cfg)
     wrong = [s for s in sites.values() if s.status != "rewritten" or not s.attention.startswith(want)]
     for kind in set(kinds):
         site = sites.get(f"model.layers.{kinds.index(kind)}.self_attn")
@@ -335,9 +337,9 @@ def window_dilated_left_case(family: str) -> None:
 # over the flattened dp x cp ranks on both meshes, so their checkpoints are laid out alike: one
 # mesh resumes. FSDP_RING_ALL_INNERS=1 in the environment trains and resumes every combination
 # on every mesh.
-TRAIN = {2: (("qwen2-window", "dense"),), 1: (("llama", "dilated"),)}
+TRAIN = {2: (("qwen2-window", "dense"),), 1: (("llama", "dilated"), ("mistral-window", "dense"))}
 RESUME = {2: (("qwen2-window", "dense"),)}
-ALL = (("llama", "dense"), ("llama", "dilated"), ("qwen2-window", "dense"))
+ALL = (("llama", "dense"), ("llama", "dilated"), ("qwen2-window", "dense"), ("mistral-window", "dense"))
 # the cases whose ring sites must raise, by mesh
 RAISES = {2: ("bad-site-left",), 1: ("window-dilated-left",)}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 
 import pytest
@@ -20,6 +21,7 @@ from dilated_compile.lowering.reference import (
 )
 from dilated_compile.policy import BlockPattern
 from tests import masks
+from tests.child_pytest import run_tests
 from tests.tolerance import assert_within
 
 PATTERNS = {
@@ -217,15 +219,21 @@ def test_mask_mod_tile_classes_per_head(is_causal):
         assert torch.equal(any_[0, h], want_any) and torch.equal(full[0, h], want_full)
 
 
-@pytest.mark.parametrize("kind", list(PATTERNS))
-def test_flex_path_forward_on_cpu(monkeypatch, kind):
-    """The FlexAttention lowering (compiled flex runs forward-only on CPU)."""
+def test_flex_path_forward_on_cpu(monkeypatch, request):
+    """The FlexAttention lowering (compiled flex runs forward-only on CPU), for a token-level
+    mask and a block pattern (each compiles flex once; every kind's tiles are checked against
+    brute force above, global rows below, and every kind through flex on CUDA). Flex's CPU
+    template needs Inductor's vectorized C++, which the suite turns off (tests/conftest.py):
+    then the test runs in a child process with it on."""
+    if os.environ.get("TORCHINDUCTOR_VEC_ISA_OK") == "0":
+        run_tests([request.node.nodeid], {"TORCHINDUCTOR_VEC_ISA_OK": "1"})
+        return
     monkeypatch.setenv("DILATED_BLOCK_SPARSE", "flex")
     q, k, v = _qkv(1, 3, 300, 16, torch.float32)
-    for causal in (False, True):
+    for kind, causal in itertools.product(("mask_mod", "dilated"), (False, True)):
         out = block_sparse_attention(q, k, v, block_size=64, pattern=PATTERNS[kind], is_causal=causal)
         ref = block_sparse_reference(q, k, v, block_size=64, pattern=PATTERNS[kind], is_causal=causal)
-        assert_within(out, ref, q, k, v, is_causal=causal)
+        assert_within(out, ref, q, k, v, is_causal=causal, what=f"{kind} causal={causal}")
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
@@ -273,8 +281,14 @@ def _policy(pattern, block_size=16):
     return {"version": 1, "rules": [{"match": "**", "attention": "block_sparse", "block_size": block_size, "pattern": pattern}]}
 
 
-@pytest.mark.parametrize("is_causal", [False, pytest.param(True, marks=pytest.mark.inductor)])
-@pytest.mark.parametrize("kind", list(PATTERNS))
+# through Inductor: a pattern of token-level masks and one with global rows, causal
+_INDUCTOR_CASES = {("mask_mod", True), ("global_local", True)}
+
+
+@pytest.mark.parametrize("kind,is_causal", [
+    pytest.param(kind, causal, marks=[pytest.mark.inductor] if (kind, causal) in _INDUCTOR_CASES else [],
+                 id=f"{kind}-{causal}")
+    for causal in (False, True) for kind in PATTERNS])
 def test_compiled_matches_eager_and_reference(kind, is_causal):
     torch._dynamo.reset()
     dilated_compile.clear_reports()

@@ -12,7 +12,8 @@ phase ``resume`` starts new processes that load a checkpoint and redo step 3,
 which must equal the uninterrupted run exactly. On 2 x 2: a Qwen2 whose
 layers mix a sliding window and full causal attention (dense inner: the
 window kept under the ring), resumed; on cp = 4: a Llama with dilated inner
-attention, and a dilated rule on the Qwen2's window layer raising. Each case
+attention, a Mistral whose every layer has a sliding window (dense inner), and
+a dilated rule on the Qwen2's window layer raising. Each case
 is one test here. The ranks compile the rewritten graphs with the suite's compiler
 (`DILATED_COMPILER`, aot_eager unless set; `DILATED_COMPILER=inductor` trains through
 Inductor, as `examples/train_fsdp_ring.py` does). A run is bounded: on timeout the ranks
