@@ -321,7 +321,6 @@ def cases(world: int, backend: str = "gloo") -> dict[str, Callable[[], None]]:
     if world == 2:
         out["compiled-capture-dilated-long-zigzag-causal"] = functools.partial(
             compiled_case, "zigzag", True, "capture", "dilated", "groups-long")
-    if world == 4:
         out["compiled-capture-block-sparse-contiguous-causal"] = functools.partial(
             compiled_case, "contiguous", True, "capture", "block_sparse", "strided")
     if gpu and world == 2:  # the cuDNN/flash blocks' path (float32 runs the efficient kernel)
