@@ -224,9 +224,10 @@ def _capturing_backend(graphs: list[str]):
 
 def compiled_case(
     layout: str, is_causal: bool, backend: str, inner: str = "dense", setup: str = "",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, exchanged: bool = False,
 ) -> None:
-    """ring_attention inside torch.compile: equal to eager; graphs hold the collective ops."""
+    """ring_attention inside torch.compile: equal to eager; graphs hold the collective ops
+    (`exchanged`: exactly one all-to-all in each, the exchange of the keys the blocks use)."""
     torch._dynamo.reset()
     world, _, _ = ring_info()
     q, k, v, dout = _full_inputs(world, N_LOCAL, dtype, seed=7)
@@ -262,3 +263,6 @@ def compiled_case(
                     raise CaseFailure(f"{which} graph lacks {op}:\n{code}")
             if "roll" in code:
                 raise CaseFailure(f"{which} graph uses roll:\n{code}")
+            calls = code.count("_c10d_functional.all_to_all_single.default(")
+            if exchanged and calls != 1:
+                raise CaseFailure(f"keys {EXCHANGED!r}, but the {which} graph has {calls} all-to-alls")

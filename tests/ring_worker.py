@@ -276,12 +276,13 @@ def cases(world: int, backend: str = "gloo") -> dict[str, Callable[[], None]]:
         out["backend-dense-zigzag-causal"] = functools.partial(backend_case, "dense", "zigzag", True)
         out["backend-dilated-zigzag-causal"] = functools.partial(  # segments inside a chunk
             backend_case, "dilated", "zigzag", True, sends=False, compiler="aot_eager")
-        # segments spanning ranks: the ring sends; op by op (the dense and block-sparse cases check
-        # the collectives in Inductor's code)
+        # segments spanning ranks: the ring sends; op by op (the dense case checks the collectives
+        # in Inductor's code)
         out["backend-dilated-groups-long-zigzag-causal"] = functools.partial(
             backend_case, "dilated", "zigzag", True, "groups-long", compiler="aot_eager")
+        # op by op: the compiled capture of the same ring below counts its all-to-alls
         out["backend-block-sparse-local-contiguous-causal"] = functools.partial(
-            backend_case, "block_sparse", "contiguous", True, "local", keys=EXCHANGED)
+            backend_case, "block_sparse", "contiguous", True, "local", keys=EXCHANGED, compiler="aot_eager")
     # on 3 and 4 ranks the rewritten graph runs op by op (aot_eager): Inductor's code for a ring
     # does not depend on the world size, and the 2-rank cases read it
     eager_code = {"compiler": "aot_eager"}
@@ -322,7 +323,7 @@ def cases(world: int, backend: str = "gloo") -> dict[str, Callable[[], None]]:
         out["compiled-capture-dilated-long-zigzag-causal"] = functools.partial(
             compiled_case, "zigzag", True, "capture", "dilated", "groups-long")
         out["compiled-capture-block-sparse-contiguous-causal"] = functools.partial(
-            compiled_case, "contiguous", True, "capture", "block_sparse", "strided")
+            compiled_case, "contiguous", True, "capture", "block_sparse", "local", exchanged=True)
     if gpu and world == 2:  # the cuDNN/flash blocks' path (float32 runs the efficient kernel)
         out["compiled-capture-zigzag-causal-bfloat16"] = functools.partial(
             compiled_case, "zigzag", True, "capture", dtype=torch.bfloat16)
