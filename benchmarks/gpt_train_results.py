@@ -20,6 +20,7 @@ import sys
 
 import torch
 
+from dilated_compile.backend import compiler_from
 from gpt_train_config import Setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -106,7 +107,7 @@ def run_meta(args: argparse.Namespace, s: Setup, backends: list[str], lengths: l
         "activation_checkpointing": s.checkpoint_blocks,
         "warm_compile_lengths": list(s.warm_compile_lengths),
         "quick": args.quick,
-        "dilated_compiler": os.environ.get("DILATED_COMPILER") or "inductor",
+        "dilated_compiler": compiler_from({}),  # the backend's choice: DILATED_COMPILER, else Inductor
         "inductor_cpp": "scalar, -O0 (quick)" if args.quick and s.device.type == "cpu" else "default",
         "argv": sys.argv[1:],
     }

@@ -20,6 +20,7 @@ from .ring_common import (
 
 # how a ring moves keys, as the site report says it (`lowering.ring.key_traffic`)
 EXCHANGED, ROTATE = "only those used, exchanged", "shards rotate"
+ALL_TO_ALL_CALL = "_c10d_functional.all_to_all_single.default("  # one call in a graph's code
 
 
 def backend_case(
@@ -54,12 +55,12 @@ def backend_case(
     report = dilated_compile.reports()[-1]
     _check_ring_report(report, world, inner, layout, keys)
     if keys is not None:
-        calls = [code.count("_c10d_functional.all_to_all_single.default(") for code in codes]
+        calls = [code.count(ALL_TO_ALL_CALL) for code in codes]
         if (calls == [1, 1]) != (keys == EXCHANGED):
             raise CaseFailure(f"keys {keys!r}, but all-to-alls (forward, backward): {calls}")
     if inner == "dense" and sends:  # the backward's first transfer overlaps an attention call
         call = codes[1][codes[1].index("def call("):]
-        send = call.find("_c10d_functional.all_to_all_single.default(")
+        send = call.find(ALL_TO_ALL_CALL)
         received = call.find("_c10d_functional.wait_tensor.default(", send)
         if "dilated_compile.block_attention_backward.default(" not in call[send:received]:
             code = call[max(0, send - 2000) : received + 500]
@@ -263,6 +264,6 @@ def compiled_case(
                     raise CaseFailure(f"{which} graph lacks {op}:\n{code}")
             if "roll" in code:
                 raise CaseFailure(f"{which} graph uses roll:\n{code}")
-            calls = code.count("_c10d_functional.all_to_all_single.default(")
+            calls = code.count(ALL_TO_ALL_CALL)
             if exchanged and calls != 1:
                 raise CaseFailure(f"keys {EXCHANGED!r}, but the {which} graph has {calls} all-to-alls")
