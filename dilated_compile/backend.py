@@ -18,10 +18,12 @@ from .policy import load_policy
 from .targets import note_frame
 
 OWN_OPTIONS = ("policy", "mode", "debug_dir", "compiler")
-# what compiles the rewritten graph: Inductor (the default), or AOTAutograd running it op by op
+# what compiles the rewritten graph: Inductor (the default); AOTAutograd running it op by op
 # ("aot_eager", as torch.compile(backend="aot_eager")), which tells a difference that the rewrite
-# makes from one that Inductor's code generation makes, and compiles in a fraction of the time
-COMPILERS = ("inductor", "aot_eager")
+# makes from one that Inductor's code generation makes, in a fraction of the compile time; or
+# nothing ("eager", as torch.compile(backend="eager")): the rewritten graph runs as captured, its
+# attention functions with their own autograd, which tells the rewrite's own effect from AOTAutograd's
+COMPILERS = ("inductor", "aot_eager", "eager")
 COMPILER_ENV = "DILATED_COMPILER"
 
 
@@ -158,6 +160,6 @@ def dilated_backend(
     if debug_dir:
         write_debug_dir(report, debug_dir)
     with torch._functorch.config.patch(**aot_patches):
-        if compiler == "aot_eager":
-            return torch._dynamo.lookup_backend("aot_eager")(new_gm, example_inputs)
+        if compiler != "inductor":
+            return torch._dynamo.lookup_backend(compiler)(new_gm, example_inputs)
         return compile_fx(new_gm, example_inputs, config_patches=patches)

@@ -21,17 +21,20 @@ COMPILE_FAST = {
 for _name, _value in COMPILE_FAST.items():
     os.environ.setdefault(_name, _value)
 
-# Most tests check what the rewrite computes: they compile the rewritten graph with the backend's
-# `compiler: aot_eager` (AOTAutograd, op by op; a tenth of Inductor's compile time on CPU). Tests
-# marked `inductor` check what Inductor builds from it and run with Inductor, as users do; so do
-# the benchmarks. `DILATED_COMPILER=inductor python -m pytest` runs every test through Inductor.
+# Most tests check what the rewrite computes: the backend runs the rewritten graph as Dynamo
+# captured it (`compiler: eager`; the attention functions with their own autograd, a few seconds
+# of compile where AOTAutograd takes several times that on CPU). Tests marked `aot_eager` trace it
+# through AOTAutograd (fake tensors, functionalization, the joint graph) and run it op by op; tests
+# marked `inductor` check what Inductor builds from it, as users do; so do the benchmarks.
+# `DILATED_COMPILER=aot_eager` or `=inductor python -m pytest` runs every test through that compiler.
 COMPILER_ENV = "DILATED_COMPILER"
-os.environ.setdefault(COMPILER_ENV, "aot_eager")
+os.environ.setdefault(COMPILER_ENV, "eager")
+COMPILER_MARKS = ("inductor", "aot_eager")  # marks that pick the test's compiler
 
 
-# modules whose every test is about what Inductor builds (its caches, GPU kernels, benchmarks)
+# modules whose every test is about what Inductor builds (its caches, GPU kernels)
 INDUCTOR_MODULES = {"test_compile_caches.py", "test_gpu.py", "test_worklist_gpu.py", "test_block_sparse_gpu.py",
-                    "test_triton_miscompile.py", "test_ring_nccl.py", "test_bench_quick.py"}
+                    "test_triton_miscompile.py", "test_ring_nccl.py"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -42,9 +45,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _compiler_of_the_test(request, monkeypatch):
-    """Tests marked `inductor` compile with Inductor whatever the suite's compiler."""
-    if request.node.get_closest_marker("inductor"):
-        monkeypatch.setenv(COMPILER_ENV, "inductor")
+    """Tests marked `inductor` (or `aot_eager`) compile with it whatever the suite's compiler."""
+    for name in COMPILER_MARKS:
+        if request.node.get_closest_marker(name):
+            monkeypatch.setenv(COMPILER_ENV, name)
+            return
 
 # Tests that read one expensive launch kept in their module (the multi-process runs; the quick
 # benchmark's runs; a recorded kernel replay), by the nodeid prefix the tests of one launch share,
@@ -69,7 +74,11 @@ def shared_launch(nodeid: str) -> str | None:
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "inductor: compiles with Inductor (the backend's default) while the rest of the "
-        "suite compiles the rewritten graph with aot_eager",
+        "suite runs the rewritten graph as captured (compiler eager)",
+    )
+    config.addinivalue_line(
+        "markers", "aot_eager: traces the rewritten graph through AOTAutograd and runs it op by op "
+        "(compiler aot_eager)",
     )
     config.addinivalue_line(
         "markers", "compiles: a multi-process ring case that runs torch.compile (the slow ones; "

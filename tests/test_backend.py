@@ -50,9 +50,13 @@ def _run(model, x, options):
     return out, grads
 
 
-# (Inductor's code for these: the groups split in tests/test_dilated.py, longnet in tests/test_hf_models.py)
-@pytest.mark.parametrize("head_split,is_causal", [("groups", True), ("groups", False), ("longnet", True),
-                                                  ("longnet", False)])
+# (Inductor's code for these: the groups split in tests/test_dilated.py, longnet in tests/test_hf_models.py;
+# AOTAutograd's joint graph for one of each split)
+_AOT = pytest.mark.aot_eager
+
+
+@pytest.mark.parametrize("head_split,is_causal", [pytest.param("groups", True, marks=_AOT), ("groups", False),
+                                                  ("longnet", True), pytest.param("longnet", False, marks=_AOT)])
 def test_compiled_forward_backward_match_eager_rewrite(head_split, is_causal):
     """Compiled = the same model run eagerly with its attention replaced by
     dilated_attention, forward and parameter gradients; and close to float64."""
@@ -194,15 +198,17 @@ def test_unknown_option_is_an_error_with_suggestion():
         torch.compile(TinyModel(), backend="dilated", options={"polciy": "x.yaml"})(torch.randn(1, 8, 16))
 
 
-def test_compiler_option_runs_the_rewritten_graph_without_inductor():
-    """compiler 'aot_eager' runs the same rewritten graph op by op: the eager rewrite's numbers."""
+@pytest.mark.parametrize("compiler", ["aot_eager", "eager"])
+def test_compiler_option_runs_the_rewritten_graph_without_inductor(compiler):
+    """compiler 'aot_eager' runs the same rewritten graph op by op, 'eager' as captured: the eager
+    rewrite's numbers."""
     import torch.nn.functional as F
 
     seg, rates = [8, 16], [1, 2]
     pol = policy(dilated_rule(match="**", seg=seg, rates=rates, head_split="longnet"))
     q, k, v = (torch.randn(1, 3, 40, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
     f = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                      backend="dilated", options={"policy": pol, "compiler": "aot_eager"})
+                      backend="dilated", options={"policy": pol, "compiler": compiler})
     want = dilated_attention(q, k, v, seg, rates, head_split="longnet", is_causal=True)
     torch.testing.assert_close(f(q, k, v), want, atol=1e-6, rtol=1e-6)
     assert counters["dilated"]["rewritten"] == 1
@@ -211,6 +217,7 @@ def test_compiler_option_runs_the_rewritten_graph_without_inductor():
 @pytest.mark.parametrize("options,message", [
     ({"compiler": "aot_eagr"}, "unknown compiler 'aot_eagr'; did you mean 'aot_eager'"),
     ({"compiler": "aot_eager", "max_autotune": True}, r"Inductor settings \['max_autotune'\] would have no effect"),
+    ({"compiler": "eager", "mode": "max-autotune"}, r"compiler 'eager' does not run Inductor"),
 ])
 def test_compiler_option_errors_say_what_to_change(options, message):
     with pytest.raises(Exception, match=message):
