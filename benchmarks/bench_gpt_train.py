@@ -47,6 +47,9 @@ Backends (single GPU):
 
 - ``inductor``: ``torch.compile(block, backend="inductor")``; attention is
   causal ``F.scaled_dot_product_attention`` (flash / cuDNN on CUDA).
+  ``--dense-compiler eager`` (or ``aot_eager``) compiles these rows without
+  Inductor, and ``DILATED_COMPILER`` does the same for the ``dilated`` rows:
+  a smoke run of the harness, as the tests make.
 - ``dilated``: ``torch.compile(block, backend="dilated")`` with the
   LongNet-style policy written to ``DIR/policy_dilated_<N>.json`` (LongNet's
   head split: every head attends with every pattern).
@@ -179,7 +182,7 @@ def main(argv=None) -> int:
         out=args.out, rank=rank, world=world, checkpoint_blocks=args.checkpoint,
         warm_compile_lengths={"all": tuple(args.lengths), "first": tuple(args.lengths[:1]), "none": ()}[args.warm_compile],
         check_loss=args.check_loss if args.check_loss is not None else args.quick,
-        fresh_caches=not args.quick,
+        fresh_caches=not args.quick, dense_compiler=args.dense_compiler,
     )
     write_policies(s, args.lengths, args.ring)
     results = sweep(args, s, args.backends, args.lengths)

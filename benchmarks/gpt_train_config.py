@@ -77,6 +77,7 @@ class Setup:
     checkpoint_blocks: bool = False  # activation checkpointing of every block
     warm_compile_lengths: tuple[int, ...] = ()  # lengths at which the warm compile time is measured
     fresh_caches: bool = True  # every configuration compiles with empty caches (else they share one)
+    dense_compiler: str = "inductor"  # the torch.compile backend of the `inductor` rows and the warm-up
 
 
 def parse_length(text: str) -> int:
@@ -154,6 +155,10 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     p.add_argument("--warm-compile", choices=("all", "first", "none"), default=None,
                    help="at which lengths to measure the warm compile time: all, the first length of "
                         "--lengths, or none (default first)")
+    p.add_argument("--dense-compiler", choices=("inductor", "aot_eager", "eager"), default="inductor",
+                   help="the torch.compile backend of the dense `inductor` rows (default inductor; the "
+                        "others make a smoke run of the harness: the `dilated` rows follow "
+                        "DILATED_COMPILER the same way)")
     p.add_argument("--ring", action="store_true", help="sequence parallel over torchrun's ranks (ring backends)")
     p.add_argument("--quick", action="store_true",
                    help=f"CPU smoke run: a {QUICK.layers}-layer width-{QUICK.width} model, lengths "

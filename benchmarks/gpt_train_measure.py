@@ -119,7 +119,7 @@ def attach(model: GPT, backend: str, n: int, s: Setup) -> dict | None:
         for block in model.blocks:
             block.attn.seed = clip_patterns(s.segments, s.rates, n)
         return None
-    compile_backend = "inductor" if backend == "inductor" else "dilated"
+    compile_backend = s.dense_compiler if backend == "inductor" else "dilated"
     options = None if policy is None else {"policy": policy}
     for block in model.blocks:
         block.compile(backend=compile_backend, options=options, dynamic=False)
@@ -146,7 +146,7 @@ def warm_up_process(s: Setup, cache_dir: str) -> float:
     torch.manual_seed(0)
     with s.device:
         tiny = GPT(1, 64, 2, 256).to(s.dtype)
-    tiny.blocks[0].compile(backend="inductor", dynamic=False)
+    tiny.blocks[0].compile(backend=s.dense_compiler, dynamic=False)
     idx, labels = make_batch(128, 256, s.device)
     tiny(idx, torch.arange(128, device=s.device), labels).backward()
     synchronize(s.device)

@@ -108,6 +108,7 @@ def run_meta(args: argparse.Namespace, s: Setup, backends: list[str], lengths: l
         "warm_compile_lengths": list(s.warm_compile_lengths),
         "quick": args.quick,
         "dilated_compiler": compiler_from({}),  # the backend's choice: DILATED_COMPILER, else Inductor
+        "dense_compiler": s.dense_compiler,
         "inductor_cpp": "scalar, -O0 (quick)" if args.quick and s.device.type == "cpu" else "default",
         "argv": sys.argv[1:],
     }
