@@ -1,9 +1,11 @@
 """One rank of a multi-process FSDP2 x ring training run (gloo on CPU).
 
-    python -m tests.fsdp_ring_worker --rank R --world W --dp D --store FILE --out DIR --ckpt DIR
-                                     --phase train|resume [--only NAME ...]
+    python -m tests.fsdp_ring_worker --rank R --world W --dp D [D ...] --store FILE --out DIR
+                                     --ckpt DIR --phase train|resume [--only NAME ...]
 
-The ranks form a ``(dp, cp)`` DeviceMesh (cp = W / dp). Each case builds a
+For each D the ranks form a ``(dp, cp)`` DeviceMesh (cp = W / dp), one process
+group holding them all, and run that mesh's cases, named ``dp<D>-cp<C>-<case>``
+(``cp<W>-<case>`` when D is 1). Each case builds a
 tiny HF causal LM from its config (`MODELS` in `tests/fsdp_ring_models.py`),
 wraps it as people train long context: activation checkpointing, FSDP2
 (``fully_shard``) over the flattened dp x cp mesh, ``torch.compile(...,
@@ -363,6 +365,12 @@ def cases(world: int, dp: int, phase: str) -> dict[str, Callable[[], None]]:
     return out
 
 
+def mesh_name(world: int, dp: int) -> str:
+    """'dp2-cp2' for a 2 x 2 mesh, 'cp4' for cp = 4."""
+    cp = f"cp{world // dp}"
+    return cp if dp == 1 else f"dp{dp}-{cp}"
+
+
 def _write(path: str, state: dict) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -375,7 +383,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world", type=int, required=True)
-    parser.add_argument("--dp", type=int, required=True)
+    parser.add_argument("--dp", type=int, nargs="+", required=True, help="one mesh per value, in turn")
     parser.add_argument("--store", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--ckpt", required=True)
@@ -387,23 +395,26 @@ def main(argv=None) -> int:
                             timeout=datetime.timedelta(seconds=120))
     from torch.distributed.device_mesh import init_device_mesh
 
-    MESH = init_device_mesh("cpu", (args.dp, args.world // args.dp), mesh_dim_names=("dp", "cp"))
-    FSDP_MESH = MESH["dp", "cp"]._flatten("dp_cp")  # FSDP2 shards and reduces over dp x cp
-    CKPT_DIR = args.ckpt
     path = os.path.join(args.out, f"rank{args.rank}.json")
     state: dict = {"results": {}, "current": None, "seconds": {}}
-    for name, fn in cases(args.world, args.dp, args.phase).items():
-        if args.only and name not in args.only:
-            continue
-        state["current"] = name
-        _write(path, state)
-        start = time.monotonic()
-        try:
-            fn()
-            state["results"][name] = None
-        except Exception:  # noqa: BLE001 - every failure is reported to the test
-            state["results"][name] = traceback.format_exc()
-        state["seconds"][name] = round(time.monotonic() - start, 2)
+    for dp in args.dp:
+        MESH = init_device_mesh("cpu", (dp, args.world // dp), mesh_dim_names=("dp", "cp"))
+        FSDP_MESH = MESH["dp", "cp"]._flatten("dp_cp")  # FSDP2 shards and reduces over dp x cp
+        mesh = mesh_name(args.world, dp)
+        CKPT_DIR = os.path.join(args.ckpt, mesh)
+        for case, fn in cases(args.world, dp, args.phase).items():
+            name = f"{mesh}-{case}"
+            if args.only and name not in args.only:
+                continue
+            state["current"] = name
+            _write(path, state)
+            start = time.monotonic()
+            try:
+                fn()
+                state["results"][name] = None
+            except Exception:  # noqa: BLE001 - every failure is reported to the test
+                state["results"][name] = traceback.format_exc()
+            state["seconds"][name] = round(time.monotonic() - start, 2)
     state["current"] = None
     _write(path, state)
     dist.destroy_process_group()

@@ -24,44 +24,48 @@ _CACHE_PROBE = textwrap.dedent(
     import json, sys, torch
     from torch._dynamo.utils import counters
     from tests.models import TinyModel, dilated_rule, policy
-    torch.manual_seed(0)
-    model = TinyModel(heads=(4,))
-    pol = policy(dilated_rule(seg=(int(sys.argv[1]), 16), rates=(1, 2)))
-    compiled = torch.compile(model, backend="dilated", options={"policy": pol})
-    compiled(torch.randn(1, 24, 16)).sum().backward()
-    print(json.dumps({"aot": dict(counters["aot_autograd"]), "inductor": dict(counters["inductor"]),
-                      "rewritten": counters["dilated"]["rewritten"]}))
+    for segment in sys.argv[1:]:  # one compile per policy, in a fresh Dynamo state
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = TinyModel(heads=(4,))
+        pol = policy(dilated_rule(seg=(int(segment), 16), rates=(1, 2)))
+        compiled = torch.compile(model, backend="dilated", options={"policy": pol})
+        compiled(torch.randn(1, 24, 16)).sum().backward()
+        print(json.dumps({"aot": dict(counters["aot_autograd"]), "inductor": dict(counters["inductor"]),
+                          "rewritten": counters["dilated"]["rewritten"]}))
     """
 )
 
 
-def _probe_caches(cache_dir: Path, segment: int) -> dict:
+def _probe_caches(cache_dir: Path, *segments: int) -> list[dict]:
+    """The cache counters of compiling, in one new process, the model with each segment length."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir)}
     env.pop("TORCHINDUCTOR_FORCE_DISABLE_CACHES", None)
     res = subprocess.run(
-        [sys.executable, "-c", _CACHE_PROBE, str(segment)],
+        [sys.executable, "-c", _CACHE_PROBE, *map(str, segments)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert res.returncode == 0, res.stderr[-4000:]
     import json
 
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return [json.loads(line) for line in res.stdout.strip().splitlines()[-len(segments):]]
 
 
 def test_second_process_hits_caches_and_changed_policy_misses(tmp_path):
     """Process 1 compiles (misses, saves); process 2, same policy, hits the FX graph and
-    AOTAutograd caches; process 3, a changed policy, misses both."""
-    first = _probe_caches(tmp_path, 8)
+    AOTAutograd caches, and then, a changed policy, misses both."""
+    (first,) = _probe_caches(tmp_path, 8)
     assert first["rewritten"] == 1
     assert first["aot"].get("autograd_cache_miss") == 1 and first["aot"].get("autograd_cache_saved") == 1
     assert first["inductor"].get("fxgraph_cache_miss", 0) >= 2 and not first["inductor"].get("fxgraph_cache_hit")
 
-    second = _probe_caches(tmp_path, 8)
+    second, changed = _probe_caches(tmp_path, 8, 4)
     assert second["rewritten"] == 1
     assert second["aot"].get("autograd_cache_hit") == 1, second
     assert not second["aot"].get("autograd_cache_miss") and not second["aot"].get("autograd_cache_bypass")
 
-    changed = _probe_caches(tmp_path, 4)
+    assert changed["rewritten"] == 1
     assert changed["aot"].get("autograd_cache_miss") == 1 and not changed["aot"].get("autograd_cache_hit")
     assert changed["inductor"].get("fxgraph_cache_miss", 0) >= 2 and not changed["inductor"].get("fxgraph_cache_hit")
 

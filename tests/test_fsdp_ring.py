@@ -1,8 +1,9 @@
 """FSDP2 x ring training of HF causal LMs on a 2-D DeviceMesh, across real processes (gloo on CPU).
 
-Each mesh shape (2 x 2 as dp x cp, and cp = 4) starts 4 ranks for phase
-``train``, and again for phase ``resume`` where it has resumed cases
-(`tests/fsdp_ring_worker.py`, models in `tests/fsdp_ring_models.py`): phase
+4 ranks run phase ``train`` on both mesh shapes in turn (2 x 2 as dp x cp,
+then cp = 4; one process group holds both meshes), and 4 new ranks phase
+``resume`` on the shapes that have resumed cases (`tests/fsdp_ring_worker.py`,
+models in `tests/fsdp_ring_models.py`): phase
 ``train`` runs every case of the shape (three AdamW steps of a tiny HF model
 compiled with backend="dilated", a ring rule on ``mesh["cp"]``, FSDP2 over
 dp x cp, activation checkpointing; losses, gradients and parameters against
@@ -15,8 +16,8 @@ window kept under the ring), resumed; on cp = 4: a Llama with dilated inner
 attention, a Mistral whose every layer has a sliding window (dense inner), and
 a dilated rule on the Qwen2's window layer raising. Each case
 is one test here. The ranks compile the rewritten graphs with the suite's compiler
-(`DILATED_COMPILER`, aot_eager unless set; `DILATED_COMPILER=inductor` trains through
-Inductor, as `examples/train_fsdp_ring.py` does). A run is bounded: on timeout the ranks
+(`DILATED_COMPILER`: eager, the rewritten graph as captured, unless set;
+`DILATED_COMPILER=inductor` trains through Inductor, as `examples/train_fsdp_ring.py` does). A run is bounded: on timeout the ranks
 are killed and the cases fail with where each rank was.
 """
 
@@ -33,7 +34,7 @@ from .launcher import case_failures, launch_ranks
 pytest.importorskip("transformers")
 
 WORLD = 4
-MESHES = {"dp2-cp2": 2, "cp4": 1}  # name -> dp (cp = WORLD / dp)
+MESHES = {fsdp_ring_worker.mesh_name(WORLD, dp): dp for dp in (2, 1)}  # name -> dp (cp = WORLD / dp)
 # bounds on hangs, with room for a 2-core box where the ranks compile with cold Inductor caches
 TIMEOUT_S = {"train": 900, "resume": 600}
 
@@ -44,36 +45,43 @@ pytestmark = pytest.mark.skipif(
     reason="transformers passes its causal mask as a graph input on torch < 2.13",
 )
 
-_RUNS: dict[tuple[str, str], dict] = {}
+_RUNS: dict[str, dict] = {}
 
 
-def launch(mesh: str, phase: str, out: str, ckpt: str, timeout: float) -> dict:
-    """Run the worker's `phase` on WORLD ranks as `mesh` (`launcher.launch_ranks`)."""
-    args = ["--dp", str(MESHES[mesh]), "--store", os.path.join(out, "store"), "--out", out, "--ckpt", ckpt,
+def launch(phase: str, dps: list[int], out: str, ckpt: str, timeout: float) -> dict:
+    """Run the worker's `phase` on WORLD ranks, on the meshes of `dps` in turn (`launcher.launch_ranks`)."""
+    args = ["--dp", *map(str, dps), "--store", os.path.join(out, "store"), "--out", out, "--ckpt", ckpt,
             "--phase", phase]
     return launch_ranks("tests.fsdp_ring_worker", WORLD, out, args, timeout)
 
 
-def _run(mesh: str, phase: str, tmp_path_factory) -> dict:
-    if (mesh, "train") not in _RUNS:
-        base = tmp_path_factory.mktemp(f"fsdp-ring-{mesh}")
-        _RUNS[(mesh, "base")] = {"path": str(base)}
-        _RUNS[(mesh, "train")] = launch(mesh, "train", str(base / "train"), str(base / "ckpt"),
-                                        TIMEOUT_S["train"])
-    if phase == "resume" and (mesh, "resume") not in _RUNS:
-        base = _RUNS[(mesh, "base")]["path"]
-        _RUNS[(mesh, "resume")] = launch(mesh, "resume", os.path.join(base, "resume"),
-                                         os.path.join(base, "ckpt"), TIMEOUT_S["resume"])
-    return _RUNS[(mesh, phase)]
+def _meshes(phase: str) -> list[int]:
+    """The dp of each mesh that has cases in `phase`."""
+    return [dp for dp in MESHES.values() if fsdp_ring_worker.cases(WORLD, dp, phase)]
+
+
+def _run(phase: str, tmp_path_factory) -> dict:
+    """One launch per phase, every mesh in it; phase "resume" starts new processes that load the
+    checkpoints of phase "train"."""
+    if "train" not in _RUNS:
+        base = tmp_path_factory.mktemp("fsdp-ring")
+        _RUNS["base"] = {"path": str(base)}
+        _RUNS["train"] = launch("train", _meshes("train"), str(base / "train"), str(base / "ckpt"),
+                                TIMEOUT_S["train"])
+    if phase not in _RUNS:
+        base = _RUNS["base"]["path"]
+        _RUNS[phase] = launch(phase, _meshes(phase), os.path.join(base, phase), os.path.join(base, "ckpt"),
+                              TIMEOUT_S[phase])
+    return _RUNS[phase]
 
 
 def _case_ids():
-    return [(mesh, phase, name) for mesh, dp in MESHES.items() for phase in ("train", "resume")
+    return [(phase, f"{mesh}-{name}") for phase in ("train", "resume") for mesh, dp in MESHES.items()
             for name in fsdp_ring_worker.cases(WORLD, dp, phase)]
 
 
-@pytest.mark.parametrize("mesh,phase,case", _case_ids(), ids=[f"{m}-{c}" for m, _, c in _case_ids()])
-def test_fsdp_ring_case(mesh, phase, case, tmp_path_factory):
-    run = _run(mesh, phase, tmp_path_factory)
+@pytest.mark.parametrize("phase,case", _case_ids(), ids=[c for _, c in _case_ids()])
+def test_fsdp_ring_case(phase, case, tmp_path_factory):
+    run = _run(phase, tmp_path_factory)
     failures = case_failures(run, WORLD, case)
-    assert not failures, f"{case} on mesh {mesh} failed:\n" + "\n".join(failures)
+    assert not failures, f"{case} failed:\n" + "\n".join(failures)
