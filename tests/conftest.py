@@ -32,8 +32,8 @@ os.environ.setdefault(COMPILER_ENV, "eager")
 COMPILER_MARKS = ("inductor", "aot_eager")  # marks that pick the test's compiler
 
 
-# modules whose every test is about what Inductor builds (its caches, GPU kernels)
-INDUCTOR_MODULES = {"test_compile_caches.py", "test_gpu.py", "test_worklist_gpu.py", "test_block_sparse_gpu.py",
+# modules whose every test is about what Inductor builds (GPU kernels)
+INDUCTOR_MODULES = {"test_gpu.py", "test_worklist_gpu.py", "test_block_sparse_gpu.py",
                     "test_triton_miscompile.py", "test_ring_nccl.py"}
 
 

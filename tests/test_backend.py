@@ -79,11 +79,12 @@ def test_compiled_forward_backward_match_eager_rewrite(head_split, is_causal):
     assert counters["dilated"]["rewritten"] == 2
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.inductor)],
-                         ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_compiled_attention_within_tolerance_of_reference(dtype):
-    """The rewritten SDPA itself, compiled, against the float64 reference (bfloat16 through
-    Inductor, whose fusions round differently from the eager ops)."""
+    """The rewritten SDPA itself, compiled, against the float64 reference. (Inductor's CPU
+    fusions of the bfloat16 lowering round differently from the eager ops: they run with
+    DILATED_COMPILER=inductor, not in the default suite; on CUDA the site is one opaque op,
+    tests/test_gpu.py.)"""
     seg, rates = (16, 32, 64), (1, 6, 12)
 
     def f(q, k, v):

@@ -52,6 +52,7 @@ def _probe_caches(cache_dir: Path, *segments: int) -> list[dict]:
     return [json.loads(line) for line in res.stdout.strip().splitlines()[-len(segments):]]
 
 
+@pytest.mark.inductor
 def test_second_process_hits_caches_and_changed_policy_misses(tmp_path):
     """Process 1 compiles (misses, saves); process 2, same policy, hits the FX graph and
     AOTAutograd caches, and then, a changed policy, misses both."""
