@@ -271,33 +271,32 @@ def cases(world: int, backend: str = "gloo") -> dict[str, Callable[[], None]]:
         numeric_case, "dense", "zigzag", True, torch.float64, n_local=34)
     out["gpt-training-direct"] = functools.partial(gpt_training_case, "direct")
     # Inductor compiles are the slow part of a run and do not depend on the world size (the eager
-    # cases above cover every hop count): most compiled cases run on 2 ranks, a few on 3 and 4
+    # cases above cover every hop count): the backend cases through Inductor run on 2 ranks; the
+    # others run the rewritten graph as captured (the suite's compiler), and AOTAutograd's trace
+    # of each ring is read by the compiled-capture cases
+    as_captured = {"compiler": os.environ.get("DILATED_COMPILER", "eager")}
     if world == 2:
         out["backend-dense-zigzag-causal"] = functools.partial(backend_case, "dense", "zigzag", True)
         out["backend-dilated-zigzag-causal"] = functools.partial(  # segments inside a chunk
-            backend_case, "dilated", "zigzag", True, sends=False, compiler="aot_eager")
-        # segments spanning ranks: the ring sends; op by op (the dense case checks the collectives
-        # in Inductor's code)
+            backend_case, "dilated", "zigzag", True, sends=False, **as_captured)
+        # segments spanning ranks: the ring sends (the dense case checks the collectives in
+        # Inductor's code)
         out["backend-dilated-groups-long-zigzag-causal"] = functools.partial(
-            backend_case, "dilated", "zigzag", True, "groups-long", compiler="aot_eager")
-        # op by op: the compiled capture of the same ring below counts its all-to-alls
+            backend_case, "dilated", "zigzag", True, "groups-long", **as_captured)
+        # the compiled capture of the same ring below counts its all-to-alls
         out["backend-block-sparse-local-contiguous-causal"] = functools.partial(
-            backend_case, "block_sparse", "contiguous", True, "local", keys=EXCHANGED, compiler="aot_eager")
-    # on 3 and 4 ranks the rewritten graph runs as captured (the suite's compiler): what
-    # AOTAutograd and Inductor make of a ring does not depend on the world size, and the 2-rank
-    # cases read it
-    eager_code = {"compiler": os.environ.get("DILATED_COMPILER", "eager")}
+            backend_case, "block_sparse", "contiguous", True, "local", keys=EXCHANGED, **as_captured)
     if world == 3:
         out["backend-dense-contiguous-full"] = functools.partial(
-            backend_case, "dense", "contiguous", False, **eager_code)
+            backend_case, "dense", "contiguous", False, **as_captured)
         out["backend-block-sparse-mask-mod-zigzag-full"] = functools.partial(
-            backend_case, "block_sparse", "zigzag", False, "mask-mod", keys=ROTATE, **eager_code)
+            backend_case, "block_sparse", "zigzag", False, "mask-mod", keys=ROTATE, **as_captured)
     if world == 4:
         out["backend-dilated-longnet-contiguous-full"] = functools.partial(
             backend_case, "dilated", "contiguous", False, "longnet", sends=False,
-            keys="none sent (segments inside a shard)", **eager_code)
+            keys="none sent (segments inside a shard)", **as_captured)
         out["backend-block-sparse-global-zigzag-causal"] = functools.partial(  # one all-to-all
-            backend_case, "block_sparse", "zigzag", True, "global", keys=EXCHANGED, **eager_code)
+            backend_case, "block_sparse", "zigzag", True, "global", keys=EXCHANGED, **as_captured)
     if gpu and world == 2:  # cuDNN/flash inside the compiled ring; with the float32 cases above,
         # every inner attention through the backend in both layouts, causal and not
         bf16 = dict(dtype=torch.bfloat16, n_local=32)
