@@ -23,13 +23,11 @@ for _name, _value in COMPILE_FAST.items():
 
 # Most tests check what the rewrite computes: the backend runs the rewritten graph as Dynamo
 # captured it (`compiler: eager`; the attention functions with their own autograd, a few seconds
-# of compile where AOTAutograd takes several times that on CPU). Tests marked `aot_eager` trace it
-# through AOTAutograd (fake tensors, functionalization, the joint graph) and run it op by op; tests
-# marked `inductor` check what Inductor builds from it, as users do; so do the benchmarks.
+# of compile where AOTAutograd takes several times that on CPU). Tests marked `inductor` check what
+# Inductor builds from it (through AOTAutograd), as users do; so do the benchmarks.
 # `DILATED_COMPILER=aot_eager` or `=inductor python -m pytest` runs every test through that compiler.
 COMPILER_ENV = "DILATED_COMPILER"
 os.environ.setdefault(COMPILER_ENV, "eager")
-COMPILER_MARKS = ("inductor", "aot_eager")  # marks that pick the test's compiler
 
 
 # modules whose every test is about what Inductor builds (GPU kernels)
@@ -45,11 +43,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _compiler_of_the_test(request, monkeypatch):
-    """Tests marked `inductor` (or `aot_eager`) compile with it whatever the suite's compiler."""
-    for name in COMPILER_MARKS:
-        if request.node.get_closest_marker(name):
-            monkeypatch.setenv(COMPILER_ENV, name)
-            return
+    """Tests marked `inductor` compile with Inductor whatever the suite's compiler."""
+    if request.node.get_closest_marker("inductor"):
+        monkeypatch.setenv(COMPILER_ENV, "inductor")
 
 # Tests that read one expensive launch kept in their module (the multi-process runs; the quick
 # benchmark's runs; a recorded kernel replay), by the nodeid prefix the tests of one launch share,
@@ -75,10 +71,6 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "inductor: compiles with Inductor (the backend's default) while the rest of the "
         "suite runs the rewritten graph as captured (compiler eager)",
-    )
-    config.addinivalue_line(
-        "markers", "aot_eager: traces the rewritten graph through AOTAutograd and runs it op by op "
-        "(compiler aot_eager)",
     )
     config.addinivalue_line(
         "markers", "compiles: a multi-process ring case that runs torch.compile (the slow ones; "

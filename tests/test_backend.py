@@ -50,10 +50,9 @@ def _run(model, x, options):
     return out, grads
 
 
-# (Inductor's code for these: the groups split in tests/test_dilated.py, longnet in tests/test_hf_models.py;
-# AOTAutograd's joint graph for longnet here, for groups in tests/test_dilated.py)
+# (Inductor's code for these: the groups split in tests/test_dilated.py, longnet in tests/test_hf_models.py)
 @pytest.mark.parametrize("head_split,is_causal", [("groups", True), ("groups", False), ("longnet", True),
-                                                  pytest.param("longnet", False, marks=pytest.mark.aot_eager)])
+                                                  ("longnet", False)])
 def test_compiled_forward_backward_match_eager_rewrite(head_split, is_causal):
     """Compiled = the same model run eagerly with its attention replaced by
     dilated_attention, forward and parameter gradients; and close to float64."""
