@@ -30,11 +30,9 @@ import argparse
 import copy
 import datetime
 import functools
-import json
 import os
 import sys
 import time
-import traceback
 from typing import Callable
 
 import torch
@@ -49,6 +47,7 @@ from dilated_compile import causal_lm_loss, shard_causal_lm_batch
 from .fsdp_ring_models import (
     BATCH_PER_DP, DILATED, LR, MODELS, SEQ_LEN, VOCAB, WINDOW, layer_kinds, train_reference,
 )
+from .launcher import RankResults
 
 STEPS, CHECKPOINT_AFTER = 3, 2
 LAYOUT = "zigzag"
@@ -371,13 +370,6 @@ def mesh_name(world: int, dp: int) -> str:
     return cp if dp == 1 else f"dp{dp}-{cp}"
 
 
-def _write(path: str, state: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(state, f)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     global MESH, FSDP_MESH, CKPT_DIR
     parser = argparse.ArgumentParser()
@@ -395,8 +387,7 @@ def main(argv=None) -> int:
                             timeout=datetime.timedelta(seconds=120))
     from torch.distributed.device_mesh import init_device_mesh
 
-    path = os.path.join(args.out, f"rank{args.rank}.json")
-    state: dict = {"results": {}, "current": None, "seconds": {}}
+    results = RankResults(args.out, args.rank)
     for dp in args.dp:
         MESH = init_device_mesh("cpu", (dp, args.world // dp), mesh_dim_names=("dp", "cp"))
         FSDP_MESH = MESH["dp", "cp"]._flatten("dp_cp")  # FSDP2 shards and reduces over dp x cp
@@ -404,19 +395,9 @@ def main(argv=None) -> int:
         CKPT_DIR = os.path.join(args.ckpt, mesh)
         for case, fn in cases(args.world, dp, args.phase).items():
             name = f"{mesh}-{case}"
-            if args.only and name not in args.only:
-                continue
-            state["current"] = name
-            _write(path, state)
-            start = time.monotonic()
-            try:
-                fn()
-                state["results"][name] = None
-            except Exception:  # noqa: BLE001 - every failure is reported to the test
-                state["results"][name] = traceback.format_exc()
-            state["seconds"][name] = round(time.monotonic() - start, 2)
-    state["current"] = None
-    _write(path, state)
+            if not args.only or name in args.only:
+                results.run(name, fn)
+    results.finish()
     dist.destroy_process_group()
     return 0
 

@@ -3,7 +3,7 @@
 A worker (`tests/ring_worker.py`, `tests/fsdp_ring_worker.py`) runs as
 ``python -m <module> --rank R --world W <args>`` and keeps
 ``<out>/rank<R>.json`` up to date: ``{"results": {case: error or None},
-"current": case being run or None}``. A launch that outlives its timeout is
+"current": case being run or None}`` (`RankResults`). A launch that outlives its timeout is
 killed, and the failure names the case each rank was stuck in.
 """
 
@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 import time
+import traceback
+from typing import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,3 +83,35 @@ def case_failures(run: dict, world: int, case: str) -> list[str]:
         elif results[case] is not None:
             failures.append(f"rank {rank}:\n{results[case]}")
     return failures
+
+
+class RankResults:
+    """A worker rank's side: runs cases one by one, catching failures, and keeps
+    ``<out>/rank<R>.json`` up to date for `launch_ranks` (rewritten before and after each case, so a
+    hang shows where it stopped)."""
+
+    def __init__(self, out: str, rank: int) -> None:
+        self.path = os.path.join(out, f"rank{rank}.json")
+        self.state: dict = {"results": {}, "current": None, "seconds": {}}
+
+    def _write(self) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.state, f)
+        os.replace(tmp, self.path)
+
+    def run(self, name: str, case: Callable[[], None]) -> None:
+        """Run `case`, recording None or its failure's traceback, and its time."""
+        self.state["current"] = name
+        self._write()
+        start = time.monotonic()
+        try:
+            case()
+            self.state["results"][name] = None
+        except Exception:  # noqa: BLE001 - every failure is reported to the test
+            self.state["results"][name] = traceback.format_exc()
+        self.state["seconds"][name] = round(time.monotonic() - start, 2)
+
+    def finish(self) -> None:
+        self.state["current"] = None
+        self._write()

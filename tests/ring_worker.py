@@ -29,11 +29,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
 import os
 import sys
-import time
-import traceback
 from typing import Callable
 
 import torch
@@ -43,6 +40,7 @@ from dilated_compile import register_group, ring_attention
 from dilated_compile.sharding import check_same_on_all_ranks, ring_info, shard, unshard
 
 from . import ring_common
+from .launcher import RankResults
 from .ring_common import (
     BATCH, BLOCK_SPARSE, DILATED, HEADS, N_LOCAL, CaseFailure, _compare, _full_inputs, _local_qkv, _reference,
     expect_error, numeric_case,
@@ -368,13 +366,6 @@ def configure(backend: str, rank: int) -> None:
         ring_common.DIM = ring_common.CUDA_DIM
 
 
-def _write(path: str, state: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(state, f)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rank", type=int, required=True)
@@ -390,22 +381,11 @@ def main(argv=None) -> int:
         args.backend, init_method=f"file://{args.store}", rank=args.rank, world_size=args.world,
         timeout=datetime.timedelta(seconds=60),  # NCCL: its watchdog aborts the rank past this
     )
-    path = os.path.join(args.out, f"rank{args.rank}.json")
-    state: dict = {"results": {}, "current": None, "seconds": {}}
+    results = RankResults(args.out, args.rank)
     for name, fn in cases(args.world, args.backend).items():
-        if args.only and name not in args.only:
-            continue
-        state["current"] = name
-        _write(path, state)
-        start = time.monotonic()
-        try:
-            fn()
-            state["results"][name] = None
-        except Exception:  # noqa: BLE001 - every failure is reported to the test
-            state["results"][name] = traceback.format_exc()
-        state["seconds"][name] = round(time.monotonic() - start, 2)
-    state["current"] = None
-    _write(path, state)
+        if not args.only or name in args.only:
+            results.run(name, fn)
+    results.finish()
     dist.destroy_process_group()
     return 0
 
