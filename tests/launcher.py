@@ -87,8 +87,8 @@ def case_failures(run: dict, world: int, case: str) -> list[str]:
 
 class RankResults:
     """A worker rank's side: runs cases one by one, catching failures, and keeps
-    ``<out>/rank<R>.json`` up to date for `launch_ranks` (rewritten before and after each case, so a
-    hang shows where it stopped)."""
+    ``<out>/rank<R>.json`` up to date for `launch_ranks` (rewritten as each case starts, with the
+    results so far and the case now running, so a hang shows where it stopped, and at the end)."""
 
     def __init__(self, out: str, rank: int) -> None:
         self.path = os.path.join(out, f"rank{rank}.json")

@@ -6,7 +6,7 @@
 Every rank runs every case of `cases(world)` in the same order (a case may
 use collectives, so all ranks must take part in each), catching failures, and
 writes ``DIR/rank<R>.json``: ``{"results": {case: null | "failure text"},
-"current": case being run, "seconds": {case: run time}}``, rewritten after each case so a hang shows
+"current": case being run, "seconds": {case: run time}}``, rewritten as each case starts so a hang shows
 where it stopped. `tests/test_ring.py` launches the ranks, bounds their run
 time and turns the results into one pytest test per case.
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import os
 import sys
 from typing import Callable
 
@@ -37,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from dilated_compile import register_group, ring_attention
+from dilated_compile.backend import compiler_from
 from dilated_compile.sharding import check_same_on_all_ranks, ring_info, shard, unshard
 
 from . import ring_common
@@ -270,9 +270,9 @@ def cases(world: int, backend: str = "gloo") -> dict[str, Callable[[], None]]:
     out["gpt-training-direct"] = functools.partial(gpt_training_case, "direct")
     # Inductor compiles are the slow part of a run and do not depend on the world size (the eager
     # cases above cover every hop count): the backend cases through Inductor run on 2 ranks; the
-    # others run the rewritten graph as captured (the suite's compiler), and AOTAutograd's trace
+    # others run with DILATED_COMPILER (the suite: as captured), and AOTAutograd's trace
     # of each ring is read by the compiled-capture cases
-    as_captured = {"compiler": os.environ.get("DILATED_COMPILER", "eager")}
+    as_captured = {"compiler": compiler_from({})}
     if world == 2:
         out["backend-dense-zigzag-causal"] = functools.partial(backend_case, "dense", "zigzag", True)
         out["backend-dilated-zigzag-causal"] = functools.partial(  # segments inside a chunk

@@ -45,7 +45,7 @@ pytestmark = pytest.mark.skipif(
     reason="transformers passes its causal mask as a graph input on torch < 2.13",
 )
 
-_RUNS: dict[str, dict] = {}
+_RUNS: dict[str, dict] = {}  # by phase
 
 
 def launch(phase: str, dps: list[int], out: str, ckpt: str, timeout: float) -> dict:
@@ -62,16 +62,12 @@ def _meshes(phase: str) -> list[int]:
 
 def _run(phase: str, tmp_path_factory) -> dict:
     """One launch per phase, every mesh in it; phase "resume" starts new processes that load the
-    checkpoints of phase "train"."""
-    if "train" not in _RUNS:
-        base = tmp_path_factory.mktemp("fsdp-ring")
-        _RUNS["base"] = {"path": str(base)}
-        _RUNS["train"] = launch("train", _meshes("train"), str(base / "train"), str(base / "ckpt"),
-                                TIMEOUT_S["train"])
+    checkpoints phase "train" saved."""
+    if phase == "resume":
+        _run("train", tmp_path_factory)
     if phase not in _RUNS:
-        base = _RUNS["base"]["path"]
-        _RUNS[phase] = launch(phase, _meshes(phase), os.path.join(base, phase), os.path.join(base, "ckpt"),
-                              TIMEOUT_S[phase])
+        base = tmp_path_factory.getbasetemp() / "fsdp-ring"
+        _RUNS[phase] = launch(phase, _meshes(phase), str(base / phase), str(base / "ckpt"), TIMEOUT_S[phase])
     return _RUNS[phase]
 
 
