@@ -156,6 +156,7 @@ def host_us(fn, calls: int = 20) -> float:
 
 
 MODES = {"worklist": "on", "blocks": "off", "default": "auto"}  # tag -> DILATED_WORKLIST
+SELECTED_MODES = tuple(MODES)  # --modes sets it
 
 
 def gpu_ms(fn) -> float:
@@ -198,6 +199,8 @@ def time_one(n, split, cfg, causal, h, d, dense) -> dict:
     call = lambda: model(q, k, v)  # noqa: E731
     step = _step(call, (q, k, v))
     for tag, mode in MODES.items():
+        if tag not in SELECTED_MODES:
+            continue
         with worklist_setting(mode):
             with torch.no_grad():
                 r[f"{tag}_fwd_ms"] = timed(call)
@@ -218,7 +221,7 @@ def time_one(n, split, cfg, causal, h, d, dense) -> dict:
             f"{', gpu %.3f' % r[f'{tag}_fwd_gpu_ms'] if tag != 'default' else ''})"
             f" fwd+bwd {r[f'{tag}_fwdbwd_ms']:.3f} ms ({r[f'{tag}_fwdbwd_ratio']:.2f}, host {r[f'{tag}_fwdbwd_host_us']:.0f} us"
             f"{', gpu %.3f' % r[f'{tag}_fwdbwd_gpu_ms'] if tag != 'default' else ''})"
-            for tag in MODES
+            for tag in SELECTED_MODES
         ),
         flush=True,
     )
@@ -291,7 +294,9 @@ def dense_row(n, causal, h, d) -> dict:
     with torch.no_grad():
         r["fwd_ms"] = timed(call)
         r["fwd_host_us"] = host_us(call)
-    r["fwdbwd_ms"] = timed(_step(call, (q, k, v)))
+    step = _step(call, (q, k, v))
+    r["fwdbwd_ms"] = timed(step)
+    r["fwdbwd_host_us"] = host_us(step)
     r["fwd_tflops"] = 4 * d * pairs / r["fwd_ms"] / 1e9
     r["fwdbwd_tflops"] = FWD_BWD * 4 * d * pairs / r["fwdbwd_ms"] / 1e9
     print(json.dumps({"dense": {key: round(val, 3) for key, val in r.items()}}), flush=True)
@@ -299,20 +304,22 @@ def dense_row(n, causal, h, d) -> dict:
 
 
 TUNE_WORKLOADS = [
+    (8192, "groups", SHORT["segment_lengths"], SHORT["dilation_rates"], False),
+    (8192, "longnet", SHORT["segment_lengths"], SHORT["dilation_rates"], False),
     # N, head split, segments, rates, causal
     (32768, "longnet", LONGNET_32K["segment_lengths"], LONGNET_32K["dilation_rates"], False),
     (32768, "longnet", LONGNET_32K["segment_lengths"], LONGNET_32K["dilation_rates"], True),
     (16384, "groups", SHORT["segment_lengths"], SHORT["dilation_rates"], True),
 ]
-TUNE_FORWARD = ["128,64,8,3", "128,128,8,3", "128,64,4,3", "64,64,4,3"]
+TUNE_FORWARD = ["128,64,8,3", "128,64,8,2", "128,128,8,3", "128,64,4,3", "64,64,4,3", "64,64,4,2", "64,32,4,3"]
 TUNE_BACKWARD = ["64,64,4,2", "64,32,4,3", "128,64,8,2", "128,32,8,3", "64,64,8,3"]
 
 
-def tune(h, d) -> list[dict]:
+def tune(h, d, lengths) -> list[dict]:
     """GPU time of eager `dilated_attention` per block configuration
-    (DILATED_WORKLIST_FWD / _BWD = block_m,block_n,warps,stages)."""
+    (DILATED_WORKLIST_FWD / _BWD = block_m,block_n,warps,stages), at the workloads of `lengths`."""
     rows = []
-    for n, split, seg, rates, causal in TUNE_WORKLOADS:
+    for n, split, seg, rates, causal in (w for w in TUNE_WORKLOADS if w[0] in lengths):
         q, k, v = (
             torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
             for _ in range(3)
@@ -383,6 +390,42 @@ def profile_host(h, d) -> None:
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
 
 
+def long_rows(lengths, splits, h, d, dense_rows) -> list[dict]:
+    """The default path at lengths past 128k, where dense attention is too slow to
+    time: its ratio against dense SDPA's TFLOP/s at the longest timed length (same
+    causality), and its time per token."""
+    rows = []
+    for n in lengths:
+        for causal in (False, True):
+            base = max((r for r in dense_rows if r["causal"] == causal), key=lambda r: r["N"])
+            for split in splits:
+                cfg = GROUPS_32K if split == "groups" else LONGNET_32K
+                seg, rates = cfg["segment_lengths"], cfg["dilation_rates"]
+                q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+                           for _ in range(3))
+                flops = 4 * d * attended_pairs(h, n, seg, rates, split, causal)
+                torch._dynamo.reset()
+                model = torch.compile(Attention(causal), backend="dilated", options={"policy": policy_for(cfg, split)})
+                call = lambda: model(q, k, v)  # noqa: E731
+                step = _step(call, (q, k, v))
+                r = {"N": n, "split": split, "causal": causal, "segments": seg, "rates": rates,
+                     "flops_fwd": flops, "dense_from_N": base["N"]}
+                with torch.no_grad():
+                    r["fwd_ms"] = timed(call)
+                r["fwdbwd_ms"] = timed(step)
+                for m, mult in (("fwd", 1), ("fwdbwd", FWD_BWD)):
+                    r[f"{m}_ratio"] = mult * flops / r[f"{m}_ms"] / 1e9 / base[f"{m}_tflops"]
+                    r[f"{m}_us_per_token"] = r[f"{m}_ms"] * 1e3 / n
+                r["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                print(json.dumps({"long": {key: (round(val, 4) if isinstance(val, float) else val)
+                                           for key, val in r.items()}}), flush=True)
+                rows.append(r)
+                del q, k, v, model, call, step
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+    return rows
+
+
 TARGETS = {"fwd": (0.70, 0.90), "fwdbwd": (0.60, 0.80)}  # below 32k tokens, from 32k
 
 
@@ -398,7 +441,7 @@ def plot(results: dict, path: str) -> None:
     fig, axes = plt.subplots(2, 1, figsize=(12, 8), sharex=True)
     width = 0.27
     for ax, m, title in zip(axes, ("fwd", "fwdbwd"), ("forward", "forward+backward")):
-        for i, tag in enumerate(MODES):
+        for i, tag in enumerate(t for t in MODES if f"{t}_fwd_ratio" in rows[0]):
             xs = [j + (i - 1) * width for j in range(len(rows))]
             ax.bar(xs, [r[f"{tag}_{m}_ratio"] for r in rows], width, label=tag)
         for j, r in enumerate(rows):
@@ -413,14 +456,26 @@ def plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=90)
 
 
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
 def main():
-    global REP
+    global REP, SELECTED_MODES
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default=os.environ.get("OUT", "out"))
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
+    p.add_argument("--long-lengths", type=int, nargs="*", default=[],
+                   help="lengths past the timed dense ones (e.g. 262144 524288 1048576): default path only")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--rep", type=int, default=150, help="do_bench rep (ms)")
+    p.add_argument("--modes", nargs="+", choices=tuple(MODES), default=list(MODES),
+                   help="paths to time: the work list, the gathered blocks, the default choice")
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--compare-blocks", action="store_true", help="checks also report the gathered-block path's errors")
     p.add_argument("--skip-timing", action="store_true")
@@ -428,16 +483,17 @@ def main():
     p.add_argument("--tune", action="store_true", help="time block configurations (eager, GPU time)")
     p.add_argument("--profile-host", action="store_true", help="cProfile the compiled forward's host time")
     args = p.parse_args()
-    REP = args.rep
+    REP, SELECTED_MODES = args.rep, tuple(args.modes)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "worklist.json")
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "checks": [], "rows": [], "dense": []}
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": _triton_version(),
+               "commit": os.environ.get("GIT_COMMIT"), "argv": sys.argv[1:], "checks": [], "rows": [], "dense": []}
     torch._dynamo.config.cache_size_limit = 256
     t_start = time.perf_counter()
     if args.profile_host:
         profile_host(args.heads, args.head_dim)
     if args.tune:
-        results["tune"] = tune(args.heads, args.head_dim)
+        results["tune"] = tune(args.heads, args.head_dim, args.lengths)
     if not args.skip_check:
         results["checks"] = check(args)
         print(f"checks: {sum(r['ok'] for r in results['checks'])}/{len(results['checks'])} ok, "
@@ -455,6 +511,10 @@ def main():
                     with open(path, "w") as f:
                         json.dump(results, f, indent=1)
             torch.cuda.empty_cache()
+        if args.long_lengths:
+            results["long"] = long_rows(args.long_lengths, args.splits, h, d, results["dense"])
+            with open(path, "w") as f:
+                json.dump(results, f, indent=1)
     results["total_s"] = time.perf_counter() - t_start
     with open(path, "w") as f:
         json.dump(results, f, indent=1)

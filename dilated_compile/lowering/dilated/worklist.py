@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..common.storage import seq_major_empty
+from ..common.storage import seq_major_strides
 from .plan import Plan
 
 ITEM_FIELDS = 9  # head, pos0, rate, m, block, out_row0, seg_start, seg_len, offset
@@ -199,77 +199,46 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-# Compiled kernels ready to launch, by (kernel, grid, launch options, what Triton
-# specialised on): the integer arguments, the inputs' dtypes and 16-byte alignment,
-# and the constexprs. A launch of a known key skips Triton's JIT (argument binding,
-# specialisation, cache lookup) and calls the compiled kernel Triton returned.
-_COMPILED: dict[tuple, object] = {}
-_COMPILED_MAX = 1024
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
-def _launch(fn, grid: tuple[int, int, int], blocks: Blocks, inputs: tuple, args: tuple, ints: tuple,
-            consts: tuple) -> None:
-    """Launch Triton kernel `fn` on `grid` with its parameters ``args + ints + consts``
-    in order: `args` tensors and floats, `ints` the integer parameters, `consts` the
-    constexprs; `inputs`: the tensors of `args` whose dtype or alignment can differ
-    between calls of the same shapes (the others are allocated here, or cached)."""
-    align, dtypes = 0, []
-    for i, t in enumerate(inputs):
-        dtypes.append(t.dtype)
-        if t.data_ptr() % 16:
-            align |= 1 << i
-    key = (fn, grid, blocks.num_warps, blocks.num_stages, align, *dtypes, ints, consts)
-    runner = _COMPILED.get(key)
-    if runner is not None:
-        runner(*args, *ints, *consts)
-        return
-    kernel = fn[grid](*args, *ints, *consts, num_warps=blocks.num_warps, num_stages=blocks.num_stages)
-    if type(kernel).__name__ == "CompiledKernel":  # not under Triton's interpreter
-        if len(_COMPILED) >= _COMPILED_MAX:
-            _COMPILED.clear()
-        _COMPILED[key] = kernel[grid]
+class _Launch:
+    """One kernel launch whose grid, integer and constexpr arguments are fixed.
+
+    Its first call per dtypes and 16-byte alignment of `inputs` (what Triton
+    specialises on besides the fixed arguments) goes through Triton's JIT;
+    later ones call the compiled kernel that returned, on the current stream."""
+
+    __slots__ = ("fn", "grid", "blocks", "tail", "runners")
+
+    def __init__(self, fn, grid: tuple[int, int, int], blocks: Blocks, ints: tuple, consts: tuple):
+        self.fn, self.grid, self.blocks = fn, grid, blocks
+        self.tail = (*ints, *consts)
+        self.runners: dict[tuple, object] = {}
+
+    def __call__(self, inputs: tuple, args: tuple, stream) -> None:
+        spec = tuple((t.dtype, t.data_ptr() % 16) for t in inputs)
+        runner = self.runners.get(spec)
+        if runner is not None:
+            runner(*args, *self.tail, stream=stream)
+            return
+        kernel = self.fn[self.grid](*args, *self.tail, num_warps=self.blocks.num_warps,
+                                    num_stages=self.blocks.num_stages)
+        if type(kernel).__name__ == "CompiledKernel" and len(self.runners) < 16:  # not the interpreter
+            self.runners[spec] = kernel[self.grid]
+
+
+def _stream(device: torch.device):
+    """The raw current CUDA stream of `device` (None elsewhere: the interpreter takes none)."""
+    return torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else None
 
 
 MERGE_BLOCK = 32
-
-
-def forward(plan: Plan, is_causal: bool, scale: float, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of the dilated attention `plan` describes, as `compute.dilated_forward`
-    returns them: out (B, H, N, D) in q's dtype and lse (B, H, N) float32, both stored
-    sequence-major; out 0 and lse -inf where no pattern selects a position."""
-    b, h, n, d = q.shape
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    blocks = forward_blocks(q)
-    causal = bool(is_causal)
-    wl = work_list(plan, blocks, causal, q.device)
-    out = seq_major_empty(q, q.shape, q.dtype)
-    lse = seq_major_empty(q, (b, h, n), torch.float32)
-    if wl.n_items == 0 or b == 0:
-        return out.zero_(), lse.fill_(-math.inf)
-    kern = _kernels()
-    if wl.compact:
-        # each pattern's rows in q's dtype (as the gathered-block kernels give them), merged in fp32
-        target = torch.empty((b, h, wl.head_rows, d), dtype=q.dtype, device=q.device)
-        target_lse = torch.empty((b, h, wl.head_rows), dtype=torch.float32, device=q.device)
-    else:
-        target, target_lse = out, lse
-    _launch(
-        kern.forward_kernel, (wl.n_items, b, 1), blocks, (q, k, v),
-        (q, k, v, target, target_lse, wl.items, float(scale)),
-        (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *target.stride()[:3], *target_lse.stride()),
-        (causal, wl.compact, blocks.block_m, blocks.block_n, d, q.dtype == torch.float32),
-    )
-    if wl.compact:
-        _launch(
-            kern.merge_kernel, (-(-n // MERGE_BLOCK), h, b), _MERGE_LAUNCH, (target,),
-            (target, target_lse, out, lse, wl.patterns),
-            (n, target.stride(0), target.stride(1), target_lse.stride(0), target_lse.stride(1),
-             *out.stride()[:3], *lse.stride()),
-            (wl.patterns.shape[0], MERGE_BLOCK, d),
-        )
-    return out, lse
-
-
 PREPARE_BLOCK = 32
 CAST_BLOCK = 1024
 _MERGE_LAUNCH = Blocks(MERGE_BLOCK, MERGE_BLOCK, 4, 3)  # Triton's default warps and stages
@@ -277,42 +246,142 @@ _PREPARE_LAUNCH = Blocks(PREPARE_BLOCK, PREPARE_BLOCK, 4, 3)
 _CAST_LAUNCH = Blocks(CAST_BLOCK, CAST_BLOCK, 4, 3)
 
 
+class _ForwardCall:
+    """The work-list forward of one call signature (plan, causality, shapes and
+    strides, dtype, device): what a call allocates and launches, decided once."""
+
+    def __init__(self, plan: Plan, causal: bool, q, k, v):
+        b, h, n, d = q.shape
+        blocks = forward_blocks(q)
+        self.wl = wl = work_list(plan, blocks, causal, q.device)
+        self.empty = wl.n_items == 0 or b == 0
+        self.out_shape, self.out_strides = tuple(q.shape), seq_major_strides(q.shape)
+        self.lse_shape, self.lse_strides = (b, h, n), seq_major_strides((b, h, n))
+        if wl.compact:
+            # each pattern's rows in q's dtype (as the gathered-block kernels give them), merged in fp32
+            self.target_shape = (b, h, wl.head_rows, d)
+            target_strides = _contiguous_strides(self.target_shape)
+            target_lse_strides = _contiguous_strides(self.target_shape[:3])
+        else:
+            target_strides, target_lse_strides = self.out_strides, self.lse_strides
+        kern = _kernels()
+        self.attend = _Launch(
+            kern.forward_kernel, (wl.n_items, b, 1), blocks,
+            (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *target_strides[:3], *target_lse_strides),
+            (causal, wl.compact, blocks.block_m, blocks.block_n, d, q.dtype == torch.float32),
+        )
+        self.merge = None
+        if wl.compact:
+            self.merge = _Launch(
+                kern.merge_kernel, (-(-n // MERGE_BLOCK), h, b), _MERGE_LAUNCH,
+                (n, target_strides[0], target_strides[1], target_lse_strides[0], target_lse_strides[1],
+                 *self.out_strides[:3], *self.lse_strides),
+                (wl.patterns.shape[0], MERGE_BLOCK, d),
+            )
+
+    def __call__(self, scale: float, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+        out = torch.empty_strided(self.out_shape, self.out_strides, dtype=q.dtype, device=q.device)
+        lse = torch.empty_strided(self.lse_shape, self.lse_strides, dtype=torch.float32, device=q.device)
+        if self.empty:
+            return out.zero_(), lse.fill_(-math.inf)
+        stream = _stream(q.device)
+        if self.merge is None:
+            self.attend((q, k, v), (q, k, v, out, lse, self.wl.items, scale), stream)
+            return out, lse
+        target = torch.empty(self.target_shape, dtype=q.dtype, device=q.device)
+        target_lse = torch.empty(self.target_shape[:3], dtype=torch.float32, device=q.device)
+        self.attend((q, k, v), (q, k, v, target, target_lse, self.wl.items, scale), stream)
+        self.merge((target,), (target, target_lse, out, lse, self.wl.patterns), stream)
+        return out, lse
+
+
+class _BackwardCall:
+    """The work-list backward of one call signature, decided once (see `_ForwardCall`)."""
+
+    def __init__(self, plan: Plan, causal: bool, q, k, v, out, lse, dout):
+        b, h, n, d = q.shape
+        blocks = backward_blocks(q)
+        self.wl = wl = work_list(plan, blocks, causal, q.device)
+        self.empty = wl.n_items == 0 or b == 0
+        self.shape, self.strides = tuple(q.shape), seq_major_strides(q.shape)
+        self.delta_shape = (b, h, n)
+        delta_strides = _contiguous_strides(self.delta_shape)
+        self.numel = numel = b * n * h * d
+        if wl.compact:  # (3, B, N, H, D) fp32 sums, zeroed by the first launch
+            self.acc_shape = (3, b, n, h, d)
+            target_strides = _contiguous_strides(self.acc_shape)[1:]
+            target_strides = (target_strides[0], target_strides[2], target_strides[1], target_strides[3])
+        else:
+            self.acc_shape, target_strides = None, self.strides
+        kern = _backward_kernels()
+        self.prepare = _Launch(
+            kern.prepare_kernel, (-(-n // PREPARE_BLOCK), h, b), _PREPARE_LAUNCH,
+            (n, numel, *dout.stride()[:3], *out.stride()[:3], *delta_strides),
+            (wl.compact, PREPARE_BLOCK, d),
+        )
+        self.attend = _Launch(
+            kern.backward_kernel, (wl.n_items, b, 1), blocks,
+            (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
+             *lse.stride(), *delta_strides, *target_strides[:3]),
+            (causal, wl.compact, blocks.block_m, blocks.block_n, d, q.dtype == torch.float32),
+        )
+        self.cast = None
+        if wl.compact:
+            self.cast = _Launch(kern.cast_kernel, (-(-numel // CAST_BLOCK), 3, 1), _CAST_LAUNCH, (numel,),
+                                (CAST_BLOCK,))
+
+    def __call__(self, scale: float, q, k, v, out, lse, dout) -> tuple[torch.Tensor, ...]:
+        grads = tuple(
+            torch.empty_strided(self.shape, self.strides, dtype=q.dtype, device=q.device) for _ in range(3)
+        )
+        if self.empty:
+            return tuple(g.zero_() for g in grads)
+        stream = _stream(q.device)
+        delta = torch.empty(self.delta_shape, dtype=torch.float32, device=q.device)
+        if self.cast is None:
+            acc, targets = delta, grads
+        else:
+            acc = torch.empty(self.acc_shape, dtype=torch.float32, device=q.device)
+            targets = tuple(acc[t].transpose(1, 2) for t in range(3))
+        self.prepare((dout, out), (dout, out, delta, acc), stream)
+        self.attend((q, k, v, dout, lse), (q, k, v, dout, lse, delta, *targets, self.wl.items, scale), stream)
+        if self.cast is not None:
+            self.cast((acc, grads[0]), (acc, *grads), stream)
+        return grads
+
+
+# Prepared calls by (id of the plan, causality, every shape and stride the launches
+# read, dtype, device, block-size setting); each entry keeps its plan, so a reused id
+# cannot match.
+_CALLS: dict[tuple, tuple[Plan, object]] = {}
+_CALLS_MAX = 512
+
+
+def _prepared(kind: type, plan: Plan, causal: bool, tensors: tuple, variable: str):
+    key = (kind, id(plan), causal, os.environ.get(variable), tensors[0].dtype, tensors[0].device,
+           *(t.shape for t in tensors[:1]), *(t.stride() for t in tensors))
+    hit = _CALLS.get(key)
+    if hit is not None and hit[0] is plan:
+        return hit[1]
+    call = kind(plan, causal, *tensors)
+    if len(_CALLS) >= _CALLS_MAX:
+        _CALLS.clear()
+    _CALLS[key] = (plan, call)
+    return call
+
+
+def forward(plan: Plan, is_causal: bool, scale: float, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the dilated attention `plan` describes, as `compute.dilated_forward`
+    returns them: out (B, H, N, D) in q's dtype and lse (B, H, N) float32, both stored
+    sequence-major; out 0 and lse -inf where no pattern selects a position."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    call = _prepared(_ForwardCall, plan, bool(is_causal), (q, k, v), "DILATED_WORKLIST_FWD")
+    return call(float(scale), q, k, v)
+
+
 def backward(plan: Plan, is_causal: bool, scale: float, q, k, v, out, lse, dout):
     """(dq, dk, dv) of the dilated attention `plan` describes from its (merged) out and
     lse, as `compute.dilated_backward` returns them (stored sequence-major)."""
-    b, h, n, d = q.shape
-    q, k, v, dout = (_unit_last(x) for x in (q, k, v, dout))
-    out = _unit_last(out)
-    blocks = backward_blocks(q)
-    causal = bool(is_causal)
-    wl = work_list(plan, blocks, causal, q.device)
-    grads = tuple(seq_major_empty(q, q.shape, q.dtype) for _ in range(3))
-    if wl.n_items == 0 or b == 0:
-        return tuple(g.zero_() for g in grads)
-    kern = _backward_kernels()
-    delta = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
-    numel = b * n * h * d
-    if wl.compact:  # (3, B, N, H, D) fp32 sums, zeroed by the first launch
-        acc = torch.empty((3, b, n, h, d), dtype=torch.float32, device=q.device)
-        targets = tuple(acc[t].transpose(1, 2) for t in range(3))
-    else:
-        acc, targets = delta, grads
-    _launch(
-        kern.prepare_kernel, (-(-n // PREPARE_BLOCK), h, b), _PREPARE_LAUNCH, (dout, out),
-        (dout, out, delta, acc),
-        (n, numel, *dout.stride()[:3], *out.stride()[:3], *delta.stride()),
-        (wl.compact, PREPARE_BLOCK, d),
-    )
-    _launch(
-        kern.backward_kernel, (wl.n_items, b, 1), blocks, (q, k, v, dout, lse),
-        (q, k, v, dout, lse, delta, *targets, wl.items, float(scale)),
-        (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
-         *lse.stride(), *delta.stride(), *targets[0].stride()[:3]),
-        (causal, wl.compact, blocks.block_m, blocks.block_n, d, q.dtype == torch.float32),
-    )
-    if wl.compact:
-        _launch(
-            kern.cast_kernel, (-(-numel // CAST_BLOCK), 3, 1), _CAST_LAUNCH, (acc, grads[0]),
-            (acc, *grads), (numel,), (CAST_BLOCK,),
-        )
-    return grads
+    q, k, v, out, dout = (_unit_last(x) for x in (q, k, v, out, dout))
+    call = _prepared(_BackwardCall, plan, bool(is_causal), (q, k, v, out, lse, dout), "DILATED_WORKLIST_BWD")
+    return call(float(scale), q, k, v, out, lse, dout)
