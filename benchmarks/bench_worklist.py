@@ -353,23 +353,32 @@ TARGETS = {"fwd": (0.70, 0.90), "fwdbwd": (0.60, 0.80)}  # below 32k tokens, fro
 
 
 def plot(results: dict, path: str) -> None:
-    """Ratio to dense SDPA per row, each path side by side, targets as ticks (PNG)."""
+    """Ratio to dense SDPA per row, each path side by side, targets as dashes; rows past
+    the timed dense lengths (against dense extrapolated) as the default path (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = results["rows"]
-    labels = [f"{r['N'] // 1024}k {r['split']}{' causal' if r['causal'] else ''}" for r in rows]
-    fig, axes = plt.subplots(2, 1, figsize=(12, 8), sharex=True)
-    width = 0.27
+    rows = results["rows"] + results.get("long", [])
+    tags = [t for t in MODES if any(f"{t}_fwd_ratio" in r for r in rows)]
+
+    def ratio(r, tag, m):
+        if "dense_from_N" in r:  # a long row: the default path only
+            return r[f"{m}_ratio"] if tag == "default" else 0.0
+        return r.get(f"{tag}_{m}_ratio", 0.0)
+
+    labels = [f"{r['N'] // 1024}k {r['split']}{' causal' if r['causal'] else ''}"
+              f"{' (dense extrap.)' if 'dense_from_N' in r else ''}" for r in rows]
+    fig, axes = plt.subplots(2, 1, figsize=(max(12, 0.5 * len(rows)), 8), sharex=True)
+    width = 0.8 / len(tags)
     for ax, m, title in zip(axes, ("fwd", "fwdbwd"), ("forward", "forward+backward")):
-        for i, tag in enumerate(t for t in MODES if f"{t}_fwd_ratio" in rows[0]):
-            xs = [j + (i - 1) * width for j in range(len(rows))]
-            ax.bar(xs, [r[f"{tag}_{m}_ratio"] for r in rows], width, label=tag)
+        for i, tag in enumerate(tags):
+            xs = [j + (i - (len(tags) - 1) / 2) * width for j in range(len(rows))]
+            ax.bar(xs, [ratio(r, tag, m) for r in rows], width, label=tag)
         for j, r in enumerate(rows):
             target = TARGETS[m][r["N"] >= 32768]
-            ax.hlines(target, j - 1.5 * width, j + 1.5 * width, colors="k", linestyles="dashed")
+            ax.hlines(target, j - 0.45, j + 0.45, colors="k", linestyles="dashed")
         ax.set_ylabel("useful TFLOP/s / dense SDPA")
         ax.set_title(f"{title} (dashed: target)")
         ax.legend(loc="upper left")
