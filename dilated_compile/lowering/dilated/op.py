@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -37,10 +37,13 @@ from ..common.custom_ops import (
     zeros_like_seq_major,
 )
 from ..common.view_replay import opaque_op, without_view_replay
-from .compute import dilated_backward, dilated_forward
-from .arguments import decode_parameters, encode_parameters
+from ..common import combine
 from . import plan as plan_module
-from .plan import plan_for
+from . import worklist
+from .arguments import decode_parameters, encode_parameters
+from .compute import dilated_backward, dilated_forward
+from .kernel_choice import WORKLIST, choose
+from .plan import Plan, plan_for
 
 
 def effective_pattern(
@@ -52,25 +55,40 @@ def effective_pattern(
     return tuple(segment_lengths), tuple(dilation_rates)
 
 
-# Plans by everything `plan_for` reads of a call: the op's arguments, q's shape, dtype
-# and device, and the settings that pick the block kernel. Looked up on every call of
-# the op, so that a call does no more Python than the lookup before its launches.
-_PLANS: dict[tuple, object] = {}
-_PLANS_MAX = 256
+class _Route(NamedTuple):
+    """What a call of the op runs: its plan, and whether its forward and its backward
+    run the work list (else `compute.dilated_forward` / `dilated_backward` decide)."""
+
+    plan: Plan
+    worklist_forward: bool
+    worklist_backward: bool
 
 
-def _plan(q: torch.Tensor, pattern: str, min_seq_len: int):
-    key = (pattern, min_seq_len, q.shape, q.dtype, q.device, os.environ.get("DILATED_KERNEL"),
+# Routes by everything `plan_for`, `combine.runs_on` and `kernel_choice.choose` read of a
+# call: the op's arguments, q's shape, dtype and device, and the settings that pick the
+# kernels. Looked up on every call of the op, so that a call does no more Python than
+# the lookup before the kernels it runs.
+_ROUTES: dict[tuple, _Route] = {}
+_ROUTES_MAX = 256
+_SETTINGS = ("DILATED_KERNEL", "DILATED_WORKLIST", "DILATED_COMBINE")
+
+
+def _route(q: torch.Tensor, pattern: str, is_causal: bool, min_seq_len: int) -> _Route:
+    env = os.environ
+    key = (pattern, min_seq_len, is_causal, q.shape, q.dtype, q.device, *(env.get(s) for s in _SETTINGS),
            q.is_cuda and torch.backends.cuda.cudnn_sdp_enabled(), plan_module.SMALL_PART_TILES)
-    plan = _PLANS.get(key)
-    if plan is None:
+    route = _ROUTES.get(key)
+    if route is None:
         spec = decode_parameters(pattern)
         seg, rates = effective_pattern(q.shape[2], spec.segment_lengths, spec.dilation_rates, min_seq_len)
         plan = plan_for(q, seg, rates, spec.head_split)
-        if len(_PLANS) >= _PLANS_MAX:
-            _PLANS.clear()
-        _PLANS[key] = plan
-    return plan
+        choice = choose(plan, q, is_causal) if combine.runs_on(q) else None
+        route = _Route(plan, choice is not None and choice.forward == WORKLIST,
+                       choice is not None and choice.backward == WORKLIST)
+        if len(_ROUTES) >= _ROUTES_MAX:
+            _ROUTES.clear()
+        _ROUTES[key] = route
+    return route
 
 
 def _forward(
@@ -86,8 +104,10 @@ def _forward(
     `pattern` as `arguments.encode_parameters` writes it."""
     if q.shape[2] == 0:
         return zeros_like_seq_major(q), lse_fake(q).fill_(-math.inf)
-    plan = _plan(q, pattern, min_seq_len)
-    out, lse = dilated_forward(plan, is_causal, scale, q, k, v)
+    route = _route(q, pattern, is_causal, min_seq_len)
+    if route.worklist_forward:  # stored sequence-major already
+        return worklist.forward(route.plan, is_causal, scale, q, k, v)
+    out, lse = dilated_forward(route.plan, is_causal, scale, q, k, v)
     return in_seq_major(out), in_seq_major(lse)
 
 
@@ -121,8 +141,10 @@ def _backward(
     """(dq, dk, dv) of `dilated_attention_op` from its saved out and lse."""
     if q.shape[2] == 0:
         return tuple(zeros_like_seq_major(x) for x in (q, k, v))
-    plan = _plan(q, pattern, min_seq_len)
-    grads = dilated_backward(plan, is_causal, scale, q, k, v, out, lse, dout)
+    route = _route(q, pattern, is_causal, min_seq_len)
+    if route.worklist_backward:  # stored sequence-major already
+        return worklist.backward(route.plan, is_causal, scale, q, k, v, out, lse, dout)
+    grads = dilated_backward(route.plan, is_causal, scale, q, k, v, out, lse, dout)
     return tuple(in_seq_major(g) for g in grads)
 
 
