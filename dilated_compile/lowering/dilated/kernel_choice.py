@@ -6,9 +6,9 @@ The forward and the backward are chosen separately (both take and give the
 merged out and log-sum-exp, so either backward follows either forward), by a
 cost rule: each path's time is the larger of its host time per call and its
 GPU time, the GPU time being the useful FLOPs of each part over a rate that
-grows with the part's rows per segment ``m`` (``R * m / (m + m0)``), plus the
-bytes the path moves besides attention (the ``longnet`` merge of per-pattern
-rows; the backward's fp32 atomic sums). The constants were measured on an
+grows with the part's rows per segment ``m`` (``R * m / (m + m0)``, lower for
+causal parts), plus, for the work list's ``longnet`` backward, its fp32 atomic
+sums. The constants were measured on an
 H100 with torch 2.11, bf16, head dim 128 (docs/performance.md gives the
 table): the work list's Triton kernel runs at about 0.8x cuDNN's rate on long
 segments, and spends a fraction of the gathered-block path's host time, so it
@@ -44,20 +44,26 @@ class Rates:
     m0: float  # rows per segment at which the rate is half that
     host_ms: float  # host time per call (the GPU kept busy) ...
     host_ms_per_call: float = 0.0  # ... and per kernel call of the plan (the gathered blocks)
+    causal_efficiency: float = 0.75  # the rate of causal parts over that of full ones (upper triangles)
 
 
 # Measured on an H100 (torch 2.11, bf16, B=1, H=16, D=128, 8k-32k tokens; docs/performance.md):
 # the host time of the gathered blocks grows with the plan's kernel calls (2 calls: 0.47 ms
-# forward, 9 calls: 0.87 ms); the rates fit the 32k times, the m0 the 8k-16k ones.
+# forward, 9 calls: 0.87 ms). The work list's constants fit its GPU times (in CUDA graphs) at
+# 8k-32k, both splits, causal and not, within 10%; its forward's ``longnet`` merge adds no
+# time of its own in that fit (the merge's bytes overlap the attention of other items).
 COSTS = {
-    (WORKLIST, "forward"): Rates(tflops=580, m0=540, host_ms=0.10),
-    (WORKLIST, "backward"): Rates(tflops=320, m0=540, host_ms=0.90),
+    (WORKLIST, "forward"): Rates(tflops=560, m0=680, host_ms=0.10, causal_efficiency=0.6),
+    (WORKLIST, "backward"): Rates(tflops=380, m0=680, host_ms=0.90, causal_efficiency=0.65),
     (BLOCKS, "forward"): Rates(tflops=540, m0=256, host_ms=0.36, host_ms_per_call=0.057),
     (BLOCKS, "backward"): Rates(tflops=460, m0=256, host_ms=1.2, host_ms_per_call=0.25),
 }
-CAUSAL_EFFICIENCY = 0.75  # causal blocks waste their upper triangles: both paths alike
+# The gathered-block forward is picked only where it is estimated at least 10% faster: its
+# host time, which the rule counts per call, adds to the backward's in a training step (at 32k
+# tokens, `groups`, the work-list forward with the gathered-block backward took 2.23 ms a step
+# where gathered blocks both ways took 2.98 ms, though the blocks' forward alone was 7% faster).
+BLOCKS_FORWARD_MARGIN = {"forward": 0.9}
 BACKWARD_FLOPS = 2.5  # backward FLOPs per forward FLOP
-MEMORY_TB_S = 2.5  # bytes moved besides attention (merges, copies)
 ATOMIC_TB_S = 1.0  # fp32 atomic adds (the work list's longnet backward)
 
 
@@ -100,8 +106,7 @@ def worklist_usable(dtype: torch.dtype, head_dim: int, device_type: str) -> str 
     return None
 
 
-def estimated_ms(plan: Plan, batch: int, head_dim: int, is_causal: bool, path: str, direction: str,
-                 elem_bytes: int = 2) -> float:
+def estimated_ms(plan: Plan, batch: int, head_dim: int, is_causal: bool, path: str, direction: str) -> float:
     """The cost rule's milliseconds of one call of `path` in `direction` (see the module doc)."""
     rates = COSTS[(path, direction)]
     gpu = 0.0
@@ -114,15 +119,12 @@ def estimated_ms(plan: Plan, batch: int, head_dim: int, is_causal: bool, path: s
             flops = 4 * head_dim * pairs * p.n_segs * p.n_heads * batch
             if direction == "backward":
                 flops *= BACKWARD_FLOPS
-            rate = rates.tflops * m / (m + rates.m0) * (CAUSAL_EFFICIENCY if is_causal else 1.0)
+            rate = rates.tflops * m / (m + rates.m0) * (rates.causal_efficiency if is_causal else 1.0)
             gpu += flops / (rate * 1e9)
     rows = batch * plan.num_heads * plan.seq_len * head_dim  # elements of one (B, N, H, D) tensor
     patterns = plan.n_patterns if plan.head_split == "longnet" else 1
-    if path == WORKLIST and patterns > 1:
-        if direction == "forward":  # per-pattern rows written and read back by the merge
-            gpu += 2 * patterns * rows * elem_bytes / (MEMORY_TB_S * 1e9)
-        else:  # dq, dk, dv of every pattern added into fp32 sums
-            gpu += 3 * patterns * rows * 4 / (ATOMIC_TB_S * 1e9)
+    if path == WORKLIST and patterns > 1 and direction == "backward":
+        gpu += 3 * patterns * rows * 4 / (ATOMIC_TB_S * 1e9)  # dq, dk, dv of every pattern into fp32 sums
     return max(rates.host_ms + rates.host_ms_per_call * len(plan.calls), gpu)
 
 
@@ -141,12 +143,11 @@ def _choose(plan: Plan, batch: int, head_dim: int, dtype: torch.dtype, device_ty
         return KernelChoice(BLOCKS, BLOCKS, why_not)
     if setting_value == "on":
         return KernelChoice(WORKLIST, WORKLIST, "DILATED_WORKLIST=on")
-    elem = torch.finfo(dtype).bits // 8
     picks, notes = [], []
     for direction in ("forward", "backward"):
-        wl = estimated_ms(plan, batch, head_dim, is_causal, WORKLIST, direction, elem)
-        bl = estimated_ms(plan, batch, head_dim, is_causal, BLOCKS, direction, elem)
-        picks.append(WORKLIST if wl <= bl else BLOCKS)
+        wl = estimated_ms(plan, batch, head_dim, is_causal, WORKLIST, direction)
+        bl = estimated_ms(plan, batch, head_dim, is_causal, BLOCKS, direction)
+        picks.append(BLOCKS if bl < BLOCKS_FORWARD_MARGIN.get(direction, 1.0) * wl else WORKLIST)
         notes.append(f"{direction} est. {wl:.2f} ms vs {bl:.2f} ms")
     return KernelChoice(picks[0], picks[1], "cost rule: work list vs gathered blocks, " + "; ".join(notes))
 
