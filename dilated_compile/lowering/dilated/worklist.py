@@ -7,11 +7,13 @@ items x batch), reading q, k, v rows in place, the dilation a row stride;
 the ``longnet`` split adds one launch that merges the patterns by
 log-sum-exp. The backward (`worklist_backward.py`) runs from the same items.
 
-Everything that depends only on shapes (the items as an int32 device tensor,
-the compact row layout of the ``longnet`` split, block sizes, grids) is built
-once per (plan, block size, device) and cached, and after a kernel's first
-launch through Triton's JIT, later launches with the same specialisation go
-straight to the compiled kernel: a call is its allocations and launches.
+Everything that depends only on shapes is decided once and cached: the items
+as an int32 device tensor and the compact row layout of the ``longnet`` split
+per (plan, block size, device); the launches (grids, integer arguments,
+output layouts) per call signature (plan, causality, shapes and strides,
+dtype, device). After a kernel's first launch through Triton's JIT, later
+launches with the same specialisation go straight to the compiled kernel on
+the current stream: a call is its allocations and launches.
 
 Runs CUDA fp16/bf16 inside the ``dilated_compile::dilated_attention`` custom op
 where `kernel_choice.py` picks it (`compute.py` routes there).
