@@ -148,7 +148,7 @@ _THREADS_PROBE = textwrap.dedent(
         (g,) = torch.autograd.grad(y.sum(), x)
         expected.append((y.detach(), g))
     dilated_lowering.make_plan.cache_clear()
-    dilated_op._PLANS.clear()
+    dilated_op._ROUTES.clear()
     results = [None] * 8
     errors = []
 
@@ -172,7 +172,7 @@ _THREADS_PROBE = textwrap.dedent(
         assert torch.equal(y, want_y) and torch.equal(g, want_g)
     info = dilated_lowering.make_plan.cache_info()
     assert 0 < info.currsize <= info.maxsize == 256, info
-    assert 0 < len(dilated_op._PLANS) <= dilated_op._PLANS_MAX == 256, len(dilated_op._PLANS)
+    assert 0 < len(dilated_op._ROUTES) <= dilated_op._ROUTES_MAX == 256, len(dilated_op._ROUTES)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     print("threads ok")
     """
