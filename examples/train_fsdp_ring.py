@@ -91,6 +91,17 @@ def parallelize(model, mesh, fsdp_mesh, inner: str):
     return torch.compile(model, backend="dilated", options={"policy": policy(inner)})
 
 
+def empty_cache_kwargs(model, cfg) -> dict:
+    """``use_cache=False`` and a new, empty DynamicCache, under the keyword the model's forward
+    takes (``cache`` in newer transformers, ``past_key_values`` in older ones)."""
+    import inspect
+
+    import transformers
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {"use_cache": False, name: transformers.DynamicCache(config=cfg)}
+
+
 def batch_of_step(step: int, args, dp: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The global batch of `step` (every row, whole sequences): the same on every rank."""
     g = torch.Generator().manual_seed(1000 + step)
@@ -153,8 +164,6 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"resumed from {args.ckpt} after step {first}", flush=True)
 
-    import transformers
-
     dp_rank = mesh.get_local_rank("dp")
     for step in range(first, first + args.steps):
         ids, labels = batch_of_step(step, args, dp, device)
@@ -163,8 +172,8 @@ def main(argv=None) -> int:
         # position_ids: the shard's global positions; no labels= (an HF model would shift them
         # inside the shard). An empty cache keeps HF from reading the shard's non-consecutive
         # positions as packed sequences (an explicit mask, which a ring cannot run)
-        logits = compiled(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                          past_key_values=transformers.DynamicCache(config=cfg)).logits
+        logits = compiled(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                          **empty_cache_kwargs(model, cfg)).logits
         loss = causal_lm_loss(logits, batch["labels"], group=fsdp_mesh)
         loss.backward()
         opt.step()

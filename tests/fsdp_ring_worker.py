@@ -47,6 +47,7 @@ from dilated_compile import causal_lm_loss, shard_causal_lm_batch
 from .fsdp_ring_models import (
     BATCH_PER_DP, DILATED, LR, MODELS, SEQ_LEN, VOCAB, WINDOW, layer_kinds, train_reference,
 )
+from .hf_cache import empty_cache_kwargs
 from .launcher import RankResults
 
 STEPS, CHECKPOINT_AFTER = 3, 2
@@ -121,13 +122,10 @@ def local_batch(ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tens
 
 def train_step(compiled, cfg, opt, batch: dict[str, torch.Tensor]) -> dict:
     """One step: the global mean loss (equal on every rank), gradients and parameters, gathered."""
-    import transformers
-
     # an empty cache keeps HF from reading the (sharded, non-consecutive) positions as packed
     # sequences, so its attention stays is_causal SDPA; activation checkpointing drops the cache
-    cache = transformers.DynamicCache(config=cfg)
-    logits = compiled(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                      past_key_values=cache).logits
+    logits = compiled(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                      **empty_cache_kwargs(compiled, cfg)).logits
     loss = causal_lm_loss(logits, batch["labels"], group=FSDP_MESH)
     loss.backward()
     model = compiled._orig_mod

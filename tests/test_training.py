@@ -16,6 +16,7 @@ from torch._dynamo.utils import counters
 import dilated_compile
 from dilated_compile import dilated_reference
 
+from .hf_cache import empty_cache_kwargs
 from .models import CheckpointedBlocks, TinyModel, dilated_rule, policy, restore
 from .training_common import RATES, ROOT, SEG, _reference_model, fresh_dynamo  # noqa: F401 (autouse fixture)
 
@@ -86,8 +87,7 @@ def test_hf_gradient_checkpointing_rewrites_sites_and_keeps_gradients():
     for _ in range(2):
         losses = []
         for m in models:
-            cache = transformers.DynamicCache(config=cfg)
-            loss = m(ids, labels=ids, use_cache=False, past_key_values=cache).loss
+            loss = m(ids, labels=ids, **empty_cache_kwargs(m, cfg)).loss
             loss.backward()
             losses.append(loss)
         torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
@@ -108,12 +108,13 @@ _IMPORT_ORDER_PROBE = textwrap.dedent(
     import json, torch
     from torch._dynamo.utils import counters
     import dilated_compile  # before transformers, which adds Logger.warning_once at import
+    from tests.hf_cache import empty_cache_kwargs
     from tests.test_training import HF_POLICY, _tiny_llama
     transformers, cfg, model = _tiny_llama()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     compiled = torch.compile(model.train(), backend="dilated", options={"policy": HF_POLICY})
     ids = torch.randint(0, 128, (1, 40))
-    compiled(ids, labels=ids, use_cache=False, past_key_values=transformers.DynamicCache(config=cfg))
+    compiled(ids, labels=ids, **empty_cache_kwargs(model, cfg))
     print(json.dumps({"breaks": dict(counters["graph_break"]), "rewritten": counters["dilated"]["rewritten"]}))
     """
 )
