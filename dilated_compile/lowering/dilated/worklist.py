@@ -201,12 +201,9 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a new contiguous tensor of `shape`."""
+    return torch.empty(shape, device="meta").stride()
 
 
 class _Launch:
@@ -262,8 +259,8 @@ class _ForwardCall:
         if wl.compact:
             # each pattern's rows in q's dtype (as the gathered-block kernels give them), merged in fp32
             self.target_shape = (b, h, wl.head_rows, d)
-            target_strides = _contiguous_strides(self.target_shape)
-            target_lse_strides = _contiguous_strides(self.target_shape[:3])
+            target_strides = _strides(self.target_shape)
+            target_lse_strides = _strides(self.target_shape[:3])
         else:
             target_strides, target_lse_strides = self.out_strides, self.lse_strides
         kern = _kernels()
@@ -307,12 +304,11 @@ class _BackwardCall:
         self.empty = wl.n_items == 0 or b == 0
         self.shape, self.strides = tuple(q.shape), seq_major_strides(q.shape)
         self.delta_shape = (b, h, n)
-        delta_strides = _contiguous_strides(self.delta_shape)
-        self.numel = numel = b * n * h * d
-        if wl.compact:  # (3, B, N, H, D) fp32 sums, zeroed by the first launch
+        delta_strides = _strides(self.delta_shape)
+        numel = b * n * h * d
+        if wl.compact:  # (3, B, N, H, D) fp32 sums, zeroed by the first launch; each seen as (B, H, N, D)
             self.acc_shape = (3, b, n, h, d)
-            target_strides = _contiguous_strides(self.acc_shape)[1:]
-            target_strides = (target_strides[0], target_strides[2], target_strides[1], target_strides[3])
+            target_strides = torch.empty(self.acc_shape, device="meta")[0].transpose(1, 2).stride()
         else:
             self.acc_shape, target_strides = None, self.strides
         kern = _backward_kernels()
@@ -361,7 +357,7 @@ _CALLS_MAX = 512
 
 def _prepared(kind: type, plan: Plan, causal: bool, tensors: tuple, variable: str):
     key = (kind, id(plan), causal, os.environ.get(variable), tensors[0].dtype, tensors[0].device,
-           *(t.shape for t in tensors[:1]), *(t.stride() for t in tensors))
+           tensors[0].shape, *(t.stride() for t in tensors))
     hit = _CALLS.get(key)
     if hit is not None and hit[0] is plan:
         return hit[1]
