@@ -96,35 +96,45 @@ def gpu_ms(fn) -> float:
         return float("nan")
 
 
-def time_one(n, split, cfg, causal, h, d, dense) -> dict:
-    from dilated_compile.lowering.dilated import kernel_choice
-    from dilated_compile.lowering.dilated.plan import plan_for
-
+def _site(n, split, cfg, causal, h, d) -> tuple[tuple, dict]:
+    """(q, k, v) of length n, (B, N, H, D) bf16 with gradients, and the row's description:
+    its pattern and the useful forward FLOPs."""
     g = torch.Generator(device="cuda").manual_seed(n)
-    q, k, v = (
+    qkv = tuple(
         torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_() for _ in range(3)
     )
     seg, rates = cfg["segment_lengths"], cfg["dilation_rates"]
     flops = 4 * d * attended_pairs(h, n, seg, rates, split, causal)
-    r = {"N": n, "split": split, "causal": causal, "segments": seg, "rates": rates, "flops_fwd": flops}
+    return qkv, {"N": n, "split": split, "causal": causal, "segments": seg, "rates": rates, "flops_fwd": flops}
+
+
+def _compiled(cfg, split, causal):
+    """The user's module compiled with the dilated backend and `cfg`'s policy (Dynamo reset first)."""
+    torch._dynamo.reset()
+    return torch.compile(Attention(causal), backend="dilated", options={"policy": policy_for(cfg, split)})
+
+
+def time_one(n, split, cfg, causal, h, d, dense) -> dict:
+    from dilated_compile.lowering.dilated import kernel_choice
+    from dilated_compile.lowering.dilated.plan import plan_for
+
+    (q, k, v), r = _site(n, split, cfg, causal, h, d)
+    seg, rates, flops = r["segments"], r["rates"], r["flops_fwd"]
     plan = plan_for(q.transpose(1, 2), tuple(seg), tuple(rates), split)  # the plan the op runs
     choice = kernel_choice._choose(plan, 1, d, torch.bfloat16, "cuda", causal, "auto", None)
     r["default_kernel"] = {"forward": choice.forward, "backward": choice.backward, "reason": choice.reason}
     for path in (kernel_choice.WORKLIST, kernel_choice.BLOCKS):
         for direction in ("forward", "backward"):
             r[f"estimated_ms {path} {direction}"] = kernel_choice.estimated_ms(plan, 1, d, causal, path, direction)
-    torch._dynamo.reset()
-    model = torch.compile(Attention(causal), backend="dilated", options={"policy": policy_for(cfg, split)})
+    model = _compiled(cfg, split, causal)
     t0 = time.perf_counter()
     model(q, k, v).sum().backward()
     torch.cuda.synchronize()
     r["compile_fwdbwd_s"] = time.perf_counter() - t0
     call = lambda: model(q, k, v)  # noqa: E731
     step = _step(call, (q, k, v))
-    for tag, mode in MODES.items():
-        if tag not in SELECTED_MODES:
-            continue
-        with worklist_setting(mode):
+    for tag in SELECTED_MODES:
+        with worklist_setting(MODES[tag]):
             with torch.no_grad():
                 r[f"{tag}_fwd_ms"] = timed(call)
                 r[f"{tag}_fwd_host_us"] = host_us(call)
@@ -164,8 +174,7 @@ def host_breakdown(n, h, d) -> dict:
     q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
     plan = plan_for(q, seg, rates, "groups")
     pattern = encode_parameters(seg, rates, "groups")
-    torch._dynamo.reset()
-    model = torch.compile(Attention(False), backend="dilated", options={"policy": policy_for(SHORT, "groups")})
+    model = _compiled(SHORT, "groups", False)
     qs, ks, vs = (t.transpose(1, 2) for t in (q, k, v))
     r = {"N": n}
     with torch.no_grad():
@@ -227,9 +236,9 @@ def dense_row(n, causal, h, d) -> dict:
 
 
 TUNE_WORKLOADS = [
+    # N, head split, segments, rates, causal
     (8192, "groups", SHORT["segment_lengths"], SHORT["dilation_rates"], False),
     (8192, "longnet", SHORT["segment_lengths"], SHORT["dilation_rates"], False),
-    # N, head split, segments, rates, causal
     (32768, "longnet", LONGNET_32K["segment_lengths"], LONGNET_32K["dilation_rates"], False),
     (32768, "longnet", LONGNET_32K["segment_lengths"], LONGNET_32K["dilation_rates"], True),
     (16384, "groups", SHORT["segment_lengths"], SHORT["dilation_rates"], True),
@@ -282,8 +291,7 @@ def profile_host(h, d) -> None:
 
     n = 8192
     q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
-    torch._dynamo.reset()
-    model = torch.compile(Attention(False), backend="dilated", options={"policy": policy_for(SHORT, "groups")})
+    model = _compiled(SHORT, "groups", False)
     call = lambda: model(q, k, v)  # noqa: E731
     step = _step(call, (q, k, v))
     for name, fn, reps in (("forward", call, 200), ("forward+backward", step, 100)):
@@ -323,16 +331,12 @@ def long_rows(lengths, splits, h, d, dense_rows) -> list[dict]:
             base = max((r for r in dense_rows if r["causal"] == causal), key=lambda r: r["N"])
             for split in splits:
                 cfg = GROUPS_32K if split == "groups" else LONGNET_32K
-                seg, rates = cfg["segment_lengths"], cfg["dilation_rates"]
-                q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
-                           for _ in range(3))
-                flops = 4 * d * attended_pairs(h, n, seg, rates, split, causal)
-                torch._dynamo.reset()
-                model = torch.compile(Attention(causal), backend="dilated", options={"policy": policy_for(cfg, split)})
+                (q, k, v), r = _site(n, split, cfg, causal, h, d)
+                r["dense_from_N"] = base["N"]
+                flops = r["flops_fwd"]
+                model = _compiled(cfg, split, causal)
                 call = lambda: model(q, k, v)  # noqa: E731
                 step = _step(call, (q, k, v))
-                r = {"N": n, "split": split, "causal": causal, "segments": seg, "rates": rates,
-                     "flops_fwd": flops, "dense_from_N": base["N"]}
                 with torch.no_grad():
                     r["fwd_ms"] = timed(call)
                 r["fwdbwd_ms"] = timed(step)
