@@ -62,7 +62,7 @@ COSTS = {
 # host time, which the rule counts per call, adds to the backward's in a training step (at 32k
 # tokens, `groups`, the work-list forward with the gathered-block backward took 2.23 ms a step
 # where gathered blocks both ways took 2.98 ms, though the blocks' forward alone was 7% faster).
-BLOCKS_FORWARD_MARGIN = {"forward": 0.9}
+BLOCKS_FORWARD_MARGIN = 0.9
 BACKWARD_FLOPS = 2.5  # backward FLOPs per forward FLOP
 ATOMIC_TB_S = 1.0  # fp32 atomic adds (the work list's longnet backward)
 
@@ -147,7 +147,8 @@ def _choose(plan: Plan, batch: int, head_dim: int, dtype: torch.dtype, device_ty
     for direction in ("forward", "backward"):
         wl = estimated_ms(plan, batch, head_dim, is_causal, WORKLIST, direction)
         bl = estimated_ms(plan, batch, head_dim, is_causal, BLOCKS, direction)
-        picks.append(BLOCKS if bl < BLOCKS_FORWARD_MARGIN.get(direction, 1.0) * wl else WORKLIST)
+        margin = BLOCKS_FORWARD_MARGIN if direction == "forward" else 1.0
+        picks.append(BLOCKS if bl < margin * wl else WORKLIST)
         notes.append(f"{direction} est. {wl:.2f} ms vs {bl:.2f} ms")
     return KernelChoice(picks[0], picks[1], "cost rule: work list vs gathered blocks, " + "; ".join(notes))
 
