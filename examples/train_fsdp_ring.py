@@ -93,12 +93,14 @@ def parallelize(model, mesh, fsdp_mesh, inner: str):
 
 def empty_cache_kwargs(model, cfg) -> dict:
     """``use_cache=False`` and a new, empty DynamicCache, under the keyword the model's forward
-    takes (``cache`` in newer transformers, ``past_key_values`` in older ones)."""
+    takes (``cache`` in newer transformers, ``past_key_values`` in older ones; `model` may be
+    the compiled one)."""
     import inspect
 
     import transformers
 
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    forward = getattr(model, "_orig_mod", model).forward
+    name = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
     return {"use_cache": False, name: transformers.DynamicCache(config=cfg)}
 
 

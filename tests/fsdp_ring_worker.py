@@ -47,7 +47,7 @@ from dilated_compile import causal_lm_loss, shard_causal_lm_batch
 from .fsdp_ring_models import (
     BATCH_PER_DP, DILATED, LR, MODELS, SEQ_LEN, VOCAB, WINDOW, layer_kinds, train_reference,
 )
-from .hf_cache import empty_cache_kwargs
+from examples.train_fsdp_ring import empty_cache_kwargs
 from .launcher import RankResults
 
 STEPS, CHECKPOINT_AFTER = 3, 2

@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 import dilated_compile
 from dilated_compile import dilated_reference
 
-from .hf_cache import empty_cache_kwargs
+from examples.train_fsdp_ring import empty_cache_kwargs
 from .models import CheckpointedBlocks, TinyModel, dilated_rule, policy, restore
 from .training_common import RATES, ROOT, SEG, _reference_model, fresh_dynamo  # noqa: F401 (autouse fixture)
 
@@ -108,7 +108,7 @@ _IMPORT_ORDER_PROBE = textwrap.dedent(
     import json, torch
     from torch._dynamo.utils import counters
     import dilated_compile  # before transformers, which adds Logger.warning_once at import
-    from tests.hf_cache import empty_cache_kwargs
+    from examples.train_fsdp_ring import empty_cache_kwargs
     from tests.test_training import HF_POLICY, _tiny_llama
     transformers, cfg, model = _tiny_llama()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
