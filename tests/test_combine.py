@@ -45,21 +45,54 @@ def test_combine_matches_pointwise_assembly(case, small_tiles, dtype):
     res = [block_attention(a, b, c, is_causal=True, scale=0.25) for a, b, c in zip(*blocks)]
     outs, lses = [r.out for r in res], [r.lse for r in res]
 
-    want_out, want_lse = dilated.assemble(plan, outs, lses, 2, q)
-    got_out, got_lse = combine.merge(plan, outs, lses, q)
-    assert got_out.dtype == q.dtype and got_lse.dtype == torch.float32
-    assert got_out.transpose(1, 2).is_contiguous()  # stored (B, N, H, D)
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
-    torch.testing.assert_close(got_out.float(), want_out.float(), atol=tol, rtol=tol)
-    finite = torch.isfinite(want_lse)
-    assert torch.equal(finite, torch.isfinite(got_lse))
-    torch.testing.assert_close(got_lse[finite], want_lse[finite].float(), atol=1e-5, rtol=1e-5)
+    check_merge(plan, outs, lses, q)
 
     grads = [torch.randn_like(o) for o in outs]
     want = dilated.spread_sum(plan, [g.float() for g in grads], q)
     got = combine.spread_sum(plan, grads, q)
     assert got.dtype == q.dtype
+    tol = _tolerance(dtype)
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return 1e-2 if dtype == torch.bfloat16 else 1e-5
+
+
+def check_merge(plan, outs, lses, q):
+    """`combine.merge` of the calls' results equals `dilated.assemble`; returns (out, lse)."""
+    want_out, want_lse = dilated.assemble(plan, outs, lses, q.shape[0], q)
+    got_out, got_lse = combine.merge(plan, outs, lses, q)
+    assert got_out.dtype == q.dtype and got_lse.dtype == torch.float32
+    assert got_out.transpose(1, 2).is_contiguous()  # stored (B, N, H, D)
+    tol = _tolerance(q.dtype)
+    torch.testing.assert_close(got_out.float(), want_out.float(), atol=tol, rtol=tol)
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(finite, torch.isfinite(got_lse))
+    torch.testing.assert_close(got_lse[finite], want_lse[finite].float(), atol=1e-5, rtol=1e-5)
+    return got_out, got_lse
+
+
+def check_spread_sums(plan, grads, xs):
+    """`combine.spread_sums` of ``grads[s]`` (the calls' blocks) equals `dilated.spread_sum`."""
+    got = combine.spread_sums(plan, grads, xs)
+    for g, x, y in zip(grads, xs, got):
+        assert y.dtype == x.dtype and y.transpose(1, 2).is_contiguous()
+        want = dilated.spread_sum(plan, [t.float() for t in g], x)
+        tol = _tolerance(x.dtype)
+        torch.testing.assert_close(y.float(), want.float(), atol=tol, rtol=tol)
+
+
+def check_backward_blocks(plan, dout, out, lse, qs):
+    """`combine.backward_blocks` equals the per-call gathers, laid out as cuDNN wants."""
+    douts, outs, lses = combine.backward_blocks(plan, dout, out, lse, qs)
+    for got, want in ((douts, dilated.gather_calls(plan, dout)), (outs, dilated.gather_calls(plan, out))):
+        for g, w, qc in zip(got, want, qs):
+            assert g.stride() == torch.empty_like(qc).stride()
+            assert torch.equal(g, w)
+    want_lse = [t.squeeze(-1) for t in dilated.gather_calls(plan, lse.unsqueeze(-1))]
+    for g, w in zip(lses, want_lse):
+        assert g.is_contiguous() and torch.equal(g, w)
 
 
 @pytest.mark.parametrize("mixed_layouts", [False, True], ids=["one-launch", "per-tensor"])
@@ -76,11 +109,7 @@ def test_spread_sums_of_three_gradients(case, small_tiles, mixed_layouts):
     grads = [[torch.randn_like(b) for b in blocks] for _ in range(3)]
     if mixed_layouts:
         grads[2] = [g.transpose(0, 2).contiguous().transpose(0, 2) for g in grads[2]]
-    got = combine.spread_sums(plan, grads, (q, k, v))
-    for g, x, y in zip(grads, (q, k, v), got):
-        assert y.dtype == x.dtype and y.transpose(1, 2).is_contiguous()
-        want = dilated.spread_sum(plan, [t.float() for t in g], x)
-        torch.testing.assert_close(y.float(), want.float(), atol=1e-2, rtol=1e-2)
+    check_spread_sums(plan, grads, (q, k, v))
 
 
 @pytest.mark.parametrize("small_tiles", [0, ALL_PARTS_SMALL], ids=["views", "batched"])
@@ -96,14 +125,7 @@ def test_backward_blocks_match_gathers(case, small_tiles):
     q = torch.randn(b, h, n, d, device=DEVICE, dtype=torch.bfloat16)
     plan = make_plan(h, n, seg, rates, split, small_tiles)
     (qs,) = dilated.gather_blocks(plan, [q])
-    douts, outs, lses = combine.backward_blocks(plan, dout, out, lse, qs)
-    for got, want in ((douts, dilated.gather_calls(plan, dout)), (outs, dilated.gather_calls(plan, out))):
-        for g, w, qc in zip(got, want, qs):
-            assert g.stride() == torch.empty_like(qc).stride()
-            assert torch.equal(g, w)
-    want_lse = [t.squeeze(-1) for t in dilated.gather_calls(plan, lse.unsqueeze(-1))]
-    for g, w in zip(lses, want_lse):
-        assert g.is_contiguous() and torch.equal(g, w)
+    check_backward_blocks(plan, dout, out, lse, qs)
 
 
 @pytest.mark.parametrize("small_tiles", [0, ALL_PARTS_SMALL], ids=["views", "batched"])
@@ -124,6 +146,27 @@ def test_gather_blocks_equal_the_traced_gathers(head_split, layout, small_tiles)
         assert len(got) == len(want) == len(plan.calls)
         for g, w in zip(got, want):
             assert g.shape == w.shape and torch.equal(g, w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
+def test_kernels_on_a_plan_of_one_part_and_many_part_calls(dtype):
+    """Every kernel on one LongNet plan of three patterns with ragged tails whose calls
+    hold one part (on views) or several (batched blocks): the gather of q, k and v, the
+    merge, the backward's gather of grad_out, out and lse, and the spread of three
+    gradients in one launch equal the traced gathers, `assemble` and `spread_sum`."""
+    h, n, seg, rates = 4, 37, (8, 16, 32), (1, 2, 4)
+    torch.manual_seed(3)
+    q, k, v, dout = (torch.randn(2, h, n, 16, device=DEVICE, dtype=dtype) for _ in range(4))
+    plan = make_plan(h, n, seg, rates, "longnet", 3)  # parts of < 3 query tiles batched
+    assert sorted(len(parts) for parts in plan.calls) == [1, 1, 1, 1, 1, 2, 3, 4]
+    blocks = dilated.gather_blocks(plan, (q, k, v))
+    for x, got in zip((q, k, v), blocks):
+        for g, w in zip(got, dilated.gather_calls(plan, x)):
+            assert torch.equal(g, w)
+    res = [block_attention(a, b, c, is_causal=True, scale=0.25) for a, b, c in zip(*blocks)]
+    out, lse = check_merge(plan, [r.out for r in res], [r.lse for r in res], q)
+    check_backward_blocks(plan, dout, out, lse, blocks[0])
+    check_spread_sums(plan, [[torch.randn_like(b) for b in blocks[0]] for _ in range(3)], (q, k, v))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])

@@ -4,7 +4,8 @@ imports it early), so that CI without a GPU checks the combine kernels' indexing
 float32 (the indexing does not depend on the dtype; bfloat16 runs on CUDA), and the three
 gradients' spread sums with each row layout and each launch grouping once (every pairing runs on
 CUDA); merge and the backward's gathers as parts of the whole path against the float64 reference
-(on CUDA also one by one), with longnet causal and groups not causal (on CUDA both ways)."""
+(on CUDA also one by one), with longnet causal and groups not causal (on CUDA both ways); and every
+kernel one by one on a LongNet plan whose calls hold one part or several."""
 
 import pytest
 import torch
