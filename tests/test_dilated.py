@@ -409,6 +409,18 @@ def test_combine_descriptors_are_remembered_by_calls_tuple_and_layout():
     )
 
 
+def test_ops_keeping_device_tensors_per_plan_run_outside_cuda_graphs():
+    """The dilated and ring ops, whose kernels keep per-plan device tensors, are tagged so
+    that Inductor runs them between CUDA graphs."""
+    import dilated_compile.lowering.dilated.op  # noqa: F401  (registers the ops)
+    import dilated_compile.lowering.ring.op  # noqa: F401
+
+    ops = torch.ops.dilated_compile
+    for op in (ops.dilated_attention, ops.dilated_attention_backward,
+               ops.ring_attention, ops.ring_attention_backward):
+        assert torch.Tag.cudagraph_unsafe in op.default.tags, op
+
+
 def test_kernel_choice_traces_without_graph_break():
     """Dynamo can trace the cuDNN check (the SDPA flags are not read while it traces)."""
     from dilated_compile.lowering.common.block_kernels import _cudnn_sdp_on

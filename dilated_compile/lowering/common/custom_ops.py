@@ -12,6 +12,7 @@ from .storage import accumulation_dtype, seq_major_empty, seq_major_strides
 
 __all__ = [
     "OP_NAMESPACE",
+    "RUNS_OUTSIDE_CUDA_GRAPHS",
     "in_seq_major",
     "lse_fake",
     "register_backward_from_lse",
@@ -20,6 +21,13 @@ __all__ = [
 ]
 
 OP_NAMESPACE = "dilated_compile"
+
+# The tags of an op whose kernels keep per-plan device tensors (the work list's items),
+# made on a plan's first call and kept for later ones. Made during a CUDA graph's warm-up
+# or recording, they would live in the graph's private memory pool, which the graph owns
+# and reuses: so under CUDA graphs (mode="reduce-overhead") such an op runs between the
+# graphs Inductor partitions around it, never inside one.
+RUNS_OUTSIDE_CUDA_GRAPHS = (torch.Tag.cudagraph_unsafe,)
 
 
 def zeros_like_seq_major(x: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 from ..common.checks import check_qkv
 from ..common.custom_ops import (
     OP_NAMESPACE,
+    RUNS_OUTSIDE_CUDA_GRAPHS,
     in_seq_major,
     lse_fake,
     register_backward_from_lse,
@@ -111,14 +112,7 @@ def _forward(
     return in_seq_major(out), in_seq_major(lse)
 
 
-# The work-list kernels keep each plan's work items as device tensors, made on the plan's
-# first call and kept for later ones. Made during a CUDA graph's warm-up or recording, they
-# would live in the graph's private memory pool, which the graph owns and reuses: so under
-# CUDA graphs (mode="reduce-overhead") the op runs between the graphs Inductor partitions
-# around it, never inside one.
-_RUNS_OUTSIDE_CUDA_GRAPHS = (torch.Tag.cudagraph_unsafe,)
-
-dilated_attention_op = opaque_op(f"{OP_NAMESPACE}::dilated_attention", tags=_RUNS_OUTSIDE_CUDA_GRAPHS)(_forward)
+dilated_attention_op = opaque_op(f"{OP_NAMESPACE}::dilated_attention", tags=RUNS_OUTSIDE_CUDA_GRAPHS)(_forward)
 
 
 @dilated_attention_op.register_fake
@@ -149,7 +143,7 @@ def _backward(
 
 
 dilated_attention_backward_op = opaque_op(
-    f"{OP_NAMESPACE}::dilated_attention_backward", tags=_RUNS_OUTSIDE_CUDA_GRAPHS)(_backward)
+    f"{OP_NAMESPACE}::dilated_attention_backward", tags=RUNS_OUTSIDE_CUDA_GRAPHS)(_backward)
 
 
 @dilated_attention_backward_op.register_fake

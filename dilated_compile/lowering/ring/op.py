@@ -54,7 +54,10 @@ only. The op does the same below it (ordinary attention of the local q, k,
 v, no communication), so a model computes the same function whether it was
 compiled with static or dynamic shapes.
 
-Outputs are stored sequence-major like `dilated/op.py`'s.
+Outputs are stored sequence-major like `dilated/op.py`'s, and like its ops
+these run outside CUDA graphs (`RUNS_OUTSIDE_CUDA_GRAPHS`): a dilated ring
+whose segments fit in a shard runs `dilated/compute.py` there, whose
+work-list kernels keep per-plan device tensors.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ from ..common.block_kernels import accumulation_dtype
 from ..common.checks import check_qkv
 from ..common.custom_ops import (
     OP_NAMESPACE,
+    RUNS_OUTSIDE_CUDA_GRAPHS,
     in_seq_major,
     lse_fake,
     register_backward_from_lse,
@@ -125,7 +129,7 @@ def _local_schedule(q: torch.Tensor, is_causal: bool):
     return make_schedule(1, 0, q.shape[2], "contiguous", bool(is_causal))
 
 
-@opaque_op(f"{OP_NAMESPACE}::ring_attention")
+@opaque_op(f"{OP_NAMESPACE}::ring_attention", tags=RUNS_OUTSIDE_CUDA_GRAPHS)
 def ring_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -164,7 +168,7 @@ def _(q, k, v, ring, inner, pattern, is_causal, scale, min_seq_len):
     return seq_major_empty(q, q.shape, q.dtype), lse_fake(q)
 
 
-@opaque_op(f"{OP_NAMESPACE}::ring_attention_backward")
+@opaque_op(f"{OP_NAMESPACE}::ring_attention_backward", tags=RUNS_OUTSIDE_CUDA_GRAPHS)
 def ring_attention_backward_op(
     dout: torch.Tensor,
     q: torch.Tensor,
