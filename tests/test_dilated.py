@@ -384,9 +384,9 @@ def test_parts_that_fill_whole_waves_get_their_own_call():
 
 
 def test_combine_descriptors_are_remembered_by_calls_tuple_and_layout():
-    """The Triton kernels' descriptors are computed once per (plan's calls tuple,
-    result strides, batch): the same object on the next call; an equal but new
-    tuple (an id that could be reused) and other strides are computed afresh."""
+    """The Triton kernels' descriptors are made once per (plan's calls tuple, result
+    strides, batch, device): the same tensor on the next call; an equal but new tuple
+    (an id that could be reused) and other strides are made afresh."""
     from dilated_compile.lowering.common import combine
     from dilated_compile.lowering.dilated import compute
     from dilated_compile.lowering.dilated import plan as lowering
@@ -397,16 +397,40 @@ def test_combine_descriptors_are_remembered_by_calls_tuple_and_layout():
     lses = [o[..., 0] for o in outs]
     first = combine._descriptor(plan.calls, outs, lses, 2)
     assert combine._descriptor(plan.calls, outs, lses, 2) is first
-    assert len(first) == combine.FIELDS * sum(len(parts) for parts in plan.calls)
+    assert first.table.dtype == torch.int64
+    assert first.table.shape == (sum(len(parts) for parts in plan.calls), combine.FIELDS)
+    assert first.align == 16  # every block offset a multiple of D = 16
     twin = tuple(tuple(parts) for parts in plan.calls)
     again = combine._descriptor(twin, outs, lses, 2)
-    assert again == first and again is not first
+    assert torch.equal(again.table, first.table) and again is not first
     relaid = [o.transpose(1, 2).contiguous().transpose(1, 2) for o in outs]  # same values, other strides
     other = combine._descriptor(plan.calls, relaid, lses, 2)
-    assert other != first
-    assert other == combine._descriptor_of(
+    assert not torch.equal(other.table, first.table)
+    assert other.table.flatten().tolist() == list(combine._descriptor_of(
         plan.calls, tuple(o.stride() for o in relaid), tuple(l.stride() for l in lses), 2
-    )
+    ))
+    odd = [torch.randn(o.shape[:-1] + (17,))[..., :16] for o in outs]  # rows 17 elements apart
+    assert combine._descriptor(plan.calls, odd, lses, 2).align == 1
+
+
+def test_combine_descriptor_is_not_made_during_cuda_graph_capture(monkeypatch):
+    """A plan's first combine launch inside a CUDA graph capture raises (its descriptor
+    would be copied to the device in the capture, into the graph's memory pool)."""
+    from dilated_compile.lowering.common import combine
+    from dilated_compile.lowering.dilated import compute
+    from dilated_compile.lowering.dilated import plan as lowering
+
+    class OnCuda:  # what `_descriptor` reads of a result, claiming a CUDA device
+        device = torch.device("cuda")
+
+        def __init__(self, t: torch.Tensor):
+            self.stride = t.stride
+
+    plan = lowering.make_plan(5, 40, (8, 16), (1, 2), "groups", 0)
+    outs = [OnCuda(o) for o in compute.gather_calls(plan, torch.randn(1, 5, 40, 16))]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="run the model once before capturing"):
+        combine._descriptor(plan.calls, outs, None, 1)
 
 
 def test_ops_keeping_device_tensors_per_plan_run_outside_cuda_graphs():

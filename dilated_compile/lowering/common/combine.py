@@ -11,10 +11,13 @@ tile, and loads the part's rows straight from the kernel call's result
 (``merge=True``), giving the output and its log-sum-exp. Backward: rows are
 summed (the adjoint of the gather), giving dq, dk or dv.
 
-The plan's geometry and the results' strides are compile-time constants of
-the kernel, so Triton specialises it per plan (cached on disk like any
-Triton kernel). Used on real CUDA tensors only, inside the
-``dilated_compile::dilated_attention`` custom op (`dilated/op.py`).
+The plan's geometry and the results' strides reach the kernels as a small
+int64 device tensor (`_descriptor`, made on a plan's first call and cached),
+so Triton compiles each kernel once per dtypes, head dim, number of outputs
+and number of attention calls, not per plan or sequence length (and caches it
+on disk like any Triton kernel). Used on real CUDA tensors only, inside the
+``dilated_compile::dilated_attention`` and ``ring_attention`` custom ops
+(`dilated/op.py`, `ring/op.py`), which therefore run outside CUDA graphs.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import torch
 
@@ -83,6 +86,7 @@ def _part_strides(strides: tuple[int, ...], index: int, parts, batch: int) -> tu
 
 
 def _descriptor_of(calls, out_strides, lse_strides, batch: int) -> tuple[int, ...]:
+    """The FIELDS ints of every part of `calls`, in order, flat."""
     fields: list[int] = []
     for c, parts in enumerate(calls):
         for i, p in enumerate(parts):
@@ -92,29 +96,49 @@ def _descriptor_of(calls, out_strides, lse_strides, batch: int) -> tuple[int, ..
     return tuple(fields)
 
 
-# Descriptors by (id of the calls tuple, result strides, batch): plans are cached
+class _Descriptor(NamedTuple):
+    """A plan's parts as the kernels read them: `table`, the (n_parts, FIELDS) int64
+    rows of `_descriptor_of` on the results' device, and `align`, the largest power
+    of two up to 16 that divides every block offset in it (for vector loads)."""
+
+    table: torch.Tensor
+    align: int
+
+
+# Descriptors by (id of the calls tuple, result strides, batch, device): plans are cached
 # (`dilated/plan.py`'s `make_plan`), so their call tuples are the same objects on every call
 # and need no hashing (hashing the parts cost more than the lookup saves).
 # Each entry keeps its calls tuple, so an id reused by a new tuple cannot match.
-_DESCRIPTORS: dict[tuple, tuple[tuple, tuple[int, ...]]] = {}
+_DESCRIPTORS: dict[tuple, tuple[tuple, _Descriptor]] = {}
 _DESCRIPTORS_MAX = 1024
 
 
-def _descriptor(calls: tuple, outs: Sequence[torch.Tensor], lses, batch: int) -> tuple[int, ...]:
-    """The kernels' `PARTS` for `calls` (a tuple of part tuples; call c's
-    results are ``outs[c]`` and ``lses[c]``), remembered for the same calls
-    tuple and result strides: the same for every call of one plan on one layout."""
+def _descriptor(calls: tuple, outs: Sequence[torch.Tensor], lses, batch: int) -> _Descriptor:
+    """The kernels' descriptor of `calls` (a tuple of part tuples; call c's results
+    are ``outs[c]`` and ``lses[c]``), made on the plan's first call with these result
+    strides and kept for later ones: one host-to-device copy per plan and layout.
+
+    Raises RuntimeError if that first call is being captured into a CUDA graph."""
     out_strides = tuple(o.stride() for o in outs)
     lse_strides = tuple(l.stride() for l in lses) if lses is not None else None
-    key = (id(calls), out_strides, lse_strides, batch)
+    device = outs[0].device
+    key = (id(calls), out_strides, lse_strides, batch, device)
     hit = _DESCRIPTORS.get(key)
     if hit is not None and hit[0] is calls:
         return hit[1]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "dilated attention: the first call of a shape ran inside a CUDA graph capture; "
+            "run the model once before capturing (torch.compile's CUDA graphs do so)"
+        )
     if len(_DESCRIPTORS) >= _DESCRIPTORS_MAX:
         _DESCRIPTORS.clear()
-    fields = _descriptor_of(calls, out_strides, lse_strides, batch)
-    _DESCRIPTORS[key] = (calls, fields)
-    return fields
+    table = torch.tensor(_descriptor_of(calls, out_strides, lse_strides, batch), dtype=torch.int64)
+    table = table.view(-1, FIELDS)
+    align = math.gcd(16, *table[:, 9:14].flatten().tolist())  # the out base and strides
+    desc = _Descriptor(table.to(device), align)
+    _DESCRIPTORS[key] = (calls, desc)
+    return desc
 
 
 def _kernel(name: str = "combine_kernel"):
@@ -132,14 +156,15 @@ def _launch(plan: Plan, srcs, lses, batch: int, dsts, dst_lse) -> None:
     """One `combine_kernel` launch: ``dsts[s]`` (B, N, H, D) views from the calls'
     results ``srcs[s]``, merged with `lses` into `dst_lse` (one output) or, with
     ``dst_lse=None``, summed. Every ``srcs[s]`` must have the strides of ``srcs[0]``."""
-    parts = _descriptor(plan.calls, srcs[0], lses, batch)
+    desc = _descriptor(plan.calls, srcs[0], lses, batch)
     b, n, h, d = dsts[0].shape  # sequence-major (B, N, H, D)
     merge = dst_lse is not None
     lse_strides = dst_lse.stride() if merge else (0, 0, 0)
     _kernel("combine_kernel")[(_cdiv(n, BLOCK_N), h, b * len(dsts))](
-        tuple(srcs), tuple(lses) if merge else srcs[0], tuple(dsts), dst_lse if merge else dsts[0], n,
+        tuple(r for per_dst in srcs for r in per_dst), tuple(lses) if merge else srcs[0],
+        tuple(dsts), dst_lse if merge else dsts[0], desc.table, len(desc.table), n,
         *dsts[0].stride()[:3], *lse_strides,
-        PARTS=parts, N_PARTS=len(parts) // FIELDS, MERGE=merge, N_DST=len(dsts),
+        MERGE=merge, N_DST=len(dsts), N_CALLS=len(plan.calls), ALIGN=desc.align,
         HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_N=BLOCK_N,
     )
 
@@ -209,7 +234,7 @@ def gather_into(calls: tuple, srcs: Sequence[torch.Tensor], bufs, lse=None, lse_
     if not calls:
         return
     b, h, n, d = srcs[0].shape
-    parts = _descriptor(calls, bufs[0], lse_bufs, b)
+    desc = _descriptor(calls, bufs[0], lse_bufs, b)
     for per_src in bufs[1:]:
         if any(x.stride() != y.stride() for x, y in zip(per_src, bufs[0])):
             raise ValueError("gather_into: the blocks of one call must share their layout")
@@ -219,9 +244,9 @@ def gather_into(calls: tuple, srcs: Sequence[torch.Tensor], bufs, lse=None, lse_
     _kernel("gather_kernel")[(_cdiv(n, BLOCK_N), h, b)](
         tuple(tuple(x) for x in bufs), tuple(srcs),
         tuple((t.stride(0), t.stride(2), t.stride(1)) for t in srcs),  # per batch, position, head
-        tuple(lse_bufs) if has_lse else tuple(bufs[0]), lse_src, n,
+        tuple(lse_bufs) if has_lse else tuple(bufs[0]), lse_src, desc.table, len(desc.table), n,
         *(lse_src.stride()[:3] if has_lse else (0, 0, 0)),
-        PARTS=parts, N_PARTS=len(parts) // FIELDS, N_SRC=len(srcs), HAS_LSE=has_lse,
+        N_SRC=len(srcs), N_CALLS=len(calls), HAS_LSE=has_lse, ALIGN=desc.align,
         HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_N=BLOCK_N,
     )
 

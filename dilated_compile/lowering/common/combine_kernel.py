@@ -1,50 +1,83 @@
-"""The Triton kernel behind `combine.py` (imported only where triton is).
+"""The Triton kernels behind `combine.py` (imported only where triton is).
 
 `combine_kernel` writes BLOCK_N positions of one (batch, head) of the
-sequence-major output; `add_part` folds one part of the plan into the
-tile's accumulators. `PARTS` is `combine._descriptor`'s flat tuple of 19
-compile-time ints per part.
+sequence-major output; `gather_kernel` copies them into the calls' blocks.
+Both read the plan from `desc`, `combine._descriptor`'s (n_parts, 19) int64
+device tensor, in a run-time loop over its rows, so one compiled kernel
+serves every plan with the same number of calls.
 """
 
 import triton
 import triton.language as tl
 
+FIELDS: tl.constexpr = tl.constexpr(19)  # `combine.FIELDS`
+
 
 @triton.jit
-def part_meets(h, tile, H0, H1, HSTEP, START, SEG, NSEGS, BLOCK_N: tl.constexpr):
+def part_geometry(fields):
+    """(call, h_start, h_stop, h_step, offset, rate, start, seg_len, n_segs) of the
+    part whose descriptor row starts at `fields`, as int32."""
+    return (
+        tl.load(fields).to(tl.int32), tl.load(fields + 1).to(tl.int32), tl.load(fields + 2).to(tl.int32),
+        tl.load(fields + 3).to(tl.int32), tl.load(fields + 4).to(tl.int32), tl.load(fields + 5).to(tl.int32),
+        tl.load(fields + 6).to(tl.int32), tl.load(fields + 7).to(tl.int32), tl.load(fields + 8).to(tl.int32),
+    )
+
+
+@triton.jit
+def part_meets(h, tile, h0, h1, hstep, start, seg_len, n_segs, BLOCK_N: tl.constexpr):
     """Whether a part's head set holds head h and its range meets this tile."""
-    member = (h >= H0) & (h < H1) & ((h - H0) % HSTEP == 0)
-    return member & (tile * BLOCK_N < START + NSEGS * SEG) & (tile * BLOCK_N + BLOCK_N > START)
+    member = (h >= h0) & (h < h1) & ((h - h0) % hstep == 0)
+    return member & (tile * BLOCK_N < start + n_segs * seg_len) & (tile * BLOCK_N + BLOCK_N > start)
 
 
 @triton.jit
-def part_rows(n, h, H0, HSTEP, OFFSET, RATE, START, SEG):
-    """(head index in the part, segment, row in the segment's block, selected) of positions n."""
-    rel = n - START
-    seg = rel // SEG
-    pos = rel - seg * SEG
-    return (h - H0) // HSTEP, seg, pos // RATE, (rel >= 0) & (pos % RATE == OFFSET)
+def part_rows(n, h, h0, hstep, offset, rate, start, seg_len, n_segs):
+    """(head index in the part, segment, row in the segment's block, selected) of
+    the int32 positions n."""
+    rel = n - start
+    seg = rel // seg_len
+    pos = rel - seg * seg_len
+    return (h - h0) // hstep, seg, pos // rate, (rel >= 0) & (pos % rate == offset) & (seg < n_segs)
+
+
+@triton.jit
+def block_offsets(strides, b, seg, a, row):
+    """int64 element offsets of rows in a block whose (base, per-batch, per-segment,
+    per-head, per-row) strides are the five descriptor fields at `strides`."""
+    return (
+        tl.load(strides) + b * tl.load(strides + 1) + seg * tl.load(strides + 2)
+        + a * tl.load(strides + 3) + row * tl.load(strides + 4)
+    )
+
+
+@triton.jit
+def _picked(ptrs, i, N: tl.constexpr):
+    """``ptrs[i]`` for a run-time i < N (a select, so the code is not repeated per
+    tensor; the pointers' alignment carries through)."""
+    p = ptrs[0]
+    for t in tl.static_range(1, N):
+        p = tl.where(i == t, ptrs[t], p)
+    return p
 
 
 @triton.jit
 def add_part(
-    acc, top, total, out_ptr, lse_ptr, n, d, d_ok, h, b, tile,
-    H0: tl.constexpr, H1: tl.constexpr, HSTEP: tl.constexpr, OFFSET: tl.constexpr,
-    RATE: tl.constexpr, START: tl.constexpr, SEG: tl.constexpr, NSEGS: tl.constexpr,
-    O0: tl.constexpr, OB: tl.constexpr, OS: tl.constexpr, OA: tl.constexpr, OM: tl.constexpr,
-    L0: tl.constexpr, LB: tl.constexpr, LS: tl.constexpr, LA: tl.constexpr, LM: tl.constexpr,
-    MERGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    acc, top, total, part, fields, out_ptr, lse_ptr, n, d, d_ok, h, b, tile,
+    MERGE: tl.constexpr, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Fold one part's rows for head h and this tile into (acc, top, total)."""
-    if part_meets(h, tile, H0, H1, HSTEP, START, SEG, NSEGS, BLOCK_N):
-        a, seg, row, sel = part_rows(n, h, H0, HSTEP, OFFSET, RATE, START, SEG)
-        sel = sel & (seg < NSEGS)
-        o_off = O0 + b * OB + seg * OS + a * OA + row * OM
+    """Fold the rows for head h and this tile of one part (its `part_geometry`, its
+    descriptor row at `fields`, its call's results at out_ptr and lse_ptr) into
+    (acc, top, total)."""
+    _, h0, h1, hstep, offset, rate, start, seg_len, n_segs = part
+    if part_meets(h, tile, h0, h1, hstep, start, seg_len, n_segs, BLOCK_N):
+        a, seg, r, sel = part_rows(n, h, h0, hstep, offset, rate, start, seg_len, n_segs)
+        o_off = tl.multiple_of(block_offsets(fields + 9, b, seg, a, r), ALIGN)
         x = tl.load(
             out_ptr + o_off[:, None] + d[None, :], mask=sel[:, None] & d_ok[None, :], other=0.0
         ).to(tl.float32)
         if MERGE:
-            l_off = L0 + b * LB + seg * LS + a * LA + row * LM
+            l_off = block_offsets(fields + 14, b, seg, a, r)
             lp = tl.load(lse_ptr + l_off, mask=sel, other=float("-inf")).to(tl.float32)
             new_top = tl.maximum(top, lp)
             safe = tl.where(new_top == float("-inf"), 0.0, new_top)
@@ -58,76 +91,44 @@ def add_part(
     return acc, top, total
 
 
-@triton.jit
-def add_part_k(
-    acc, top, total, out_ptr, lse_ptr, n, d, d_ok, h, b, tile,
-    PARTS: tl.constexpr, K: tl.constexpr, MERGE: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """`add_part` for part K of the plan's descriptor PARTS."""
-    return add_part(
-        acc, top, total, out_ptr, lse_ptr, n, d, d_ok, h, b, tile,
-        PARTS[K * 19 + 1], PARTS[K * 19 + 2], PARTS[K * 19 + 3], PARTS[K * 19 + 4],
-        PARTS[K * 19 + 5], PARTS[K * 19 + 6], PARTS[K * 19 + 7], PARTS[K * 19 + 8],
-        PARTS[K * 19 + 9], PARTS[K * 19 + 10], PARTS[K * 19 + 11], PARTS[K * 19 + 12],
-        PARTS[K * 19 + 13], PARTS[K * 19 + 14], PARTS[K * 19 + 15], PARTS[K * 19 + 16],
-        PARTS[K * 19 + 17], PARTS[K * 19 + 18], MERGE, BLOCK_N,
-    )
-
-
-@triton.jit
-def _picked(ptrs, call, s, N_DST: tl.constexpr):
-    """``ptrs[s][call]`` for a run-time s < N_DST (a select, so the kernel's code is
-    not repeated per tensor; the pointers' alignment carries through)."""
-    p = ptrs[0][call]
-    for t in tl.static_range(1, N_DST):
-        p = tl.where(s == t, ptrs[t][call], p)
-    return p
-
-
-@triton.jit
-def _picked_dst(ptrs, s, N_DST: tl.constexpr):
-    p = ptrs[0]
-    for t in tl.static_range(1, N_DST):
-        p = tl.where(s == t, ptrs[t], p)
-    return p
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["n_parts", "seq_len"])
 def combine_kernel(
-    srcs, lses, dsts, dst_lse, seq_len,
+    srcs, lses, dsts, dst_lse, desc, n_parts, seq_len,
     dst_sb, dst_sn, dst_sh, lse_sb, lse_sn, lse_sh,
-    PARTS: tl.constexpr, N_PARTS: tl.constexpr, MERGE: tl.constexpr, N_DST: tl.constexpr,
+    MERGE: tl.constexpr, N_DST: tl.constexpr, N_CALLS: tl.constexpr, ALIGN: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """``dsts[s]`` (sequence-major, one layout for all s) from the blocks ``srcs[s]``
-    (call c's in ``srcs[s][c]``): merged by log-sum-exp with the calls' ``lses``
-    into `dst_lse` (MERGE, one output), or summed (N_DST outputs in one launch: dq,
-    dk and dv). The grid's last axis is batch x N_DST; a program picks its tensor's
-    pointers at run time, so the code is not repeated per tensor."""
+    """``dsts[s]`` (sequence-major, one layout for all s) from the blocks of
+    ``srcs[s * N_CALLS + c]`` (call c's result for output s): merged by
+    log-sum-exp with the calls' ``lses`` into `dst_lse` (MERGE, one output), or
+    summed (N_DST outputs in one launch: dq, dk and dv). The grid's last axis is
+    batch x N_DST."""
     tile, h = tl.program_id(0), tl.program_id(1)
     s = tl.program_id(2) % N_DST
     b = (tl.program_id(2) // N_DST).to(tl.int64)  # offsets pass 2**31 elements at 1M tokens
-    n = tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     top = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k in tl.static_range(N_PARTS):
-        acc, top, total = add_part_k(
-            acc, top, total, _picked(srcs, PARTS[k * 19], s, N_DST), lses[PARTS[k * 19]],
-            n, d, d_ok, h, b, tile, PARTS, k, MERGE, BLOCK_N,
+    for k in range(n_parts):
+        fields = desc + k * FIELDS
+        part = part_geometry(fields)
+        acc, top, total = add_part(
+            acc, top, total, part, fields, _picked(srcs, s * N_CALLS + part[0], N_DST * N_CALLS),
+            _picked(lses, part[0], N_CALLS), n, d, d_ok, h, b, tile, MERGE, ALIGN, BLOCK_N,
         )
     n_ok = n < seq_len
-    dst_off = b * dst_sb + n * dst_sn + h * dst_sh
+    dst_off = b * dst_sb + n.to(tl.int64) * dst_sn + h * dst_sh
     if MERGE:
         has = total > 0
         res = acc / tl.where(has, total, 1.0)[:, None]
         lse = tl.where(has, top + tl.log(tl.where(has, total, 1.0)), float("-inf"))
-        tl.store(dst_lse + b * lse_sb + n * lse_sn + h * lse_sh, lse, mask=n_ok)
+        tl.store(dst_lse + b * lse_sb + n.to(tl.int64) * lse_sn + h * lse_sh, lse, mask=n_ok)
     else:
         res = acc
-    dst = _picked_dst(dsts, s, N_DST)
+    dst = _picked(dsts, s, N_DST)
     tl.store(
         dst + dst_off[:, None] + d[None, :],
         res.to(dst.dtype.element_ty),
@@ -135,56 +136,38 @@ def combine_kernel(
     )
 
 
-@triton.jit
-def gather_part(
-    bufs, srcs, src_strides, bufs_l, src_l, l_sb, l_sn, l_sh, n, n_ok, d, d_ok, h, b, tile,
-    CALL: tl.constexpr, H0: tl.constexpr, H1: tl.constexpr, HSTEP: tl.constexpr,
-    OFFSET: tl.constexpr, RATE: tl.constexpr, START: tl.constexpr, SEG: tl.constexpr,
-    NSEGS: tl.constexpr, O0: tl.constexpr, OB: tl.constexpr, OS: tl.constexpr,
-    OA: tl.constexpr, OM: tl.constexpr, L0: tl.constexpr, LB: tl.constexpr, LS: tl.constexpr,
-    LA: tl.constexpr, LM: tl.constexpr, N_SRC: tl.constexpr, HAS_LSE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """Copy the tile's rows that one part selects for head h from each source into
-    that source's block of the part's call."""
-    if part_meets(h, tile, H0, H1, HSTEP, START, SEG, NSEGS, BLOCK_N):
-        a, seg, row, sel = part_rows(n, h, H0, HSTEP, OFFSET, RATE, START, SEG)
-        sel = sel & (seg < NSEGS) & n_ok
-        o_off = O0 + b * OB + seg * OS + a * OA + row * OM
-        mask = sel[:, None] & d_ok[None, :]
-        for s in tl.static_range(N_SRC):
-            stride = src_strides[s]
-            src_off = b * stride[0] + n * stride[1] + h * stride[2]
-            x = tl.load(srcs[s] + src_off[:, None] + d[None, :], mask=mask)
-            buf = bufs[s][CALL]
-            tl.store(buf + o_off[:, None] + d[None, :], x.to(buf.dtype.element_ty), mask=mask)
-        if HAS_LSE:
-            xl = tl.load(src_l + b * l_sb + n * l_sn + h * l_sh, mask=sel)
-            tl.store(bufs_l[CALL] + L0 + b * LB + seg * LS + a * LA + row * LM, xl, mask=sel)
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["n_parts", "seq_len"])
 def gather_kernel(
-    bufs, srcs, src_strides, bufs_l, src_l, seq_len, l_sb, l_sn, l_sh,
-    PARTS: tl.constexpr, N_PARTS: tl.constexpr, N_SRC: tl.constexpr, HAS_LSE: tl.constexpr,
+    bufs, srcs, src_strides, bufs_l, src_l, desc, n_parts, seq_len, l_sb, l_sn, l_sh,
+    N_SRC: tl.constexpr, N_CALLS: tl.constexpr, HAS_LSE: tl.constexpr, ALIGN: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The gather of (B, N, H, D) sources (and, with HAS_LSE, one (B, N, H)
-    source) into the blocks of every call in PARTS: `bufs[s][c]` is source s's
-    block of call c. One program reads each of its rows once per part that
-    selects it."""
+    source) into the blocks of every call in `desc`: ``bufs[s][c]`` is source s's
+    block of call c, ``bufs_l[c]`` the lse's. One program reads each of
+    its rows once per part that selects it."""
     tile, h = tl.program_id(0), tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    n = tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    n64 = n.to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     n_ok = n < seq_len
-    for k in tl.static_range(N_PARTS):
-        gather_part(
-            bufs, srcs, src_strides, bufs_l, src_l, l_sb, l_sn, l_sh, n, n_ok, d, d_ok, h, b, tile,
-            PARTS[k * 19], PARTS[k * 19 + 1], PARTS[k * 19 + 2], PARTS[k * 19 + 3],
-            PARTS[k * 19 + 4], PARTS[k * 19 + 5], PARTS[k * 19 + 6], PARTS[k * 19 + 7],
-            PARTS[k * 19 + 8], PARTS[k * 19 + 9], PARTS[k * 19 + 10], PARTS[k * 19 + 11],
-            PARTS[k * 19 + 12], PARTS[k * 19 + 13], PARTS[k * 19 + 14], PARTS[k * 19 + 15],
-            PARTS[k * 19 + 16], PARTS[k * 19 + 17], PARTS[k * 19 + 18], N_SRC, HAS_LSE, BLOCK_N,
-        )
+    for k in range(n_parts):
+        fields = desc + k * FIELDS
+        call, h0, h1, hstep, offset, rate, start, seg_len, n_segs = part_geometry(fields)
+        if part_meets(h, tile, h0, h1, hstep, start, seg_len, n_segs, BLOCK_N):
+            a, seg, r, sel = part_rows(n, h, h0, hstep, offset, rate, start, seg_len, n_segs)
+            sel = sel & n_ok
+            o_off = tl.multiple_of(block_offsets(fields + 9, b, seg, a, r), ALIGN)
+            mask = sel[:, None] & d_ok[None, :]
+            for s in tl.static_range(N_SRC):
+                stride = src_strides[s]
+                src_off = b * stride[0] + n64 * stride[1] + h * stride[2]
+                x = tl.load(srcs[s] + src_off[:, None] + d[None, :], mask=mask)
+                buf = _picked(bufs[s], call, N_CALLS)
+                tl.store(buf + o_off[:, None] + d[None, :], x.to(buf.dtype.element_ty), mask=mask)
+            if HAS_LSE:
+                xl = tl.load(src_l + b * l_sb + n64 * l_sn + h * l_sh, mask=sel)
+                l_off = block_offsets(fields + 14, b, seg, a, r)
+                tl.store(_picked(bufs_l, call, N_CALLS) + l_off, xl, mask=sel)

@@ -22,11 +22,11 @@ __all__ = [
 
 OP_NAMESPACE = "dilated_compile"
 
-# The tags of an op whose kernels keep per-plan device tensors (the work list's items),
-# made on a plan's first call and kept for later ones. Made during a CUDA graph's warm-up
-# or recording, they would live in the graph's private memory pool, which the graph owns
-# and reuses: so under CUDA graphs (mode="reduce-overhead") such an op runs between the
-# graphs Inductor partitions around it, never inside one.
+# The tags of an op whose kernels keep per-plan device tensors (the combine's descriptors,
+# the work list's items), made on a plan's first call and kept for later ones. Made during
+# a CUDA graph's warm-up or recording, they would live in the graph's private memory pool,
+# which the graph owns and reuses: so under CUDA graphs (mode="reduce-overhead") such an
+# op runs between the graphs Inductor partitions around it, never inside one.
 RUNS_OUTSIDE_CUDA_GRAPHS = (torch.Tag.cudagraph_unsafe,)
 
 

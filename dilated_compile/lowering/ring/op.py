@@ -57,7 +57,7 @@ compiled with static or dynamic shapes.
 Outputs are stored sequence-major like `dilated/op.py`'s, and like its ops
 these run outside CUDA graphs (`RUNS_OUTSIDE_CUDA_GRAPHS`): a dilated ring
 whose segments fit in a shard runs `dilated/compute.py` there, whose
-work-list kernels keep per-plan device tensors.
+combine and work-list kernels keep per-plan device tensors.
 """
 
 from __future__ import annotations
