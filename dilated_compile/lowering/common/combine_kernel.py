@@ -10,7 +10,7 @@ serves every plan with the same number of calls.
 import triton
 import triton.language as tl
 
-FIELDS: tl.constexpr = tl.constexpr(19)  # `combine.FIELDS`
+FIELDS: tl.constexpr = tl.constexpr(19)  # `combine.FIELDS` (not imported: combine imports this module)
 
 
 @triton.jit
@@ -107,6 +107,7 @@ def combine_kernel(
     s = tl.program_id(2) % N_DST
     b = (tl.program_id(2) // N_DST).to(tl.int64)  # offsets pass 2**31 elements at 1M tokens
     n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    n64 = n.to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -120,12 +121,12 @@ def combine_kernel(
             _picked(lses, part[0], N_CALLS), n, d, d_ok, h, b, tile, MERGE, ALIGN, BLOCK_N,
         )
     n_ok = n < seq_len
-    dst_off = b * dst_sb + n.to(tl.int64) * dst_sn + h * dst_sh
+    dst_off = b * dst_sb + n64 * dst_sn + h * dst_sh
     if MERGE:
         has = total > 0
         res = acc / tl.where(has, total, 1.0)[:, None]
         lse = tl.where(has, top + tl.log(tl.where(has, total, 1.0)), float("-inf"))
-        tl.store(dst_lse + b * lse_sb + n.to(tl.int64) * lse_sn + h * lse_sh, lse, mask=n_ok)
+        tl.store(dst_lse + b * lse_sb + n64 * lse_sn + h * lse_sh, lse, mask=n_ok)
     else:
         res = acc
     dst = _picked(dsts, s, N_DST)
