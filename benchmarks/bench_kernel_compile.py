@@ -61,8 +61,7 @@ class Compiles:
     def compile(self, fn, args: tuple, kwargs: dict) -> None:
         binder = create_function_from_signature(fn.signature, fn.params, self.backend)
         bound, spec, options = binder(*args, **kwargs)
-        launch = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
-        options, signature, constexprs, attrs = fn._pack_args(self.backend, {**kwargs, **launch}, bound, spec, options)
+        options, signature, constexprs, attrs = fn._pack_args(self.backend, kwargs, bound, spec, options)
         t0 = time.perf_counter()
         compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=self.target,
                                   options=options.__dict__)
