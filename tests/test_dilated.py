@@ -385,8 +385,8 @@ def test_parts_that_fill_whole_waves_get_their_own_call():
 
 def test_combine_descriptors_are_remembered_by_calls_tuple_and_layout():
     """The Triton kernels' descriptors are made once per (plan's calls tuple, result
-    strides, batch, device): the same tensor on the next call; an equal but new tuple
-    (an id that could be reused) and other strides are made afresh."""
+    strides, batch, heads, device): the same tensor on the next call; an equal but new
+    tuple (an id that could be reused) and other strides are made afresh."""
     from dilated_compile.lowering.common import combine
     from dilated_compile.lowering.dilated import compute
     from dilated_compile.lowering.dilated import plan as lowering
@@ -395,22 +395,48 @@ def test_combine_descriptors_are_remembered_by_calls_tuple_and_layout():
     x = torch.randn(2, 5, 40, 16)
     outs = compute.gather_calls(plan, x)
     lses = [o[..., 0] for o in outs]
-    first = combine._descriptor(plan.calls, outs, lses, 2)
-    assert combine._descriptor(plan.calls, outs, lses, 2) is first
+    first = combine._descriptor(plan.calls, outs, lses, 2, 5)
+    assert combine._descriptor(plan.calls, outs, lses, 2, 5) is first
     assert first.table.dtype == torch.int64
-    assert first.table.shape == (sum(len(parts) for parts in plan.calls), combine.FIELDS)
+    assert first.n_parts == sum(len(parts) for parts in plan.calls)
     assert first.align == 16  # every block offset a multiple of D = 16
     twin = tuple(tuple(parts) for parts in plan.calls)
-    again = combine._descriptor(twin, outs, lses, 2)
+    again = combine._descriptor(twin, outs, lses, 2, 5)
     assert torch.equal(again.table, first.table) and again is not first
     relaid = [o.transpose(1, 2).contiguous().transpose(1, 2) for o in outs]  # same values, other strides
-    other = combine._descriptor(plan.calls, relaid, lses, 2)
+    other = combine._descriptor(plan.calls, relaid, lses, 2, 5)
     assert not torch.equal(other.table, first.table)
-    assert other.table.flatten().tolist() == list(combine._descriptor_of(
+    fields = combine._descriptor_of(
         plan.calls, tuple(o.stride() for o in relaid), tuple(l.stride() for l in lses), 2
-    ))
+    )
+    assert other.table.tolist()[: len(fields)] == list(fields)
     odd = [torch.randn(o.shape[:-1] + (17,))[..., :16] for o in outs]  # rows 17 elements apart
-    assert combine._descriptor(plan.calls, odd, lses, 2).align == 1
+    assert combine._descriptor(plan.calls, odd, lses, 2, 5).align == 1
+
+
+def test_combine_descriptor_lists_each_heads_parts():
+    """After the parts and one empty part, the descriptor lists, per head, the rows of
+    the parts whose head set holds it, padded with the empty part: the rows a
+    kernel program of that head visits."""
+    from dilated_compile.lowering.common import combine
+    from dilated_compile.lowering.dilated import compute
+    from dilated_compile.lowering.dilated import plan as lowering
+
+    for split in ("groups", "longnet"):
+        plan = lowering.make_plan(6, 64, (8, 16, 32), (1, 2, 4), split, 0)
+        outs = compute.gather_calls(plan, torch.randn(1, 6, 64, 16))
+        desc = combine._descriptor(plan.calls, outs, None, 1, 6)
+        parts = [p for ps in plan.calls for p in ps]
+        table = desc.table.tolist()
+        empty = table[desc.n_parts * combine.FIELDS:(desc.n_parts + 1) * combine.FIELDS]
+        assert empty == list(combine._EMPTY_PART)
+        lists = table[(desc.n_parts + 1) * combine.FIELDS:]
+        assert len(lists) == 6 * desc.per_head
+        for h in range(6):
+            rows = lists[h * desc.per_head:(h + 1) * desc.per_head]
+            holding = [k for k, p in enumerate(parts) if h in range(p.h_start, p.h_stop, p.h_step)]
+            assert [k for k in rows if k != desc.n_parts] == holding
+            assert holding  # every head has a part in both splits
 
 
 def test_combine_descriptor_is_not_made_during_cuda_graph_capture(monkeypatch):
@@ -430,7 +456,7 @@ def test_combine_descriptor_is_not_made_during_cuda_graph_capture(monkeypatch):
     outs = [OnCuda(o) for o in compute.gather_calls(plan, torch.randn(1, 5, 40, 16))]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="run the model once before capturing"):
-        combine._descriptor(plan.calls, outs, None, 1)
+        combine._descriptor(plan.calls, outs, None, 1, 5)
 
 
 def test_ops_keeping_device_tensors_per_plan_run_outside_cuda_graphs():

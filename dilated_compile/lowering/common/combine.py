@@ -97,32 +97,59 @@ def _descriptor_of(calls, out_strides, lse_strides, batch: int) -> tuple[int, ..
 
 
 class _Descriptor(NamedTuple):
-    """A plan's parts as the kernels read them: `table`, the (n_parts, FIELDS) int64
-    rows of `_descriptor_of` on the results' device, and `align`, the largest power
-    of two up to 16 that divides every block offset in it (for vector loads)."""
+    """A plan's parts as the kernels read them, on the results' device.
+
+    `table` is int64, flat: first the FIELDS ints of each of the `n_parts` parts
+    (`_descriptor_of`) and of one part that meets nothing, then, for each of the
+    `heads` heads, the row numbers of the `per_head` parts whose head set holds it
+    (padded with the empty part), so that a program visits only its head's parts.
+    `align` is the largest power of two up to 16 that divides every block offset
+    (for vector loads)."""
 
     table: torch.Tensor
+    n_parts: int
+    per_head: int
     align: int
 
 
-# Descriptors by (id of the calls tuple, result strides, batch, device): plans are cached
-# (`dilated/plan.py`'s `make_plan`), so their call tuples are the same objects on every call
-# and need no hashing (hashing the parts cost more than the lookup saves).
+# A part that selects no row (no heads, no segments; lengths 1, so no division by
+# zero), the head lists' padding.
+_EMPTY_PART = (0, 0, 0, 1, 0, 1, 0, 1) + (0,) * (FIELDS - 8)
+
+# Parts the combine kernel folds per loop step (their loads overlap); the head
+# lists are padded to a multiple of it.
+PARTS_PER_STEP = 2
+
+
+def _head_lists(rows: list[tuple[int, ...]], heads: int) -> tuple[int, list[int]]:
+    """(per_head, the flat heads x per_head row numbers) of `_Descriptor`."""
+    lists = [
+        [k for k, (_, h0, h1, step, *_rest) in enumerate(rows) if h0 <= h < h1 and (h - h0) % step == 0]
+        for h in range(heads)
+    ]
+    per_head = -(-max(map(len, lists), default=0) // PARTS_PER_STEP) * PARTS_PER_STEP
+    return per_head, [k for ks in lists for k in ks + [len(rows)] * (per_head - len(ks))]
+
+
+# Descriptors by (id of the calls tuple, result strides, batch, heads, device): plans are
+# cached (`dilated/plan.py`'s `make_plan`), so their call tuples are the same objects on every
+# call and need no hashing (hashing the parts cost more than the lookup saves).
 # Each entry keeps its calls tuple, so an id reused by a new tuple cannot match.
 _DESCRIPTORS: dict[tuple, tuple[tuple, _Descriptor]] = {}
 _DESCRIPTORS_MAX = 1024
 
 
-def _descriptor(calls: tuple, outs: Sequence[torch.Tensor], lses, batch: int) -> _Descriptor:
+def _descriptor(calls: tuple, outs: Sequence[torch.Tensor], lses, batch: int, heads: int) -> _Descriptor:
     """The kernels' descriptor of `calls` (a tuple of part tuples; call c's results
-    are ``outs[c]`` and ``lses[c]``), made on the plan's first call with these result
-    strides and kept for later ones: one host-to-device copy per plan and layout.
+    are ``outs[c]`` and ``lses[c]``) for a grid of `heads` heads, made on the plan's
+    first call with these result strides and kept for later ones: one
+    host-to-device copy per plan and layout.
 
     Raises RuntimeError if that first call is being captured into a CUDA graph."""
     out_strides = tuple(o.stride() for o in outs)
     lse_strides = tuple(l.stride() for l in lses) if lses is not None else None
     device = outs[0].device
-    key = (id(calls), out_strides, lse_strides, batch, device)
+    key = (id(calls), out_strides, lse_strides, batch, heads, device)
     hit = _DESCRIPTORS.get(key)
     if hit is not None and hit[0] is calls:
         return hit[1]
@@ -133,10 +160,12 @@ def _descriptor(calls: tuple, outs: Sequence[torch.Tensor], lses, batch: int) ->
         )
     if len(_DESCRIPTORS) >= _DESCRIPTORS_MAX:
         _DESCRIPTORS.clear()
-    table = torch.tensor(_descriptor_of(calls, out_strides, lse_strides, batch), dtype=torch.int64)
-    table = table.view(-1, FIELDS)
-    align = math.gcd(16, *table[:, 9:14].flatten().tolist())  # the out base and strides
-    desc = _Descriptor(table.to(device), align)
+    fields = _descriptor_of(calls, out_strides, lse_strides, batch)
+    rows = [fields[i:i + FIELDS] for i in range(0, len(fields), FIELDS)]
+    align = math.gcd(16, *(x for row in rows for x in row[9:14]))  # the out base and strides
+    per_head, head_lists = _head_lists(rows, heads)
+    table = torch.tensor(fields + _EMPTY_PART + tuple(head_lists), dtype=torch.int64)
+    desc = _Descriptor(table.to(device), len(rows), per_head, align)
     _DESCRIPTORS[key] = (calls, desc)
     return desc
 
@@ -156,16 +185,16 @@ def _launch(plan: Plan, srcs, lses, batch: int, dsts, dst_lse) -> None:
     """One `combine_kernel` launch: ``dsts[s]`` (B, N, H, D) views from the calls'
     results ``srcs[s]``, merged with `lses` into `dst_lse` (one output) or, with
     ``dst_lse=None``, summed. Every ``srcs[s]`` must have the strides of ``srcs[0]``."""
-    desc = _descriptor(plan.calls, srcs[0], lses, batch)
     b, n, h, d = dsts[0].shape  # sequence-major (B, N, H, D)
+    desc = _descriptor(plan.calls, srcs[0], lses, batch, h)
     merge = dst_lse is not None
     lse_strides = dst_lse.stride() if merge else (0, 0, 0)
     _kernel("combine_kernel")[(_cdiv(n, BLOCK_N), h, b * len(dsts))](
         tuple(r for per_dst in srcs for r in per_dst), tuple(lses) if merge else srcs[0],
-        tuple(dsts), dst_lse if merge else dsts[0], desc.table, len(desc.table), n,
+        tuple(dsts), dst_lse if merge else dsts[0], desc.table, desc.n_parts, desc.per_head, n,
         *dsts[0].stride()[:3], *lse_strides,
         MERGE=merge, N_DST=len(dsts), N_CALLS=len(plan.calls), ALIGN=desc.align,
-        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_N=BLOCK_N,
+        STEP=PARTS_PER_STEP, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_N=BLOCK_N,
     )
 
 
@@ -234,7 +263,7 @@ def gather_into(calls: tuple, srcs: Sequence[torch.Tensor], bufs, lse=None, lse_
     if not calls:
         return
     b, h, n, d = srcs[0].shape
-    desc = _descriptor(calls, bufs[0], lse_bufs, b)
+    desc = _descriptor(calls, bufs[0], lse_bufs, b, h)
     for per_src in bufs[1:]:
         if any(x.stride() != y.stride() for x, y in zip(per_src, bufs[0])):
             raise ValueError("gather_into: the blocks of one call must share their layout")
@@ -244,7 +273,7 @@ def gather_into(calls: tuple, srcs: Sequence[torch.Tensor], bufs, lse=None, lse_
     _kernel("gather_kernel")[(_cdiv(n, BLOCK_N), h, b)](
         tuple(tuple(x) for x in bufs), tuple(srcs),
         tuple((t.stride(0), t.stride(2), t.stride(1)) for t in srcs),  # per batch, position, head
-        tuple(lse_bufs) if has_lse else tuple(bufs[0]), lse_src, desc.table, len(desc.table), n,
+        tuple(lse_bufs) if has_lse else tuple(bufs[0]), lse_src, desc.table, desc.n_parts, desc.per_head, n,
         *(lse_src.stride()[:3] if has_lse else (0, 0, 0)),
         N_SRC=len(srcs), N_CALLS=len(calls), HAS_LSE=has_lse, ALIGN=desc.align,
         HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_N=BLOCK_N,

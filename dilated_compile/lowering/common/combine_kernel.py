@@ -2,9 +2,9 @@
 
 `combine_kernel` writes BLOCK_N positions of one (batch, head) of the
 sequence-major output; `gather_kernel` copies them into the calls' blocks.
-Both read the plan from `desc`, `combine._descriptor`'s (n_parts, 19) int64
-device tensor, in a run-time loop over its rows, so one compiled kernel
-serves every plan with the same number of calls.
+Both read the plan from `desc`, `combine._descriptor`'s int64 device tensor,
+in a run-time loop over the parts that hold the program's head, so one
+compiled kernel serves every plan with the same number of calls.
 """
 
 import triton
@@ -42,12 +42,16 @@ def part_rows(n, h, h0, hstep, offset, rate, start, seg_len, n_segs):
 
 
 @triton.jit
-def block_offsets(strides, b, seg, a, row):
-    """int64 element offsets of rows in a block whose (base, per-batch, per-segment,
-    per-head, per-row) strides are the five descriptor fields at `strides`."""
-    return (
+def block_offsets(strides, b, seg, a, row, ALIGN: tl.constexpr):
+    """int64 element offsets, multiples of ALIGN, of rows in a block whose (base,
+    per-batch, per-segment, per-head, per-row) strides are the five descriptor
+    fields at `strides`. (The hint is given here, not by the caller: Triton 3.6
+    drops a `multiple_of` put on an inlined call's result, and the loads and
+    stores through these offsets then lose their 16-byte vectors.)"""
+    return tl.multiple_of(
         tl.load(strides) + b * tl.load(strides + 1) + seg * tl.load(strides + 2)
-        + a * tl.load(strides + 3) + row * tl.load(strides + 4)
+        + a * tl.load(strides + 3) + row * tl.load(strides + 4),
+        ALIGN,
     )
 
 
@@ -63,46 +67,48 @@ def _picked(ptrs, i, N: tl.constexpr):
 
 @triton.jit
 def add_part(
-    acc, top, total, part, fields, out_ptr, lse_ptr, n, d, d_ok, h, b, tile,
-    MERGE: tl.constexpr, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr,
+    acc, top, total, part, fields, out_ptr, lse_ptr, n, d, d_ok, h, b,
+    MERGE: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    """Fold the rows for head h and this tile of one part (its `part_geometry`, its
-    descriptor row at `fields`, its call's results at out_ptr and lse_ptr) into
-    (acc, top, total)."""
+    """Fold the rows for head h (which the part's head set holds) and this tile of
+    one part (its `part_geometry`, its descriptor row at `fields`, its call's
+    results at out_ptr and lse_ptr) into (acc, top, total).
+
+    No branch on whether the part meets the tile (the row mask says it): straight
+    code lets the loads of the parts folded in one loop step overlap."""
     _, h0, h1, hstep, offset, rate, start, seg_len, n_segs = part
-    if part_meets(h, tile, h0, h1, hstep, start, seg_len, n_segs, BLOCK_N):
-        a, seg, r, sel = part_rows(n, h, h0, hstep, offset, rate, start, seg_len, n_segs)
-        o_off = tl.multiple_of(block_offsets(fields + 9, b, seg, a, r), ALIGN)
-        x = tl.load(
-            out_ptr + o_off[:, None] + d[None, :], mask=sel[:, None] & d_ok[None, :], other=0.0
-        ).to(tl.float32)
-        if MERGE:
-            l_off = block_offsets(fields + 14, b, seg, a, r)
-            lp = tl.load(lse_ptr + l_off, mask=sel, other=float("-inf")).to(tl.float32)
-            new_top = tl.maximum(top, lp)
-            safe = tl.where(new_top == float("-inf"), 0.0, new_top)
-            alpha = tl.exp(top - safe)
-            beta = tl.exp(lp - safe)
-            acc = acc * alpha[:, None] + x * beta[:, None]
-            total = total * alpha + beta
-            top = new_top
-        else:
-            acc += x
+    a, seg, r, sel = part_rows(n, h, h0, hstep, offset, rate, start, seg_len, n_segs)
+    o_off = block_offsets(fields + 9, b, seg, a, r, ALIGN)
+    x = tl.load(
+        out_ptr + o_off[:, None] + d[None, :], mask=sel[:, None] & d_ok[None, :], other=0.0
+    ).to(tl.float32)
+    if MERGE:
+        l_off = block_offsets(fields + 14, b, seg, a, r, 1)
+        lp = tl.load(lse_ptr + l_off, mask=sel, other=float("-inf")).to(tl.float32)
+        new_top = tl.maximum(top, lp)
+        safe = tl.where(new_top == float("-inf"), 0.0, new_top)
+        alpha = tl.exp(top - safe)
+        beta = tl.exp(lp - safe)
+        acc = acc * alpha[:, None] + x * beta[:, None]
+        total = total * alpha + beta
+        top = new_top
+    else:
+        acc += x
     return acc, top, total
 
 
-@triton.jit(do_not_specialize=["n_parts", "seq_len"])
+@triton.jit(do_not_specialize=["n_parts", "per_head", "seq_len"])
 def combine_kernel(
-    srcs, lses, dsts, dst_lse, desc, n_parts, seq_len,
+    srcs, lses, dsts, dst_lse, desc, n_parts, per_head, seq_len,
     dst_sb, dst_sn, dst_sh, lse_sb, lse_sn, lse_sh,
     MERGE: tl.constexpr, N_DST: tl.constexpr, N_CALLS: tl.constexpr, ALIGN: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    STEP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """``dsts[s]`` (sequence-major, one layout for all s) from the blocks of
     ``srcs[s * N_CALLS + c]`` (call c's result for output s): merged by
     log-sum-exp with the calls' ``lses`` into `dst_lse` (MERGE, one output), or
-    summed (N_DST outputs in one launch: dq, dk and dv). The grid's last axis is
-    batch x N_DST."""
+    summed (N_DST outputs in one launch: dq, dk and dv), STEP parts per loop
+    step. The grid's last axis is batch x N_DST."""
     tile, h = tl.program_id(0), tl.program_id(1)
     s = tl.program_id(2) % N_DST
     b = (tl.program_id(2) // N_DST).to(tl.int64)  # offsets pass 2**31 elements at 1M tokens
@@ -113,13 +119,15 @@ def combine_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     top = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k in range(n_parts):
-        fields = desc + k * FIELDS
-        part = part_geometry(fields)
-        acc, top, total = add_part(
-            acc, top, total, part, fields, _picked(srcs, s * N_CALLS + part[0], N_DST * N_CALLS),
-            _picked(lses, part[0], N_CALLS), n, d, d_ok, h, b, tile, MERGE, ALIGN, BLOCK_N,
-        )
+    head_parts = desc + (n_parts + 1) * FIELDS + h * per_head
+    for j in range(0, per_head, STEP):  # per_head: a multiple of STEP
+        for u in tl.static_range(STEP):
+            fields = desc + tl.load(head_parts + j + u) * FIELDS
+            part = part_geometry(fields)
+            acc, top, total = add_part(
+                acc, top, total, part, fields, _picked(srcs, s * N_CALLS + part[0], N_DST * N_CALLS),
+                _picked(lses, part[0], N_CALLS), n, d, d_ok, h, b, MERGE, ALIGN,
+            )
     n_ok = n < seq_len
     dst_off = b * dst_sb + n64 * dst_sn + h * dst_sh
     if MERGE:
@@ -137,9 +145,9 @@ def combine_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["n_parts", "seq_len"])
+@triton.jit(do_not_specialize=["n_parts", "per_head", "seq_len"])
 def gather_kernel(
-    bufs, srcs, src_strides, bufs_l, src_l, desc, n_parts, seq_len, l_sb, l_sn, l_sh,
+    bufs, srcs, src_strides, bufs_l, src_l, desc, n_parts, per_head, seq_len, l_sb, l_sn, l_sh,
     N_SRC: tl.constexpr, N_CALLS: tl.constexpr, HAS_LSE: tl.constexpr, ALIGN: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -154,13 +162,14 @@ def gather_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     n_ok = n < seq_len
-    for k in range(n_parts):
-        fields = desc + k * FIELDS
+    head_parts = desc + (n_parts + 1) * FIELDS + h * per_head
+    for j in range(per_head):
+        fields = desc + tl.load(head_parts + j) * FIELDS
         call, h0, h1, hstep, offset, rate, start, seg_len, n_segs = part_geometry(fields)
         if part_meets(h, tile, h0, h1, hstep, start, seg_len, n_segs, BLOCK_N):
             a, seg, r, sel = part_rows(n, h, h0, hstep, offset, rate, start, seg_len, n_segs)
             sel = sel & n_ok
-            o_off = tl.multiple_of(block_offsets(fields + 9, b, seg, a, r), ALIGN)
+            o_off = block_offsets(fields + 9, b, seg, a, r, ALIGN)
             mask = sel[:, None] & d_ok[None, :]
             for s in tl.static_range(N_SRC):
                 stride = src_strides[s]
@@ -170,5 +179,5 @@ def gather_kernel(
                 tl.store(buf + o_off[:, None] + d[None, :], x.to(buf.dtype.element_ty), mask=mask)
             if HAS_LSE:
                 xl = tl.load(src_l + b * l_sb + n64 * l_sn + h * l_sh, mask=sel)
-                l_off = block_offsets(fields + 14, b, seg, a, r)
+                l_off = block_offsets(fields + 14, b, seg, a, r, 1)
                 tl.store(_picked(bufs_l, call, N_CALLS) + l_off, xl, mask=sel)
