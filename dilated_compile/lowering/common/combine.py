@@ -112,13 +112,8 @@ class _Descriptor(NamedTuple):
     align: int
 
 
-# A part that selects no row (no heads, no segments; lengths 1, so no division by
-# zero), the head lists' padding.
+# A part that meets no tile (no heads, no segments; lengths 1), the head lists' padding.
 _EMPTY_PART = (0, 0, 0, 1, 0, 1, 0, 1) + (0,) * (FIELDS - 8)
-
-# Parts the combine kernel folds per loop step (their loads overlap); the head
-# lists are padded to a multiple of it.
-PARTS_PER_STEP = 2
 
 
 def _head_lists(rows: list[tuple[int, ...]], heads: int) -> tuple[int, list[int]]:
@@ -127,7 +122,7 @@ def _head_lists(rows: list[tuple[int, ...]], heads: int) -> tuple[int, list[int]
         [k for k, (_, h0, h1, step, *_rest) in enumerate(rows) if h0 <= h < h1 and (h - h0) % step == 0]
         for h in range(heads)
     ]
-    per_head = -(-max(map(len, lists), default=0) // PARTS_PER_STEP) * PARTS_PER_STEP
+    per_head = max(map(len, lists), default=0)
     return per_head, [k for ks in lists for k in ks + [len(rows)] * (per_head - len(ks))]
 
 
@@ -194,7 +189,7 @@ def _launch(plan: Plan, srcs, lses, batch: int, dsts, dst_lse) -> None:
         tuple(dsts), dst_lse if merge else dsts[0], desc.table, desc.n_parts, desc.per_head, n,
         *dsts[0].stride()[:3], *lse_strides,
         MERGE=merge, N_DST=len(dsts), N_CALLS=len(plan.calls), ALIGN=desc.align,
-        STEP=PARTS_PER_STEP, HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_N=BLOCK_N,
+        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_N=BLOCK_N,
     )
 
 

@@ -67,33 +67,31 @@ def _picked(ptrs, i, N: tl.constexpr):
 
 @triton.jit
 def add_part(
-    acc, top, total, part, fields, out_ptr, lse_ptr, n, d, d_ok, h, b,
-    MERGE: tl.constexpr, ALIGN: tl.constexpr,
+    acc, top, total, part, fields, out_ptr, lse_ptr, n, d, d_ok, h, b, tile,
+    MERGE: tl.constexpr, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Fold the rows for head h (which the part's head set holds) and this tile of
-    one part (its `part_geometry`, its descriptor row at `fields`, its call's
-    results at out_ptr and lse_ptr) into (acc, top, total).
-
-    No branch on whether the part meets the tile (the row mask says it): straight
-    code lets the loads of the parts folded in one loop step overlap."""
+    """Fold the rows for head h and this tile of one part (its `part_geometry`, its
+    descriptor row at `fields`, its call's results at out_ptr and lse_ptr) into
+    (acc, top, total)."""
     _, h0, h1, hstep, offset, rate, start, seg_len, n_segs = part
-    a, seg, r, sel = part_rows(n, h, h0, hstep, offset, rate, start, seg_len, n_segs)
-    o_off = block_offsets(fields + 9, b, seg, a, r, ALIGN)
-    x = tl.load(
-        out_ptr + o_off[:, None] + d[None, :], mask=sel[:, None] & d_ok[None, :], other=0.0
-    ).to(tl.float32)
-    if MERGE:
-        l_off = block_offsets(fields + 14, b, seg, a, r, 1)
-        lp = tl.load(lse_ptr + l_off, mask=sel, other=float("-inf")).to(tl.float32)
-        new_top = tl.maximum(top, lp)
-        safe = tl.where(new_top == float("-inf"), 0.0, new_top)
-        alpha = tl.exp(top - safe)
-        beta = tl.exp(lp - safe)
-        acc = acc * alpha[:, None] + x * beta[:, None]
-        total = total * alpha + beta
-        top = new_top
-    else:
-        acc += x
+    if part_meets(h, tile, h0, h1, hstep, start, seg_len, n_segs, BLOCK_N):
+        a, seg, r, sel = part_rows(n, h, h0, hstep, offset, rate, start, seg_len, n_segs)
+        o_off = block_offsets(fields + 9, b, seg, a, r, ALIGN)
+        x = tl.load(
+            out_ptr + o_off[:, None] + d[None, :], mask=sel[:, None] & d_ok[None, :], other=0.0
+        ).to(tl.float32)
+        if MERGE:
+            l_off = block_offsets(fields + 14, b, seg, a, r, 1)
+            lp = tl.load(lse_ptr + l_off, mask=sel, other=float("-inf")).to(tl.float32)
+            new_top = tl.maximum(top, lp)
+            safe = tl.where(new_top == float("-inf"), 0.0, new_top)
+            alpha = tl.exp(top - safe)
+            beta = tl.exp(lp - safe)
+            acc = acc * alpha[:, None] + x * beta[:, None]
+            total = total * alpha + beta
+            top = new_top
+        else:
+            acc += x
     return acc, top, total
 
 
@@ -102,13 +100,13 @@ def combine_kernel(
     srcs, lses, dsts, dst_lse, desc, n_parts, per_head, seq_len,
     dst_sb, dst_sn, dst_sh, lse_sb, lse_sn, lse_sh,
     MERGE: tl.constexpr, N_DST: tl.constexpr, N_CALLS: tl.constexpr, ALIGN: tl.constexpr,
-    STEP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """``dsts[s]`` (sequence-major, one layout for all s) from the blocks of
     ``srcs[s * N_CALLS + c]`` (call c's result for output s): merged by
     log-sum-exp with the calls' ``lses`` into `dst_lse` (MERGE, one output), or
-    summed (N_DST outputs in one launch: dq, dk and dv), STEP parts per loop
-    step. The grid's last axis is batch x N_DST."""
+    summed (N_DST outputs in one launch: dq, dk and dv). The grid's last axis is
+    batch x N_DST."""
     tile, h = tl.program_id(0), tl.program_id(1)
     s = tl.program_id(2) % N_DST
     b = (tl.program_id(2) // N_DST).to(tl.int64)  # offsets pass 2**31 elements at 1M tokens
@@ -120,14 +118,13 @@ def combine_kernel(
     top = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
     head_parts = desc + (n_parts + 1) * FIELDS + h * per_head
-    for j in range(0, per_head, STEP):  # per_head: a multiple of STEP
-        for u in tl.static_range(STEP):
-            fields = desc + tl.load(head_parts + j + u) * FIELDS
-            part = part_geometry(fields)
-            acc, top, total = add_part(
-                acc, top, total, part, fields, _picked(srcs, s * N_CALLS + part[0], N_DST * N_CALLS),
-                _picked(lses, part[0], N_CALLS), n, d, d_ok, h, b, MERGE, ALIGN,
-            )
+    for j in range(per_head):
+        fields = desc + tl.load(head_parts + j) * FIELDS
+        part = part_geometry(fields)
+        acc, top, total = add_part(
+            acc, top, total, part, fields, _picked(srcs, s * N_CALLS + part[0], N_DST * N_CALLS),
+            _picked(lses, part[0], N_CALLS), n, d, d_ok, h, b, tile, MERGE, ALIGN, BLOCK_N,
+        )
     n_ok = n < seq_len
     dst_off = b * dst_sb + n64 * dst_sn + h * dst_sh
     if MERGE:
