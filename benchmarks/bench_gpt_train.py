@@ -59,6 +59,10 @@ Backends (single GPU):
 - ``seed``: the whole model eager, its attention the seed library's
   algorithm (``seed_algorithm`` of ``benchmarks/bench_dilated.py``, causal,
   ``groups`` head split) on the same segments and rates.
+- ``no_attention`` (only when named): the model with each attention's
+  output replaced by its values ``v``, compiled by Inductor. Its step is
+  everything but attention, so ``inductor``'s step over it bounds the
+  speed-up that any attention can give this model at that length.
 
 Ring backends (``--ring``): ``ring_dense`` (dense causal ring) and
 ``ring_dilated`` (the LongNet policy with segments clipped to the shard's

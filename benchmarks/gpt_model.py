@@ -52,12 +52,15 @@ class Attention(nn.Module):
         self.seed: tuple[list[int], list[int]] | None = None  # (segments, rates) for the seed backend
         # (segments, rates, head_split) of eager dilated_attention (reference losses)
         self.dilated: tuple[list[int], list[int], str] | None = None
+        self.values_only = False  # the no_attention backend: v in place of attention's output
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).unbind(2)  # (B, N, H, D) each
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.seed is not None:
+        if self.values_only:
+            y = v
+        elif self.seed is not None:
             y = seed_algorithm(q, k, v, self.seed[0], self.seed[1], is_causal=True)
         elif self.dilated is not None:
             y = dilated_compile.dilated_attention(

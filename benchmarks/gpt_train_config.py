@@ -18,6 +18,10 @@ import torch
 from gpt_model import LONGNET_SEGMENTS, clip_patterns, dense_ring_policy, longnet_policy
 
 SINGLE_BACKENDS = ("inductor", "dilated", "dilated_groups", "seed")
+# Run only when named: the model with its attention replaced by the values (v), compiled by
+# Inductor. Its step is the cost of everything but attention, so inductor's step over it is
+# the most that any attention, however fast, can speed a step up.
+BOUND_BACKENDS = ("no_attention",)
 RING_BACKENDS = ("ring_dense", "ring_dilated")
 # The head split of each dilated backend: "longnet" (every head uses every pattern, the LongNet
 # paper's) and "groups" (heads split among the patterns: the same attention as the seed algorithm).
@@ -92,7 +96,8 @@ def parse_length(text: str) -> int:
 
 
 def policy_for(backend: str, n: int, s: Setup) -> dict | None:
-    """The policy `backend` compiles with at global length n; None for inductor and seed."""
+    """The policy `backend` compiles with at global length n; None for inductor, seed and
+    no_attention."""
     if backend in HEAD_SPLIT:
         seg, rates = clip_patterns(s.segments, s.rates, n)
         return longnet_policy(seg, rates, s.min_seq_len, head_split=HEAD_SPLIT[backend])
@@ -101,9 +106,11 @@ def policy_for(backend: str, n: int, s: Setup) -> dict | None:
     if backend == "ring_dilated":
         chunk = n // (2 * s.world)  # zigzag: a segment must lie inside one chunk of a shard
         return longnet_policy(*clip_patterns(s.segments, s.rates, chunk), min_seq_len=0, ring=True)
-    if backend in ("inductor", "seed"):
+    if backend in ("inductor", "seed") + BOUND_BACKENDS:
         return None
-    raise ValueError(f"unknown backend {backend!r}: expected one of {SINGLE_BACKENDS + RING_BACKENDS}")
+    raise ValueError(
+        f"unknown backend {backend!r}: expected one of {SINGLE_BACKENDS + BOUND_BACKENDS + RING_BACKENDS}"
+    )
 
 
 def expected_attention(backend: str, n: int, s: Setup) -> tuple[list[int], list[int], str] | None:
@@ -132,7 +139,8 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     p.add_argument("--lengths", default=None,
                    help=f"comma list, e.g. 8k,16k,32k (default 8k..256k; quick {QUICK.lengths}, "
                         f"with --ring {QUICK.ring_lengths})")
-    p.add_argument("--backends", default=None, help=f"comma list of {SINGLE_BACKENDS} (or {RING_BACKENDS} with --ring)")
+    p.add_argument("--backends", default=None,
+                   help=f"comma list of {SINGLE_BACKENDS + BOUND_BACKENDS} (or {RING_BACKENDS} with --ring)")
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--heads", type=int, default=None)
@@ -178,9 +186,10 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     args.lengths = [parse_length(x) for x in lengths.split(",") if x.strip()]
     default_backends = RING_BACKENDS if args.ring else SINGLE_BACKENDS
     args.backends = [b.strip() for b in (args.backends or ",".join(default_backends)).split(",") if b.strip()]
+    allowed = RING_BACKENDS if args.ring else SINGLE_BACKENDS + BOUND_BACKENDS
     for b in args.backends:
-        if b not in default_backends:
-            p.error(f"--backends: {b!r} is not one of {', '.join(default_backends)}" + (" (with --ring)" if args.ring else ""))
+        if b not in allowed:
+            p.error(f"--backends: {b!r} is not one of {', '.join(allowed)}" + (" (with --ring)" if args.ring else ""))
     # segments scale with the lengths in quick mode
     args.segments = tuple(w // d.segment_scale for w in LONGNET_SEGMENTS)
     args.target_long, args.target_short = d.targets

@@ -19,7 +19,7 @@ import torch
 
 import dilated_compile
 from gpt_model import GPT, clip_patterns
-from gpt_train_config import RING_BACKENDS, Setup, expected_attention, policy_for
+from gpt_train_config import BOUND_BACKENDS, RING_BACKENDS, Setup, expected_attention, policy_for
 from gpt_train_ring import shard_batch, sum_gradients, sum_losses
 
 OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -119,7 +119,10 @@ def attach(model: GPT, backend: str, n: int, s: Setup) -> dict | None:
         for block in model.blocks:
             block.attn.seed = clip_patterns(s.segments, s.rates, n)
         return None
-    compile_backend = s.dense_compiler if backend == "inductor" else "dilated"
+    if backend == "no_attention":
+        for block in model.blocks:
+            block.attn.values_only = True
+    compile_backend = s.dense_compiler if backend in ("inductor",) + BOUND_BACKENDS else "dilated"
     options = None if policy is None else {"policy": policy}
     for block in model.blocks:
         block.compile(backend=compile_backend, options=options, dynamic=False)
@@ -133,6 +136,7 @@ def reference_first_loss(backend: str, n: int, s: Setup) -> float:
     dilated = expected_attention(backend, n, s)
     for block in model.blocks:
         block.attn.dilated = dilated
+        block.attn.values_only = backend == "no_attention"
     idx, labels = make_batch(n, s.vocab, s.device)
     with torch.no_grad():
         return (model(idx, torch.arange(n, device=s.device), labels) / labels.numel()).item()

@@ -31,7 +31,11 @@ BRIEF_FIELDS = ("backend", "length", "status", "tokens_per_s", "step_ms_median",
 
 
 def git_commit() -> str | None:
-    """The repository's HEAD commit (with '-dirty' when the tree has changes), or None."""
+    """The repository's HEAD commit (with '-dirty' when the tree has changes), or None;
+    the GIT_COMMIT environment variable where set (a copy of the tree whose git
+    directory is not its own)."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10, check=True

@@ -9,6 +9,9 @@ dilated / dense (inductor) and dilated / seed tokens/s at the long and short
 target lengths (64k and 8k; the JSON names them), the compile-time ratio
 dilated / inductor (cold and warm) and the longest-context ratio.
 For a --ring run the ratios compare ring_dilated with ring_dense.
+Where the run has ``no_attention`` rows, a last table gives, per length, the
+bound they set (inductor's step over theirs: the speed-up of an attention
+that cost nothing) and each dilated backend's speed-up against it.
 """
 
 from __future__ import annotations
@@ -126,6 +129,29 @@ def targets_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def bound_table(results: dict) -> str | None:
+    """Markdown table, per length with a ``no_attention`` row: inductor's step over it (the
+    speed-up an attention costing nothing would give), each dilated backend's speed-up, and the
+    share of dense attention's time it removes; None without such rows."""
+    rows = ok_rows(results)
+    lengths = sorted(n for (b, n) in rows if b == "no_attention" and ("inductor", n) in rows)
+    if not lengths:
+        return None
+    dilated = [b for b in ("dilated_groups", "dilated") if b in results["meta"]["backends"]]
+    head = "| context | inductor step (ms) | step without attention (ms) | bound |"
+    head += "".join(f" {b} speed-up | {b}: share of attention time removed |" for b in dilated)
+    lines = [head, "|---" * (4 + 2 * len(dilated)) + "|"]
+    for n in lengths:
+        dense, free = rows[("inductor", n)]["step_ms_median"], rows[("no_attention", n)]["step_ms_median"]
+        line = f"| {length_label(n)} | {_fmt(dense)} | {_fmt(free)} | {_fmt(dense / free, 2)} |"
+        for b in dilated:
+            step = rows[(b, n)]["step_ms_median"] if (b, n) in rows else None
+            removed = (dense - step) / (dense - free) if step is not None and dense > free else None
+            line += f" {_fmt(_ratio(dense, step), 2)} | {_fmt(removed, 2)} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def describe(results: dict) -> str:
     """One line: device, torch, triton, commit, model."""
     m = results["meta"]
@@ -189,6 +215,10 @@ def main(argv=None) -> int:
     print(runs_table(results))
     print()
     print(targets_table(results))
+    bounds = bound_table(results)
+    if bounds:
+        print()
+        print(bounds)
     if not args.no_plot:
         png = os.path.splitext(args.results)[0] + ".png"
         plot(results, png)

@@ -185,6 +185,28 @@ def test_plot_script_draws_and_tabulates(quick):
         assert os.path.getsize(png) > 10_000
 
 
+def test_no_attention_backend_runs_the_model_without_attention(tmp_path, inductor_cache):
+    """``no_attention`` (run only when named) trains the model with v in place of attention's
+    output: its first loss is the eager model's with that replacement, unlike inductor's; the
+    plot script tabulates the bound it sets."""
+    out = str(tmp_path)
+    _run([sys.executable, BENCH, "--quick", "--dense-compiler", DENSE_COMPILER, "--out", out, "--lengths", "64",
+          "--backends", "inductor,dilated,no_attention", "--check-loss"], cwd=REPO, cache=inductor_cache)
+    with open(os.path.join(out, "gpt_train.json")) as f:
+        rows = _rows(json.load(f))
+    free, dense = rows[("no_attention", 64)], rows[("inductor", 64)]
+    _check_measurements(free, compiled=True, warm_measured=True)
+    _check_first_loss(free)
+    assert free["policy"] is None and free["sites"] == []
+    assert free["losses"][0] != pytest.approx(dense["losses"][0], rel=1e-4)
+    proc = _run([sys.executable, PLOT, os.path.join(out, "gpt_train.json"), "--no-plot"], cwd=REPO)
+    table = proc.stdout.split("| context | inductor step (ms) | step without attention (ms) | bound |")[1]
+    header, _, row = table.splitlines()[:3]
+    assert header == " dilated speed-up | dilated: share of attention time removed |"
+    bound = dense["step_ms_median"] / free["step_ms_median"]
+    assert row.startswith("| 64 |") and f"| {bound:.2f} |" in row
+
+
 def test_quick_ring_under_torchrun(quick_ring):
     _, results = quick_ring
     assert results["meta"]["mode"] == "ring" and results["meta"]["world_size"] == 2
