@@ -12,6 +12,7 @@ import gc
 import math
 import os
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -42,13 +43,31 @@ def use_caches(directory: str) -> None:
 
 
 def drop_in_memory_caches() -> None:
-    """Forget compiled frames (Dynamo) and Inductor's in-memory caches; disk caches stay."""
+    """Forget compiled frames (Dynamo), Inductor's in-memory caches and the package's compiled
+    Triton kernels; disk caches stay."""
     torch._dynamo.reset()
     import torch._inductor.utils as inductor_utils
 
     clear = getattr(inductor_utils, "clear_caches", None) or getattr(inductor_utils, "clear_inductor_caches", None)
     if clear is not None:
         clear()
+    drop_package_kernels()
+
+
+def drop_package_kernels() -> None:
+    """Forget the binaries of dilated_compile's own Triton kernels in this process. Triton keeps
+    each kernel's compiled binaries in memory (on the kernel object, beside its disk cache), so
+    without this a configuration would reuse the kernels an earlier one compiled and its cold
+    compile would leave them out."""
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return
+    for name, module in list(sys.modules.items()):
+        if name.startswith("dilated_compile.") and module is not None:
+            for obj in vars(module).values():
+                if isinstance(obj, JITFunction):
+                    obj.device_caches.clear()
 
 
 def free_device(device: torch.device) -> None:

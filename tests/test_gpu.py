@@ -173,6 +173,33 @@ def test_reduce_overhead_trains_like_eager_in_cuda_graphs(dynamic, dtype):
     assert reports and all(s.status == "rewritten" for s in reports[-1].sites)
 
 
+@pytest.mark.parametrize("path", ["gathered blocks", "work list"])
+@pytest.mark.parametrize("head_split", ["groups", "longnet"])
+def test_eager_call_replays_in_a_cuda_graph_after_its_first_call(monkeypatch, head_split, path):
+    """A plan's first call makes the device tables its kernels read (the combine's
+    descriptor, the work list's items); after it, a `torch.cuda.graph` capture of the
+    same call replays with new inputs to what an eager call gives. A plan's first
+    call inside a capture raises, telling the user to run once before capturing."""
+    monkeypatch.setenv("DILATED_WORKLIST", "off" if path == "gathered blocks" else "on")
+    n, h, seg, rates = 512, 16, (128, 256, 512), (1, 6, 12)
+    q, k, v = _qkv(n, h, torch.bfloat16)
+    dilated_attention(q, k, v, seg, rates, head_split=head_split, is_causal=True)  # the plan's first call
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = dilated_attention(q, k, v, seg, rates, head_split=head_split, is_causal=True)
+    for seed in (1, 2):
+        for dst, src in zip((q, k, v), _qkv(n, h, torch.bfloat16, seed=seed)):
+            dst.copy_(src)
+        graph.replay()
+        expected = dilated_attention(q, k, v, seg, rates, head_split=head_split, is_causal=True)
+        assert torch.equal(out, expected), f"replay with inputs of seed {seed}"
+    other = [t[:, :, :300] for t in (q, k, v)]  # a new length: a new plan
+    with pytest.raises(RuntimeError, match="once before capturing"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            dilated_attention(*other, seg, rates, head_split=head_split, is_causal=True)
+
+
 @pytest.mark.parametrize("ours_first", [True, False], ids=["ours_first", "torch_first"])
 def test_cudnn_backward_graphs_are_shared_safely_with_torch_sdpa(monkeypatch, ours_first):
     """torch caches cuDNN backward graphs by q/k/v layout alone, with the out/grad_out
