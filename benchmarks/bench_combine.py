@@ -86,20 +86,21 @@ def run_plan(n: int, split: str, versions: dict) -> dict:
     results = [block_attention(*qkv, is_causal=False, scale=128 ** -0.5, direct=True) for qkv in zip(*blocks)]
     outs, lses = [r[0] for r in results], [r[1] for r in results]
     dout = torch.randn_like(q)
-    out, lse = combine.merge(plan, outs, lses, q)
     row = {"N": n, "split": split, "calls": len(plan.calls), "parts": sum(map(len, plan.calls))}
     produced = {}
     for name, module in versions.items():
-        ops = {
+        ops = {  # in this order: backward_blocks gathers from merge's (out, lse)
             "merge": lambda: module.merge(plan, outs, lses, q),
-            "backward_blocks": lambda: module.backward_blocks(plan, dout, out, lse, blocks[0]),
+            "backward_blocks": lambda: module.backward_blocks(plan, dout, *produced[name][:2], blocks[0]),
             "spread_sums": lambda: module.spread_sums(plan, [outs, outs, outs], [q, k, v]),
         }
         for op, fn in ops.items():
             first_s, ms = first_and_median(fn)
             row[f"{name} {op} ms"] = round(ms, 4)
             row[f"{name} {op} first call s"] = round(first_s, 3)
-        produced[name] = [*ops["merge"](), *ops["spread_sums"]()]
+            if op == "merge":
+                produced[name] = list(fn())
+        produced[name] += ops["spread_sums"]()
     if len(produced) == 2:
         mine, theirs = produced.values()
         row["max abs difference"] = max((a.float() - b.float()).abs().nan_to_num().max().item() for a, b in zip(mine, theirs))
