@@ -7,8 +7,9 @@ compiles their kernels on a plan's first call: time the user sees in the
 first training step. This runs one forward and one backward of each path on
 CPU tensors with every kernel launch replaced by `triton.compile` for the
 target GPU (sm_90 by default: H100 and H200), specialised as Triton's JIT
-specialises it there (16-byte aligned pointers), and reports the seconds and
-PTX lines of each compile. No GPU is needed; the seconds are this host's.
+specialises it there (16-byte aligned pointers), and reports the seconds,
+PTX lines and 16-byte global loads and stores of each compile. No GPU is
+needed; the seconds are this host's.
 
     python benchmarks/bench_kernel_compile.py --out $OUT
 
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -46,6 +48,7 @@ from dilated_compile.lowering.common import combine, combine_kernel  # noqa: E40
 from dilated_compile.lowering.dilated import compute, plan as plans, worklist  # noqa: E402
 
 HEADS, HEAD_DIM, WAVE = 16, 128, 132  # WAVE: the multiprocessors of an H100 / H200
+PATHS = ("gathered blocks", "work list")
 
 
 class Compiles:
@@ -65,8 +68,11 @@ class Compiles:
         t0 = time.perf_counter()
         compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=self.target,
                                   options=options.__dict__)
+        ptx = compiled.asm["ptx"]
         row = {**self.case, "kernel": fn.__name__, "seconds": round(time.perf_counter() - t0, 3),
-               "ptx_lines": len(compiled.asm["ptx"].splitlines())}
+               "ptx_lines": len(ptx.splitlines()),
+               "vector_loads": len(re.findall(r"\bld\.global(?:\.\w+)*\.v4\b", ptx)),
+               "vector_stores": len(re.findall(r"\bst\.global(?:\.\w+)*\.v4\b", ptx))}
         print(json.dumps(row), flush=True)
         self.rows.append(row)
 
@@ -93,8 +99,8 @@ def instrument(compiles: Compiles) -> None:
         worklist.BACKWARD_BLOCKS if backward else worklist.FORWARD_BLOCKS)[d]
 
 
-def run_plan(compiles: Compiles, n: int, split: str, causal: bool) -> None:
-    """Compile every kernel of one forward and backward of both paths at length n."""
+def run_plan(compiles: Compiles, n: int, split: str, causal: bool, paths: tuple[str, ...] = PATHS) -> None:
+    """Compile every kernel of one forward and backward of each of `paths` at length n."""
     seg, rates = clip_patterns(LONGNET_SEGMENTS, LONGNET_RATES, n)
     plan = plans.make_plan(HEADS, n, tuple(seg), tuple(rates), split, plans.SMALL_PART_TILES, WAVE)
 
@@ -106,15 +112,16 @@ def run_plan(compiles: Compiles, n: int, split: str, causal: bool) -> None:
     base = {"N": n, "split": split, "causal": causal, "calls": len(plan.calls),
             "parts": sum(len(c) for c in plan.calls)}
 
-    compiles.case = {**base, "path": "gathered blocks"}
-    qs, _, _ = compute.gather_blocks(plan, (q, k, v))
-    combine.merge(plan, [torch.empty_like(x) for x in qs], [torch.empty(x.shape[:-1]) for x in qs], q)
-    combine.backward_blocks(plan, dout, out, lse, qs)
-    combine.spread_sums(plan, [[torch.empty_like(x) for x in qs] for _ in range(3)], (q, k, v))
-
-    compiles.case = {**base, "path": "work list"}
-    worklist.forward(plan, causal, 0.088, q, k, v)
-    worklist.backward(plan, causal, 0.088, q, k, v, out, lse, dout)
+    if "gathered blocks" in paths:
+        compiles.case = {**base, "path": "gathered blocks"}
+        qs, _, _ = compute.gather_blocks(plan, (q, k, v))
+        combine.merge(plan, [torch.empty_like(x) for x in qs], [torch.empty(x.shape[:-1]) for x in qs], q)
+        combine.backward_blocks(plan, dout, out, lse, qs)
+        combine.spread_sums(plan, [[torch.empty_like(x) for x in qs] for _ in range(3)], (q, k, v))
+    if "work list" in paths:
+        compiles.case = {**base, "path": "work list"}
+        worklist.forward(plan, causal, 0.088, q, k, v)
+        worklist.backward(plan, causal, 0.088, q, k, v, out, lse, dout)
 
 
 @triton.jit
@@ -128,6 +135,7 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536, 131072])
     p.add_argument("--splits", nargs="+", default=["groups", "longnet"])
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: Hopper)")
+    p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     args = p.parse_args()
     compiles = Compiles(args.arch)
     # Triton's first compile in a process pays for its own set-up: not counted
@@ -135,7 +143,7 @@ def main() -> None:
     instrument(compiles)
     for n in args.lengths:
         for split in args.splits:
-            run_plan(compiles, n, split, causal=True)
+            run_plan(compiles, n, split, causal=True, paths=tuple(args.paths))
     totals: dict[str, float] = {}
     for r in compiles.rows:
         key = f"{r['N']} {r['split']} {r['path']}"
