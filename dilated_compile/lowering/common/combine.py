@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import torch
 
+from .custom_ops import refuse_capture_of_first_call
 from .storage import seq_major_empty
 
 if TYPE_CHECKING:
@@ -148,11 +149,7 @@ def _descriptor(calls: tuple, outs: Sequence[torch.Tensor], lses, batch: int, he
     hit = _DESCRIPTORS.get(key)
     if hit is not None and hit[0] is calls:
         return hit[1]
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "dilated attention: the first call of a shape ran inside a CUDA graph capture; "
-            "run the model once before capturing (torch.compile's CUDA graphs do so)"
-        )
+    refuse_capture_of_first_call(device)
     if len(_DESCRIPTORS) >= _DESCRIPTORS_MAX:
         _DESCRIPTORS.clear()
     fields = _descriptor_of(calls, out_strides, lse_strides, batch)

@@ -1,7 +1,8 @@
 """What the package's opaque custom ops share: their namespace, outputs stored
 sequence-major ((B, N, H, D) seen as (B, H, N, D), the layout each op's fake
-implementation promises and its real one returns), and autograd from a
-backward op that starts from the saved output and log-sum-exp.
+implementation promises and its real one returns), autograd from a
+backward op that starts from the saved output and log-sum-exp, and how ops
+whose kernels keep per-plan device tensors stay out of CUDA graphs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from .storage import accumulation_dtype, seq_major_empty, seq_major_strides
 __all__ = [
     "OP_NAMESPACE",
     "RUNS_OUTSIDE_CUDA_GRAPHS",
+    "refuse_capture_of_first_call",
     "in_seq_major",
     "lse_fake",
     "register_backward_from_lse",
@@ -28,6 +30,16 @@ OP_NAMESPACE = "dilated_compile"
 # which the graph owns and reuses: so under CUDA graphs (mode="reduce-overhead") such an
 # op runs between the graphs Inductor partitions around it, never inside one.
 RUNS_OUTSIDE_CUDA_GRAPHS = (torch.Tag.cudagraph_unsafe,)
+
+
+def refuse_capture_of_first_call(device: torch.device) -> None:
+    """Raise if a plan's per-plan device tensors are about to be made inside a CUDA
+    graph capture on `device` (they would land in the graph's memory pool)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "dilated attention: the first call of a shape ran inside a CUDA graph capture; "
+            "run the model once before capturing (torch.compile's CUDA graphs do so)"
+        )
 
 
 def zeros_like_seq_major(x: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..common.custom_ops import refuse_capture_of_first_call
 from ..common.storage import seq_major_strides
 from .plan import Plan
 
@@ -164,11 +165,7 @@ def work_list(plan: Plan, blocks: Blocks, causal: bool, device: torch.device) ->
     hit = _WORK_LISTS.get(key)
     if hit is not None and hit[0] is plan:
         return hit[1]
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "dilated attention: the first call of a shape ran inside a CUDA graph capture; "
-            "run it once before capturing (torch.compile's CUDA graphs do so)"
-        )
+    refuse_capture_of_first_call(device)
     compact = plan.head_split == "longnet"
     geometry = _pattern_geometry(plan)
     head_rows = sum(-(-plan.seq_len // w) * per_seg for w, _, _, per_seg in geometry)
