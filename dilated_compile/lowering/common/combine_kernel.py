@@ -25,10 +25,10 @@ def part_geometry(fields):
 
 
 @triton.jit
-def part_meets(h, tile, h0, h1, hstep, start, seg_len, n_segs, BLOCK_N: tl.constexpr):
-    """Whether a part's head set holds head h and its range meets this tile."""
-    member = (h >= h0) & (h < h1) & ((h - h0) % hstep == 0)
-    return member & (tile * BLOCK_N < start + n_segs * seg_len) & (tile * BLOCK_N + BLOCK_N > start)
+def part_meets(tile, start, seg_len, n_segs, BLOCK_N: tl.constexpr):
+    """Whether a part's range meets this tile (the head lists hold only parts whose
+    head set holds the program's head; their empty padding part meets no tile)."""
+    return (tile * BLOCK_N < start + n_segs * seg_len) & (tile * BLOCK_N + BLOCK_N > start)
 
 
 @triton.jit
@@ -73,8 +73,8 @@ def add_part(
     """Fold the rows for head h and this tile of one part (its `part_geometry`, its
     descriptor row at `fields`, its call's results at out_ptr and lse_ptr) into
     (acc, top, total)."""
-    _, h0, h1, hstep, offset, rate, start, seg_len, n_segs = part
-    if part_meets(h, tile, h0, h1, hstep, start, seg_len, n_segs, BLOCK_N):
+    _, h0, _, hstep, offset, rate, start, seg_len, n_segs = part
+    if part_meets(tile, start, seg_len, n_segs, BLOCK_N):
         a, seg, r, sel = part_rows(n, h, h0, hstep, offset, rate, start, seg_len, n_segs)
         o_off = block_offsets(fields + 9, b, seg, a, r, ALIGN)
         x = tl.load(
@@ -162,8 +162,8 @@ def gather_kernel(
     head_parts = desc + (n_parts + 1) * FIELDS + h * per_head
     for j in range(per_head):
         fields = desc + tl.load(head_parts + j) * FIELDS
-        call, h0, h1, hstep, offset, rate, start, seg_len, n_segs = part_geometry(fields)
-        if part_meets(h, tile, h0, h1, hstep, start, seg_len, n_segs, BLOCK_N):
+        call, h0, _, hstep, offset, rate, start, seg_len, n_segs = part_geometry(fields)
+        if part_meets(tile, start, seg_len, n_segs, BLOCK_N):
             a, seg, r, sel = part_rows(n, h, h0, hstep, offset, rate, start, seg_len, n_segs)
             sel = sel & n_ok
             o_off = block_offsets(fields + 9, b, seg, a, r, ALIGN)
