@@ -21,6 +21,7 @@ layout the fake implementation promises and the real one returns.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import NamedTuple, Sequence
@@ -38,13 +39,15 @@ from ..common.custom_ops import (
     zeros_like_seq_major,
 )
 from ..common.view_replay import opaque_op, without_view_replay
-from ..common import combine
+from ..common import combine, precompile
 from . import plan as plan_module
 from . import worklist
 from .arguments import decode_parameters, encode_parameters
 from .compute import dilated_backward, dilated_forward
 from .kernel_choice import WORKLIST, choose
 from .plan import Plan, plan_for
+
+log = logging.getLogger(__name__)
 
 
 def effective_pattern(
@@ -74,22 +77,47 @@ _ROUTES_MAX = 256
 _SETTINGS = ("DILATED_KERNEL", "DILATED_WORKLIST", "DILATED_COMBINE")
 
 
+def _make_route(q: torch.Tensor, pattern: str, is_causal: bool, min_seq_len: int, combine_runs: bool) -> _Route:
+    spec = decode_parameters(pattern)
+    seg, rates = effective_pattern(q.shape[2], spec.segment_lengths, spec.dilation_rates, min_seq_len)
+    plan = plan_for(q, seg, rates, spec.head_split)
+    choice = choose(plan, q, is_causal) if combine_runs else None
+    return _Route(plan, choice is not None and choice.forward == WORKLIST,
+                  choice is not None and choice.backward == WORKLIST)
+
+
 def _route(q: torch.Tensor, pattern: str, is_causal: bool, min_seq_len: int) -> _Route:
     env = os.environ
     key = (pattern, min_seq_len, is_causal, q.shape, q.dtype, q.device, *(env.get(s) for s in _SETTINGS),
            q.is_cuda and torch.backends.cuda.cudnn_sdp_enabled(), plan_module.SMALL_PART_TILES)
     route = _ROUTES.get(key)
     if route is None:
-        spec = decode_parameters(pattern)
-        seg, rates = effective_pattern(q.shape[2], spec.segment_lengths, spec.dilation_rates, min_seq_len)
-        plan = plan_for(q, seg, rates, spec.head_split)
-        choice = choose(plan, q, is_causal) if combine.runs_on(q) else None
-        route = _Route(plan, choice is not None and choice.forward == WORKLIST,
-                       choice is not None and choice.backward == WORKLIST)
+        route = _make_route(q, pattern, is_causal, min_seq_len, combine.runs_on(q))
         if len(_ROUTES) >= _ROUTES_MAX:
             _ROUTES.clear()
         _ROUTES[key] = route
     return route
+
+
+def _precompile(tensors: tuple, pattern: str, is_causal: bool, min_seq_len: int, backward: bool) -> None:
+    """Start compiling the kernels that the first real call with tensors like the fake
+    `tensors` ((q, k, v) or (q, k, v, out, lse, dout)) will launch (see `precompile`)."""
+    q = tensors[0]
+    concrete = all(type(x) is int for t in tensors for x in (*t.shape, *t.stride()))
+    if not concrete or q.shape[2] == 0 or not combine.usable(q) or not precompile.enabled(q.device):
+        return
+    try:
+        route = _make_route(q, pattern, is_causal, min_seq_len, True)
+        if backward and route.worklist_backward:
+            launches = worklist.backward_launches(route.plan, is_causal, *tensors)
+        elif not backward and route.worklist_forward:
+            launches = worklist.forward_launches(route.plan, is_causal, *tensors)
+        else:
+            return
+    except Exception as e:  # an optimisation only: the real call raises what is wrong
+        log.info("dilated_compile: kernels compile at their first launch (%s: %s)", type(e).__name__, e)
+        return
+    precompile.submit(q.device, launches)
 
 
 def _forward(
@@ -117,6 +145,7 @@ dilated_attention_op = opaque_op(f"{OP_NAMESPACE}::dilated_attention", tags=RUNS
 
 @dilated_attention_op.register_fake
 def _(q, k, v, pattern, is_causal, scale, min_seq_len):
+    _precompile((q, k, v), pattern, is_causal, min_seq_len, backward=False)
     return seq_major_empty(q, q.shape, q.dtype), lse_fake(q)
 
 
@@ -148,6 +177,7 @@ dilated_attention_backward_op = opaque_op(
 
 @dilated_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, pattern, is_causal, scale, min_seq_len):
+    _precompile((q, k, v, out, lse, dout), pattern, is_causal, min_seq_len, backward=True)
     return tuple(seq_major_empty(x, x.shape, x.dtype) for x in (q, k, v))
 
 

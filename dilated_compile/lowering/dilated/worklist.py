@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..common import precompile
 from ..common.custom_ops import refuse_capture_of_first_call
 from ..common.storage import seq_major_strides
 from .plan import Plan
@@ -167,14 +168,12 @@ def work_list(plan: Plan, blocks: Blocks, causal: bool, device: torch.device) ->
         return hit[1]
     refuse_capture_of_first_call(device)
     compact = plan.head_split == "longnet"
-    geometry = _pattern_geometry(plan)
-    head_rows = sum(-(-plan.seq_len // w) * per_seg for w, _, _, per_seg in geometry)
     items = _items(plan, blocks.block_m, blocks.block_n, causal, compact)
     wl = WorkList(
         items.to(device),
         compact,
-        head_rows,
-        torch.tensor(geometry, dtype=torch.int32).to(device),
+        _head_rows(plan),
+        torch.tensor(_pattern_geometry(plan), dtype=torch.int32).to(device),
     )
     if len(_WORK_LISTS) >= _WORK_LISTS_MAX:
         _WORK_LISTS.clear()
@@ -206,16 +205,26 @@ def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 class _Launch:
     """One kernel launch whose grid, integer and constexpr arguments are fixed.
 
-    Its first call per dtypes and 16-byte alignment of `inputs` (what Triton
-    specialises on besides the fixed arguments) goes through Triton's JIT;
-    later ones call the compiled kernel that returned, on the current stream."""
+    `arg_types` gives the run-time arguments a call passes first: the dtype of each
+    tensor, ``float`` for a float. Its first call per dtypes and 16-byte alignment
+    of `inputs` (what Triton specialises on besides the fixed arguments) goes
+    through Triton's JIT; later ones call the compiled kernel that returned, on
+    the current stream."""
 
-    __slots__ = ("fn", "grid", "blocks", "tail", "runners")
+    __slots__ = ("fn", "grid", "blocks", "tail", "arg_types", "runners")
 
-    def __init__(self, fn, grid: tuple[int, int, int], blocks: Blocks, ints: tuple, consts: tuple):
+    def __init__(self, fn, grid: tuple[int, int, int], blocks: Blocks, ints: tuple, consts: tuple,
+                 arg_types: tuple):
         self.fn, self.grid, self.blocks = fn, grid, blocks
         self.tail = (*ints, *consts)
+        self.arg_types = arg_types
         self.runners: dict[tuple, object] = {}
+
+    def kernel_launch(self) -> precompile.KernelLaunch:
+        """What Triton specialises this launch on, its tensors aligned (for `precompile`)."""
+        args = tuple(0.0 if t is float else t for t in self.arg_types)
+        return precompile.KernelLaunch.of(self.fn, (*args, *self.tail), num_warps=self.blocks.num_warps,
+                                          num_stages=self.blocks.num_stages)
 
     def __call__(self, inputs: tuple, args: tuple, stream) -> None:
         spec = tuple((t.dtype, t.data_ptr() % 16) for t in inputs)
@@ -223,6 +232,8 @@ class _Launch:
         if runner is not None:
             runner(*args, *self.tail, stream=stream)
             return
+        if stream is not None:
+            precompile.wait(inputs[0].device, self.kernel_launch())
         kernel = self.fn[self.grid](*args, *self.tail, num_warps=self.blocks.num_warps,
                                     num_stages=self.blocks.num_stages)
         if type(kernel).__name__ == "CompiledKernel" and len(self.runners) < 16:  # not the interpreter
@@ -242,52 +253,73 @@ _PREPARE_LAUNCH = Blocks(PREPARE_BLOCK, PREPARE_BLOCK, 4, 3)
 _CAST_LAUNCH = Blocks(CAST_BLOCK, CAST_BLOCK, 4, 3)
 
 
+def _head_rows(plan: Plan) -> int:
+    """Compact rows per (batch, head) of a ``longnet`` plan's patterns."""
+    return sum(-(-plan.seq_len // w) * per_seg for w, _, _, per_seg in _pattern_geometry(plan))
+
+
 class _ForwardCall:
     """The work-list forward of one call signature (plan, causality, shapes and
-    strides, dtype, device): what a call allocates and launches, decided once."""
+    strides, dtype, device): what a call allocates and launches, decided once.
+
+    Made from tensors or fake tensors of the call's shapes (`launches` lists its
+    kernels for `precompile`); the work list itself is made on the first call."""
 
     def __init__(self, plan: Plan, causal: bool, q, k, v):
         b, h, n, d = q.shape
-        blocks = forward_blocks(q)
-        self.wl = wl = work_list(plan, blocks, causal, q.device)
-        self.empty = wl.n_items == 0 or b == 0
+        self.plan, self.causal, self.batch = plan, causal, b
+        self.blocks = blocks = forward_blocks(q)
+        self.wl: WorkList | None = None
         self.out_shape, self.out_strides = tuple(q.shape), seq_major_strides(q.shape)
         self.lse_shape, self.lse_strides = (b, h, n), seq_major_strides((b, h, n))
-        if wl.compact:
+        compact = plan.head_split == "longnet"
+        if compact:
             # each pattern's rows in q's dtype (as the gathered-block kernels give them), merged in fp32
-            self.target_shape = (b, h, wl.head_rows, d)
+            self.target_shape = (b, h, _head_rows(plan), d)
             target_strides = _strides(self.target_shape)
             target_lse_strides = _strides(self.target_shape[:3])
         else:
             target_strides, target_lse_strides = self.out_strides, self.lse_strides
         kern = _kernels()
         self.attend = _Launch(
-            kern.forward_kernel, (wl.n_items, b, 1), blocks,
+            kern.forward_kernel, (0, b, 1), blocks,  # (items, batch): items set on the first call
             (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *target_strides[:3], *target_lse_strides),
-            (causal, wl.compact, blocks.block_m, blocks.block_n, d, q.dtype == torch.float32),
+            (causal, compact, blocks.block_m, blocks.block_n, d, q.dtype == torch.float32),
+            (q.dtype, k.dtype, v.dtype, q.dtype, torch.float32, torch.int32, float),
         )
         self.merge = None
-        if wl.compact:
+        if compact:
             self.merge = _Launch(
                 kern.merge_kernel, (-(-n // MERGE_BLOCK), h, b), _MERGE_LAUNCH,
                 (n, target_strides[0], target_strides[1], target_lse_strides[0], target_lse_strides[1],
                  *self.out_strides[:3], *self.lse_strides),
-                (wl.patterns.shape[0], MERGE_BLOCK, d),
+                (plan.n_patterns, MERGE_BLOCK, d),
+                (q.dtype, torch.float32, q.dtype, torch.float32, torch.int32),
             )
 
+    def launches(self) -> list[_Launch]:
+        return [x for x in (self.attend, self.merge) if x is not None]
+
+    def _work_list(self, device: torch.device) -> WorkList:
+        if self.wl is None:
+            self.wl = work_list(self.plan, self.blocks, self.causal, device)
+            self.attend.grid = (self.wl.n_items, self.batch, 1)
+        return self.wl
+
     def __call__(self, scale: float, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+        wl = self._work_list(q.device)
         out = torch.empty_strided(self.out_shape, self.out_strides, dtype=q.dtype, device=q.device)
         lse = torch.empty_strided(self.lse_shape, self.lse_strides, dtype=torch.float32, device=q.device)
-        if self.empty:
+        if wl.n_items == 0 or self.batch == 0:
             return out.zero_(), lse.fill_(-math.inf)
         stream = _stream(q.device)
         if self.merge is None:
-            self.attend((q, k, v), (q, k, v, out, lse, self.wl.items, scale), stream)
+            self.attend((q, k, v), (q, k, v, out, lse, wl.items, scale), stream)
             return out, lse
         target = torch.empty(self.target_shape, dtype=q.dtype, device=q.device)
         target_lse = torch.empty(self.target_shape[:3], dtype=torch.float32, device=q.device)
-        self.attend((q, k, v), (q, k, v, target, target_lse, self.wl.items, scale), stream)
-        self.merge((target,), (target, target_lse, out, lse, self.wl.patterns), stream)
+        self.attend((q, k, v), (q, k, v, target, target_lse, wl.items, scale), stream)
+        self.merge((target,), (target, target_lse, out, lse, wl.patterns), stream)
         return out, lse
 
 
@@ -296,40 +328,55 @@ class _BackwardCall:
 
     def __init__(self, plan: Plan, causal: bool, q, k, v, out, lse, dout):
         b, h, n, d = q.shape
-        blocks = backward_blocks(q)
-        self.wl = wl = work_list(plan, blocks, causal, q.device)
-        self.empty = wl.n_items == 0 or b == 0
+        self.plan, self.causal, self.batch = plan, causal, b
+        self.blocks = blocks = backward_blocks(q)
+        self.wl: WorkList | None = None
         self.shape, self.strides = tuple(q.shape), seq_major_strides(q.shape)
         self.delta_shape = (b, h, n)
         delta_strides = _strides(self.delta_shape)
         numel = b * n * h * d
-        if wl.compact:  # (3, B, N, H, D) fp32 sums, zeroed by the first launch; each seen as (B, H, N, D)
+        compact = plan.head_split == "longnet"
+        if compact:  # (3, B, N, H, D) fp32 sums, zeroed by the first launch; each seen as (B, H, N, D)
             self.acc_shape = (3, b, n, h, d)
             target_strides = torch.empty(self.acc_shape, device="meta")[0].transpose(1, 2).stride()
+            target_dtype = torch.float32
         else:
-            self.acc_shape, target_strides = None, self.strides
+            self.acc_shape, target_strides, target_dtype = None, self.strides, q.dtype
         kern = _backward_kernels()
         self.prepare = _Launch(
             kern.prepare_kernel, (-(-n // PREPARE_BLOCK), h, b), _PREPARE_LAUNCH,
             (n, numel, *dout.stride()[:3], *out.stride()[:3], *delta_strides),
-            (wl.compact, PREPARE_BLOCK, d),
+            (compact, PREPARE_BLOCK, d),
+            (dout.dtype, out.dtype, torch.float32, torch.float32),
         )
         self.attend = _Launch(
-            kern.backward_kernel, (wl.n_items, b, 1), blocks,
+            kern.backward_kernel, (0, b, 1), blocks,  # (items, batch): items set on the first call
             (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
              *lse.stride(), *delta_strides, *target_strides[:3]),
-            (causal, wl.compact, blocks.block_m, blocks.block_n, d, q.dtype == torch.float32),
+            (causal, compact, blocks.block_m, blocks.block_n, d, q.dtype == torch.float32),
+            (q.dtype, k.dtype, v.dtype, dout.dtype, torch.float32, torch.float32, *(target_dtype,) * 3,
+             torch.int32, float),
         )
         self.cast = None
-        if wl.compact:
+        if compact:
             self.cast = _Launch(kern.cast_kernel, (-(-numel // CAST_BLOCK), 3, 1), _CAST_LAUNCH, (numel,),
-                                (CAST_BLOCK,))
+                                (CAST_BLOCK,), (torch.float32, *(q.dtype,) * 3))
+
+    def launches(self) -> list[_Launch]:
+        return [x for x in (self.prepare, self.attend, self.cast) if x is not None]
+
+    def _work_list(self, device: torch.device) -> WorkList:
+        if self.wl is None:
+            self.wl = work_list(self.plan, self.blocks, self.causal, device)
+            self.attend.grid = (self.wl.n_items, self.batch, 1)
+        return self.wl
 
     def __call__(self, scale: float, q, k, v, out, lse, dout) -> tuple[torch.Tensor, ...]:
+        wl = self._work_list(q.device)
         grads = tuple(
             torch.empty_strided(self.shape, self.strides, dtype=q.dtype, device=q.device) for _ in range(3)
         )
-        if self.empty:
+        if wl.n_items == 0 or self.batch == 0:
             return tuple(g.zero_() for g in grads)
         stream = _stream(q.device)
         delta = torch.empty(self.delta_shape, dtype=torch.float32, device=q.device)
@@ -339,7 +386,7 @@ class _BackwardCall:
             acc = torch.empty(self.acc_shape, dtype=torch.float32, device=q.device)
             targets = tuple(acc[t].transpose(1, 2) for t in range(3))
         self.prepare((dout, out), (dout, out, delta, acc), stream)
-        self.attend((q, k, v, dout, lse), (q, k, v, dout, lse, delta, *targets, self.wl.items, scale), stream)
+        self.attend((q, k, v, dout, lse), (q, k, v, dout, lse, delta, *targets, wl.items, scale), stream)
         if self.cast is not None:
             self.cast((acc, grads[0]), (acc, *grads), stream)
         return grads
@@ -380,3 +427,16 @@ def backward(plan: Plan, is_causal: bool, scale: float, q, k, v, out, lse, dout)
     q, k, v, out, dout = (_unit_last(x) for x in (q, k, v, out, dout))
     call = _prepared(_BackwardCall, plan, bool(is_causal), (q, k, v, out, lse, dout), "DILATED_WORKLIST_BWD")
     return call(float(scale), q, k, v, out, lse, dout)
+
+
+def forward_launches(plan: Plan, is_causal: bool, q, k, v) -> list[precompile.KernelLaunch]:
+    """The kernel launches of `forward`'s first call with tensors like these (real or fake)."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    return [x.kernel_launch() for x in _ForwardCall(plan, bool(is_causal), q, k, v).launches()]
+
+
+def backward_launches(plan: Plan, is_causal: bool, q, k, v, out, lse, dout) -> list[precompile.KernelLaunch]:
+    """The kernel launches of `backward`'s first call with tensors like these (real or fake)."""
+    q, k, v, out, dout = (_unit_last(x) for x in (q, k, v, out, dout))
+    call = _BackwardCall(plan, bool(is_causal), q, k, v, out, lse, dout)
+    return [x.kernel_launch() for x in call.launches()]

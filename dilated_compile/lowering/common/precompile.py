@@ -1,0 +1,208 @@
+"""The custom ops' Triton kernels compiled while Inductor compiles the graph around them.
+
+Triton compiles a kernel on its first launch, so without this a compiled
+model's first step would compile the package's kernels one after another
+after Inductor has finished. Instead, when tracing first meets an op with
+concrete shapes on CUDA (its fake implementation runs), the op lists the
+launches its first call will make (`KernelLaunch`: the kernel, its argument
+types and integer values, its options) and `submit` hands each to Inductor's
+compile workers. A worker compiles it for the device's target into Triton's
+disk cache, under the key the launch will look up; the first launch then
+finds it there (`wait` first lets a launch wait for a compile still running).
+
+A launch's key is what Triton's JIT specialises on: tensors' dtypes and
+16-byte alignment (a listed tensor is taken as aligned), each integer's value
+class, constexprs and options. Where a real argument differs (a misaligned
+view), the launch compiles at its first call as before; nothing else depends
+on it. ``DILATED_PRECOMPILE=0`` turns it off; it is off where Inductor
+compiles in the calling process (``compile_threads`` 1).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Iterable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SETTING = "DILATED_PRECOMPILE"
+
+
+@dataclass(frozen=True)
+class TensorArg:
+    """A tensor argument of a launch: its dtype (its pointer taken as 16-byte aligned)."""
+
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class KernelLaunch:
+    """What Triton's JIT specialises a launch of one kernel on.
+
+    `args`: the positional arguments, a `TensorArg` for each tensor (tuples of
+    them for tuple arguments), ints, floats and bools as passed; `options`:
+    the keyword arguments (constexprs, ``num_warps``, ``num_stages``) as
+    (name, value) pairs in the order the launch passes them."""
+
+    module: str
+    name: str
+    args: tuple
+    options: tuple[tuple[str, Any], ...]
+
+    @classmethod
+    def of(cls, fn, args: Iterable, **options: Any) -> "KernelLaunch":
+        """The launch of the ``@triton.jit`` function `fn` with `args` (tensors or `TensorArg`)."""
+        inner = fn.fn
+        return cls(inner.__module__, inner.__name__, tuple(_described(a) for a in args),
+                   tuple(options.items()))
+
+
+def _described(arg):
+    if isinstance(arg, torch.Tensor):
+        return TensorArg(arg.dtype)
+    if isinstance(arg, torch.dtype):
+        return TensorArg(arg)
+    if isinstance(arg, (tuple, list)):
+        return tuple(_described(a) for a in arg)
+    return arg
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether `submit` compiles launches on `device` in Inductor's workers."""
+    if device.type != "cuda" or os.environ.get(SETTING, "1") in ("0", "off", "false"):
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    try:
+        from torch._inductor.async_compile import get_compile_threads
+
+        return get_compile_threads() > 1
+    except ImportError:
+        return False
+
+
+# Compiles by (target, cache dir, launch): the worker's future until a launch waits
+# for it, then None (compiled or failed, the key is done). Bounded: when full it
+# is emptied, and a launch no longer found here compiles at its first call.
+_JOBS: dict[tuple, Any] = {}
+_JOBS_MAX = 1024
+
+
+def submit(device: torch.device, launches: Iterable[KernelLaunch]) -> None:
+    """Start compiling `launches` for `device` in Inductor's compile workers (once each)."""
+    if not enabled(device):
+        return
+    try:
+        from torch._inductor.async_compile import AsyncCompile
+
+        target, cache_dir = _target(_index(device)), _cache_dir(_index(device))
+        pool = AsyncCompile.process_pool()
+        for launch in launches:
+            key = (target, cache_dir, launch)
+            if key in _JOBS:
+                continue
+            if len(_JOBS) >= _JOBS_MAX:
+                _JOBS.clear()
+            _JOBS[key] = pool.submit(compile_launch, target, cache_dir, launch)
+    except Exception as e:  # an optimisation only: the kernels then compile at their first launch
+        log.info("dilated_compile: kernels compile at their first launch (%s: %s)", type(e).__name__, e)
+
+
+def wait(device: torch.device, launch: KernelLaunch) -> None:
+    """Wait for `launch`'s compile on `device` if one was submitted and is still running."""
+    if not _JOBS:
+        return
+    try:
+        key = (_target(_index(device)), _cache_dir(_index(device)), launch)
+    except Exception:
+        return
+    job = _JOBS.get(key)
+    if job is None:
+        return
+    _JOBS[key] = None
+    try:
+        job.result()
+    except Exception as e:
+        log.info("dilated_compile: %s compiles at its first launch (%s: %s)", launch.name, type(e).__name__, e)
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@lru_cache(maxsize=16)
+def _target(index: int):
+    """Triton's target of CUDA device `index` (what its JIT compiles for)."""
+    from triton.runtime import driver
+
+    with torch.cuda.device(index):
+        return driver.active.get_current_target()
+
+
+def _cache_dir(index: int) -> str:
+    """Triton's cache directory in this process, as Inductor sets it for device `index`
+    when it first loads a kernel (set here first, to the same value, so that the
+    workers' compiles and this process's launches use one directory)."""
+    directory = os.environ.get("TRITON_CACHE_DIR")
+    if directory is None:
+        from torch._inductor.runtime.cache_dir_utils import triton_cache_dir
+
+        directory = os.environ["TRITON_CACHE_DIR"] = triton_cache_dir(index)
+    return directory
+
+
+class _TargetOnly:
+    """Triton's driver as far as compiling without launching reads it: the target,
+    a device and a stream (a worker has no CUDA context and needs none)."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device=None) -> int:
+        return 0
+
+
+def _mock(arg):
+    from triton.runtime.jit import MockTensor
+
+    if isinstance(arg, TensorArg):
+        return MockTensor(arg.dtype)
+    if isinstance(arg, tuple):
+        return tuple(_mock(a) for a in arg)
+    return arg
+
+
+def compile_launch(target, cache_dir: str, launch: KernelLaunch) -> float:
+    """Compile `launch` for `target` into the Triton cache `cache_dir`; the seconds taken.
+    Runs in a compile worker (or any process: it touches no GPU)."""
+    from triton.runtime import driver
+
+    start = time.perf_counter()
+    fn = getattr(importlib.import_module(launch.module), launch.name)
+    saved_dir = os.environ.get("TRITON_CACHE_DIR")
+    os.environ["TRITON_CACHE_DIR"] = cache_dir
+    previous = driver._active  # restored as it was: `reset_active` would make the real driver
+    driver.set_active(_TargetOnly(target))
+    try:
+        fn.warmup(*(_mock(a) for a in launch.args), grid=(1,), **dict(launch.options))
+    finally:
+        driver._active = previous
+        fn.device_caches.clear()  # the next job may be for another target
+        if saved_dir is None:
+            del os.environ["TRITON_CACHE_DIR"]
+        else:
+            os.environ["TRITON_CACHE_DIR"] = saved_dir
+    return time.perf_counter() - start

@@ -1,0 +1,55 @@
+"""Run by tests/test_precompile.py in a fresh process on CUDA: compile a module whose
+attention becomes the dilated work list, train one step, and print as JSON which of
+the package's kernels were handed to the compile workers and whether each of the
+step's own compiles of them found Triton's disk cache filled."""
+
+import json
+import os
+import sys
+import tempfile
+
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp()
+os.environ["DILATED_WORKLIST"] = "on"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from triton import knobs  # noqa: E402
+
+from dilated_compile.lowering.common import precompile  # noqa: E402
+
+KERNELS = {"forward_kernel", "merge_kernel", "prepare_kernel", "backward_kernel", "cast_kernel"}
+compiles = []
+
+
+def listener(*, src, metadata, metadata_group, times, cache_hit):
+    if metadata["name"] in KERNELS:
+        compiles.append({"kernel": metadata["name"], "cache_hit": cache_hit})
+
+
+knobs.compilation.listener = listener
+
+
+class Attention(torch.nn.Module):
+    def __init__(self, heads: int = 4, head_dim: int = 64):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(heads * head_dim, 3 * heads * head_dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).unbind(2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return y.transpose(1, 2).flatten(2)
+
+
+head_split = sys.argv[1]
+policy = {"version": 1, "rules": [{"match": "re:.*", "attention": "dilated", "segment_lengths": [256, 512],
+                                   "dilation_rates": [1, 2], "head_split": head_split}]}
+model = Attention().cuda().to(torch.bfloat16)
+compiled = torch.compile(model, backend="dilated", options={"policy": policy})
+x = torch.randn(1, 1000, 256, device="cuda", dtype=torch.bfloat16)
+compiled(x).float().square().mean().backward()
+torch.cuda.synchronize()
+submitted = sorted({key[2].name for key in precompile._JOBS})
+print(json.dumps({"submitted": submitted, "compiles": compiles}))
