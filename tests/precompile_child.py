@@ -1,7 +1,8 @@
 """Run by tests/test_precompile.py in a fresh process on CUDA: compile a module whose
-attention becomes the dilated work list, train one step, and print as JSON which of
-the package's kernels were handed to the compile workers and whether each of the
-step's own compiles of them found Triton's disk cache filled."""
+attention becomes dilated attention on one path (``work list`` or ``gathered blocks``,
+argv 2), train one step, and print as JSON which of the package's kernels were
+handed to the compile workers and whether each of the step's own compiles of them
+found Triton's disk cache filled."""
 
 import json
 import os
@@ -10,7 +11,7 @@ import tempfile
 
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp()
-os.environ["DILATED_WORKLIST"] = "on"
+os.environ["DILATED_WORKLIST"] = {"work list": "on", "gathered blocks": "off"}[sys.argv[2]]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -18,7 +19,8 @@ from triton import knobs  # noqa: E402
 
 from dilated_compile.lowering.common import precompile  # noqa: E402
 
-KERNELS = {"forward_kernel", "merge_kernel", "prepare_kernel", "backward_kernel", "cast_kernel"}
+KERNELS = {"forward_kernel", "merge_kernel", "prepare_kernel", "backward_kernel", "cast_kernel", "gather_kernel",
+           "combine_kernel"}
 compiles = []
 
 
@@ -51,5 +53,5 @@ compiled = torch.compile(model, backend="dilated", options={"policy": policy})
 x = torch.randn(1, 1000, 256, device="cuda", dtype=torch.bfloat16)
 compiled(x).float().square().mean().backward()
 torch.cuda.synchronize()
-submitted = sorted({key[2].name for key in precompile._JOBS})
+submitted = sorted({key[2].name for key in precompile._SUBMITTED})
 print(json.dumps({"submitted": submitted, "compiles": compiles}))

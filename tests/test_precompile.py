@@ -1,9 +1,9 @@
-"""The work list's kernels compile in Inductor's compile workers, under the keys its
-first launches look up (`lowering/common/precompile.py`).
+"""The dilated op's Triton kernels compile in Inductor's compile workers, under the
+keys its first launches look up (`lowering/common/precompile.py`).
 
-On the CPU: for each call signature, the launches `worklist.forward_launches` /
-`backward_launches` list are specialised by Triton's JIT exactly as the real
-call's launches are (compared through Triton's ``jit_cache_hook``, with the
+On the CPU: for each call signature, the launches that `worklist.forward_launches`
+/ `backward_launches` and `compute.gathered_launches` list are specialised by
+Triton's JIT exactly as the real call's launches are (compared through Triton's ``jit_cache_hook``, with the
 target an sm_90 GPU); and a compile submitted to Inductor's real worker pool
 fills the Triton cache a later compile then hits. On CUDA: compiling and
 training a module hands its kernels to the workers, and every compile of them
@@ -19,6 +19,7 @@ import torch
 
 from dilated_compile.lowering.common import precompile
 from dilated_compile.lowering.common.storage import seq_major_empty
+from dilated_compile.lowering.dilated import compute
 from dilated_compile.lowering.dilated import plan as plans
 from dilated_compile.lowering.dilated import worklist
 
@@ -93,6 +94,34 @@ def test_listed_launches_are_specialised_like_the_first_call(specialisations, ca
     assert listed == called
 
 
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_split", ["groups", "longnet"])
+@pytest.mark.parametrize("small_tiles", [plans.SMALL_PART_TILES, 0], ids=["batched", "views"])
+@pytest.mark.parametrize("case", CASES, ids=["n1000", "n300", "h5"])
+def test_listed_combine_launches_are_specialised_like_the_first_call(specialisations, case, small_tiles,
+                                                                    head_split, is_causal):
+    """The gathered blocks' combine kernels (gather, merge, spread), listed by running
+    the path with launches recorded, against the path run for real."""
+    h, n, seg, rates = case
+    plan = plans.make_plan(h, n, seg, rates, head_split, small_tiles, 132)
+    q, k, v = (torch.randn(1, n, h, 64, dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+
+    def listed_and_called(tensors: tuple, run) -> tuple[list, list]:
+        for launch in compute.gathered_launches(plan, is_causal, 0.125, tensors):
+            precompile.compile_launch(SM90, "unused", launch)
+        listed = specialisations.take()
+        result = run(plan, is_causal, 0.125, *tensors)
+        return listed, specialisations.take(), result
+
+    listed, called, (out, lse) = listed_and_called((q, k, v), compute.gathered_forward)
+    assert [name for name, _ in listed][-1] == "combine_kernel"
+    assert listed == called
+    dout = seq_major_empty(q, q.shape, q.dtype)
+    listed, called, _ = listed_and_called((q, k, v, out, lse, dout), compute.gathered_backward)
+    assert [name for name, _ in listed][-2:] == ["gather_kernel", "combine_kernel"]
+    assert listed == called
+
+
 def test_a_misaligned_tensor_is_specialised_otherwise(specialisations):
     """The listed launches take tensors as 16-byte aligned; a view that is not compiles
     at its first call (the check above would miss a listing that ignored alignment)."""
@@ -129,17 +158,21 @@ def test_a_compile_worker_fills_the_cache_a_later_compile_hits(tmp_path, monkeyp
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("path", ["work list", "gathered blocks"])
 @pytest.mark.parametrize("head_split", ["groups", "longnet"])
-def test_a_compiled_step_finds_its_kernels_compiled(head_split):
+def test_a_compiled_step_finds_its_kernels_compiled(head_split, path):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop(precompile.SETTING, None)
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "precompile_child.py"), head_split],
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "precompile_child.py"), head_split, path],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
-    expected = {"forward_kernel", "prepare_kernel", "backward_kernel"}
-    if head_split == "longnet":
-        expected |= {"merge_kernel", "cast_kernel"}
+    if path == "work list":
+        expected = {"forward_kernel", "prepare_kernel", "backward_kernel"}
+        if head_split == "longnet":
+            expected |= {"merge_kernel", "cast_kernel"}
+    else:
+        expected = {"gather_kernel", "combine_kernel"}
     assert set(report["submitted"]) == expected, report
     assert {c["kernel"] for c in report["compiles"]} == expected, report
     assert all(c["cache_hit"] for c in report["compiles"]), report

@@ -25,10 +25,12 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from typing import TYPE_CHECKING, NamedTuple, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator, NamedTuple, Sequence
 
 import torch
 
+from . import precompile
 from .custom_ops import refuse_capture_of_first_call
 from .storage import seq_major_empty
 
@@ -139,7 +141,8 @@ def _descriptor(calls: tuple, outs: Sequence[torch.Tensor], lses, batch: int, he
     """The kernels' descriptor of `calls` (a tuple of part tuples; call c's results
     are ``outs[c]`` and ``lses[c]``) for a grid of `heads` heads, made on the plan's
     first call with these result strides and kept for later ones: one
-    host-to-device copy per plan and layout.
+    host-to-device copy per plan and layout. While `recording`, its table is only
+    described (the tensors may be fake) and nothing is kept.
 
     Raises RuntimeError if that first call is being captured into a CUDA graph."""
     out_strides = tuple(o.stride() for o in outs)
@@ -149,13 +152,15 @@ def _descriptor(calls: tuple, outs: Sequence[torch.Tensor], lses, batch: int, he
     hit = _DESCRIPTORS.get(key)
     if hit is not None and hit[0] is calls:
         return hit[1]
-    refuse_capture_of_first_call(device)
-    if len(_DESCRIPTORS) >= _DESCRIPTORS_MAX:
-        _DESCRIPTORS.clear()
     fields = _descriptor_of(calls, out_strides, lse_strides, batch)
     rows = [fields[i:i + FIELDS] for i in range(0, len(fields), FIELDS)]
     align = math.gcd(16, *(x for row in rows for x in row[9:14]))  # the out base and strides
     per_head, head_lists = _head_lists(rows, heads)
+    if _recorded is not None:
+        return _Descriptor(precompile.TensorArg(torch.int64), len(rows), per_head, align)
+    refuse_capture_of_first_call(device)
+    if len(_DESCRIPTORS) >= _DESCRIPTORS_MAX:
+        _DESCRIPTORS.clear()
     table = torch.tensor(fields + _EMPTY_PART + tuple(head_lists), dtype=torch.int64)
     desc = _Descriptor(table.to(device), len(rows), per_head, align)
     _DESCRIPTORS[key] = (calls, desc)
@@ -168,6 +173,33 @@ def _kernel(name: str = "combine_kernel"):
     from . import combine_kernel
 
     return getattr(combine_kernel, name)
+
+
+# The launches `recording` collects instead of running them; None: launches run.
+_recorded: list[precompile.KernelLaunch] | None = None
+
+
+@contextmanager
+def recording() -> Iterator[list[precompile.KernelLaunch]]:
+    """Within it, the combine's launches are listed (for `precompile`), not run: the
+    tensors may be fake, and no descriptor is made or kept."""
+    global _recorded
+    saved, _recorded = _recorded, []
+    try:
+        yield _recorded
+    finally:
+        _recorded = saved
+
+
+def _run(name: str, grid: tuple, device: torch.device, *args, **kwargs) -> None:
+    """Launch the kernel `name` (or list the launch while `recording`)."""
+    fn = _kernel(name)
+    if _recorded is not None:
+        _recorded.append(precompile.KernelLaunch.of(fn, args, **kwargs))
+        return
+    if precompile.pending():
+        precompile.wait(device, precompile.KernelLaunch.of(fn, args, **kwargs))
+    fn[grid](*args, **kwargs)
 
 
 BLOCK_N = 32
@@ -186,7 +218,8 @@ def _launch(plan: Plan, srcs, lses, batch: int, dsts, dst_lse) -> None:
     desc = _descriptor(plan.calls, srcs[0], lses, batch, h)
     merge = dst_lse is not None
     lse_strides = dst_lse.stride() if merge else (0, 0, 0)
-    _kernel("combine_kernel")[(_cdiv(n, BLOCK_N), h, b * len(dsts))](
+    _run(
+        "combine_kernel", (_cdiv(n, BLOCK_N), h, b * len(dsts)), dsts[0].device,
         tuple(r for per_dst in srcs for r in per_dst), tuple(lses) if merge else srcs[0],
         tuple(dsts), dst_lse if merge else dsts[0], desc.table, desc.n_parts, desc.per_head, n,
         *dsts[0].stride()[:3], *lse_strides,
@@ -267,7 +300,8 @@ def gather_into(calls: tuple, srcs: Sequence[torch.Tensor], bufs, lse=None, lse_
     srcs = [t if t.stride(-1) == 1 else t.contiguous() for t in srcs]
     has_lse = lse is not None
     lse_src = lse.transpose(1, 2) if has_lse else srcs[0]
-    _kernel("gather_kernel")[(_cdiv(n, BLOCK_N), h, b)](
+    _run(
+        "gather_kernel", (_cdiv(n, BLOCK_N), h, b), srcs[0].device,
         tuple(tuple(x) for x in bufs), tuple(srcs),
         tuple((t.stride(0), t.stride(2), t.stride(1)) for t in srcs),  # per batch, position, head
         tuple(lse_bufs) if has_lse else tuple(bufs[0]), lse_src, desc.table, desc.n_parts, desc.per_head, n,

@@ -88,11 +88,12 @@ def enabled(device: torch.device) -> bool:
         return False
 
 
-# Compiles by (target, cache dir, launch): the worker's future until a launch waits
-# for it, then None (compiled or failed, the key is done). Bounded: when full it
-# is emptied, and a launch no longer found here compiles at its first call.
-_JOBS: dict[tuple, Any] = {}
-_JOBS_MAX = 1024
+# Launches handed to the workers, by (target, cache dir, launch) (bounded: when full it
+# is emptied, and a launch submitted again compiles again, a disk-cache hit), and the
+# compiles no launch has waited for yet.
+_SUBMITTED: dict[tuple, None] = {}
+_SUBMITTED_MAX = 1024
+_PENDING: dict[tuple, Any] = {}
 
 
 def submit(device: torch.device, launches: Iterable[KernelLaunch]) -> None:
@@ -106,27 +107,33 @@ def submit(device: torch.device, launches: Iterable[KernelLaunch]) -> None:
         pool = AsyncCompile.process_pool()
         for launch in launches:
             key = (target, cache_dir, launch)
-            if key in _JOBS:
+            if key in _SUBMITTED:
                 continue
-            if len(_JOBS) >= _JOBS_MAX:
-                _JOBS.clear()
-            _JOBS[key] = pool.submit(compile_launch, target, cache_dir, launch)
+            if len(_SUBMITTED) >= _SUBMITTED_MAX:
+                _SUBMITTED.clear()
+            _SUBMITTED[key] = None
+            _PENDING[key] = pool.submit(compile_launch, target, cache_dir, launch)
     except Exception as e:  # an optimisation only: the kernels then compile at their first launch
         log.info("dilated_compile: kernels compile at their first launch (%s: %s)", type(e).__name__, e)
 
 
+def pending() -> bool:
+    """Whether a submitted compile has not been waited for (cheap: a launch path's test)."""
+    return bool(_PENDING)
+
+
 def wait(device: torch.device, launch: KernelLaunch) -> None:
     """Wait for `launch`'s compile on `device` if one was submitted and is still running."""
-    if not _JOBS:
+    if not _PENDING:
         return
+    for key in [k for k, job in _PENDING.items() if job.done() and k[2] != launch]:
+        del _PENDING[key]  # finished: nothing to wait for
     try:
-        key = (_target(_index(device)), _cache_dir(_index(device)), launch)
+        job = _PENDING.pop((_target(_index(device)), _cache_dir(_index(device)), launch), None)
     except Exception:
         return
-    job = _JOBS.get(key)
     if job is None:
         return
-    _JOBS[key] = None
     try:
         job.result()
     except Exception as e:

@@ -182,25 +182,51 @@ def spread_sum(plan: Plan, block_grads: Sequence[torch.Tensor], like: torch.Tens
     return total.transpose(1, 2)
 
 
+def gathered_forward(plan: Plan, is_causal: bool, scale: float, q, k, v):
+    """`dilated_forward` on CUDA as gathered blocks: block views or one gather, the
+    block kernel per call, one merge (`combine`). Stored sequence-major."""
+    qs, ks, vs = gather_blocks(plan, (q, k, v))
+    results = [block_attention(a, b, c, is_causal=is_causal, scale=scale, direct=True) for a, b, c in zip(qs, ks, vs)]
+    return combine.merge(plan, [r.out for r in results], [r.lse for r in results], q)
+
+
+def gathered_backward(plan: Plan, is_causal: bool, scale: float, q, k, v, out, lse, dout):
+    """`dilated_backward` on CUDA as gathered blocks (see `gathered_forward`)."""
+    qs, ks, vs = gather_blocks(plan, (q, k, v))
+    douts, outs, lses = combine.backward_blocks(plan, dout, out, lse, qs)
+    grads = [
+        block_attention_backward(d, a, b, c, o, l, is_causal=is_causal, scale=scale, direct=True)
+        for d, a, b, c, o, l in zip(douts, qs, ks, vs, outs, lses)
+    ]
+    if not grads:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    return combine.spread_sums(plan, tuple(zip(*grads)), (q, k, v))
+
+
+def gathered_launches(plan: Plan, is_causal: bool, scale: float, tensors: tuple) -> list:
+    """The combine launches (`precompile.KernelLaunch`) of the first `gathered_forward`
+    (`tensors` = q, k, v) or `gathered_backward` (q, k, v, out, lse, dout) call with
+    tensors like these; on fake tensors, nothing runs."""
+    with combine.recording() as launches:
+        if len(tensors) == 3:
+            gathered_forward(plan, is_causal, scale, *tensors)
+        else:
+            gathered_backward(plan, is_causal, scale, *tensors)
+    return launches
+
+
 def dilated_forward(plan: Plan, is_causal: bool, scale: float, q, k, v):
     """(out, lse) of the dilated attention `plan` describes: out (B, H, N, D) in q's
     dtype, lse (B, H, N) in the accumulation dtype (-inf where no pattern selects).
 
     CUDA fp16/bf16 runs the one-launch work list (`worklist.py`) where `kernel_choice`
     picks it."""
-    fused = combine.runs_on(q)
-    if fused and choose(plan, q, is_causal).forward == WORKLIST:
-        return worklist.forward(plan, is_causal, scale, q, k, v)
-    if fused:
-        qs, ks, vs = gather_blocks(plan, (q, k, v))
-    else:
-        qs, ks, vs = (gather_calls(plan, x) for x in (q, k, v))
-    results = [
-        block_attention(a, b, c, is_causal=is_causal, scale=scale, direct=fused)
-        for a, b, c in zip(qs, ks, vs)
-    ]
-    if fused:
-        return combine.merge(plan, [r.out for r in results], [r.lse for r in results], q)
+    if combine.runs_on(q):
+        if choose(plan, q, is_causal).forward == WORKLIST:
+            return worklist.forward(plan, is_causal, scale, q, k, v)
+        return gathered_forward(plan, is_causal, scale, q, k, v)
+    qs, ks, vs = (gather_calls(plan, x) for x in (q, k, v))
+    results = [block_attention(a, b, c, is_causal=is_causal, scale=scale) for a, b, c in zip(qs, ks, vs)]
     out, lse = assemble(plan, [r.out for r in results], [r.lse for r in results], q.shape[0], q)
     return out.to(q.dtype), lse
 
@@ -213,25 +239,20 @@ def dilated_backward(plan: Plan, is_causal: bool, scale: float, q, k, v, out, ls
     (`spread_sum`). CUDA fp16/bf16 runs the work list's backward (`worklist.py`) where
     `kernel_choice` picks it.
     """
-    fused = combine.runs_on(q)
-    if fused and choose(plan, q, is_causal).backward == WORKLIST:
-        return worklist.backward(plan, is_causal, scale, q, k, v, out, lse, dout)
-    if fused:
-        qs, ks, vs = gather_blocks(plan, (q, k, v))
-        douts, outs, lses = combine.backward_blocks(plan, dout, out, lse, qs)
-    else:
-        qs, ks, vs = (gather_calls(plan, x) for x in (q, k, v))
-        douts = gather_calls(plan, dout.to(out.dtype))
-        outs = gather_calls(plan, out)
-        lses = [t.squeeze(-1) for t in gather_calls(plan, lse.unsqueeze(-1))]
+    if combine.runs_on(q):
+        if choose(plan, q, is_causal).backward == WORKLIST:
+            return worklist.backward(plan, is_causal, scale, q, k, v, out, lse, dout)
+        return gathered_backward(plan, is_causal, scale, q, k, v, out, lse, dout)
+    qs, ks, vs = (gather_calls(plan, x) for x in (q, k, v))
+    douts = gather_calls(plan, dout.to(out.dtype))
+    outs = gather_calls(plan, out)
+    lses = [t.squeeze(-1) for t in gather_calls(plan, lse.unsqueeze(-1))]
     grads = [
-        block_attention_backward(d, a, b, c, o, l, is_causal=is_causal, scale=scale, direct=fused)
+        block_attention_backward(d, a, b, c, o, l, is_causal=is_causal, scale=scale)
         for d, a, b, c, o, l in zip(douts, qs, ks, vs, outs, lses)
     ]
     if not grads:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    if fused:
-        return combine.spread_sums(plan, tuple(zip(*grads)), (q, k, v))
     acc = accumulation_dtype(q)
     return tuple(
         spread_sum(plan, [t.to(acc) for t in g], q).to(x.dtype)

@@ -43,7 +43,7 @@ from ..common import combine, precompile
 from . import plan as plan_module
 from . import worklist
 from .arguments import decode_parameters, encode_parameters
-from .compute import dilated_backward, dilated_forward
+from .compute import dilated_backward, dilated_forward, gathered_launches
 from .kernel_choice import WORKLIST, choose
 from .plan import Plan, plan_for
 
@@ -99,21 +99,22 @@ def _route(q: torch.Tensor, pattern: str, is_causal: bool, min_seq_len: int) -> 
     return route
 
 
-def _precompile(tensors: tuple, pattern: str, is_causal: bool, min_seq_len: int, backward: bool) -> None:
-    """Start compiling the kernels that the first real call with tensors like the fake
-    `tensors` ((q, k, v) or (q, k, v, out, lse, dout)) will launch (see `precompile`)."""
+def _precompile(tensors: tuple, pattern: str, is_causal: bool, scale: float, min_seq_len: int) -> None:
+    """Start compiling the Triton kernels that the first real call with tensors like the
+    fake `tensors` ((q, k, v) forward, (q, k, v, out, lse, dout) backward) will launch
+    (see `precompile`)."""
     q = tensors[0]
     concrete = all(type(x) is int for t in tensors for x in (*t.shape, *t.stride()))
     if not concrete or q.shape[2] == 0 or not combine.usable(q) or not precompile.enabled(q.device):
         return
     try:
         route = _make_route(q, pattern, is_causal, min_seq_len, True)
-        if backward and route.worklist_backward:
-            launches = worklist.backward_launches(route.plan, is_causal, *tensors)
-        elif not backward and route.worklist_forward:
-            launches = worklist.forward_launches(route.plan, is_causal, *tensors)
+        if len(tensors) == 3:
+            launches = (worklist.forward_launches(route.plan, is_causal, *tensors) if route.worklist_forward
+                        else gathered_launches(route.plan, is_causal, scale, tensors))
         else:
-            return
+            launches = (worklist.backward_launches(route.plan, is_causal, *tensors) if route.worklist_backward
+                        else gathered_launches(route.plan, is_causal, scale, tensors))
     except Exception as e:  # an optimisation only: the real call raises what is wrong
         log.info("dilated_compile: kernels compile at their first launch (%s: %s)", type(e).__name__, e)
         return
@@ -145,7 +146,7 @@ dilated_attention_op = opaque_op(f"{OP_NAMESPACE}::dilated_attention", tags=RUNS
 
 @dilated_attention_op.register_fake
 def _(q, k, v, pattern, is_causal, scale, min_seq_len):
-    _precompile((q, k, v), pattern, is_causal, min_seq_len, backward=False)
+    _precompile((q, k, v), pattern, is_causal, scale, min_seq_len)
     return seq_major_empty(q, q.shape, q.dtype), lse_fake(q)
 
 
@@ -177,7 +178,7 @@ dilated_attention_backward_op = opaque_op(
 
 @dilated_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, pattern, is_causal, scale, min_seq_len):
-    _precompile((q, k, v, out, lse, dout), pattern, is_causal, min_seq_len, backward=True)
+    _precompile((q, k, v, out, lse, dout), pattern, is_causal, scale, min_seq_len)
     return tuple(seq_major_empty(x, x.shape, x.dtype) for x in (q, k, v))
 
 

@@ -232,7 +232,7 @@ class _Launch:
         if runner is not None:
             runner(*args, *self.tail, stream=stream)
             return
-        if stream is not None:
+        if stream is not None and precompile.pending():
             precompile.wait(inputs[0].device, self.kernel_launch())
         kernel = self.fn[self.grid](*args, *self.tail, num_warps=self.blocks.num_warps,
                                     num_stages=self.blocks.num_stages)
