@@ -5,6 +5,7 @@ handed to the compile workers and whether each of the step's own compiles of the
 found Triton's disk cache filled."""
 
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -30,6 +31,7 @@ def listener(*, src, metadata, metadata_group, times, cache_hit):
 
 
 knobs.compilation.listener = listener
+logging.basicConfig(level=logging.INFO)  # why a kernel was not precompiled, for the test's message
 
 
 class Attention(torch.nn.Module):

@@ -75,7 +75,7 @@ def test_listed_launches_are_specialised_like_the_first_call(specialisations, ca
     q, k, v = (torch.randn(1, n, h, 64, dtype=dtype).transpose(1, 2) for _ in range(3))
 
     for launch in worklist.forward_launches(plan, is_causal, q, k, v):
-        precompile.compile_launch(SM90, "unused", launch)
+        precompile.compile_launch(SM90, (), launch)
     listed = specialisations.take()
     out, lse = worklist.forward(plan, is_causal, 0.125, q, k, v)
     called = specialisations.take()
@@ -85,7 +85,7 @@ def test_listed_launches_are_specialised_like_the_first_call(specialisations, ca
 
     dout = seq_major_empty(q, q.shape, q.dtype)
     for launch in worklist.backward_launches(plan, is_causal, q, k, v, out, lse, dout):
-        precompile.compile_launch(SM90, "unused", launch)
+        precompile.compile_launch(SM90, (), launch)
     listed = specialisations.take()
     worklist.backward(plan, is_causal, 0.125, q, k, v, out, lse, dout)
     called = specialisations.take()
@@ -108,7 +108,7 @@ def test_listed_combine_launches_are_specialised_like_the_first_call(specialisat
 
     def listed_and_called(tensors: tuple, run) -> tuple[list, list]:
         for launch in compute.gathered_launches(plan, is_causal, 0.125, tensors):
-            precompile.compile_launch(SM90, "unused", launch)
+            precompile.compile_launch(SM90, (), launch)
         listed = specialisations.take()
         result = run(plan, is_causal, 0.125, *tensors)
         return listed, specialisations.take(), result
@@ -128,7 +128,7 @@ def test_a_misaligned_tensor_is_specialised_otherwise(specialisations):
     plan = plans.make_plan(4, 512, (256, 512), (1, 2), "groups", plans.SMALL_PART_TILES, 132)
     q = torch.randn(1, 512 * 4 * 64 + 1, dtype=torch.bfloat16)[:, 1:].view(1, 512, 4, 64).transpose(1, 2)
     for launch in worklist.forward_launches(plan, False, q, q, q):
-        precompile.compile_launch(SM90, "unused", launch)
+        precompile.compile_launch(SM90, (), launch)
     listed = specialisations.take()
     worklist.forward(plan, False, 0.125, q, q, q)
     assert listed != specialisations.take()
@@ -137,7 +137,8 @@ def test_a_misaligned_tensor_is_specialised_otherwise(specialisations):
 def test_a_compile_worker_fills_the_cache_a_later_compile_hits(tmp_path, monkeypatch):
     """Through Inductor's real worker pool: the worker writes the kernel's binary for
     sm_90 into the given Triton cache; compiling the same launch again in this process
-    finds it there and writes nothing."""
+    finds it there and writes nothing (the worker's own environment, which names
+    torch's ptxas where torch has one, is set aside for the compile)."""
     import torch._inductor.config as inductor_config
     from torch._inductor.async_compile import AsyncCompile
 
@@ -145,14 +146,15 @@ def test_a_compile_worker_fills_the_cache_a_later_compile_hits(tmp_path, monkeyp
     plan = plans.make_plan(4, 1000, (256, 512), (1, 2), "groups", plans.SMALL_PART_TILES, 132)
     q = torch.randn(1, 1000, 4, 64, dtype=torch.bfloat16).transpose(1, 2)
     (launch,) = worklist.forward_launches(plan, True, q, q, q)
-    job = AsyncCompile.process_pool().submit(precompile.compile_launch, SM90, str(tmp_path), launch)
+    env = (("TRITON_CACHE_DIR", str(tmp_path)),)
+    job = AsyncCompile.process_pool().submit(precompile.compile_launch, SM90, env, launch)
     assert job.result(timeout=300) > 0
     entries = sorted(os.listdir(tmp_path))
     assert len(entries) == 1 and "forward_kernel.cubin" in os.listdir(tmp_path / entries[0])
 
     hits = []
     monkeypatch.setattr(knobs.compilation, "listener", lambda **kw: hits.append(kw["cache_hit"]))
-    precompile.compile_launch(SM90, str(tmp_path), launch)
+    precompile.compile_launch(SM90, env, launch)
     assert hits == [True]
     assert sorted(os.listdir(tmp_path)) == entries
 
@@ -161,12 +163,14 @@ def test_a_compile_worker_fills_the_cache_a_later_compile_hits(tmp_path, monkeyp
 @pytest.mark.parametrize("path", ["work list", "gathered blocks"])
 @pytest.mark.parametrize("head_split", ["groups", "longnet"])
 def test_a_compiled_step_finds_its_kernels_compiled(head_split, path):
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "TORCHINDUCTOR_COMPILE_THREADS": "4"}  # compile workers (the test session has none)
     env.pop(precompile.SETTING, None)
     res = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "precompile_child.py"), head_split, path],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
+    report["log"] = [line for line in res.stderr.splitlines() if "dilated_compile" in line][-20:]
     if path == "work list":
         expected = {"forward_kernel", "prepare_kernel", "backward_kernel"}
         if head_split == "longnet":

@@ -6,7 +6,8 @@ after Inductor has finished. Instead, when tracing first meets an op with
 concrete shapes on CUDA (its fake implementation runs), the op lists the
 launches its first call will make (`KernelLaunch`: the kernel, its argument
 types and integer values, its options) and `submit` hands each to Inductor's
-compile workers. A worker compiles it for the device's target into Triton's
+compile workers. A worker compiles it for the device's target, with this
+process's ``TRITON_*`` environment (cache directory, ptxas), into Triton's
 disk cache, under the key the launch will look up; the first launch then
 finds it there (`wait` first lets a launch wait for a compile still running).
 
@@ -88,7 +89,7 @@ def enabled(device: torch.device) -> bool:
         return False
 
 
-# Launches handed to the workers, by (target, cache dir, launch) (bounded: when full it
+# Launches handed to the workers, by (target, Triton's environment, launch) (bounded: when full it
 # is emptied, and a launch submitted again compiles again, a disk-cache hit), and the
 # compiles no launch has waited for yet.
 _SUBMITTED: dict[tuple, None] = {}
@@ -103,16 +104,16 @@ def submit(device: torch.device, launches: Iterable[KernelLaunch]) -> None:
     try:
         from torch._inductor.async_compile import AsyncCompile
 
-        target, cache_dir = _target(_index(device)), _cache_dir(_index(device))
+        target, env = _target(_index(device)), triton_env(_index(device))
         pool = AsyncCompile.process_pool()
         for launch in launches:
-            key = (target, cache_dir, launch)
+            key = (target, env, launch)
             if key in _SUBMITTED:
                 continue
             if len(_SUBMITTED) >= _SUBMITTED_MAX:
                 _SUBMITTED.clear()
             _SUBMITTED[key] = None
-            _PENDING[key] = pool.submit(compile_launch, target, cache_dir, launch)
+            _PENDING[key] = pool.submit(compile_launch, target, env, launch)
     except Exception as e:  # an optimisation only: the kernels then compile at their first launch
         log.info("dilated_compile: kernels compile at their first launch (%s: %s)", type(e).__name__, e)
 
@@ -129,7 +130,7 @@ def wait(device: torch.device, launch: KernelLaunch) -> None:
     for key in [k for k, job in _PENDING.items() if job.done() and k[2] != launch]:
         del _PENDING[key]  # finished: nothing to wait for
     try:
-        job = _PENDING.pop((_target(_index(device)), _cache_dir(_index(device)), launch), None)
+        job = _PENDING.pop((_target(_index(device)), triton_env(_index(device)), launch), None)
     except Exception:
         return
     if job is None:
@@ -153,16 +154,17 @@ def _target(index: int):
         return driver.active.get_current_target()
 
 
-def _cache_dir(index: int) -> str:
-    """Triton's cache directory in this process, as Inductor sets it for device `index`
-    when it first loads a kernel (set here first, to the same value, so that the
-    workers' compiles and this process's launches use one directory)."""
-    directory = os.environ.get("TRITON_CACHE_DIR")
-    if directory is None:
+def triton_env(index: int) -> tuple[tuple[str, str], ...]:
+    """This process's ``TRITON_*`` environment variables, which a compile in a worker
+    takes for its own: they choose the cache directory and the tools (ptxas), and
+    with them the keys. ``TRITON_CACHE_DIR`` is set first if it is not, to what
+    Inductor sets it to for device `index` when it first loads a kernel, so that
+    the workers' compiles and this process's launches use one directory."""
+    if os.environ.get("TRITON_CACHE_DIR") is None:
         from torch._inductor.runtime.cache_dir_utils import triton_cache_dir
 
-        directory = os.environ["TRITON_CACHE_DIR"] = triton_cache_dir(index)
-    return directory
+        os.environ["TRITON_CACHE_DIR"] = triton_cache_dir(index)
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("TRITON_")))
 
 
 class _TargetOnly:
@@ -192,15 +194,31 @@ def _mock(arg):
     return arg
 
 
-def compile_launch(target, cache_dir: str, launch: KernelLaunch) -> float:
-    """Compile `launch` for `target` into the Triton cache `cache_dir`; the seconds taken.
-    Runs in a compile worker (or any process: it touches no GPU)."""
+def _forget_tool_versions() -> None:
+    """Drop Triton's cached ptxas version (part of every compile's key): Inductor's
+    workers compile their own kernels with torch's ptxas, this process with the one
+    its environment names."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas_version
+
+        get_ptxas_version.cache_clear()
+    except (ImportError, AttributeError):
+        pass
+
+
+def compile_launch(target, env: tuple[tuple[str, str], ...], launch: KernelLaunch) -> float:
+    """Compile `launch` for `target` with the ``TRITON_*`` environment `env` (its cache
+    directory and tools, as `triton_env` gives them); the seconds taken. Runs in a
+    compile worker (or any process: it touches no GPU)."""
     from triton.runtime import driver
 
     start = time.perf_counter()
     fn = getattr(importlib.import_module(launch.module), launch.name)
-    saved_dir = os.environ.get("TRITON_CACHE_DIR")
-    os.environ["TRITON_CACHE_DIR"] = cache_dir
+    saved = {k: v for k, v in os.environ.items() if k.startswith("TRITON_")}
+    for name in saved:
+        del os.environ[name]
+    os.environ.update(env)
+    _forget_tool_versions()
     previous = driver._active  # restored as it was: `reset_active` would make the real driver
     driver.set_active(_TargetOnly(target))
     try:
@@ -208,8 +226,8 @@ def compile_launch(target, cache_dir: str, launch: KernelLaunch) -> float:
     finally:
         driver._active = previous
         fn.device_caches.clear()  # the next job may be for another target
-        if saved_dir is None:
-            del os.environ["TRITON_CACHE_DIR"]
-        else:
-            os.environ["TRITON_CACHE_DIR"] = saved_dir
+        for name, _ in env:
+            del os.environ[name]
+        os.environ.update(saved)
+        _forget_tool_versions()
     return time.perf_counter() - start
