@@ -114,6 +114,7 @@ def submit(device: torch.device, launches: Iterable[KernelLaunch]) -> None:
                 _SUBMITTED.clear()
             _SUBMITTED[key] = None
             _PENDING[key] = pool.submit(compile_launch, target, env, launch)
+            log.debug("dilated_compile: %s handed to the compile workers", launch.name)
     except Exception as e:  # an optimisation only: the kernels then compile at their first launch
         log.info("dilated_compile: kernels compile at their first launch (%s: %s)", type(e).__name__, e)
 
@@ -135,8 +136,11 @@ def wait(device: torch.device, launch: KernelLaunch) -> None:
         return
     if job is None:
         return
+    start = time.perf_counter()
     try:
-        job.result()
+        seconds = job.result()
+        log.debug("dilated_compile: %s waited %.2f s for its compile (%.2f s in a worker)", launch.name,
+                  time.perf_counter() - start, seconds)
     except Exception as e:
         log.info("dilated_compile: %s compiles at its first launch (%s: %s)", launch.name, type(e).__name__, e)
 
