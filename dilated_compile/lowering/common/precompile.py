@@ -105,6 +105,7 @@ def submit(device: torch.device, launches: Iterable[KernelLaunch]) -> None:
         from torch._inductor.async_compile import AsyncCompile
 
         target, env = _target(_index(device)), triton_env(_index(device))
+        _forget_tool_versions()  # this process's next key names the ptxas its environment names now
         pool = AsyncCompile.process_pool()
         for launch in launches:
             key = (target, env, launch)
@@ -210,6 +211,18 @@ def _forget_tool_versions() -> None:
         pass
 
 
+def _build_launcher(kernel) -> None:
+    """Build the host stub that launches `kernel` (a C module Triton compiles with the
+    system's C compiler and keeps in its cache, once per kernel signature), where this
+    Triton builds one and the machine can link it (libcuda)."""
+    try:
+        from triton.backends.nvidia.driver import CudaLauncher
+
+        CudaLauncher(kernel.src, kernel.metadata)
+    except Exception as e:  # the first launch builds it
+        log.debug("dilated_compile: no launcher built ahead (%s: %s)", type(e).__name__, e)
+
+
 def compile_launch(target, env: tuple[tuple[str, str], ...], launch: KernelLaunch) -> float:
     """Compile `launch` for `target` with the ``TRITON_*`` environment `env` (its cache
     directory and tools, as `triton_env` gives them); the seconds taken. Runs in a
@@ -226,7 +239,8 @@ def compile_launch(target, env: tuple[tuple[str, str], ...], launch: KernelLaunc
     previous = driver._active  # restored as it was: `reset_active` would make the real driver
     driver.set_active(_TargetOnly(target))
     try:
-        fn.warmup(*(_mock(a) for a in launch.args), grid=(1,), **dict(launch.options))
+        kernel = fn.warmup(*(_mock(a) for a in launch.args), grid=(1,), **dict(launch.options))
+        _build_launcher(kernel)
     finally:
         driver._active = previous
         fn.device_caches.clear()  # the next job may be for another target
