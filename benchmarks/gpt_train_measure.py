@@ -1,9 +1,11 @@
 """One configuration of the end-to-end training benchmark: build, compile, train and time it.
 
 `run_config` trains a fresh model at one length with one backend and
-returns its row: step times, tokens/s, cold and warm compile times, peak
-memory, the losses, the attention sites the backend reported and, with
-``check_loss``, the first loss of an eager run of the same attention.
+returns its row: step times, tokens/s, cold and warm compile times, each
+compile of the package's own Triton kernels in the cold step (whether it
+found Triton's disk cache filled), peak memory, the losses, the attention
+sites the backend reported and, with ``check_loss``, the first loss of an
+eager run of the same attention.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import os
 import statistics
 import sys
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 
@@ -68,6 +71,30 @@ def drop_package_kernels() -> None:
             for obj in vars(module).values():
                 if isinstance(obj, JITFunction):
                     obj.device_caches.clear()
+
+
+@contextmanager
+def package_compiles() -> Iterator[list[dict]]:
+    """The compiles of dilated_compile's Triton kernels in this process while inside, each
+    {"kernel", "cache_hit"}: a hit found the kernel in Triton's disk cache (compiled ahead
+    in Inductor's workers), a miss compiled it here."""
+    seen: list[dict] = []
+    try:
+        from triton import knobs
+    except ImportError:
+        yield seen
+        return
+
+    def listener(*, src, metadata, metadata_group, times, cache_hit) -> None:
+        if getattr(getattr(src, "fn", None), "module", "").startswith("dilated_compile."):
+            seen.append({"kernel": metadata["name"], "cache_hit": bool(cache_hit)})
+
+    saved = knobs.compilation.listener
+    knobs.compilation.listener = listener
+    try:
+        yield seen
+    finally:
+        knobs.compilation.listener = saved
 
 
 def free_device(device: torch.device) -> None:
@@ -213,9 +240,12 @@ def run_config(backend: str, n: int, s: Setup, cache_dir: str) -> dict:
 
     row: dict[str, Any] = {"backend": backend, "length": n, "policy": policy}
     t0 = time.perf_counter()
-    step()  # compiles (cold caches)
-    synchronize(dev)
+    with package_compiles() as compiles:
+        step()  # compiles (cold caches)
+        synchronize(dev)
     row["first_step_s"] = time.perf_counter() - t0
+    row["package_compiles"] = compiles
+    row["package_cache_hits"] = f"{sum(c['cache_hit'] for c in compiles)}/{len(compiles)}"
     for _ in range(s.warmup - 1):
         step()
     if dev.type == "cuda":

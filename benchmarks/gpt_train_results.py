@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 # the fields of a row printed as one JSON line when it is done
 BRIEF_FIELDS = ("backend", "length", "status", "tokens_per_s", "step_ms_median", "peak_mem_gib",
-                "cold_compile_s", "warm_compile_s", "reason")
+                "cold_compile_s", "warm_compile_s", "package_cache_hits", "reason")
 
 
 def git_commit() -> str | None:

@@ -159,6 +159,23 @@ def test_a_compile_worker_fills_the_cache_a_later_compile_hits(tmp_path, monkeyp
     assert sorted(os.listdir(tmp_path)) == entries
 
 
+def test_the_benchmark_counts_the_cold_steps_compiles_and_cache_hits(tmp_path):
+    """`benchmarks/gpt_train_measure.package_compiles`, which the end-to-end benchmark's
+    rows report, sees a compile of a package kernel as a miss, then the same as a hit."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from gpt_train_measure import package_compiles
+
+    plan = plans.make_plan(4, 512, (256, 512), (1, 2), "groups", plans.SMALL_PART_TILES, 132)
+    q = torch.randn(1, 512, 4, 64, dtype=torch.bfloat16).transpose(1, 2)
+    (launch,) = worklist.forward_launches(plan, False, q, q, q)
+    env = (("TRITON_CACHE_DIR", str(tmp_path)),)
+    with package_compiles() as compiles:
+        precompile.compile_launch(SM90, env, launch)
+        precompile.compile_launch(SM90, env, launch)
+    assert compiles == [{"kernel": "forward_kernel", "cache_hit": False},
+                        {"kernel": "forward_kernel", "cache_hit": True}]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("path", ["work list", "gathered blocks"])
 @pytest.mark.parametrize("head_split", ["groups", "longnet"])

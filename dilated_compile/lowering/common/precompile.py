@@ -8,15 +8,16 @@ launches its first call will make (`KernelLaunch`: the kernel, its argument
 types and integer values, its options) and `submit` hands each to Inductor's
 compile workers. A worker compiles it for the device's target, with this
 process's ``TRITON_*`` environment (cache directory, ptxas), into Triton's
-disk cache, under the key the launch will look up; the first launch then
-finds it there (`wait` first lets a launch wait for a compile still running).
+disk cache, under the key the launch will look up, and builds the kernel's
+launcher stub (a C module Triton compiles with gcc); the first launch then
+finds both there (`wait` first lets a launch wait for a compile still running).
 
 A launch's key is what Triton's JIT specialises on: tensors' dtypes and
 16-byte alignment (a listed tensor is taken as aligned), each integer's value
 class, constexprs and options. Where a real argument differs (a misaligned
-view), the launch compiles at its first call as before; nothing else depends
-on it. ``DILATED_PRECOMPILE=0`` turns it off; it is off where Inductor
-compiles in the calling process (``compile_threads`` 1).
+view), the launch compiles at its first call; nothing else depends on it.
+``DILATED_PRECOMPILE=0`` turns it off; it is off where Inductor compiles in
+the calling process (``compile_threads`` 1).
 """
 
 from __future__ import annotations
@@ -162,13 +163,20 @@ def _target(index: int):
 def triton_env(index: int) -> tuple[tuple[str, str], ...]:
     """This process's ``TRITON_*`` environment variables, which a compile in a worker
     takes for its own: they choose the cache directory and the tools (ptxas), and
-    with them the keys. ``TRITON_CACHE_DIR`` is set first if it is not, to what
-    Inductor sets it to for device `index` when it first loads a kernel, so that
-    the workers' compiles and this process's launches use one directory."""
+    with them the keys.
+
+    Set first, as Inductor sets them before it compiles a kernel in this process
+    (so that they do not change between a submission and the launch): the cache
+    directory for device `index`, and the ptxas that torch ships, where it ships one."""
     if os.environ.get("TRITON_CACHE_DIR") is None:
         from torch._inductor.runtime.cache_dir_utils import triton_cache_dir
 
         os.environ["TRITON_CACHE_DIR"] = triton_cache_dir(index)
+    try:
+        from torch._inductor.runtime.compile_tasks import _set_triton_ptxas_path
+    except ImportError:
+        return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("TRITON_")))
+    _set_triton_ptxas_path()
     return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("TRITON_")))
 
 

@@ -186,7 +186,9 @@ def gathered_forward(plan: Plan, is_causal: bool, scale: float, q, k, v):
     """`dilated_forward` on CUDA as gathered blocks: block views or one gather, the
     block kernel per call, one merge (`combine`). Stored sequence-major."""
     qs, ks, vs = gather_blocks(plan, (q, k, v))
-    results = [block_attention(a, b, c, is_causal=is_causal, scale=scale, direct=True) for a, b, c in zip(qs, ks, vs)]
+    results = [
+        block_attention(a, b, c, is_causal=is_causal, scale=scale, direct=True) for a, b, c in zip(qs, ks, vs)
+    ]
     return combine.merge(plan, [r.out for r in results], [r.lse for r in results], q)
 
 
