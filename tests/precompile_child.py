@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp()
@@ -46,6 +47,14 @@ class Attention(torch.nn.Module):
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         return y.transpose(1, 2).flatten(2)
 
+
+# Inductor's compile workers ready, as in any compile after a process's first
+from torch._inductor.async_compile import AsyncCompile  # noqa: E402
+
+AsyncCompile.warm_pool()
+deadline = time.monotonic() + 300
+while not AsyncCompile.use_process_pool() and time.monotonic() < deadline:
+    time.sleep(0.1)
 
 head_split = sys.argv[1]
 policy = {"version": 1, "rules": [{"match": "re:.*", "attention": "dilated", "segment_lengths": [256, 512],

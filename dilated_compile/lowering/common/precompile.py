@@ -17,7 +17,9 @@ A launch's key is what Triton's JIT specialises on: tensors' dtypes and
 class, constexprs and options. Where a real argument differs (a misaligned
 view), the launch compiles at its first call; nothing else depends on it.
 ``DILATED_PRECOMPILE=0`` turns it off; it is off where Inductor compiles in
-the calling process (``compile_threads`` 1).
+the calling process (``compile_threads`` 1) and while Inductor's worker pool
+is starting (a process's first compile: a job would wait for the workers to
+start, longer than the compile takes here).
 """
 
 from __future__ import annotations
@@ -105,6 +107,9 @@ def submit(device: torch.device, launches: Iterable[KernelLaunch]) -> None:
     try:
         from torch._inductor.async_compile import AsyncCompile
 
+        if not AsyncCompile.use_process_pool():  # starting: a job would wait for its workers
+            log.debug("dilated_compile: Inductor's compile workers are starting; kernels compile at first launch")
+            return
         target, env = _target(_index(device)), triton_env(_index(device))
         _forget_tool_versions()  # this process's next key names the ptxas its environment names now
         pool = AsyncCompile.process_pool()
