@@ -79,7 +79,7 @@ def _described(arg):
 
 
 def enabled(device: torch.device) -> bool:
-    """Whether `submit` compiles launches on `device` in Inductor's workers."""
+    """Whether `submit` may compile launches on `device` in Inductor's workers."""
     if device.type != "cuda" or os.environ.get(SETTING, "1") in ("0", "off", "false"):
         return False
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -92,6 +92,20 @@ def enabled(device: torch.device) -> bool:
         return False
 
 
+def ready(device: torch.device) -> bool:
+    """Whether `submit` compiles launches on `device` in Inductor's workers now: `enabled`,
+    and the workers have started (while they start, a job would wait for them)."""
+    if not enabled(device):
+        return False
+    try:
+        from torch._inductor.async_compile import AsyncCompile
+
+        return bool(AsyncCompile.use_process_pool())
+    except Exception as e:  # an optimisation only: the kernels then compile at their first launch
+        log.info("dilated_compile: kernels compile at their first launch (%s: %s)", type(e).__name__, e)
+        return False
+
+
 # Launches handed to the workers, by (target, Triton's environment, launch) (bounded: when full it
 # is emptied, and a launch submitted again compiles again, a disk-cache hit), and the
 # compiles no launch has waited for yet.
@@ -100,30 +114,31 @@ _SUBMITTED_MAX = 1024
 _PENDING: dict[tuple, Any] = {}
 
 
-def submit(device: torch.device, launches: Iterable[KernelLaunch]) -> None:
-    """Start compiling `launches` for `device` in Inductor's compile workers (once each)."""
-    if not enabled(device):
-        return
+def submit(device: torch.device, launches: Iterable[KernelLaunch]) -> bool:
+    """Start compiling `launches` for `device` in Inductor's compile workers (once each);
+    whether they are handed over (False: they compile at their first launch)."""
+    if not ready(device):
+        log.debug("dilated_compile: no compile workers ready; kernels compile at their first launch")
+        return False
     try:
         from torch._inductor.async_compile import AsyncCompile
 
-        if not AsyncCompile.use_process_pool():  # starting: a job would wait for its workers
-            log.debug("dilated_compile: Inductor's compile workers are starting; kernels compile at first launch")
-            return
         target, env = _target(_index(device)), triton_env(_index(device))
-        _forget_tool_versions()  # this process's next key names the ptxas its environment names now
+        new = [launch for launch in launches if (target, env, launch) not in _SUBMITTED]
+        if new:
+            _forget_tool_versions()  # this process's next key names the ptxas its environment names now
         pool = AsyncCompile.process_pool()
-        for launch in launches:
+        for launch in new:
             key = (target, env, launch)
-            if key in _SUBMITTED:
-                continue
             if len(_SUBMITTED) >= _SUBMITTED_MAX:
                 _SUBMITTED.clear()
             _SUBMITTED[key] = None
             _PENDING[key] = pool.submit(compile_launch, target, env, launch)
             log.debug("dilated_compile: %s handed to the compile workers", launch.name)
+        return True
     except Exception as e:  # an optimisation only: the kernels then compile at their first launch
         log.info("dilated_compile: kernels compile at their first launch (%s: %s)", type(e).__name__, e)
+        return False
 
 
 def pending() -> bool:
