@@ -122,6 +122,36 @@ def test_listed_combine_launches_are_specialised_like_the_first_call(specialisat
     assert listed == called
 
 
+@pytest.mark.parametrize("head_split", ["groups", "longnet"])
+def test_tracing_the_op_hands_over_each_signatures_launches_once(monkeypatch, head_split):
+    """The op's fake implementations (what tracing runs, several times per site) hand the
+    launches of the work list's first real call to `precompile.submit`, once per call
+    signature. Fake CUDA tensors, no GPU: the workers' side and the device's target are
+    stood in for (`ready`, `submit`). (The gathered blocks' fake path needs a CUDA build
+    of torch: the test on CUDA below covers it.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dilated_compile.lowering.dilated import op
+    from dilated_compile.lowering.dilated.arguments import encode_parameters
+
+    monkeypatch.setenv("DILATED_WORKLIST", "on")
+    handed: list[list[str]] = []
+    monkeypatch.setattr(precompile, "ready", lambda device: True)
+    monkeypatch.setattr(precompile, "submit",
+                        lambda device, launches: handed.append([x.name for x in launches]) or True)
+    monkeypatch.setattr(op, "_LISTED", {})
+    pattern = encode_parameters((256, 512), (1, 2), head_split)
+    with FakeTensorMode():
+        q, k, v = (torch.empty(1, 1000, 4, 64, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
+                   for _ in range(3))
+        for _ in range(2):
+            out, lse = torch.ops.dilated_compile.dilated_attention(q, k, v, pattern, True, 0.125, 0)
+            torch.ops.dilated_compile.dilated_attention_backward(out, q, k, v, out, lse, pattern, True, 0.125, 0)
+    forward = ["forward_kernel", "merge_kernel"] if head_split == "longnet" else ["forward_kernel"]
+    backward = ["prepare_kernel", "backward_kernel"] + (["cast_kernel"] if head_split == "longnet" else [])
+    assert handed == [forward, backward]
+
+
 def test_a_misaligned_tensor_is_specialised_otherwise(specialisations):
     """The listed launches take tensors as 16-byte aligned; a view that is not compiles
     at its first call (the check above would miss a listing that ignored alignment)."""

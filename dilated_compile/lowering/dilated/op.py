@@ -99,8 +99,8 @@ def _route(q: torch.Tensor, pattern: str, is_causal: bool, min_seq_len: int) -> 
     return route
 
 
-# Call signatures whose launches were handed to the compile workers (or could not be
-# listed): the fake implementation runs several times per site while a graph compiles
+# Call signatures (and Triton cache directories) whose launches were handed to the compile
+# workers or could not be listed: the fake implementation runs several times per site while a graph compiles
 # (tracing, the joint graph, Inductor's lowering), and listing the gathered blocks' launches
 # runs that path on fake tensors (16-26 ms for LongNet at 64k).
 _LISTED: dict[tuple, None] = {}
@@ -117,7 +117,7 @@ def _precompile(tensors: tuple, pattern: str, is_causal: bool, scale: float, min
         return
     key = (pattern, bool(is_causal), float(scale), int(min_seq_len), q.device,
            *((t.shape, t.stride(), t.dtype) for t in tensors), *(os.environ.get(s) for s in _SETTINGS),
-           torch.backends.cuda.cudnn_sdp_enabled(), plan_module.SMALL_PART_TILES)
+           torch.backends.cuda.cudnn_sdp_enabled(), plan_module.SMALL_PART_TILES, os.environ.get("TRITON_CACHE_DIR"))
     if key in _LISTED:
         return
     if len(_LISTED) >= _LISTED_MAX:
