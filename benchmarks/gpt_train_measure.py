@@ -200,8 +200,20 @@ def warm_up_process(s: Setup, cache_dir: str) -> float:
     idx, labels = make_batch(128, 256, s.device)
     tiny(idx, torch.arange(128, device=s.device), labels).backward()
     synchronize(s.device)
+    wait_for_compile_workers()
     drop_in_memory_caches()
     return time.perf_counter() - t0
+
+
+def wait_for_compile_workers() -> None:
+    """Wait until Inductor's compile workers have started (a process's first compile runs
+    while they start, compiling in the process itself)."""
+    try:
+        from torch._inductor.async_compile import AsyncCompile
+
+        AsyncCompile.wait_pool_ready()
+    except (ImportError, AttributeError, RuntimeError):
+        pass
 
 
 # ----------------------------------------------------------------------------- one configuration
