@@ -37,6 +37,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SETTING = "DILATED_PRECOMPILE"
+WAIT_LIMIT_S = 300.0  # past this a launch stops waiting for a worker and compiles its kernel itself
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ def wait(device: torch.device, launch: KernelLaunch) -> None:
         return
     start = time.perf_counter()
     try:
-        seconds = job.result()
+        seconds = job.result(timeout=WAIT_LIMIT_S)
         log.debug("dilated_compile: %s waited %.2f s for its compile (%.2f s in a worker)", launch.name,
                   time.perf_counter() - start, seconds)
     except Exception as e:
