@@ -2,7 +2,7 @@
 attention becomes dilated attention on one path (``work list`` or ``gathered blocks``,
 argv 2), train one step, and print as JSON which of the package's kernels were
 handed to the compile workers and whether each of the step's own compiles of them
-found Triton's disk cache filled."""
+found Triton's disk cache filled, and each of their launcher stubs too."""
 
 import json
 import logging
@@ -32,6 +32,32 @@ def listener(*, src, metadata, metadata_group, times, cache_hit):
 
 
 knobs.compilation.listener = listener
+
+# launcher stubs of the package's kernels made in this process, and whether each was built here
+# (gcc) or loaded from Triton's cache
+from triton.backends.nvidia import driver as nvidia_driver  # noqa: E402
+from triton.runtime import build  # noqa: E402
+
+builds = []
+launchers = []
+_build, _launcher_init = build._build, nvidia_driver.CudaLauncher.__init__
+
+
+def counting_build(*args, **kwargs):
+    builds.append(args[0])
+    return _build(*args, **kwargs)
+
+
+def recording_launcher_init(self, src, metadata):
+    before = len(builds)
+    _launcher_init(self, src, metadata)
+    fn = getattr(src, "fn", None)
+    if getattr(fn, "module", "").startswith("dilated_compile."):
+        launchers.append({"kernel": fn.fn.__name__, "built_here": len(builds) > before})
+
+
+build._build = counting_build
+nvidia_driver.CudaLauncher.__init__ = recording_launcher_init
 logging.basicConfig(level=logging.INFO)  # why a kernel was not precompiled, for the test's message
 
 
@@ -65,4 +91,4 @@ x = torch.randn(1, 1000, 256, device="cuda", dtype=torch.bfloat16)
 compiled(x).float().square().mean().backward()
 torch.cuda.synchronize()
 submitted = sorted({key[2].name for key in precompile._SUBMITTED})
-print(json.dumps({"submitted": submitted, "compiles": compiles}))
+print(json.dumps({"submitted": submitted, "compiles": compiles, "launchers": launchers}))

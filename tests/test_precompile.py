@@ -228,3 +228,5 @@ def test_a_compiled_step_finds_its_kernels_compiled(head_split, path):
     assert set(report["submitted"]) == expected, report
     assert {c["kernel"] for c in report["compiles"]} == expected, report
     assert all(c["cache_hit"] for c in report["compiles"]), report
+    assert {x["kernel"] for x in report["launchers"]} == expected, report
+    assert not any(x["built_here"] for x in report["launchers"]), report
