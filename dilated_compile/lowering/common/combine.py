@@ -17,7 +17,9 @@ so Triton compiles each kernel once per dtypes, head dim, number of outputs
 and number of attention calls, not per plan or sequence length (and caches it
 on disk like any Triton kernel). Used on real CUDA tensors only, inside the
 ``dilated_compile::dilated_attention`` and ``ring_attention`` custom ops
-(`dilated/op.py`, `ring/op.py`), which therefore run outside CUDA graphs.
+(`dilated/op.py`, `ring/op.py`), which therefore run outside CUDA graphs;
+while `recording`, the same code runs on the fake tensors of a traced call
+and lists its launches instead (for `precompile`).
 """
 
 from __future__ import annotations
