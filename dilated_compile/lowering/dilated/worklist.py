@@ -258,18 +258,35 @@ def _head_rows(plan: Plan) -> int:
     return sum(-(-plan.seq_len // w) * per_seg for w, _, _, per_seg in _pattern_geometry(plan))
 
 
-class _ForwardCall:
-    """The work-list forward of one call signature (plan, causality, shapes and
-    strides, dtype, device): what a call allocates and launches, decided once.
+class _Call:
+    """What the forward and the backward of one call signature share: made from
+    tensors or fake tensors of the call's shapes (`launches` lists its kernels for
+    `precompile`), it makes its work list on the first call (`_bind`), which also
+    fixes the item launch's grid and whether the call has nothing to compute."""
 
-    Made from tensors or fake tensors of the call's shapes (`launches` lists its
-    kernels for `precompile`); the work list itself is made on the first call."""
+    attend: _Launch
+
+    def __init__(self, plan: Plan, causal: bool, batch: int, blocks: Blocks):
+        self.plan, self.causal, self.batch, self.blocks = plan, causal, batch, blocks
+        self.wl: WorkList | None = None
+        self.empty = True
+
+    def _bind(self, device: torch.device) -> WorkList:
+        if self.wl is None:
+            self.wl = work_list(self.plan, self.blocks, self.causal, device)
+            self.attend.grid = (self.wl.n_items, self.batch, 1)
+            self.empty = self.wl.n_items == 0 or self.batch == 0
+        return self.wl
+
+
+class _ForwardCall(_Call):
+    """The work-list forward of one call signature (plan, causality, shapes and
+    strides, dtype, device): what a call allocates and launches, decided once."""
 
     def __init__(self, plan: Plan, causal: bool, q, k, v):
         b, h, n, d = q.shape
-        self.plan, self.causal, self.batch = plan, causal, b
-        self.blocks = blocks = forward_blocks(q)
-        self.wl: WorkList | None = None
+        super().__init__(plan, causal, b, forward_blocks(q))
+        blocks = self.blocks
         self.out_shape, self.out_strides = tuple(q.shape), seq_major_strides(q.shape)
         self.lse_shape, self.lse_strides = (b, h, n), seq_major_strides((b, h, n))
         compact = plan.head_split == "longnet"
@@ -300,17 +317,11 @@ class _ForwardCall:
     def launches(self) -> list[_Launch]:
         return [x for x in (self.attend, self.merge) if x is not None]
 
-    def _work_list(self, device: torch.device) -> WorkList:
-        if self.wl is None:
-            self.wl = work_list(self.plan, self.blocks, self.causal, device)
-            self.attend.grid = (self.wl.n_items, self.batch, 1)
-        return self.wl
-
     def __call__(self, scale: float, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
-        wl = self._work_list(q.device)
+        wl = self._bind(q.device)
         out = torch.empty_strided(self.out_shape, self.out_strides, dtype=q.dtype, device=q.device)
         lse = torch.empty_strided(self.lse_shape, self.lse_strides, dtype=torch.float32, device=q.device)
-        if wl.n_items == 0 or self.batch == 0:
+        if self.empty:
             return out.zero_(), lse.fill_(-math.inf)
         stream = _stream(q.device)
         if self.merge is None:
@@ -323,14 +334,13 @@ class _ForwardCall:
         return out, lse
 
 
-class _BackwardCall:
+class _BackwardCall(_Call):
     """The work-list backward of one call signature, decided once (see `_ForwardCall`)."""
 
     def __init__(self, plan: Plan, causal: bool, q, k, v, out, lse, dout):
         b, h, n, d = q.shape
-        self.plan, self.causal, self.batch = plan, causal, b
-        self.blocks = blocks = backward_blocks(q)
-        self.wl: WorkList | None = None
+        super().__init__(plan, causal, b, backward_blocks(q))
+        blocks = self.blocks
         self.shape, self.strides = tuple(q.shape), seq_major_strides(q.shape)
         self.delta_shape = (b, h, n)
         delta_strides = _strides(self.delta_shape)
@@ -365,18 +375,12 @@ class _BackwardCall:
     def launches(self) -> list[_Launch]:
         return [x for x in (self.prepare, self.attend, self.cast) if x is not None]
 
-    def _work_list(self, device: torch.device) -> WorkList:
-        if self.wl is None:
-            self.wl = work_list(self.plan, self.blocks, self.causal, device)
-            self.attend.grid = (self.wl.n_items, self.batch, 1)
-        return self.wl
-
     def __call__(self, scale: float, q, k, v, out, lse, dout) -> tuple[torch.Tensor, ...]:
-        wl = self._work_list(q.device)
+        wl = self._bind(q.device)
         grads = tuple(
             torch.empty_strided(self.shape, self.strides, dtype=q.dtype, device=q.device) for _ in range(3)
         )
-        if wl.n_items == 0 or self.batch == 0:
+        if self.empty:
             return tuple(g.zero_() for g in grads)
         stream = _stream(q.device)
         delta = torch.empty(self.delta_shape, dtype=torch.float32, device=q.device)
