@@ -86,10 +86,15 @@ def _make_route(q: torch.Tensor, pattern: str, is_causal: bool, min_seq_len: int
                   choice is not None and choice.backward == WORKLIST)
 
 
-def _route(q: torch.Tensor, pattern: str, is_causal: bool, min_seq_len: int) -> _Route:
+def _kernel_settings(q: torch.Tensor) -> tuple:
+    """The settings besides a call's arguments that pick its plan and kernels."""
     env = os.environ
-    key = (pattern, min_seq_len, is_causal, q.shape, q.dtype, q.device, *(env.get(s) for s in _SETTINGS),
-           q.is_cuda and torch.backends.cuda.cudnn_sdp_enabled(), plan_module.SMALL_PART_TILES)
+    return (*(env.get(s) for s in _SETTINGS), q.is_cuda and torch.backends.cuda.cudnn_sdp_enabled(),
+            plan_module.SMALL_PART_TILES)
+
+
+def _route(q: torch.Tensor, pattern: str, is_causal: bool, min_seq_len: int) -> _Route:
+    key = (pattern, min_seq_len, is_causal, q.shape, q.dtype, q.device, *_kernel_settings(q))
     route = _ROUTES.get(key)
     if route is None:
         route = _make_route(q, pattern, is_causal, min_seq_len, combine.runs_on(q))
@@ -100,9 +105,9 @@ def _route(q: torch.Tensor, pattern: str, is_causal: bool, min_seq_len: int) -> 
 
 
 # Call signatures (and Triton cache directories) whose launches were handed to the compile
-# workers or could not be listed: the fake implementation runs several times per site while a graph compiles
-# (tracing, the joint graph, Inductor's lowering), and listing the gathered blocks' launches
-# runs that path on fake tensors (16-26 ms for LongNet at 64k).
+# workers or could not be listed: the fake implementation runs several times per site
+# while a graph compiles (tracing, the joint graph, Inductor's lowering), and listing the
+# gathered blocks' launches runs that path on fake tensors (16-26 ms for LongNet at 64k).
 _LISTED: dict[tuple, None] = {}
 _LISTED_MAX = 512
 
@@ -116,8 +121,8 @@ def _precompile(tensors: tuple, pattern: str, is_causal: bool, scale: float, min
     if not concrete or q.shape[2] == 0 or not combine.usable(q) or not precompile.ready(q.device):
         return
     key = (pattern, bool(is_causal), float(scale), int(min_seq_len), q.device,
-           *((t.shape, t.stride(), t.dtype) for t in tensors), *(os.environ.get(s) for s in _SETTINGS),
-           torch.backends.cuda.cudnn_sdp_enabled(), plan_module.SMALL_PART_TILES, os.environ.get("TRITON_CACHE_DIR"))
+           *((t.shape, t.stride(), t.dtype) for t in tensors), *_kernel_settings(q),
+           os.environ.get("TRITON_CACHE_DIR"))
     if key in _LISTED:
         return
     if len(_LISTED) >= _LISTED_MAX:
