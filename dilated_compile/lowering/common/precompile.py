@@ -196,8 +196,9 @@ def triton_env(index: int) -> tuple[tuple[str, str], ...]:
     try:
         from torch._inductor.runtime.compile_tasks import _set_triton_ptxas_path
     except ImportError:
-        return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("TRITON_")))
-    _set_triton_ptxas_path()
+        pass
+    else:
+        _set_triton_ptxas_path()
     return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("TRITON_")))
 
 
