@@ -9,7 +9,6 @@ import logging
 import os
 import sys
 import tempfile
-import time
 
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp()
@@ -17,21 +16,11 @@ os.environ["DILATED_WORKLIST"] = {"work list": "on", "gathered blocks": "off"}[s
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from triton import knobs  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+from gpt_train_measure import package_compiles, wait_for_compile_workers  # noqa: E402
 from dilated_compile.lowering.common import precompile  # noqa: E402
-
-KERNELS = {"forward_kernel", "merge_kernel", "prepare_kernel", "backward_kernel", "cast_kernel", "gather_kernel",
-           "combine_kernel"}
-compiles = []
-
-
-def listener(*, src, metadata, metadata_group, times, cache_hit):
-    if metadata["name"] in KERNELS:
-        compiles.append({"kernel": metadata["name"], "cache_hit": cache_hit})
-
-
-knobs.compilation.listener = listener
 
 # launcher stubs of the package's kernels made in this process, and whether each was built here
 # (gcc) or loaded from Triton's cache
@@ -74,13 +63,7 @@ class Attention(torch.nn.Module):
         return y.transpose(1, 2).flatten(2)
 
 
-# Inductor's compile workers ready, as in any compile after a process's first
-from torch._inductor.async_compile import AsyncCompile  # noqa: E402
-
-AsyncCompile.warm_pool()
-deadline = time.monotonic() + 300
-while not AsyncCompile.use_process_pool() and time.monotonic() < deadline:
-    time.sleep(0.1)
+wait_for_compile_workers()  # as in any compile after a process's first
 
 head_split = sys.argv[1]
 policy = {"version": 1, "rules": [{"match": "re:.*", "attention": "dilated", "segment_lengths": [256, 512],
@@ -88,7 +71,8 @@ policy = {"version": 1, "rules": [{"match": "re:.*", "attention": "dilated", "se
 model = Attention().cuda().to(torch.bfloat16)
 compiled = torch.compile(model, backend="dilated", options={"policy": policy})
 x = torch.randn(1, 1000, 256, device="cuda", dtype=torch.bfloat16)
-compiled(x).float().square().mean().backward()
-torch.cuda.synchronize()
+with package_compiles() as compiles:
+    compiled(x).float().square().mean().backward()
+    torch.cuda.synchronize()
 submitted = sorted({key[2].name for key in precompile._SUBMITTED})
 print(json.dumps({"submitted": submitted, "compiles": compiles, "launchers": launchers}))
