@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from gpt_model import LONGNET_RATES, LONGNET_SEGMENTS, clip_patterns  # noqa: E402
-from gpt_train_results import git_commit  # noqa: E402
+from gpt_train_results import git_commit, write_json  # noqa: E402
 from dilated_compile.lowering.common import combine  # noqa: E402
 from dilated_compile.lowering.common.block_kernels import block_attention  # noqa: E402
 from dilated_compile.lowering.dilated import compute  # noqa: E402
@@ -127,11 +127,7 @@ def main() -> None:
                  "argv": sys.argv[1:]},
         "rows": rows,
     }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "combine.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print("wrote", path)
+    print("wrote", write_json(os.path.join(args.out, "combine.json"), result))
 
 
 if __name__ == "__main__":

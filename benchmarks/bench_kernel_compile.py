@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from gpt_model import LONGNET_RATES, LONGNET_SEGMENTS, clip_patterns  # noqa: E402
-from gpt_train_results import git_commit  # noqa: E402
+from gpt_train_results import git_commit, write_json  # noqa: E402
 from dilated_compile.lowering.common import combine, combine_kernel  # noqa: E402
 from dilated_compile.lowering.dilated import compute, plan as plans, worklist  # noqa: E402
 
@@ -155,10 +155,7 @@ def main() -> None:
         "rows": compiles.rows,
         "seconds_per_plan_and_path": totals,
     }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "kernel_compile.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    path = write_json(os.path.join(args.out, "kernel_compile.json"), result)
     print(json.dumps(totals, indent=1))
     print("wrote", path)
 

@@ -138,11 +138,19 @@ def summarize(rows: list[dict], backends: list[str]) -> dict:
     return out
 
 
+def write_json(path: str, data: dict) -> str:
+    """Write `data` to `path` as indented JSON, replacing the file whole (its folder made
+    if missing); the path."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def record(results: dict, row: dict, path: str) -> None:
     """Append `row`, refresh the summary, print the row's brief line and rewrite the JSON at `path`."""
     results["runs"].append(row)
     results["summary"] = summarize(results["runs"], results["meta"]["backends"])
     print(json.dumps({k: row.get(k) for k in BRIEF_FIELDS}), flush=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(path, results)
