@@ -4,10 +4,11 @@
 
 Draws tokens/s and peak memory against context length (log x), one line per
 backend, into a PNG next to the JSON (same name, .png), and prints a markdown
-table of every configuration followed by the target ratios:
-dilated / dense (inductor) and dilated / seed tokens/s at the long and short
-target lengths (64k and 8k; the JSON names them), the compile-time ratio
-dilated / inductor (cold and warm) and the longest-context ratio.
+table of every configuration followed by the target ratios: dilated / dense
+(inductor) tokens/s at each length that has a goal (`SPEEDUP_GOALS`; a smoke
+run's short and long lengths take the shortest and longest goal), dilated /
+seed at the longest, the compile-time ratio dilated / inductor (cold and
+warm, against `COMPILE_GOAL`) and the longest-context ratio.
 For a --ring run the ratios compare ring_dilated with ring_dense.
 Where the run has ``no_attention`` rows, a last table gives, per length, the
 bound they set (inductor's step over theirs: the speed-up of an attention
