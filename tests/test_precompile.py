@@ -176,7 +176,7 @@ def test_a_compile_worker_fills_the_cache_a_later_compile_hits(tmp_path, monkeyp
     q = torch.randn(1, 1000, 4, 64, dtype=torch.bfloat16).transpose(1, 2)
     (launch,) = worklist.forward_launches(plan, True, q, q, q)
     env = (("TRITON_CACHE_DIR", str(tmp_path)),)
-    with inductor_config.patch(compile_threads=2):  # this test session's compiles use none
+    with inductor_config.patch(compile_threads=2):  # the suite's own compiles use none
         job = AsyncCompile.process_pool().submit(precompile.compile_launch, SM90, env, launch)
         assert job.result(timeout=300) > 0
     entries = sorted(os.listdir(tmp_path))
@@ -211,7 +211,7 @@ def test_the_benchmark_counts_the_cold_steps_compiles_and_cache_hits(tmp_path):
 @pytest.mark.parametrize("head_split", ["groups", "longnet"])
 def test_a_compiled_step_finds_its_kernels_compiled(head_split, path):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "TORCHINDUCTOR_COMPILE_THREADS": "4",  # compile workers (the test session has none)
+           "TORCHINDUCTOR_COMPILE_THREADS": "4",  # compile workers (the suite runs without)
            "DILATED_COMPILER": "inductor"}  # through AOTAutograd, which runs the op's fake implementation
     env.pop(precompile.SETTING, None)
     res = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "precompile_child.py"), head_split, path],
