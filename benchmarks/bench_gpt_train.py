@@ -187,6 +187,7 @@ def main(argv=None) -> int:
         warm_compile_lengths={"all": tuple(args.lengths), "first": tuple(args.lengths[:1]), "none": ()}[args.warm_compile],
         check_loss=args.check_loss if args.check_loss is not None else args.quick,
         fresh_caches=not args.quick, dense_compiler=args.dense_compiler,
+        profile_first_step=args.profile_first_step,
     )
     write_policies(s, args.lengths, args.ring)
     results = sweep(args, s, args.backends, args.lengths)

@@ -82,6 +82,7 @@ class Setup:
     warm_compile_lengths: tuple[int, ...] = ()  # lengths at which the warm compile time is measured
     fresh_caches: bool = True  # every configuration compiles with empty caches (else they share one)
     dense_compiler: str = "inductor"  # the torch.compile backend of the `inductor` rows and the warm-up
+    profile_first_step: bool = False  # record where the cold first step's host time went (cProfile)
 
 
 def parse_length(text: str) -> int:
@@ -167,6 +168,10 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
                    help="the torch.compile backend of the dense `inductor` rows (default inductor; the "
                         "others make a smoke run of the harness: the `dilated` rows follow "
                         "DILATED_COMPILER the same way)")
+    p.add_argument("--profile-first-step", action="store_true",
+                   help="profile each configuration's cold first step with cProfile and record its "
+                        "top functions in the row (first_step_profile); its times then include the "
+                        "profiler's overhead")
     p.add_argument("--ring", action="store_true", help="sequence parallel over torchrun's ranks (ring backends)")
     p.add_argument("--quick", action="store_true",
                    help=f"CPU smoke run: a {QUICK.layers}-layer width-{QUICK.width} model, lengths "

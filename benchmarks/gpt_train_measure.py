@@ -5,14 +5,17 @@ returns its row: step times, tokens/s, cold and warm compile times, each
 compile of the package's own Triton kernels in the cold step (whether it
 found Triton's disk cache filled), peak memory, the losses, the attention
 sites the backend reported and, with ``check_loss``, the first loss of an
-eager run of the same attention.
+eager run of the same attention; with ``profile_first_step``, the functions the
+cold first step spent its host time in.
 """
 
 from __future__ import annotations
 
+import cProfile
 import gc
 import math
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -95,6 +98,37 @@ def package_compiles() -> Iterator[list[dict]]:
         yield seen
     finally:
         knobs.compilation.listener = saved
+
+
+@contextmanager
+def host_profile(enabled: bool, top: int = 40) -> Iterator[dict]:
+    """Where the host time inside went, when enabled: the `top` functions by cumulative
+    and by own time (cProfile), each {"function", "calls", "own_s", "cumulative_s"}."""
+    found: dict[str, list[dict]] = {}
+    if not enabled:
+        yield found
+        return
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        yield found
+    finally:
+        profile.disable()
+        entries = [
+            {"function": _short(pstats.func_std_string(func)), "calls": calls, "own_s": round(own, 4),
+             "cumulative_s": round(cumulative, 4)}
+            for func, (_, calls, own, cumulative, _) in pstats.Stats(profile).stats.items()
+        ]
+        found["by_cumulative"] = sorted(entries, key=lambda e: -e["cumulative_s"])[:top]
+        found["by_own"] = sorted(entries, key=lambda e: -e["own_s"])[:top]
+
+
+def _short(where: str) -> str:
+    """A profiled function's file relative to its package root (site-packages or the checkout)."""
+    for marker in ("site-packages/", os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + "/"):
+        if marker in where:
+            return where.split(marker, 1)[1]
+    return where
 
 
 def free_device(device: torch.device) -> None:
@@ -252,10 +286,12 @@ def run_config(backend: str, n: int, s: Setup, cache_dir: str) -> dict:
 
     row: dict[str, Any] = {"backend": backend, "length": n, "policy": policy}
     t0 = time.perf_counter()
-    with package_compiles() as compiles:
+    with package_compiles() as compiles, host_profile(s.profile_first_step) as profile:
         step()  # compiles (cold caches)
         synchronize(dev)
     row["first_step_s"] = time.perf_counter() - t0
+    if profile:
+        row["first_step_profile"] = profile
     row["package_compiles"] = compiles
     row["package_cache_hits"] = f"{sum(c['cache_hit'] for c in compiles)}/{len(compiles)}"
     for _ in range(s.warmup - 1):

@@ -113,6 +113,7 @@ def run_meta(args: argparse.Namespace, s: Setup, backends: list[str], lengths: l
         "quick": args.quick,
         "dilated_compiler": compiler_from({}),  # the backend's choice: DILATED_COMPILER, else Inductor
         "dense_compiler": s.dense_compiler,
+        "profile_first_step": s.profile_first_step,
         "inductor_cpp": "scalar, -O0 (quick)" if args.quick and s.device.type == "cpu" else "default",
         "argv": sys.argv[1:],
     }

@@ -191,9 +191,19 @@ def test_no_attention_backend_runs_the_model_without_attention(tmp_path, inducto
     plot script tabulates the bound it sets."""
     out = str(tmp_path)
     _run([sys.executable, BENCH, "--quick", "--dense-compiler", DENSE_COMPILER, "--out", out, "--lengths", "64",
-          "--backends", "inductor,dilated,no_attention", "--check-loss"], cwd=REPO, cache=inductor_cache)
+          "--backends", "inductor,dilated,no_attention", "--check-loss", "--profile-first-step"],
+         cwd=REPO, cache=inductor_cache)
     with open(os.path.join(out, "gpt_train.json")) as f:
-        rows = _rows(json.load(f))
+        results = json.load(f)
+    rows = _rows(results)
+    assert results["meta"]["profile_first_step"] is True
+    for row in rows.values():  # --profile-first-step: where each cold first step's host time went
+        profile = row["first_step_profile"]
+        step = [e for e in profile["by_cumulative"] if e["function"].startswith("benchmarks/gpt_train_measure.py")
+                and e["function"].endswith("(step)")]
+        assert len(step) == 1 and step[0]["calls"] == 1, profile["by_cumulative"][:5]
+        assert 0 < step[0]["cumulative_s"] <= row["first_step_s"]
+        assert len(profile["by_own"]) == 40 and profile["by_own"][0]["own_s"] >= profile["by_own"][-1]["own_s"]
     free, dense = rows[("no_attention", 64)], rows[("inductor", 64)]
     _check_measurements(free, compiled=True, warm_measured=True)
     _check_first_loss(free)
