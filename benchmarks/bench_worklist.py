@@ -163,8 +163,8 @@ def time_one(n, split, cfg, causal, h, d, dense) -> dict:
 
 def host_breakdown(n, h, d) -> dict:
     """Host microseconds per forward call at length n (groups, non-causal): the work
-    list's own launches (`worklist.forward`), the custom op around them, and the
-    compiled site."""
+    list's own launches (`worklist.forward`), the custom op around them, the
+    compiled site, and the same module compiled by Inductor with dense SDPA."""
     from dilated_compile.lowering.dilated import worklist
     from dilated_compile.lowering.dilated.arguments import encode_parameters
     from dilated_compile.lowering.dilated.op import dilated_attention_op
@@ -181,6 +181,9 @@ def host_breakdown(n, h, d) -> dict:
         r["worklist_forward_host_us"] = host_us(lambda: worklist.forward(plan, False, d**-0.5, q, k, v))
         r["op_host_us"] = host_us(lambda: dilated_attention_op(q, k, v, pattern, False, d**-0.5, 0))
         r["compiled_host_us"] = host_us(lambda: model(qs, ks, vs))
+        torch._dynamo.reset()
+        dense = torch.compile(Attention(False), backend="inductor")
+        r["dense_compiled_host_us"] = host_us(lambda: dense(qs, ks, vs))
         r.update(_launch_host_us(plan, q, k, v))
     print(json.dumps({"host_breakdown": {key: round(val, 1) for key, val in r.items()}}), flush=True)
     return r
