@@ -123,6 +123,17 @@ def _check_settings_apply(compiler: str, user_patches: dict[str, Any]) -> None:
         )
 
 
+def _warm_compile_workers() -> None:
+    """Start Inductor's compile workers now, as ``backend="inductor"`` does when it is
+    first called: they take seconds to start, and the rewrite's kernels are handed to
+    them while the graph is traced (lowering/common/precompile.py)."""
+    try:
+        from torch._inductor.async_compile import maybe_warm_pool
+    except ImportError:  # an optimisation only
+        return
+    maybe_warm_pool()
+
+
 def dilated_backend(
     gm: fx.GraphModule,
     example_inputs: Sequence[torch.Tensor],
@@ -138,6 +149,8 @@ def dilated_backend(
     if mode is not None:
         options.setdefault("mode", mode)
     compiler = compiler_from(options)
+    if compiler == "inductor":
+        _warm_compile_workers()
     patches = _inductor_patches(options)
     _check_settings_apply(compiler, patches)
     policy = policy_from_options(options)

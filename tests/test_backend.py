@@ -213,6 +213,24 @@ def test_compiler_option_runs_the_rewritten_graph_without_inductor(compiler):
     assert counters["dilated"]["rewritten"] == 1
 
 
+@pytest.mark.parametrize("compiler,warms", [("inductor", 1), ("aot_eager", 0)])
+def test_the_backend_starts_inductors_compile_workers_first_as_inductors_does(monkeypatch, compiler, warms):
+    """Compiling with Inductor, the backend starts Inductor's compile workers before its
+    passes run, as backend="inductor" does when called: they take seconds to start, and
+    the rewritten attention's kernels are handed to them while the graph is traced."""
+    import torch._inductor.async_compile as async_compile
+
+    from dilated_compile import backend
+
+    events = []
+    real_warm, real_passes = async_compile.maybe_warm_pool, backend.run_passes
+    monkeypatch.setattr(async_compile, "maybe_warm_pool", lambda: events.append("warm") or real_warm())
+    monkeypatch.setattr(backend, "run_passes", lambda *a: events.append("passes") or real_passes(*a))
+    x = torch.randn(1, 8, 16)
+    torch.compile(TinyModel(), backend="dilated", options={"policy": policy(dilated_rule()), "compiler": compiler})(x)
+    assert events == ["warm"] * warms + ["passes"]
+
+
 @pytest.mark.parametrize("options,message", [
     ({"compiler": "aot_eagr"}, "unknown compiler 'aot_eagr'; did you mean 'aot_eager'"),
     ({"compiler": "aot_eager", "max_autotune": True}, r"Inductor settings \['max_autotune'\] would have no effect"),
