@@ -123,9 +123,12 @@ def host_profile(enabled: bool, top: int = 40) -> Iterator[dict]:
         found["by_own"] = sorted(entries, key=lambda e: -e["own_s"])[:top]
 
 
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + "/"
+
+
 def _short(where: str) -> str:
     """A profiled function's file relative to its package root (site-packages or the checkout)."""
-    for marker in ("site-packages/", os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + "/"):
+    for marker in ("site-packages/", _CHECKOUT):
         if marker in where:
             return where.split(marker, 1)[1]
     return where
