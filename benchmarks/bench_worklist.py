@@ -33,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from benchmarks.bench_dilated import FWD_BWD, _step, attended_pairs, policy_for  # noqa: E402
-from benchmarks.worklist_checks import check, worklist_setting  # noqa: E402
+from benchmarks.worklist_checks import check, settings  # noqa: E402
 from dilated_compile import dilated_attention  # noqa: E402
 
 SHORT = dict(segment_lengths=[512, 1024, 2048, 4096], dilation_rates=[1, 2, 4, 8])
@@ -78,7 +78,14 @@ def host_us(fn, calls: int = 20) -> float:
     return t * 1e6
 
 
-MODES = {"worklist": "on", "blocks": "off", "default": "auto"}  # tag -> DILATED_WORKLIST
+# tag -> settings of the mode; each mode compiles its own graph (the kernels are fixed when
+# Inductor's graph launches them). "opaque": the default choice, run by the custom ops.
+MODES = {
+    "worklist": {"DILATED_WORKLIST": "on"},
+    "blocks": {"DILATED_WORKLIST": "off"},
+    "default": {"DILATED_WORKLIST": "auto"},
+    "opaque": {"DILATED_WORKLIST": "auto", "DILATED_INLINE": "off"},
+}
 SELECTED_MODES = tuple(MODES)  # --modes sets it
 
 
@@ -126,23 +133,23 @@ def time_one(n, split, cfg, causal, h, d, dense) -> dict:
     for path in (kernel_choice.WORKLIST, kernel_choice.BLOCKS):
         for direction in ("forward", "backward"):
             r[f"estimated_ms {path} {direction}"] = kernel_choice.estimated_ms(plan, 1, d, causal, path, direction)
-    model = _compiled(cfg, split, causal)
-    t0 = time.perf_counter()
-    model(q, k, v).sum().backward()
-    torch.cuda.synchronize()
-    r["compile_fwdbwd_s"] = time.perf_counter() - t0
-    call = lambda: model(q, k, v)  # noqa: E731
-    step = _step(call, (q, k, v))
     for tag in SELECTED_MODES:
-        with worklist_setting(MODES[tag]):
+        with settings(**MODES[tag]):
+            model = _compiled(cfg, split, causal)
+            t0 = time.perf_counter()
+            model(q, k, v).sum().backward()
+            torch.cuda.synchronize()
+            r[f"{tag}_compile_fwdbwd_s"] = time.perf_counter() - t0
+            call = lambda: model(q, k, v)  # noqa: E731
+            step = _step(call, (q, k, v))
             with torch.no_grad():
                 r[f"{tag}_fwd_ms"] = timed(call)
                 r[f"{tag}_fwd_host_us"] = host_us(call)
-                if tag != "default":
+                if tag in ("worklist", "blocks"):
                     r[f"{tag}_fwd_gpu_ms"] = gpu_ms(call)
             r[f"{tag}_fwdbwd_ms"] = timed(step)
             r[f"{tag}_fwdbwd_host_us"] = host_us(step)
-            if tag != "default":
+            if tag in ("worklist", "blocks"):
                 r[f"{tag}_fwdbwd_gpu_ms"] = gpu_ms(step)
         for m, mult in (("fwd", 1), ("fwdbwd", FWD_BWD)):
             tf = mult * flops / r[f"{tag}_{m}_ms"] / 1e9
@@ -151,9 +158,9 @@ def time_one(n, split, cfg, causal, h, d, dense) -> dict:
     print(
         f"N={n} {split} causal={causal} default={choice.forward}/{choice.backward}: " + "; ".join(
             f"{tag} fwd {r[f'{tag}_fwd_ms']:.3f} ms ({r[f'{tag}_fwd_ratio']:.2f}, host {r[f'{tag}_fwd_host_us']:.0f} us"
-            f"{', gpu %.3f' % r[f'{tag}_fwd_gpu_ms'] if tag != 'default' else ''})"
+            f"{', gpu %.3f' % r[f'{tag}_fwd_gpu_ms'] if f'{tag}_fwd_gpu_ms' in r else ''})"
             f" fwd+bwd {r[f'{tag}_fwdbwd_ms']:.3f} ms ({r[f'{tag}_fwdbwd_ratio']:.2f}, host {r[f'{tag}_fwdbwd_host_us']:.0f} us"
-            f"{', gpu %.3f' % r[f'{tag}_fwdbwd_gpu_ms'] if tag != 'default' else ''})"
+            f"{', gpu %.3f' % r[f'{tag}_fwdbwd_gpu_ms'] if f'{tag}_fwdbwd_gpu_ms' in r else ''})"
             for tag in SELECTED_MODES
         ),
         flush=True,
@@ -164,7 +171,8 @@ def time_one(n, split, cfg, causal, h, d, dense) -> dict:
 def host_breakdown(n, h, d) -> dict:
     """Host microseconds per forward call at length n (groups, non-causal): the work
     list's own launches (`worklist.forward`), the custom op around them, the
-    compiled site, and the same module compiled by Inductor with dense SDPA."""
+    compiled site (launching the kernels itself, and through the custom op), and
+    the same module compiled by Inductor with dense SDPA."""
     from dilated_compile.lowering.dilated import worklist
     from dilated_compile.lowering.dilated.arguments import encode_parameters
     from dilated_compile.lowering.dilated.op import dilated_attention_op
@@ -181,6 +189,9 @@ def host_breakdown(n, h, d) -> dict:
         r["worklist_forward_host_us"] = host_us(lambda: worklist.forward(plan, False, d**-0.5, q, k, v))
         r["op_host_us"] = host_us(lambda: dilated_attention_op(q, k, v, pattern, False, d**-0.5, 0))
         r["compiled_host_us"] = host_us(lambda: model(qs, ks, vs))
+        with settings(DILATED_INLINE="off"):
+            opaque = _compiled(SHORT, "groups", False)
+            r["compiled_opaque_host_us"] = host_us(lambda: opaque(qs, ks, vs))
         torch._dynamo.reset()
         dense = torch.compile(Attention(False), backend="inductor")
         r["dense_compiled_host_us"] = host_us(lambda: dense(qs, ks, vs))

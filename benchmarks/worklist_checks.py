@@ -21,21 +21,23 @@ CHECKS = [
 ]
 
 
-class worklist_setting:
-    """``with worklist_setting("on" | "off"):`` sets DILATED_WORKLIST (read per call)."""
+class settings:
+    """``with settings(DILATED_WORKLIST="on", ...):`` sets environment variables
+    (restored after); ``settings("on")`` is ``DILATED_WORKLIST=on``."""
 
-    def __init__(self, value: str):
-        self.value = value
+    def __init__(self, worklist: str | None = None, **env: str):
+        self.env = {**({"DILATED_WORKLIST": worklist} if worklist else {}), **env}
 
     def __enter__(self):
-        self.before = os.environ.get("DILATED_WORKLIST")
-        os.environ["DILATED_WORKLIST"] = self.value
+        self.before = {name: os.environ.get(name) for name in self.env}
+        os.environ.update(self.env)
 
     def __exit__(self, *exc):
-        if self.before is None:
-            os.environ.pop("DILATED_WORKLIST", None)
-        else:
-            os.environ["DILATED_WORKLIST"] = self.before
+        for name, value in self.before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 GRAD_TOL = {torch.float16: 2e-2, torch.bfloat16: 6e-2}  # of max |reference gradient|, as tests/test_gpu.py
@@ -54,7 +56,7 @@ def _errors(dtype, b, h, n, d, seg, rates, split, causal, modes) -> dict:
     res["budget"] = 2 * res["dense_sdpa_err"] + 8 * torch.finfo(dtype).eps * ref.abs().max().item()
     res["grad_scale"] = max(max(r.grad.abs().max().item() for r in ref_in), 1.0)
     for mode in modes:
-        with worklist_setting(mode):
+        with settings(mode):
             xs = [t.detach().clone().requires_grad_() for t in base]
             out = dilated_attention(*xs, seg, rates, head_split=split, is_causal=causal)
             out.backward(grad)

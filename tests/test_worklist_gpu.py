@@ -154,3 +154,61 @@ def test_activation_checkpointing_gives_the_same_gradients(calls):
     for a, t in zip(plain, (q, k, v)):
         # longnet sums gradients with fp32 atomics: equal up to the order of the sums
         assert (a.float() - t.grad.float()).abs().max().item() <= 1e-2 * max(a.abs().max().item(), 1.0)
+
+
+def _sdpa_of_projections(is_causal: bool):
+    def attend(q, k, v):  # (B, N, H, D) in and out, as a model's projections
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=is_causal)
+        return out.transpose(1, 2)
+
+    return attend
+
+
+@pytest.mark.parametrize("inline", ["on", "off"])
+@pytest.mark.parametrize("head_split", ["groups", "longnet"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_compiled_static_site_launches_the_work_list_from_inductors_code(
+        monkeypatch, inline, head_split, is_causal):
+    """backend="dilated" with static lengths: Inductor's generated code launches the
+    work list's kernels itself (forward; backward for `groups`, whose gradients it
+    stores in place) and calls no custom op for them, unless DILATED_INLINE=off;
+    output and gradients match the float64 reference either way."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setenv("DILATED_INLINE", inline)
+    n, h, d, seg, rates = CASES[0]
+    policy = {
+        "version": 1,
+        "rules": [{"match": "re:.*", "attention": "dilated", "segment_lengths": list(seg),
+                   "dilation_rates": list(rates), "head_split": head_split}],
+    }
+    torch._dynamo.reset()
+    compiled = torch.compile(_sdpa_of_projections(is_causal), backend="dilated", options={"policy": policy})
+    q, k, v = (t.detach().transpose(1, 2).requires_grad_() for t in _qkv(2, n, h, d, torch.bfloat16, seed=7))
+    dout = torch.randn(2, n, h, d, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        out = compiled(q, k, v)
+        out.backward(dout)
+        return out
+
+    out, codes = run_and_get_code(step)
+    code = "\n".join(codes)
+    launched = {name: f"{name}.run(" in code or f"def {name}(" in code
+                for name in ("forward_kernel", "backward_kernel")}
+    called = {name: f"torch.ops.dilated_compile.{name}.default" in code
+              for name in ("dilated_attention", "dilated_attention_backward")}
+    if inline == "on":
+        assert launched["forward_kernel"] and not called["dilated_attention"], code
+        assert launched["backward_kernel"] == (head_split == "groups"), code
+        assert called["dilated_attention_backward"] == (head_split == "longnet"), code
+    else:
+        assert not any(launched.values()) and all(called.values()), code
+    refs = [t.detach().double().transpose(1, 2).requires_grad_() for t in (q, k, v)]
+    ref = dilated_reference(*refs, seg, rates, head_split=head_split, is_causal=is_causal)
+    ref.backward(dout.double().transpose(1, 2))
+    assert_within(out.transpose(1, 2), ref, *(t.detach().transpose(1, 2) for t in (q, k, v)), is_causal=is_causal)
+    for name, x, r in zip(("dq", "dk", "dv"), (q, k, v), refs):
+        err = (x.grad.double().transpose(1, 2) - r.grad).abs().max().item()
+        assert err <= GRAD_TOL[torch.bfloat16] * max(r.grad.abs().max().item(), 1.0), f"{name}: {err}"

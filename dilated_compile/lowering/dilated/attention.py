@@ -4,7 +4,8 @@ runs, and the eager entry point (docs/spec.md, "Dilated attention" and "API").
 On CPU (and wherever the Triton combine does not run) it is one autograd node
 around `compute.dilated_forward` / `dilated_backward`, which Inductor traces
 into fused kernels; on CUDA in fp16, bf16 and fp32 it is the opaque custom op
-of `op.py`.
+of `op.py`, or, traced for Inductor where the work list runs it, the work list's
+launches themselves (`inline.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from ..common import combine
 from ..common.autograd_output import returned_output
 from ..common.checks import check_qkv
+from . import inline
 from .compute import dilated_backward, dilated_forward
 from .op import dilated_attention_op
 from .arguments import check_dilated_args, encode_parameters
@@ -67,7 +69,10 @@ def dilated_attention(
         # spread and merge are the Triton combine (Inductor compiles nothing
         # of it: fewer kernels, and a compile time like dense attention's).
         pattern = encode_parameters(seg, rates, head_split)
-        out, _ = dilated_attention_op(q, k, v, pattern, bool(is_causal), float(scale), 0)
+        if inline.applies(q, pattern, is_causal):  # traced for Inductor: the graph launches the kernels
+            out, _ = inline.worklist_attention(q, k, v, pattern, bool(is_causal), float(scale))
+        else:
+            out, _ = dilated_attention_op(q, k, v, pattern, bool(is_causal), float(scale), 0)
         return out
     plan = plan_for(q, seg, rates, head_split)
     return _DilatedAttention.apply(plan, bool(is_causal), float(scale), q, k, v)

@@ -77,7 +77,9 @@ _ROUTES_MAX = 256
 _SETTINGS = ("DILATED_KERNEL", "DILATED_WORKLIST", "DILATED_COMBINE")
 
 
-def _make_route(q: torch.Tensor, pattern: str, is_causal: bool, min_seq_len: int, combine_runs: bool) -> _Route:
+def make_route(q: torch.Tensor, pattern: str, is_causal: bool, min_seq_len: int, combine_runs: bool) -> _Route:
+    """The `_Route` of a call with tensors like `q` (real or fake); `combine_runs`: whether
+    the Triton kernels serve it (else the plan's own lowering decides)."""
     spec = decode_parameters(pattern)
     seg, rates = effective_pattern(q.shape[2], spec.segment_lengths, spec.dilation_rates, min_seq_len)
     plan = plan_for(q, seg, rates, spec.head_split)
@@ -97,7 +99,7 @@ def _route(q: torch.Tensor, pattern: str, is_causal: bool, min_seq_len: int) -> 
     key = (pattern, min_seq_len, is_causal, q.shape, q.dtype, q.device, *_kernel_settings(q))
     route = _ROUTES.get(key)
     if route is None:
-        route = _make_route(q, pattern, is_causal, min_seq_len, combine.runs_on(q))
+        route = make_route(q, pattern, is_causal, min_seq_len, combine.runs_on(q))
         if len(_ROUTES) >= _ROUTES_MAX:
             _ROUTES.clear()
         _ROUTES[key] = route
@@ -128,7 +130,7 @@ def _precompile(tensors: tuple, pattern: str, is_causal: bool, scale: float, min
     if len(_LISTED) >= _LISTED_MAX:
         _LISTED.clear()
     try:
-        route = _make_route(q, pattern, is_causal, min_seq_len, True)
+        route = make_route(q, pattern, is_causal, min_seq_len, True)
         if len(tensors) == 3:
             launches = (worklist.forward_launches(route.plan, is_causal, *tensors) if route.worklist_forward
                         else gathered_launches(route.plan, is_causal, scale, tensors))

@@ -29,6 +29,8 @@ from typing import NamedTuple
 
 import torch
 
+from torch.utils._python_dispatch import _disable_current_modes
+
 from ..common import precompile
 from ..common.custom_ops import refuse_capture_of_first_call
 from ..common.storage import seq_major_strides
@@ -168,13 +170,15 @@ def work_list(plan: Plan, blocks: Blocks, causal: bool, device: torch.device) ->
         return hit[1]
     refuse_capture_of_first_call(device)
     compact = plan.head_split == "longnet"
-    items = _items(plan, blocks.block_m, blocks.block_n, causal, compact)
-    wl = WorkList(
-        items.to(device),
-        compact,
-        _head_rows(plan),
-        torch.tensor(_pattern_geometry(plan), dtype=torch.int32).to(device),
-    )
+    # real tensors even while a graph is traced: a traced call's kernels read them as constants
+    with _disable_current_modes():
+        items = _items(plan, blocks.block_m, blocks.block_n, causal, compact)
+        wl = WorkList(
+            items.to(device),
+            compact,
+            _head_rows(plan),
+            torch.tensor(_pattern_geometry(plan), dtype=torch.int32).to(device),
+        )
     if len(_WORK_LISTS) >= _WORK_LISTS_MAX:
         _WORK_LISTS.clear()
     _WORK_LISTS[key] = (plan, wl)
@@ -239,10 +243,27 @@ class _Launch:
         if type(kernel).__name__ == "CompiledKernel" and len(self.runners) < 16:  # not the interpreter
             self.runners[spec] = kernel[self.grid]
 
+    def trace(self, args: tuple) -> None:
+        """Record this launch into the graph being traced (``torch.library.wrap_triton``):
+        the compiled graph then launches the kernel itself."""
+        from torch.library import wrap_triton
+
+        wrap_triton(self.fn)[self.grid](*args, *self.tail, num_warps=self.blocks.num_warps,
+                                        num_stages=self.blocks.num_stages)
+
 
 def _stream(device: torch.device):
     """The raw current CUDA stream of `device` (None elsewhere: the interpreter takes none)."""
     return torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else None
+
+
+def _launcher(device: torch.device, traced: bool):
+    """``launch(l, inputs, args)``: `l` launched now on the current stream, or recorded
+    into the graph being traced (`_Launch.trace`)."""
+    if traced:
+        return lambda l, inputs, args: l.trace(args)
+    stream = _stream(device)
+    return lambda l, inputs, args: l(inputs, args, stream)
 
 
 MERGE_BLOCK = 32
@@ -317,20 +338,20 @@ class _ForwardCall(_Call):
     def launches(self) -> list[_Launch]:
         return [x for x in (self.attend, self.merge) if x is not None]
 
-    def __call__(self, scale: float, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, scale: float, q, k, v, traced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         wl = self._bind(q.device)
         out = torch.empty_strided(self.out_shape, self.out_strides, dtype=q.dtype, device=q.device)
         lse = torch.empty_strided(self.lse_shape, self.lse_strides, dtype=torch.float32, device=q.device)
         if self.empty:
             return out.zero_(), lse.fill_(-math.inf)
-        stream = _stream(q.device)
+        launch = _launcher(q.device, traced)
         if self.merge is None:
-            self.attend((q, k, v), (q, k, v, out, lse, wl.items, scale), stream)
+            launch(self.attend, (q, k, v), (q, k, v, out, lse, wl.items, scale))
             return out, lse
         target = torch.empty(self.target_shape, dtype=q.dtype, device=q.device)
         target_lse = torch.empty(self.target_shape[:3], dtype=torch.float32, device=q.device)
-        self.attend((q, k, v), (q, k, v, target, target_lse, wl.items, scale), stream)
-        self.merge((target,), (target, target_lse, out, lse, wl.patterns), stream)
+        launch(self.attend, (q, k, v), (q, k, v, target, target_lse, wl.items, scale))
+        launch(self.merge, (target,), (target, target_lse, out, lse, wl.patterns))
         return out, lse
 
 
@@ -375,24 +396,24 @@ class _BackwardCall(_Call):
     def launches(self) -> list[_Launch]:
         return [x for x in (self.prepare, self.attend, self.cast) if x is not None]
 
-    def __call__(self, scale: float, q, k, v, out, lse, dout) -> tuple[torch.Tensor, ...]:
+    def __call__(self, scale: float, q, k, v, out, lse, dout, traced: bool = False) -> tuple[torch.Tensor, ...]:
         wl = self._bind(q.device)
         grads = tuple(
             torch.empty_strided(self.shape, self.strides, dtype=q.dtype, device=q.device) for _ in range(3)
         )
         if self.empty:
             return tuple(g.zero_() for g in grads)
-        stream = _stream(q.device)
+        launch = _launcher(q.device, traced)
         delta = torch.empty(self.delta_shape, dtype=torch.float32, device=q.device)
         if self.cast is None:
             acc, targets = delta, grads
         else:
             acc = torch.empty(self.acc_shape, dtype=torch.float32, device=q.device)
             targets = tuple(acc[t].transpose(1, 2) for t in range(3))
-        self.prepare((dout, out), (dout, out, delta, acc), stream)
-        self.attend((q, k, v, dout, lse), (q, k, v, dout, lse, delta, *targets, wl.items, scale), stream)
+        launch(self.prepare, (dout, out), (dout, out, delta, acc))
+        launch(self.attend, (q, k, v, dout, lse), (q, k, v, dout, lse, delta, *targets, wl.items, scale))
         if self.cast is not None:
-            self.cast((acc, grads[0]), (acc, *grads), stream)
+            launch(self.cast, (acc, grads[0]), (acc, *grads))
         return grads
 
 
@@ -416,21 +437,23 @@ def _prepared(kind: type, plan: Plan, causal: bool, tensors: tuple, variable: st
     return call
 
 
-def forward(plan: Plan, is_causal: bool, scale: float, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(plan: Plan, is_causal: bool, scale: float, q, k, v, *, traced: bool = False):
     """(out, lse) of the dilated attention `plan` describes, as `compute.dilated_forward`
     returns them: out (B, H, N, D) in q's dtype and lse (B, H, N) float32, both stored
-    sequence-major; out 0 and lse -inf where no pattern selects a position."""
+    sequence-major; out 0 and lse -inf where no pattern selects a position. `traced`:
+    the launches are recorded into the graph being traced instead of run."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     call = _prepared(_ForwardCall, plan, bool(is_causal), (q, k, v), "DILATED_WORKLIST_FWD")
-    return call(float(scale), q, k, v)
+    return call(float(scale), q, k, v, traced)
 
 
-def backward(plan: Plan, is_causal: bool, scale: float, q, k, v, out, lse, dout):
+def backward(plan: Plan, is_causal: bool, scale: float, q, k, v, out, lse, dout, *, traced: bool = False):
     """(dq, dk, dv) of the dilated attention `plan` describes from its (merged) out and
-    lse, as `compute.dilated_backward` returns them (stored sequence-major)."""
+    lse, as `compute.dilated_backward` returns them (stored sequence-major); `traced` as
+    for `forward`."""
     q, k, v, out, dout = (_unit_last(x) for x in (q, k, v, out, dout))
     call = _prepared(_BackwardCall, plan, bool(is_causal), (q, k, v, out, lse, dout), "DILATED_WORKLIST_BWD")
-    return call(float(scale), q, k, v, out, lse, dout)
+    return call(float(scale), q, k, v, out, lse, dout, traced)
 
 
 def forward_launches(plan: Plan, is_causal: bool, q, k, v) -> list[precompile.KernelLaunch]:
