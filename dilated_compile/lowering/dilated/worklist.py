@@ -28,7 +28,6 @@ from functools import lru_cache
 from typing import NamedTuple
 
 import torch
-
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ..common import precompile
