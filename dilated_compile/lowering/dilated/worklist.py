@@ -256,11 +256,19 @@ def _stream(device: torch.device):
     return torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else None
 
 
+def _constant(x):
+    """`x`, or for a real tensor met while a graph is traced (the work items), the
+    graph's constant holding it."""
+    if type(x) is torch.Tensor:  # fake and functional tensors are subclasses
+        return torch.ops.aten.lift_fresh.default(x)
+    return x
+
+
 def _launcher(device: torch.device, traced: bool):
     """``launch(l, inputs, args)``: `l` launched now on the current stream, or recorded
     into the graph being traced (`_Launch.trace`)."""
     if traced:
-        return lambda l, inputs, args: l.trace(args)
+        return lambda l, inputs, args: l.trace(tuple(_constant(a) for a in args))
     stream = _stream(device)
     return lambda l, inputs, args: l(inputs, args, stream)
 

@@ -20,8 +20,6 @@ Three launches at most, from the forward's work items:
 import triton
 import triton.language as tl
 
-from .worklist_forward import item_fields
-
 
 @triton.jit
 def prepare_kernel(
@@ -127,7 +125,9 @@ def backward_kernel(
     ``ACCUMULATE``, else the gradients themselves)."""
     item = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    h, pos0, rate, m, blk, _orow0, seg_start, seg_len, offset = item_fields(ITEMS, item)
+    f = ITEMS + item * 9  # the item's fields, loaded here (see forward_kernel)
+    h, pos0, rate, m, blk = tl.load(f), tl.load(f + 1), tl.load(f + 2), tl.load(f + 3), tl.load(f + 4)
+    seg_start, seg_len, offset = tl.load(f + 6), tl.load(f + 7), tl.load(f + 8)
     h = h.to(tl.int64)
     rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, HEAD_DIM)

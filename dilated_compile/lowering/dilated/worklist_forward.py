@@ -11,22 +11,12 @@ writes 0 and -inf at the positions of its block that its pattern does not
 select) or into one compact row block per pattern (``COMPACT=True``: the
 ``longnet`` split, merged afterwards by `merge_kernel`).
 
-An item is `ITEM_FIELDS` int32 values, see `worklist.py`.
+An item is `ITEM_FIELDS` int32 values (head, pos0, rate, m, block, out_row0,
+seg_start, seg_len, offset), see `worklist.py`.
 """
 
 import triton
 import triton.language as tl
-
-@triton.jit
-def item_fields(items, item):
-    """(head, pos0, rate, m, block, out_row0, seg_start, seg_len, offset) of one item."""
-    base = items + item * 9
-    return (
-        tl.load(base + 0), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3),
-        tl.load(base + 4), tl.load(base + 5), tl.load(base + 6), tl.load(base + 7),
-        tl.load(base + 8),
-    )
-
 
 @triton.jit
 def attend_keys(
@@ -82,7 +72,11 @@ def forward_kernel(
     """Grid (items, batch). Writes out rows and their natural-log log-sum-exp."""
     item = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    h, pos0, rate, m, blk, orow0, seg_start, seg_len, offset = item_fields(ITEMS, item)
+    # the item's fields, loaded here rather than by a helper: Inductor's analysis of a kernel's
+    # writes would take a helper's arguments (ITEMS) for written memory
+    f = ITEMS + item * 9
+    h, pos0, rate, m, blk = tl.load(f), tl.load(f + 1), tl.load(f + 2), tl.load(f + 3), tl.load(f + 4)
+    orow0, seg_start, seg_len, offset = tl.load(f + 5), tl.load(f + 6), tl.load(f + 7), tl.load(f + 8)
     h = h.to(tl.int64)
     rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, HEAD_DIM)
