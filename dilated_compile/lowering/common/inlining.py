@@ -29,9 +29,9 @@ def setting() -> bool:
 
 
 @contextmanager
-def inlining(enabled: bool = True) -> Iterator[None]:
+def inlining() -> Iterator[None]:
     """Within this block, traced sites may record their kernel launches (see the module)."""
-    token = _ACTIVE.set(enabled and setting())
+    token = _ACTIVE.set(setting())
     try:
         yield
     finally:

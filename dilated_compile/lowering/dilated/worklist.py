@@ -230,6 +230,9 @@ class _Launch:
                                           num_stages=self.blocks.num_stages)
 
     def __call__(self, inputs: tuple, args: tuple, stream) -> None:
+        if stream is TRACED:
+            self.trace(args)
+            return
         spec = tuple((t.dtype, t.data_ptr() % 16) for t in inputs)
         runner = self.runners.get(spec)
         if runner is not None:
@@ -247,13 +250,16 @@ class _Launch:
         the compiled graph then launches the kernel itself."""
         from torch.library import wrap_triton
 
-        wrap_triton(self.fn)[self.grid](*args, *self.tail, num_warps=self.blocks.num_warps,
-                                        num_stages=self.blocks.num_stages)
+        wrap_triton(self.fn)[self.grid](*(_constant(a) for a in args), *self.tail,
+                                        num_warps=self.blocks.num_warps, num_stages=self.blocks.num_stages)
 
 
 def _stream(device: torch.device):
     """The raw current CUDA stream of `device` (None elsewhere: the interpreter takes none)."""
     return torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else None
+
+
+TRACED = object()  # the `stream` of a launch recorded into the graph being traced
 
 
 def _constant(x):
@@ -262,15 +268,6 @@ def _constant(x):
     if type(x) is torch.Tensor:  # fake and functional tensors are subclasses
         return torch.ops.aten.lift_fresh.default(x)
     return x
-
-
-def _launcher(device: torch.device, traced: bool):
-    """``launch(l, inputs, args)``: `l` launched now on the current stream, or recorded
-    into the graph being traced (`_Launch.trace`)."""
-    if traced:
-        return lambda l, inputs, args: l.trace(tuple(_constant(a) for a in args))
-    stream = _stream(device)
-    return lambda l, inputs, args: l(inputs, args, stream)
 
 
 MERGE_BLOCK = 32
@@ -351,14 +348,14 @@ class _ForwardCall(_Call):
         lse = torch.empty_strided(self.lse_shape, self.lse_strides, dtype=torch.float32, device=q.device)
         if self.empty:
             return out.zero_(), lse.fill_(-math.inf)
-        launch = _launcher(q.device, traced)
+        stream = TRACED if traced else _stream(q.device)
         if self.merge is None:
-            launch(self.attend, (q, k, v), (q, k, v, out, lse, wl.items, scale))
+            self.attend((q, k, v), (q, k, v, out, lse, wl.items, scale), stream)
             return out, lse
         target = torch.empty(self.target_shape, dtype=q.dtype, device=q.device)
         target_lse = torch.empty(self.target_shape[:3], dtype=torch.float32, device=q.device)
-        launch(self.attend, (q, k, v), (q, k, v, target, target_lse, wl.items, scale))
-        launch(self.merge, (target,), (target, target_lse, out, lse, wl.patterns))
+        self.attend((q, k, v), (q, k, v, target, target_lse, wl.items, scale), stream)
+        self.merge((target,), (target, target_lse, out, lse, wl.patterns), stream)
         return out, lse
 
 
@@ -410,17 +407,17 @@ class _BackwardCall(_Call):
         )
         if self.empty:
             return tuple(g.zero_() for g in grads)
-        launch = _launcher(q.device, traced)
+        stream = TRACED if traced else _stream(q.device)
         delta = torch.empty(self.delta_shape, dtype=torch.float32, device=q.device)
         if self.cast is None:
             acc, targets = delta, grads
         else:
             acc = torch.empty(self.acc_shape, dtype=torch.float32, device=q.device)
             targets = tuple(acc[t].transpose(1, 2) for t in range(3))
-        launch(self.prepare, (dout, out), (dout, out, delta, acc))
-        launch(self.attend, (q, k, v, dout, lse), (q, k, v, dout, lse, delta, *targets, wl.items, scale))
+        self.prepare((dout, out), (dout, out, delta, acc), stream)
+        self.attend((q, k, v, dout, lse), (q, k, v, dout, lse, delta, *targets, wl.items, scale), stream)
         if self.cast is not None:
-            launch(self.cast, (acc, grads[0]), (acc, *grads))
+            self.cast((acc, grads[0]), (acc, *grads), stream)
         return grads
 
 
