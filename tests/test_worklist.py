@@ -44,15 +44,17 @@ def _lse_reference(q, k, count, scale):
     return torch.logsumexp(s + logc, dim=-1)
 
 
+@pytest.mark.parametrize("traced", [False, True], ids=["launched", "traced"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=[str(d)[6:] for d in DTYPES])
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[5]}-H{c[1]}-N{c[2]}-{'causal' if c[6] else 'full'}" for c in CASES])
-def test_worklist_matches_reference(case, dtype):
+def test_worklist_matches_reference(case, dtype, traced):
+    """`traced`: the launches a compiled graph records (``wrap_triton``), here run eagerly."""
     # on CUDA twice, on fresh inputs: the second call launches the compiled kernels directly
     for seed in (0, 1) if DEVICE == "cuda" else (0,):
-        _check_against_reference(case, dtype, seed)
+        _check_against_reference(case, dtype, seed, traced)
 
 
-def _check_against_reference(case, dtype, seed):
+def _check_against_reference(case, dtype, seed, traced):
     b, h, n, seg, rates, split, causal = case
     d, scale = 16, 0.3
     g = torch.Generator(device=DEVICE).manual_seed(n + 1000 * seed)
@@ -61,7 +63,7 @@ def _check_against_reference(case, dtype, seed):
     dout = torch.randn(b, h, n, d, device=DEVICE, dtype=dtype, generator=g)
     plan = make_plan(h, n, seg, rates, split)
 
-    out, lse = worklist.forward(plan, causal, scale, q, k, v)
+    out, lse = worklist.forward(plan, causal, scale, q, k, v, traced=traced)
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert out.transpose(1, 2).is_contiguous() and lse.transpose(1, 2).is_contiguous()
     qd, kd, vd = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
@@ -75,7 +77,7 @@ def _check_against_reference(case, dtype, seed):
     lse_tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(lse.cpu().double()[finite], want_lse[finite], atol=lse_tol, rtol=lse_tol)
 
-    grads = worklist.backward(plan, causal, scale, q, k, v, out, lse, dout)
+    grads = worklist.backward(plan, causal, scale, q, k, v, out, lse, dout, traced=traced)
     ref.backward(dout.double().cpu())
     for name, got, want in zip(("dq", "dk", "dv"), grads, (qd.grad, kd.grad, vd.grad)):
         assert got.dtype == dtype and got.transpose(1, 2).is_contiguous()

@@ -171,8 +171,8 @@ def _sdpa_of_projections(is_causal: bool):
 def test_compiled_static_site_launches_the_work_list_from_inductors_code(
         monkeypatch, inline, head_split, is_causal):
     """backend="dilated" with static lengths: Inductor's generated code launches the
-    work list's kernels itself (forward; backward for `groups`, whose gradients it
-    stores in place) and calls no custom op for them, unless DILATED_INLINE=off;
+    work list's kernels itself, forward and backward, and calls no custom op for
+    them, unless DILATED_INLINE=off;
     output and gradients match the float64 reference either way."""
     from torch._inductor.utils import run_and_get_code
 
@@ -201,8 +201,7 @@ def test_compiled_static_site_launches_the_work_list_from_inductors_code(
               for name in ("dilated_attention", "dilated_attention_backward")}
     if inline == "on":
         assert launched["forward_kernel"] and not called["dilated_attention"], code
-        assert launched["backward_kernel"] == (head_split == "groups"), code
-        assert called["dilated_attention_backward"] == (head_split == "longnet"), code
+        assert launched["backward_kernel"] and not called["dilated_attention_backward"], code
     else:
         assert not any(launched.values()) and all(called.values()), code
     refs = [t.detach().double().transpose(1, 2).requires_grad_() for t in (q, k, v)]

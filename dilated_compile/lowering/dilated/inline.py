@@ -5,8 +5,8 @@ body, so the work list's launches become user-defined Triton kernels in the
 graph that Inductor compiles with the rest and launches from its generated
 code; the work items are constants of the graph. Its backward is
 `worklist_attention_backward` (the same kind of op) where the kernel choice
-picks the work list for the backward and the ``groups`` split stores the
-gradients in place; otherwise the opaque backward op of `op.py`.
+picks the work list for the backward; otherwise the opaque backward op of
+`op.py`.
 
 Used for sites with static shapes on CUDA whose forward the kernel choice
 gives to the work list, while the backend compiles with Inductor.
@@ -60,7 +60,7 @@ def _backward(dout, q, k, v, out, lse, pattern: str, is_causal: bool, scale: flo
     from .op import dilated_attention_backward_op
 
     route = _route(q, pattern, is_causal)
-    if route.worklist_backward and route.plan.head_split == "groups":
+    if route.worklist_backward:
         return worklist_attention_backward(dout, q, k, v, out, lse, pattern, is_causal, scale)
     return dilated_attention_backward_op(dout, q, k, v, out, lse, pattern, is_causal, scale, 0)
 

@@ -378,12 +378,11 @@ class _BackwardCall(_Call):
         else:
             self.acc_shape, target_strides, target_dtype = None, self.strides, q.dtype
         kern = _backward_kernels()
-        self.prepare = _Launch(
-            kern.prepare_kernel, (-(-n // PREPARE_BLOCK), h, b), _PREPARE_LAUNCH,
-            (n, numel, *dout.stride()[:3], *out.stride()[:3], *delta_strides),
-            (compact, PREPARE_BLOCK, d),
-            (dout.dtype, out.dtype, torch.float32, torch.float32),
-        )
+        prepare_grid = (-(-n // PREPARE_BLOCK), h, b)
+        prepare_ints = (n, numel, *dout.stride()[:3], *out.stride()[:3], *delta_strides)
+        prepare_types = (dout.dtype, out.dtype, torch.float32, torch.float32)
+        self.prepare = _Launch(kern.prepare_kernel, prepare_grid, _PREPARE_LAUNCH, prepare_ints,
+                               (compact, PREPARE_BLOCK, d), prepare_types)
         self.attend = _Launch(
             kern.backward_kernel, (0, b, 1), blocks,  # (items, batch): items set on the first call
             (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
@@ -392,10 +391,13 @@ class _BackwardCall(_Call):
             (q.dtype, k.dtype, v.dtype, dout.dtype, torch.float32, torch.float32, *(target_dtype,) * 3,
              torch.int32, float),
         )
-        self.cast = None
+        self.cast = self.delta_only = None
         if compact:
             self.cast = _Launch(kern.cast_kernel, (-(-numel // CAST_BLOCK), 3, 1), _CAST_LAUNCH, (numel,),
                                 (CAST_BLOCK,), (torch.float32, *(q.dtype,) * 3))
+            # traced: the graph zeroes three accumulators and casts them itself (fused by Inductor)
+            self.delta_only = _Launch(kern.prepare_kernel, prepare_grid, _PREPARE_LAUNCH, prepare_ints,
+                                      (False, PREPARE_BLOCK, d), prepare_types)
 
     def launches(self) -> list[_Launch]:
         return [x for x in (self.prepare, self.attend, self.cast) if x is not None]
@@ -409,6 +411,8 @@ class _BackwardCall(_Call):
             return tuple(g.zero_() for g in grads)
         stream = TRACED if traced else _stream(q.device)
         delta = torch.empty(self.delta_shape, dtype=torch.float32, device=q.device)
+        if traced and self.cast is not None:
+            return self._traced_accumulated(scale, q, k, v, out, lse, dout, delta, wl)
         if self.cast is None:
             acc, targets = delta, grads
         else:
@@ -419,6 +423,16 @@ class _BackwardCall(_Call):
         if self.cast is not None:
             self.cast((acc, grads[0]), (acc, *grads), stream)
         return grads
+
+    def _traced_accumulated(self, scale, q, k, v, out, lse, dout, delta, wl) -> tuple[torch.Tensor, ...]:
+        """The accumulated (``longnet``) backward recorded into a traced graph: three
+        separate fp32 accumulators (a traced kernel may not write views of one
+        buffer), zeroed and cast to the gradients by the graph's own ops."""
+        shape = self.acc_shape[1:]
+        accs = tuple(torch.zeros(shape, dtype=torch.float32, device=q.device).transpose(1, 2) for _ in range(3))
+        self.delta_only((dout, out), (dout, out, delta, delta), TRACED)
+        self.attend((q, k, v, dout, lse), (q, k, v, dout, lse, delta, *accs, wl.items, scale), TRACED)
+        return tuple(a.to(q.dtype) for a in accs)
 
 
 # Prepared calls by (id of the plan, causality, every shape and stride the launches
