@@ -12,7 +12,7 @@ import torch.fx as fx
 from .cache_key import cacheable_functions_patch
 from .debug import debug_dir_from, trace_report, write_debug_dir
 from .frames import current_frame, resolving
-from .lowering.common.inlining import inlining
+from .lowering.common.inlining import inductor_patches, inlining
 from .passes import record, run_passes
 from .policy.model import Policy
 from .policy import load_policy
@@ -177,4 +177,4 @@ def dilated_backend(
         if compiler != "inductor":
             return torch._dynamo.lookup_backend(compiler)(new_gm, example_inputs)
         with inlining():
-            return compile_fx(new_gm, example_inputs, config_patches=patches)
+            return compile_fx(new_gm, example_inputs, config_patches={**patches, **inductor_patches(patches)})

@@ -7,6 +7,11 @@ code then launches them with its own buffers, without a custom op's
 dispatch around them, and inside CUDA graphs. Elsewhere (eager calls, the
 ``aot_eager`` and ``eager`` compilers, symbolic lengths) the sites run their
 opaque custom ops. ``DILATED_INLINE=off`` keeps the custom ops everywhere.
+
+Those launches read the sites' work items as constants of the graph, which
+tracing copies before use (``lift_fresh_copy``); `ConstantsReadInPlace`, a
+joint-graph pass the backend hands Inductor, passes such a constant to the
+kernels that only read it, so a call copies nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Iterator
+from typing import Any, Iterator
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 SETTING = "DILATED_INLINE"
 _ACTIVE: ContextVar[bool] = ContextVar("dilated_compile_inlining", default=False)
@@ -41,3 +49,37 @@ def inlining() -> Iterator[None]:
 def inlining_on() -> bool:
     """Whether a site traced now may record its kernel launches into the graph."""
     return _ACTIVE.get() and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+class ConstantsReadInPlace(CustomGraphPass):
+    """Joint-graph pass: a graph constant whose copy (``lift_fresh_copy``) only user
+    Triton kernels read is passed to them itself."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        kernel = torch.ops.higher_order.triton_kernel_wrapper_functional
+        for copy in graph.find_nodes(op="call_function", target=torch.ops.aten.lift_fresh_copy.default):
+            constant = copy.args[0]
+            if isinstance(constant, torch.fx.Node) and constant.op == "get_attr" and all(
+                user.target is kernel and _reads_only(user, copy) for user in copy.users
+            ):
+                copy.replace_all_uses_with(constant)
+                graph.erase_node(copy)
+
+    def uuid(self) -> bytes:
+        return get_hash_for_files((__file__,))
+
+
+def _reads_only(launch: torch.fx.Node, tensor: torch.fx.Node) -> bool:
+    """Whether the kernel `launch` (functional) leaves every argument it takes `tensor` as unwritten."""
+    written = set(launch.kwargs["tensors_to_clone"])
+    return not any(arg is tensor and name in written for name, arg in launch.kwargs["kwargs"].items())
+
+
+def inductor_patches(patches: dict[str, Any]) -> dict[str, Any]:
+    """The Inductor settings the inlined launches add to `patches` (the user's): the
+    pass above, unless a joint-graph pass of the user's takes its place."""
+    import torch._inductor.config as inductor_config
+
+    if not setting() or patches.get("joint_custom_post_pass", inductor_config.joint_custom_post_pass):
+        return {}
+    return {"joint_custom_post_pass": ConstantsReadInPlace()}
