@@ -123,6 +123,7 @@ def backward_kernel(
     """Grid (items, batch): dk, dv of the item's rows as keys, dq of its rows as
     queries. DQ, DK, DV share the strides g_* (the fp32 accumulators with
     ``ACCUMULATE``, else the gradients themselves)."""
+    scale = tl.cast(scale, tl.float32)  # Inductor passes a Python float as fp64
     item = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     f = ITEMS + item * 9  # the item's fields, loaded here (see forward_kernel)

@@ -70,6 +70,7 @@ def forward_kernel(
     HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Grid (items, batch). Writes out rows and their natural-log log-sum-exp."""
+    scale = tl.cast(scale, tl.float32)  # Inductor passes a Python float as fp64
     item = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     # the item's fields, loaded here rather than by a helper: Inductor's analysis of a kernel's
