@@ -254,6 +254,20 @@ class _Launch:
                                         num_warps=self.blocks.num_warps, num_stages=self.blocks.num_stages)
 
 
+def _seq_major_storage(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """New storage of a (B, H, N[, D]) tensor stored sequence-major: (B, N, H[, D]), to be
+    written by the kernels (given its strides as seen (B, H, N[, D])) and returned as
+    `_seq_major` of it. A plain ``empty``: in a traced graph, identical ``empty_strided``
+    calls become one shared buffer, which each kernel writing it must first copy."""
+    b, h, n, *rest = shape
+    return torch.empty((b, n, h, *rest), dtype=dtype, device=device)
+
+
+def _seq_major(storage: torch.Tensor) -> torch.Tensor:
+    """`storage` of `_seq_major_storage` seen as (B, H, N[, D])."""
+    return storage.transpose(1, 2)
+
+
 def _stream(device: torch.device):
     """The raw current CUDA stream of `device` (None elsewhere: the interpreter takes none)."""
     return torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else None
@@ -344,19 +358,19 @@ class _ForwardCall(_Call):
 
     def __call__(self, scale: float, q, k, v, traced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         wl = self._bind(q.device)
-        out = torch.empty_strided(self.out_shape, self.out_strides, dtype=q.dtype, device=q.device)
-        lse = torch.empty_strided(self.lse_shape, self.lse_strides, dtype=torch.float32, device=q.device)
+        out = _seq_major_storage(self.out_shape, q.dtype, q.device)
+        lse = _seq_major_storage(self.lse_shape, torch.float32, q.device)
         if self.empty:
-            return out.zero_(), lse.fill_(-math.inf)
+            return _seq_major(out.zero_()), _seq_major(lse.fill_(-math.inf))
         stream = TRACED if traced else _stream(q.device)
         if self.merge is None:
             self.attend((q, k, v), (q, k, v, out, lse, wl.items, scale), stream)
-            return out, lse
-        target = torch.empty(self.target_shape, dtype=q.dtype, device=q.device)
-        target_lse = torch.empty(self.target_shape[:3], dtype=torch.float32, device=q.device)
-        self.attend((q, k, v), (q, k, v, target, target_lse, wl.items, scale), stream)
-        self.merge((target,), (target, target_lse, out, lse, wl.patterns), stream)
-        return out, lse
+        else:
+            target = torch.empty(self.target_shape, dtype=q.dtype, device=q.device)
+            target_lse = torch.empty(self.target_shape[:3], dtype=torch.float32, device=q.device)
+            self.attend((q, k, v), (q, k, v, target, target_lse, wl.items, scale), stream)
+            self.merge((target,), (target, target_lse, out, lse, wl.patterns), stream)
+        return _seq_major(out), _seq_major(lse)
 
 
 class _BackwardCall(_Call):
@@ -404,11 +418,9 @@ class _BackwardCall(_Call):
 
     def __call__(self, scale: float, q, k, v, out, lse, dout, traced: bool = False) -> tuple[torch.Tensor, ...]:
         wl = self._bind(q.device)
-        grads = tuple(
-            torch.empty_strided(self.shape, self.strides, dtype=q.dtype, device=q.device) for _ in range(3)
-        )
+        grads = tuple(_seq_major_storage(self.shape, q.dtype, q.device) for _ in range(3))
         if self.empty:
-            return tuple(g.zero_() for g in grads)
+            return tuple(_seq_major(g.zero_()) for g in grads)
         stream = TRACED if traced else _stream(q.device)
         delta = torch.empty(self.delta_shape, dtype=torch.float32, device=q.device)
         if traced and self.cast is not None:
@@ -422,7 +434,7 @@ class _BackwardCall(_Call):
         self.attend((q, k, v, dout, lse), (q, k, v, dout, lse, delta, *targets, wl.items, scale), stream)
         if self.cast is not None:
             self.cast((acc, grads[0]), (acc, *grads), stream)
-        return grads
+        return tuple(_seq_major(g) for g in grads)
 
     def _traced_accumulated(self, scale, q, k, v, out, lse, dout, delta, wl) -> tuple[torch.Tensor, ...]:
         """The accumulated (``longnet``) backward recorded into a traced graph: three
