@@ -79,12 +79,13 @@ def host_us(fn, calls: int = 20) -> float:
 
 
 # tag -> settings of the mode; each mode compiles its own graph (the kernels are fixed when
-# Inductor's graph launches them). "opaque": the default choice, run by the custom ops.
+# Inductor's graph launches them). "inline": the default choice, its work-list launches
+# made by Inductor's generated code (DILATED_INLINE=on).
 MODES = {
     "worklist": {"DILATED_WORKLIST": "on"},
     "blocks": {"DILATED_WORKLIST": "off"},
     "default": {"DILATED_WORKLIST": "auto"},
-    "opaque": {"DILATED_WORKLIST": "auto", "DILATED_INLINE": "off"},
+    "inline": {"DILATED_WORKLIST": "auto", "DILATED_INLINE": "on"},
 }
 SELECTED_MODES = tuple(MODES)  # --modes sets it
 
@@ -189,9 +190,9 @@ def host_breakdown(n, h, d) -> dict:
         r["worklist_forward_host_us"] = host_us(lambda: worklist.forward(plan, False, d**-0.5, q, k, v))
         r["op_host_us"] = host_us(lambda: dilated_attention_op(q, k, v, pattern, False, d**-0.5, 0))
         r["compiled_host_us"] = host_us(lambda: model(qs, ks, vs))
-        with settings(DILATED_INLINE="off"):
-            opaque = _compiled(SHORT, "groups", False)
-            r["compiled_opaque_host_us"] = host_us(lambda: opaque(qs, ks, vs))
+        with settings(DILATED_INLINE="on"):
+            inline = _compiled(SHORT, "groups", False)
+            r["compiled_inline_host_us"] = host_us(lambda: inline(qs, ks, vs))
         torch._dynamo.reset()
         dense = torch.compile(Attention(False), backend="inductor")
         r["dense_compiled_host_us"] = host_us(lambda: dense(qs, ks, vs))
@@ -425,7 +426,8 @@ def main():
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--rep", type=int, default=150, help="do_bench rep (ms)")
     p.add_argument("--modes", nargs="+", choices=tuple(MODES), default=list(MODES),
-                   help="paths to time: the work list, the gathered blocks, the default choice")
+                   help="paths to time: the work list, the gathered blocks, the default choice, the default "
+                        "choice launched by Inductor's code (DILATED_INLINE=on)")
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--compare-blocks", action="store_true", help="checks also report the gathered-block path's errors")
     p.add_argument("--skip-timing", action="store_true")

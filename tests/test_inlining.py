@@ -52,6 +52,8 @@ def test_a_constant_only_kernels_read_is_not_copied(written, other_user, copies_
 
 
 def test_the_pass_is_installed_unless_the_user_has_one_or_inlining_is_off(monkeypatch):
+    assert inlining.inductor_patches({}) == {}  # off by default
+    monkeypatch.setenv("DILATED_INLINE", "on")
     ours = inlining.inductor_patches({})
     assert isinstance(ours["joint_custom_post_pass"], inlining.ConstantsReadInPlace)
     assert ours["joint_custom_post_pass"].uuid() == inlining.ConstantsReadInPlace().uuid()

@@ -172,7 +172,7 @@ def test_compiled_static_site_launches_the_work_list_from_inductors_code(
         monkeypatch, inline, head_split, is_causal):
     """backend="dilated" with static lengths: Inductor's generated code launches the
     work list's kernels itself, forward and backward, and calls no custom op for
-    them, unless DILATED_INLINE=off;
+    them, with DILATED_INLINE=on;
     output and gradients match the float64 reference either way."""
     from torch._inductor.utils import run_and_get_code
 

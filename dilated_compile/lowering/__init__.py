@@ -19,9 +19,9 @@ same lowering eagerly at run time, with an explicit backward from the saved
 output and log-sum-exp. Making the static path call the op would lose that
 fusion and overlap; making the op traceable would add guards on the length.
 Where nothing is lost they are one: dilated attention on CUDA (fp16, bf16,
-fp32) is the op on both paths (except where its Triton work list runs and
-Inductor compiles the graph: then the graph launches the work list's kernels
-itself, `dilated.inline`), and each op's forward and backward run the
+fp32) is the op on both paths (except, with ``DILATED_INLINE=on``, where its
+Triton work list runs and Inductor compiles the graph: then the graph
+launches the work list's kernels itself, `dilated.inline`), and each op's forward and backward run the
 static path's own forward/backward functions (`dilated.compute`,
 `block_sparse.gather`/`flex`, `ring.dense`/`dilated`/`block_exchange`).
 """

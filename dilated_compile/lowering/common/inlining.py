@@ -6,7 +6,8 @@ launches into the graph (``torch.library.triton_op``): Inductor's generated
 code then launches them with its own buffers, without a custom op's
 dispatch around them, and inside CUDA graphs. Elsewhere (eager calls, the
 ``aot_eager`` and ``eager`` compilers, symbolic lengths) the sites run their
-opaque custom ops. ``DILATED_INLINE=off`` keeps the custom ops everywhere.
+opaque custom ops. Opt-in, ``DILATED_INLINE=on``: it lowers the host time of
+a compiled call but lengthens the compile (docs/performance.md).
 
 Those launches read the sites' work items as constants of the graph, which
 tracing copies before use (``lift_fresh_copy``); `ConstantsReadInPlace`, a
@@ -29,8 +30,8 @@ _ACTIVE: ContextVar[bool] = ContextVar("dilated_compile_inlining", default=False
 
 
 def setting() -> bool:
-    """``DILATED_INLINE``: on (the default) or off."""
-    value = os.environ.get(SETTING, "on")
+    """``DILATED_INLINE``: on, or off (the default)."""
+    value = os.environ.get(SETTING, "off")
     if value not in ("on", "off"):
         raise ValueError(f"{SETTING}={value!r}: expected on or off")
     return value == "on"

@@ -8,8 +8,9 @@ code; the work items are constants of the graph. Its backward is
 picks the work list for the backward; otherwise the opaque backward op of
 `op.py`.
 
-Used for sites with static shapes on CUDA whose forward the kernel choice
-gives to the work list, while the backend compiles with Inductor.
+Used, with ``DILATED_INLINE=on``, for sites with static shapes on CUDA whose
+forward the kernel choice gives to the work list, while the backend compiles
+with Inductor.
 """
 
 from __future__ import annotations
