@@ -418,13 +418,14 @@ class _BackwardCall(_Call):
 
     def __call__(self, scale: float, q, k, v, out, lse, dout, traced: bool = False) -> tuple[torch.Tensor, ...]:
         wl = self._bind(q.device)
-        grads = tuple(_seq_major_storage(self.shape, q.dtype, q.device) for _ in range(3))
         if self.empty:
-            return tuple(_seq_major(g.zero_()) for g in grads)
+            return tuple(_seq_major(_seq_major_storage(self.shape, q.dtype, q.device).zero_())
+                         for _ in range(3))
         stream = TRACED if traced else _stream(q.device)
         delta = torch.empty(self.delta_shape, dtype=torch.float32, device=q.device)
         if traced and self.cast is not None:
             return self._traced_accumulated(scale, q, k, v, out, lse, dout, delta, wl)
+        grads = tuple(_seq_major_storage(self.shape, q.dtype, q.device) for _ in range(3))
         if self.cast is None:
             acc, targets = delta, grads
         else:
@@ -439,12 +440,12 @@ class _BackwardCall(_Call):
     def _traced_accumulated(self, scale, q, k, v, out, lse, dout, delta, wl) -> tuple[torch.Tensor, ...]:
         """The accumulated (``longnet``) backward recorded into a traced graph: three
         separate fp32 accumulators (a traced kernel may not write views of one
-        buffer), zeroed and cast to the gradients by the graph's own ops."""
-        shape = self.acc_shape[1:]
-        accs = tuple(torch.zeros(shape, dtype=torch.float32, device=q.device).transpose(1, 2) for _ in range(3))
+        buffer), zeroed and cast to the gradients by the graph's own ops; the kernels
+        get their storage, as the outputs' (`_seq_major_storage`)."""
+        accs = tuple(torch.zeros(self.acc_shape[1:], dtype=torch.float32, device=q.device) for _ in range(3))
         self.delta_only((dout, out), (dout, out, delta, delta), TRACED)
         self.attend((q, k, v, dout, lse), (q, k, v, dout, lse, delta, *accs, wl.items, scale), TRACED)
-        return tuple(a.to(q.dtype) for a in accs)
+        return tuple(_seq_major(a.to(q.dtype)) for a in accs)
 
 
 # Prepared calls by (id of the plan, causality, every shape and stride the launches
