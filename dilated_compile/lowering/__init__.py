@@ -22,6 +22,7 @@ Where nothing is lost they are one: dilated attention on CUDA (fp16, bf16,
 fp32) is the op on both paths (except, with ``DILATED_INLINE=on``, where its
 Triton work list runs and Inductor compiles the graph: then the graph
 launches the work list's kernels itself, `dilated.inline`), and each op's
-forward and backward run the static path's own forward/backward functions (`dilated.compute`,
-`block_sparse.gather`/`flex`, `ring.dense`/`dilated`/`block_exchange`).
+forward and backward run the static path's own forward/backward functions
+(`dilated.compute`, `block_sparse.gather`/`flex`,
+`ring.dense`/`dilated`/`block_exchange`).
 """
