@@ -1,4 +1,4 @@
-"""The work list's items (`lowering/dilated/worklist.py`) cover a dilated attention
+"""The work list's items (`lowering/dilated/worklist_items.py`) cover a dilated attention
 exactly: with ``groups`` every (head, position) is written by exactly one item (as a
 selected row, or as a zero of another offset), with ``longnet`` every (head, pattern,
 selected position) is one item's row at its own compact row. No GPU or Triton needed."""
@@ -6,7 +6,7 @@ selected position) is one item's row at its own compact row. No GPU or Triton ne
 import pytest
 import torch
 
-from dilated_compile.lowering.dilated import worklist
+from dilated_compile.lowering.dilated import worklist, worklist_items
 from dilated_compile.lowering.dilated.plan import make_plan
 
 CASES = [
@@ -27,7 +27,7 @@ def test_items_cover_every_row_once(case, block_m):
     plan = make_plan(h, n, seg, rates, split)
     blocks = worklist.Blocks(block_m, min(block_m, 2), 1, 1)
     wl = worklist.work_list(plan, blocks, True, torch.device("cpu"))
-    geometry = worklist._pattern_geometry(plan)
+    geometry = worklist_items.pattern_geometry(plan)
     written = torch.zeros(h, n, dtype=torch.int64)  # groups: writes per (head, position)
     compact = {}  # longnet: (head, pattern, position) -> compact row
     for head, pos0, rate, m, blk, out_row0, seg_start, seg_len, offset in wl.items.tolist():

@@ -34,9 +34,7 @@ from ..common import precompile
 from ..common.custom_ops import refuse_capture_of_first_call
 from ..common.storage import seq_major_strides
 from .plan import Plan
-
-ITEM_FIELDS = 9  # head, pos0, rate, m, block, out_row0, seg_start, seg_len, offset
-
+from .worklist_items import head_rows, pattern_geometry, work_items
 
 class Blocks(NamedTuple):
     """Rows per work item (block_m), keys per inner step (block_n), and launch options."""
@@ -102,58 +100,6 @@ class WorkList:
         return self.items.shape[0]
 
 
-def _pattern_geometry(plan: Plan) -> list[tuple[int, int, int, int]]:
-    """(w, r, first compact row, rows per segment) of each pattern."""
-    geometry: dict[int, tuple[int, int]] = {}
-    for job in plan.jobs:
-        full = job.parts[0]
-        geometry[job.pattern] = (full.seg_len, full.rate)
-    out, row = [], 0
-    for i in range(plan.n_patterns):
-        w, r = geometry.get(i, (max(plan.seq_len, 1), 1))
-        per_seg = -(-w // r)
-        out.append((w, r, row, per_seg))
-        row += -(-plan.seq_len // w) * per_seg
-    return out
-
-
-def _items(plan: Plan, block_m: int, block_n: int, causal: bool, compact: bool) -> torch.Tensor:
-    """All work items of `plan`, the heaviest first (int32, on the CPU)."""
-    geometry = _pattern_geometry(plan)
-    chunks, work = [], []
-    for job in plan.jobs:
-        w, _, row0, per_seg = geometry[job.pattern]
-        heads = torch.arange(job.h_start, job.h_stop, job.h_step)
-        for p in job.parts:
-            m = p.m
-            # longnet: blocks of selected rows; groups: also the rows of other offsets (zero-filled)
-            rows = m if compact else -(-p.seg_len // p.rate)
-            n_blocks = -(-rows // block_m)
-            if n_blocks == 0:
-                continue
-            seg_start = p.start + torch.arange(p.n_segs) * p.seg_len
-            blocks = torch.arange(n_blocks)
-            hh, ss, bb = torch.meshgrid(heads, seg_start, blocks, indexing="ij")
-            hh, ss, bb = hh.flatten(), ss.flatten(), bb.flatten()
-            pos0 = ss + p.offset
-            out_row0 = row0 + (ss // w) * per_seg if compact else pos0
-            const = lambda x: torch.full_like(hh, x)  # noqa: E731
-            chunks.append(torch.stack(
-                [hh, pos0, const(p.rate), const(m), bb, out_row0, ss, const(p.seg_len), const(p.offset)], 1
-            ))
-            has_rows = bb * block_m < m
-            if causal:
-                cost = (torch.minimum((bb + 1) * block_m, torch.tensor(m)) + block_n - 1) // block_n
-            else:
-                cost = torch.full_like(bb, -(-m // block_n))
-            work.append(torch.where(has_rows, cost.float(), 0.01))
-    if not chunks:
-        return torch.zeros((0, ITEM_FIELDS), dtype=torch.int32)
-    items, cost = torch.cat(chunks), torch.cat(work)
-    order = torch.sort(cost, descending=True, stable=True).indices
-    return items[order].to(torch.int32).contiguous()
-
-
 # Work lists by (id of the plan, blocks, causal, device). Plans are cached by
 # `plan.make_plan`, so one plan object serves every call of a shape and needs no
 # hashing; each entry keeps its plan, so a reused id cannot match.
@@ -171,12 +117,12 @@ def work_list(plan: Plan, blocks: Blocks, causal: bool, device: torch.device) ->
     compact = plan.head_split == "longnet"
     # real tensors even while a graph is traced: a traced call's kernels read them as constants
     with _disable_current_modes():
-        items = _items(plan, blocks.block_m, blocks.block_n, causal, compact)
+        items = work_items(plan, blocks.block_m, blocks.block_n, causal, compact)
         wl = WorkList(
             items.to(device),
             compact,
-            _head_rows(plan),
-            torch.tensor(_pattern_geometry(plan), dtype=torch.int32).to(device),
+            head_rows(plan),
+            torch.tensor(pattern_geometry(plan), dtype=torch.int32).to(device),
         )
     if len(_WORK_LISTS) >= _WORK_LISTS_MAX:
         _WORK_LISTS.clear()
@@ -292,11 +238,6 @@ _PREPARE_LAUNCH = Blocks(PREPARE_BLOCK, PREPARE_BLOCK, 4, 3)
 _CAST_LAUNCH = Blocks(CAST_BLOCK, CAST_BLOCK, 4, 3)
 
 
-def _head_rows(plan: Plan) -> int:
-    """Compact rows per (batch, head) of a ``longnet`` plan's patterns."""
-    return sum(-(-plan.seq_len // w) * per_seg for w, _, _, per_seg in _pattern_geometry(plan))
-
-
 class _Call:
     """What the forward and the backward of one call signature share: made from
     tensors or fake tensors of the call's shapes (`launches` lists its kernels for
@@ -331,7 +272,7 @@ class _ForwardCall(_Call):
         compact = plan.head_split == "longnet"
         if compact:
             # each pattern's rows in q's dtype (as the gathered-block kernels give them), merged in fp32
-            self.target_shape = (b, h, _head_rows(plan), d)
+            self.target_shape = (b, h, head_rows(plan), d)
             target_strides = _strides(self.target_shape)
             target_lse_strides = _strides(self.target_shape[:3])
         else:

@@ -12,7 +12,7 @@ select) or into one compact row block per pattern (``COMPACT=True``: the
 ``longnet`` split, merged afterwards by `merge_kernel`).
 
 An item is `ITEM_FIELDS` int32 values (head, pos0, rate, m, block, out_row0,
-seg_start, seg_len, offset), see `worklist.py`.
+seg_start, seg_len, offset), see `worklist_items.py`.
 """
 
 import triton

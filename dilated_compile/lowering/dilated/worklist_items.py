@@ -1,0 +1,81 @@
+"""The work list's items: every (head, pattern, segment, offset, row block) of a `Plan`.
+
+An item is `ITEM_FIELDS` int32 values (head, pos0, rate, m, block, out_row0,
+seg_start, seg_len, offset): the rows ``pos0 + i * rate`` of one segment, i in
+the block, ``m`` of them selected. With the ``longnet`` split each pattern's
+rows go to compact rows (`pattern_geometry`), merged afterwards; with ``groups``
+an item also covers its block's rows of the other offsets (written as zeros).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .plan import Plan
+
+ITEM_FIELDS = 9  # head, pos0, rate, m, block, out_row0, seg_start, seg_len, offset
+
+
+def pattern_geometry(plan: Plan) -> list[tuple[int, int, int, int]]:
+    """(w, r, first compact row, rows per segment) of each pattern."""
+    geometry: dict[int, tuple[int, int]] = {}
+    for job in plan.jobs:
+        full = job.parts[0]
+        geometry[job.pattern] = (full.seg_len, full.rate)
+    out, row = [], 0
+    for i in range(plan.n_patterns):
+        w, r = geometry.get(i, (max(plan.seq_len, 1), 1))
+        per_seg = -(-w // r)
+        out.append((w, r, row, per_seg))
+        row += -(-plan.seq_len // w) * per_seg
+    return out
+
+
+def work_items(plan: Plan, block_m: int, block_n: int, causal: bool, compact: bool) -> torch.Tensor:
+    """All work items of `plan` (int32, on the CPU): the heaviest first, then by the first
+    position of their rows, then by head, so that programs running at the same time
+    read neighbouring positions of every head (a position's heads are adjacent in memory)."""
+    geometry = pattern_geometry(plan)
+    chunks, work = [], []
+    for job in plan.jobs:
+        w, _, row0, per_seg = geometry[job.pattern]
+        heads = torch.arange(job.h_start, job.h_stop, job.h_step)
+        for p in job.parts:
+            m = p.m
+            # longnet: blocks of selected rows; groups: also the rows of other offsets (zero-filled)
+            rows = m if compact else -(-p.seg_len // p.rate)
+            n_blocks = -(-rows // block_m)
+            if n_blocks == 0:
+                continue
+            seg_start = p.start + torch.arange(p.n_segs) * p.seg_len
+            blocks = torch.arange(n_blocks)
+            hh, ss, bb = torch.meshgrid(heads, seg_start, blocks, indexing="ij")
+            hh, ss, bb = hh.flatten(), ss.flatten(), bb.flatten()
+            pos0 = ss + p.offset
+            out_row0 = row0 + (ss // w) * per_seg if compact else pos0
+            const = lambda x: torch.full_like(hh, x)  # noqa: E731
+            chunks.append(torch.stack(
+                [hh, pos0, const(p.rate), const(m), bb, out_row0, ss, const(p.seg_len), const(p.offset)], 1
+            ))
+            has_rows = bb * block_m < m
+            if causal:
+                cost = (torch.minimum((bb + 1) * block_m, torch.tensor(m)) + block_n - 1) // block_n
+            else:
+                cost = torch.full_like(bb, -(-m // block_n))
+            work.append(torch.where(has_rows, cost.float(), 0.01))
+    if not chunks:
+        return torch.zeros((0, ITEM_FIELDS), dtype=torch.int32)
+    items, cost = torch.cat(chunks), torch.cat(work)
+    first = items[:, 6] + items[:, 4] * block_m * items[:, 2]  # the block's first position
+    order = torch.argsort(items[:, 0], stable=True)
+    order = order[torch.argsort(first[order], stable=True)]
+    order = order[torch.argsort(cost[order], descending=True, stable=True)]
+    return items[order].to(torch.int32).contiguous()
+
+
+def head_rows(plan: Plan) -> int:
+    """Compact rows per (batch, head) of a ``longnet`` plan's patterns."""
+    return sum(-(-plan.seq_len // w) * per_seg for w, _, _, per_seg in pattern_geometry(plan))
