@@ -201,6 +201,54 @@ def host_breakdown(n, h, d) -> dict:
     return r
 
 
+SITES = 8  # attention calls in the longer chain of `site_host`
+
+
+class Chain(torch.nn.Module):
+    """`sites` attention calls in a row, each one's output the next one's queries."""
+
+    def __init__(self, sites: int):
+        super().__init__()
+        self.sites, self.attend = sites, Attention(False)
+
+    def forward(self, q, k, v):
+        for _ in range(self.sites):
+            q = self.attend(q, k, v)
+        return q
+
+
+def site_host(n, h, d) -> dict:
+    """Host microseconds that one more attention site adds to a compiled call, forward
+    and forward+backward (groups, non-causal, length n): a chain of `SITES` sites
+    against a chain of one, compiled by Inductor with dense SDPA and with the dilated
+    backend (custom op, and ``DILATED_INLINE=on``). The whole call's host time, the
+    second figure, also holds torch.compile's own cost per call (guards, the autograd
+    wrapper), which no backend avoids."""
+    (q, k, v), _ = _site(n, "groups", SHORT, False, h, d)
+    r = {"N": n, "sites": SITES}
+    for tag, env in (("dense", None), ("opaque", "off"), ("inline", "on")):
+        for sites in (1, SITES):
+            with settings(DILATED_INLINE=env or "off"):
+                torch._dynamo.reset()
+                if env is None:
+                    model = torch.compile(Chain(sites), backend="inductor")
+                else:
+                    model = torch.compile(Chain(sites), backend="dilated",
+                                          options={"policy": policy_for(SHORT, "groups")})
+                call = lambda: model(q, k, v)  # noqa: E731
+                with torch.no_grad():
+                    r[f"{tag}_fwd_host_us_{sites}"] = host_us(call)
+                step = _step(call, (q, k, v))
+                r[f"{tag}_fwdbwd_host_us_{sites}"] = host_us(step)
+        for m in ("fwd", "fwdbwd"):
+            r[f"{tag}_{m}_host_us_per_site"] = (
+                r[f"{tag}_{m}_host_us_{SITES}"] - r[f"{tag}_{m}_host_us_1"]) / (SITES - 1)
+    del q, k, v
+    torch.cuda.empty_cache()
+    print(json.dumps({"site_host": {key: round(val, 1) for key, val in r.items()}}), flush=True)
+    return r
+
+
 def _launch_host_us(plan, q, k, v) -> dict:
     """Host microseconds of the forward kernel's launch alone: through Triton's JIT
     launcher, and replayed on the compiled kernel it returns."""
@@ -434,6 +482,8 @@ def main():
     p.add_argument("--splits", nargs="+", default=["groups", "longnet"])
     p.add_argument("--tune", action="store_true", help="time block configurations (eager, GPU time)")
     p.add_argument("--profile-host", action="store_true", help="cProfile the compiled forward's host time")
+    p.add_argument("--site-host", action="store_true",
+                   help="host time one more attention site adds to a compiled call (dense, custom op, inline)")
     args = p.parse_args()
     REP, SELECTED_MODES = args.rep, tuple(args.modes)
     os.makedirs(args.out, exist_ok=True)
@@ -444,6 +494,8 @@ def main():
     t_start = time.perf_counter()
     if args.profile_host:
         profile_host(args.heads, args.head_dim)
+    if args.site_host:
+        results["site_host"] = site_host(args.lengths[0], args.heads, args.head_dim)
     if args.tune:
         results["tune"] = tune(args.heads, args.head_dim, args.lengths)
     if not args.skip_check:
