@@ -1,5 +1,5 @@
 """The work list's items (`lowering/dilated/worklist_items.py`) cover a dilated attention
-exactly: with ``groups`` every (head, position) is written by exactly one item (as a
+exactly, and in the documented order: with ``groups`` every (head, position) is written by exactly one item (as a
 selected row, or as a zero of another offset), with ``longnet`` every (head, pattern,
 selected position) is one item's row at its own compact row. No GPU or Triton needed."""
 
@@ -64,3 +64,25 @@ def test_block_tables_cover_the_head_dims_the_choice_allows():
     from dilated_compile.lowering.dilated.kernel_choice import HEAD_DIMS
 
     assert tuple(worklist.FORWARD_BLOCKS) == tuple(worklist.BACKWARD_BLOCKS) == HEAD_DIMS
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[4]}-H{c[0]}-N{c[1]}" for c in CASES])
+def test_items_run_heaviest_first_then_by_position_then_head(case, is_causal):
+    """Items of equal cost run in the order of their rows' first position, then of their
+    head, so that programs running together read neighbouring positions of every head."""
+    h, n, seg, rates, split = case
+    plan = make_plan(h, n, seg, rates, split)
+    block_m, block_n = 4, 2
+    items = worklist_items.work_items(plan, block_m, block_n, is_causal, split == "longnet")
+    keys = []
+    for head, pos0, rate, m, blk, out_row0, seg_start, seg_len, offset in items.tolist():
+        if blk * block_m >= m:
+            cost = 0.01  # only rows of other offsets (zeros)
+        elif is_causal:
+            cost = -(-min((blk + 1) * block_m, m) // block_n)
+        else:
+            cost = -(-m // block_n)
+        keys.append((-cost, seg_start + blk * block_m * rate, head))
+    assert keys == sorted(keys)
+    assert len(set(map(tuple, items.tolist()))) == len(keys)  # no item twice
