@@ -1,7 +1,8 @@
 """The work list's items (`lowering/dilated/worklist_items.py`) cover a dilated attention
-exactly, and in the documented order: with ``groups`` every (head, position) is written by exactly one item (as a
+exactly: with ``groups`` every (head, position) is written by exactly one item (as a
 selected row, or as a zero of another offset), with ``longnet`` every (head, pattern,
-selected position) is one item's row at its own compact row. No GPU or Triton needed."""
+selected position) is one item's row at its own compact row. Items of equal cost run
+by position, then head. No GPU or Triton needed."""
 
 import pytest
 import torch
