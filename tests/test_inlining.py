@@ -51,21 +51,36 @@ def test_a_constant_only_kernels_read_is_not_copied(written, other_user, copies_
     assert launch.kwargs["kwargs"]["ITEMS"].op == ("call_function" if copies_left else "get_attr")
 
 
-def test_the_pass_is_installed_unless_the_user_has_one_or_inlining_is_off(monkeypatch):
+def test_the_pass_is_installed_after_the_users_own_unless_inlining_is_off(monkeypatch):
     assert inlining.inductor_patches({}) == {}  # off by default
     monkeypatch.setenv("DILATED_INLINE", "on")
     ours = inlining.inductor_patches({})
     assert isinstance(ours["joint_custom_post_pass"], inlining.ConstantsReadInPlace)
     assert ours["joint_custom_post_pass"].uuid() == inlining.ConstantsReadInPlace().uuid()
+    ran = []
 
     class Users(torch._inductor.custom_graph_pass.CustomGraphPass):
         def __call__(self, graph):
-            pass
+            ran.append(_copies(graph))
 
         def uuid(self):
-            return "users"
+            return b"users"
 
-    assert inlining.inductor_patches({"joint_custom_post_pass": Users()}) == {}
+    def plain(graph):  # a pass without a uuid: Inductor then caches no graph
+        ran.append(_copies(graph))
+
+    ours_id = inlining.ConstantsReadInPlace().uuid()
+    for users, uuid, count in ((Users(), (b"users", ours_id), 1), (plain, None, 1),
+                               ([Users(), Users()], (b"users", b"users", ours_id), 2), ([Users(), plain], None, 2)):
+        both = inlining.inductor_patches({"joint_custom_post_pass": users})["joint_custom_post_pass"]
+        assert both.uuid() == uuid
+        g = _graph(["X"])
+        both(g)
+        assert ran == [1] * count and _copies(g) == 0  # the user's passes first, then ours
+        ran.clear()
+        with torch._inductor.config.patch(joint_custom_post_pass=users):
+            assert inlining.inductor_patches({})["joint_custom_post_pass"].users[0] is (
+                users[0] if isinstance(users, list) else users)
     monkeypatch.setenv("DILATED_INLINE", "off")
     assert inlining.inductor_patches({}) == {}
     monkeypatch.setenv("DILATED_INLINE", "sometimes")

@@ -11,8 +11,9 @@ a compiled call but lengthens the compile (docs/performance.md).
 
 Those launches read the sites' work items as constants of the graph, which
 tracing copies before use (``lift_fresh_copy``); `ConstantsReadInPlace`, a
-joint-graph pass the backend hands Inductor, passes such a constant to the
-kernels that only read it, so a call copies nothing.
+joint-graph pass the backend hands Inductor (after the user's own, if any),
+passes such a constant to the kernels that only read it, so a call copies
+nothing.
 """
 
 from __future__ import annotations
@@ -76,11 +77,31 @@ def _reads_only(launch: torch.fx.Node, tensor: torch.fx.Node) -> bool:
     return not any(arg is tensor and name in written for name, arg in launch.kwargs["kwargs"].items())
 
 
+class AfterUsersPass(CustomGraphPass):
+    """The user's joint-graph passes (one, or a list), then `ConstantsReadInPlace`. Its uuid
+    (what Inductor's FX graph cache keys on) is None where one of the user's passes has
+    none, so that such a graph is not cached, as with the user's passes alone."""
+
+    def __init__(self, users: Any):
+        self.users = tuple(users) if isinstance(users, (list, tuple)) else (users,)
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        for users in self.users:
+            users(graph)
+        ConstantsReadInPlace()(graph)
+
+    def uuid(self) -> Any:
+        ids = tuple(p.uuid() if isinstance(p, CustomGraphPass) else None for p in self.users)
+        return None if any(i is None for i in ids) else (*ids, ConstantsReadInPlace().uuid())
+
+
 def inductor_patches(patches: dict[str, Any]) -> dict[str, Any]:
     """The Inductor settings the inlined launches add to `patches` (the user's): the
-    pass above, unless a joint-graph pass of the user's takes its place."""
+    pass above, after the user's joint-graph pass where there is one (in `patches`
+    or Inductor's config)."""
     import torch._inductor.config as inductor_config
 
-    if not setting() or patches.get("joint_custom_post_pass", inductor_config.joint_custom_post_pass):
+    if not setting():
         return {}
-    return {"joint_custom_post_pass": ConstantsReadInPlace()}
+    users = patches.get("joint_custom_post_pass", inductor_config.joint_custom_post_pass)
+    return {"joint_custom_post_pass": AfterUsersPass(users) if users else ConstantsReadInPlace()}
