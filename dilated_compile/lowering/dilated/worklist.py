@@ -36,6 +36,7 @@ from ..common.storage import seq_major_strides
 from .plan import Plan
 from .worklist_items import head_rows, pattern_geometry, work_items
 
+
 class Blocks(NamedTuple):
     """Rows per work item (block_m), keys per inner step (block_n), and launch options."""
 
