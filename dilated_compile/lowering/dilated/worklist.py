@@ -326,34 +326,29 @@ class _BackwardCall(_Call):
         self.delta_shape = (b, h, n)
         delta_strides = _strides(self.delta_shape)
         numel = b * n * h * d
+        # longnet: the patterns' gradients are summed in three fp32 (B, N, H, D) buffers, zeroed
+        # by `prepare` and cast by `cast` (three buffers, not views of one: a kernel recorded
+        # into a traced graph may not write views of one buffer)
         compact = plan.head_split == "longnet"
-        if compact:  # (3, B, N, H, D) fp32 sums, zeroed by the first launch; each seen as (B, H, N, D)
-            self.acc_shape = (3, b, n, h, d)
-            target_strides = torch.empty(self.acc_shape, device="meta")[0].transpose(1, 2).stride()
-            target_dtype = torch.float32
-        else:
-            self.acc_shape, target_strides, target_dtype = None, self.strides, q.dtype
+        target_dtype = torch.float32 if compact else q.dtype
         kern = _backward_kernels()
-        prepare_grid = (-(-n // PREPARE_BLOCK), h, b)
-        prepare_ints = (n, numel, *dout.stride()[:3], *out.stride()[:3], *delta_strides)
-        prepare_types = (dout.dtype, out.dtype, torch.float32, torch.float32)
-        self.prepare = _Launch(kern.prepare_kernel, prepare_grid, _PREPARE_LAUNCH, prepare_ints,
-                               (compact, PREPARE_BLOCK, d), prepare_types)
+        self.prepare = _Launch(
+            kern.prepare_kernel, (-(-n // PREPARE_BLOCK), h, b), _PREPARE_LAUNCH,
+            (n, *dout.stride()[:3], *out.stride()[:3], *delta_strides), (compact, PREPARE_BLOCK, d),
+            (dout.dtype, out.dtype, *(torch.float32,) * 4),  # delta, and the sums (or delta again)
+        )
         self.attend = _Launch(
             kern.backward_kernel, (0, b, 1), blocks,  # (items, batch): items set on the first call
             (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
-             *lse.stride(), *delta_strides, *target_strides[:3]),
+             *lse.stride(), *delta_strides, *self.strides[:3]),
             (causal, compact, blocks.block_m, blocks.block_n, d, q.dtype == torch.float32),
             (q.dtype, k.dtype, v.dtype, dout.dtype, torch.float32, torch.float32, *(target_dtype,) * 3,
              torch.int32, float),
         )
-        self.cast = self.delta_only = None
+        self.cast = None
         if compact:
             self.cast = _Launch(kern.cast_kernel, (-(-numel // CAST_BLOCK), 3, 1), _CAST_LAUNCH, (numel,),
-                                (CAST_BLOCK,), (torch.float32, *(q.dtype,) * 3))
-            # traced: the graph zeroes three accumulators and casts them itself (fused by Inductor)
-            self.delta_only = _Launch(kern.prepare_kernel, prepare_grid, _PREPARE_LAUNCH, prepare_ints,
-                                      (False, PREPARE_BLOCK, d), prepare_types)
+                                (CAST_BLOCK,), (*(torch.float32,) * 3, *(q.dtype,) * 3))
 
     def launches(self) -> list[_Launch]:
         return [x for x in (self.prepare, self.attend, self.cast) if x is not None]
@@ -365,29 +360,16 @@ class _BackwardCall(_Call):
                          for _ in range(3))
         stream = TRACED if traced else _stream(q.device)
         delta = torch.empty(self.delta_shape, dtype=torch.float32, device=q.device)
-        if traced and self.cast is not None:
-            return self._traced_accumulated(scale, q, k, v, out, lse, dout, delta, wl)
         grads = tuple(_seq_major_storage(self.shape, q.dtype, q.device) for _ in range(3))
         if self.cast is None:
-            acc, targets = delta, grads
+            targets, sums = grads, (delta,) * 3  # prepare writes no sums
         else:
-            acc = torch.empty(self.acc_shape, dtype=torch.float32, device=q.device)
-            targets = tuple(acc[t].transpose(1, 2) for t in range(3))
-        self.prepare((dout, out), (dout, out, delta, acc), stream)
+            targets = sums = tuple(_seq_major_storage(self.shape, torch.float32, q.device) for _ in range(3))
+        self.prepare((dout, out), (dout, out, delta, *sums), stream)
         self.attend((q, k, v, dout, lse), (q, k, v, dout, lse, delta, *targets, wl.items, scale), stream)
         if self.cast is not None:
-            self.cast((acc, grads[0]), (acc, *grads), stream)
+            self.cast((sums[0], grads[0]), (*sums, *grads), stream)
         return tuple(_seq_major(g) for g in grads)
-
-    def _traced_accumulated(self, scale, q, k, v, out, lse, dout, delta, wl) -> tuple[torch.Tensor, ...]:
-        """The accumulated (``longnet``) backward recorded into a traced graph: three
-        separate fp32 accumulators (a traced kernel may not write views of one
-        buffer), zeroed and cast to the gradients by the graph's own ops; the kernels
-        get their storage, as the outputs' (`_seq_major_storage`)."""
-        accs = tuple(torch.zeros(self.acc_shape[1:], dtype=torch.float32, device=q.device) for _ in range(3))
-        self.delta_only((dout, out), (dout, out, delta, delta), TRACED)
-        self.attend((q, k, v, dout, lse), (q, k, v, dout, lse, delta, *accs, wl.items, scale), TRACED)
-        return tuple(_seq_major(a.to(q.dtype)) for a in accs)
 
 
 # Prepared calls by (id of the plan, causality, every shape and stride the launches

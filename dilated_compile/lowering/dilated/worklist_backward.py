@@ -5,7 +5,7 @@ Three launches at most, from the forward's work items:
 1. `prepare_kernel`: delta = rowsum(dO * O) per (batch, head, position), from
    the *merged* output (with ``longnet`` every pattern's backward uses the merged
    out and lse: that makes the gradient of the log-sum-exp merge exact); with
-   ``ACCUMULATE`` it also zeroes the fp32 gradient accumulators.
+   ``ACCUMULATE`` it also zeroes the three fp32 gradient accumulators.
 2. `backward_kernel`: one program per item (of one batch element). Its rows
    are a key block (dk, dv: a loop over the segment's query rows) and a query
    block (dq: a loop over its key rows). ``groups``: every row of a head belongs
@@ -23,12 +23,12 @@ import triton.language as tl
 
 @triton.jit
 def prepare_kernel(
-    DO, O, DELTA, ACC, seq_len, n_acc,
+    DO, O, DELTA, ACC0, ACC1, ACC2, seq_len,
     do_sb, do_sh, do_sn, o_sb, o_sh, o_sn, de_sb, de_sh, de_sn,
     ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    """Grid (position tiles, heads, batch): DELTA = rowsum(DO * O); zeroes the tile's
-    rows of the three (B, N, H, D) fp32 accumulators (``n_acc`` elements apart)."""
+    """Grid (position tiles, heads, batch): DELTA = rowsum(DO * O); with ``ACCUMULATE``
+    zeroes the tile's rows of the three (B, N, H, D) fp32 accumulators."""
     tile = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -41,10 +41,11 @@ def prepare_kernel(
     tl.store(DELTA + b * de_sb + h * de_sh + n * de_sn, delta, mask=ok)
     if ACCUMULATE:
         heads = tl.num_programs(1)
-        acc_off = ((b * seq_len + n) * heads + h) * HEAD_DIM
+        acc_off = (((b * seq_len + n) * heads + h) * HEAD_DIM)[:, None] + d[None, :]
         zero = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
-        for t in tl.static_range(3):
-            tl.store(ACC + t * n_acc.to(tl.int64) + acc_off[:, None] + d[None, :], zero, mask=ok[:, None])
+        tl.store(ACC0 + acc_off, zero, mask=ok[:, None])
+        tl.store(ACC1 + acc_off, zero, mask=ok[:, None])
+        tl.store(ACC2 + acc_off, zero, mask=ok[:, None])
 
 
 @triton.jit
@@ -210,11 +211,11 @@ def backward_kernel(
 
 
 @triton.jit
-def cast_kernel(ACC, DQ, DK, DV, n_acc, BLOCK: tl.constexpr):
+def cast_kernel(ACC0, ACC1, ACC2, DQ, DK, DV, numel, BLOCK: tl.constexpr):
     """Grid (element tiles, 3): accumulator t (fp32) into DQ, DK or DV (same layout)."""
     t = tl.program_id(1)
     off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = off < n_acc
-    x = tl.load(ACC + t.to(tl.int64) * n_acc + off, mask=ok)
+    ok = off < numel
+    src = tl.where(t == 0, ACC0, tl.where(t == 1, ACC1, ACC2))
     dst = tl.where(t == 0, DQ, tl.where(t == 1, DK, DV))
-    tl.store(dst + off, x.to(DQ.dtype.element_ty), mask=ok)
+    tl.store(dst + off, tl.load(src + off, mask=ok).to(DQ.dtype.element_ty), mask=ok)
