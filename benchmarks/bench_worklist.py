@@ -249,6 +249,44 @@ def site_host(n, h, d) -> dict:
     return r
 
 
+def _compile_child(tag: str, sites: int, n: int, h: int, d: int) -> None:
+    """In a fresh process (see `site_compile`): compile a chain of `sites` sites with
+    `tag`'s backend, run its forward and backward once, print the seconds as JSON."""
+    (q, k, v), _ = _site(n, "groups", SHORT, False, h, d)
+    if tag == "dense":
+        model = torch.compile(Chain(sites), backend="inductor")
+    else:
+        model = torch.compile(Chain(sites), backend="dilated", options={"policy": policy_for(SHORT, "groups")})
+    t0 = time.perf_counter()
+    model(q, k, v).sum().backward()
+    torch.cuda.synchronize()
+    print(json.dumps({"compile_s": time.perf_counter() - t0}), flush=True)
+
+
+def site_compile(n, h, d) -> dict:
+    """Cold compile seconds (forward and backward, first call) of the chains of
+    `site_host` (1 and `SITES` sites, groups, length n): dense SDPA by Inductor, the
+    opaque op, and ``DILATED_INLINE=on``; each in a new process with empty Inductor
+    and Triton caches."""
+    import subprocess
+    import tempfile
+
+    r = {"N": n, "sites": SITES}
+    for tag in ("dense", "opaque", "inline"):
+        for sites in (1, SITES):
+            with tempfile.TemporaryDirectory() as tmp:
+                env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "inductor"),
+                       "TRITON_CACHE_DIR": os.path.join(tmp, "triton"),
+                       "DILATED_INLINE": "on" if tag == "inline" else "off"}
+                done = subprocess.run(
+                    [sys.executable, __file__, "--compile-child", tag, str(sites), "--lengths", str(n),
+                     "--heads", str(h), "--head-dim", str(d)],
+                    env=env, capture_output=True, text=True, check=True)
+            r[f"{tag}_compile_s_{sites}"] = json.loads(done.stdout.strip().splitlines()[-1])["compile_s"]
+    print(json.dumps({"site_compile": {key: round(val, 2) for key, val in r.items()}}), flush=True)
+    return r
+
+
 def _launch_host_us(plan, q, k, v) -> dict:
     """Host microseconds of the forward kernel's launch alone: through Triton's JIT
     launcher, and replayed on the compiled kernel it returns."""
@@ -484,7 +522,13 @@ def main():
     p.add_argument("--profile-host", action="store_true", help="cProfile the compiled forward's host time")
     p.add_argument("--site-host", action="store_true",
                    help="host time one more attention site adds to a compiled call (dense, custom op, inline)")
+    p.add_argument("--site-compile", action="store_true",
+                   help="cold compile seconds of the --site-host chains, each in a fresh process and cache")
+    p.add_argument("--compile-child", nargs=2, metavar=("BACKEND", "SITES"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.compile_child:
+        _compile_child(args.compile_child[0], int(args.compile_child[1]), args.lengths[0], args.heads, args.head_dim)
+        return
     REP, SELECTED_MODES = args.rep, tuple(args.modes)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "worklist.json")
@@ -496,6 +540,8 @@ def main():
         profile_host(args.heads, args.head_dim)
     if args.site_host:
         results["site_host"] = site_host(args.lengths[0], args.heads, args.head_dim)
+    if args.site_compile:
+        results["site_compile"] = site_compile(args.lengths[0], args.heads, args.head_dim)
     if args.tune:
         results["tune"] = tune(args.heads, args.head_dim, args.lengths)
     if not args.skip_check:
