@@ -33,6 +33,7 @@ CASES = [
     (2, 3, 9, (16, 32), (1, 2), "groups", True),  # N shorter than every segment
     (1, 4, 37, (8, 16, 32), (1, 2, 4), "longnet", True),
     (1, 3, 50, (16, 64), (3, 6), "longnet", False),  # heads fewer than a rate
+    (2, 3, 37, (8, 16, 32), (1, 2, 4), "longnet", True),  # two batch elements summing into the accumulators
     (1, 2, 64, (64,), (1,), "longnet", False),  # one pattern w = N, r = 1: dense attention
 ]
 
