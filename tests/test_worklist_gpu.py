@@ -172,7 +172,7 @@ def test_compiled_static_site_launches_the_work_list_from_inductors_code(
         monkeypatch, inline, head_split, is_causal):
     """backend="dilated" with static lengths: Inductor's generated code launches the
     work list's kernels itself, forward and backward, and calls no custom op for
-    them, with DILATED_INLINE=on;
+    them, with DILATED_INLINE=on, and runs no kernel of its own around them;
     output and gradients match the float64 reference either way."""
     from torch._inductor.utils import run_and_get_code
 
@@ -203,6 +203,8 @@ def test_compiled_static_site_launches_the_work_list_from_inductors_code(
         assert launched["forward_kernel"] and not called["dilated_attention"], code
         assert launched["backward_kernel"] and not called["dilated_attention_backward"], code
         assert "lift_fresh_copy" not in code, code  # the work items are read in place
+        # no kernel of Inductor's own: outputs and sums are not copied, zeroed or cast by the graph
+        assert "triton_poi" not in code and "triton_per" not in code, code
     else:
         assert not any(launched.values()) and all(called.values()), code
     refs = [t.detach().double().transpose(1, 2).requires_grad_() for t in (q, k, v)]
