@@ -20,6 +20,15 @@ def seq_major_empty(like: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tens
     return like.new_empty_strided(tuple(shape), seq_major_strides(shape), dtype=dtype)
 
 
+def seq_major_storage(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The (B, N, H[, X]) storage of a new (B, H, N[, X]) tensor, seen as it by
+    ``.transpose(1, 2)``, for kernels that take the storage. A plain ``empty``, unlike
+    `seq_major_empty`: a traced graph merges identical ``empty_strided`` calls into one
+    buffer, which each kernel writing it would first copy."""
+    b, h, n, *rest = shape
+    return torch.empty((b, n, h, *rest), dtype=dtype, device=device)
+
+
 def accumulation_dtype(q: torch.Tensor) -> torch.dtype:
     """float64 for float64 inputs, else float32: the dtype of log-sum-exps and sums."""
     return torch.float64 if q.dtype == torch.float64 else torch.float32

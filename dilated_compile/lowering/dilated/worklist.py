@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from ..common import precompile
 from ..common.custom_ops import refuse_capture_of_first_call
-from ..common.storage import seq_major_strides
+from ..common.storage import seq_major_storage, seq_major_strides
 from .plan import Plan
 from .worklist_items import head_rows, pattern_geometry, work_items
 
@@ -201,17 +201,8 @@ class _Launch:
                                         num_warps=self.blocks.num_warps, num_stages=self.blocks.num_stages)
 
 
-def _seq_major_storage(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """New storage of a (B, H, N[, D]) tensor stored sequence-major: (B, N, H[, D]), to be
-    written by the kernels (given its strides as seen (B, H, N[, D])) and returned as
-    `_seq_major` of it. A plain ``empty``: in a traced graph, identical ``empty_strided``
-    calls become one shared buffer, which each kernel writing it must first copy."""
-    b, h, n, *rest = shape
-    return torch.empty((b, n, h, *rest), dtype=dtype, device=device)
-
-
 def _seq_major(storage: torch.Tensor) -> torch.Tensor:
-    """`storage` of `_seq_major_storage` seen as (B, H, N[, D])."""
+    """`storage` of `seq_major_storage` seen as (B, H, N[, D])."""
     return storage.transpose(1, 2)
 
 
@@ -300,8 +291,8 @@ class _ForwardCall(_Call):
 
     def __call__(self, scale: float, q, k, v, traced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         wl = self._bind(q.device)
-        out = _seq_major_storage(self.out_shape, q.dtype, q.device)
-        lse = _seq_major_storage(self.lse_shape, torch.float32, q.device)
+        out = seq_major_storage(self.out_shape, q.dtype, q.device)
+        lse = seq_major_storage(self.lse_shape, torch.float32, q.device)
         if self.empty:
             return _seq_major(out.zero_()), _seq_major(lse.fill_(-math.inf))
         stream = TRACED if traced else _stream(q.device)
@@ -356,15 +347,15 @@ class _BackwardCall(_Call):
     def __call__(self, scale: float, q, k, v, out, lse, dout, traced: bool = False) -> tuple[torch.Tensor, ...]:
         wl = self._bind(q.device)
         if self.empty:
-            return tuple(_seq_major(_seq_major_storage(self.shape, q.dtype, q.device).zero_())
+            return tuple(_seq_major(seq_major_storage(self.shape, q.dtype, q.device).zero_())
                          for _ in range(3))
         stream = TRACED if traced else _stream(q.device)
         delta = torch.empty(self.delta_shape, dtype=torch.float32, device=q.device)
-        grads = tuple(_seq_major_storage(self.shape, q.dtype, q.device) for _ in range(3))
+        grads = tuple(seq_major_storage(self.shape, q.dtype, q.device) for _ in range(3))
         if self.cast is None:
             targets, sums = grads, (delta,) * 3  # prepare writes no sums
         else:
-            targets = sums = tuple(_seq_major_storage(self.shape, torch.float32, q.device) for _ in range(3))
+            targets = sums = tuple(seq_major_storage(self.shape, torch.float32, q.device) for _ in range(3))
         self.prepare((dout, out), (dout, out, delta, *sums), stream)
         self.attend((q, k, v, dout, lse), (q, k, v, dout, lse, delta, *targets, wl.items, scale), stream)
         if self.cast is not None:
