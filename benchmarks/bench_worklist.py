@@ -217,6 +217,14 @@ class Chain(torch.nn.Module):
         return q
 
 
+def _compiled_chain(sites: int, dense: bool):
+    """A `Chain` compiled by Inductor with dense SDPA, or with the dilated backend and the
+    8k-16k ``groups`` policy."""
+    if dense:
+        return torch.compile(Chain(sites), backend="inductor")
+    return torch.compile(Chain(sites), backend="dilated", options={"policy": policy_for(SHORT, "groups")})
+
+
 def site_host(n, h, d) -> dict:
     """Host microseconds that one more attention site adds to a compiled call, forward
     and forward+backward (groups, non-causal, length n): a chain of `SITES` sites
@@ -230,11 +238,7 @@ def site_host(n, h, d) -> dict:
         for sites in (1, SITES):
             with settings(DILATED_INLINE=env or "off"):
                 torch._dynamo.reset()
-                if env is None:
-                    model = torch.compile(Chain(sites), backend="inductor")
-                else:
-                    model = torch.compile(Chain(sites), backend="dilated",
-                                          options={"policy": policy_for(SHORT, "groups")})
+                model = _compiled_chain(sites, dense=env is None)
                 call = lambda: model(q, k, v)  # noqa: E731
                 with torch.no_grad():
                     r[f"{tag}_fwd_host_us_{sites}"] = host_us(call)
@@ -253,10 +257,7 @@ def _compile_child(tag: str, sites: int, n: int, h: int, d: int) -> None:
     """In a fresh process (see `site_compile`): compile a chain of `sites` sites with
     `tag`'s backend, run its forward and backward once, print the seconds as JSON."""
     (q, k, v), _ = _site(n, "groups", SHORT, False, h, d)
-    if tag == "dense":
-        model = torch.compile(Chain(sites), backend="inductor")
-    else:
-        model = torch.compile(Chain(sites), backend="dilated", options={"policy": policy_for(SHORT, "groups")})
+    model = _compiled_chain(sites, dense=tag == "dense")
     t0 = time.perf_counter()
     model(q, k, v).sum().backward()
     torch.cuda.synchronize()
