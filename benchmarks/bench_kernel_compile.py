@@ -95,8 +95,8 @@ def instrument(compiles: Compiles) -> None:
 
     combine._kernel = lambda name="combine_kernel": Launcher(name)
     worklist._Launch.__call__ = compile_launch
-    worklist._blocks_of = lambda device, d, backward, forced: (
-        worklist.BACKWARD_BLOCKS if backward else worklist.FORWARD_BLOCKS)[d]
+    blocks_of = worklist._blocks_of
+    worklist._blocks_of = lambda device, *rest: blocks_of("cuda", *rest)
 
 
 def run_plan(compiles: Compiles, n: int, split: str, causal: bool, paths: tuple[str, ...] = PATHS) -> None:

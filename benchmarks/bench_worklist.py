@@ -83,11 +83,13 @@ def host_us(fn, calls: int = 20) -> float:
 # made by Inductor's generated code (DILATED_INLINE=on).
 MODES = {
     "worklist": {"DILATED_WORKLIST": "on"},
+    "merged": {"DILATED_WORKLIST": "on", "DILATED_WORKLIST_UNION": "off"},
     "blocks": {"DILATED_WORKLIST": "off"},
     "default": {"DILATED_WORKLIST": "auto"},
     "inline": {"DILATED_WORKLIST": "auto", "DILATED_INLINE": "on"},
 }
 SELECTED_MODES = tuple(MODES)  # --modes sets it
+GPU_TIMED = ("worklist", "merged", "blocks")  # modes also timed in CUDA graphs
 
 
 def gpu_ms(fn) -> float:
@@ -146,11 +148,11 @@ def time_one(n, split, cfg, causal, h, d, dense) -> dict:
             with torch.no_grad():
                 r[f"{tag}_fwd_ms"] = timed(call)
                 r[f"{tag}_fwd_host_us"] = host_us(call)
-                if tag in ("worklist", "blocks"):
+                if tag in GPU_TIMED:
                     r[f"{tag}_fwd_gpu_ms"] = gpu_ms(call)
             r[f"{tag}_fwdbwd_ms"] = timed(step)
             r[f"{tag}_fwdbwd_host_us"] = host_us(step)
-            if tag in ("worklist", "blocks"):
+            if tag in GPU_TIMED:
                 r[f"{tag}_fwdbwd_gpu_ms"] = gpu_ms(step)
         for m, mult in (("fwd", 1), ("fwdbwd", FWD_BWD)):
             tf = mult * flops / r[f"{tag}_{m}_ms"] / 1e9
@@ -346,7 +348,7 @@ TUNE_WORKLOADS = [
     (16384, "groups", SHORT["segment_lengths"], SHORT["dilation_rates"], True),
 ]
 TUNE_FORWARD = ["128,64,8,3", "128,64,8,2", "128,128,8,3", "128,64,4,3", "64,64,4,3", "64,64,4,2", "64,32,4,3"]
-TUNE_BACKWARD = ["64,64,4,2", "64,32,4,3", "128,64,8,2", "128,32,8,3", "64,64,8,3"]
+TUNE_BACKWARD = ["64,64,4,2", "64,32,4,3", "64,32,4,2", "128,64,8,2", "128,32,8,3", "64,64,8,3"]
 
 
 def tune(h, d, lengths) -> list[dict]:
@@ -373,7 +375,8 @@ def tune(h, d, lengths) -> list[dict]:
             for cfg in configs:
                 os.environ[var] = cfg
                 try:
-                    ms = gpu_ms(fn)
+                    with settings(DILATED_WORKLIST="on"):
+                        ms = gpu_ms(fn)
                 except Exception as e:  # noqa: BLE001 - a config that does not compile
                     print("config failed:", var, cfg, type(e).__name__, str(e)[:200], flush=True)
                     ms = float("nan")

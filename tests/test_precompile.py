@@ -59,6 +59,15 @@ def specialisations(monkeypatch):
     return hook
 
 
+def _kernel_names(plan) -> tuple[list[str], list[str]]:
+    """The work list's kernels of `plan`, forward and backward, in launch order."""
+    if worklist.runs_as_union(plan):
+        return ["union_forward_kernel"], ["prepare_kernel", "union_backward_kernel"]
+    if plan.head_split == "longnet":
+        return ["forward_kernel", "merge_kernel"], ["prepare_kernel", "backward_kernel", "cast_kernel"]
+    return ["forward_kernel"], ["prepare_kernel", "backward_kernel"]
+
+
 # (heads, length, segments, rates): a length no segment divides; one shorter than the
 # largest segment; heads that the patterns split unevenly
 CASES = [(4, 1000, (256, 512), (1, 2)), (3, 300, (128, 512), (2, 4)), (5, 512, (64, 128, 256), (1, 2, 4))]
@@ -79,7 +88,7 @@ def test_listed_launches_are_specialised_like_the_first_call(specialisations, ca
     listed = specialisations.take()
     out, lse = worklist.forward(plan, is_causal, 0.125, q, k, v)
     called = specialisations.take()
-    expected = ["forward_kernel", "merge_kernel"] if head_split == "longnet" else ["forward_kernel"]
+    expected, expected_backward = _kernel_names(plan)
     assert [name for name, _ in listed] == expected
     assert listed == called
 
@@ -89,8 +98,7 @@ def test_listed_launches_are_specialised_like_the_first_call(specialisations, ca
     listed = specialisations.take()
     worklist.backward(plan, is_causal, 0.125, q, k, v, out, lse, dout)
     called = specialisations.take()
-    expected = ["prepare_kernel", "backward_kernel"] + (["cast_kernel"] if head_split == "longnet" else [])
-    assert [name for name, _ in listed] == expected
+    assert [name for name, _ in listed] == expected_backward
     assert listed == called
 
 
@@ -147,9 +155,7 @@ def test_tracing_the_op_hands_over_each_signatures_launches_once(monkeypatch, he
         for _ in range(2):
             out, lse = torch.ops.dilated_compile.dilated_attention(q, k, v, pattern, True, 0.125, 0)
             torch.ops.dilated_compile.dilated_attention_backward(out, q, k, v, out, lse, pattern, True, 0.125, 0)
-    forward = ["forward_kernel", "merge_kernel"] if head_split == "longnet" else ["forward_kernel"]
-    backward = ["prepare_kernel", "backward_kernel"] + (["cast_kernel"] if head_split == "longnet" else [])
-    assert handed == [forward, backward]
+    assert handed == list(_kernel_names(plans.make_plan(4, 1000, (256, 512), (1, 2), head_split)))
 
 
 def test_a_misaligned_tensor_is_specialised_otherwise(specialisations):
@@ -220,9 +226,7 @@ def test_a_compiled_step_finds_its_kernels_compiled(head_split, path):
     report = json.loads(res.stdout.strip().splitlines()[-1])
     report["log"] = [line for line in res.stderr.splitlines() if "dilated_compile" in line][-20:]
     if path == "work list":
-        expected = {"forward_kernel", "prepare_kernel", "backward_kernel"}
-        if head_split == "longnet":
-            expected |= {"merge_kernel", "cast_kernel"}
+        expected = set().union(*_kernel_names(plans.make_plan(4, 1000, (256, 512), (1, 2), head_split)))
     else:
         expected = {"gather_kernel", "combine_kernel"}
     assert set(report["submitted"]) == expected, report

@@ -35,6 +35,9 @@ CASES = [
     (1, 3, 50, (16, 64), (3, 6), "longnet", False),  # heads fewer than a rate
     (2, 3, 37, (8, 16, 32), (1, 2, 4), "longnet", True),  # two batch elements summing into the accumulators
     (1, 2, 64, (64,), (1,), "longnet", False),  # one pattern w = N, r = 1: dense attention
+    (1, 3, 150, (32, 64), (1, 2), "longnet", True),  # 16-row union items, several blocks per window
+    (2, 5, 90, (24, 48), (2, 3), "longnet", False),  # union stride 6, windows in a ragged segment
+    (1, 4, 70, (16, 96), (4, 1), "longnet", True),  # positions no pattern selects; w > N
 ]
 
 
@@ -45,11 +48,22 @@ def _lse_reference(q, k, count, scale):
     return torch.logsumexp(s + logc, dim=-1)
 
 
+def _case_id(case, union: str) -> str:
+    b, h, n, seg, rates, split, causal = case
+    return f"{split}{'-' + union if split == 'longnet' else ''}-H{h}-N{n}-{'causal' if causal else 'full'}"
+
+
+# longnet both as one softmax over its patterns' keys and per pattern, merged
+RUNS = [(c, u) for c in CASES for u in (("on", "off") if c[5] == "longnet" else ("auto",))]
+
+
 @pytest.mark.parametrize("traced", [False, True], ids=["launched", "traced"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=[str(d)[6:] for d in DTYPES])
-@pytest.mark.parametrize("case", CASES, ids=[f"{c[5]}-H{c[1]}-N{c[2]}-{'causal' if c[6] else 'full'}" for c in CASES])
-def test_worklist_matches_reference(case, dtype, traced):
-    """`traced`: the launches a compiled graph records (``wrap_triton``), here run eagerly."""
+@pytest.mark.parametrize("case,union", RUNS, ids=[_case_id(c, u) for c, u in RUNS])
+def test_worklist_matches_reference(monkeypatch, case, union, dtype, traced):
+    """`traced`: the launches a compiled graph records (``wrap_triton``), here run eagerly;
+    `union` (``DILATED_WORKLIST_UNION``): ``longnet`` as one softmax (on) or merged (off)."""
+    monkeypatch.setenv(worklist.UNION_SETTING, union)
     # on CUDA twice, on fresh inputs: the second call launches the compiled kernels directly
     for seed in (0, 1) if DEVICE == "cuda" else (0,):
         _check_against_reference(case, dtype, seed, traced)

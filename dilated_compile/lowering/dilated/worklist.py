@@ -34,7 +34,7 @@ from ..common import precompile
 from ..common.custom_ops import refuse_capture_of_first_call
 from ..common.storage import seq_major_storage, seq_major_strides
 from .plan import Plan
-from .worklist_items import head_rows, pattern_geometry, work_items
+from .worklist_items import head_rows, pattern_geometry, union_items, union_rows, work_items
 
 
 class Blocks(NamedTuple):
@@ -57,10 +57,21 @@ FORWARD_BLOCKS = {16: Blocks(128, 64, 4, 3), 32: Blocks(128, 64, 4, 3), 64: Bloc
 BACKWARD_BLOCKS = {16: Blocks(64, 64, 4, 2), 32: Blocks(64, 64, 4, 2), 64: Blocks(64, 64, 4, 2),
                    128: Blocks(128, 32, 8, 3)}
 INTERPRETER_BLOCKS = Blocks(32, 16, 1, 1)
+# The ``longnet`` split as one softmax (`worklist_union.py`): 64-row items, whose rows
+# (one class of positions in a window) are often no more than 64.
+UNION_FORWARD_BLOCKS = {16: Blocks(64, 64, 4, 3), 32: Blocks(64, 64, 4, 3), 64: Blocks(64, 64, 4, 3),
+                        128: Blocks(64, 64, 4, 3)}
+UNION_BACKWARD_BLOCKS = {16: Blocks(64, 64, 4, 2), 32: Blocks(64, 64, 4, 2), 64: Blocks(64, 64, 4, 2),
+                         128: Blocks(64, 32, 4, 2)}
+# ``DILATED_WORKLIST_UNION=auto`` runs a ``longnet`` plan as one softmax where its items
+# have at least this many rows (`worklist_items.union_rows`), else as per-pattern rows
+# merged by a second launch; ``on``/``off`` force either.
+UNION_MIN_ROWS = 32
+UNION_SETTING = "DILATED_WORKLIST_UNION"
 
 
 @lru_cache(maxsize=64)
-def _blocks_of(device_type: str, head_dim: int, backward: bool, forced: str | None) -> Blocks:
+def _blocks_of(device_type: str, head_dim: int, backward: bool, union: bool, forced: str | None) -> Blocks:
     if device_type != "cuda":
         return INTERPRETER_BLOCKS
     if forced:
@@ -69,29 +80,38 @@ def _blocks_of(device_type: str, head_dim: int, backward: bool, forced: str | No
             variable = "DILATED_WORKLIST_BWD" if backward else "DILATED_WORKLIST_FWD"
             raise ValueError(f"{variable}={forced!r}: block_m must be a multiple of block_n")
         return blocks
+    if union:
+        return (UNION_BACKWARD_BLOCKS if backward else UNION_FORWARD_BLOCKS)[head_dim]
     return (BACKWARD_BLOCKS if backward else FORWARD_BLOCKS)[head_dim]
 
 
-def _blocks(q: torch.Tensor, table: dict[int, Blocks], variable: str) -> Blocks:
-    return _blocks_of(q.device.type, q.shape[-1], table is BACKWARD_BLOCKS, os.environ.get(variable))
-
-
-def forward_blocks(q: torch.Tensor) -> Blocks:
+def forward_blocks(q: torch.Tensor, union: bool = False) -> Blocks:
     """Block sizes of the forward for tensors like `q` (``DILATED_WORKLIST_FWD=bm,bn,warps,stages``
-    overrides them on CUDA)."""
-    return _blocks(q, FORWARD_BLOCKS, "DILATED_WORKLIST_FWD")
+    overrides them on CUDA); `union`: of the ``longnet`` split as one softmax."""
+    return _blocks_of(q.device.type, q.shape[-1], False, union, os.environ.get("DILATED_WORKLIST_FWD"))
 
 
-def backward_blocks(q: torch.Tensor) -> Blocks:
+def backward_blocks(q: torch.Tensor, union: bool = False) -> Blocks:
     """Block sizes of the backward (``DILATED_WORKLIST_BWD=bm,bn,warps,stages`` on CUDA)."""
-    return _blocks(q, BACKWARD_BLOCKS, "DILATED_WORKLIST_BWD")
+    return _blocks_of(q.device.type, q.shape[-1], True, union, os.environ.get("DILATED_WORKLIST_BWD"))
+
+
+def runs_as_union(plan: Plan) -> bool:
+    """Whether the work list runs `plan` as one softmax over its patterns' keys
+    (``longnet`` only; ``DILATED_WORKLIST_UNION``: auto, on or off)."""
+    if plan.head_split != "longnet":
+        return False
+    setting = os.environ.get(UNION_SETTING, "auto").lower()
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"{UNION_SETTING}={setting!r}: use auto, on or off")
+    return setting == "on" or (setting == "auto" and union_rows(plan) >= UNION_MIN_ROWS)
 
 
 @dataclass(frozen=True)
 class WorkList:
     """A plan's work items for one row block size, on one device."""
 
-    items: torch.Tensor  # (n_items, ITEM_FIELDS) int32
+    items: torch.Tensor  # (n_items, ITEM_FIELDS) int32; union: (n_items, UNION_FIELDS + 3 * patterns)
     compact: bool  # longnet: per-pattern compact rows, merged afterwards
     head_rows: int  # compact rows per (batch, head)
     patterns: torch.Tensor  # (n_patterns, 4) int32: w, r, first compact row, rows per segment
@@ -108,17 +128,21 @@ _WORK_LISTS: dict[tuple, tuple[Plan, WorkList]] = {}
 _WORK_LISTS_MAX = 256
 
 
-def work_list(plan: Plan, blocks: Blocks, causal: bool, device: torch.device) -> WorkList:
-    """The cached `WorkList` of `plan` for these block sizes on `device`."""
-    key = (id(plan), blocks.block_m, blocks.block_n, causal, device)
+def work_list(plan: Plan, blocks: Blocks, causal: bool, device: torch.device, union: bool = False) -> WorkList:
+    """The cached `WorkList` of `plan` for these block sizes on `device` (`union`: the
+    items of the ``longnet`` split as one softmax)."""
+    key = (id(plan), blocks.block_m, blocks.block_n, causal, device, union)
     hit = _WORK_LISTS.get(key)
     if hit is not None and hit[0] is plan:
         return hit[1]
     refuse_capture_of_first_call(device)
-    compact = plan.head_split == "longnet"
+    compact = plan.head_split == "longnet" and not union
     # real tensors even while a graph is traced: a traced call's kernels read them as constants
     with _disable_current_modes():
-        items = work_items(plan, blocks.block_m, blocks.block_n, causal, compact)
+        if union:
+            items = union_items(plan, blocks.block_m, causal)
+        else:
+            items = work_items(plan, blocks.block_m, blocks.block_n, causal, compact)
         wl = WorkList(
             items.to(device),
             compact,
@@ -141,6 +165,12 @@ def _backward_kernels():
     from . import worklist_backward
 
     return worklist_backward
+
+
+def _union_kernels():
+    from . import worklist_union
+
+    return worklist_union
 
 
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
@@ -238,14 +268,14 @@ class _Call:
 
     attend: _Launch
 
-    def __init__(self, plan: Plan, causal: bool, batch: int, blocks: Blocks):
-        self.plan, self.causal, self.batch, self.blocks = plan, causal, batch, blocks
+    def __init__(self, plan: Plan, causal: bool, batch: int, blocks: Blocks, union: bool):
+        self.plan, self.causal, self.batch, self.blocks, self.union = plan, causal, batch, blocks, union
         self.wl: WorkList | None = None
         self.empty = True
 
     def _bind(self, device: torch.device) -> WorkList:
         if self.wl is None:
-            self.wl = work_list(self.plan, self.blocks, self.causal, device)
+            self.wl = work_list(self.plan, self.blocks, self.causal, device, self.union)
             self.attend.grid = (self.wl.n_items, self.batch, 1)
             self.empty = self.wl.n_items == 0 or self.batch == 0
         return self.wl
@@ -257,11 +287,12 @@ class _ForwardCall(_Call):
 
     def __init__(self, plan: Plan, causal: bool, q, k, v):
         b, h, n, d = q.shape
-        super().__init__(plan, causal, b, forward_blocks(q))
+        union = runs_as_union(plan)
+        super().__init__(plan, causal, b, forward_blocks(q, union), union)
         blocks = self.blocks
         self.out_shape, self.out_strides = tuple(q.shape), seq_major_strides(q.shape)
         self.lse_shape, self.lse_strides = (b, h, n), seq_major_strides((b, h, n))
-        compact = plan.head_split == "longnet"
+        compact = plan.head_split == "longnet" and not union
         if compact:
             # each pattern's rows in q's dtype (as the gathered-block kernels give them), merged in fp32
             self.target_shape = (b, h, head_rows(plan), d)
@@ -270,10 +301,13 @@ class _ForwardCall(_Call):
         else:
             target_strides, target_lse_strides = self.out_strides, self.lse_strides
         kern = _kernels()
+        fn, mode = kern.forward_kernel, (causal, compact)
+        if union:
+            fn, mode = _union_kernels().union_forward_kernel, (plan.n_patterns, causal)
         self.attend = _Launch(
-            kern.forward_kernel, (0, b, 1), blocks,  # (items, batch): items set on the first call
+            fn, (0, b, 1), blocks,  # (items, batch): items set on the first call
             (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *target_strides[:3], *target_lse_strides),
-            (causal, compact, blocks.block_m, blocks.block_n, d, q.dtype == torch.float32),
+            (*mode, blocks.block_m, blocks.block_n, d, q.dtype == torch.float32),
             (q.dtype, k.dtype, v.dtype, q.dtype, torch.float32, torch.int32, float),
         )
         self.merge = None
@@ -311,7 +345,8 @@ class _BackwardCall(_Call):
 
     def __init__(self, plan: Plan, causal: bool, q, k, v, out, lse, dout):
         b, h, n, d = q.shape
-        super().__init__(plan, causal, b, backward_blocks(q))
+        union = runs_as_union(plan)
+        super().__init__(plan, causal, b, backward_blocks(q, union), union)
         blocks = self.blocks
         self.shape, self.strides = tuple(q.shape), seq_major_strides(q.shape)
         self.delta_shape = (b, h, n)
@@ -320,7 +355,7 @@ class _BackwardCall(_Call):
         # longnet: the patterns' gradients are summed in three fp32 (B, N, H, D) buffers, zeroed
         # by `prepare` and cast by `cast` (three buffers, not views of one: a kernel recorded
         # into a traced graph may not write views of one buffer)
-        compact = plan.head_split == "longnet"
+        compact = plan.head_split == "longnet" and not union
         target_dtype = torch.float32 if compact else q.dtype
         kern = _backward_kernels()
         self.prepare = _Launch(
@@ -328,11 +363,14 @@ class _BackwardCall(_Call):
             (n, *dout.stride()[:3], *out.stride()[:3], *delta_strides), (compact, PREPARE_BLOCK, d),
             (dout.dtype, out.dtype, *(torch.float32,) * 4),  # delta, and the sums (or delta again)
         )
+        fn, mode = kern.backward_kernel, (causal, compact)
+        if union:
+            fn, mode = _union_kernels().union_backward_kernel, (plan.n_patterns, causal)
         self.attend = _Launch(
-            kern.backward_kernel, (0, b, 1), blocks,  # (items, batch): items set on the first call
+            fn, (0, b, 1), blocks,  # (items, batch): items set on the first call
             (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
              *lse.stride(), *delta_strides, *self.strides[:3]),
-            (causal, compact, blocks.block_m, blocks.block_n, d, q.dtype == torch.float32),
+            (*mode, blocks.block_m, blocks.block_n, d, q.dtype == torch.float32),
             (q.dtype, k.dtype, v.dtype, dout.dtype, torch.float32, torch.float32, *(target_dtype,) * 3,
              torch.int32, float),
         )
@@ -371,7 +409,8 @@ _CALLS_MAX = 512
 
 
 def _prepared(kind: type, plan: Plan, causal: bool, tensors: tuple, variable: str):
-    key = (kind, id(plan), causal, os.environ.get(variable), tensors[0].dtype, tensors[0].device,
+    key = (kind, id(plan), causal, os.environ.get(variable), os.environ.get(UNION_SETTING), tensors[0].dtype,
+           tensors[0].device,
            tensors[0].shape, *(t.stride() for t in tensors))
     hit = _CALLS.get(key)
     if hit is not None and hit[0] is plan:

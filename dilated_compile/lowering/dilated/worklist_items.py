@@ -9,6 +9,7 @@ an item also covers its block's rows of the other offsets (written as zeros).
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -79,3 +80,63 @@ def work_items(plan: Plan, block_m: int, block_n: int, causal: bool, compact: bo
 def head_rows(plan: Plan) -> int:
     """Compact rows per (batch, head) of a ``longnet`` plan's patterns."""
     return sum(-(-plan.seq_len // w) * per_seg for w, _, _, per_seg in pattern_geometry(plan))
+
+
+UNION_FIELDS = 5  # head, pos0, stride, rows, block; then (key_pos0, key_rate, key_count) per pattern
+
+
+def union_shape(plan: Plan) -> tuple[int, int]:
+    """(window, stride) of a ``longnet`` plan's union items: windows of `window`
+    positions lie inside one segment of every pattern (the gcd of the segments
+    shorter than the sequence), and rows `stride` apart (the lcm of the rates)
+    share every pattern's selection."""
+    window, stride = plan.seq_len, 1
+    for w, r, _, _ in pattern_geometry(plan):
+        if w < plan.seq_len:
+            window = math.gcd(window, w) if window < plan.seq_len else w
+        stride = math.lcm(stride, r)
+    return max(window, 1), stride
+
+
+def union_rows(plan: Plan) -> int:
+    """Rows of a union item's block before it is cut into blocks (per window and class)."""
+    window, stride = union_shape(plan)
+    return -(-window // stride)
+
+
+def union_items(plan: Plan, block_m: int, causal: bool) -> torch.Tensor:
+    """The union items of a ``longnet`` plan (int32, on the CPU; fields in
+    `worklist_union.py`): for every head, window and class of positions modulo the
+    stride, blocks of `block_m` rows; the heaviest first, then by first position,
+    then by head."""
+    n, heads = plan.seq_len, plan.num_heads
+    window, stride = union_shape(plan)
+    hh, aa, cc = torch.meshgrid(
+        torch.arange(heads), torch.arange(0, n, window), torch.arange(stride), indexing="ij")
+    hh, aa, cc = hh.flatten(), aa.flatten(), cc.flatten()
+    pos0 = aa + cc
+    rows = (torch.clamp(n - aa, max=window) - cc + stride - 1).div(stride, rounding_mode="floor").clamp(min=0)
+    keep = rows > 0
+    hh, pos0, rows = hh[keep], pos0[keep], rows[keep]
+    n_blocks = -(-rows // block_m)
+    owner = torch.repeat_interleave(torch.arange(rows.numel()), n_blocks)
+    blk = torch.arange(owner.numel()) - torch.repeat_interleave(torch.cumsum(n_blocks, 0) - n_blocks, n_blocks)
+    hh, pos0, rows = hh[owner], pos0[owner], rows[owner]
+    first = pos0 + blk * block_m * stride
+    last = pos0 + (torch.minimum((blk + 1) * block_m, rows) - 1) * stride
+    columns, cost = [hh, pos0, torch.full_like(hh, stride), rows, blk], torch.zeros_like(hh)
+    for w, r, _, _ in pattern_geometry(plan):
+        seg_start = (pos0 // w) * w
+        offset = hh % r
+        selected = (pos0 - seg_start) % r == offset
+        key_pos0 = seg_start + offset
+        count = (torch.clamp(n - seg_start, max=w) - offset + r - 1).div(r, rounding_mode="floor")
+        count = torch.where(selected, count.clamp(min=0), 0)
+        columns += [key_pos0, torch.full_like(hh, r), count]
+        seen = torch.minimum(count, (last - key_pos0).div(r, rounding_mode="floor") + 1) if causal else count
+        cost += seen.clamp(min=0)
+    items = torch.stack(columns, 1)
+    order = torch.argsort(hh, stable=True)
+    order = order[torch.argsort(first[order], stable=True)]
+    order = order[torch.argsort(cost[order], descending=True, stable=True)]
+    return items[order].to(torch.int32).contiguous()
