@@ -59,13 +59,16 @@ def specialisations(monkeypatch):
     return hook
 
 
-def _kernel_names(plan) -> tuple[list[str], list[str]]:
+def _kernel_names(plan, causal: bool) -> tuple[list[str], list[str]]:
     """The work list's kernels of `plan`, forward and backward, in launch order."""
-    if worklist.runs_as_union(plan):
-        return ["union_forward_kernel"], ["prepare_kernel", "union_backward_kernel"]
+    forward, backward = ["forward_kernel"], ["prepare_kernel", "backward_kernel"]
     if plan.head_split == "longnet":
-        return ["forward_kernel", "merge_kernel"], ["prepare_kernel", "backward_kernel", "cast_kernel"]
-    return ["forward_kernel"], ["prepare_kernel", "backward_kernel"]
+        forward, backward = ["forward_kernel", "merge_kernel"], ["prepare_kernel", "backward_kernel", "cast_kernel"]
+    if worklist.runs_as_union(plan, causal, backward=False):
+        forward = ["union_forward_kernel"]
+    if worklist.runs_as_union(plan, causal, backward=True):
+        backward = ["prepare_kernel", "union_backward_kernel"]
+    return forward, backward
 
 
 # (heads, length, segments, rates): a length no segment divides; one shorter than the
@@ -88,7 +91,7 @@ def test_listed_launches_are_specialised_like_the_first_call(specialisations, ca
     listed = specialisations.take()
     out, lse = worklist.forward(plan, is_causal, 0.125, q, k, v)
     called = specialisations.take()
-    expected, expected_backward = _kernel_names(plan)
+    expected, expected_backward = _kernel_names(plan, is_causal)
     assert [name for name, _ in listed] == expected
     assert listed == called
 
@@ -155,7 +158,7 @@ def test_tracing_the_op_hands_over_each_signatures_launches_once(monkeypatch, he
         for _ in range(2):
             out, lse = torch.ops.dilated_compile.dilated_attention(q, k, v, pattern, True, 0.125, 0)
             torch.ops.dilated_compile.dilated_attention_backward(out, q, k, v, out, lse, pattern, True, 0.125, 0)
-    assert handed == list(_kernel_names(plans.make_plan(4, 1000, (256, 512), (1, 2), head_split)))
+    assert handed == list(_kernel_names(plans.make_plan(4, 1000, (256, 512), (1, 2), head_split), True))
 
 
 def test_a_misaligned_tensor_is_specialised_otherwise(specialisations):
@@ -226,7 +229,7 @@ def test_a_compiled_step_finds_its_kernels_compiled(head_split, path):
     report = json.loads(res.stdout.strip().splitlines()[-1])
     report["log"] = [line for line in res.stderr.splitlines() if "dilated_compile" in line][-20:]
     if path == "work list":
-        expected = set().union(*_kernel_names(plans.make_plan(4, 1000, (256, 512), (1, 2), head_split)))
+        expected = set().union(*_kernel_names(plans.make_plan(4, 1000, (256, 512), (1, 2), head_split), True))
     else:
         expected = {"gather_kernel", "combine_kernel"}
     assert set(report["submitted"]) == expected, report

@@ -53,8 +53,10 @@ def _case_id(case, union: str) -> str:
     return f"{split}{'-' + union if split == 'longnet' else ''}-H{h}-N{n}-{'causal' if causal else 'full'}"
 
 
-# longnet both as one softmax over its patterns' keys and per pattern, merged
+# longnet both as one softmax over its patterns' keys and per pattern, merged; and as the
+# default chooses: causal, 32-row union items: the merged forward, the union backward
 RUNS = [(c, u) for c in CASES for u in (("on", "off") if c[5] == "longnet" else ("auto",))]
+RUNS.append(((1, 2, 160, (64, 128), (1, 2), "longnet", True), "auto"))
 
 
 @pytest.mark.parametrize("traced", [False, True], ids=["launched", "traced"])

@@ -7,8 +7,8 @@ merged out and log-sum-exp, so either backward follows either forward), by a
 cost rule: each path's time is the larger of its host time per call and its
 GPU time, the GPU time being the useful FLOPs of each part over a rate that
 grows with the part's rows per segment ``m`` (``R * m / (m + m0)``, lower for
-causal parts), plus, for the work list's ``longnet`` backward, its fp32 atomic
-sums. The constants were measured on an
+causal parts), plus, for the work list's merged ``longnet`` backward, its fp32
+atomic sums (not where it runs as one softmax, `worklist.runs_as_union`). The constants were measured on an
 H100 with torch 2.11, bf16, head dim 128 (docs/performance.md gives the
 table): the work list's Triton kernel runs at about 0.8x cuDNN's rate on long
 segments, and spends a fraction of the gathered-block path's host time, so it
@@ -30,6 +30,7 @@ import torch
 
 from ..common.combine import TRITON_INSTALLED
 from .plan import Plan
+from .worklist_items import runs_as_union
 
 WORKLIST = "work list"
 BLOCKS = "gathered blocks"
@@ -123,7 +124,7 @@ def estimated_ms(plan: Plan, batch: int, head_dim: int, is_causal: bool, path: s
             gpu += flops / (rate * 1e9)
     rows = batch * plan.num_heads * plan.seq_len * head_dim  # elements of one (B, N, H, D) tensor
     patterns = plan.n_patterns if plan.head_split == "longnet" else 1
-    if path == WORKLIST and patterns > 1 and direction == "backward":
+    if path == WORKLIST and patterns > 1 and direction == "backward" and not runs_as_union(plan, is_causal, True):
         gpu += 3 * patterns * rows * 4 / (ATOMIC_TB_S * 1e9)  # dq, dk, dv of every pattern into fp32 sums
     return max(rates.host_ms + rates.host_ms_per_call * len(plan.calls), gpu)
 
