@@ -20,6 +20,8 @@ Three launches at most, from the forward's work items:
 import triton
 import triton.language as tl
 
+from .worklist_loops import key_grads, query_grads
+
 
 @triton.jit
 def prepare_kernel(
@@ -46,63 +48,6 @@ def prepare_kernel(
         tl.store(ACC0 + acc_off, zero, mask=ok[:, None])
         tl.store(ACC1 + acc_off, zero, mask=ok[:, None])
         tl.store(ACC2 + acc_off, zero, mask=ok[:, None])
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
-
-
-@triton.jit
-def key_block_grads(
-    dk, dv, k, v, q_ptr, q_row, do_ptr, do_row, lse_ptr, de_ptr, l_row, d_row, keys, i_lo, i_hi, m,
-    qk_scale, d, CAUSAL_MASK: tl.constexpr, BLOCK_I: tl.constexpr, IEEE: tl.constexpr,
-):
-    """Add query rows [i_lo, i_hi) to the key block's dk (unscaled) and dv."""
-    for i0 in range(i_lo, i_hi, BLOCK_I):
-        i = i0 + tl.arange(0, BLOCK_I)
-        ok = i < m
-        ii = i.to(tl.int64)
-        q = tl.load(q_ptr + ii[:, None] * q_row + d[None, :], mask=ok[:, None], other=0.0)
-        do = tl.load(do_ptr + ii[:, None] * do_row + d[None, :], mask=ok[:, None], other=0.0)
-        lse = tl.load(lse_ptr + ii * l_row, mask=ok, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(de_ptr + ii * d_row, mask=ok, other=0.0)
-        s_t = _dot(k, tl.trans(q), IEEE) * qk_scale  # (keys, queries)
-        p_t = tl.math.exp2(s_t - lse[None, :])
-        if CAUSAL_MASK:
-            p_t = tl.where(i[None, :] >= keys[:, None], p_t, 0.0)
-        dv = _dot(p_t.to(do.dtype), do, IEEE) + dv
-        dp_t = _dot(v, tl.trans(do), IEEE)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = _dot(ds_t.to(q.dtype), q, IEEE) + dk
-    return dk, dv
-
-
-@triton.jit
-def query_block_grads(
-    dq, q, do, lse, delta, k_ptr, k_row, v_ptr, v_row, rows, j_lo, j_hi, m, qk_scale, d,
-    MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_J: tl.constexpr, IEEE: tl.constexpr,
-):
-    """Add key rows [j_lo, j_hi) to the query block's dq (unscaled)."""
-    for j0 in range(j_lo, j_hi, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        jj = j.to(tl.int64)
-        k = tl.load(k_ptr + jj[:, None] * k_row + d[None, :], mask=(j < m)[:, None], other=0.0)
-        v = tl.load(v_ptr + jj[:, None] * v_row + d[None, :], mask=(j < m)[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
-        if MASK:
-            keep = (j < m)[None, :]
-            if CAUSAL:
-                keep = keep & (j[None, :] <= rows[:, None])
-            p = tl.where(keep, p, 0.0)
-        dp = _dot(do, tl.trans(v), IEEE)
-        ds = p * (dp - delta[:, None])
-        dq = _dot(ds.to(k.dtype), k, IEEE) + dq
-    return dq
 
 
 @triton.jit
@@ -164,18 +109,18 @@ def backward_kernel(
         if CAUSAL:
             lo = blk * BLOCK_M
             diag = tl.minimum(lo + BLOCK_M, m)
-            dk, dv = key_block_grads(
-                dk, dv, k, v, q_ptr, r64 * q_sn, do_ptr, r64 * do_sn, lse_ptr, de_ptr, r64 * l_sn,
-                r64 * de_sn, rows, lo, diag, m, qk_scale, d, True, BLOCK_I, IEEE,
+            dk, dv = key_grads(
+                dk, dv, k, v, q_ptr, r64 * q_sn, do_ptr, r64 * do_sn, lse_ptr, r64 * l_sn, de_ptr,
+                r64 * de_sn, rows, 0, 1, lo, diag, m, qk_scale, d, True, True, BLOCK_I, IEEE,
             )
-            dk, dv = key_block_grads(
-                dk, dv, k, v, q_ptr, r64 * q_sn, do_ptr, r64 * do_sn, lse_ptr, de_ptr, r64 * l_sn,
-                r64 * de_sn, rows, diag, m, m, qk_scale, d, False, BLOCK_I, IEEE,
+            dk, dv = key_grads(
+                dk, dv, k, v, q_ptr, r64 * q_sn, do_ptr, r64 * do_sn, lse_ptr, r64 * l_sn, de_ptr,
+                r64 * de_sn, rows, 0, 1, diag, m, m, qk_scale, d, True, False, BLOCK_I, IEEE,
             )
         else:
-            dk, dv = key_block_grads(
-                dk, dv, k, v, q_ptr, r64 * q_sn, do_ptr, r64 * do_sn, lse_ptr, de_ptr, r64 * l_sn,
-                r64 * de_sn, rows, 0, m, m, qk_scale, d, False, BLOCK_I, IEEE,
+            dk, dv = key_grads(
+                dk, dv, k, v, q_ptr, r64 * q_sn, do_ptr, r64 * do_sn, lse_ptr, r64 * l_sn, de_ptr,
+                r64 * de_sn, rows, 0, 1, 0, m, m, qk_scale, d, True, False, BLOCK_I, IEEE,
             )
         grow = p0 + rr * r64
         g_off = g_base + grow[:, None] * g_sn + d[None, :]
@@ -189,22 +134,22 @@ def backward_kernel(
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         if CAUSAL:
             lo = blk * BLOCK_M
-            dq = query_block_grads(
-                dq, q, do, lse, delta, k_ptr, r64 * k_sn, v_ptr, r64 * v_sn, rows, 0, lo, m, qk_scale, d,
-                False, True, BLOCK_I, IEEE,
+            dq = query_grads(
+                dq, q, do, lse, delta, k_ptr, r64 * k_sn, v_ptr, r64 * v_sn, rows, 0, 1, 0, lo, m, qk_scale, d,
+                False, False, BLOCK_I, IEEE,
             )
-            dq = query_block_grads(
-                dq, q, do, lse, delta, k_ptr, r64 * k_sn, v_ptr, r64 * v_sn, rows, lo,
+            dq = query_grads(
+                dq, q, do, lse, delta, k_ptr, r64 * k_sn, v_ptr, r64 * v_sn, rows, 0, 1, lo,
                 tl.minimum(lo + BLOCK_M, m), m, qk_scale, d, True, True, BLOCK_I, IEEE,
             )
         else:
             full = (m // BLOCK_I) * BLOCK_I
-            dq = query_block_grads(
-                dq, q, do, lse, delta, k_ptr, r64 * k_sn, v_ptr, r64 * v_sn, rows, 0, full, m, qk_scale, d,
+            dq = query_grads(
+                dq, q, do, lse, delta, k_ptr, r64 * k_sn, v_ptr, r64 * v_sn, rows, 0, 1, 0, full, m, qk_scale, d,
                 False, False, BLOCK_I, IEEE,
             )
-            dq = query_block_grads(
-                dq, q, do, lse, delta, k_ptr, r64 * k_sn, v_ptr, r64 * v_sn, rows, full, m, m, qk_scale, d,
+            dq = query_grads(
+                dq, q, do, lse, delta, k_ptr, r64 * k_sn, v_ptr, r64 * v_sn, rows, 0, 1, full, m, m, qk_scale, d,
                 True, False, BLOCK_I, IEEE,
             )
         _put(DQ + g_off, dq * scale, rows_ok[:, None], ACCUMULATE)

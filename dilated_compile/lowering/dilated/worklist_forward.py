@@ -18,47 +18,7 @@ seg_start, seg_len, offset), see `worklist_items.py`.
 import triton
 import triton.language as tl
 
-@triton.jit
-def attend_keys(
-    acc, l_i, m_i, q, k_ptr, v_ptr, k_row, v_row, rows, j_lo, j_hi, m, qk_scale, d,
-    CAUSAL_MASK: tl.constexpr, LEN_MASK: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-):
-    """Fold key rows [j_lo, j_hi) into the online softmax of the query rows `rows`.
-
-    k_ptr/v_ptr point at row 0 of the segment's selected keys; row j is at
-    ``j * k_row`` (``j * v_row``) elements."""
-    for j0 in range(j_lo, j_hi, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)
-        jj = j.to(tl.int64)
-        if LEN_MASK:
-            k = tl.load(k_ptr + jj[:, None] * k_row + d[None, :], mask=(j < m)[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptr + jj[:, None] * k_row + d[None, :])
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale
-        if CAUSAL_MASK:
-            keep = (j[None, :] <= rows[:, None]) & (j < m)[None, :]
-            s = tl.where(keep, s, float("-inf"))
-        elif LEN_MASK:
-            s = tl.where((j < m)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if LEN_MASK:
-            v = tl.load(v_ptr + jj[:, None] * v_row + d[None, :], mask=(j < m)[:, None], other=0.0)
-        else:
-            v = tl.load(v_ptr + jj[:, None] * v_row + d[None, :])
-        if IEEE:
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
-    return acc, l_i, m_i
+from .worklist_loops import attend_keys
 
 
 @triton.jit
@@ -109,23 +69,23 @@ def forward_kernel(
         if CAUSAL:
             lo = blk * BLOCK_M  # keys below the block: no mask (BLOCK_M is a multiple of BLOCK_N)
             acc, l_i, m_i = attend_keys(
-                acc, l_i, m_i, q, k_ptr, v_ptr, k_row, v_row, rows, 0, lo, m, qk_scale, d,
+                acc, l_i, m_i, q, k_ptr, v_ptr, k_row, v_row, rows, 0, 1, 0, lo, m, qk_scale, d,
                 False, False, BLOCK_N, IEEE,
             )
             hi = tl.minimum(lo + BLOCK_M, m)
             acc, l_i, m_i = attend_keys(
-                acc, l_i, m_i, q, k_ptr, v_ptr, k_row, v_row, rows, lo, hi, m, qk_scale, d,
+                acc, l_i, m_i, q, k_ptr, v_ptr, k_row, v_row, rows, 0, 1, lo, hi, m, qk_scale, d,
                 True, True, BLOCK_N, IEEE,
             )
         else:
             full = (m // BLOCK_N) * BLOCK_N
             acc, l_i, m_i = attend_keys(
-                acc, l_i, m_i, q, k_ptr, v_ptr, k_row, v_row, rows, 0, full, m, qk_scale, d,
+                acc, l_i, m_i, q, k_ptr, v_ptr, k_row, v_row, rows, 0, 1, 0, full, m, qk_scale, d,
                 False, False, BLOCK_N, IEEE,
             )
             acc, l_i, m_i = attend_keys(
-                acc, l_i, m_i, q, k_ptr, v_ptr, k_row, v_row, rows, full, m, m, qk_scale, d,
-                False, True, BLOCK_N, IEEE,
+                acc, l_i, m_i, q, k_ptr, v_ptr, k_row, v_row, rows, 0, 1, full, m, m, qk_scale, d,
+                True, False, BLOCK_N, IEEE,
             )
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]

@@ -25,56 +25,17 @@ Causal masks compare global positions (a key at or before its query).
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
+from .worklist_loops import attend_keys, count_upto, key_bounds, key_grads, query_grads
 
 
 @triton.jit
-def _count_upto(pos, start, rate):
-    """How many of the positions start, start + rate, ... are <= pos (0 when pos < start)."""
-    return tl.where(pos >= start, (pos - start) // rate + 1, 0)
-
-
-@triton.jit
-def _keys_into_softmax(
-    acc, l_i, m_i, q, k_ptr, v_ptr, k_row, v_row, qpos, kpos0, krate, j_lo, j_hi, km, qk_scale, d,
-    MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-):
-    """Fold keys [j_lo, j_hi) of one pattern (key j at position kpos0 + j * krate) into
-    the online softmax of the query rows at positions `qpos`."""
-    for j0 in range(j_lo, j_hi, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)
-        jj = j.to(tl.int64)
-        if MASK:
-            k = tl.load(k_ptr + jj[:, None] * k_row + d[None, :], mask=(j < km)[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptr + jj[:, None] * k_row + d[None, :])
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale
-        if MASK:
-            keep = (j < km)[None, :]
-            if CAUSAL:
-                keep = keep & ((kpos0 + j * krate)[None, :] <= qpos[:, None])
-            s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = m_new
-        if MASK:  # a row may have no key yet: keep exp2 away from -inf - -inf
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if MASK:
-            v = tl.load(v_ptr + jj[:, None] * v_row + d[None, :], mask=(j < km)[:, None], other=0.0)
-        else:
-            v = tl.load(v_ptr + jj[:, None] * v_row + d[None, :])
-        acc = _dot(p.to(v.dtype), v, IEEE) + acc
-        m_i = m_new
-    return acc, l_i, m_i
+def _item_rows(pos0, stride, n_rows, blk, BLOCK_M: tl.constexpr):
+    """The positions of block `blk` of an item's rows, which of them are rows, and the
+    first and last of those."""
+    t = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    first = pos0 + blk * BLOCK_M * stride
+    last = pos0 + (tl.minimum(blk * BLOCK_M + BLOCK_M, n_rows) - 1) * stride
+    return pos0 + t * stride, t < n_rows, first, last
 
 
 @triton.jit
@@ -95,11 +56,7 @@ def union_forward_kernel(
     f = ITEMS + item * (5 + 3 * N_PATTERNS)
     h, pos0, stride, n_rows, blk = tl.load(f), tl.load(f + 1), tl.load(f + 2), tl.load(f + 3), tl.load(f + 4)
     h = h.to(tl.int64)
-    t = blk * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_ok = t < n_rows
-    qpos = pos0 + t * stride
-    q_first = pos0 + blk * BLOCK_M * stride
-    q_last = pos0 + (tl.minimum(blk * BLOCK_M + BLOCK_M, n_rows) - 1) * stride
+    qpos, rows_ok, q_first, q_last = _item_rows(pos0, stride, n_rows, blk, BLOCK_M)
     qpos64 = qpos.to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b * q_sb + h * q_sh + qpos64[:, None] * q_sn + d[None, :], mask=rows_ok[:, None], other=0.0)
@@ -115,18 +72,12 @@ def union_forward_kernel(
         v_ptr = V + b * v_sb + h * v_sh + kpos0.to(tl.int64) * v_sn
         k_row = krate.to(tl.int64) * k_sn
         v_row = krate.to(tl.int64) * v_sn
-        if CAUSAL:
-            # keys at or before every row's position need no mask
-            full = (tl.minimum(_count_upto(q_first, kpos0, krate), km) // BLOCK_N) * BLOCK_N
-            hi = tl.minimum(_count_upto(q_last, kpos0, krate), km)
-        else:
-            full = (km // BLOCK_N) * BLOCK_N
-            hi = km
-        acc, l_i, m_i = _keys_into_softmax(
+        full, hi = key_bounds(q_first, q_last, kpos0, krate, km, CAUSAL, BLOCK_N)
+        acc, l_i, m_i = attend_keys(
             acc, l_i, m_i, q, k_ptr, v_ptr, k_row, v_row, qpos, kpos0, krate, 0, full, km, qk_scale, d,
             False, CAUSAL, BLOCK_N, IEEE,
         )
-        acc, l_i, m_i = _keys_into_softmax(
+        acc, l_i, m_i = attend_keys(
             acc, l_i, m_i, q, k_ptr, v_ptr, k_row, v_row, qpos, kpos0, krate, full, hi, km, qk_scale, d,
             True, CAUSAL, BLOCK_N, IEEE,
         )
@@ -136,68 +87,6 @@ def union_forward_kernel(
     tl.store(O + b * o_sb + h * o_sh + qpos64[:, None] * o_sn + d[None, :], out.to(O.dtype.element_ty),
              mask=rows_ok[:, None])
     tl.store(L + b * l_sb + h * l_sh + qpos64 * l_sn, lse, mask=rows_ok)
-
-
-@triton.jit
-def _queries_into_key_grads(
-    dk, dv, k, v, q_ptr, q_row, do_ptr, do_row, lse_ptr, l_row, de_ptr, de_row, kpos, qpos0, qrate,
-    i_lo, i_hi, qm, qk_scale, d,
-    MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_I: tl.constexpr, IEEE: tl.constexpr,
-):
-    """Add one pattern's queries [i_lo, i_hi) (query i at position qpos0 + i * qrate) to
-    the dk (unscaled) and dv of the key rows at positions `kpos`."""
-    for i0 in range(i_lo, i_hi, BLOCK_I):
-        i = i0 + tl.arange(0, BLOCK_I)
-        ii = i.to(tl.int64)
-        if MASK:  # queries past the last: no score (lse +inf), no gradient
-            ok = i < qm
-            q = tl.load(q_ptr + ii[:, None] * q_row + d[None, :], mask=ok[:, None], other=0.0)
-            do = tl.load(do_ptr + ii[:, None] * do_row + d[None, :], mask=ok[:, None], other=0.0)
-            lse = tl.load(lse_ptr + ii * l_row, mask=ok, other=float("inf"))
-            delta = tl.load(de_ptr + ii * de_row, mask=ok, other=0.0)
-        else:
-            q = tl.load(q_ptr + ii[:, None] * q_row + d[None, :])
-            do = tl.load(do_ptr + ii[:, None] * do_row + d[None, :])
-            lse = tl.load(lse_ptr + ii * l_row)
-            delta = tl.load(de_ptr + ii * de_row)
-        lse = lse * 1.4426950408889634
-        s_t = _dot(k, tl.trans(q), IEEE) * qk_scale  # (keys, queries)
-        p_t = tl.math.exp2(s_t - lse[None, :])
-        if MASK:
-            if CAUSAL:
-                p_t = tl.where((qpos0 + i * qrate)[None, :] >= kpos[:, None], p_t, 0.0)
-        dv = _dot(p_t.to(do.dtype), do, IEEE) + dv
-        dp_t = _dot(v, tl.trans(do), IEEE)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = _dot(ds_t.to(q.dtype), q, IEEE) + dk
-    return dk, dv
-
-
-@triton.jit
-def _keys_into_query_grads(
-    dq, q, do, lse, delta, k_ptr, k_row, v_ptr, v_row, qpos, kpos0, krate, j_lo, j_hi, km, qk_scale, d,
-    MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_J: tl.constexpr, IEEE: tl.constexpr,
-):
-    """Add one pattern's keys [j_lo, j_hi) to the dq (unscaled) of the query rows at `qpos`."""
-    for j0 in range(j_lo, j_hi, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        jj = j.to(tl.int64)
-        if MASK:
-            k = tl.load(k_ptr + jj[:, None] * k_row + d[None, :], mask=(j < km)[:, None], other=0.0)
-            v = tl.load(v_ptr + jj[:, None] * v_row + d[None, :], mask=(j < km)[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptr + jj[:, None] * k_row + d[None, :])
-            v = tl.load(v_ptr + jj[:, None] * v_row + d[None, :])
-        p = tl.math.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
-        if MASK:
-            keep = (j < km)[None, :]
-            if CAUSAL:
-                keep = keep & ((kpos0 + j * krate)[None, :] <= qpos[:, None])
-            p = tl.where(keep, p, 0.0)
-        dp = _dot(do, tl.trans(v), IEEE)
-        ds = p * (dp - delta[:, None])
-        dq = _dot(ds.to(k.dtype), k, IEEE) + dq
-    return dq
 
 
 @triton.jit
@@ -216,11 +105,7 @@ def union_backward_kernel(
     f = ITEMS + item * (5 + 3 * N_PATTERNS)  # the item's fields, loaded here (see union_forward_kernel)
     h, pos0, stride, n_rows, blk = tl.load(f), tl.load(f + 1), tl.load(f + 2), tl.load(f + 3), tl.load(f + 4)
     h = h.to(tl.int64)
-    t = blk * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_ok = t < n_rows
-    pos = pos0 + t * stride
-    first = pos0 + blk * BLOCK_M * stride
-    last = pos0 + (tl.minimum(blk * BLOCK_M + BLOCK_M, n_rows) - 1) * stride
+    pos, rows_ok, first, last = _item_rows(pos0, stride, n_rows, blk, BLOCK_M)
     pos64 = pos.to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
     qk_scale = scale * 1.4426950408889634
@@ -244,8 +129,8 @@ def union_backward_kernel(
         r64 = prate.to(tl.int64)
         if CAUSAL:
             # queries before the first key see none of the rows; from the last key on, all of them
-            lo = (tl.minimum(_count_upto(first - 1, p0, prate), pm) // BLOCK_I) * BLOCK_I
-            mid = tl.minimum(_count_upto(last - 1, p0, prate), pm)
+            lo = (tl.minimum(count_upto(first - 1, p0, prate), pm) // BLOCK_I) * BLOCK_I
+            mid = tl.minimum(count_upto(last - 1, p0, prate), pm)
             mid = tl.minimum(((mid + BLOCK_I - 1) // BLOCK_I) * BLOCK_I, pm)
         else:
             lo = 0
@@ -253,13 +138,13 @@ def union_backward_kernel(
         full = tl.maximum((pm // BLOCK_I) * BLOCK_I, mid)
         args = (q_base + p0_64 * q_sn, r64 * q_sn, do_base + p0_64 * do_sn, r64 * do_sn,
                 l_base + p0_64 * l_sn, r64 * l_sn, de_base + p0_64 * de_sn, r64 * de_sn)
-        dk, dv = _queries_into_key_grads(
+        dk, dv = key_grads(
             dk, dv, k, v, *args, pos, p0, prate, lo, mid, pm, qk_scale, d, True, CAUSAL, BLOCK_I, IEEE,
         )
-        dk, dv = _queries_into_key_grads(
+        dk, dv = key_grads(
             dk, dv, k, v, *args, pos, p0, prate, mid, full, pm, qk_scale, d, False, CAUSAL, BLOCK_I, IEEE,
         )
-        dk, dv = _queries_into_key_grads(
+        dk, dv = key_grads(
             dk, dv, k, v, *args, pos, p0, prate, full, pm, pm, qk_scale, d, True, False, BLOCK_I, IEEE,
         )
     g_base = b * g_sb + h * g_sh
@@ -280,17 +165,12 @@ def union_backward_kernel(
         v_ptr = v_base + kpos0.to(tl.int64) * v_sn
         k_row = krate.to(tl.int64) * k_sn
         v_row = krate.to(tl.int64) * v_sn
-        if CAUSAL:
-            full = (tl.minimum(_count_upto(first, kpos0, krate), km) // BLOCK_I) * BLOCK_I
-            hi = tl.minimum(_count_upto(last, kpos0, krate), km)
-        else:
-            full = (km // BLOCK_I) * BLOCK_I
-            hi = km
-        dq = _keys_into_query_grads(
+        full, hi = key_bounds(first, last, kpos0, krate, km, CAUSAL, BLOCK_I)
+        dq = query_grads(
             dq, q, do, lse, delta, k_ptr, k_row, v_ptr, v_row, pos, kpos0, krate, 0, full, km, qk_scale, d,
             False, CAUSAL, BLOCK_I, IEEE,
         )
-        dq = _keys_into_query_grads(
+        dq = query_grads(
             dq, q, do, lse, delta, k_ptr, k_row, v_ptr, v_row, pos, kpos0, krate, full, hi, km, qk_scale, d,
             True, CAUSAL, BLOCK_I, IEEE,
         )
