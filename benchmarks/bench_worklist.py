@@ -5,7 +5,8 @@ reference at small shapes and prints each max error next to the tolerance
 rule's budget (with --compare-blocks, the gathered-block path's too). Then times, through the
 user's path (a module calling `F.scaled_dot_product_attention` on (B, N, H, D)
 tensors transposed to (B, H, N, D), compiled with ``backend="dilated"``), the
-work list (``DILATED_WORKLIST=on``), the gathered-block path
+work list (``DILATED_WORKLIST=on``; ``merged``: with ``longnet`` per pattern and
+merged, ``DILATED_WORKLIST_UNION=off``), the gathered-block path
 (``DILATED_WORKLIST=off``) and the default (``auto``: the kernel the cost rule
 of `lowering/dilated/kernel_choice.py` picks per plan) against dense SDPA,
 forward and forward+backward, causal and not, both head splits; writes
@@ -516,7 +517,8 @@ def main():
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--rep", type=int, default=150, help="do_bench rep (ms)")
     p.add_argument("--modes", nargs="+", choices=tuple(MODES), default=list(MODES),
-                   help="paths to time: the work list, the gathered blocks, the default choice, the default "
+                   help="paths to time: the work list, the work list with longnet per pattern and merged "
+                        "(DILATED_WORKLIST_UNION=off), the gathered blocks, the default choice, the default "
                         "choice launched by Inductor's code (DILATED_INLINE=on)")
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--compare-blocks", action="store_true", help="checks also report the gathered-block path's errors")
