@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dilated_compile.lowering.dilated import kernel_choice as kc
-from dilated_compile.lowering.dilated.plan import make_plan
+from dilated_compile.lowering.dilated.plan import SMALL_PART_TILES, make_plan
 
 SHORT = ((512, 1024, 2048, 4096), (1, 2, 4, 8))
 LONGNET_32K = ((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12))
@@ -28,6 +28,22 @@ def test_short_sites_run_the_work_list_long_longnet_sites_the_gathered_blocks(mo
     plans = [make_plan(16, n, *LONGNET_32K, "longnet") for n in (8192, 32768, 65536)]
     costs = [kc.estimated_ms(p, 1, 128, False, kc.WORKLIST, "backward") for p in plans]
     assert costs == sorted(costs) and costs[0] < costs[-1]
+
+
+def test_a_union_backward_pays_no_atomic_sums(monkeypatch):
+    """At 16k ``longnet`` (64-row union items) the work list's backward runs as one softmax
+    and is estimated without the merged path's atomic sums: the rule picks it there,
+    and the gathered blocks once DILATED_WORKLIST_UNION=off brings the sums back."""
+    monkeypatch.delenv("DILATED_WORKLIST", raising=False)
+    plan = make_plan(16, 16384, *SHORT, "longnet", SMALL_PART_TILES, 132)  # the plan on an H100
+    picks = {}
+    for value in ("auto", "off"):
+        monkeypatch.setenv("DILATED_WORKLIST_UNION", value)
+        picks[value] = (kc.estimated_ms(plan, 1, 128, False, kc.WORKLIST, "backward"),
+                        kc._choose(plan, 1, 128, torch.bfloat16, "cuda", False, "auto", None).backward)
+    rows = 16 * 16384 * 128
+    assert picks["off"][0] == pytest.approx(picks["auto"][0] + 3 * 4 * rows * 4 / (kc.ATOMIC_TB_S * 1e9))
+    assert (picks["auto"][1], picks["off"][1]) == (kc.WORKLIST, kc.BLOCKS)
 
 
 @pytest.mark.parametrize("value, want", [("on", kc.WORKLIST), ("off", kc.BLOCKS)])

@@ -30,7 +30,7 @@ import torch
 
 from ..common.combine import TRITON_INSTALLED
 from .plan import Plan
-from .worklist_items import runs_as_union
+from .worklist_items import UNION_SETTING, runs_as_union
 
 WORKLIST = "work list"
 BLOCKS = "gathered blocks"
@@ -162,10 +162,10 @@ _CHOICES_MAX = 512
 
 def choose(plan: Plan, q: torch.Tensor, is_causal: bool) -> KernelChoice:
     """The `KernelChoice` of the dilated attention `plan` of (B, H, N, D) tensors like `q`
-    (cached per plan, batch, head dim, dtype, device type and setting)."""
+    (cached per plan, batch, head dim, dtype, device type and settings)."""
     args = (q.shape[0], q.shape[-1], q.dtype, q.device.type, bool(is_causal), setting(),
             os.environ.get("DILATED_KERNEL"))
-    key = (id(plan), *args)
+    key = (id(plan), *args, os.environ.get(UNION_SETTING))  # the union backward has no atomic cost
     hit = _CHOICES.get(key)
     if hit is not None and hit[0] is plan:
         return hit[1]
