@@ -4,8 +4,10 @@ A *work item* is one (head, pattern, segment, offset, row block) of a `Plan`:
 the rows ``pos0 + i * rate`` of one segment, i in the block. The forward
 kernel (`worklist_forward.py`) runs every item of a call in one launch (grid:
 items x batch), reading q, k, v rows in place, the dilation a row stride;
-the ``longnet`` split adds one launch that merges the patterns by
-log-sum-exp. The backward (`worklist_backward.py`) runs from the same items.
+the ``longnet`` split either runs as one softmax over its patterns' keys
+(`worklist_union.py`, `worklist_items.runs_as_union`) or adds one launch
+that merges the patterns by log-sum-exp. The backward (`worklist_backward.py`,
+or the union's) runs from the same items.
 
 Everything that depends only on shapes is decided once and cached: the items
 as an int32 device tensor and the compact row layout of the ``longnet`` split
