@@ -1,8 +1,9 @@
 """The work list's items (`lowering/dilated/worklist_items.py`) cover a dilated attention
 exactly: with ``groups`` every (head, position) is written by exactly one item (as a
 selected row, or as a zero of another offset), with ``longnet`` every (head, pattern,
-selected position) is one item's row at its own compact row. Items of equal cost run
-by position, then head. No GPU or Triton needed."""
+selected position) is one item's row at its own compact row, and a ``longnet`` union
+item's key runs are exactly its rows' patterns' keys. Items of equal cost run by
+position, then head. No GPU or Triton needed."""
 
 import pytest
 import torch
@@ -87,3 +88,54 @@ def test_items_run_heaviest_first_then_by_position_then_head(case, is_causal):
         keys.append((-cost, seg_start + blk * block_m * rate, head))
     assert keys == sorted(keys)
     assert len(set(map(tuple, items.tolist()))) == len(keys)  # no item twice
+
+
+UNION_CASES = [
+    # heads, N, segments, rates
+    (4, 37, (8, 16, 32), (1, 2, 4)),  # N not a multiple of any segment
+    (3, 50, (16, 64), (3, 6)),  # a segment longer than N; heads fewer than a rate
+    (5, 90, (24, 48), (2, 3)),  # stride 6, windows inside a ragged segment
+    (4, 70, (16, 96), (4, 1)),  # positions that no pattern selects
+    (2, 64, (64,), (1,)),  # one pattern w = N, r = 1
+]
+
+
+@pytest.mark.parametrize("block_m", [2, 8, 64])
+@pytest.mark.parametrize("case", UNION_CASES, ids=[f"H{c[0]}-N{c[1]}-r{c[3]}" for c in UNION_CASES])
+def test_union_items_give_each_position_its_patterns_keys(case, block_m):
+    """Every (head, position) is one union item's row, and the item's key runs are, per
+    pattern, the positions of the row's own segment that the pattern selects (none where
+    it does not select the row): the union the ``longnet`` softmax runs over."""
+    h, n, seg, rates = case
+    plan = make_plan(h, n, seg, rates, "longnet")
+    items = worklist_items.union_items(plan, block_m, causal=False)
+    assert items.shape[1] == worklist_items.UNION_FIELDS + 3 * len(seg)
+    seen = torch.zeros(h, n, dtype=torch.int64)
+    for head, pos0, stride, rows, blk, *runs in items.tolist():
+        for t in range(blk * block_m, min((blk + 1) * block_m, rows)):
+            pos = pos0 + t * stride
+            seen[head, pos] += 1
+            for (w, r), (key0, key_rate, count) in zip(zip(seg, rates), zip(runs[0::3], runs[1::3], runs[2::3])):
+                start = (pos // w) * w
+                keys = [p for p in range(start, min(start + w, n)) if (p - start) % r == head % r]
+                want = keys if pos in keys else []
+                assert list(range(key0, key0 + count * key_rate, key_rate)) == want, (head, pos, w, r)
+    assert torch.equal(seen, torch.ones_like(seen)), seen
+
+
+def test_union_runs_where_its_items_fill_rows(monkeypatch):
+    """``auto``: the backward as one softmax where items hold 32 rows or more, the forward
+    too unless causal; ``on`` and ``off`` force it; ``groups`` never."""
+    monkeypatch.delenv(worklist_items.UNION_SETTING, raising=False)
+    full = make_plan(16, 8192, (512, 1024, 2048, 4096), (1, 2, 4, 8), "longnet")  # 64 rows per item
+    thin = make_plan(4, 37, (8, 16, 32), (1, 2, 4), "longnet")  # 2 rows
+    runs = worklist_items.runs_as_union
+    assert [runs(full, c, b) for c in (False, True) for b in (False, True)] == [True, True, False, True]
+    assert not any(runs(thin, c, b) for c in (False, True) for b in (False, True))
+    monkeypatch.setenv(worklist_items.UNION_SETTING, "on")
+    assert runs(thin, True, False) and not runs(make_plan(4, 37, (8, 16), (1, 2), "groups"), False, True)
+    monkeypatch.setenv(worklist_items.UNION_SETTING, "off")
+    assert not runs(full, False, True)
+    monkeypatch.setenv(worklist_items.UNION_SETTING, "sometimes")
+    with pytest.raises(ValueError, match="auto, on or off"):
+        runs(full, False, True)
