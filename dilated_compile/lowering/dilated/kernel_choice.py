@@ -8,8 +8,8 @@ cost rule: each path's time is the larger of its host time per call and its
 GPU time, the GPU time being the useful FLOPs of each part over a rate that
 grows with the part's rows per segment ``m`` (``R * m / (m + m0)``, lower for
 causal parts), plus, for the work list's merged ``longnet`` backward, its fp32
-atomic sums (not where it runs as one softmax, `worklist.runs_as_union`). The constants were measured on an
-H100 with torch 2.11, bf16, head dim 128 (docs/performance.md gives the
+atomic sums (not where it runs as one softmax, `worklist_items.runs_as_union`).
+The constants were measured on an H100 with torch 2.11, bf16, head dim 128 (docs/performance.md gives the
 table): the work list's Triton kernel runs at about 0.8x cuDNN's rate on long
 segments, and spends a fraction of the gathered-block path's host time, so it
 wins wherever a call is short and loses on long ``longnet`` sites.

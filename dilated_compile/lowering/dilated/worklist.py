@@ -258,6 +258,7 @@ class _Call:
 
     def __init__(self, plan: Plan, causal: bool, batch: int, blocks: Blocks, union: bool):
         self.plan, self.causal, self.batch, self.blocks, self.union = plan, causal, batch, blocks, union
+        self.compact = plan.head_split == "longnet" and not union  # per-pattern rows, merged or summed
         self.wl: WorkList | None = None
         self.empty = True
 
@@ -280,7 +281,7 @@ class _ForwardCall(_Call):
         blocks = self.blocks
         self.out_shape, self.out_strides = tuple(q.shape), seq_major_strides(q.shape)
         self.lse_shape, self.lse_strides = (b, h, n), seq_major_strides((b, h, n))
-        compact = plan.head_split == "longnet" and not union
+        compact = self.compact
         if compact:
             # each pattern's rows in q's dtype (as the gathered-block kernels give them), merged in fp32
             self.target_shape = (b, h, head_rows(plan), d)
@@ -343,7 +344,7 @@ class _BackwardCall(_Call):
         # longnet: the patterns' gradients are summed in three fp32 (B, N, H, D) buffers, zeroed
         # by `prepare` and cast by `cast` (three buffers, not views of one: a kernel recorded
         # into a traced graph may not write views of one buffer)
-        compact = plan.head_split == "longnet" and not union
+        compact = self.compact
         target_dtype = torch.float32 if compact else q.dtype
         kern = _backward_kernels()
         self.prepare = _Launch(
@@ -398,8 +399,7 @@ _CALLS_MAX = 512
 
 def _prepared(kind: type, plan: Plan, causal: bool, tensors: tuple, variable: str):
     key = (kind, id(plan), causal, os.environ.get(variable), os.environ.get(UNION_SETTING), tensors[0].dtype,
-           tensors[0].device,
-           tensors[0].shape, *(t.stride() for t in tensors))
+           tensors[0].device, tensors[0].shape, *(t.stride() for t in tensors))
     hit = _CALLS.get(key)
     if hit is not None and hit[0] is plan:
         return hit[1]

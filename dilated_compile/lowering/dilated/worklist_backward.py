@@ -10,9 +10,10 @@ Three launches at most, from the forward's work items:
    are a key block (dk, dv: a loop over the segment's query rows) and a query
    block (dq: a loop over its key rows). ``groups``: every row of a head belongs
    to exactly one item, so gradients are stored in place in the input dtype, and
-   the program writes 0 at its block's rows of other offsets. ``longnet``: a row
-   that several patterns select gets each pattern's contribution by an fp32
-   atomic add into the accumulators (sums in a run-dependent order: the result
+   the program writes 0 at its block's rows of other offsets. ``longnet``, merged
+   (where it does not run as one softmax, `worklist_union.py`): a row that several
+   patterns select gets each pattern's contribution by an fp32 atomic add into the
+   accumulators (sums in a run-dependent order: the result
    may differ between runs by fp32 rounding).
 3. `cast_kernel` (``longnet``): the fp32 accumulators into dq, dk, dv.
 """

@@ -39,6 +39,13 @@ def _item_rows(pos0, stride, n_rows, blk, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _key_run(k_base, v_base, kpos0, krate, k_sn, v_sn):
+    """Pointers to the first key and value row of a pattern's run, and its row strides."""
+    return (k_base + kpos0.to(tl.int64) * k_sn, v_base + kpos0.to(tl.int64) * v_sn,
+            krate.to(tl.int64) * k_sn, krate.to(tl.int64) * v_sn)
+
+
+@triton.jit
 def union_forward_kernel(
     Q, K, V, O, L, ITEMS, scale,
     q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn,
@@ -68,10 +75,8 @@ def union_forward_kernel(
         kpos0 = tl.load(f + 5 + 3 * i)
         krate = tl.load(f + 6 + 3 * i)
         km = tl.load(f + 7 + 3 * i)
-        k_ptr = K + b * k_sb + h * k_sh + kpos0.to(tl.int64) * k_sn
-        v_ptr = V + b * v_sb + h * v_sh + kpos0.to(tl.int64) * v_sn
-        k_row = krate.to(tl.int64) * k_sn
-        v_row = krate.to(tl.int64) * v_sn
+        k_ptr, v_ptr, k_row, v_row = _key_run(K + b * k_sb + h * k_sh, V + b * v_sb + h * v_sh, kpos0, krate,
+                                              k_sn, v_sn)
         full, hi = key_bounds(q_first, q_last, kpos0, krate, km, CAUSAL, BLOCK_N)
         acc, l_i, m_i = attend_keys(
             acc, l_i, m_i, q, k_ptr, v_ptr, k_row, v_row, qpos, kpos0, krate, 0, full, km, qk_scale, d,
@@ -161,10 +166,7 @@ def union_backward_kernel(
         kpos0 = tl.load(f + 5 + 3 * i)
         krate = tl.load(f + 6 + 3 * i)
         km = tl.load(f + 7 + 3 * i)
-        k_ptr = k_base + kpos0.to(tl.int64) * k_sn
-        v_ptr = v_base + kpos0.to(tl.int64) * v_sn
-        k_row = krate.to(tl.int64) * k_sn
-        v_row = krate.to(tl.int64) * v_sn
+        k_ptr, v_ptr, k_row, v_row = _key_run(k_base, v_base, kpos0, krate, k_sn, v_sn)
         full, hi = key_bounds(first, last, kpos0, krate, km, CAUSAL, BLOCK_I)
         dq = query_grads(
             dq, q, do, lse, delta, k_ptr, k_row, v_ptr, v_row, pos, kpos0, krate, 0, full, km, qk_scale, d,
