@@ -3,6 +3,8 @@
 activation checkpointing, against the float64 reference and the gathered-block
 path (``DILATED_WORKLIST=off``)."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ import torch.nn.functional as F
 import dilated_compile
 from dilated_compile import dilated_attention, dilated_reference
 from dilated_compile.lowering.dilated import worklist
+from dilated_compile.lowering.dilated.plan import plan_for
 
 from .tolerance import assert_within
 
@@ -165,11 +168,16 @@ def _sdpa_of_projections(is_causal: bool):
     return attend
 
 
+# CASES[0]; one whose ``longnet`` items are large enough to run as one softmax (64 rows)
+INLINE_CASES = [CASES[0], (512, 4, 64, (128, 256), (1, 2))]
+
+
 @pytest.mark.parametrize("inline", ["on", "off"])
 @pytest.mark.parametrize("head_split", ["groups", "longnet"])
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", INLINE_CASES, ids=["n300", "n512"])
 def test_compiled_static_site_launches_the_work_list_from_inductors_code(
-        monkeypatch, inline, head_split, is_causal):
+        monkeypatch, inline, head_split, is_causal, case):
     """backend="dilated" with static lengths: Inductor's generated code launches the
     work list's kernels itself, forward and backward, and calls no custom op for
     them, with DILATED_INLINE=on, and runs no kernel of its own around them;
@@ -177,7 +185,7 @@ def test_compiled_static_site_launches_the_work_list_from_inductors_code(
     from torch._inductor.utils import run_and_get_code
 
     monkeypatch.setenv("DILATED_INLINE", inline)
-    n, h, d, seg, rates = CASES[0]
+    n, h, d, seg, rates = case
     policy = {
         "version": 1,
         "rules": [{"match": "re:.*", "attention": "dilated", "segment_lengths": list(seg),
@@ -195,18 +203,22 @@ def test_compiled_static_site_launches_the_work_list_from_inductors_code(
 
     out, codes = run_and_get_code(step)
     code = "\n".join(codes)
-    launched = {name: f"{name}.run(" in code or f"def {name}(" in code
-                for name in ("forward_kernel", "backward_kernel")}
+    launched = {name for name in ("forward_kernel", "union_forward_kernel", "backward_kernel", "union_backward_kernel")
+                if re.search(rf"\b{name}\.run\(|\bdef {name}\(", code)}
     called = {name: f"torch.ops.dilated_compile.{name}.default" in code
               for name in ("dilated_attention", "dilated_attention_backward")}
     if inline == "on":
-        assert launched["forward_kernel"] and not called["dilated_attention"], code
-        assert launched["backward_kernel"] and not called["dilated_attention_backward"], code
+        plan = plan_for(q.transpose(1, 2), tuple(seg), tuple(rates), head_split)
+        union = [worklist.runs_as_union(plan, is_causal, backward) for backward in (False, True)]
+        expected = {"union_forward_kernel" if union[0] else "forward_kernel",
+                    "union_backward_kernel" if union[1] else "backward_kernel"}
+        assert launched == expected, (launched, expected)
+        assert not called["dilated_attention"] and not called["dilated_attention_backward"], code
         assert "lift_fresh_copy" not in code, code  # the work items are read in place
         # no kernel of Inductor's own: outputs and sums are not copied, zeroed or cast by the graph
         assert "triton_poi" not in code and "triton_per" not in code, code
     else:
-        assert not any(launched.values()) and all(called.values()), code
+        assert not launched and all(called.values()), code
     refs = [t.detach().double().transpose(1, 2).requires_grad_() for t in (q, k, v)]
     ref = dilated_reference(*refs, seg, rates, head_split=head_split, is_causal=is_causal)
     ref.backward(dout.double().transpose(1, 2))
