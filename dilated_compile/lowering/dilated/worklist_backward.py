@@ -107,18 +107,22 @@ def backward_kernel(
         v = tl.load(v_ptr + rr[:, None] * (r64 * v_sn) + d[None, :], mask=rows_ok[:, None], other=0.0)
         dk = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        # queries [lo, diag): the causal edge; [diag, full): whole blocks, no mask; [full, m): the last block
         if CAUSAL:
             lo = blk * BLOCK_M
             diag = tl.minimum(lo + BLOCK_M, m)
+            dk, dv = key_grads(
+                dk, dv, k, v, q_ptr, r64 * q_sn, do_ptr, r64 * do_sn, lse_ptr, r64 * l_sn, de_ptr,
+                r64 * de_sn, rows, 0, 1, lo, diag, m, qk_scale, d, True, True, BLOCK_I, IEEE,
+            )
+            dk, dv = key_grads(
+                dk, dv, k, v, q_ptr, r64 * q_sn, do_ptr, r64 * do_sn, lse_ptr, r64 * l_sn, de_ptr,
+                r64 * de_sn, rows, 0, 1, diag, m, m, qk_scale, d, True, False, BLOCK_I, IEEE,
+            )
         else:
-            lo = 0
-            diag = 0
-        full = tl.maximum((m // BLOCK_I) * BLOCK_I, diag)
-        args = (q_ptr, r64 * q_sn, do_ptr, r64 * do_sn, lse_ptr, r64 * l_sn, de_ptr, r64 * de_sn)
-        dk, dv = key_grads(dk, dv, k, v, *args, rows, 0, 1, lo, diag, m, qk_scale, d, True, CAUSAL, BLOCK_I, IEEE)
-        dk, dv = key_grads(dk, dv, k, v, *args, rows, 0, 1, diag, full, m, qk_scale, d, False, False, BLOCK_I, IEEE)
-        dk, dv = key_grads(dk, dv, k, v, *args, rows, 0, 1, full, m, m, qk_scale, d, True, False, BLOCK_I, IEEE)
+            dk, dv = key_grads(
+                dk, dv, k, v, q_ptr, r64 * q_sn, do_ptr, r64 * do_sn, lse_ptr, r64 * l_sn, de_ptr,
+                r64 * de_sn, rows, 0, 1, 0, m, m, qk_scale, d, True, False, BLOCK_I, IEEE,
+            )
         grow = p0 + rr * r64
         g_off = g_base + grow[:, None] * g_sn + d[None, :]
         _put(DK + g_off, dk * scale, rows_ok[:, None], ACCUMULATE)
