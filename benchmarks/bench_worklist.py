@@ -16,7 +16,7 @@ worklist.json and worklist.png:
 
 Ratio = useful TFLOP/s / dense SDPA TFLOP/s (useful FLOPs as in
 `bench_dilated.py`), from the median time of a call with its host time;
-host_us = host time of one call with the GPU kept busy; gpu_ms = GPU time of
+host_us = median host time of a call (of 20) with the GPU kept busy; gpu_ms = GPU time of
 one call replayed in a CUDA graph (no host time).
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -67,16 +68,18 @@ def timed(fn) -> float:
 
 
 def host_us(fn, calls: int = 20) -> float:
-    """Microseconds of host time per call, the GPU kept busy by a sleep kernel."""
+    """Median microseconds of host time of `calls` calls, the GPU kept busy by a sleep
+    kernel (a median: one call's pause, such as a garbage collection, does not count)."""
     fn()
     torch.cuda.synchronize()
     torch.cuda._sleep(int(2e9 * 0.2))  # ~0.2 s of GPU work ahead of the calls
-    t0 = time.perf_counter()
+    times = []
     for _ in range(calls):
+        t0 = time.perf_counter()
         fn()
-    t = (time.perf_counter() - t0) / calls
+        times.append(time.perf_counter() - t0)
     torch.cuda.synchronize()
-    return t * 1e6
+    return statistics.median(times) * 1e6
 
 
 # tag -> settings of the mode; each mode compiles its own graph (the kernels are fixed when
