@@ -95,6 +95,12 @@ def backward_blocks(q: torch.Tensor, union: bool = False) -> Blocks:
     return _blocks_of(q.device.type, q.shape[-1], True, union, os.environ.get("DILATED_WORKLIST_BWD"))
 
 
+def per_pattern_rows(plan: Plan, union: bool) -> bool:
+    """Whether the work list computes `plan` per pattern into compact rows, merged (forward)
+    or summed (backward) afterwards: ``longnet`` where it does not run as one softmax."""
+    return plan.head_split == "longnet" and not union
+
+
 @dataclass(frozen=True)
 class WorkList:
     """A plan's work items for one row block size, on one device."""
@@ -124,7 +130,7 @@ def work_list(plan: Plan, blocks: Blocks, causal: bool, device: torch.device, un
     if hit is not None and hit[0] is plan:
         return hit[1]
     refuse_capture_of_first_call(device)
-    compact = plan.head_split == "longnet" and not union
+    compact = per_pattern_rows(plan, union)
     # real tensors even while a graph is traced: a traced call's kernels read them as constants
     with _disable_current_modes():
         if union:
@@ -258,7 +264,7 @@ class _Call:
 
     def __init__(self, plan: Plan, causal: bool, batch: int, blocks: Blocks, union: bool):
         self.plan, self.causal, self.batch, self.blocks, self.union = plan, causal, batch, blocks, union
-        self.compact = plan.head_split == "longnet" and not union  # per-pattern rows, merged or summed
+        self.compact = per_pattern_rows(plan, union)
         self.wl: WorkList | None = None
         self.empty = True
 

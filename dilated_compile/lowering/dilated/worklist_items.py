@@ -77,7 +77,14 @@ def work_items(plan: Plan, block_m: int, block_n: int, causal: bool, compact: bo
         return torch.zeros((0, ITEM_FIELDS), dtype=torch.int32)
     items, cost = torch.cat(chunks), torch.cat(work)
     first = items[:, 6] + items[:, 4] * block_m * items[:, 2]  # the block's first position
-    order = torch.argsort(items[:, 0], stable=True)
+    return _heaviest_first(items, items[:, 0], first, cost)
+
+
+def _heaviest_first(items: torch.Tensor, head: torch.Tensor, first: torch.Tensor, cost: torch.Tensor
+                    ) -> torch.Tensor:
+    """`items` (int32, contiguous) ordered by `cost` descending, then by their rows' `first`
+    position, then by `head`."""
+    order = torch.argsort(head, stable=True)
     order = order[torch.argsort(first[order], stable=True)]
     order = order[torch.argsort(cost[order], descending=True, stable=True)]
     return items[order].to(torch.int32).contiguous()
@@ -150,11 +157,7 @@ def union_items(plan: Plan, block_m: int, causal: bool) -> torch.Tensor:
         columns += [key_pos0, torch.full_like(hh, r), count]
         seen = torch.minimum(count, (last - key_pos0).div(r, rounding_mode="floor") + 1) if causal else count
         cost += seen.clamp(min=0)
-    items = torch.stack(columns, 1)
-    order = torch.argsort(hh, stable=True)
-    order = order[torch.argsort(first[order], stable=True)]
-    order = order[torch.argsort(cost[order], descending=True, stable=True)]
-    return items[order].to(torch.int32).contiguous()
+    return _heaviest_first(torch.stack(columns, 1), hh, first, cost)
 
 
 def runs_as_union(plan: Plan, causal: bool, backward: bool) -> bool:
