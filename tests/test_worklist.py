@@ -59,13 +59,23 @@ RUNS = [(c, u) for c in CASES for u in (("on", "off") if c[5] == "longnet" else 
 RUNS.append(((1, 2, 160, (64, 128), (1, 2), "longnet", True), "auto"))
 
 
-@pytest.mark.parametrize("traced", [False, True], ids=["launched", "traced"])
+# how the forward's items reach the kernel: launched with rows read through pointers
+# (``DILATED_WORKLIST_TMA=off``) or through tensor descriptors (the default on Hopper;
+# forced under the interpreter), or recorded into a traced graph (pointers)
+LAUNCHES = {"launched": (False, "off"), "descriptors": (False, "on" if DEVICE == "cpu" else "auto"),
+            "traced": (True, "auto")}
+
+
+@pytest.mark.parametrize("launch", list(LAUNCHES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=[str(d)[6:] for d in DTYPES])
 @pytest.mark.parametrize("case,union", RUNS, ids=[_case_id(c, u) for c, u in RUNS])
-def test_worklist_matches_reference(monkeypatch, case, union, dtype, traced):
-    """`traced`: the launches a compiled graph records (``wrap_triton``), here run eagerly;
-    `union` (``DILATED_WORKLIST_UNION``): ``longnet`` as one softmax (on) or merged (off)."""
+def test_worklist_matches_reference(monkeypatch, case, union, dtype, launch):
+    """`launch`: see `LAUNCHES` (traced: the launches a compiled graph records with
+    ``wrap_triton``, here run eagerly); `union` (``DILATED_WORKLIST_UNION``): ``longnet``
+    as one softmax (on) or merged (off)."""
+    traced, tma = LAUNCHES[launch]
     monkeypatch.setenv(worklist.UNION_SETTING, union)
+    monkeypatch.setenv(worklist.TMA_SETTING, tma)
     # on CUDA twice, on fresh inputs: the second call launches the compiled kernels directly
     for seed in (0, 1) if DEVICE == "cuda" else (0,):
         _check_against_reference(case, dtype, seed, traced)

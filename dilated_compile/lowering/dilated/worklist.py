@@ -176,6 +176,54 @@ def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return torch.empty(shape, device="meta").stride()
 
 
+TMA_SETTING = "DILATED_WORKLIST_TMA"
+
+
+@lru_cache(maxsize=16)
+def _tma_device(device: torch.device, setting: str | None) -> bool:
+    """Whether the forward reads rows through tensor descriptors on `device`
+    (``DILATED_WORKLIST_TMA``: auto, the default, on CUDA devices of compute capability
+    9.0 and later; off; on, which also runs them under Triton's interpreter)."""
+    if setting not in (None, "auto", "on", "off"):
+        raise ValueError(f"{TMA_SETTING}={setting!r}: expected auto, on or off")
+    if setting == "off":
+        return False
+    if device.type != "cuda":
+        return setting == "on"
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        if setting == "on":
+            raise ValueError(f"{TMA_SETTING}=on needs a GPU of compute capability 9.0 or later; "
+                             f"{torch.cuda.get_device_name(device)} has "
+                             f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}: unset it")
+        return False
+    try:
+        from triton.runtime import _allocation  # noqa: F401 - where Triton keeps its allocator
+    except ImportError:
+        return False
+    return True
+
+
+def _tma_strides(element_size: int, head_dim: int, *strides: int) -> bool:
+    """Whether rows with these strides (and head_dim contiguous values) are 16-byte
+    aligned wherever an item starts, as tensor descriptors need."""
+    return head_dim * element_size >= 16 and head_dim <= 256 and all(x * element_size % 16 == 0 for x in strides)
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the kernels' tensor descriptors, from the caching allocator."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _allocator_ready() -> None:
+    """Give Triton an allocator for descriptor memory unless one is set in this thread."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        import triton
+
+        triton.set_allocator(_scratch)
+
+
 class _Launch:
     """One kernel launch whose grid, integer and constexpr arguments are fixed.
 
@@ -299,12 +347,17 @@ class _ForwardCall(_Call):
         fn, mode = kern.forward_kernel, (causal, compact)
         if union:
             fn, mode = _union_kernels().union_forward_kernel, (plan.n_patterns, causal)
-        self.attend = _Launch(
-            fn, (0, b, 1), blocks,  # (items, batch): items set on the first call
-            (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *target_strides[:3], *target_lse_strides),
-            (*mode, blocks.block_m, blocks.block_n, d, q.dtype == torch.float32),
-            (q.dtype, k.dtype, v.dtype, q.dtype, torch.float32, torch.int32, float),
-        )
+        ints = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *target_strides[:3], *target_lse_strides)
+        consts = (*mode, blocks.block_m, blocks.block_n, d, q.dtype == torch.float32)
+        types = (q.dtype, k.dtype, v.dtype, q.dtype, torch.float32, torch.int32, float)
+        # (items, batch): items set on the first call
+        self.attend = _Launch(fn, (0, b, 1), blocks, ints, (*consts, False) if not union else consts, types)
+        # the same launch reading and writing rows through tensor descriptors, where every
+        # item's rows are 16-byte aligned (the pointers too: checked per call)
+        self.tma = None
+        if not union and _tma_device(q.device, os.environ.get(TMA_SETTING)) and _tma_strides(
+                q.element_size(), d, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *target_strides[:3]):
+            self.tma = _Launch(fn, (0, b, 1), blocks, ints, (*consts, True), types)
         self.merge = None
         if compact:
             self.merge = _Launch(
@@ -316,7 +369,18 @@ class _ForwardCall(_Call):
             )
 
     def launches(self) -> list[_Launch]:
-        return [x for x in (self.attend, self.merge) if x is not None]
+        return [x for x in (self.tma or self.attend, self.merge) if x is not None]
+
+    def _attend(self, q, k, v, traced: bool) -> _Launch:
+        """The item launch of this call: through tensor descriptors where they serve it."""
+        if self.tma is None or traced or (q.data_ptr() | k.data_ptr() | v.data_ptr()) % 16:
+            return self.attend
+        if q.is_cuda:
+            if q.device.index != torch.cuda.current_device():  # descriptor memory comes from the current one
+                return self.attend
+            _allocator_ready()
+        self.tma.grid = self.attend.grid
+        return self.tma
 
     def __call__(self, scale: float, q, k, v, traced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         wl = self._bind(q.device)
@@ -325,12 +389,13 @@ class _ForwardCall(_Call):
         if self.empty:
             return _seq_major(out.zero_()), _seq_major(lse.fill_(-math.inf))
         stream = TRACED if traced else _stream(q.device)
+        attend = self._attend(q, k, v, traced)
         if self.merge is None:
-            self.attend((q, k, v), (q, k, v, out, lse, wl.items, scale), stream)
+            attend((q, k, v), (q, k, v, out, lse, wl.items, scale), stream)
         else:
             target = torch.empty(self.target_shape, dtype=q.dtype, device=q.device)
             target_lse = torch.empty(self.target_shape[:3], dtype=torch.float32, device=q.device)
-            self.attend((q, k, v), (q, k, v, target, target_lse, wl.items, scale), stream)
+            attend((q, k, v), (q, k, v, target, target_lse, wl.items, scale), stream)
             self.merge((target,), (target, target_lse, out, lse, wl.patterns), stream)
         return _seq_major(out), _seq_major(lse)
 

@@ -27,9 +27,12 @@ def forward_kernel(
     q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn,
     o_sb, o_sh, o_sn, l_sb, l_sh, l_sn,
     CAUSAL: tl.constexpr, COMPACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
 ):
-    """Grid (items, batch). Writes out rows and their natural-log log-sum-exp."""
+    """Grid (items, batch). Writes out rows and their natural-log log-sum-exp. ``TMA``:
+    rows are read and written through tensor descriptors of each item's run (Hopper's
+    tensor memory accelerator), which needs every row 16-byte aligned and Triton's
+    allocator set (`worklist.descriptor_ready`)."""
     scale = tl.cast(scale, tl.float32)  # Inductor passes a Python float as fp64
     item = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -55,13 +58,23 @@ def forward_kernel(
     if blk * BLOCK_M < m:
         rows_ok = rows < m
         qrow = pos0.to(tl.int64) + rows.to(tl.int64) * rate
-        q = tl.load(
-            Q + b * q_sb + h * q_sh + qrow[:, None] * q_sn + d[None, :], mask=rows_ok[:, None], other=0.0
-        )
         k_ptr = K + b * k_sb + h * k_sh + pos0.to(tl.int64) * k_sn
         v_ptr = V + b * v_sb + h * v_sh + pos0.to(tl.int64) * v_sn
         k_row = rate.to(tl.int64) * k_sn
         v_row = rate.to(tl.int64) * v_sn
+        if TMA:  # the item's run of q, k, v rows as (m, HEAD_DIM) tensors, row stride rate
+            q = tl.make_tensor_descriptor(
+                Q + b * q_sb + h * q_sh + pos0.to(tl.int64) * q_sn, shape=[m, HEAD_DIM],
+                strides=[rate.to(tl.int64) * q_sn, 1], block_shape=[BLOCK_M, HEAD_DIM],
+            ).load([blk * BLOCK_M, 0])
+            k_ptr = tl.make_tensor_descriptor(k_ptr, shape=[m, HEAD_DIM], strides=[k_row, 1],
+                                              block_shape=[BLOCK_N, HEAD_DIM])
+            v_ptr = tl.make_tensor_descriptor(v_ptr, shape=[m, HEAD_DIM], strides=[v_row, 1],
+                                              block_shape=[BLOCK_N, HEAD_DIM])
+        else:
+            q = tl.load(
+                Q + b * q_sb + h * q_sh + qrow[:, None] * q_sn + d[None, :], mask=rows_ok[:, None], other=0.0
+            )
         qk_scale = scale * 1.4426950408889634
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -70,22 +83,22 @@ def forward_kernel(
             lo = blk * BLOCK_M  # keys below the block: no mask (BLOCK_M is a multiple of BLOCK_N)
             acc, l_i, m_i = attend_keys(
                 acc, l_i, m_i, q, k_ptr, v_ptr, k_row, v_row, rows, 0, 1, 0, lo, m, qk_scale, d,
-                False, False, BLOCK_N, IEEE,
+                False, False, BLOCK_N, IEEE, TMA,
             )
             hi = tl.minimum(lo + BLOCK_M, m)
             acc, l_i, m_i = attend_keys(
                 acc, l_i, m_i, q, k_ptr, v_ptr, k_row, v_row, rows, 0, 1, lo, hi, m, qk_scale, d,
-                True, True, BLOCK_N, IEEE,
+                True, True, BLOCK_N, IEEE, TMA,
             )
         else:
             full = (m // BLOCK_N) * BLOCK_N
             acc, l_i, m_i = attend_keys(
                 acc, l_i, m_i, q, k_ptr, v_ptr, k_row, v_row, rows, 0, 1, 0, full, m, qk_scale, d,
-                False, False, BLOCK_N, IEEE,
+                False, False, BLOCK_N, IEEE, TMA,
             )
             acc, l_i, m_i = attend_keys(
                 acc, l_i, m_i, q, k_ptr, v_ptr, k_row, v_row, rows, 0, 1, full, m, m, qk_scale, d,
-                True, False, BLOCK_N, IEEE,
+                True, False, BLOCK_N, IEEE, TMA,
             )
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
@@ -94,7 +107,18 @@ def forward_kernel(
             orow = orow0.to(tl.int64) + rows
         else:
             orow = qrow
-        tl.store(o_base + orow[:, None] * o_sn + d[None, :], out.to(O.dtype.element_ty), mask=rows_ok[:, None])
+        if TMA:  # the item's run of output rows: compact, or at the queries' positions
+            if COMPACT:
+                o_run = o_base + orow0.to(tl.int64) * o_sn
+                o_step = o_sn
+            else:
+                o_run = o_base + pos0.to(tl.int64) * o_sn
+                o_step = rate.to(tl.int64) * o_sn
+            tl.make_tensor_descriptor(o_run, shape=[m, HEAD_DIM], strides=[o_step, 1],
+                                      block_shape=[BLOCK_M, HEAD_DIM]).store([blk * BLOCK_M, 0],
+                                                                             out.to(O.dtype.element_ty))
+        else:
+            tl.store(o_base + orow[:, None] * o_sn + d[None, :], out.to(O.dtype.element_ty), mask=rows_ok[:, None])
         tl.store(l_base + orow * l_sn, lse, mask=rows_ok)
 
 

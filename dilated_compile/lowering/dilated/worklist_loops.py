@@ -43,13 +43,18 @@ def key_bounds(first, last, kpos0, krate, km, CAUSAL: tl.constexpr, BLOCK: tl.co
 def attend_keys(
     acc, l_i, m_i, q, k_ptr, v_ptr, k_row, v_row, qpos, kpos0, krate, j_lo, j_hi, km, qk_scale, d,
     MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     """Fold keys [j_lo, j_hi) of one pattern (key j at position kpos0 + j * krate) into
-    the online softmax of the query rows at positions `qpos`."""
+    the online softmax of the query rows at positions `qpos`. ``TMA``: `k_ptr` and `v_ptr`
+    are tensor descriptors of the pattern's keys and values (row j: key j; rows past
+    the run read as 0), and `k_row`, `v_row` are unused."""
     for j0 in range(j_lo, j_hi, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         jj = j.to(tl.int64)
-        if MASK:
+        if TMA:
+            k = k_ptr.load([j0, 0])
+        elif MASK:
             k = tl.load(k_ptr + jj[:, None] * k_row + d[None, :], mask=(j < km)[:, None], other=0.0)
         else:
             k = tl.load(k_ptr + jj[:, None] * k_row + d[None, :])
@@ -67,7 +72,9 @@ def attend_keys(
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if MASK:
+        if TMA:
+            v = v_ptr.load([j0, 0])
+        elif MASK:
             v = tl.load(v_ptr + jj[:, None] * v_row + d[None, :], mask=(j < km)[:, None], other=0.0)
         else:
             v = tl.load(v_ptr + jj[:, None] * v_row + d[None, :])
