@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from dilated_compile import dilated_attention  # noqa: E402
 
 HEADS, HEAD_DIM = 16, 128
-BLOCKS = ["64,64,4,3", "128,64,8,3", "128,64,4,3", "128,128,8,3"]  # block_m,block_n,warps,stages
+# block_m,block_n,warps,stages[,maxnreg]: the default first
+BLOCKS = ["128,64,8,3", "128,64,8,2", "128,64,8,2,128", "64,64,4,3", "128,128,8,3"]
 
 
 def gpu_ms(fn) -> float:
@@ -56,7 +57,8 @@ def main() -> None:
     import triton
 
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "commit": os.environ.get("GIT_COMMIT"), "argv": sys.argv[1:], "rows": []}
+              "commit": os.environ.get("GIT_COMMIT"), "argv": sys.argv[1:],
+              "DILATED_WORKLIST_TMA": os.environ.get("DILATED_WORKLIST_TMA", "auto"), "rows": []}
     path = os.path.join(args.out, "kernel_rate.json")
 
     def record(**row) -> None:
@@ -92,9 +94,12 @@ def main() -> None:
                     ms = gpu_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs))
                 record(what=f"sdpa {name} segments", seg=s, N=n, tflops=flops / ms / 1e9)
             record(what="flex segments", seg=s, N=n, tflops=flops / gpu_ms(lambda: flex(qs, ks, vs)) / 1e9)
-            with torch.no_grad():
-                ms = gpu_ms(lambda: dilated_attention(q, k, v, [s], [1], head_split="groups"))
-            record(what="worklist segments r=1", seg=s, N=n, tflops=flops / ms / 1e9)
+            for blocks in BLOCKS:
+                os.environ["DILATED_WORKLIST_FWD"] = blocks
+                with torch.no_grad():
+                    ms = gpu_ms(lambda: dilated_attention(q, k, v, [s], [1], head_split="groups"))
+                record(what="worklist segments r=1", blocks=blocks, seg=s, N=n, tflops=flops / ms / 1e9)
+            os.environ.pop("DILATED_WORKLIST_FWD")
     print("wrote", path)
 
 

@@ -307,7 +307,8 @@ def _launch_host_us(plan, q, k, v) -> dict:
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
     args = (q, k, v, out, lse, wl.items, d**-0.5, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *out.stride()[:3], *lse.stride())
-    consts = dict(CAUSAL=False, COMPACT=False, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, HEAD_DIM=d, IEEE=False)
+    consts = dict(CAUSAL=False, COMPACT=False, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, HEAD_DIM=d, IEEE=False,
+                  TMA=False)
     grid = (wl.n_items, q.shape[0])
     res = {}
     try:

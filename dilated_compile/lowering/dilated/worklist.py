@@ -40,12 +40,22 @@ from .worklist_items import UNION_SETTING, head_rows, pattern_geometry, runs_as_
 
 
 class Blocks(NamedTuple):
-    """Rows per work item (block_m), keys per inner step (block_n), and launch options."""
+    """Rows per work item (block_m), keys per inner step (block_n), and launch options
+    (`maxnreg`: registers per thread at most, None: as the compiler sees fit)."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None
+
+    @property
+    def options(self) -> dict:
+        """The launch's keyword options."""
+        opts = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg is not None:
+            opts["maxnreg"] = self.maxnreg
+        return opts
 
 
 # Forward block sizes by head dim on CUDA; the interpreter uses small blocks so
@@ -86,7 +96,8 @@ def _blocks_of(device_type: str, head_dim: int, backward: bool, union: bool, for
 
 def forward_blocks(q: torch.Tensor, union: bool = False) -> Blocks:
     """Block sizes of the forward for tensors like `q` (``DILATED_WORKLIST_FWD=bm,bn,warps,stages``
-    overrides them on CUDA); `union`: of the ``longnet`` split as one softmax."""
+    or ``bm,bn,warps,stages,maxnreg`` overrides them on CUDA); `union`: of the ``longnet``
+    split as one softmax."""
     return _blocks_of(q.device.type, q.shape[-1], False, union, os.environ.get("DILATED_WORKLIST_FWD"))
 
 
@@ -245,8 +256,7 @@ class _Launch:
     def kernel_launch(self) -> precompile.KernelLaunch:
         """What Triton specialises this launch on, its tensors aligned (for `precompile`)."""
         args = tuple(0.0 if t is float else t for t in self.arg_types)
-        return precompile.KernelLaunch.of(self.fn, (*args, *self.tail), num_warps=self.blocks.num_warps,
-                                          num_stages=self.blocks.num_stages)
+        return precompile.KernelLaunch.of(self.fn, (*args, *self.tail), **self.blocks.options)
 
     def __call__(self, inputs: tuple, args: tuple, stream) -> None:
         if stream is TRACED:
@@ -259,8 +269,7 @@ class _Launch:
             return
         if stream is not None and precompile.pending():
             precompile.wait(inputs[0].device, self.kernel_launch())
-        kernel = self.fn[self.grid](*args, *self.tail, num_warps=self.blocks.num_warps,
-                                    num_stages=self.blocks.num_stages)
+        kernel = self.fn[self.grid](*args, *self.tail, **self.blocks.options)
         if type(kernel).__name__ == "CompiledKernel" and len(self.runners) < 16:  # not the interpreter
             self.runners[spec] = kernel[self.grid]
 
@@ -269,8 +278,7 @@ class _Launch:
         the compiled graph then launches the kernel itself."""
         from torch.library import wrap_triton
 
-        wrap_triton(self.fn)[self.grid](*(_constant(a) for a in args), *self.tail,
-                                        num_warps=self.blocks.num_warps, num_stages=self.blocks.num_stages)
+        wrap_triton(self.fn)[self.grid](*(_constant(a) for a in args), *self.tail, **self.blocks.options)
 
 
 def _seq_major(storage: torch.Tensor) -> torch.Tensor:
