@@ -201,6 +201,8 @@ def _tma_device(device: torch.device, setting: str | None) -> bool:
         return False
     if device.type != "cuda":
         return setting == "on"
+    if not torch.cuda.is_available():  # fake CUDA tensors, traced without a GPU
+        return False
     if torch.cuda.get_device_capability(device) < (9, 0):
         if setting == "on":
             raise ValueError(f"{TMA_SETTING}=on needs a GPU of compute capability 9.0 or later; "
