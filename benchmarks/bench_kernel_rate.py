@@ -53,6 +53,8 @@ def main() -> None:
     p.add_argument("--out", default=".")
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384])
     p.add_argument("--segments", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--blocks", nargs="+", default=BLOCKS, help="work-list block settings (DILATED_WORKLIST_FWD)")
+    p.add_argument("--baselines", nargs="*", default=["cudnn", "flash", "flex"], help="the kernels to time beside it")
     args = p.parse_args()
     import triton
 
@@ -68,7 +70,9 @@ def main() -> None:
             json.dump(result, f, indent=1)
 
     flex = torch.compile(flex_attention)
-    sdpa_backends = (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION))
+    sdpa_backends = tuple((name, backend) for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION),
+                                                                 ("flash", SDPBackend.FLASH_ATTENTION))
+                          if name in args.baselines)
     os.environ["DILATED_WORKLIST"] = "on"
     for n in args.lengths:
         q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -77,8 +81,9 @@ def main() -> None:
             with sdpa_kernel(backend):
                 ms = gpu_ms(lambda: F.scaled_dot_product_attention(q, k, v))
             record(what=f"sdpa {name} dense", N=n, tflops=flops / ms / 1e9)
-        record(what="flex dense", N=n, tflops=flops / gpu_ms(lambda: flex(q, k, v)) / 1e9)
-        for blocks in BLOCKS:
+        if "flex" in args.baselines:
+            record(what="flex dense", N=n, tflops=flops / gpu_ms(lambda: flex(q, k, v)) / 1e9)
+        for blocks in args.blocks:
             os.environ["DILATED_WORKLIST_FWD"] = blocks
             with torch.no_grad():
                 ms = gpu_ms(lambda: dilated_attention(q, k, v, [n], [1], head_split="groups"))
@@ -93,8 +98,9 @@ def main() -> None:
                 with sdpa_kernel(backend):
                     ms = gpu_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs))
                 record(what=f"sdpa {name} segments", seg=s, N=n, tflops=flops / ms / 1e9)
-            record(what="flex segments", seg=s, N=n, tflops=flops / gpu_ms(lambda: flex(qs, ks, vs)) / 1e9)
-            for blocks in BLOCKS:
+            if "flex" in args.baselines:
+                record(what="flex segments", seg=s, N=n, tflops=flops / gpu_ms(lambda: flex(qs, ks, vs)) / 1e9)
+            for blocks in args.blocks:
                 os.environ["DILATED_WORKLIST_FWD"] = blocks
                 with torch.no_grad():
                     ms = gpu_ms(lambda: dilated_attention(q, k, v, [s], [1], head_split="groups"))
