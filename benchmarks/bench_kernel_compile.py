@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from gpt_model import LONGNET_RATES, LONGNET_SEGMENTS, clip_patterns  # noqa: E402
 from gpt_train_results import git_commit, write_json  # noqa: E402
 from dilated_compile.lowering.common import combine, combine_kernel  # noqa: E402
-from dilated_compile.lowering.dilated import compute, plan as plans, worklist  # noqa: E402
+from dilated_compile.lowering.dilated import compute, plan as plans, worklist, worklist_blocks  # noqa: E402
 
 HEADS, HEAD_DIM, WAVE = 16, 128, 132  # WAVE: the multiprocessors of an H100 / H200
 PATHS = ("gathered blocks", "work list")
@@ -90,13 +90,20 @@ def instrument(compiles: Compiles) -> None:
 
     def compile_launch(launch, inputs, args, stream) -> None:
         blocks = launch.blocks
-        compiles.compile(launch.fn, (*args, *launch.tail),
-                         {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages})
+        compiles.compile(launch.fn, (*args, *launch.tail), blocks.options)
+
+    def hopper_descriptor_blocks(device, blocks, head_dim, forced, setting):
+        """The forward's descriptor launch as on an H100 / H200 (``DILATED_WORKLIST_TMA=off``: none)."""
+        if setting == "off" or head_dim not in worklist_blocks.DESCRIPTOR_FORWARD_OPTIONS:
+            return None
+        return blocks if forced else worklist_blocks.Blocks(
+            blocks.block_m, blocks.block_n, *worklist_blocks.DESCRIPTOR_FORWARD_OPTIONS[head_dim])
 
     combine._kernel = lambda name="combine_kernel": Launcher(name)
     worklist._Launch.__call__ = compile_launch
-    blocks_of = worklist._blocks_of
-    worklist._blocks_of = lambda device, *rest: blocks_of("cuda", *rest)
+    blocks_of = worklist_blocks._blocks_of
+    worklist_blocks._blocks_of = lambda device, *rest: blocks_of("cuda", *rest)
+    worklist.descriptor_blocks = hopper_descriptor_blocks
 
 
 def run_plan(compiles: Compiles, n: int, split: str, causal: bool, paths: tuple[str, ...] = PATHS) -> None:

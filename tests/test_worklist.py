@@ -60,10 +60,9 @@ RUNS.append(((1, 2, 160, (64, 128), (1, 2), "longnet", True), "auto"))
 
 
 # how the forward's items reach the kernel: launched with rows read through pointers
-# (``DILATED_WORKLIST_TMA=off``) or through tensor descriptors (the default on Hopper;
-# forced under the interpreter), or recorded into a traced graph (pointers)
-LAUNCHES = {"launched": (False, "off"), "descriptors": (False, "on" if DEVICE == "cpu" else "auto"),
-            "traced": (True, "auto")}
+# (``DILATED_WORKLIST_TMA=off``) or through tensor descriptors (on: also for this head dim
+# and under the interpreter), or recorded into a traced graph (pointers)
+LAUNCHES = {"launched": (False, "off"), "descriptors": (False, "on"), "traced": (True, "auto")}
 
 
 @pytest.mark.parametrize("launch", list(LAUNCHES))

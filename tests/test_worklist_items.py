@@ -8,7 +8,7 @@ position, then head. No GPU or Triton needed."""
 import pytest
 import torch
 
-from dilated_compile.lowering.dilated import worklist, worklist_items
+from dilated_compile.lowering.dilated import worklist, worklist_blocks, worklist_items
 from dilated_compile.lowering.dilated.plan import make_plan
 
 CASES = [
@@ -65,7 +65,20 @@ def test_items_cover_every_row_once(case, block_m):
 def test_block_tables_cover_the_head_dims_the_choice_allows():
     from dilated_compile.lowering.dilated.kernel_choice import HEAD_DIMS
 
-    assert tuple(worklist.FORWARD_BLOCKS) == tuple(worklist.BACKWARD_BLOCKS) == HEAD_DIMS
+    assert tuple(worklist_blocks.FORWARD_BLOCKS) == tuple(worklist_blocks.BACKWARD_BLOCKS) == HEAD_DIMS
+
+
+def test_descriptor_setting_is_checked_and_keeps_the_rows_per_item():
+    """``DILATED_WORKLIST_TMA``: a wrong value is refused with what to set; ``on`` runs
+    descriptors under the interpreter with the same item blocks, ``auto`` and ``off`` do not."""
+    cpu, pointer = torch.device("cpu"), worklist.Blocks(32, 16, 1, 1)
+    with pytest.raises(ValueError, match="DILATED_WORKLIST_TMA='yes': expected auto, on or off"):
+        worklist_blocks.descriptor_blocks(cpu, pointer, 128, False, "yes")
+    assert worklist_blocks.descriptor_blocks(cpu, pointer, 16, False, "on") == pointer
+    for setting in (None, "auto", "off"):
+        assert worklist_blocks.descriptor_blocks(cpu, pointer, 128, False, setting) is None
+    for head_dim, (warps, stages, maxnreg) in worklist_blocks.DESCRIPTOR_FORWARD_OPTIONS.items():
+        assert worklist_blocks.FORWARD_BLOCKS[head_dim].num_warps == warps and stages >= 1 and maxnreg % 8 == 0
 
 
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])

@@ -34,7 +34,7 @@ from .worklist_items import UNION_SETTING, runs_as_union
 
 WORKLIST = "work list"
 BLOCKS = "gathered blocks"
-HEAD_DIMS = (16, 32, 64, 128)  # the head dims `worklist.FORWARD_BLOCKS` and `BACKWARD_BLOCKS` hold
+HEAD_DIMS = (16, 32, 64, 128)  # the head dims `worklist_blocks.FORWARD_BLOCKS` and `BACKWARD_BLOCKS` hold
 
 
 @dataclass(frozen=True)

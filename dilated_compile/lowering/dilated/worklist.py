@@ -26,8 +26,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import NamedTuple
 
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
@@ -36,74 +34,16 @@ from ..common import precompile
 from ..common.custom_ops import refuse_capture_of_first_call
 from ..common.storage import seq_major_storage, seq_major_strides
 from .plan import Plan
+from .worklist_blocks import (
+    TMA_SETTING,
+    Blocks,
+    allocator_ready,
+    backward_blocks,
+    descriptor_blocks,
+    descriptor_strides,
+    forward_blocks,
+)
 from .worklist_items import UNION_SETTING, head_rows, pattern_geometry, runs_as_union, union_items, work_items
-
-
-class Blocks(NamedTuple):
-    """Rows per work item (block_m), keys per inner step (block_n), and launch options
-    (`maxnreg`: registers per thread at most, None: as the compiler sees fit)."""
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-    maxnreg: int | None = None
-
-    @property
-    def options(self) -> dict:
-        """The launch's keyword options."""
-        opts = {"num_warps": self.num_warps, "num_stages": self.num_stages}
-        if self.maxnreg is not None:
-            opts["maxnreg"] = self.maxnreg
-        return opts
-
-
-# Forward block sizes by head dim on CUDA; the interpreter uses small blocks so
-# that tiny test shapes still span several blocks.
-FORWARD_BLOCKS = {16: Blocks(128, 64, 4, 3), 32: Blocks(128, 64, 4, 3), 64: Blocks(128, 64, 4, 3),
-                  128: Blocks(128, 64, 8, 3)}
-# Backward: rows per item (block_m) and query/key rows per inner step (block_n).
-# Head dim 128 on an H100 (fwd+bwd, bf16, 16 heads): (128, 32, 8, 3) took 0.516 ms at 16k
-# (groups, causal) and 12.7 ms at 32k (LongNet, causal) where (64, 64, 4, 2) took
-# 0.589 and 14.8 (and 16.7 against 16.0 at 32k non-causal).
-BACKWARD_BLOCKS = {16: Blocks(64, 64, 4, 2), 32: Blocks(64, 64, 4, 2), 64: Blocks(64, 64, 4, 2),
-                   128: Blocks(128, 32, 8, 3)}
-INTERPRETER_BLOCKS = Blocks(32, 16, 1, 1)
-# The ``longnet`` split as one softmax (`worklist_union.py`): 64-row items, whose rows
-# (one class of positions in a window) are often no more than 64. Head dim 128 on an H100
-# (8k, segments 512..4096, bf16, 16 heads): (64, 32, 4, 3) took 0.255 ms forward and
-# 0.976 ms forward+backward; (64, 64, 4, 3) 0.262 forward, (64, 32, 4, 2) 1.24 fwd+bwd.
-UNION_FORWARD_BLOCKS = {16: Blocks(64, 64, 4, 3), 32: Blocks(64, 64, 4, 3), 64: Blocks(64, 64, 4, 3),
-                        128: Blocks(64, 32, 4, 3)}
-UNION_BACKWARD_BLOCKS = {16: Blocks(64, 64, 4, 2), 32: Blocks(64, 64, 4, 2), 64: Blocks(64, 64, 4, 2),
-                         128: Blocks(64, 32, 4, 3)}
-
-
-@lru_cache(maxsize=64)
-def _blocks_of(device_type: str, head_dim: int, backward: bool, union: bool, forced: str | None) -> Blocks:
-    if device_type != "cuda":
-        return INTERPRETER_BLOCKS
-    if forced:
-        blocks = Blocks(*(int(x) for x in forced.split(",")))
-        if blocks.block_m % blocks.block_n:
-            variable = "DILATED_WORKLIST_BWD" if backward else "DILATED_WORKLIST_FWD"
-            raise ValueError(f"{variable}={forced!r}: block_m must be a multiple of block_n")
-        return blocks
-    if union:
-        return (UNION_BACKWARD_BLOCKS if backward else UNION_FORWARD_BLOCKS)[head_dim]
-    return (BACKWARD_BLOCKS if backward else FORWARD_BLOCKS)[head_dim]
-
-
-def forward_blocks(q: torch.Tensor, union: bool = False) -> Blocks:
-    """Block sizes of the forward for tensors like `q` (``DILATED_WORKLIST_FWD=bm,bn,warps,stages``
-    or ``bm,bn,warps,stages,maxnreg`` overrides them on CUDA); `union`: of the ``longnet``
-    split as one softmax."""
-    return _blocks_of(q.device.type, q.shape[-1], False, union, os.environ.get("DILATED_WORKLIST_FWD"))
-
-
-def backward_blocks(q: torch.Tensor, union: bool = False) -> Blocks:
-    """Block sizes of the backward (``DILATED_WORKLIST_BWD=bm,bn,warps,stages`` on CUDA)."""
-    return _blocks_of(q.device.type, q.shape[-1], True, union, os.environ.get("DILATED_WORKLIST_BWD"))
 
 
 def per_pattern_rows(plan: Plan, union: bool) -> bool:
@@ -185,56 +125,6 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
 def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     """The strides of a new contiguous tensor of `shape`."""
     return torch.empty(shape, device="meta").stride()
-
-
-TMA_SETTING = "DILATED_WORKLIST_TMA"
-
-
-@lru_cache(maxsize=16)
-def _tma_device(device: torch.device, setting: str | None) -> bool:
-    """Whether the forward reads rows through tensor descriptors on `device`
-    (``DILATED_WORKLIST_TMA``: auto, the default, on CUDA devices of compute capability
-    9.0 and later; off; on, which also runs them under Triton's interpreter)."""
-    if setting not in (None, "auto", "on", "off"):
-        raise ValueError(f"{TMA_SETTING}={setting!r}: expected auto, on or off")
-    if setting == "off":
-        return False
-    if device.type != "cuda":
-        return setting == "on"
-    if not torch.cuda.is_available():  # fake CUDA tensors, traced without a GPU
-        return False
-    if torch.cuda.get_device_capability(device) < (9, 0):
-        if setting == "on":
-            raise ValueError(f"{TMA_SETTING}=on needs a GPU of compute capability 9.0 or later; "
-                             f"{torch.cuda.get_device_name(device)} has "
-                             f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}: unset it")
-        return False
-    try:
-        from triton.runtime import _allocation  # noqa: F401 - where Triton keeps its allocator
-    except ImportError:
-        return False
-    return True
-
-
-def _tma_strides(element_size: int, head_dim: int, *strides: int) -> bool:
-    """Whether rows with these strides (and head_dim contiguous values) are 16-byte
-    aligned wherever an item starts, as tensor descriptors need."""
-    return head_dim * element_size >= 16 and head_dim <= 256 and all(x * element_size % 16 == 0 for x in strides)
-
-
-def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global memory for the kernels' tensor descriptors, from the caching allocator."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _allocator_ready() -> None:
-    """Give Triton an allocator for descriptor memory unless one is set in this thread."""
-    from triton.runtime import _allocation
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        import triton
-
-        triton.set_allocator(_scratch)
 
 
 class _Launch:
@@ -365,9 +255,11 @@ class _ForwardCall(_Call):
         # the same launch reading and writing rows through tensor descriptors, where every
         # item's rows are 16-byte aligned (the pointers too: checked per call)
         self.tma = None
-        if not union and _tma_device(q.device, os.environ.get(TMA_SETTING)) and _tma_strides(
+        tma_blocks = None if union else descriptor_blocks(
+            q.device, blocks, d, bool(os.environ.get("DILATED_WORKLIST_FWD")), os.environ.get(TMA_SETTING))
+        if tma_blocks is not None and descriptor_strides(
                 q.element_size(), d, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *target_strides[:3]):
-            self.tma = _Launch(fn, (0, b, 1), blocks, ints, (*consts, True), types)
+            self.tma = _Launch(fn, (0, b, 1), tma_blocks, ints, (*consts, True), types)
         self.merge = None
         if compact:
             self.merge = _Launch(
@@ -388,7 +280,7 @@ class _ForwardCall(_Call):
         if q.is_cuda:
             if q.device.index != torch.cuda.current_device():  # descriptor memory comes from the current one
                 return self.attend
-            _allocator_ready()
+            allocator_ready()
         self.tma.grid = self.attend.grid
         return self.tma
 
@@ -479,7 +371,8 @@ _CALLS_MAX = 512
 
 
 def _prepared(kind: type, plan: Plan, causal: bool, tensors: tuple, variable: str):
-    key = (kind, id(plan), causal, os.environ.get(variable), os.environ.get(UNION_SETTING), tensors[0].dtype,
+    key = (kind, id(plan), causal, os.environ.get(variable), os.environ.get(UNION_SETTING),
+           os.environ.get(TMA_SETTING), tensors[0].dtype,
            tensors[0].device, tensors[0].shape, *(t.stride() for t in tensors))
     hit = _CALLS.get(key)
     if hit is not None and hit[0] is plan:
