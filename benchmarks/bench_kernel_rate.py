@@ -7,8 +7,9 @@ replayed in a CUDA graph), useful TFLOP/s:
 
 - dense: one attention over all N positions, by SDPA's cuDNN and flash
   backends, by `flex_attention` (compiled) and by the work list (a dilated
-  attention with one pattern, w = N, r = 1, ``DILATED_WORKLIST=on``) at
-  several block sizes (``DILATED_WORKLIST_FWD``);
+  attention with one pattern, w = N, r = 1, ``DILATED_WORKLIST=on``) with its
+  default blocks and others (``DILATED_WORKLIST_FWD``; with
+  ``DILATED_WORKLIST_TMA=off`` it reads rows through pointers, not descriptors);
 - segments: N / s independent attentions of s rows (contiguous copies for
   SDPA and flex; the work list reads them in place as the pattern w = s, r = 1).
 
@@ -32,8 +33,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from dilated_compile import dilated_attention  # noqa: E402
 
 HEADS, HEAD_DIM = 16, 128
-# block_m,block_n,warps,stages[,maxnreg]: the default first
-BLOCKS = ["128,64,8,3", "128,64,8,2", "128,64,8,2,128", "64,64,4,3", "128,128,8,3"]
+# "default": the package's choice; else DILATED_WORKLIST_FWD=block_m,block_n,warps,stages[,maxnreg]
+BLOCKS = ["default", "128,64,8,3", "128,64,8,2", "128,64,8,2,128", "64,64,4,3", "128,128,8,3"]
+
+
+def use_blocks(blocks: str) -> None:
+    """Make the work list run with `blocks` (an entry of `BLOCKS`)."""
+    if blocks == "default":
+        os.environ.pop("DILATED_WORKLIST_FWD", None)
+    else:
+        os.environ["DILATED_WORKLIST_FWD"] = blocks
 
 
 def gpu_ms(fn) -> float:
@@ -84,11 +93,11 @@ def main() -> None:
         if "flex" in args.baselines:
             record(what="flex dense", N=n, tflops=flops / gpu_ms(lambda: flex(q, k, v)) / 1e9)
         for blocks in args.blocks:
-            os.environ["DILATED_WORKLIST_FWD"] = blocks
+            use_blocks(blocks)
             with torch.no_grad():
                 ms = gpu_ms(lambda: dilated_attention(q, k, v, [n], [1], head_split="groups"))
             record(what="worklist one pattern w=N r=1", blocks=blocks, N=n, tflops=flops / ms / 1e9)
-        os.environ.pop("DILATED_WORKLIST_FWD")
+        use_blocks("default")
         for s in args.segments:
             # (N / s, H, s, D): the segments as a batch of contiguous attentions
             qs, ks, vs = (t.reshape(1, HEADS, n // s, s, HEAD_DIM).transpose(1, 2).reshape(n // s, HEADS, s, HEAD_DIM)
@@ -101,11 +110,11 @@ def main() -> None:
             if "flex" in args.baselines:
                 record(what="flex segments", seg=s, N=n, tflops=flops / gpu_ms(lambda: flex(qs, ks, vs)) / 1e9)
             for blocks in args.blocks:
-                os.environ["DILATED_WORKLIST_FWD"] = blocks
+                use_blocks(blocks)
                 with torch.no_grad():
                     ms = gpu_ms(lambda: dilated_attention(q, k, v, [s], [1], head_split="groups"))
                 record(what="worklist segments r=1", blocks=blocks, seg=s, N=n, tflops=flops / ms / 1e9)
-            os.environ.pop("DILATED_WORKLIST_FWD")
+            use_blocks("default")
     print("wrote", path)
 
 
