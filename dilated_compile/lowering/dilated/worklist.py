@@ -270,6 +270,12 @@ class _ForwardCall(_Call):
                 (q.dtype, torch.float32, q.dtype, torch.float32, torch.int32),
             )
 
+    def _bind(self, device: torch.device) -> WorkList:
+        wl = super()._bind(device)
+        if self.tma is not None:
+            self.tma.grid = self.attend.grid
+        return wl
+
     def launches(self) -> list[_Launch]:
         return [x for x in (self.tma or self.attend, self.merge) if x is not None]
 
@@ -281,7 +287,6 @@ class _ForwardCall(_Call):
             if q.device.index != torch.cuda.current_device():  # descriptor memory comes from the current one
                 return self.attend
             allocator_ready()
-        self.tma.grid = self.attend.grid
         return self.tma
 
     def __call__(self, scale: float, q, k, v, traced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
