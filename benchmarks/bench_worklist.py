@@ -8,7 +8,9 @@ tensors transposed to (B, H, N, D), compiled with ``backend="dilated"``), the
 work list (``DILATED_WORKLIST=on``; ``merged``: with ``longnet`` per pattern and
 merged, ``DILATED_WORKLIST_UNION=off``), the gathered-block path
 (``DILATED_WORKLIST=off``) and the default (``auto``: the kernel the cost rule
-of `lowering/dilated/kernel_choice.py` picks per plan) against dense SDPA,
+of `lowering/dilated/kernel_choice.py` picks per plan; ``pointers``: the same
+with the work-list forward's rows read through pointers, ``DILATED_WORKLIST_TMA=off``;
+``inline``: launched by Inductor's code, ``DILATED_INLINE=on``) against dense SDPA,
 forward and forward+backward, causal and not, both head splits; writes
 worklist.json and worklist.png:
 
@@ -83,13 +85,16 @@ def host_us(fn, calls: int = 20) -> float:
 
 
 # tag -> settings of the mode; each mode compiles its own graph (the kernels are fixed when
-# Inductor's graph launches them). "inline": the default choice, its work-list launches
-# made by Inductor's generated code (DILATED_INLINE=on).
+# Inductor's graph launches them). "pointers": the default choice with the work-list
+# forward's rows read through pointers, not tensor descriptors (DILATED_WORKLIST_TMA=off).
+# "inline": the default choice, its work-list launches made by Inductor's generated code
+# (DILATED_INLINE=on).
 MODES = {
     "worklist": {"DILATED_WORKLIST": "on"},
     "merged": {"DILATED_WORKLIST": "on", "DILATED_WORKLIST_UNION": "off"},
     "blocks": {"DILATED_WORKLIST": "off"},
     "default": {"DILATED_WORKLIST": "auto"},
+    "pointers": {"DILATED_WORKLIST": "auto", "DILATED_WORKLIST_TMA": "off"},
     "inline": {"DILATED_WORKLIST": "auto", "DILATED_INLINE": "on"},
 }
 SELECTED_MODES = tuple(MODES)  # --modes sets it
@@ -523,7 +528,8 @@ def main():
     p.add_argument("--modes", nargs="+", choices=tuple(MODES), default=list(MODES),
                    help="paths to time: the work list, the work list with longnet per pattern and merged "
                         "(DILATED_WORKLIST_UNION=off), the gathered blocks, the default choice, the default "
-                        "choice launched by Inductor's code (DILATED_INLINE=on)")
+                        "choice with the forward's rows read through pointers (DILATED_WORKLIST_TMA=off), the "
+                        "default choice launched by Inductor's code (DILATED_INLINE=on)")
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--compare-blocks", action="store_true", help="checks also report the gathered-block path's errors")
     p.add_argument("--skip-timing", action="store_true")
