@@ -92,18 +92,12 @@ def instrument(compiles: Compiles) -> None:
         blocks = launch.blocks
         compiles.compile(launch.fn, (*args, *launch.tail), blocks.options)
 
-    def hopper_descriptor_blocks(device, blocks, head_dim, forced, setting):
-        """The forward's descriptor launch as on an H100 / H200 (``DILATED_WORKLIST_TMA=off``: none)."""
-        if setting == "off" or head_dim not in worklist_blocks.DESCRIPTOR_FORWARD_OPTIONS:
-            return None
-        return blocks if forced else worklist_blocks.Blocks(
-            blocks.block_m, blocks.block_n, *worklist_blocks.DESCRIPTOR_FORWARD_OPTIONS[head_dim])
-
     combine._kernel = lambda name="combine_kernel": Launcher(name)
     worklist._Launch.__call__ = compile_launch
     blocks_of = worklist_blocks._blocks_of
     worklist_blocks._blocks_of = lambda device, *rest: blocks_of("cuda", *rest)
-    worklist.descriptor_blocks = hopper_descriptor_blocks
+    descriptor_blocks = worklist_blocks._descriptor_blocks  # the forward's descriptor launch as on sm_90
+    worklist_blocks._descriptor_blocks = lambda device, capability, *rest: descriptor_blocks("cuda", (9, 0), *rest)
 
 
 def run_plan(compiles: Compiles, n: int, split: str, causal: bool, paths: tuple[str, ...] = PATHS) -> None:

@@ -71,12 +71,12 @@ def test_block_tables_cover_the_head_dims_the_choice_allows():
 def test_descriptor_setting_is_checked_and_keeps_the_rows_per_item():
     """``DILATED_WORKLIST_TMA``: a wrong value is refused with what to set; ``on`` runs
     descriptors under the interpreter with the same item blocks, ``auto`` and ``off`` do not."""
-    cpu, pointer = torch.device("cpu"), worklist.Blocks(32, 16, 1, 1)
+    pointer = worklist.Blocks(32, 16, 1, 1)
     with pytest.raises(ValueError, match="DILATED_WORKLIST_TMA='yes': expected auto, on or off"):
-        worklist_blocks.descriptor_blocks(cpu, pointer, 128, False, "yes")
-    assert worklist_blocks.descriptor_blocks(cpu, pointer, 16, False, "on") == pointer
+        worklist_blocks._descriptor_blocks("cpu", None, pointer, 128, False, "yes")
+    assert worklist_blocks._descriptor_blocks("cpu", None, pointer, 16, False, "on") == pointer
     for setting in (None, "auto", "off"):
-        assert worklist_blocks.descriptor_blocks(cpu, pointer, 128, False, setting) is None
+        assert worklist_blocks._descriptor_blocks("cpu", None, pointer, 128, False, setting) is None
     for head_dim, (warps, stages, maxnreg) in worklist_blocks.DESCRIPTOR_FORWARD_OPTIONS.items():
         assert worklist_blocks.FORWARD_BLOCKS[head_dim].num_warps == warps and stages >= 1 and maxnreg % 8 == 0
 

@@ -39,9 +39,9 @@ from .worklist_blocks import (
     Blocks,
     allocator_ready,
     backward_blocks,
-    descriptor_blocks,
     descriptor_strides,
     forward_blocks,
+    forward_descriptor_blocks,
 )
 from .worklist_items import UNION_SETTING, head_rows, pattern_geometry, runs_as_union, union_items, work_items
 
@@ -255,8 +255,7 @@ class _ForwardCall(_Call):
         # the same launch reading and writing rows through tensor descriptors, where every
         # item's rows are 16-byte aligned (the pointers too: checked per call)
         self.tma = None
-        tma_blocks = None if union else descriptor_blocks(
-            q.device, blocks, d, bool(os.environ.get("DILATED_WORKLIST_FWD")), os.environ.get(TMA_SETTING))
+        tma_blocks = None if union else forward_descriptor_blocks(q, blocks)
         if tma_blocks is not None and descriptor_strides(
                 q.element_size(), d, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *target_strides[:3]):
             self.tma = _Launch(fn, (0, b, 1), tma_blocks, ints, (*consts, True), types)

@@ -47,7 +47,7 @@ FORWARD_BLOCKS = {16: Blocks(128, 64, 4, 3), 32: Blocks(128, 64, 4, 3), 64: Bloc
 BACKWARD_BLOCKS = {16: Blocks(64, 64, 4, 2), 32: Blocks(64, 64, 4, 2), 64: Blocks(64, 64, 4, 2),
                    128: Blocks(128, 32, 8, 3)}
 INTERPRETER_BLOCKS = Blocks(32, 16, 1, 1)
-# The forward where it reads rows through tensor descriptors (`descriptor_blocks`): the same
+# The forward where it reads rows through tensor descriptors (`forward_descriptor_blocks`): the same
 # rows and keys per step, other launch options, by head dim. Head dim 128 on an H100
 # (bf16, 16 heads, non-causal, useful TFLOP/s): two programs per multiprocessor (2 stages,
 # at most 128 registers) gave 312 on 512-row segments at 8k, 435 on 2048-row ones and 486
@@ -94,37 +94,46 @@ def backward_blocks(q: torch.Tensor, union: bool = False) -> Blocks:
 TMA_SETTING = "DILATED_WORKLIST_TMA"
 
 
+def forward_descriptor_blocks(q: torch.Tensor, blocks: Blocks) -> Blocks | None:
+    """The block settings of the forward for tensors like `q` where it reads rows through
+    tensor descriptors (`blocks`: those of its pointer loads, `forward_blocks`), or None
+    where it does not. ``DILATED_WORKLIST_TMA``: auto (the default) on CUDA devices of
+    compute capability 9.0 and later for the head dims of `DESCRIPTOR_FORWARD_OPTIONS`;
+    on: every head dim, also under Triton's interpreter; off: never. Blocks set by
+    ``DILATED_WORKLIST_FWD`` are kept."""
+    return _descriptor_blocks(q.device.type, _capability(q.device), blocks, q.shape[-1],
+                              bool(os.environ.get("DILATED_WORKLIST_FWD")), os.environ.get(TMA_SETTING))
+
+
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    """`device`'s compute capability; None off CUDA and for fake CUDA tensors traced without a GPU."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
 @lru_cache(maxsize=16)
-def descriptor_blocks(device: torch.device, blocks: Blocks, head_dim: int, forced: bool,
-                       setting: str | None) -> Blocks | None:
-    """The block settings of the forward where it reads rows through tensor descriptors
-    on `device` (`blocks`: those of its pointer loads; `forced`: set by the user, kept),
-    or None where it does not. ``DILATED_WORKLIST_TMA``: auto (the default) on CUDA
-    devices of compute capability 9.0 and later for the head dims of
-    `DESCRIPTOR_FORWARD_OPTIONS`; on: every head dim, also under Triton's interpreter;
-    off: never."""
+def _descriptor_blocks(device_type: str, capability: tuple[int, int] | None, blocks: Blocks, head_dim: int,
+                       forced: bool, setting: str | None) -> Blocks | None:
     if setting not in (None, "auto", "on", "off"):
         raise ValueError(f"{TMA_SETTING}={setting!r}: expected auto, on or off")
     on = setting == "on"
     if setting == "off" or not (on or head_dim in DESCRIPTOR_FORWARD_OPTIONS):
         return None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():  # fake CUDA tensors, traced without a GPU
-            return None
-        capability = torch.cuda.get_device_capability(device)
-        if capability < (9, 0):
-            if on:
-                raise ValueError(f"{TMA_SETTING}=on needs a GPU of compute capability 9.0 or later; "
-                                 f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}: "
-                                 "unset it")
-            return None
-        try:
-            from triton.runtime import _allocation  # noqa: F401 - where Triton keeps its allocator
-        except ImportError:
-            return None
-    elif not on:
+    if device_type != "cuda":
+        return blocks if on else None
+    if capability is None:
         return None
-    if forced or device.type != "cuda" or head_dim not in DESCRIPTOR_FORWARD_OPTIONS:
+    if capability < (9, 0):
+        if on:
+            raise ValueError(f"{TMA_SETTING}=on needs a GPU of compute capability 9.0 or later, not "
+                             f"{capability[0]}.{capability[1]}: unset it")
+        return None
+    try:
+        from triton.runtime import _allocation  # noqa: F401 - where Triton keeps its allocator
+    except ImportError:
+        return None
+    if forced or head_dim not in DESCRIPTOR_FORWARD_OPTIONS:
         return blocks
     return Blocks(blocks.block_m, blocks.block_n, *DESCRIPTOR_FORWARD_OPTIONS[head_dim])
 

@@ -32,7 +32,7 @@ def forward_kernel(
     """Grid (items, batch). Writes out rows and their natural-log log-sum-exp. ``TMA``:
     rows are read and written through tensor descriptors of each item's run (Hopper's
     tensor memory accelerator), which needs every row 16-byte aligned and Triton's
-    allocator set (`worklist.descriptor_ready`)."""
+    allocator set (`worklist_blocks.allocator_ready`)."""
     scale = tl.cast(scale, tl.float32)  # Inductor passes a Python float as fp64
     item = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
