@@ -183,8 +183,11 @@ def time_one(n, split, cfg, causal, h, d, dense) -> dict:
 def host_breakdown(n, h, d) -> dict:
     """Host microseconds per forward call at length n (groups, non-causal): the work
     list's own launches (`worklist.forward`), the custom op around them, the
-    compiled site (launching the kernels itself, and through the custom op), and
-    the same module compiled by Inductor with dense SDPA."""
+    compiled site (launching the kernels itself, and through the custom op), the
+    same module compiled by Inductor with dense SDPA, and the parts of the work
+    list's call (`_launch_host_us`). These vary between hosts (the dense call took
+    27-43 µs on one H100 host and 110 µs on another): compare them with the dense
+    call of the same run."""
     from dilated_compile.lowering.dilated import worklist
     from dilated_compile.lowering.dilated.arguments import encode_parameters
     from dilated_compile.lowering.dilated.op import dilated_attention_op
@@ -208,7 +211,8 @@ def host_breakdown(n, h, d) -> dict:
         dense = torch.compile(Attention(False), backend="inductor")
         r["dense_compiled_host_us"] = host_us(lambda: dense(qs, ks, vs))
         r.update(_launch_host_us(plan, q, k, v))
-    print(json.dumps({"host_breakdown": {key: round(val, 1) for key, val in r.items()}}), flush=True)
+    print(json.dumps({"host_breakdown": {key: round(val, 1) if isinstance(val, float) else val
+                                          for key, val in r.items()}}), flush=True)
     return r
 
 
@@ -300,29 +304,31 @@ def site_compile(n, h, d) -> dict:
 
 
 def _launch_host_us(plan, q, k, v) -> dict:
-    """Host microseconds of the forward kernel's launch alone: through Triton's JIT
-    launcher, and replayed on the compiled kernel it returns."""
-    from dilated_compile.lowering.dilated import worklist
-    from dilated_compile.lowering.dilated import worklist_forward as kern
+    """Host microseconds of the parts of `worklist.forward`'s call: finding its prepared
+    call, the two output allocations, and the item launch it makes (through tensor
+    descriptors where they apply: with their scratch allocation), against the same
+    kernel launched through Triton's JIT launcher and the pointer-load launch."""
+    from dilated_compile.lowering.dilated import worklist, worklist_blocks
 
     d = q.shape[-1]
-    blocks = worklist.forward_blocks(q)
-    wl = worklist.work_list(plan, blocks, False, q.device)
+    call = worklist._prepared(worklist._ForwardCall, plan, False, (q, k, v), "DILATED_WORKLIST_FWD")
+    wl = call._bind(q.device)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
-    args = (q, k, v, out, lse, wl.items, d**-0.5, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *out.stride()[:3], *lse.stride())
-    consts = dict(CAUSAL=False, COMPACT=False, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, HEAD_DIM=d, IEEE=False,
-                  TMA=False)
-    grid = (wl.n_items, q.shape[0])
-    res = {}
+    args = (q, k, v, out, lse, wl.items, d**-0.5)
+    stream = torch.cuda.current_stream().cuda_stream
+    attend = call._attend(q, k, v, traced=False)
+    res = {"descriptors": attend is call.tma}
     try:
-        compiled = kern.forward_kernel[grid](*args, **consts, num_warps=blocks.num_warps, num_stages=blocks.num_stages)
-        res["jit_launch_us"] = host_us(lambda: kern.forward_kernel[grid](
-            *args, **consts, num_warps=blocks.num_warps, num_stages=blocks.num_stages))
-        runner = compiled[(grid[0], grid[1], 1)]
-        res["compiled_launch_us"] = host_us(lambda: runner(*args, *consts.values()))
+        res["prepared_lookup_us"] = host_us(
+            lambda: worklist._prepared(worklist._ForwardCall, plan, False, (q, k, v), "DILATED_WORKLIST_FWD"))
         res["empty_us"] = host_us(lambda: torch.empty_like(q))
+        res["launch_us"] = host_us(lambda: call._attend(q, k, v, traced=False)((q, k, v), args, stream))
+        res["pointer_launch_us"] = host_us(lambda: call.attend((q, k, v), args, stream))
+        if attend is call.tma:
+            size = 4 * 128 * wl.n_items * q.shape[0]  # four descriptors of 128 bytes per program
+            res["descriptor_scratch_us"] = host_us(lambda: worklist_blocks._scratch(size, 128, stream))
+        res["jit_launch_us"] = host_us(lambda: attend.fn[attend.grid](*args, *attend.tail, **attend.blocks.options))
     except Exception as e:  # noqa: BLE001 - a probe: report and go on
         print("launch probe failed:", type(e).__name__, str(e)[:300], flush=True)
     return res
