@@ -311,7 +311,10 @@ def _launch_host_us(plan, q, k, v) -> dict:
     from dilated_compile.lowering.dilated import worklist, worklist_blocks
 
     d = q.shape[-1]
-    call = worklist._prepared(worklist._ForwardCall, plan, False, (q, k, v), "DILATED_WORKLIST_FWD")
+    def prepared():
+        return worklist._prepared(worklist._ForwardCall, plan, False, (q, k, v), worklist_blocks.FORWARD_SETTING)
+
+    call = prepared()
     wl = call._bind(q.device)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
@@ -320,8 +323,7 @@ def _launch_host_us(plan, q, k, v) -> dict:
     attend = call._attend(q, k, v, traced=False)
     res = {"descriptors": attend is call.tma}
     try:
-        res["prepared_lookup_us"] = host_us(
-            lambda: worklist._prepared(worklist._ForwardCall, plan, False, (q, k, v), "DILATED_WORKLIST_FWD"))
+        res["prepared_lookup_us"] = host_us(prepared)
         res["empty_us"] = host_us(lambda: torch.empty_like(q))
         res["launch_us"] = host_us(lambda: call._attend(q, k, v, traced=False)((q, k, v), args, stream))
         res["pointer_launch_us"] = host_us(lambda: call.attend((q, k, v), args, stream))

@@ -35,6 +35,8 @@ from ..common.custom_ops import refuse_capture_of_first_call
 from ..common.storage import seq_major_storage, seq_major_strides
 from .plan import Plan
 from .worklist_blocks import (
+    BACKWARD_SETTING,
+    FORWARD_SETTING,
     TMA_SETTING,
     Blocks,
     allocator_ready,
@@ -394,7 +396,7 @@ def forward(plan: Plan, is_causal: bool, scale: float, q, k, v, *, traced: bool 
     sequence-major; out 0 and lse -inf where no pattern selects a position. `traced`:
     the launches are recorded into the graph being traced instead of run."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    call = _prepared(_ForwardCall, plan, bool(is_causal), (q, k, v), "DILATED_WORKLIST_FWD")
+    call = _prepared(_ForwardCall, plan, bool(is_causal), (q, k, v), FORWARD_SETTING)
     return call(float(scale), q, k, v, traced)
 
 
@@ -403,7 +405,7 @@ def backward(plan: Plan, is_causal: bool, scale: float, q, k, v, out, lse, dout,
     lse, as `compute.dilated_backward` returns them (stored sequence-major); `traced` as
     for `forward`."""
     q, k, v, out, dout = (_unit_last(x) for x in (q, k, v, out, dout))
-    call = _prepared(_BackwardCall, plan, bool(is_causal), (q, k, v, out, lse, dout), "DILATED_WORKLIST_BWD")
+    call = _prepared(_BackwardCall, plan, bool(is_causal), (q, k, v, out, lse, dout), BACKWARD_SETTING)
     return call(float(scale), q, k, v, out, lse, dout, traced)
 
 

@@ -64,6 +64,10 @@ UNION_BACKWARD_BLOCKS = {16: Blocks(64, 64, 4, 2), 32: Blocks(64, 64, 4, 2), 64:
                          128: Blocks(64, 32, 4, 3)}
 
 
+FORWARD_SETTING = "DILATED_WORKLIST_FWD"
+BACKWARD_SETTING = "DILATED_WORKLIST_BWD"
+
+
 @lru_cache(maxsize=64)
 def _blocks_of(device_type: str, head_dim: int, backward: bool, union: bool, forced: str | None) -> Blocks:
     if device_type != "cuda":
@@ -71,7 +75,7 @@ def _blocks_of(device_type: str, head_dim: int, backward: bool, union: bool, for
     if forced:
         blocks = Blocks(*(int(x) for x in forced.split(",")))
         if blocks.block_m % blocks.block_n:
-            variable = "DILATED_WORKLIST_BWD" if backward else "DILATED_WORKLIST_FWD"
+            variable = BACKWARD_SETTING if backward else FORWARD_SETTING
             raise ValueError(f"{variable}={forced!r}: block_m must be a multiple of block_n")
         return blocks
     if union:
@@ -83,12 +87,12 @@ def forward_blocks(q: torch.Tensor, union: bool = False) -> Blocks:
     """Block sizes of the forward for tensors like `q` (``DILATED_WORKLIST_FWD=bm,bn,warps,stages``
     or ``bm,bn,warps,stages,maxnreg`` overrides them on CUDA); `union`: of the ``longnet``
     split as one softmax."""
-    return _blocks_of(q.device.type, q.shape[-1], False, union, os.environ.get("DILATED_WORKLIST_FWD"))
+    return _blocks_of(q.device.type, q.shape[-1], False, union, os.environ.get(FORWARD_SETTING))
 
 
 def backward_blocks(q: torch.Tensor, union: bool = False) -> Blocks:
     """Block sizes of the backward (``DILATED_WORKLIST_BWD=bm,bn,warps,stages`` on CUDA)."""
-    return _blocks_of(q.device.type, q.shape[-1], True, union, os.environ.get("DILATED_WORKLIST_BWD"))
+    return _blocks_of(q.device.type, q.shape[-1], True, union, os.environ.get(BACKWARD_SETTING))
 
 
 TMA_SETTING = "DILATED_WORKLIST_TMA"
@@ -102,7 +106,7 @@ def forward_descriptor_blocks(q: torch.Tensor, blocks: Blocks) -> Blocks | None:
     on: every head dim, also under Triton's interpreter; off: never. Blocks set by
     ``DILATED_WORKLIST_FWD`` are kept."""
     return _descriptor_blocks(q.device.type, _capability(q.device), blocks, q.shape[-1],
-                              bool(os.environ.get("DILATED_WORKLIST_FWD")), os.environ.get(TMA_SETTING))
+                              bool(os.environ.get(FORWARD_SETTING)), os.environ.get(TMA_SETTING))
 
 
 def _capability(device: torch.device) -> tuple[int, int] | None:
